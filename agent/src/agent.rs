@@ -1,0 +1,375 @@
+//! `tollgate run`: wires policy, kernel, proxy and audit together and handles signals.
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, ToSocketAddrs},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info, warn};
+
+use crate::{
+    audit::{self, AuditLog, Kind, Record},
+    cgroup::{self, Cgroup, CgroupId},
+    identity::Attribution,
+    kernel::{
+        self, Counters, Kernel, Origins, Pins, event,
+        plan::{self, Clock, Inputs, ProxyAddrs},
+    },
+    policy::{self, CgroupPath, Mode, Policy, ResourceAddress},
+    proxy::{self, Shared},
+    state::{StateDir, Status},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Kernel(#[from] kernel::KernelError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error("proxy cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Reload(String),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+}
+
+pub struct RunOptions {
+    pub policy_file: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// Resolves each resource's address (host names via the system resolver). A name that does not
+/// resolve leaves that resource without addresses: its traffic then counts as unlisted.
+fn resolve(policy: &Policy) -> Vec<Vec<SocketAddr>> {
+    policy
+        .resources
+        .iter()
+        .map(|r| match &r.address {
+            ResourceAddress::Socket(sa) => vec![*sa],
+            ResourceAddress::Host { host, port } => match (host.as_str(), *port).to_socket_addrs() {
+                Ok(it) => it.collect(),
+                Err(e) => {
+                    warn!(resource = %r.name, address = %r.address, error = %e, "cannot resolve resource address");
+                    Vec::new()
+                }
+            },
+        })
+        .collect()
+}
+
+/// Creates missing identity cgroups and returns their ids.
+fn cgroup_ids(mount: &Path, policy: &Policy) -> Result<HashMap<CgroupPath, (CgroupId, Cgroup)>, AgentError> {
+    let mut out = HashMap::new();
+    for path in policy.cgroups() {
+        let cg = Cgroup::new(mount, path);
+        if cg.create()? {
+            info!(cgroup = %path, "created cgroup");
+        }
+        out.insert(path.clone(), (cg.id()?, cg));
+    }
+    Ok(out)
+}
+
+struct Agent {
+    options: RunOptions,
+    state: StateDir,
+    mount: PathBuf,
+    kernel: Kernel,
+    shared: Arc<Shared>,
+    proxy: ProxyAddrs,
+    listen: Vec<SocketAddr>,
+    started: String,
+}
+
+impl Agent {
+    /// Brings the kernel maps and attachments in line with `policy`.
+    fn apply(&mut self, policy: &Policy) -> Result<(), AgentError> {
+        let cgroups = cgroup_ids(&self.mount, policy)?;
+        let ids: HashMap<CgroupPath, CgroupId> = cgroups.iter().map(|(p, (id, _))| (p.clone(), *id)).collect();
+        let resolved = resolve(policy);
+        let plan = plan::plan(&Inputs {
+            policy,
+            cgroup_ids: &ids,
+            resolved: &resolved,
+            proxy: self.proxy,
+            agent_tgid: std::process::id(),
+            clock: Clock::now(),
+        });
+        for (addr, first, second) in &plan.conflicts {
+            warn!(%addr, first, second, "two resources resolve to the same address; the first wins");
+        }
+        self.kernel.sync(&plan)?;
+        for (id, cg) in cgroups.values() {
+            if !self.kernel.is_attached(*id) {
+                self.kernel.attach(*id, &cg.open()?)?;
+                info!(cgroup = %cg.path, id = id.0, "enforcing");
+            }
+        }
+        let wanted: Vec<CgroupId> = cgroups.values().map(|(id, _)| *id).collect();
+        for id in self.kernel.pins().attached_cgroups() {
+            if !wanted.contains(&id) {
+                self.kernel.detach(id)?;
+                info!(id = id.0, "no longer enforcing a cgroup the policy dropped");
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self, policy: &Policy) -> Status {
+        Status {
+            pid: std::process::id(),
+            started: self.started.clone(),
+            policy_file: self.options.policy_file.clone(),
+            policy_name: policy.name.clone(),
+            mode: match policy.mode {
+                Mode::Enforce => "enforce".into(),
+                Mode::Monitor => "monitor".into(),
+            },
+            listen: self.listen.iter().map(|a| a.to_string()).collect(),
+            pin_dir: self.kernel.pins().root.clone(),
+            cgroups: policy.cgroups().iter().map(|c| c.to_string()).collect(),
+            identities: policy.identities.len(),
+            resources: policy.resources.len(),
+            grants: policy.grants.len(),
+        }
+    }
+
+    fn reload(&mut self) -> Result<Arc<Policy>, AgentError> {
+        let new = policy::load(&self.options.policy_file)?;
+        if new.listen != self.shared.policy().listen {
+            return Err(AgentError::Reload(
+                "spec.proxy.listen cannot change while the agent runs; restart it instead".into(),
+            ));
+        }
+        self.apply(&new)?;
+        let new = Arc::new(new);
+        self.shared.set_policy(new.clone());
+        self.state.write_status(&self.status(&new))?;
+        Ok(new)
+    }
+}
+
+fn policy_record(kind: Kind, policy_file: &Path, name: Option<&str>, error: Option<String>) -> Record {
+    let mut r = Record::new(kind);
+    r.policy = name.map(str::to_owned);
+    r.detail = Some(policy_file.display().to_string());
+    r.error = error;
+    r
+}
+
+pub async fn run(options: RunOptions) -> Result<(), AgentError> {
+    let policy = Arc::new(policy::load(&options.policy_file)?);
+    let state = StateDir::create(&options.state_dir)?;
+    let _lock = state.lock()?;
+    kernel::ensure_bpffs()?;
+    let mount = cgroup::cgroup2_mount()?;
+    let (audit_log, audit_thread) = AuditLog::open(&state.audit_dir())?;
+
+    // Listen first: the kernel is told where the proxy is only once it is there.
+    let mut listeners = Vec::new();
+    for addr in &policy.listen {
+        let l = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen { addr: *addr, source })?;
+        listeners.push(l);
+    }
+    let listen: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<_, _>>()
+        .map_err(|source| AgentError::Io { what: "listener address", source })?;
+    let proxy = ProxyAddrs {
+        v4: *listen.iter().find(|a| a.is_ipv4()).expect("validated: an IPv4 listener exists"),
+        v6: listen.iter().find(|a| a.is_ipv6()).copied(),
+    };
+
+    let pins = Pins { root: state.pin_dir() };
+    let adopted = pins.exists();
+    let mut kernel = Kernel::load(pins.clone())?;
+    let events = kernel.take_events()?;
+    let counters = kernel.take_counters()?;
+    let origins = Origins::open(&pins)?;
+    let shared = Arc::new(Shared::new(policy.clone(), audit_log.clone(), origins));
+    let mut agent = Agent {
+        options,
+        state,
+        mount,
+        kernel,
+        shared: shared.clone(),
+        proxy,
+        listen: listen.clone(),
+        started: audit::now_rfc3339(),
+    };
+    agent.apply(&policy)?;
+
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    for l in listeners {
+        tokio::spawn(proxy::serve(l, shared.clone(), stop.clone(), tracker.clone()));
+    }
+    let events_task = tokio::spawn(read_events(events, shared.clone(), stop.clone()));
+    let counters_task = tokio::spawn(watch_counters(counters, audit_log.clone(), stop.clone()));
+
+    agent.state.write_status(&agent.status(&policy))?;
+    let mut start = Record::new(Kind::AgentStart);
+    start.policy = Some(policy.name.clone());
+    start.detail = Some(format!(
+        "listen {}; pins {}{}",
+        listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        pins.root.display(),
+        if adopted { " (adopted from a previous agent)" } else { "" }
+    ));
+    audit_log.append_durable(start).await?;
+    audit_log.append(policy_record(Kind::PolicyLoad, &agent.options.policy_file, Some(&policy.name), None));
+    info!(
+        policy = %policy.name,
+        listen = ?listen,
+        cgroups = ?policy.cgroups().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        adopted,
+        "ready: enforcement active"
+    );
+
+    let sig = |k| signal(k).map_err(|source| AgentError::Io { what: "installing signal handlers", source });
+    let mut hup = sig(SignalKind::hangup())?;
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match agent.reload() {
+                    Ok(p) => {
+                        info!(policy = %p.name, "policy reloaded");
+                        audit_log.append(policy_record(Kind::PolicyLoad, &agent.options.policy_file, Some(&p.name), None));
+                    }
+                    Err(e) => {
+                        error!(error = %e, "policy reload rejected; the previous policy stays in force");
+                        audit_log.append(policy_record(Kind::PolicyRejected, &agent.options.policy_file, None, Some(e.to_string())));
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    info!("shutting down: closing sessions");
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+        warn!("sessions still open after 5s; leaving them");
+    }
+    let _ = events_task.await;
+    let _ = counters_task.await;
+    audit_log.append_durable(Record::new(Kind::AgentStop)).await?;
+    let _ = std::fs::remove_file(agent.state.status_path());
+    drop(agent);
+    drop(shared);
+    drop(audit_log);
+    audit_thread.join();
+    info!(
+        pins = %pins.root.display(),
+        "stopped; enforcement stays pinned (connections to protected resources are refused) until `tollgate run` starts again or `tollgate uninstall` removes it"
+    );
+    Ok(())
+}
+
+/// Turns kernel events into `connect` audit records.
+async fn read_events(rb: RingBuf<MapData>, shared: Arc<Shared>, stop: CancellationToken) {
+    // SAFETY: the ring buffer owns its map fd and returns that same fd until it is dropped,
+    // which happens only with the AsyncFd.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            let e = e.into_parts().1;
+            error!(error = %e, "cannot poll the event ring buffer; connection attempts will not be audited");
+            return;
+        }
+    };
+    let mut clock = Clock::now();
+    loop {
+        let mut guard = tokio::select! {
+            _ = stop.cancelled() => break,
+            g = fd.readable_mut() => match g {
+                Ok(g) => g,
+                Err(e) => { error!(error = %e, "event ring buffer poll failed"); return; }
+            },
+        };
+        let policy = shared.policy();
+        if clock.boot_ns + 1_000_000_000 < plan::boot_ns() {
+            clock = Clock::now();
+        }
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            match event::decode(&item) {
+                Ok(ev) => shared.audit.append(connect_record(&ev, &policy, &clock)),
+                Err(e) => error!(error = %e, "malformed kernel event"),
+            }
+        }
+        guard.clear_ready();
+    }
+    // Drain what is left so the trail has every attempt up to the stop.
+    let rb = fd.get_mut();
+    let policy = shared.policy();
+    let clock = Clock::now();
+    while let Some(item) = rb.next() {
+        if let Ok(ev) = event::decode(&item) {
+            shared.audit.append(connect_record(&ev, &policy, &clock));
+        }
+    }
+}
+
+fn connect_record(ev: &agent_common::Event, policy: &Policy, clock: &Clock) -> Record {
+    let rec = &ev.record;
+    let mut r = Record::new(Kind::Connect);
+    Attribution::from_record(rec, policy).fill(&mut r);
+    r.destination = Some(event::destination(rec).to_string());
+    r.resource = event::index(rec.resource).and_then(|i| policy.resources.get(i)).map(|x| x.name.clone());
+    r.hook = Some(event::hook_name(ev.hook).into());
+    r.l4 = Some(if ev.l4 == agent_common::L4_UDP { "udp" } else { "tcp" }.into());
+    r.verdict = Some(event::verdict_name(ev.verdict).into());
+    r.reason = Some(event::reason_name(ev.reason).into());
+    r.would_deny = (ev.would_deny != 0).then_some(true);
+    r.cookie = Some(rec.cookie);
+    r.rule = Some(event::rule(ev, policy, clock.wall_of(rec.ts_boot_ns)));
+    r.detail = clock.wall_of(rec.ts_boot_ns).format(&time::format_description::well_known::Rfc3339).ok().map(|t| format!("kernel_time {t}"));
+    r
+}
+
+/// Reports kernel-side losses (ring buffer full, hand-over failures) as audit records.
+async fn watch_counters(counters: Counters, audit: AuditLog, stop: CancellationToken) {
+    let mut last = counters.read();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = counters.read();
+        if now.events_dropped > last.events_dropped {
+            let n = now.events_dropped - last.events_dropped;
+            warn!(dropped = n, "kernel events dropped: ring buffer full");
+            let mut r = Record::new(Kind::EventsDropped);
+            r.count = Some(n);
+            r.detail = Some(format!("total dropped since load: {}", now.events_dropped));
+            audit.append(r);
+        }
+        if now.handoff_failed > last.handoff_failed {
+            warn!(failed = now.handoff_failed - last.handoff_failed, "kernel could not hand connection records to the proxy");
+        }
+        last = now;
+    }
+}

@@ -1,0 +1,178 @@
+//! The hash chain: sealing a record into a line and checking a sequence of lines. Pure.
+//!
+//! A line is `{"hash":"<sha256 of BODY>",` followed by BODY without its opening brace, where
+//! BODY is the entry's JSON (`seq`, `time`, `prev` = previous line's hash, then the record).
+//! Hashing the exact bytes written avoids any dependence on re-serialisation.
+use sha2::{Digest, Sha256};
+
+use super::record::{Entry, Record};
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const PREFIX: &str = "{\"hash\":\"";
+const HASH_LEN: usize = 64;
+
+/// Where the chain stands: the last sequence number and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl Head {
+    pub fn genesis() -> Self {
+        Self { seq: 0, hash: GENESIS.to_string() }
+    }
+}
+
+fn digest(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+/// Seals `record` as the entry after `head`; returns the line (with '\n') and the new head.
+pub fn seal(head: &Head, time: String, record: Record) -> (String, Head) {
+    let entry = Entry { seq: head.seq + 1, time, prev: head.hash.clone(), record };
+    let body = serde_json::to_string(&entry).expect("audit entries always serialise");
+    let hash = digest(body.as_bytes());
+    let line = format!("{PREFIX}{hash}\",{}\n", &body[1..]);
+    (line, Head { seq: entry.seq, hash })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("line {line}: malformed record ({detail})")]
+    Malformed { line: usize, detail: String },
+    #[error("line {line}: record seq {seq} was altered (its hash does not match its content)")]
+    Altered { line: usize, seq: u64 },
+    #[error("line {line}: record seq {seq} does not follow the record before it (a record was altered or replaced)")]
+    BrokenLink { line: usize, seq: u64 },
+    #[error("line {line}: records seq {first}..={last} are missing (deleted)")]
+    Missing { line: usize, first: u64, last: u64 },
+    #[error("line {line}: record seq {seq} is out of order (expected seq {expected})")]
+    OutOfOrder { line: usize, seq: u64, expected: u64 },
+    #[error("truncated tail: the last line (line {line}) is incomplete after record seq {after_seq}")]
+    Truncated { line: usize, after_seq: u64 },
+}
+
+/// Splits a sealed line into its claimed hash and its body (with the opening brace restored).
+fn split(line: &str) -> Option<(&str, String)> {
+    let rest = line.strip_prefix(PREFIX)?;
+    if rest.len() < HASH_LEN + 2 || !rest.is_char_boundary(HASH_LEN) {
+        return None;
+    }
+    let (hash, rest) = rest.split_at(HASH_LEN);
+    let rest = rest.strip_prefix("\",")?;
+    Some((hash, format!("{{{rest}")))
+}
+
+/// Checks one line against the head before it; returns the entry and the new head.
+pub fn check_line(head: &Head, line_no: usize, line: &str) -> Result<(Entry, Head), ChainError> {
+    let malformed = |detail: &str| ChainError::Malformed { line: line_no, detail: detail.to_string() };
+    let (hash, body) = split(line).ok_or_else(|| malformed("no leading hash"))?;
+    let entry: Entry = serde_json::from_str(&body).map_err(|e| malformed(&e.to_string()))?;
+    let expected = head.seq + 1;
+    if entry.seq > expected {
+        return Err(ChainError::Missing { line: line_no, first: expected, last: entry.seq - 1 });
+    }
+    if entry.seq < expected {
+        return Err(ChainError::OutOfOrder { line: line_no, seq: entry.seq, expected });
+    }
+    if digest(body.as_bytes()) != hash {
+        return Err(ChainError::Altered { line: line_no, seq: entry.seq });
+    }
+    if entry.prev != head.hash {
+        return Err(ChainError::BrokenLink { line: line_no, seq: entry.seq });
+    }
+    let head = Head { seq: entry.seq, hash: hash.to_string() };
+    Ok((entry, head))
+}
+
+/// Verifies a whole trail held in memory; returns the final head.
+pub fn verify(text: &str) -> Result<Head, ChainError> {
+    let mut head = Head::genesis();
+    let complete = text.ends_with('\n') || text.is_empty();
+    let lines: Vec<&str> = text.split_terminator('\n').collect();
+    for (i, line) in lines.iter().enumerate() {
+        let line_no = i + 1;
+        if i + 1 == lines.len() && !complete {
+            return Err(ChainError::Truncated { line: line_no, after_seq: head.seq });
+        }
+        head = check_line(&head, line_no, line)?.1;
+    }
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::Kind;
+
+    fn trail(n: u64) -> (Vec<String>, Head) {
+        let mut head = Head::genesis();
+        let mut lines = Vec::new();
+        for i in 0..n {
+            let mut r = Record::new(Kind::Connect);
+            r.pid = Some(100 + i as u32);
+            r.destination = Some("127.0.0.1:5432".into());
+            let (line, h) = seal(&head, format!("2026-11-25T00:00:0{i}Z"), r);
+            lines.push(line);
+            head = h;
+        }
+        (lines, head)
+    }
+
+    #[test]
+    fn intact_trail_verifies() {
+        let (lines, head) = trail(5);
+        assert_eq!(verify(&lines.concat()), Ok(head));
+        assert_eq!(verify(""), Ok(Head::genesis()));
+    }
+
+    #[test]
+    fn edited_record_is_named() {
+        let (mut lines, _) = trail(5);
+        lines[2] = lines[2].replace("\"pid\":102", "\"pid\":999");
+        assert_eq!(verify(&lines.concat()), Err(ChainError::Altered { line: 3, seq: 3 }));
+    }
+
+    #[test]
+    fn rehashed_edit_breaks_the_next_link() {
+        let (mut lines, _) = trail(5);
+        // An attacker who recomputes the edited record's own hash still breaks the chain.
+        let (_, body) = split(lines[2].trim_end()).unwrap();
+        let body = body.replace("\"pid\":102", "\"pid\":999");
+        lines[2] = format!("{PREFIX}{}\",{}\n", digest(body.as_bytes()), &body[1..]);
+        assert_eq!(verify(&lines.concat()), Err(ChainError::BrokenLink { line: 4, seq: 4 }));
+    }
+
+    #[test]
+    fn deleted_record_is_reported() {
+        let (mut lines, _) = trail(5);
+        lines.remove(1);
+        assert_eq!(verify(&lines.concat()), Err(ChainError::Missing { line: 2, first: 2, last: 2 }));
+    }
+
+    #[test]
+    fn reordered_records_are_reported() {
+        let (mut lines, _) = trail(5);
+        lines.swap(1, 2);
+        assert_eq!(verify(&lines.concat()), Err(ChainError::Missing { line: 2, first: 2, last: 2 }));
+        let (mut lines, _) = trail(5);
+        lines.swap(3, 1);
+        assert!(matches!(verify(&lines.concat()), Err(ChainError::Missing { line: 2, .. })));
+    }
+
+    #[test]
+    fn truncated_tail_is_reported_as_such() {
+        let (lines, _) = trail(3);
+        let all = lines.concat();
+        let cut = &all[..all.len() - 10];
+        assert_eq!(verify(cut), Err(ChainError::Truncated { line: 3, after_seq: 2 }));
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        for text in ["x\n", "{\"hash\":\"\n", "{\"hash\":\"é\",}\n", "{}\n"] {
+            assert!(matches!(verify(text), Err(ChainError::Malformed { line: 1, .. })), "{text}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The audit record schema: one JSON object per line.
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A connection attempt seen by the kernel hooks (allowed, redirected or denied).
+    Connect,
+    /// The proxy accepted a redirected connection and is about to dial upstream.
+    SessionStart,
+    /// A proxied session ended.
+    SessionEnd,
+    /// The proxy refused a connection (no kernel record, grant revoked, upstream down).
+    SessionRejected,
+    PolicyLoad,
+    PolicyRejected,
+    AgentStart,
+    AgentStop,
+    /// The kernel could not deliver some events (ring buffer full); `count` says how many.
+    EventsDropped,
+    /// The trail's tail was incomplete at start-up (crash mid-write) and was cut back.
+    AuditRecovered,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Connect => "connect",
+            Kind::SessionStart => "session_start",
+            Kind::SessionEnd => "session_end",
+            Kind::SessionRejected => "session_rejected",
+            Kind::PolicyLoad => "policy_load",
+            Kind::PolicyRejected => "policy_rejected",
+            Kind::AgentStart => "agent_start",
+            Kind::AgentStop => "agent_stop",
+            Kind::EventsDropped => "events_dropped",
+            Kind::AuditRecovered => "audit_recovered",
+        }
+    }
+}
+
+/// What happened, without the chain fields (`seq`, `time`, `prev`, `hash`), which the writer adds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tgid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_deny: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_up: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_down: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Record {
+    pub fn new(kind: Kind) -> Self {
+        Self {
+            kind,
+            identity: None,
+            pid: None,
+            tgid: None,
+            uid: None,
+            gid: None,
+            comm: None,
+            exe: None,
+            cgroup: None,
+            destination: None,
+            resource: None,
+            l4: None,
+            hook: None,
+            verdict: None,
+            would_deny: None,
+            rule: None,
+            reason: None,
+            cookie: None,
+            session: None,
+            bytes_up: None,
+            bytes_down: None,
+            duration_ms: None,
+            count: None,
+            policy: None,
+            detail: None,
+            error: None,
+        }
+    }
+}
+
+/// A record as stored: chain fields plus the record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: u64,
+    pub time: String,
+    pub prev: String,
+    #[serde(flatten)]
+    pub record: Record,
+}
+
+impl Entry {
+    /// One human-readable line.
+    pub fn display(&self) -> String {
+        let r = &self.record;
+        let mut s = format!("{:>6} {} {:<16}", self.seq, self.time, r.kind.as_str());
+        let mut field = |name: &str, v: Option<String>| {
+            if let Some(v) = v {
+                s.push_str(&format!(" {name}={v}"));
+            }
+        };
+        field("identity", r.identity.clone());
+        field("pid", r.pid.map(|v| v.to_string()));
+        field("uid", r.uid.map(|v| v.to_string()));
+        field("comm", r.comm.clone());
+        field("exe", r.exe.clone());
+        field("dst", r.destination.clone());
+        field("resource", r.resource.clone());
+        field("l4", r.l4.clone());
+        field("verdict", r.verdict.clone());
+        field("would_deny", r.would_deny.map(|v| v.to_string()));
+        field("rule", r.rule.clone());
+        field("reason", r.reason.clone());
+        field("session", r.session.map(|v| v.to_string()));
+        field("up", r.bytes_up.map(|v| v.to_string()));
+        field("down", r.bytes_down.map(|v| v.to_string()));
+        field("ms", r.duration_ms.map(|v| v.to_string()));
+        field("count", r.count.map(|v| v.to_string()));
+        field("policy", r.policy.clone());
+        field("detail", r.detail.clone());
+        field("error", r.error.clone());
+        s
+    }
+}

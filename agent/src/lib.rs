@@ -1,0 +1,9 @@
+//! tollgate: eBPF-assisted host enforcement for AI agents (library behind the `tollgate` binary).
+pub mod agent;
+pub mod audit;
+pub mod cgroup;
+pub mod identity;
+pub mod kernel;
+pub mod policy;
+pub mod proxy;
+pub mod state;

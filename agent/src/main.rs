@@ -1,0 +1,250 @@
+//! The `tollgate` command line.
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tollgate::{
+    agent, audit, cgroup,
+    kernel::{Counters, Pins},
+    policy::{self, CgroupPath},
+    state::{DEFAULT_STATE_DIR, StateDir},
+};
+
+/// tollgate: transparent, kernel-attested enforcement and audit for the outbound connections of
+/// AI agents. eBPF programs on the agents' cgroups redirect their connections to protected
+/// resources through a local proxy, deny the rest as the policy says, and record every attempt.
+#[derive(Parser)]
+#[command(name = "tollgate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enforce a policy: load and attach the eBPF programs, run the proxy, write the audit trail.
+    ///
+    /// Logs a line containing "ready" once enforcement is active. SIGHUP reloads the policy
+    /// (an invalid policy is rejected and the old one stays); SIGTERM/SIGINT stop the agent.
+    /// Enforcement stays pinned in bpffs after the agent stops (fail closed): connections to
+    /// protected resources are refused until the agent runs again or `tollgate uninstall`.
+    Run {
+        /// Policy file (YAML, apiVersion tollgate/v1alpha1).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// State directory: audit trail, status; the bpffs pin directory is derived from it.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Run a command inside a cgroup (created if needed), so it is enforced as that identity.
+    ///
+    /// Example: tollgate exec --cgroup /tollgate/planner -- python3 agent.py
+    Exec {
+        /// cgroup path relative to the cgroup2 mount, e.g. /tollgate/planner.
+        #[arg(long, value_name = "PATH")]
+        cgroup: String,
+        /// The command and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Show whether an agent is enforcing (exit 0) or not (exit 1).
+    Status {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Remove everything an agent pinned or attached for this state dir (the agent must be stopped).
+    /// The audit trail is kept.
+    Uninstall {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Parse and validate policy files; exit non-zero naming the file, location and problem.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; exit non-zero naming the first bad record.
+    Verify {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Print the last records, readably or as JSON lines.
+    Tail {
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Keep printing new records as they are written.
+        #[arg(long, short)]
+        follow: bool,
+        /// Print the raw JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// How many records to print first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: usize,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tollgate: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { policy, state_dir, log_format } => {
+            init_logging(log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec { cgroup, command } => exec(&cgroup, &command),
+        Command::Status { state_dir } => status(&state_dir),
+        Command::Uninstall { state_dir } => uninstall(&state_dir),
+        Command::Policy { command: PolicyCommand::Check { files } } => {
+            let mut ok = true;
+            for f in files {
+                match policy::load(&f) {
+                    Ok(p) => println!(
+                        "{}: ok (policy {:?}: {} identities, {} resources, {} grants)",
+                        f.display(),
+                        p.name,
+                        p.identities.len(),
+                        p.resources.len(),
+                        p.grants.len()
+                    ),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ok = false;
+                    }
+                }
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Audit { command: AuditCommand::Verify { state_dir } } => {
+            match audit::verify(&StateDir::new(&state_dir).root) {
+                Ok(n) => {
+                    println!("audit trail intact: {n} records");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("audit trail NOT intact: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Audit { command: AuditCommand::Tail { state_dir, follow, json, lines } } => {
+            let mut out = std::io::stdout().lock();
+            audit::tail(&StateDir::new(&state_dir).root, lines, follow, json, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn exec(path: &str, command: &[String]) -> anyhow::Result<ExitCode> {
+    let path = CgroupPath::parse(path).map_err(anyhow::Error::msg)?;
+    let mount = cgroup::cgroup2_mount()?;
+    let cg = cgroup::Cgroup::new(&mount, &path);
+    cg.create()?;
+    cg.add_process(std::process::id()).with_context(|| format!("moving into cgroup {path}"))?;
+    let args: Vec<CString> =
+        command.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>().context("argument contains NUL")?;
+    let err = nix::unistd::execvp(&args[0], &args).unwrap_err();
+    bail!("cannot run {:?}: {err}", command[0])
+}
+
+fn status(state_dir: &Path) -> anyhow::Result<ExitCode> {
+    let state = StateDir::new(state_dir);
+    let pins = Pins { root: state.pin_dir() };
+    if !state.is_locked() {
+        println!("tollgate: no agent running for state dir {}", state.root.display());
+        if pins.exists() && pins.link_count() > 0 {
+            println!(
+                "enforcement is still pinned ({} links under {}): connections to protected resources are refused",
+                pins.link_count(),
+                pins.root.display()
+            );
+            println!("start `tollgate run` again to restore service, or `tollgate uninstall` to remove enforcement");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let Some(s) = state.read_status()? else {
+        println!("tollgate: an agent holds the lock on {} but has not reported ready yet", state.root.display());
+        return Ok(ExitCode::FAILURE);
+    };
+    println!("tollgate: enforcing (pid {}, since {})", s.pid, s.started);
+    println!("  policy     {} ({}), mode {}", s.policy_name, s.policy_file.display(), s.mode);
+    println!("  proxy      {}", s.listen.join(", "));
+    println!("  cgroups    {}", s.cgroups.join(", "));
+    println!("  policy has {} identities, {} resources, {} grants", s.identities, s.resources, s.grants);
+    println!("  pins       {} ({} links)", s.pin_dir.display(), pins.link_count());
+    if let Ok(c) = Counters::open(&pins) {
+        let c = c.read();
+        println!("  events     {} sent, {} dropped", c.events_sent, c.events_dropped);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn uninstall(state_dir: &Path) -> anyhow::Result<ExitCode> {
+    let state = StateDir::new(state_dir);
+    if state.is_locked() {
+        let pid = state.read_status().ok().flatten().map(|s| s.pid.to_string()).unwrap_or_else(|| "?".into());
+        bail!("an agent (pid {pid}) is running with state dir {}; stop it first", state.root.display());
+    }
+    let pins = Pins { root: state.pin_dir() };
+    if !pins.exists() {
+        println!("nothing pinned for {}", state.root.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let links = pins.link_count();
+    pins.remove_all()?;
+    let _ = std::fs::remove_file(state.status_path());
+    println!("removed {links} links and the maps under {}; the audit trail stays in {}", pins.root.display(), state.audit_dir().display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,70 @@
+//! The policy file format as written by admins (serde; unknown fields are errors).
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PolicyFile {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub unlisted: Option<String>,
+    #[serde(default)]
+    pub proxy: Option<ProxySpec>,
+    #[serde(default)]
+    pub identities: Vec<IdentitySpec>,
+    #[serde(default)]
+    pub resources: Vec<ResourceSpec>,
+    #[serde(default)]
+    pub grants: Vec<GrantSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySpec {
+    #[serde(default)]
+    pub listen: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySpec {
+    pub name: String,
+    pub cgroup: String,
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSpec {
+    pub name: String,
+    pub protocol: String,
+    pub address: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSpec {
+    pub name: String,
+    pub to: Vec<String>,
+    pub resources: Vec<String>,
+    #[serde(default)]
+    pub expires: Option<String>,
+}

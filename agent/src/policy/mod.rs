@@ -1,0 +1,199 @@
+//! Policy: file format -> validated model -> pure evaluation. No I/O beyond reading the file.
+mod file;
+mod model;
+
+use std::path::{Path, PathBuf};
+
+pub use model::{
+    API_VERSION, Access, CgroupPath, DEFAULT_LISTEN_PORT, Grant, Identity, Mode, Policy, Protocol, Resource,
+    ResourceAddress, Unlisted, ValidationError,
+};
+
+/// Why a policy file was refused; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: cannot read policy: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{location}: {message}")]
+    Syntax { path: PathBuf, location: String, message: String },
+    #[error("{path}: {source}")]
+    Invalid { path: PathBuf, source: ValidationError },
+}
+
+/// Largest policy file accepted; a policy is a few KiB, anything near this is a mistake.
+const MAX_POLICY_BYTES: u64 = 4 << 20;
+
+pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    let read_err = |source| PolicyError::Read { path: path.to_owned(), source };
+    let len = std::fs::metadata(path).map_err(read_err)?.len();
+    if len > MAX_POLICY_BYTES {
+        return Err(PolicyError::Syntax {
+            path: path.to_owned(),
+            location: "1:1".into(),
+            message: format!("file is {len} bytes; a policy may be at most {MAX_POLICY_BYTES}"),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    parse(&text, path)
+}
+
+/// Parses and validates policy text; `path` only labels errors.
+pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
+    let raw: file::PolicyFile = serde_yaml_ng::from_str(text).map_err(|e| {
+        let location = e
+            .location()
+            .map(|l| format!("{}:{}", l.line(), l.column()))
+            .unwrap_or_else(|| "1:1".into());
+        // serde_yaml_ng appends " at line X column Y"; the location is already in front.
+        let message = e.to_string();
+        let message = match message.rfind(" at line ") {
+            Some(i) => message[..i].to_string(),
+            None => message,
+        };
+        PolicyError::Syntax { path: path.to_owned(), location, message }
+    })?;
+    Policy::try_from(raw).map_err(|source| PolicyError::Invalid { path: path.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const EXAMPLE: &str = r#"
+apiVersion: tollgate/v1alpha1
+kind: Policy
+metadata: { name: example }
+spec:
+  mode: enforce
+  unlisted: deny
+  identities:
+    - name: planner-bot
+      cgroup: /tollgate/planner
+      uids: [1001]
+      groups: [agents]
+    - name: other
+      cgroup: /tollgate/other/
+  resources:
+    - name: orders-db
+      protocol: tcp
+      address: 127.0.0.1:5432
+    - name: cache
+      protocol: tcp
+      address: "[::1]:6379"
+    - name: api
+      protocol: tcp
+      address: localhost:8080
+  grants:
+    - name: agents-orders
+      to: [group:agents]
+      resources: [orders-db]
+      expires: 2026-12-31T00:00:00Z
+    - name: other-all
+      to: [identity:other]
+      resources: [orders-db, cache, api]
+"#;
+
+    fn p(text: &str) -> Result<Policy, PolicyError> {
+        parse(text, Path::new("test.yaml"))
+    }
+
+    fn err(text: &str) -> String {
+        p(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn example_parses() {
+        let pol = p(EXAMPLE).unwrap();
+        assert_eq!(pol.name, "example");
+        assert_eq!(pol.mode, Mode::Enforce);
+        assert_eq!(pol.unlisted, Unlisted::Deny);
+        assert_eq!(pol.identities[1].cgroup.as_str(), "/tollgate/other");
+        assert_eq!(pol.listen.len(), 2);
+        assert_eq!(pol.grants[0].identities, vec![0]);
+        assert_eq!(
+            pol.resources[2].address,
+            ResourceAddress::Host { host: "localhost".into(), port: 8080 }
+        );
+    }
+
+    #[test]
+    fn access_honours_expiry_and_names_the_grant() {
+        let pol = p(EXAMPLE).unwrap();
+        let before = datetime!(2026-11-01 0:00 UTC);
+        let after = datetime!(2027-01-01 0:00 UTC);
+        assert_eq!(pol.access(0, 0, before), Access::Granted { grant: "agents-orders" });
+        assert_eq!(pol.access(0, 0, after), Access::Expired { grant: "agents-orders" });
+        assert_eq!(pol.access(0, 1, before), Access::NotGranted);
+        assert_eq!(pol.access(1, 2, after), Access::Granted { grant: "other-all" });
+        assert_eq!(pol.next_expiry(before), Some(datetime!(2026-12-31 0:00 UTC)));
+        assert_eq!(pol.next_expiry(after), None);
+    }
+
+    #[test]
+    fn grant_table_takes_the_most_permissive_expiry() {
+        let text = EXAMPLE.replace(
+            "resources: [orders-db, cache, api]",
+            "resources: [orders-db, cache, api]\n    - name: forever\n      to: [identity:planner-bot]\n      resources: [orders-db]",
+        );
+        let pol = p(&text).unwrap();
+        let t = pol.grant_table();
+        assert!(t.contains(&(0, 0, None)));
+        assert!(t.contains(&(1, 1, None)));
+        assert_eq!(t.len(), 4);
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_location() {
+        let e = err(&EXAMPLE.replace("mode: enforce", "mode: enforce\n  colour: blue"));
+        assert!(e.starts_with("test.yaml:"), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        assert!(e.starts_with("test.yaml:7:3:"), "line and column expected: {e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_location() {
+        let cases = [
+            (EXAMPLE.replace("resources: [orders-db]", "resources: [nope]"), "spec.grants[0].resources[0]: unknown resource"),
+            (EXAMPLE.replace("to: [group:agents]", "to: [group:nobody]"), "spec.grants[0].to[0]"),
+            (EXAMPLE.replace("to: [group:agents]", "to: [agents]"), "must be identity:NAME or group:NAME"),
+            (EXAMPLE.replace("cgroup: /tollgate/planner", "cgroup: /"), "root cgroup cannot be enrolled"),
+            (EXAMPLE.replace("cgroup: /tollgate/planner", "cgroup: /a/../b"), "'..'"),
+            (EXAMPLE.replace("cgroup: /tollgate/planner", "cgroup: tollgate"), "must start with '/'"),
+            (EXAMPLE.replace("address: 127.0.0.1:5432", "address: 127.0.0.1"), "spec.resources[0].address"),
+            (EXAMPLE.replace("address: 127.0.0.1:5432", "address: 127.0.0.1:0"), "port 0"),
+            (EXAMPLE.replace("protocol: tcp\n      address: 127", "protocol: smtp\n      address: 127"), "unknown protocol"),
+            (EXAMPLE.replace("mode: enforce", "mode: lax"), "spec.mode"),
+            (EXAMPLE.replace("unlisted: deny", "unlisted: maybe"), "spec.unlisted"),
+            (EXAMPLE.replace("2026-12-31T00:00:00Z", "tomorrow"), "spec.grants[0].expires"),
+            (EXAMPLE.replace("name: other\n", "name: planner-bot\n"), "duplicate identity"),
+            (EXAMPLE.replace("tollgate/v1alpha1", "v2"), "apiVersion"),
+            (
+                EXAMPLE.replace("cgroup: /tollgate/other/", "cgroup: /tollgate/planner\n      uids: [1001]"),
+                "both claim cgroup /tollgate/planner for uid 1001",
+            ),
+            (EXAMPLE.replace("address: localhost:8080", "address: 127.0.0.1:5432"), "already resource"),
+            (EXAMPLE.replace("  mode: enforce", "  proxy: { listen: [\"10.0.0.1:1\"] }"), "loopback"),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.starts_with("test.yaml"), "{e}");
+            assert!(e.contains(want), "expected {want:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for text in ["", "[", "\0\0", "apiVersion: [", "a: b: c", "- 1\n- 2", "spec: 5"] {
+            assert!(p(text).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn listen_defaults_and_overrides() {
+        let pol = p(&EXAMPLE.replace("  mode: enforce", "  proxy: { listen: [\"127.0.0.1:0\"] }")).unwrap();
+        assert_eq!(pol.listen, vec!["127.0.0.1:0".parse().unwrap()]);
+        let e = err(&EXAMPLE.replace("  mode: enforce", "  proxy: { listen: [\"[::1]:0\"] }"));
+        assert!(e.contains("IPv4 loopback address is required"), "{e}");
+    }
+}

@@ -1,0 +1,457 @@
+//! The validated policy: every name resolved to an index, every value checked.
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use super::file::{GrantSpec, IdentitySpec, PolicyFile, ResourceSpec};
+
+pub const API_VERSION: &str = "tollgate/v1alpha1";
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+
+/// A policy-level problem: where it is (a path into the document) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct ValidationError {
+    pub location: String,
+    pub message: String,
+}
+
+fn invalid(location: impl Into<String>, message: impl Into<String>) -> ValidationError {
+    ValidationError { location: location.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Monitor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlisted {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Protocol::Tcp => f.write_str("tcp"),
+        }
+    }
+}
+
+/// A cgroup path relative to the cgroup2 mount, normalised to `/a/b`; never the root.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupPath(String);
+
+impl CgroupPath {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("cgroup path {s:?} must start with '/' (it is relative to the cgroup2 mount)"));
+        }
+        let parts: Vec<&str> = s.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            return Err("the root cgroup cannot be enrolled; name a child cgroup such as /tollgate/agents".into());
+        }
+        for p in &parts {
+            if *p == "." || *p == ".." {
+                return Err(format!("cgroup path {s:?} must not contain '.' or '..'"));
+            }
+            if p.starts_with("cgroup.") {
+                return Err(format!("cgroup path {s:?} names a cgroup control file"));
+            }
+        }
+        Ok(Self(format!("/{}", parts.join("/"))))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Path relative to the cgroup2 mount, without the leading '/'.
+    pub fn relative(&self) -> &str {
+        &self.0[1..]
+    }
+}
+
+impl fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a resource lives, before name resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceAddress {
+    Socket(SocketAddr),
+    Host { host: String, port: u16 },
+}
+
+impl ResourceAddress {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(format!("address {s:?} has port 0"));
+            }
+            if sa.ip().is_unspecified() {
+                return Err(format!("address {s:?} is the unspecified address"));
+            }
+            return Ok(Self::Socket(sa));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("address {s:?} must be ip:port, [v6]:port or host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("address {s:?} has an invalid port {port:?}"))?;
+        if port == 0 {
+            return Err(format!("address {s:?} has port 0"));
+        }
+        let valid_host = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && !label.starts_with('-')
+            });
+        if !valid_host {
+            return Err(format!("address {s:?} has an invalid host name {host:?}"));
+        }
+        Ok(Self::Host { host: host.to_ascii_lowercase(), port })
+    }
+}
+
+impl fmt::Display for ResourceAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Socket(sa) => write!(f, "{sa}"),
+            Self::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub cgroup: CgroupPath,
+    pub uids: Vec<u32>,
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub name: String,
+    pub protocol: Protocol,
+    pub address: ResourceAddress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub name: String,
+    /// Indices into `Policy::identities` this grant covers (groups expanded).
+    pub identities: Vec<usize>,
+    /// Indices into `Policy::resources`.
+    pub resources: Vec<usize>,
+    pub expires: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub unlisted: Unlisted,
+    pub listen: Vec<SocketAddr>,
+    pub identities: Vec<Identity>,
+    pub resources: Vec<Resource>,
+    pub grants: Vec<Grant>,
+}
+
+/// Whether an identity may reach a resource at a given time, and which grant says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access<'a> {
+    Granted { grant: &'a str },
+    Expired { grant: &'a str },
+    NotGranted,
+}
+
+impl Policy {
+    pub fn identity_index(&self, name: &str) -> Option<usize> {
+        self.identities.iter().position(|i| i.name == name)
+    }
+
+    pub fn resource_index(&self, name: &str) -> Option<usize> {
+        self.resources.iter().position(|r| r.name == name)
+    }
+
+    /// First grant (in file order) that gives `identity` access to `resource` at `now`; if none
+    /// is valid, the most recently expired one is reported so the audit names it.
+    pub fn access(&self, identity: usize, resource: usize, now: OffsetDateTime) -> Access<'_> {
+        let mut expired: Option<&Grant> = None;
+        for g in self.grants.iter().filter(|g| g.identities.contains(&identity) && g.resources.contains(&resource)) {
+            match g.expires {
+                Some(at) if at <= now => {
+                    if expired.is_none_or(|e| e.expires < g.expires) {
+                        expired = Some(g);
+                    }
+                }
+                _ => return Access::Granted { grant: &g.name },
+            }
+        }
+        match expired {
+            Some(g) => Access::Expired { grant: &g.name },
+            None => Access::NotGranted,
+        }
+    }
+
+    /// One entry per (identity, resource) pair that some grant covers, with the latest expiry
+    /// (`None` when any covering grant never expires). Expired pairs are kept so the kernel can
+    /// tell "expired" from "never granted".
+    pub fn grant_table(&self) -> Vec<(usize, usize, Option<OffsetDateTime>)> {
+        let mut table: HashMap<(usize, usize), Option<OffsetDateTime>> = HashMap::new();
+        for g in &self.grants {
+            for &i in &g.identities {
+                for &r in &g.resources {
+                    table
+                        .entry((i, r))
+                        .and_modify(|cur| {
+                            *cur = match (*cur, g.expires) {
+                                (None, _) | (_, None) => None,
+                                (Some(a), Some(b)) => Some(a.max(b)),
+                            }
+                        })
+                        .or_insert(g.expires);
+                }
+            }
+        }
+        let mut v: Vec<_> = table.into_iter().map(|((i, r), e)| (i, r, e)).collect();
+        v.sort_by_key(|&(i, r, _)| (i, r));
+        v
+    }
+
+    /// The next instant at which a grant expires, after `now` (the agent re-syncs then).
+    pub fn next_expiry(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        self.grants.iter().filter_map(|g| g.expires).filter(|&e| e > now).min()
+    }
+
+    /// Distinct cgroups the identities name, in file order.
+    pub fn cgroups(&self) -> Vec<&CgroupPath> {
+        let mut seen = HashSet::new();
+        self.identities.iter().map(|i| &i.cgroup).filter(|c| seen.insert(*c)).collect()
+    }
+}
+
+fn check_name(location: &str, name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            location,
+            format!("invalid name {name:?}: use 1-63 characters from a-z, A-Z, 0-9, '-', '_', '.'"),
+        ))
+    }
+}
+
+fn parse_listen(location: &str, s: &str) -> Result<SocketAddr, ValidationError> {
+    let sa: SocketAddr = s
+        .parse()
+        .map_err(|_| invalid(location, format!("{s:?} is not an ip:port or [v6]:port")))?;
+    if !sa.ip().is_loopback() {
+        return Err(invalid(
+            location,
+            format!("{s:?}: the proxy must listen on a loopback address (127.0.0.0/8 or ::1)"),
+        ));
+    }
+    Ok(sa)
+}
+
+impl TryFrom<PolicyFile> for Policy {
+    type Error = ValidationError;
+
+    fn try_from(f: PolicyFile) -> Result<Self, Self::Error> {
+        if f.api_version != API_VERSION {
+            return Err(invalid("apiVersion", format!("expected {API_VERSION:?}, found {:?}", f.api_version)));
+        }
+        if f.kind != "Policy" {
+            return Err(invalid("kind", format!("expected \"Policy\", found {:?}", f.kind)));
+        }
+        check_name("metadata.name", &f.metadata.name)?;
+        let spec = f.spec;
+        let mode = match spec.mode.as_deref() {
+            None | Some("enforce") => Mode::Enforce,
+            Some("monitor") => Mode::Monitor,
+            Some(other) => return Err(invalid("spec.mode", format!("expected enforce or monitor, found {other:?}"))),
+        };
+        let unlisted = match spec.unlisted.as_deref() {
+            None | Some("deny") => Unlisted::Deny,
+            Some("allow") => Unlisted::Allow,
+            Some(other) => return Err(invalid("spec.unlisted", format!("expected allow or deny, found {other:?}"))),
+        };
+
+        let listen = match spec.proxy {
+            Some(p) if !p.listen.is_empty() => {
+                let mut v = Vec::new();
+                for (i, s) in p.listen.iter().enumerate() {
+                    v.push(parse_listen(&format!("spec.proxy.listen[{i}]"), s)?);
+                }
+                if v.iter().filter(|a| a.is_ipv4()).count() > 1 || v.iter().filter(|a| a.is_ipv6()).count() > 1 {
+                    return Err(invalid("spec.proxy.listen", "at most one IPv4 and one IPv6 address"));
+                }
+                if !v.iter().any(|a| a.is_ipv4()) {
+                    return Err(invalid("spec.proxy.listen", "an IPv4 loopback address is required"));
+                }
+                v
+            }
+            _ => vec![
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_LISTEN_PORT),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), DEFAULT_LISTEN_PORT),
+            ],
+        };
+
+        let identities = validate_identities(&spec.identities)?;
+        let resources = validate_resources(&spec.resources)?;
+        let grants = validate_grants(&spec.grants, &identities, &resources)?;
+        Ok(Policy { name: f.metadata.name, mode, unlisted, listen, identities, resources, grants })
+    }
+}
+
+fn validate_identities(specs: &[IdentitySpec]) -> Result<Vec<Identity>, ValidationError> {
+    let mut names = HashSet::new();
+    let mut keys: HashMap<(CgroupPath, Option<u32>), String> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let at = format!("spec.identities[{i}]");
+        check_name(&format!("{at}.name"), &s.name)?;
+        if !names.insert(s.name.clone()) {
+            return Err(invalid(format!("{at}.name"), format!("duplicate identity {:?}", s.name)));
+        }
+        let cgroup = CgroupPath::parse(&s.cgroup).map_err(|m| invalid(format!("{at}.cgroup"), m))?;
+        for (j, g) in s.groups.iter().enumerate() {
+            check_name(&format!("{at}.groups[{j}]"), g)?;
+        }
+        // Two identities on one cgroup must be told apart by uid, or attribution is ambiguous.
+        let uid_keys: Vec<Option<u32>> =
+            if s.uids.is_empty() { vec![None] } else { s.uids.iter().copied().map(Some).collect() };
+        for k in uid_keys {
+            if let Some(u) = k {
+                if u == agent_common::ANY_UID {
+                    return Err(invalid(format!("{at}.uids"), format!("uid {u} is reserved")));
+                }
+            }
+            if let Some(other) = keys.insert((cgroup.clone(), k), s.name.clone()) {
+                return Err(invalid(
+                    format!("{at}.cgroup"),
+                    format!("identity {:?} and {other:?} both claim cgroup {cgroup}{}", s.name, match k {
+                        Some(u) => format!(" for uid {u}"),
+                        None => String::new(),
+                    }),
+                ));
+            }
+        }
+        out.push(Identity { name: s.name.clone(), cgroup, uids: s.uids.clone(), groups: s.groups.clone() });
+    }
+    Ok(out)
+}
+
+fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, ValidationError> {
+    let mut names = HashSet::new();
+    let mut addrs: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let at = format!("spec.resources[{i}]");
+        check_name(&format!("{at}.name"), &s.name)?;
+        if !names.insert(s.name.clone()) {
+            return Err(invalid(format!("{at}.name"), format!("duplicate resource {:?}", s.name)));
+        }
+        let protocol = match s.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            "postgres" | "http" => {
+                return Err(invalid(
+                    format!("{at}.protocol"),
+                    format!("protocol {:?} is not supported by this version yet; use tcp", s.protocol),
+                ));
+            }
+            other => return Err(invalid(format!("{at}.protocol"), format!("unknown protocol {other:?}; expected tcp"))),
+        };
+        let address = ResourceAddress::parse(&s.address).map_err(|m| invalid(format!("{at}.address"), m))?;
+        if let Some(other) = addrs.insert(address.to_string(), s.name.clone()) {
+            return Err(invalid(format!("{at}.address"), format!("{address} is already resource {other:?}")));
+        }
+        out.push(Resource { name: s.name.clone(), protocol, address });
+    }
+    Ok(out)
+}
+
+fn validate_grants(
+    specs: &[GrantSpec],
+    identities: &[Identity],
+    resources: &[Resource],
+) -> Result<Vec<Grant>, ValidationError> {
+    let mut names = HashSet::new();
+    let mut out = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let at = format!("spec.grants[{i}]");
+        check_name(&format!("{at}.name"), &s.name)?;
+        if !names.insert(s.name.clone()) {
+            return Err(invalid(format!("{at}.name"), format!("duplicate grant {:?}", s.name)));
+        }
+        if s.to.is_empty() {
+            return Err(invalid(format!("{at}.to"), "a grant must name at least one subject"));
+        }
+        let mut ids = Vec::new();
+        for (j, subject) in s.to.iter().enumerate() {
+            let loc = format!("{at}.to[{j}]");
+            let matched: Vec<usize> = match subject.split_once(':') {
+                Some(("identity", name)) => identities.iter().position(|x| x.name == name).into_iter().collect(),
+                Some(("group", name)) => identities
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| x.groups.iter().any(|g| g == name))
+                    .map(|(k, _)| k)
+                    .collect(),
+                _ => return Err(invalid(loc, format!("{subject:?} must be identity:NAME or group:NAME"))),
+            };
+            if matched.is_empty() {
+                return Err(invalid(loc, format!("{subject:?} matches no identity")));
+            }
+            for k in matched {
+                if !ids.contains(&k) {
+                    ids.push(k);
+                }
+            }
+        }
+        if s.resources.is_empty() {
+            return Err(invalid(format!("{at}.resources"), "a grant must name at least one resource"));
+        }
+        let mut res = Vec::new();
+        for (j, name) in s.resources.iter().enumerate() {
+            let k = resources
+                .iter()
+                .position(|r| &r.name == name)
+                .ok_or_else(|| invalid(format!("{at}.resources[{j}]"), format!("unknown resource {name:?}")))?;
+            if !res.contains(&k) {
+                res.push(k);
+            }
+        }
+        let expires = match &s.expires {
+            None => None,
+            Some(t) => Some(OffsetDateTime::parse(t, &Rfc3339).map_err(|e| {
+                invalid(format!("{at}.expires"), format!("{t:?} is not an RFC 3339 time (e.g. 2026-12-31T00:00:00Z): {e}"))
+            })?),
+        };
+        out.push(Grant { name: s.name.clone(), identities: ids, resources: res, expires });
+    }
+    Ok(out)
+}

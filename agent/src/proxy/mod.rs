@@ -1,0 +1,166 @@
+//! The local proxy: accepts redirected connections, learns their origin from the kernel, checks
+//! the grant, records the session and dispatches to the resource's protocol handler.
+mod tcp;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    audit::{AuditLog, Kind, Record},
+    identity::Attribution,
+    kernel::{Origins, event},
+    policy::{Access, Mode, Policy, Protocol},
+};
+
+/// How long the proxy waits for an upstream to accept.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every connection handler needs.
+pub struct Shared {
+    pub policy: RwLock<Arc<Policy>>,
+    pub audit: AuditLog,
+    pub origins: Mutex<Origins>,
+    next_session: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(policy: Arc<Policy>, audit: AuditLog, origins: Origins) -> Self {
+        Self { policy: RwLock::new(policy), audit, origins: Mutex::new(origins), next_session: AtomicU64::new(1) }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_policy(&self, p: Arc<Policy>) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+}
+
+/// Accepts connections until `stop` is cancelled; sessions run on `tracker`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Look the origin up right away: the kernel's record is keyed by this peer address,
+        // which may be reused once this connection is gone.
+        let origin = shared.origins.lock().unwrap_or_else(|e| e.into_inner()).take(peer);
+        let shared = shared.clone();
+        let stop = stop.clone();
+        let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("conn", session, %peer);
+        tracker.spawn(
+            async move {
+                handle(stream, peer, origin, session, &shared, stop).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    origin: Option<agent_common::ConnRecord>,
+    session: u64,
+    shared: &Shared,
+    stop: CancellationToken,
+) {
+    let Some(rec) = origin else {
+        let mut r = Record::new(Kind::SessionRejected);
+        r.session = Some(session);
+        r.reason = Some("no_kernel_record".into());
+        r.detail = Some(format!("connection from {peer} was not redirected by the kernel; refused"));
+        shared.audit.append(r);
+        warn!("refused a connection that the kernel did not redirect");
+        return;
+    };
+    let policy = shared.policy();
+    let who = Attribution::from_record(&rec, &policy);
+    let dst = event::destination(&rec);
+    let resource = event::index(rec.resource).and_then(|i| policy.resources.get(i).map(|r| (i, r)));
+    let mut base = Record::new(Kind::SessionStart);
+    who.fill(&mut base);
+    base.session = Some(session);
+    base.destination = Some(dst.to_string());
+    base.cookie = Some(rec.cookie);
+    base.l4 = Some("tcp".into());
+
+    let Some((res_idx, res)) = resource else {
+        // The policy changed between the kernel's decision and accept(): the resource is gone.
+        reject(shared, base, "resource_removed", None);
+        return;
+    };
+    base.resource = Some(res.name.clone());
+    let access = match event::index(rec.identity) {
+        Some(id) => policy.access(id, res_idx, OffsetDateTime::now_utc()),
+        None => Access::NotGranted,
+    };
+    let (rule, granted) = match access {
+        Access::Granted { grant } => (grant.to_string(), true),
+        Access::Expired { grant } => (grant.to_string(), false),
+        Access::NotGranted => ("no-grant".to_string(), false),
+    };
+    base.rule = Some(rule.clone());
+    if !granted {
+        if policy.mode == Mode::Enforce {
+            reject(shared, base, if rule == "no-grant" { "not_granted" } else { "grant_expired" }, Some(rule));
+            return;
+        }
+        base.would_deny = Some(true);
+    }
+    base.verdict = Some("allow".into());
+
+    // The session is on disk before a byte goes upstream.
+    if let Err(e) = shared.audit.append_durable(base.clone()).await {
+        warn!(error = %e, "audit unavailable; refusing the connection");
+        return;
+    }
+    info!(identity = ?who.identity, resource = %res.name, %dst, "session start");
+
+    let started = Instant::now();
+    let mut end = base;
+    end.kind = Kind::SessionEnd;
+    end.verdict = None;
+    let outcome = match res.protocol {
+        Protocol::Tcp => tcp::relay(client, dst, CONNECT_TIMEOUT, &stop).await,
+    };
+    end.bytes_up = Some(outcome.bytes_up);
+    end.bytes_down = Some(outcome.bytes_down);
+    end.duration_ms = Some(started.elapsed().as_millis() as u64);
+    end.error = outcome.error.clone();
+    info!(up = outcome.bytes_up, down = outcome.bytes_down, error = ?outcome.error, "session end");
+    shared.audit.append(end);
+}
+
+fn reject(shared: &Shared, mut r: Record, reason: &str, rule: Option<String>) {
+    r.kind = Kind::SessionRejected;
+    r.verdict = Some("deny".into());
+    r.reason = Some(reason.into());
+    if rule.is_some() {
+        r.rule = rule;
+    }
+    warn!(reason, "session refused");
+    shared.audit.append(r);
+}

@@ -1,0 +1,153 @@
+//! The state directory: its layout, the bpffs pin directory derived from it, the run lock and
+//! the status file a running agent keeps.
+use std::{
+    fs, io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("another agent is running with state dir {0}")]
+    Locked(PathBuf),
+    #[error("{path}: unreadable status: {source}")]
+    Status { path: PathBuf, source: serde_json::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io { path: path.to_owned(), source }
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    /// Uses `root` as given if it does not exist yet; canonicalises it otherwise, so the pin
+    /// directory is the same however the path is spelled.
+    pub fn new(root: &Path) -> Self {
+        let root = fs::canonicalize(root)
+            .or_else(|_| std::path::absolute(root))
+            .unwrap_or_else(|_| root.to_owned());
+        Self { root }
+    }
+
+    /// Creates the directory (mode 0700: the trail names processes and destinations).
+    pub fn create(root: &Path) -> Result<Self, StateError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(io_err(root))?;
+        let root = fs::canonicalize(root).map_err(io_err(root))?;
+        Ok(Self { root })
+    }
+
+    /// bpffs directory for this agent's pins: one per state dir, so agents never collide.
+    pub fn pin_dir(&self) -> PathBuf {
+        let digest = Sha256::digest(self.root.as_os_str().as_encoded_bytes());
+        Path::new(BPFFS).join("tollgate").join(hex::encode(&digest[..8]))
+    }
+
+    pub fn audit_dir(&self) -> PathBuf {
+        crate::audit::dir(&self.root)
+    }
+
+    pub fn status_path(&self) -> PathBuf {
+        self.root.join("agent.json")
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.root.join("agent.lock")
+    }
+
+    /// Takes the run lock; held while the returned file lives.
+    pub fn lock(&self) -> Result<fs::File, StateError> {
+        let path = self.lock_path();
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                StateError::Locked(self.root.clone())
+            } else {
+                StateError::Io { path, source: e }
+            });
+        }
+        Ok(file)
+    }
+
+    /// True while an agent holds the run lock.
+    pub fn is_locked(&self) -> bool {
+        if !self.lock_path().exists() {
+            return false;
+        }
+        matches!(self.lock(), Err(StateError::Locked(_)))
+    }
+
+    pub fn write_status(&self, status: &Status) -> Result<(), StateError> {
+        let path = self.status_path();
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(status).expect("status serialises");
+        fs::write(&tmp, text).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
+    pub fn read_status(&self) -> Result<Option<Status>, StateError> {
+        let path = self.status_path();
+        match fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|source| StateError::Status { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StateError::Io { path, source: e }),
+        }
+    }
+}
+
+/// What a running agent reports about itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub pid: u32,
+    pub started: String,
+    pub policy_file: PathBuf,
+    pub policy_name: String,
+    pub mode: String,
+    pub listen: Vec<String>,
+    pub pin_dir: PathBuf,
+    pub cgroups: Vec<String>,
+    pub identities: usize,
+    pub resources: usize,
+    pub grants: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_dirs_differ_per_state_dir_and_lock_is_exclusive() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let sa = StateDir::new(a.path());
+        let sb = StateDir::new(b.path());
+        assert_ne!(sa.pin_dir(), sb.pin_dir());
+        assert_eq!(sa.pin_dir(), StateDir::new(&a.path().join(".")).pin_dir());
+        assert!(!sa.is_locked());
+        let held = sa.lock().unwrap();
+        assert!(matches!(sa.lock(), Err(StateError::Locked(_))));
+        assert!(sa.is_locked());
+        drop(held);
+        assert!(!sa.is_locked());
+    }
+}
