@@ -112,12 +112,37 @@ fn is_ipv6(h: u8) -> bool {
     h == hook::CONNECT6 || h == hook::SENDMSG6
 }
 
+/// Reads `user_ip6` one 32-bit word at a time: the verifier rejects the byte-wise copies the
+/// compiler would otherwise emit for an array.
+#[inline(always)]
+fn read_ip6(sa: &bpf_sock_addr) -> Addr6 {
+    unsafe {
+        [
+            core::ptr::read_volatile(&sa.user_ip6[0]),
+            core::ptr::read_volatile(&sa.user_ip6[1]),
+            core::ptr::read_volatile(&sa.user_ip6[2]),
+            core::ptr::read_volatile(&sa.user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes `user_ip6` one 32-bit word at a time (see `read_ip6`).
+#[inline(always)]
+fn write_ip6(sa: &mut bpf_sock_addr, ip: &Addr6) {
+    unsafe {
+        core::ptr::write_volatile(&mut sa.user_ip6[0], ip[0]);
+        core::ptr::write_volatile(&mut sa.user_ip6[1], ip[1]);
+        core::ptr::write_volatile(&mut sa.user_ip6[2], ip[2]);
+        core::ptr::write_volatile(&mut sa.user_ip6[3], ip[3]);
+    }
+}
+
 /// The destination the caller asked for, v4-mapped when it is IPv4.
 #[inline(always)]
 fn destination(sa: &bpf_sock_addr, v6: bool) -> (Addr6, u32) {
     let port = u16::from_be(sa.user_port as u16) as u32;
     if v6 {
-        (sa.user_ip6, port)
+        (read_ip6(sa), port)
     } else {
         (v4_mapped(sa.user_ip4), port)
     }
@@ -162,12 +187,13 @@ fn is_proxy(cfg: &Config, sa: &bpf_sock_addr, v6: bool) -> bool {
         return false;
     }
     if v6 {
-        sa.user_port == cfg.proxy_port6 && sa.user_ip6 == cfg.proxy_ip6
+        sa.user_port == cfg.proxy_port6 && read_ip6(sa) == cfg.proxy_ip6
     } else {
         sa.user_port == cfg.proxy_port4 && sa.user_ip4 == cfg.proxy_ip4
     }
 }
 
+#[inline(always)]
 fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let cfg = match TG_CONFIG.get(0) {
@@ -239,7 +265,7 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
 
     if v == verdict::REDIRECT {
         if v6 {
-            sa.user_ip6 = cfg.proxy_ip6;
+            write_ip6(sa, &cfg.proxy_ip6);
             sa.user_port = cfg.proxy_port6;
         } else {
             sa.user_ip4 = cfg.proxy_ip4;
@@ -290,13 +316,14 @@ fn emit(rec: &ConnRecord, h: u8, v: u8, r: u8, l4: u8, would_deny: u8) {
     }
 }
 
+#[inline(always)]
 fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<(), i64> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rec = unsafe { TG_COOKIES.get(&cookie) }.ok_or(0i64)?;
     let port = ((rec.dst_port as u16).to_be()) as u32;
     if v6 {
-        sa.user_ip6 = rec.dst_addr;
+        write_ip6(sa, &rec.dst_addr);
         sa.user_port = port;
     } else {
         sa.user_ip4 = rec.dst_addr[3];
@@ -305,6 +332,7 @@ fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<(), i64> {
     Ok(())
 }
 
+#[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return Ok(());
@@ -313,7 +341,16 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     let rec = unsafe { TG_COOKIES.get(&cookie) }.ok_or(0i64)?;
     let addr = match ctx.family() {
         AF_INET => v4_mapped(ctx.local_ip4()),
-        AF_INET6 => ctx.local_ip6(),
+        // Word by word, as for bpf_sock_addr: ctx arrays must not be copied byte-wise.
+        AF_INET6 => unsafe {
+            let ip = &(*ctx.ops).local_ip6;
+            [
+                core::ptr::read_volatile(&ip[0]),
+                core::ptr::read_volatile(&ip[1]),
+                core::ptr::read_volatile(&ip[2]),
+                core::ptr::read_volatile(&ip[3]),
+            ]
+        },
         _ => return Ok(()),
     };
     let key = PeerKey { addr, port: ctx.local_port() };

@@ -204,7 +204,8 @@ impl Kernel {
     pub fn attach(&mut self, id: CgroupId, cgroup: &fs::File) -> Result<(), KernelError> {
         let dir = self.pins.cgroup_links(id);
         fs::create_dir_all(&dir).map_err(|e| KernelError::Pin { path: dir.clone(), source: e })?;
-        let suffix = format!(".{}", self.generation);
+        // bpffs refuses names containing dots.
+        let suffix = format!("-{}", self.generation);
         for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let link_id = prog
