@@ -1,0 +1,369 @@
+//! Test harness: a real agent on a test-owned cgroup, state dir and pin path; real loopback
+//! servers; clients started inside the cgroup with `tollgate exec`.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// True when privileged tests can run. Under CI=true a missing privilege is a failure, never a
+/// silent pass; elsewhere the test says loudly that it skipped.
+pub fn privileged(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let cgroup2 = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.contains(" - cgroup2 ")))
+        .unwrap_or(false);
+    let why = if !root {
+        Some("not running as root")
+    } else if !cgroup2 {
+        Some("no cgroup2 mount")
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: privileged test cannot run under CI: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why} (this would fail under CI=true)");
+            false
+        }
+    }
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+        })
+        .expect("cgroup2 mount")
+}
+
+/// One agent with its own state dir, cgroup tree and pins. Dropping it stops the agent,
+/// uninstalls its pins and removes its cgroups.
+pub struct Env {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    /// cgroup tree root for this test, relative to the mount (e.g. /tollgate-test-123-redirect).
+    pub cgroup_root: String,
+    agent: Option<Child>,
+    log: Arc<Mutex<String>>,
+    ready_rx: Option<mpsc::Receiver<()>>,
+}
+
+impl Env {
+    pub fn new(name: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix(&format!("tollgate-{name}-")).tempdir().unwrap();
+        Self {
+            name: name.to_string(),
+            dir,
+            cgroup_root: format!("/tollgate-test-{}-{name}", std::process::id()),
+            agent: None,
+            log: Arc::default(),
+            ready_rx: None,
+        }
+    }
+
+    /// A cgroup path for this test (relative to the cgroup2 mount).
+    pub fn cgroup(&self, sub: &str) -> String {
+        format!("{}/{sub}", self.cgroup_root)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+
+    pub fn write_policy(&self, yaml: &str) {
+        std::fs::write(self.policy_path(), yaml).unwrap();
+    }
+
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let mut child = Command::new(BIN)
+            .args(["run", "--policy"])
+            .arg(self.policy_path())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .env("TOLLGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tollgate run");
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        let (tx, rx) = mpsc::channel();
+        let name = self.name.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent {name}] {line}");
+                if line.contains("ready") {
+                    let _ = tx.send(());
+                }
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
+            }
+        });
+        self.agent = Some(child);
+        self.ready_rx = Some(rx);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let rx = self.ready_rx.as_ref().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited before ready ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "agent not ready after 30s:\n{}", self.log());
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the agent log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "agent log never showed {needle:?}:\n{}", self.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn agent_pid(&self) -> i32 {
+        self.agent.as_ref().expect("agent running").id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.agent_pid()), sig).unwrap();
+    }
+
+    /// Sends a signal and waits for the agent to exit.
+    pub fn stop_agent(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        self.signal(sig);
+        let mut child = self.agent.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("agent did not exit after {sig}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn tollgate(&self, args: &[&str]) -> Output {
+        Command::new(BIN).args(args).output().unwrap()
+    }
+
+    pub fn state_arg(&self) -> String {
+        self.state_dir().display().to_string()
+    }
+
+    /// Runs a command inside one of this test's cgroups.
+    pub fn run_in(&self, sub: &str, cmd: &[&str]) -> Output {
+        let cg = self.cgroup(sub);
+        let mut args = vec!["exec", "--cgroup", &cg, "--"];
+        args.extend_from_slice(cmd);
+        Command::new(BIN).args(&args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// Starts a command inside one of this test's cgroups without waiting for it.
+    pub fn spawn_in(&self, sub: &str, cmd: &[&str]) -> Child {
+        let cg = self.cgroup(sub);
+        let mut args = vec!["exec", "--cgroup", &cg, "--"];
+        args.extend_from_slice(cmd);
+        Command::new(BIN).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// Runs a Python snippet inside a cgroup; returns (stdout, stderr, success).
+    pub fn python_in(&self, sub: &str, code: &str) -> (String, String, bool) {
+        let out = self.run_in(sub, &["python3", "-c", code]);
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+            out.status.success(),
+        )
+    }
+
+    /// Every audit record so far, as JSON values.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let path = self.state_dir().join("audit/trail.jsonl");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Waits for an audit record matching `pred` (kernel events are written asynchronously).
+    pub fn wait_audit(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.audit().into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no audit record for {what}; trail:\n{}",
+                std::fs::read_to_string(self.state_dir().join("audit/trail.jsonl")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let out = Command::new(BIN).args(["uninstall", "--state-dir"]).arg(self.state_dir()).output();
+        if let Ok(o) = out {
+            if !o.status.success() {
+                eprintln!("uninstall failed: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        remove_cgroup_tree(&cgroup2_mount().join(self.cgroup_root.trim_start_matches('/')));
+    }
+}
+
+/// Removes a cgroup tree bottom-up (its processes have exited by now).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            // EBUSY while the last process in it is still being reaped.
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    eprintln!("could not remove cgroup {}", dir.display());
+}
+
+/// A loopback TCP server that answers every connection with the peer address it saw, after
+/// reading the request (to "\r\n\r\n" or EOF: a half-closed client still gets its answer).
+pub struct Server {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    pub fn start(bind: &str) -> Self {
+        let listener = TcpListener::bind(bind).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peers.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        p.lock().unwrap().push(peer);
+                        thread::spawn(move || serve(stream, peer));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self { addr, peers, stop }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.peers.lock().unwrap().len()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(mut s: TcpStream, peer: SocketAddr) {
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                req.extend_from_slice(&buf[..n]);
+                if req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+        }
+    }
+    let body = format!("peer={peer} got={}\n", req.len());
+    let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = s.write_all(resp.as_bytes());
+}
+
+pub const PY_ERRNO: &str = r#"
+import socket, sys, errno
+def attempt(family, addr, kind=socket.SOCK_STREAM, op="connect"):
+    s = socket.socket(family, kind)
+    s.settimeout(5)
+    try:
+        if op == "connect":
+            s.connect(addr)
+            peer, local = s.getpeername(), s.getsockname()[1]
+            if kind == socket.SOCK_STREAM:
+                s.sendall(b"ping")
+                s.shutdown(socket.SHUT_WR)
+                data = b""
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                print("OK", peer, local, data.decode().split("\r\n\r\n")[-1].strip())
+            else:
+                print("OK", peer)
+        else:
+            s.sendto(b"x", addr)
+            print("OK sent")
+    except OSError as e:
+        print("ERR", errno.errorcode.get(e.errno, e.errno))
+"#;

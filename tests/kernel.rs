@@ -1,0 +1,326 @@
+//! Privileged end-to-end tests: real eBPF programs in this kernel, a real agent, real loopback
+//! servers and real clients (curl, python sockets) in test-owned cgroups.
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Env, PY_ERRNO, Server, privileged};
+use nix::sys::signal::Signal;
+
+/// A policy with one identity `bot` in cgroup `<root>/bot`; `resources` are (name, address);
+/// `bot` is granted the resources named in `granted`.
+fn policy(env: &Env, unlisted: &str, resources: &[(&str, SocketAddr)], granted: &[&str], mode: &str) -> String {
+    let res: String = resources
+        .iter()
+        .map(|(n, a)| format!("    - {{ name: {n}, protocol: tcp, address: \"{a}\" }}\n"))
+        .collect();
+    let grants = if granted.is_empty() {
+        String::new()
+    } else {
+        format!("    - {{ name: bot-grant, to: [group:agents], resources: [{}] }}\n", granted.join(", "))
+    };
+    format!(
+        r#"apiVersion: tollgate/v1alpha1
+kind: Policy
+metadata: {{ name: {name} }}
+spec:
+  mode: {mode}
+  unlisted: {unlisted}
+  proxy: {{ listen: ["127.0.0.1:0", "[::1]:0"] }}
+  identities:
+    - {{ name: bot, cgroup: {cg}, groups: [agents] }}
+  resources:
+{res}  grants:
+{grants}"#,
+        name = env.name,
+        cg = env.cgroup("bot"),
+    )
+}
+
+fn py(call: &str) -> String {
+    format!("{PY_ERRNO}\n{call}\n")
+}
+
+fn curl_args(url: &str) -> Vec<String> {
+    ["curl", "-sS", "-m", "5", "-w", "\nlocal_port=%{local_port}\n", url].iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn curl_is_redirected_through_the_proxy_and_audited() {
+    if !privileged("curl_is_redirected_through_the_proxy_and_audited") {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let mut env = Env::new("redirect");
+    env.write_policy(&policy(&env, "deny", &[("web", server.addr)], &["web"], "enforce"));
+    env.start_agent();
+
+    let url = format!("http://{}/hello", server.addr);
+    let args = curl_args(&url);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.run_in("bot", &args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "curl failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    // The server saw a connection from the proxy, not from curl's own socket.
+    let local_port: u16 = stdout.lines().find_map(|l| l.strip_prefix("local_port=")).unwrap().parse().unwrap();
+    let seen = server.peers.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{stdout}");
+    assert_ne!(seen[0].port(), local_port, "connection went around the proxy: {stdout}");
+
+    let connect = env.wait_audit("kernel connect record", |r| r["kind"] == "connect" && r["comm"] == "curl");
+    assert_eq!(connect["verdict"], "redirect");
+    assert_eq!(connect["resource"], "web");
+    assert_eq!(connect["identity"], "bot");
+    assert_eq!(connect["rule"], "bot-grant");
+    assert_eq!(connect["destination"], server.addr.to_string());
+    assert_eq!(connect["exe"], "/usr/bin/curl");
+    assert!(connect["cgroup"].as_str().unwrap().ends_with("/bot"), "{connect}");
+    let start = env.wait_audit("session start", |r| r["kind"] == "session_start");
+    assert_eq!(start["pid"], connect["pid"]);
+    let end = env.wait_audit("session end", |r| r["kind"] == "session_end");
+    assert!(end["bytes_up"].as_u64().unwrap() > 50, "{end}");
+    assert!(end["bytes_down"].as_u64().unwrap() > 50, "{end}");
+    // The session record reached disk before the server saw the request.
+    assert!(start["seq"].as_u64() < end["seq"].as_u64());
+
+    // A process outside the cgroup is untouched: the server sees its own port, no record.
+    let direct = std::net::TcpStream::connect(server.addr).unwrap();
+    let my_port = direct.local_addr().unwrap().port();
+    drop(direct);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(server.peers.lock().unwrap().iter().any(|p| p.port() == my_port));
+    assert_eq!(env.audit().iter().filter(|r| r["kind"] == "connect").count(), 1);
+
+    let status = env.tollgate(&["status", "--state-dir", &env.state_arg()]);
+    assert!(status.status.success(), "{status:?}");
+    assert!(String::from_utf8_lossy(&status.stdout).contains("enforcing"));
+}
+
+#[test]
+fn getpeername_half_close_ipv6_and_v4_mapped() {
+    if !privileged("getpeername_half_close_ipv6_and_v4_mapped") {
+        return;
+    }
+    let v4 = Server::start("127.0.0.1:0");
+    let v6 = Server::start("[::1]:0");
+    let mut env = Env::new("ipv6");
+    env.write_policy(&policy(&env, "deny", &[("v4", v4.addr), ("v6", v6.addr)], &["v4", "v6"], "enforce"));
+    env.start_agent();
+
+    // IPv4: getpeername shows the original destination; the half-closed request still gets
+    // its answer, and the server saw the proxy's port rather than the client's.
+    let (out, err, ok) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", v4.addr.port())));
+    assert!(ok, "{err}");
+    assert!(out.starts_with(&format!("OK ('127.0.0.1', {})", v4.addr.port())), "{out}");
+    assert!(out.contains("got=4"), "half-closed request must reach the server: {out}");
+    let client_port: u16 = out.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(out.contains("peer=127.0.0.1:"), "{out}");
+    assert!(!out.contains(&format!("peer=127.0.0.1:{client_port} ")), "went around the proxy: {out}");
+
+    // IPv6 ::1.
+    let (out, err, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET6, ('::1', {}))", v6.addr.port())));
+    assert!(out.starts_with(&format!("OK ('::1', {}", v6.addr.port())), "{out} {err}");
+    assert!(out.contains("got=4"), "{out}");
+    assert_eq!(v6.connections(), 1);
+
+    // IPv4-mapped IPv6 takes connect6 and must be treated like IPv4.
+    let (out, err, _) =
+        env.python_in("bot", &py(&format!("attempt(socket.AF_INET6, ('::ffff:127.0.0.1', {}))", v4.addr.port())));
+    assert!(out.starts_with(&format!("OK ('::ffff:127.0.0.1', {}", v4.addr.port())), "{out} {err}");
+    assert!(out.contains("got=4"), "{out}");
+    assert_eq!(v4.connections(), 2);
+
+    env.wait_audit("v6 redirect", |r| r["kind"] == "connect" && r["hook"] == "connect6" && r["resource"] == "v6");
+    env.wait_audit("mapped redirect", |r| {
+        r["kind"] == "connect" && r["hook"] == "connect6" && r["resource"] == "v4" && r["verdict"] == "redirect"
+    });
+    let sessions = |env: &Env| env.audit().iter().filter(|r| r["kind"] == "session_end").count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while sessions(&env) < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(sessions(&env), 3);
+}
+
+#[test]
+fn udp_to_resources_unlisted_and_ungranted_are_denied() {
+    if !privileged("udp_to_resources_unlisted_and_ungranted_are_denied") {
+        return;
+    }
+    let web = Server::start("127.0.0.1:0");
+    let secret = Server::start("127.0.0.1:0");
+    let other = Server::start("127.0.0.1:0");
+    let mut env = Env::new("deny");
+    env.write_policy(&policy(&env, "deny", &[("web", web.addr), ("secret", secret.addr)], &["web"], "enforce"));
+    env.start_agent();
+
+    let port = web.addr.port();
+    // UDP towards a protected resource: sendto and connect are refused.
+    let (out, err, _) =
+        env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}), socket.SOCK_DGRAM, 'sendto')")));
+    assert_eq!(out, "ERR EPERM", "{err}");
+    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}), socket.SOCK_DGRAM)")));
+    assert_eq!(out, "ERR EPERM");
+    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET6, ('::1', {port}), socket.SOCK_DGRAM, 'sendto')")));
+    assert_eq!(out, "ERR EPERM", "unlisted UDP over IPv6 with unlisted: deny");
+
+    // A resource that is not granted to this identity.
+    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", secret.addr.port())));
+    assert_eq!(out, "ERR EPERM");
+    // An unlisted destination under `unlisted: deny`.
+    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", other.addr.port())));
+    assert_eq!(out, "ERR EPERM");
+    assert_eq!(secret.connections() + other.connections() + web.connections(), 0);
+
+    let udp = env.wait_audit("udp deny", |r| r["l4"] == "udp" && r["hook"] == "sendmsg4");
+    assert_eq!(udp["verdict"], "deny");
+    assert_eq!(udp["reason"], "udp_to_resource");
+    assert_eq!(udp["resource"], "web");
+    let ng = env.wait_audit("not granted", |r| r["resource"] == "secret");
+    assert_eq!((ng["verdict"].as_str(), ng["rule"].as_str()), (Some("deny"), Some("no-grant")));
+    let ul = env.wait_audit("unlisted", |r| r["destination"] == other.addr.to_string());
+    assert_eq!((ul["verdict"].as_str(), ul["rule"].as_str()), (Some("deny"), Some("spec.unlisted")));
+}
+
+#[test]
+fn sigkill_fails_closed_and_restart_restores_service() {
+    if !privileged("sigkill_fails_closed_and_restart_restores_service") {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let mut env = Env::new("failclosed");
+    env.write_policy(&policy(&env, "allow", &[("web", server.addr)], &["web"], "enforce"));
+    env.start_agent();
+    let call = py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", server.addr.port()));
+    let (out, _, _) = env.python_in("bot", &call);
+    assert!(out.starts_with("OK"), "{out}");
+    assert_eq!(server.connections(), 1);
+
+    env.stop_agent(Signal::SIGKILL);
+    // Enforcement survives the agent: the connection is refused, never sent around the proxy.
+    let (out, _, _) = env.python_in("bot", &call);
+    assert_eq!(out, "ERR ECONNREFUSED");
+    assert_eq!(server.connections(), 1, "a connection went around the dead proxy");
+    let status = env.tollgate(&["status", "--state-dir", &env.state_arg()]);
+    assert!(!status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("still pinned"), "{status:?}");
+
+    env.start_agent();
+    assert!(env.log().contains("adopted"), "restart must adopt the pinned state");
+    let (out, _, _) = env.python_in("bot", &call);
+    assert!(out.starts_with("OK"), "{out}");
+    assert_eq!(server.connections(), 2);
+    let verify = env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]);
+    assert!(verify.status.success(), "{verify:?}");
+
+    // A clean stop keeps enforcement pinned; uninstall removes it and the cgroup is free again.
+    let st = env.stop_agent(Signal::SIGTERM);
+    assert!(st.success());
+    let (out, _, _) = env.python_in("bot", &call);
+    assert_eq!(out, "ERR ECONNREFUSED");
+    let un = env.tollgate(&["uninstall", "--state-dir", &env.state_arg()]);
+    assert!(un.status.success(), "{un:?}");
+    let (out, _, _) = env.python_in("bot", &call);
+    assert!(out.starts_with("OK"), "after uninstall the process is not enforced: {out}");
+    assert_eq!(server.connections(), 3);
+}
+
+#[test]
+fn sighup_reloads_and_rejects_a_bad_policy() {
+    if !privileged("sighup_reloads_and_rejects_a_bad_policy") {
+        return;
+    }
+    let a = Server::start("127.0.0.1:0");
+    let b = Server::start("127.0.0.1:0");
+    let mut env = Env::new("reload");
+    env.write_policy(&policy(&env, "deny", &[("a", a.addr), ("b", b.addr)], &["a"], "enforce"));
+    env.start_agent();
+    let call = |port: u16| py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}))"));
+    assert!(env.python_in("bot", &call(a.addr.port())).0.starts_with("OK"));
+    assert_eq!(env.python_in("bot", &call(b.addr.port())).0, "ERR EPERM");
+
+    // A connection established before the reload lives on after it, although the new policy
+    // no longer grants its resource.
+    let held = env.spawn_in(
+        "bot",
+        &["python3", "-c", &format!(
+            "import socket,time\ns=socket.create_connection(('127.0.0.1',{}),timeout=10)\nprint('connected',flush=True)\ntime.sleep(2)\ns.sendall(b'ping');s.shutdown(socket.SHUT_WR)\nprint(s.recv(4096).decode().split('\\r\\n\\r\\n')[-1].strip())",
+            a.addr.port()
+        )],
+    );
+    env.wait_audit("held session", |r| r["kind"] == "session_start" && r["resource"] == "a" && r["comm"] == "python3" && r["session"] == 2);
+
+    env.write_policy(&policy(&env, "deny", &[("a", a.addr), ("b", b.addr)], &["b"], "enforce"));
+    env.signal(Signal::SIGHUP);
+    env.wait_log("policy reloaded");
+    let out = held.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("connected") && out.contains("got=4"), "established session broken by reload: {out}");
+    assert_eq!(env.python_in("bot", &call(a.addr.port())).0, "ERR EPERM");
+    assert!(env.python_in("bot", &call(b.addr.port())).0.starts_with("OK"));
+
+    std::fs::write(env.policy_path(), "apiVersion: tollgate/v1alpha1\nkind: Policy\nbogus: 1\n").unwrap();
+    env.signal(Signal::SIGHUP);
+    env.wait_log("policy reload rejected");
+    assert!(env.log().contains("unknown field `bogus`"), "{}", env.log());
+    // The previous policy is still in force.
+    assert!(env.python_in("bot", &call(b.addr.port())).0.starts_with("OK"));
+    assert_eq!(env.python_in("bot", &call(a.addr.port())).0, "ERR EPERM");
+    env.wait_audit("rejection record", |r| r["kind"] == "policy_rejected");
+}
+
+#[test]
+fn monitor_mode_audits_without_blocking() {
+    if !privileged("monitor_mode_audits_without_blocking") {
+        return;
+    }
+    let secret = Server::start("127.0.0.1:0");
+    let other = Server::start("127.0.0.1:0");
+    let mut env = Env::new("monitor");
+    env.write_policy(&policy(&env, "deny", &[("secret", secret.addr)], &[], "monitor"));
+    env.start_agent();
+    let call = |port: u16| py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}))"));
+    assert!(env.python_in("bot", &call(secret.addr.port())).0.starts_with("OK"));
+    assert!(env.python_in("bot", &call(other.addr.port())).0.starts_with("OK"));
+    let r = env.wait_audit("monitored resource", |r| r["kind"] == "connect" && r["resource"] == "secret");
+    assert_eq!((r["verdict"].as_str(), r["would_deny"].as_bool()), (Some("redirect"), Some(true)));
+    let s = env.wait_audit("monitored session", |r| r["kind"] == "session_start");
+    assert_eq!(s["would_deny"], true);
+    let u = env.wait_audit("monitored unlisted", |r| r["destination"] == other.addr.to_string());
+    assert_eq!((u["verdict"].as_str(), u["would_deny"].as_bool()), (Some("allow"), Some(true)));
+}
+
+#[test]
+fn two_agents_side_by_side_and_audit_verify_catches_an_edit() {
+    if !privileged("two_agents_side_by_side_and_audit_verify_catches_an_edit") {
+        return;
+    }
+    let s1 = Server::start("127.0.0.1:0");
+    let s2 = Server::start("127.0.0.1:0");
+    let mut e1 = Env::new("side1");
+    let mut e2 = Env::new("side2");
+    e1.write_policy(&policy(&e1, "deny", &[("one", s1.addr)], &["one"], "enforce"));
+    e2.write_policy(&policy(&e2, "deny", &[("two", s2.addr)], &["two"], "enforce"));
+    e1.start_agent();
+    e2.start_agent();
+    let call = |port: u16| py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}))"));
+    assert!(e1.python_in("bot", &call(s1.addr.port())).0.starts_with("OK"));
+    assert!(e2.python_in("bot", &call(s2.addr.port())).0.starts_with("OK"));
+    // Each agent enforces only its own cgroup and policy.
+    assert_eq!(e1.python_in("bot", &call(s2.addr.port())).0, "ERR EPERM");
+    assert_eq!(e2.python_in("bot", &call(s1.addr.port())).0, "ERR EPERM");
+
+    e1.wait_audit("session", |r| r["kind"] == "session_end");
+    e1.stop_agent(Signal::SIGTERM);
+    let ok = e1.tollgate(&["audit", "verify", "--state-dir", &e1.state_arg()]);
+    assert!(ok.status.success(), "{ok:?}");
+    let trail = e1.state_dir().join("audit/trail.jsonl");
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let edited = text.replacen("\"verdict\":\"redirect\"", "\"verdict\":\"allow\"", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&trail, edited).unwrap();
+    let bad = e1.tollgate(&["audit", "verify", "--state-dir", &e1.state_arg()]);
+    assert!(!bad.status.success());
+    let msg = String::from_utf8_lossy(&bad.stderr);
+    assert!(msg.contains("was altered"), "{msg}");
+}
