@@ -344,8 +344,9 @@ fn connect_record(ev: &agent_common::Event, policy: &Policy, clock: &Clock) -> R
     r.reason = Some(event::reason_name(ev.reason).into());
     r.would_deny = (ev.would_deny != 0).then_some(true);
     r.cookie = Some(rec.cookie);
-    r.rule = Some(event::rule(ev, policy, clock.wall_of(rec.ts_boot_ns)));
-    r.detail = clock.wall_of(rec.ts_boot_ns).format(&time::format_description::well_known::Rfc3339).ok().map(|t| format!("kernel_time {t}"));
+    let at = clock.wall_of(rec.ts_boot_ns);
+    r.rule = Some(event::rule(ev, policy, at));
+    r.kernel_time = at.format(&time::format_description::well_known::Rfc3339).ok();
     r
 }
 

@@ -43,6 +43,9 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub kind: Kind,
+    /// When the kernel saw it (connect records); `time` is when the record was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +102,7 @@ impl Record {
     pub fn new(kind: Kind) -> Self {
         Self {
             kind,
+            kernel_time: None,
             identity: None,
             pid: None,
             tgid: None,

@@ -1,0 +1,256 @@
+//! `cargo xtask bench connect`: the kernel hook's cost per connect() and event throughput.
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsFd,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+
+use crate::{
+    setup,
+    util::{self, cgroup2_mount, remove_cgroup_tree},
+};
+
+#[derive(Subcommand)]
+pub enum Which {
+    /// connect()+close() latency and rate from enrolled and non-enrolled processes, with and
+    /// without the programs attached, plus audit events per second and drops.
+    Connect {
+        /// connect()+close() calls per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// Rounds per scenario (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+}
+
+pub fn run(which: Which) -> anyhow::Result<()> {
+    match which {
+        Which::Connect { count, rounds } => connect(count, rounds),
+    }
+}
+
+/// The measured loop, run inside a cgroup by `tollgate exec`. Prints
+/// `count total_ns p50_ns p99_ns` on stdout.
+pub fn connect_loop(addr: SocketAddr, count: u64) -> anyhow::Result<()> {
+    let mut lat = Vec::with_capacity(count as usize);
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let start = Instant::now();
+    for _ in 0..count {
+        let t = Instant::now();
+        let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+        // Close with RST so 20,000 connects do not exhaust ports in TIME_WAIT.
+        nix::sys::socket::setsockopt(&s.as_fd(), nix::sys::socket::sockopt::Linger, &linger)?;
+        drop(s);
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let total = start.elapsed().as_nanos() as u64;
+    lat.sort_unstable();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!("{count} {total} {} {}", pct(0.5), pct(0.99));
+    Ok(())
+}
+
+/// A loopback server that accepts and drops connections as fast as it can.
+fn sink() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+    Ok(addr)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    count: u64,
+    total_ns: u64,
+    p50_ns: u64,
+    p99_ns: u64,
+}
+
+impl Sample {
+    fn mean_us(&self) -> f64 {
+        self.total_ns as f64 / self.count as f64 / 1000.0
+    }
+    fn rate(&self) -> f64 {
+        self.count as f64 / (self.total_ns as f64 / 1e9)
+    }
+}
+
+fn spawn_loop(bin: &std::path::Path, cgroup: &str, addr: SocketAddr, count: u64) -> anyhow::Result<Child> {
+    let me = std::env::current_exe()?;
+    Ok(Command::new(bin)
+        .args(["exec", "--cgroup", cgroup, "--"])
+        .arg(me)
+        .args(["connect-loop", "--addr", &addr.to_string(), "--count", &count.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?)
+}
+
+fn finish(child: Child) -> anyhow::Result<Sample> {
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("connect loop failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = text.split_whitespace().map(|x| x.parse()).collect::<Result<_, _>>()?;
+    Ok(Sample { count: v[0], total_ns: v[1], p50_ns: v[2], p99_ns: v[3] })
+}
+
+fn measure(bin: &std::path::Path, cgroup: &str, addr: SocketAddr, count: u64, rounds: usize) -> anyhow::Result<Sample> {
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        samples.push(finish(spawn_loop(bin, cgroup, addr, count)?)?);
+    }
+    samples.sort_by_key(|s| s.total_ns);
+    Ok(samples[samples.len() / 2])
+}
+
+fn counters(bin: &std::path::Path, state: &str) -> anyhow::Result<(u64, u64)> {
+    let out = util::output(Command::new(bin).args(["status", "--state-dir", state]))?;
+    let line = out.lines().find(|l| l.trim_start().starts_with("events")).context("status shows no event counters")?;
+    let nums: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse().ok()).collect();
+    Ok((nums[0], nums[1]))
+}
+
+struct Bench {
+    agent: Option<Child>,
+    bin: std::path::PathBuf,
+    state: std::path::PathBuf,
+    cgroup_dir: std::path::PathBuf,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = a.wait();
+        }
+        let _ = Command::new(&self.bin).args(["uninstall", "--state-dir"]).arg(&self.state).output();
+        remove_cgroup_tree(&self.cgroup_dir);
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn connect(count: u64, rounds: usize) -> anyhow::Result<()> {
+    setup::ensure()?;
+    util::cargo_build(true)?;
+    let bin = util::tollgate_bin(true);
+    let root_name = format!("tollgate-bench-{}", std::process::id());
+    let enrolled = format!("/{root_name}/enrolled");
+    let other = format!("/{root_name}/other");
+    let state = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
+    let mut bench = Bench { agent: None, bin: bin.clone(), state: state.clone(), cgroup_dir: cgroup2_mount()?.join(&root_name) };
+    let unlisted = sink()?;
+    let protected = sink()?;
+
+    eprintln!("measuring {count} connect()+close() per run, median of {rounds} runs");
+    let baseline = measure(&bin, &enrolled, unlisted, count, rounds)?;
+
+    let policy = state.join("policy.yaml");
+    std::fs::create_dir_all(&state)?;
+    std::fs::write(
+        &policy,
+        format!(
+            r#"apiVersion: tollgate/v1alpha1
+kind: Policy
+metadata: {{ name: bench }}
+spec:
+  unlisted: allow
+  proxy: {{ listen: ["127.0.0.1:0"] }}
+  identities:
+    - {{ name: bench, cgroup: {enrolled}, groups: [bench] }}
+  resources:
+    - {{ name: sink, protocol: tcp, address: "{protected}" }}
+  grants:
+    - {{ name: bench-sink, to: [group:bench], resources: [sink] }}
+"#
+        ),
+    )?;
+    let mut child = Command::new(&bin)
+        .args(["run", "--policy"])
+        .arg(&policy)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("TOLLGATE_LOG", "warn,tollgate::agent=info")
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().unwrap();
+    bench.agent = Some(child);
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).context("agent not ready after 30s")?;
+
+    let st = state.display().to_string();
+    let non_enrolled = measure(&bin, &other, unlisted, count, rounds)?;
+    let (sent0, dropped0) = counters(&bin, &st)?;
+    let hooked = measure(&bin, &enrolled, unlisted, count, rounds)?;
+    let proxied = measure(&bin, &enrolled, protected, (count / 10).max(100), rounds)?;
+
+    // Event burst: two enrolled processes at full speed.
+    let (sent1, dropped1) = counters(&bin, &st)?;
+    let t = Instant::now();
+    let a = spawn_loop(&bin, &enrolled, unlisted, count)?;
+    let b = spawn_loop(&bin, &enrolled, unlisted, count)?;
+    let (sa, sb) = (finish(a)?, finish(b)?);
+    let burst_secs = t.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_secs(2));
+    let (sent2, dropped2) = counters(&bin, &st)?;
+    let burst = sa.count + sb.count;
+    let trail = std::fs::read_to_string(state.join("audit/trail.jsonl")).unwrap_or_default();
+    let connect_records = trail.lines().filter(|l| l.contains("\"kind\":\"connect\"")).count();
+
+    let row = |name: &str, s: &Sample| {
+        println!(
+            "{name:<58} {:>8} {:>9.2} {:>8.2} {:>8.2} {:>10.0} {:>7.3}",
+            s.count,
+            s.mean_us(),
+            s.p50_ns as f64 / 1000.0,
+            s.p99_ns as f64 / 1000.0,
+            s.rate(),
+            s.mean_us() / baseline.mean_us()
+        )
+    };
+    println!(
+        "\n{:<58} {:>8} {:>9} {:>8} {:>8} {:>10} {:>7}",
+        "connect()+close() to a loopback server", "n", "mean µs", "p50 µs", "p99 µs", "conn/s", "ratio"
+    );
+    row("no programs attached (baseline)", &baseline);
+    row("programs attached, process not enrolled", &non_enrolled);
+    row("programs attached, enrolled, unlisted dest (hook+event)", &hooked);
+    row("programs attached, enrolled, protected (via proxy)", &proxied);
+    println!(
+        "\nkernel hook cost per connect (enrolled - baseline): {:+.2} µs mean, {:+.2} µs p50 (goal: under 2 µs)",
+        hooked.mean_us() - baseline.mean_us(),
+        (hooked.p50_ns as f64 - baseline.p50_ns as f64) / 1000.0
+    );
+    println!(
+        "event burst: {burst} connects by 2 enrolled processes in {burst_secs:.2} s = {:.0} connects/s; \
+         events sent {} (expected {burst}), dropped {} (goal: 0 at 20,000/s)",
+        burst as f64 / burst_secs,
+        sent2 - sent1,
+        dropped2 - dropped1
+    );
+    println!(
+        "hooked runs: events sent {}, dropped {}; audit `connect` records on disk: {connect_records}",
+        sent1 - sent0,
+        dropped1 - dropped0
+    );
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! `cargo xtask demo`: the agent on policies/demo.yaml against throwaway loopback servers.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    setup,
+    util::{self, cgroup2_mount, remove_cgroup_tree, root},
+};
+
+const CGROUP: &str = "/tollgate-demo/planner";
+const GRANTED: &str = "127.0.0.1:18080";
+const PROTECTED: &str = "127.0.0.1:18081";
+const UNLISTED: &str = "127.0.0.1:18082";
+
+/// A loopback HTTP server that answers with its name and the peer it saw.
+fn server(addr: &str, name: &'static str) -> anyhow::Result<()> {
+    let l = TcpListener::bind(addr).with_context(|| format!("demo server cannot bind {addr} (is it in use?)"))?;
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let body = format!("{name}: hello; I saw the connection come from {peer}\n");
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    Ok(())
+}
+
+fn section(title: &str) {
+    println!("\n\x1b[1m== {title}\x1b[0m");
+}
+
+fn show(cmd: &mut Command) -> anyhow::Result<()> {
+    println!("$ {}", util::show(cmd).replace(&root().display().to_string(), "."));
+    let out = cmd.output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", String::from_utf8_lossy(&out.stderr));
+    println!("(exit {})", out.status.code().unwrap_or(-1));
+    Ok(())
+}
+
+struct Cleanup {
+    agent: Option<Child>,
+    state: std::path::PathBuf,
+    bin: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = a.wait();
+        }
+        let _ = Command::new(&self.bin).args(["uninstall", "--state-dir"]).arg(&self.state).output();
+        if let Ok(m) = cgroup2_mount() {
+            remove_cgroup_tree(&m.join("tollgate-demo"));
+        }
+    }
+}
+
+pub fn demo() -> anyhow::Result<()> {
+    setup::ensure()?;
+    util::cargo_build(false)?;
+    let bin = util::tollgate_bin(false);
+    let policy = root().join("policies/demo.yaml");
+    let state = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
+    server(GRANTED, "orders-api")?;
+    server(PROTECTED, "payroll-db")?;
+    server(UNLISTED, "somewhere-else")?;
+
+    section("starting the agent on policies/demo.yaml");
+    let mut child = Command::new(&bin)
+        .args(["run", "--policy"])
+        .arg(&policy)
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().unwrap();
+    let mut cleanup = Cleanup { agent: Some(child), state: state.clone(), bin: bin.clone() };
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            println!("  [agent] {line}");
+            if line.contains("ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rx.recv_timeout(Duration::from_millis(100)).is_err() {
+        if let Some(st) = cleanup.agent.as_mut().unwrap().try_wait()? {
+            bail!("the agent exited before it was ready ({st})");
+        }
+        if Instant::now() > deadline {
+            bail!("the agent was not ready after 30s");
+        }
+    }
+
+    let curl = |url: &str| {
+        let mut c = Command::new(&bin);
+        c.args(["exec", "--cgroup", CGROUP, "--", "curl", "-sS", "-m", "5", url]);
+        c
+    };
+    section(&format!("planner-bot (cgroup {CGROUP}) -> orders-api {GRANTED}: granted, redirected through the proxy"));
+    show(&mut curl(&format!("http://{GRANTED}/orders")))?;
+    println!("(the server saw the proxy's address, while curl still believes it talks to {GRANTED})");
+
+    section(&format!("planner-bot -> payroll-db {PROTECTED}: protected, not granted -> refused in the kernel"));
+    show(&mut curl(&format!("http://{PROTECTED}/")))?;
+
+    section(&format!("planner-bot -> {UNLISTED}: no resource names it, `unlisted: deny` -> refused"));
+    show(&mut curl(&format!("http://{UNLISTED}/")))?;
+
+    section("a process outside the enrolled cgroup is untouched");
+    show(Command::new("curl").args(["-sS", "-m", "5", &format!("http://{GRANTED}/")]))?;
+
+    thread::sleep(Duration::from_millis(300));
+    let st = state.display().to_string();
+    section("status");
+    show(Command::new(&bin).args(["status", "--state-dir", &st]))?;
+    section("the audit trail (kernel-level connection records and proxied sessions)");
+    show(Command::new(&bin).args(["audit", "tail", "--state-dir", &st, "-n", "20"]))?;
+    section("tamper evidence");
+    show(Command::new(&bin).args(["audit", "verify", "--state-dir", &st]))?;
+
+    section("stopping the agent and removing enforcement");
+    if let Some(mut a) = cleanup.agent.take() {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        a.wait()?;
+    }
+    show(Command::new(&bin).args(["uninstall", "--state-dir", &st]))?;
+    drop(cleanup);
+    println!("\nThe audit trail stays in {st}/audit.");
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! `setup` (install what the project needs), `test` (every check) and `fuzz`.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, bail};
+
+use crate::util::{cargo, output, root, run};
+
+/// Debian packages the tests, demo and benchmarks use.
+const PACKAGES: &[&str] = &["curl", "python3", "iproute2", "bpftool"];
+
+pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event"];
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+/// A nested cargo/rustup must pick its toolchain from the directory it runs in, not from the
+/// environment `cargo xtask` was started with.
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars() {
+        if (k.starts_with("CARGO") && k != "CARGO_HOME") || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" || k == "RUSTFLAGS" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn nightly_llvm() -> anyhow::Result<(String, String)> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))
+        .context("the preinstalled nightly toolchain is required (rustc +nightly)")?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV printed no LLVM version")?
+        .to_string();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim().to_string();
+    let lib = std::fs::read_dir(Path::new(&sysroot).join("lib"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find(|n| n.starts_with(&format!("libLLVM-{major}")) && n.ends_with(".so"))
+        .with_context(|| format!("no libLLVM-{major}*.so in {sysroot}/lib"))?;
+    let lib = lib.trim_start_matches("lib").trim_end_matches(".so").to_string();
+    Ok((major, lib))
+}
+
+fn cargo_home() -> std::path::PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(&std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"))
+}
+
+fn bpf_linker_stamp() -> std::path::PathBuf {
+    cargo_home().join("tollgate-bpf-linker.llvm")
+}
+
+fn bpf_linker_ok() -> bool {
+    let works = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let stamp = std::fs::read_to_string(bpf_linker_stamp()).unwrap_or_default();
+    works && nightly_llvm().is_ok_and(|(_, lib)| stamp.trim() == lib)
+}
+
+fn rust_src_ok() -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+}
+
+fn cargo_fuzz_ok() -> bool {
+    Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success())
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|m| m.lines().any(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf ")))
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !rust_src_ok() {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if !bpf_linker_ok() {
+        // bpf-linker must link the same LLVM as the nightly rustc that emits the bitcode; the
+        // nightly toolchain ships that library, so link against it instead of a system LLVM.
+        let (major, lib) = nightly_llvm()?;
+        let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim().to_string();
+        let flags = format!("-L {sysroot}/lib -l dylib={lib} -C link-arg=-Wl,-rpath,{sysroot}/lib");
+        let mut c = Command::new("cargo");
+        clean_env(&mut c)
+            .args(["+nightly", "install", "--locked", "--force", "bpf-linker", "--no-default-features", "--features"])
+            .arg(format!("llvm-{major},no-llvm-linking"))
+            .env("RUSTFLAGS", flags);
+        run(&mut c)?;
+        std::fs::write(bpf_linker_stamp(), &lib)?;
+    }
+    if !cargo_fuzz_ok() {
+        let mut c = Command::new("cargo");
+        run(clean_env(&mut c).args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    if !bpffs_mounted() {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    eprintln!("setup: everything is in place");
+    Ok(())
+}
+
+/// Runs `setup` if anything it provides is missing.
+pub fn ensure() -> anyhow::Result<()> {
+    if missing_packages().is_empty() && rust_src_ok() && bpf_linker_ok() && cargo_fuzz_ok() && bpffs_mounted() {
+        return Ok(());
+    }
+    setup()
+}
+
+fn ebpf_cargo() -> Command {
+    let mut c = Command::new("cargo");
+    clean_env(&mut c).current_dir(root().join("agent-ebpf"));
+    c
+}
+
+pub fn test(fuzz_seconds: u64) -> anyhow::Result<()> {
+    ensure()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(ebpf_cargo().args(["fmt", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(ebpf_cargo().args(["clippy", "--release", "--", "-D", "warnings"]))?;
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    if fuzz_seconds > 0 {
+        fuzz(fuzz_seconds)?;
+    }
+    eprintln!("xtask test: all checks passed");
+    Ok(())
+}
+
+pub fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    for t in FUZZ_TARGETS {
+        let mut c = Command::new("cargo");
+        clean_env(&mut c).current_dir(root()).args(["+nightly", "fuzz", "run", t, "--", &format!("-max_total_time={seconds}")]);
+        if run(&mut c).is_err() {
+            bail!("fuzz target {t} found a failure; see fuzz/artifacts/{t}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! Small helpers: the workspace root and running commands loudly.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs a command, echoing it first; fails on a non-zero exit.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed: {status}", show(cmd));
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; fails on a non-zero exit.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !out.status.success() {
+        bail!("`{}` failed: {}\n{}", show(cmd), out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn cargo_build(release: bool) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["build", "-p", "tollgate"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+pub fn tollgate_bin(release: bool) -> PathBuf {
+    root().join("target").join(if release { "release" } else { "debug" }).join("tollgate")
+}
+
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mountpoint = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mountpoint))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+/// Removes a cgroup tree bottom-up (after its processes have exited).
+pub fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    eprintln!("warning: could not remove cgroup {}", dir.display());
+}
