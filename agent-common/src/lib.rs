@@ -55,6 +55,10 @@ pub const MAX_RESOURCES: u32 = 4096;
 pub const MAX_GRANTS: u32 = 16384;
 pub const MAX_TRACKED_SOCKETS: u32 = 65536;
 pub const EVENTS_BYTES: u32 = 4 << 20;
+/// Pending event bytes at which the kernel wakes the agent (about 170 events); below that the
+/// agent drains the ring buffer every `EVENTS_POLL_MS`.
+pub const EVENTS_WAKEUP_BYTES: u64 = 16 << 10;
+pub const EVENTS_POLL_MS: u64 = 20;
 
 /// Deepest cgroup level the programs walk looking for an enrolled ancestor.
 pub const MAX_CGROUP_LEVEL: i32 = 16;

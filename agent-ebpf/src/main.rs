@@ -5,11 +5,14 @@
 use agent_common::{
     counters, hook, reason, v4_mapped, verdict, Addr6, Config, ConnRecord, DestKey,
     Event, GrantKey, GrantValue, IdentityKey, IdentityValue, PeerKey, ResourceValue, ANY_UID,
-    EVENTS_BYTES, L4_TCP, L4_UDP, MAX_CGROUP_LEVEL, MAX_GRANTS, MAX_IDENTITIES, MAX_RESOURCES,
+    EVENTS_BYTES, EVENTS_WAKEUP_BYTES as WAKEUP_BYTES, L4_TCP, L4_UDP, MAX_CGROUP_LEVEL, MAX_GRANTS, MAX_IDENTITIES, MAX_RESOURCES,
     MAX_TRACKED_SOCKETS, MODE_MONITOR, NONE, UNLISTED_DENY,
 };
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{
+        bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
@@ -309,7 +312,11 @@ fn emit(rec: &ConnRecord, h: u8, v: u8, r: u8, l4: u8, would_deny: u8) {
                 would_deny,
                 _pad: [0; 3],
             });
-            entry.submit(0);
+            // Waking the reader for every event costs more than the hook itself under load;
+            // wake it only once a batch is pending. The agent also drains on a short timer.
+            let pending = TG_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+            let flags = if pending >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+            entry.submit(flags as u64);
             bump(counters::EVENTS_SENT);
         }
         None => bump(counters::EVENTS_DROPPED),

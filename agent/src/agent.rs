@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::{
     audit::{self, AuditLog, Kind, Record},
     cgroup::{self, Cgroup, CgroupId},
-    identity::Attribution,
+    identity::{Attribution, ProcCache},
     kernel::{
         self, Counters, Kernel, Origins, Pins, event,
         plan::{self, Clock, Inputs, ProxyAddrs},
@@ -299,43 +299,46 @@ async fn read_events(rb: RingBuf<MapData>, shared: Arc<Shared>, stop: Cancellati
             return;
         }
     };
-    let mut clock = Clock::now();
+    let poll = Duration::from_millis(agent_common::EVENTS_POLL_MS);
+    let mut procs = ProcCache::default();
     loop {
-        let mut guard = tokio::select! {
-            _ = stop.cancelled() => break,
-            g = fd.readable_mut() => match g {
-                Ok(g) => g,
-                Err(e) => { error!(error = %e, "event ring buffer poll failed"); return; }
-            },
-        };
-        let policy = shared.policy();
-        if clock.boot_ns + 1_000_000_000 < plan::boot_ns() {
-            clock = Clock::now();
-        }
-        let rb = guard.get_inner_mut();
-        while let Some(item) = rb.next() {
-            match event::decode(&item) {
-                Ok(ev) => shared.audit.append(connect_record(&ev, &policy, &clock)),
-                Err(e) => error!(error = %e, "malformed kernel event"),
+        // The kernel wakes us only once a batch is pending; the timeout drains stragglers.
+        match tokio::time::timeout(poll, fd.readable_mut()).await {
+            Ok(Ok(mut guard)) => {
+                drain(guard.get_inner_mut(), &shared, &mut procs);
+                guard.clear_ready();
             }
+            Ok(Err(e)) => {
+                error!(error = %e, "event ring buffer poll failed");
+                return;
+            }
+            Err(_) => drain(fd.get_mut(), &shared, &mut procs),
         }
-        guard.clear_ready();
-    }
-    // Drain what is left so the trail has every attempt up to the stop.
-    let rb = fd.get_mut();
-    let policy = shared.policy();
-    let clock = Clock::now();
-    while let Some(item) = rb.next() {
-        if let Ok(ev) = event::decode(&item) {
-            shared.audit.append(connect_record(&ev, &policy, &clock));
+        if stop.is_cancelled() {
+            // Drain what is left so the trail has every attempt up to the stop.
+            drain(fd.get_mut(), &shared, &mut procs);
+            return;
         }
     }
 }
 
-fn connect_record(ev: &agent_common::Event, policy: &Policy, clock: &Clock) -> Record {
+fn drain(rb: &mut RingBuf<MapData>, shared: &Shared, procs: &mut ProcCache) {
+    let mut policy = None;
+    let mut clock = None;
+    while let Some(item) = rb.next() {
+        let policy = policy.get_or_insert_with(|| shared.policy());
+        let clock = clock.get_or_insert_with(Clock::now);
+        match event::decode(&item) {
+            Ok(ev) => shared.audit.append(connect_record(&ev, policy, clock, procs)),
+            Err(e) => error!(error = %e, "malformed kernel event"),
+        }
+    }
+}
+
+fn connect_record(ev: &agent_common::Event, policy: &Policy, clock: &Clock, procs: &mut ProcCache) -> Record {
     let rec = &ev.record;
     let mut r = Record::new(Kind::Connect);
-    Attribution::from_record(rec, policy).fill(&mut r);
+    Attribution::from_record_cached(rec, policy, procs).fill(&mut r);
     r.destination = Some(event::destination(rec).to_string());
     r.resource = event::index(rec.resource).and_then(|i| policy.resources.get(i)).map(|x| x.name.clone());
     r.hook = Some(event::hook_name(ev.hook).into());

@@ -1,5 +1,9 @@
 //! Process attribution: turns a kernel record into who made the connection.
-use std::fs;
+use std::{
+    collections::HashMap,
+    fs,
+    time::{Duration, Instant},
+};
 
 use agent_common::ConnRecord;
 
@@ -26,9 +30,19 @@ impl Attribution {
     /// `exe` and `cgroup` come from /proc while the process lives; a process that already
     /// exited keeps the kernel facts only (and its identity's cgroup).
     pub fn from_record(rec: &ConnRecord, policy: &Policy) -> Self {
+        Self::build(rec, policy, proc_facts(rec.tgid))
+    }
+
+    /// Like `from_record`, but reuses /proc facts read for the same process within the last
+    /// second: a busy process emits thousands of events, and /proc reads dominate their cost.
+    pub fn from_record_cached(rec: &ConnRecord, policy: &Policy, cache: &mut ProcCache) -> Self {
+        let facts = cache.get(rec.tgid, rec.comm);
+        Self::build(rec, policy, facts)
+    }
+
+    fn build(rec: &ConnRecord, policy: &Policy, (exe, cgroup): ProcFacts) -> Self {
         let identity = event::index(rec.identity).and_then(|i| policy.identities.get(i));
-        let exe = fs::read_link(format!("/proc/{}/exe", rec.tgid)).ok().map(|p| p.display().to_string());
-        let cgroup = crate::cgroup::path_of_pid(rec.tgid).or_else(|| identity.map(|i| i.cgroup.to_string()));
+        let cgroup = cgroup.or_else(|| identity.map(|i| i.cgroup.to_string()));
         Self {
             identity: identity.map(|i| i.name.clone()),
             pid: rec.pid,
@@ -50,5 +64,43 @@ impl Attribution {
         r.comm = Some(self.comm.clone());
         r.exe = self.exe.clone();
         r.cgroup = self.cgroup.clone();
+    }
+}
+
+/// (exe, cgroup path) of a live process.
+type ProcFacts = (Option<String>, Option<String>);
+
+fn proc_facts(tgid: u32) -> ProcFacts {
+    let exe = fs::read_link(format!("/proc/{tgid}/exe")).ok().map(|p| p.display().to_string());
+    (exe, crate::cgroup::path_of_pid(tgid))
+}
+
+/// Short-lived cache of /proc facts, keyed by tgid and comm (an exec changes the comm, which
+/// starts a new entry; the TTL bounds staleness from pid reuse or cgroup moves).
+#[derive(Default)]
+pub struct ProcCache {
+    entries: HashMap<(u32, [u8; 16]), (Instant, ProcFacts)>,
+}
+
+const PROC_CACHE_TTL: Duration = Duration::from_secs(1);
+const PROC_CACHE_MAX: usize = 4096;
+
+impl ProcCache {
+    fn get(&mut self, tgid: u32, comm: [u8; 16]) -> ProcFacts {
+        let now = Instant::now();
+        if let Some((at, facts)) = self.entries.get(&(tgid, comm)) {
+            if now.duration_since(*at) < PROC_CACHE_TTL {
+                return facts.clone();
+            }
+        }
+        if self.entries.len() >= PROC_CACHE_MAX {
+            self.entries.retain(|_, (at, _)| now.duration_since(*at) < PROC_CACHE_TTL);
+            if self.entries.len() >= PROC_CACHE_MAX {
+                self.entries.clear();
+            }
+        }
+        let facts = proc_facts(tgid);
+        self.entries.insert((tgid, comm), (now, facts.clone()));
+        facts
     }
 }
