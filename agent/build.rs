@@ -23,9 +23,7 @@ fn main() -> anyhow::Result<()> {
     // A fixed target dir shared by every profile, so check/clippy/test reuse one build.
     let target_dir = manifest.join("../target/ebpf");
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(&ebpf_dir)
-        .args(["build", "--release", "--target-dir"])
-        .arg(&target_dir);
+    cmd.current_dir(&ebpf_dir).args(["build", "--release", "--target-dir"]).arg(&target_dir);
     // The outer cargo's environment would force the stable toolchain and host flags on the
     // nested build; agent-ebpf's rust-toolchain.toml and .cargo/config.toml must decide instead.
     for (key, _) in env::vars() {
@@ -40,9 +38,7 @@ fn main() -> anyhow::Result<()> {
     }
     let status = cmd.status().context("running cargo for agent-ebpf (is rustup on PATH?)")?;
     if !status.success() {
-        bail!(
-            "building agent-ebpf failed; run `cargo xtask setup` to install rust-src and bpf-linker"
-        );
+        bail!("building agent-ebpf failed; run `cargo xtask setup` to install rust-src and bpf-linker");
     }
     let obj = target_dir.join("bpfel-unknown-none/release/tollgate");
     if !obj.exists() {

@@ -28,10 +28,22 @@ fn every_policy_in_the_repo_is_valid() {
 fn bad_policies_name_file_location_and_problem() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("unknown.yaml", "apiVersion: tollgate/v1alpha1\nkind: Policy\nmetadata: { name: x }\nspec:\n  modes: enforce\n", "5:3: spec: unknown field `modes`"),
+        (
+            "unknown.yaml",
+            "apiVersion: tollgate/v1alpha1\nkind: Policy\nmetadata: { name: x }\nspec:\n  modes: enforce\n",
+            "5:3: spec: unknown field `modes`",
+        ),
         ("syntax.yaml", "apiVersion: [\n", "1:13:"),
-        ("root.yaml", "apiVersion: tollgate/v1alpha1\nkind: Policy\nmetadata: { name: x }\nspec:\n  identities:\n    - { name: a, cgroup: / }\n", "spec.identities[0].cgroup: the root cgroup cannot be enrolled"),
-        ("grant.yaml", "apiVersion: tollgate/v1alpha1\nkind: Policy\nmetadata: { name: x }\nspec:\n  grants:\n    - { name: g, to: [identity:nobody], resources: [r] }\n", "spec.grants[0].to[0]: \"identity:nobody\" matches no identity"),
+        (
+            "root.yaml",
+            "apiVersion: tollgate/v1alpha1\nkind: Policy\nmetadata: { name: x }\nspec:\n  identities:\n    - { name: a, cgroup: / }\n",
+            "spec.identities[0].cgroup: the root cgroup cannot be enrolled",
+        ),
+        (
+            "grant.yaml",
+            "apiVersion: tollgate/v1alpha1\nkind: Policy\nmetadata: { name: x }\nspec:\n  grants:\n    - { name: g, to: [identity:nobody], resources: [r] }\n",
+            "spec.grants[0].to[0]: \"identity:nobody\" matches no identity",
+        ),
     ];
     for (name, text, want) in cases {
         let path = dir.path().join(name);

@@ -10,10 +10,8 @@ use nix::sys::signal::Signal;
 /// A policy with one identity `bot` in cgroup `<root>/bot`; `resources` are (name, address);
 /// `bot` is granted the resources named in `granted`.
 fn policy(env: &Env, unlisted: &str, resources: &[(&str, SocketAddr)], granted: &[&str], mode: &str) -> String {
-    let res: String = resources
-        .iter()
-        .map(|(n, a)| format!("    - {{ name: {n}, protocol: tcp, address: \"{a}\" }}\n"))
-        .collect();
+    let res: String =
+        resources.iter().map(|(n, a)| format!("    - {{ name: {n}, protocol: tcp, address: \"{a}\" }}\n")).collect();
     let grants = if granted.is_empty() {
         String::new()
     } else {
@@ -109,7 +107,8 @@ fn getpeername_half_close_ipv6_and_v4_mapped() {
 
     // IPv4: getpeername shows the original destination; the half-closed request still gets
     // its answer, and the server saw the proxy's port rather than the client's.
-    let (out, err, ok) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", v4.addr.port())));
+    let (out, err, ok) =
+        env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", v4.addr.port())));
     assert!(ok, "{err}");
     assert!(out.starts_with(&format!("OK ('127.0.0.1', {})", v4.addr.port())), "{out}");
     assert!(out.contains("got=4"), "half-closed request must reach the server: {out}");
@@ -156,19 +155,23 @@ fn udp_to_resources_unlisted_and_ungranted_are_denied() {
 
     let port = web.addr.port();
     // UDP towards a protected resource: sendto and connect are refused.
-    let (out, err, _) =
-        env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}), socket.SOCK_DGRAM, 'sendto')")));
+    let (out, err, _) = env
+        .python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}), socket.SOCK_DGRAM, 'sendto')")));
     assert_eq!(out, "ERR EPERM", "{err}");
-    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}), socket.SOCK_DGRAM)")));
+    let (out, _, _) =
+        env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}), socket.SOCK_DGRAM)")));
     assert_eq!(out, "ERR EPERM");
-    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET6, ('::1', {port}), socket.SOCK_DGRAM, 'sendto')")));
+    let (out, _, _) =
+        env.python_in("bot", &py(&format!("attempt(socket.AF_INET6, ('::1', {port}), socket.SOCK_DGRAM, 'sendto')")));
     assert_eq!(out, "ERR EPERM", "unlisted UDP over IPv6 with unlisted: deny");
 
     // A resource that is not granted to this identity.
-    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", secret.addr.port())));
+    let (out, _, _) =
+        env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", secret.addr.port())));
     assert_eq!(out, "ERR EPERM");
     // An unlisted destination under `unlisted: deny`.
-    let (out, _, _) = env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", other.addr.port())));
+    let (out, _, _) =
+        env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", other.addr.port())));
     assert_eq!(out, "ERR EPERM");
     assert_eq!(secret.connections() + other.connections() + web.connections(), 0);
 
@@ -248,7 +251,9 @@ fn sighup_reloads_and_rejects_a_bad_policy() {
             a.addr.port()
         )],
     );
-    env.wait_audit("held session", |r| r["kind"] == "session_start" && r["resource"] == "a" && r["comm"] == "python3" && r["session"] == 2);
+    env.wait_audit("held session", |r| {
+        r["kind"] == "session_start" && r["resource"] == "a" && r["comm"] == "python3" && r["session"] == 2
+    });
 
     env.write_policy(&policy(&env, "deny", &[("a", a.addr), ("b", b.addr)], &["b"], "enforce"));
     env.signal(Signal::SIGHUP);

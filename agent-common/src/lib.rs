@@ -22,9 +22,7 @@ pub mod maps {
     pub const COUNTERS: &str = "TG_COUNTERS";
 
     /// Every map, for pinning and clean-up.
-    pub const ALL: [&str; 8] = [
-        CONFIG, IDENTITIES, RESOURCES, GRANTS, COOKIES, ORIGINS, EVENTS, COUNTERS,
-    ];
+    pub const ALL: [&str; 8] = [CONFIG, IDENTITIES, RESOURCES, GRANTS, COOKIES, ORIGINS, EVENTS, COUNTERS];
 }
 
 /// Program names as the ELF object exports them (function names, not section names).

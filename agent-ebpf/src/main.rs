@@ -3,21 +3,19 @@
 #![no_main]
 
 use agent_common::{
-    counters, hook, reason, v4_mapped, verdict, Addr6, Config, ConnRecord, DestKey,
-    Event, GrantKey, GrantValue, IdentityKey, IdentityValue, PeerKey, ResourceValue, ANY_UID,
-    EVENTS_BYTES, EVENTS_WAKEUP_BYTES as WAKEUP_BYTES, L4_TCP, L4_UDP, MAX_CGROUP_LEVEL, MAX_GRANTS, MAX_IDENTITIES, MAX_RESOURCES,
-    MAX_TRACKED_SOCKETS, MODE_MONITOR, NONE, UNLISTED_DENY,
+    counters, hook, reason, v4_mapped, verdict, Addr6, Config, ConnRecord, DestKey, Event, GrantKey, GrantValue,
+    IdentityKey, IdentityValue, PeerKey, ResourceValue, ANY_UID, EVENTS_BYTES, EVENTS_WAKEUP_BYTES as WAKEUP_BYTES,
+    L4_TCP, L4_UDP, MAX_CGROUP_LEVEL, MAX_GRANTS, MAX_IDENTITIES, MAX_RESOURCES, MAX_TRACKED_SOCKETS, MODE_MONITOR,
+    NONE, UNLISTED_DENY,
 };
 use aya_ebpf::{
     bindings::{
-        bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bpf_sock_addr, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-            bpf_ktime_get_boot_ns,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
         },
     },
     macros::{cgroup_sock_addr, map, sock_ops},
@@ -177,11 +175,11 @@ fn identity_of(uid: u32) -> u32 {
 #[inline(always)]
 fn lookup_identity(cgroup_id: u64, uid: u32) -> Option<u32> {
     let exact = IdentityKey { cgroup_id, uid, _pad: 0 };
-    if let Some(v) = unsafe { TG_IDENTITIES.get(&exact) } {
+    if let Some(v) = unsafe { TG_IDENTITIES.get(exact) } {
         return Some(v.index);
     }
     let any = IdentityKey { cgroup_id, uid: ANY_UID, _pad: 0 };
-    unsafe { TG_IDENTITIES.get(&any) }.map(|v: &IdentityValue| v.index)
+    unsafe { TG_IDENTITIES.get(any) }.map(|v: &IdentityValue| v.index)
 }
 
 #[inline(always)]
@@ -238,7 +236,7 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
     };
 
     let key = DestKey { addr: dst_addr, port: dst_port };
-    let (mut v, r) = match unsafe { TG_RESOURCES.get(&key) } {
+    let (mut v, r) = match unsafe { TG_RESOURCES.get(key) } {
         Some(res) => {
             rec.resource = res.index;
             if udp {
@@ -259,11 +257,7 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
     if v == verdict::DENY && cfg.mode == MODE_MONITOR {
         would_deny = 1;
         // Monitor mode still sends protected TCP traffic through the proxy so it is audited.
-        v = if rec.resource != NONE && !udp && cfg.active != 0 {
-            verdict::REDIRECT
-        } else {
-            verdict::ALLOW
-        };
+        v = if rec.resource != NONE && !udp && cfg.active != 0 { verdict::REDIRECT } else { verdict::ALLOW };
     }
 
     if v == verdict::REDIRECT {
@@ -274,7 +268,7 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
             sa.user_ip4 = cfg.proxy_ip4;
             sa.user_port = cfg.proxy_port4;
         }
-        if TG_COOKIES.insert(&rec.cookie, &rec, 0).is_err() {
+        if TG_COOKIES.insert(rec.cookie, rec, 0).is_err() {
             // Without the record the proxy cannot attribute the connection; refuse it.
             v = verdict::DENY;
         }
@@ -290,10 +284,8 @@ fn grant_state(identity: u32, resource: u32, now: u64) -> u8 {
         return reason::NOT_GRANTED;
     }
     let key = GrantKey { identity, resource };
-    match unsafe { TG_GRANTS.get(&key) } {
-        Some(GrantValue { expires_boot_ns }) if *expires_boot_ns == 0 || *expires_boot_ns > now => {
-            reason::GRANTED
-        }
+    match unsafe { TG_GRANTS.get(key) } {
+        Some(GrantValue { expires_boot_ns }) if *expires_boot_ns == 0 || *expires_boot_ns > now => reason::GRANTED,
         Some(_) => reason::GRANT_EXPIRED,
         None => reason::NOT_GRANTED,
     }
@@ -303,15 +295,7 @@ fn grant_state(identity: u32, resource: u32, now: u64) -> u8 {
 fn emit(rec: &ConnRecord, h: u8, v: u8, r: u8, l4: u8, would_deny: u8) {
     match TG_EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
-            entry.write(Event {
-                record: *rec,
-                hook: h,
-                verdict: v,
-                reason: r,
-                l4,
-                would_deny,
-                _pad: [0; 3],
-            });
+            entry.write(Event { record: *rec, hook: h, verdict: v, reason: r, l4, would_deny, _pad: [0; 3] });
             // Waking the reader for every event costs more than the hook itself under load;
             // wake it only once a batch is pending. The agent also drains on a short timer.
             let pending = TG_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
@@ -327,7 +311,7 @@ fn emit(rec: &ConnRecord, h: u8, v: u8, r: u8, l4: u8, would_deny: u8) {
 fn try_getpeername(ctx: &SockAddrContext, v6: bool) -> Result<(), i64> {
     let sa = unsafe { &mut *ctx.sock_addr };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rec = unsafe { TG_COOKIES.get(&cookie) }.ok_or(0i64)?;
+    let rec = unsafe { TG_COOKIES.get(cookie) }.ok_or(0i64)?;
     let port = ((rec.dst_port as u16).to_be()) as u32;
     if v6 {
         write_ip6(sa, &rec.dst_addr);
@@ -345,7 +329,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         return Ok(());
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rec = unsafe { TG_COOKIES.get(&cookie) }.ok_or(0i64)?;
+    let rec = unsafe { TG_COOKIES.get(cookie) }.ok_or(0i64)?;
     let addr = match ctx.family() {
         AF_INET => v4_mapped(ctx.local_ip4()),
         // Word by word, as for bpf_sock_addr: ctx arrays must not be copied byte-wise.
@@ -361,7 +345,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         _ => return Ok(()),
     };
     let key = PeerKey { addr, port: ctx.local_port() };
-    if TG_ORIGINS.insert(&key, rec, 0).is_err() {
+    if TG_ORIGINS.insert(key, rec, 0).is_err() {
         bump(counters::HANDOFF_FAILED);
     }
     Ok(())

@@ -372,7 +372,10 @@ async fn watch_counters(counters: Counters, audit: AuditLog, stop: CancellationT
             audit.append(r);
         }
         if now.handoff_failed > last.handoff_failed {
-            warn!(failed = now.handoff_failed - last.handoff_failed, "kernel could not hand connection records to the proxy");
+            warn!(
+                failed = now.handoff_failed - last.handoff_failed,
+                "kernel could not hand connection records to the proxy"
+            );
         }
         last = now;
     }

@@ -96,10 +96,7 @@ impl Cgroup {
 
     /// Moves a process (all its threads) into this cgroup.
     pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("cgroup.procs"))
-            .map_err(|e| self.err(e))?;
+        let mut f = fs::OpenOptions::new().write(true).open(self.dir.join("cgroup.procs")).map_err(|e| self.err(e))?;
         f.write_all(format!("{pid}\n").as_bytes()).map_err(|e| self.err(e))
     }
 
@@ -133,9 +130,6 @@ mod tests {
 ";
         assert_eq!(parse_mountinfo(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(parse_mountinfo("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
-        assert_eq!(
-            parse_mountinfo("1 2 0:1 / /a\\040b rw - cgroup2 cgroup2 rw\n"),
-            Some(PathBuf::from("/a b"))
-        );
+        assert_eq!(parse_mountinfo("1 2 0:1 / /a\\040b rw - cgroup2 cgroup2 rw\n"), Some(PathBuf::from("/a b")));
     }
 }

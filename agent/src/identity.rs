@@ -7,11 +7,7 @@ use std::{
 
 use agent_common::ConnRecord;
 
-use crate::{
-    audit::Record,
-    kernel::event,
-    policy::Policy,
-};
+use crate::{audit::Record, kernel::event, policy::Policy};
 
 /// The kernel-attested facts about the process behind a connection, plus what /proc adds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,10 +84,10 @@ const PROC_CACHE_MAX: usize = 4096;
 impl ProcCache {
     fn get(&mut self, tgid: u32, comm: [u8; 16]) -> ProcFacts {
         let now = Instant::now();
-        if let Some((at, facts)) = self.entries.get(&(tgid, comm)) {
-            if now.duration_since(*at) < PROC_CACHE_TTL {
-                return facts.clone();
-            }
+        if let Some((at, facts)) = self.entries.get(&(tgid, comm))
+            && now.duration_since(*at) < PROC_CACHE_TTL
+        {
+            return facts.clone();
         }
         if self.entries.len() >= PROC_CACHE_MAX {
             self.entries.retain(|_, (at, _)| now.duration_since(*at) < PROC_CACHE_TTL);

@@ -194,8 +194,11 @@ fn exec(path: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let cg = cgroup::Cgroup::new(&mount, &path);
     cg.create()?;
     cg.add_process(std::process::id()).with_context(|| format!("moving into cgroup {path}"))?;
-    let args: Vec<CString> =
-        command.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>().context("argument contains NUL")?;
+    let args: Vec<CString> = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .context("argument contains NUL")?;
     let err = nix::unistd::execvp(&args[0], &args).unwrap_err();
     bail!("cannot run {:?}: {err}", command[0])
 }
@@ -246,6 +249,10 @@ fn uninstall(state_dir: &Path) -> anyhow::Result<ExitCode> {
     let links = pins.link_count();
     pins.remove_all()?;
     let _ = std::fs::remove_file(state.status_path());
-    println!("removed {links} links and the maps under {}; the audit trail stays in {}", pins.root.display(), state.audit_dir().display());
+    println!(
+        "removed {links} links and the maps under {}; the audit trail stays in {}",
+        pins.root.display(),
+        state.audit_dir().display()
+    );
     Ok(ExitCode::SUCCESS)
 }

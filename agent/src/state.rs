@@ -35,9 +35,7 @@ impl StateDir {
     /// Uses `root` as given if it does not exist yet; canonicalises it otherwise, so the pin
     /// directory is the same however the path is spelled.
     pub fn new(root: &Path) -> Self {
-        let root = fs::canonicalize(root)
-            .or_else(|_| std::path::absolute(root))
-            .unwrap_or_else(|_| root.to_owned());
+        let root = fs::canonicalize(root).or_else(|_| std::path::absolute(root)).unwrap_or_else(|_| root.to_owned());
         Self { root }
     }
 
@@ -70,12 +68,8 @@ impl StateDir {
     /// Takes the run lock; held while the returned file lives.
     pub fn lock(&self) -> Result<fs::File, StateError> {
         let path = self.lock_path();
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
         // SAFETY: flock on a valid, owned descriptor.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {

@@ -49,7 +49,8 @@ pub fn cgroup2_mount() -> PathBuf {
     info.lines()
         .find_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap()))
         })
         .expect("cgroup2 mount")
 }
@@ -240,7 +241,10 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         if let Some(mut child) = self.agent.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(20));
@@ -249,10 +253,10 @@ impl Drop for Env {
             let _ = child.wait();
         }
         let out = Command::new(BIN).args(["uninstall", "--state-dir"]).arg(self.state_dir()).output();
-        if let Ok(o) = out {
-            if !o.status.success() {
-                eprintln!("uninstall failed: {}", String::from_utf8_lossy(&o.stderr));
-            }
+        if let Ok(o) = out
+            && !o.status.success()
+        {
+            eprintln!("uninstall failed: {}", String::from_utf8_lossy(&o.stderr));
         }
         remove_cgroup_tree(&cgroup2_mount().join(self.cgroup_root.trim_start_matches('/')));
     }

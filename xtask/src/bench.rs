@@ -133,7 +133,8 @@ struct Bench {
 impl Drop for Bench {
     fn drop(&mut self) {
         if let Some(mut a) = self.agent.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let _ = a.wait();
         }
         let _ = Command::new(&self.bin).args(["uninstall", "--state-dir"]).arg(&self.state).output();
@@ -150,7 +151,8 @@ fn connect(count: u64, rounds: usize) -> anyhow::Result<()> {
     let enrolled = format!("/{root_name}/enrolled");
     let other = format!("/{root_name}/other");
     let state = std::env::temp_dir().join(format!("tollgate-bench-{}", std::process::id()));
-    let mut bench = Bench { agent: None, bin: bin.clone(), state: state.clone(), cgroup_dir: cgroup2_mount()?.join(&root_name) };
+    let mut bench =
+        Bench { agent: None, bin: bin.clone(), state: state.clone(), cgroup_dir: cgroup2_mount()?.join(&root_name) };
     let unlisted = sink()?;
     let protected = sink()?;
 

@@ -64,10 +64,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { fuzz_seconds } => setup::test(fuzz_seconds),
         Cmd::Demo => demo::demo(),
         Cmd::Bench { which } => bench::run(which),
-        Cmd::Fuzz { seconds } => {
-            setup::ensure()?;
-            setup::fuzz(seconds)
-        }
+        Cmd::Fuzz { seconds } => setup::fuzz(seconds),
         Cmd::ConnectLoop { addr, count } => bench::connect_loop(addr, count),
     }
 }

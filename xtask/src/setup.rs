@@ -25,7 +25,11 @@ fn missing_packages() -> Vec<&'static str> {
 /// environment `cargo xtask` was started with.
 pub fn clean_env(cmd: &mut Command) -> &mut Command {
     for (k, _) in std::env::vars() {
-        if (k.starts_with("CARGO") && k != "CARGO_HOME") || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" || k == "RUSTFLAGS" {
+        if (k.starts_with("CARGO") && k != "CARGO_HOME")
+            || k.starts_with("RUSTC")
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTFLAGS"
+        {
             cmd.env_remove(k);
         }
     }
@@ -83,6 +87,17 @@ fn bpffs_mounted() -> bool {
 }
 
 pub fn setup() -> anyhow::Result<()> {
+    base_setup()?;
+    if !cargo_fuzz_ok() {
+        let mut c = Command::new("cargo");
+        run(clean_env(&mut c).args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    eprintln!("setup: everything is in place");
+    Ok(())
+}
+
+/// Everything but the fuzzing tools: what building, running and benchmarking need.
+fn base_setup() -> anyhow::Result<()> {
     let missing = missing_packages();
     if !missing.is_empty() {
         run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -108,23 +123,27 @@ pub fn setup() -> anyhow::Result<()> {
         run(&mut c)?;
         std::fs::write(bpf_linker_stamp(), &lib)?;
     }
-    if !cargo_fuzz_ok() {
-        let mut c = Command::new("cargo");
-        run(clean_env(&mut c).args(["install", "--locked", "cargo-fuzz"]))?;
-    }
     if !bpffs_mounted() {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
-    eprintln!("setup: everything is in place");
     Ok(())
 }
 
-/// Runs `setup` if anything it provides is missing.
+/// Runs the set-up steps for building, running and benchmarking if anything is missing.
 pub fn ensure() -> anyhow::Result<()> {
-    if missing_packages().is_empty() && rust_src_ok() && bpf_linker_ok() && cargo_fuzz_ok() && bpffs_mounted() {
+    if missing_packages().is_empty() && rust_src_ok() && bpf_linker_ok() && bpffs_mounted() {
         return Ok(());
     }
-    setup()
+    base_setup()
+}
+
+/// As `ensure`, plus the fuzzing tools.
+fn ensure_all() -> anyhow::Result<()> {
+    ensure()?;
+    if !cargo_fuzz_ok() {
+        setup()?;
+    }
+    Ok(())
 }
 
 fn ebpf_cargo() -> Command {
@@ -134,7 +153,11 @@ fn ebpf_cargo() -> Command {
 }
 
 pub fn test(fuzz_seconds: u64) -> anyhow::Result<()> {
-    ensure()?;
+    if fuzz_seconds > 0 {
+        ensure_all()?
+    } else {
+        ensure()?
+    }
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(ebpf_cargo().args(["fmt", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
@@ -148,9 +171,17 @@ pub fn test(fuzz_seconds: u64) -> anyhow::Result<()> {
 }
 
 pub fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    ensure_all()?;
     for t in FUZZ_TARGETS {
         let mut c = Command::new("cargo");
-        clean_env(&mut c).current_dir(root()).args(["+nightly", "fuzz", "run", t, "--", &format!("-max_total_time={seconds}")]);
+        clean_env(&mut c).current_dir(root()).args([
+            "+nightly",
+            "fuzz",
+            "run",
+            t,
+            "--",
+            &format!("-max_total_time={seconds}"),
+        ]);
         if run(&mut c).is_err() {
             bail!("fuzz target {t} found a failure; see fuzz/artifacts/{t}");
         }

@@ -78,11 +78,8 @@ fn recover(file: &mut File, path: &Path) -> Result<(Head, u64), AuditError> {
         file.sync_data().map_err(io_err)?;
     }
     let complete = &buf[..complete_end];
-    let start = complete[..complete.len().saturating_sub(1)]
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map(|i| i + 1)
-        .unwrap_or(0);
+    let start =
+        complete[..complete.len().saturating_sub(1)].iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
     if complete.is_empty() {
         return Ok((Head::genesis(), cut));
     }

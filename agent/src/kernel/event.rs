@@ -98,9 +98,7 @@ mod tests {
         ev.record.comm[..4].copy_from_slice(b"curl");
         ev.verdict = verdict::REDIRECT;
         // SAFETY: Event is repr(C) POD.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
-        };
+        let bytes = unsafe { std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>()) };
         let back = decode(bytes).unwrap();
         assert_eq!(back, ev);
         assert_eq!(destination(&back.record).to_string(), "127.0.0.2:5432");

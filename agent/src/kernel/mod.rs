@@ -10,8 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    Config, ConnRecord, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, PeerKey, ResourceValue,
-    counters, maps, programs,
+    Config, ConnRecord, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, PeerKey, ResourceValue, counters,
+    maps, programs,
 };
 use aya::{
     Ebpf, EbpfLoader, Pod,
@@ -68,14 +68,8 @@ pub fn ensure_bpffs() -> Result<(), KernelError> {
     if mounted {
         return Ok(());
     }
-    nix::mount::mount(
-        Some("bpf"),
-        crate::state::BPFFS,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .map_err(|e| KernelError::Bpffs(format!("mount -t bpf bpf {}: {e}", crate::state::BPFFS)))
+    nix::mount::mount(Some("bpf"), crate::state::BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| KernelError::Bpffs(format!("mount -t bpf bpf {}: {e}", crate::state::BPFFS)))
 }
 
 /// Pin layout under the agent's pin directory.
@@ -283,8 +277,9 @@ where
 }
 
 fn pin_link(link: FdLink, path: PathBuf) -> Result<(), KernelError> {
-    let pinned: PinnedLink =
-        link.pin(&path).map_err(|e| KernelError::Pin { path: path.clone(), source: io::Error::other(e.to_string()) })?;
+    let pinned: PinnedLink = link
+        .pin(&path)
+        .map_err(|e| KernelError::Pin { path: path.clone(), source: io::Error::other(e.to_string()) })?;
     // Dropping the handle closes our fd; the pin keeps the link (and the program) attached.
     drop(pinned);
     Ok(())

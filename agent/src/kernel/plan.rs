@@ -5,8 +5,8 @@ use std::{
 };
 
 use agent_common::{
-    ANY_UID, Addr6, Config, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, MODE_ENFORCE,
-    MODE_MONITOR, ResourceValue, UNLISTED_ALLOW, UNLISTED_DENY,
+    ANY_UID, Addr6, Config, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, MODE_ENFORCE, MODE_MONITOR,
+    ResourceValue, UNLISTED_ALLOW, UNLISTED_DENY,
 };
 use time::OffsetDateTime;
 
@@ -133,10 +133,7 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         let Some(cg) = i.cgroup_ids.get(&id.cgroup) else { continue };
         let uids: Vec<u32> = if id.uids.is_empty() { vec![ANY_UID] } else { id.uids.clone() };
         for uid in uids {
-            identities.push((
-                IdentityKey { cgroup_id: cg.0, uid, _pad: 0 },
-                IdentityValue { index: index as u32 },
-            ));
+            identities.push((IdentityKey { cgroup_id: cg.0, uid, _pad: 0 }, IdentityValue { index: index as u32 }));
         }
     }
 
@@ -202,11 +199,9 @@ spec:
     #[test]
     fn plan_maps_policy_to_kernel_entries() {
         let pol = policy::parse(POLICY, Path::new("t")).unwrap();
-        let ids: HashMap<_, _> = [
-            (CgroupPath::parse("/x/a").unwrap(), CgroupId(11)),
-            (CgroupPath::parse("/x/b").unwrap(), CgroupId(22)),
-        ]
-        .into();
+        let ids: HashMap<_, _> =
+            [(CgroupPath::parse("/x/a").unwrap(), CgroupId(11)), (CgroupPath::parse("/x/b").unwrap(), CgroupId(22))]
+                .into();
         let resolved = vec![vec!["127.0.0.1:5432".parse().unwrap()], vec!["[::1]:5432".parse().unwrap()]];
         let clock = Clock { wall: datetime!(2026-11-30 0:00 UTC), boot_ns: 1_000 };
         let plan = plan(&Inputs {
@@ -224,10 +219,23 @@ spec:
         assert_eq!(plan.config.unlisted, UNLISTED_ALLOW);
         assert_eq!(plan.config.agent_tgid, 42);
         assert_eq!(plan.identities.len(), 3);
-        assert!(plan.identities.contains(&(IdentityKey { cgroup_id: 22, uid: ANY_UID, _pad: 0 }, IdentityValue { index: 1 })));
-        assert!(plan.identities.contains(&(IdentityKey { cgroup_id: 11, uid: 2, _pad: 0 }, IdentityValue { index: 0 })));
-        assert_eq!(plan.resources[0].0, DestKey { addr: agent_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])), port: 5432 });
-        let g = |i, r| plan.grants.iter().find(|(k, _)| *k == GrantKey { identity: i, resource: r }).map(|(_, v)| v.expires_boot_ns);
+        assert!(
+            plan.identities
+                .contains(&(IdentityKey { cgroup_id: 22, uid: ANY_UID, _pad: 0 }, IdentityValue { index: 1 }))
+        );
+        assert!(
+            plan.identities.contains(&(IdentityKey { cgroup_id: 11, uid: 2, _pad: 0 }, IdentityValue { index: 0 }))
+        );
+        assert_eq!(
+            plan.resources[0].0,
+            DestKey { addr: agent_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])), port: 5432 }
+        );
+        let g = |i, r| {
+            plan.grants
+                .iter()
+                .find(|(k, _)| *k == GrantKey { identity: i, resource: r })
+                .map(|(_, v)| v.expires_boot_ns)
+        };
         assert_eq!(g(0, 0), Some(1_000 + 86_400 * 1_000_000_000));
         assert_eq!(g(1, 0), Some(0));
         // g2 never expires, so the expired grant "old" does not shorten b's access to db6.

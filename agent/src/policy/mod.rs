@@ -40,10 +40,7 @@ pub fn load(path: &Path) -> Result<Policy, PolicyError> {
 /// Parses and validates policy text; `path` only labels errors.
 pub fn parse(text: &str, path: &Path) -> Result<Policy, PolicyError> {
     let raw: file::PolicyFile = serde_yaml_ng::from_str(text).map_err(|e| {
-        let location = e
-            .location()
-            .map(|l| format!("{}:{}", l.line(), l.column()))
-            .unwrap_or_else(|| "1:1".into());
+        let location = e.location().map(|l| format!("{}:{}", l.line(), l.column())).unwrap_or_else(|| "1:1".into());
         // serde_yaml_ng appends " at line X column Y"; the location is already in front.
         let message = e.to_string();
         let message = match message.rfind(" at line ") {
@@ -111,10 +108,7 @@ spec:
         assert_eq!(pol.identities[1].cgroup.as_str(), "/tollgate/other");
         assert_eq!(pol.listen.len(), 2);
         assert_eq!(pol.grants[0].identities, vec![0]);
-        assert_eq!(
-            pol.resources[2].address,
-            ResourceAddress::Host { host: "localhost".into(), port: 8080 }
-        );
+        assert_eq!(pol.resources[2].address, ResourceAddress::Host { host: "localhost".into(), port: 8080 });
     }
 
     #[test]
@@ -154,7 +148,10 @@ spec:
     #[test]
     fn semantic_errors_name_the_location() {
         let cases = [
-            (EXAMPLE.replace("resources: [orders-db]", "resources: [nope]"), "spec.grants[0].resources[0]: unknown resource"),
+            (
+                EXAMPLE.replace("resources: [orders-db]", "resources: [nope]"),
+                "spec.grants[0].resources[0]: unknown resource",
+            ),
             (EXAMPLE.replace("to: [group:agents]", "to: [group:nobody]"), "spec.grants[0].to[0]"),
             (EXAMPLE.replace("to: [group:agents]", "to: [agents]"), "must be identity:NAME or group:NAME"),
             (EXAMPLE.replace("cgroup: /tollgate/planner", "cgroup: /"), "root cgroup cannot be enrolled"),
@@ -162,7 +159,10 @@ spec:
             (EXAMPLE.replace("cgroup: /tollgate/planner", "cgroup: tollgate"), "must start with '/'"),
             (EXAMPLE.replace("address: 127.0.0.1:5432", "address: 127.0.0.1"), "spec.resources[0].address"),
             (EXAMPLE.replace("address: 127.0.0.1:5432", "address: 127.0.0.1:0"), "port 0"),
-            (EXAMPLE.replace("protocol: tcp\n      address: 127", "protocol: smtp\n      address: 127"), "unknown protocol"),
+            (
+                EXAMPLE.replace("protocol: tcp\n      address: 127", "protocol: smtp\n      address: 127"),
+                "unknown protocol",
+            ),
             (EXAMPLE.replace("mode: enforce", "mode: lax"), "spec.mode"),
             (EXAMPLE.replace("unlisted: deny", "unlisted: maybe"), "spec.unlisted"),
             (EXAMPLE.replace("2026-12-31T00:00:00Z", "tomorrow"), "spec.grants[0].expires"),

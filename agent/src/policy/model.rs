@@ -107,12 +107,9 @@ impl ResourceAddress {
             }
             return Ok(Self::Socket(sa));
         }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("address {s:?} must be ip:port, [v6]:port or host:port"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("address {s:?} has an invalid port {port:?}"))?;
+        let (host, port) =
+            s.rsplit_once(':').ok_or_else(|| format!("address {s:?} must be ip:port, [v6]:port or host:port"))?;
+        let port: u16 = port.parse().map_err(|_| format!("address {s:?} has an invalid port {port:?}"))?;
         if port == 0 {
             return Err(format!("address {s:?} has port 0"));
         }
@@ -257,17 +254,12 @@ fn check_name(location: &str, name: &str) -> Result<(), ValidationError> {
     if ok {
         Ok(())
     } else {
-        Err(invalid(
-            location,
-            format!("invalid name {name:?}: use 1-63 characters from a-z, A-Z, 0-9, '-', '_', '.'"),
-        ))
+        Err(invalid(location, format!("invalid name {name:?}: use 1-63 characters from a-z, A-Z, 0-9, '-', '_', '.'")))
     }
 }
 
 fn parse_listen(location: &str, s: &str) -> Result<SocketAddr, ValidationError> {
-    let sa: SocketAddr = s
-        .parse()
-        .map_err(|_| invalid(location, format!("{s:?} is not an ip:port or [v6]:port")))?;
+    let sa: SocketAddr = s.parse().map_err(|_| invalid(location, format!("{s:?} is not an ip:port or [v6]:port")))?;
     if !sa.ip().is_loopback() {
         return Err(invalid(
             location,
@@ -345,18 +337,20 @@ fn validate_identities(specs: &[IdentitySpec]) -> Result<Vec<Identity>, Validati
         let uid_keys: Vec<Option<u32>> =
             if s.uids.is_empty() { vec![None] } else { s.uids.iter().copied().map(Some).collect() };
         for k in uid_keys {
-            if let Some(u) = k {
-                if u == agent_common::ANY_UID {
-                    return Err(invalid(format!("{at}.uids"), format!("uid {u} is reserved")));
-                }
+            if k == Some(agent_common::ANY_UID) {
+                return Err(invalid(format!("{at}.uids"), format!("uid {} is reserved", agent_common::ANY_UID)));
             }
             if let Some(other) = keys.insert((cgroup.clone(), k), s.name.clone()) {
                 return Err(invalid(
                     format!("{at}.cgroup"),
-                    format!("identity {:?} and {other:?} both claim cgroup {cgroup}{}", s.name, match k {
-                        Some(u) => format!(" for uid {u}"),
-                        None => String::new(),
-                    }),
+                    format!(
+                        "identity {:?} and {other:?} both claim cgroup {cgroup}{}",
+                        s.name,
+                        match k {
+                            Some(u) => format!(" for uid {u}"),
+                            None => String::new(),
+                        }
+                    ),
                 ));
             }
         }
@@ -383,7 +377,9 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
                     format!("protocol {:?} is not supported by this version yet; use tcp", s.protocol),
                 ));
             }
-            other => return Err(invalid(format!("{at}.protocol"), format!("unknown protocol {other:?}; expected tcp"))),
+            other => {
+                return Err(invalid(format!("{at}.protocol"), format!("unknown protocol {other:?}; expected tcp")));
+            }
         };
         let address = ResourceAddress::parse(&s.address).map_err(|m| invalid(format!("{at}.address"), m))?;
         if let Some(other) = addrs.insert(address.to_string(), s.name.clone()) {
@@ -448,7 +444,10 @@ fn validate_grants(
         let expires = match &s.expires {
             None => None,
             Some(t) => Some(OffsetDateTime::parse(t, &Rfc3339).map_err(|e| {
-                invalid(format!("{at}.expires"), format!("{t:?} is not an RFC 3339 time (e.g. 2026-12-31T00:00:00Z): {e}"))
+                invalid(
+                    format!("{at}.expires"),
+                    format!("{t:?} is not an RFC 3339 time (e.g. 2026-12-31T00:00:00Z): {e}"),
+                )
             })?),
         };
         out.push(Grant { name: s.name.clone(), identities: ids, resources: res, expires });

@@ -24,7 +24,10 @@ pub async fn relay(mut client: TcpStream, dst: SocketAddr, timeout: Duration, st
             return Outcome { error: Some(format!("upstream {dst}: {e}")), ..Default::default() };
         }
         Err(_) => {
-            return Outcome { error: Some(format!("upstream {dst}: connect timed out after {timeout:?}")), ..Default::default() };
+            return Outcome {
+                error: Some(format!("upstream {dst}: connect timed out after {timeout:?}")),
+                ..Default::default()
+            };
         }
     };
     let _ = upstream.set_nodelay(true);
