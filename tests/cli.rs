@@ -77,3 +77,53 @@ fn verify_reports_a_missing_trail() {
     assert!(!ok);
     assert!(err.contains("trail.jsonl"), "{err}");
 }
+
+#[test]
+fn audit_tail_prints_readably_as_json_and_follows() {
+    use std::io::{BufRead, BufReader};
+    use tollgate::audit::{AuditLog, Kind, Record};
+
+    let dir = tempfile::tempdir().unwrap();
+    let audit_dir = tollgate::audit::dir(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (log, writer) = AuditLog::open(&audit_dir).unwrap();
+    for pid in [11, 22, 33] {
+        let mut r = Record::new(Kind::Connect);
+        r.pid = Some(pid);
+        r.verdict = Some("deny".into());
+        rt.block_on(log.append_durable(r)).unwrap();
+    }
+    let state = dir.path().to_str().unwrap();
+    let (ok, out, _) = tollgate(&["audit", "tail", "--state-dir", state, "-n", "2"]);
+    assert!(ok);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].contains("connect") && lines[0].contains("pid=22") && lines[0].contains("verdict=deny"), "{out}");
+    let (ok, out, _) = tollgate(&["audit", "tail", "--state-dir", state, "--json", "-n", "1"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((v["seq"].as_u64(), v["pid"].as_u64()), (Some(3), Some(33)));
+
+    let mut follow = Command::new(BIN)
+        .args(["audit", "tail", "--state-dir", state, "-n", "1", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap());
+    let mut line = String::new();
+    // The last existing record first: the follower has read the trail up to here.
+    lines.read_line(&mut line).unwrap();
+    assert!(line.contains("pid=33"), "{line}");
+    let mut r = Record::new(Kind::AgentStop);
+    r.detail = Some("followed".into());
+    rt.block_on(log.append_durable(r)).unwrap();
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    follow.kill().unwrap();
+    let _ = follow.wait();
+    assert!(line.contains("agent_stop") && line.contains("followed"), "{line}");
+    drop(log);
+    writer.join();
+    let (ok, out, _) = tollgate(&["audit", "verify", "--state-dir", state]);
+    assert!(ok && out.contains("4 records"), "{out}");
+}

@@ -298,8 +298,13 @@ fn emit(rec: &ConnRecord, h: u8, v: u8, r: u8, l4: u8, would_deny: u8) {
             entry.write(Event { record: *rec, hook: h, verdict: v, reason: r, l4, would_deny, _pad: [0; 3] });
             // Waking the reader for every event costs more than the hook itself under load;
             // wake it only once a batch is pending. The agent also drains on a short timer.
-            let pending = TG_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-            let flags = if pending >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+            // Redirects and denials wake it at once, so /proc still has the process's exe.
+            let urgent = v != verdict::ALLOW || would_deny != 0;
+            let flags = if urgent || TG_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
             entry.submit(flags as u64);
             bump(counters::EVENTS_SENT);
         }
