@@ -86,6 +86,18 @@ fn cgroup_ids(mount: &Path, policy: &Policy) -> Result<HashMap<CgroupPath, (Cgro
     Ok(out)
 }
 
+/// Accept backlog of the proxy listeners. Bursts of connects from an enrolled process land in
+/// this queue; the 128 a plain bind gives overflows, and every overflow costs the client a 1 s
+/// SYN retransmission. The kernel caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 struct Agent {
     options: RunOptions,
     state: StateDir,
@@ -184,8 +196,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     // Listen first: the kernel is told where the proxy is only once it is there.
     let mut listeners = Vec::new();
     for addr in &policy.listen {
-        let l = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen { addr: *addr, source })?;
-        listeners.push(l);
+        listeners.push(listen_on(*addr).map_err(|source| AgentError::Listen { addr: *addr, source })?);
     }
     let listen: Vec<SocketAddr> = listeners
         .iter()
