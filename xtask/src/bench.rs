@@ -61,6 +61,12 @@ pub fn connect_loop(addr: SocketAddr, count: u64) -> anyhow::Result<()> {
 /// A loopback server that accepts and drops connections as fast as it can.
 fn sink() -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
+    // std listens with a backlog of 128, which a connect burst overflows (each overflow is a
+    // 1 s SYN retransmission in the client's numbers); listen() again raises it.
+    // SAFETY: a valid listening socket fd owned by `l`.
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
     let addr = l.local_addr()?;
     thread::spawn(move || {
         for s in l.incoming() {
@@ -224,6 +230,15 @@ spec:
     thread::sleep(Duration::from_secs(2));
     let (sent2, dropped2) = counters(&bin, &st)?;
     let burst = sa.count + sb.count;
+    // Kernel-side headroom: with the agent stopped (SIGSTOP) nothing drains the ring buffer,
+    // so a burst at full speed shows whether the buffer alone absorbs it.
+    let agent_pid = nix::unistd::Pid::from_raw(bench.agent.as_ref().unwrap().id() as i32);
+    nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let paused = spawn_loop(&bin, &enrolled, unlisted, count).and_then(finish);
+    nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGCONT)?;
+    let paused = paused?;
+    thread::sleep(Duration::from_secs(2));
+    let (sent3, dropped3) = counters(&bin, &st)?;
     let trail = std::fs::read_to_string(state.join("audit/trail.jsonl")).unwrap_or_default();
     let connect_records = trail.lines().filter(|l| l.contains("\"kind\":\"connect\"")).count();
 
@@ -262,6 +277,13 @@ spec:
         burst as f64 / burst_secs,
         sent2 - sent1,
         dropped2 - dropped1
+    );
+    println!(
+        "agent paused (SIGSTOP, ring buffer not drained): {} connects at {:.0} connects/s; events sent {}, dropped {}",
+        paused.count,
+        paused.rate(),
+        sent3 - sent2,
+        dropped3 - dropped2
     );
     println!(
         "hooked runs: events sent {}, dropped {}; audit `connect` records on disk: {connect_records}",

@@ -132,10 +132,15 @@ impl Pins {
             let _ = fs::remove_dir(&dir);
         }
         match fs::remove_dir(&self.root) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(KernelError::Io { path: self.root.clone(), source: e }),
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(KernelError::Io { path: self.root.clone(), source: e }),
         }
+        // The shared parent goes too once no agent uses it (fails harmlessly if one does).
+        if let Some(parent) = self.root.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
     }
 }
 
