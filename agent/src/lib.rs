@@ -6,4 +6,5 @@ pub mod identity;
 pub mod kernel;
 pub mod policy;
 pub mod proxy;
+pub mod sql;
 pub mod state;

@@ -1,0 +1,314 @@
+//! SQL classification with the real PostgreSQL grammar (pg_query). Pure.
+//!
+//! The whole parse tree is walked, so statements hidden in CTEs, EXPLAIN ANALYZE, PREPARE,
+//! DECLARE CURSOR, CREATE TABLE AS, rules and multi-statement strings are all seen.
+use std::{collections::BTreeSet, fmt, str::FromStr};
+
+use serde_json::Value;
+
+/// What a statement does, as policy rules name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Merge,
+    Truncate,
+    Ddl,
+    Copy,
+    /// COPY ... TO/FROM PROGRAM: runs a shell command on the database server.
+    CopyProgram,
+    Call,
+    Do,
+    Prepare,
+    Execute,
+    Transaction,
+    Set,
+    Show,
+    Lock,
+    Grant,
+    /// Statements no other kind covers (VACUUM, LISTEN, ...).
+    Other,
+    /// Text the grammar rejects; denied unless a rule names this kind.
+    Unparseable,
+}
+
+pub const ALL_KINDS: [Kind; 20] = [
+    Kind::Select,
+    Kind::Insert,
+    Kind::Update,
+    Kind::Delete,
+    Kind::Merge,
+    Kind::Truncate,
+    Kind::Ddl,
+    Kind::Copy,
+    Kind::CopyProgram,
+    Kind::Call,
+    Kind::Do,
+    Kind::Prepare,
+    Kind::Execute,
+    Kind::Transaction,
+    Kind::Set,
+    Kind::Show,
+    Kind::Lock,
+    Kind::Grant,
+    Kind::Other,
+    Kind::Unparseable,
+];
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Select => "select",
+            Kind::Insert => "insert",
+            Kind::Update => "update",
+            Kind::Delete => "delete",
+            Kind::Merge => "merge",
+            Kind::Truncate => "truncate",
+            Kind::Ddl => "ddl",
+            Kind::Copy => "copy",
+            Kind::CopyProgram => "copy_program",
+            Kind::Call => "call",
+            Kind::Do => "do",
+            Kind::Prepare => "prepare",
+            Kind::Execute => "execute",
+            Kind::Transaction => "transaction",
+            Kind::Set => "set",
+            Kind::Show => "show",
+            Kind::Lock => "lock",
+            Kind::Grant => "grant",
+            Kind::Other => "other",
+            Kind::Unparseable => "unparseable",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ALL_KINDS.iter().copied().find(|k| k.as_str() == s).ok_or_else(|| {
+            format!(
+                "unknown statement kind {s:?}; expected one of {}",
+                ALL_KINDS.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+/// Everything the rules look at, for one query string (which may hold several statements).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Classification {
+    pub kinds: BTreeSet<Kind>,
+    /// Relation names as written, lower-cased (`orders`, `public.orders`).
+    pub tables: BTreeSet<String>,
+    /// Some UPDATE or DELETE in it has no WHERE clause.
+    pub where_missing: bool,
+    /// Number of top-level statements.
+    pub statements: usize,
+    /// The parser's message when the text did not parse.
+    pub parse_error: Option<String>,
+}
+
+impl Classification {
+    pub fn kinds_str(&self) -> Vec<String> {
+        self.kinds.iter().map(|k| k.as_str().to_string()).collect()
+    }
+}
+
+/// Statement node types and the kind each stands for. Anything ending in `Stmt` that is not
+/// listed is DDL if its name says it creates, alters, drops or renames, and `other` otherwise.
+fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
+    Some(match node_type {
+        // A VALUES list (as in INSERT ... VALUES) is a SelectStmt in the tree but reads nothing.
+        "SelectStmt" if body.get("values_lists").and_then(Value::as_array).is_some_and(|v| !v.is_empty()) => {
+            return None;
+        }
+        "SelectStmt" => Kind::Select,
+        "InsertStmt" => Kind::Insert,
+        "UpdateStmt" => Kind::Update,
+        "DeleteStmt" => Kind::Delete,
+        "MergeStmt" => Kind::Merge,
+        "TruncateStmt" => Kind::Truncate,
+        "CopyStmt" => {
+            if body.get("is_program").and_then(Value::as_bool) == Some(true) {
+                Kind::CopyProgram
+            } else {
+                Kind::Copy
+            }
+        }
+        "CallStmt" => Kind::Call,
+        "DoStmt" => Kind::Do,
+        "PrepareStmt" => Kind::Prepare,
+        "ExecuteStmt" | "DeallocateStmt" => Kind::Execute,
+        "TransactionStmt" => Kind::Transaction,
+        "VariableSetStmt" | "DiscardStmt" => Kind::Set,
+        "VariableShowStmt" => Kind::Show,
+        "LockStmt" => Kind::Lock,
+        "GrantStmt" | "GrantRoleStmt" | "AlterDefaultPrivilegesStmt" => Kind::Grant,
+        "ExplainStmt" | "DeclareCursorStmt" | "FetchStmt" | "ClosePortalStmt" => return None,
+        t if t.ends_with("Stmt") => {
+            let ddl = [
+                "Create",
+                "Alter",
+                "Drop",
+                "Rename",
+                "Comment",
+                "Define",
+                "Index",
+                "View",
+                "Rule",
+                "Reindex",
+                "Cluster",
+                "Refresh",
+                "SecLabel",
+                "CompositeType",
+            ];
+            if ddl.iter().any(|p| t.starts_with(p)) || t == "IndexStmt" || t == "ViewStmt" || t == "RuleStmt" {
+                Kind::Ddl
+            } else {
+                Kind::Other
+            }
+        }
+        _ => return None,
+    })
+}
+
+pub fn classify(sql: &str) -> Classification {
+    let parsed = match pg_query::parse(sql) {
+        Ok(p) => p,
+        Err(e) => {
+            return Classification {
+                kinds: [Kind::Unparseable].into(),
+                parse_error: Some(e.to_string()),
+                ..Default::default()
+            };
+        }
+    };
+    let mut c = Classification { statements: parsed.protobuf.stmts.len(), ..Default::default() };
+    match serde_json::to_value(&parsed.protobuf) {
+        Ok(tree) => walk(&tree, &mut c),
+        Err(e) => {
+            c.kinds.insert(Kind::Unparseable);
+            c.parse_error = Some(format!("parse tree not walkable: {e}"));
+        }
+    }
+    // Cursor and EXPLAIN wrappers only add kinds through what they contain; an empty
+    // DECLARE/FETCH/CLOSE still needs a kind so no statement slips through without one.
+    if c.kinds.is_empty() && c.statements > 0 {
+        c.kinds.insert(Kind::Select);
+    }
+    c
+}
+
+fn walk(v: &Value, c: &mut Classification) {
+    // An explicit stack: the tree can be deep, and recursion depth must not depend on input.
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    if let Some(kind) = stmt_kind(key, child) {
+                        c.kinds.insert(kind);
+                        if matches!(kind, Kind::Update | Kind::Delete)
+                            && child.get("where_clause").is_none_or(Value::is_null)
+                        {
+                            c.where_missing = true;
+                        }
+                    }
+                    if key == "relname"
+                        && let Some(name) = child.as_str()
+                    {
+                        let table = match map.get("schemaname").and_then(Value::as_str) {
+                            Some(s) if !s.is_empty() => format!("{s}.{name}"),
+                            _ => name.to_string(),
+                        };
+                        c.tables.insert(table.to_lowercase());
+                    }
+                    stack.push(child);
+                }
+            }
+            Value::Array(items) => stack.extend(items.iter()),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(sql: &str) -> Vec<&'static str> {
+        classify(sql).kinds.iter().map(|k| k.as_str()).collect()
+    }
+
+    #[test]
+    fn plain_statements() {
+        assert_eq!(kinds("SELECT 1"), ["select"]);
+        assert_eq!(kinds("select * from orders where id = 1"), ["select"]);
+        assert_eq!(kinds("INSERT INTO t VALUES (1)"), ["insert"]);
+        assert_eq!(kinds("INSERT INTO t SELECT * FROM secret"), ["select", "insert"]);
+        assert_eq!(kinds("DROP TABLE orders"), ["ddl"]);
+        assert_eq!(kinds("CREATE INDEX i ON t (a)"), ["ddl"]);
+        assert_eq!(kinds("ALTER TABLE t ADD COLUMN b int"), ["ddl"]);
+        assert_eq!(kinds("TRUNCATE t"), ["truncate"]);
+        assert_eq!(kinds("BEGIN"), ["transaction"]);
+        assert_eq!(kinds("SET search_path = x"), ["set"]);
+        assert_eq!(kinds("SHOW work_mem"), ["show"]);
+        assert_eq!(kinds("GRANT SELECT ON t TO bob"), ["grant"]);
+        assert_eq!(kinds("VACUUM t"), ["other"]);
+        assert_eq!(kinds("DO $$ BEGIN DELETE FROM t; END $$"), ["do"]);
+        assert_eq!(kinds("CALL p()"), ["call"]);
+    }
+
+    #[test]
+    fn hidden_statements_are_found() {
+        assert_eq!(kinds("WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d"), ["select", "delete"]);
+        assert_eq!(kinds("EXPLAIN ANALYZE DELETE FROM orders"), ["delete"]);
+        assert_eq!(kinds("PREPARE p AS UPDATE t SET a = 1"), ["update", "prepare"]);
+        assert_eq!(kinds("EXECUTE p"), ["execute"]);
+        assert_eq!(kinds("COPY (SELECT * FROM t) TO STDOUT"), ["select", "copy"]);
+        assert_eq!(kinds("COPY t FROM PROGRAM 'curl x'"), ["copy_program"]);
+        assert_eq!(kinds("DECLARE c CURSOR FOR SELECT * FROM t"), ["select"]);
+        assert_eq!(kinds("CREATE TABLE x AS SELECT * FROM t"), ["select", "ddl"]);
+        assert_eq!(kinds("SELECT 1; DROP TABLE t"), ["select", "ddl"]);
+        assert_eq!(kinds("/* DROP TABLE t */ SELECT 1 -- ; DELETE FROM t"), ["select"]);
+        assert_eq!(kinds("SELECT $x$; DROP TABLE t; $x$"), ["select"]);
+    }
+
+    #[test]
+    fn where_and_tables() {
+        let c = classify("DELETE FROM public.Orders");
+        assert!(c.where_missing);
+        assert!(c.tables.contains("public.orders"), "{c:?}");
+        assert!(!classify("DELETE FROM orders WHERE id = 1").where_missing);
+        assert!(classify("UPDATE t SET a = 1").where_missing);
+        assert!(classify("WITH x AS (UPDATE t SET a = 1 RETURNING 1) SELECT 1").where_missing);
+        let c = classify("SELECT * FROM a JOIN b ON true WHERE a.id IN (SELECT id FROM c)");
+        assert_eq!(c.tables.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(classify("SELECT 1; SELECT 2").statements, 2);
+    }
+
+    #[test]
+    fn unparseable_fails_closed() {
+        let c = classify("SELEC 1");
+        assert_eq!(c.kinds.iter().copied().collect::<Vec<_>>(), [Kind::Unparseable]);
+        assert!(c.parse_error.is_some());
+        assert_eq!(classify("").statements, 0);
+        assert!(classify("").kinds.is_empty());
+    }
+
+    #[test]
+    fn kinds_parse_from_policy_names() {
+        for k in ALL_KINDS {
+            assert_eq!(k.as_str().parse::<Kind>(), Ok(k));
+        }
+        assert!("drop".parse::<Kind>().unwrap_err().contains("expected one of"));
+    }
+}
