@@ -1,6 +1,7 @@
 //! Policy: file format -> validated model -> pure evaluation. No I/O beyond reading the file.
 mod file;
 mod model;
+pub mod rules;
 
 use std::path::{Path, PathBuf};
 

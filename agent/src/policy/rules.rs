@@ -1,0 +1,145 @@
+//! Statement rules: which query strings a grant allows. Pure; evaluated on a `Classification`.
+//!
+//! Not yet reachable from policy files: the PostgreSQL proxy that applies them is the next step.
+use crate::sql::{Classification, Kind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+/// One named rule; the first that matches decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    /// Empty: any statement that parsed.
+    pub statements: Vec<Kind>,
+    /// Empty: any table. Matched against the name as written or its last component.
+    pub tables: Vec<String>,
+    /// Only query strings with an UPDATE or DELETE lacking WHERE.
+    pub where_missing: bool,
+    pub action: Action,
+    pub message: Option<String>,
+}
+
+/// The verdict on one query string, with the rule that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub rule: String,
+    pub message: Option<String>,
+}
+
+fn table_listed(listed: &[String], table: &str) -> bool {
+    let last = table.rsplit('.').next().unwrap_or(table);
+    listed.iter().any(|l| l == table || l == last)
+}
+
+impl Rule {
+    /// Deny rules match if any part of the query matches; allow rules only if every part does,
+    /// so an allowed kind never carries a forbidden one along (`WITH d AS (DELETE ..) SELECT`).
+    fn matches(&self, c: &Classification) -> bool {
+        let all = self.action == Action::Allow;
+        let kinds_ok = if self.statements.is_empty() {
+            !c.kinds.contains(&Kind::Unparseable)
+        } else if all {
+            c.kinds.iter().all(|k| self.statements.contains(k))
+        } else {
+            c.kinds.iter().any(|k| self.statements.contains(k))
+        };
+        let tables_ok = self.tables.is_empty()
+            || if all {
+                c.tables.iter().all(|t| table_listed(&self.tables, t))
+            } else {
+                c.tables.iter().any(|t| table_listed(&self.tables, t))
+            };
+        kinds_ok && tables_ok && (!self.where_missing || c.where_missing)
+    }
+}
+
+/// Judges one query string: first matching rule, else `default` (named `<grant>.default`).
+/// Text the grammar rejects is denied unless a rule names `unparseable`.
+pub fn decide(grant: &str, rules: &[Rule], default: Action, c: &Classification) -> Decision {
+    if let Some(r) = rules.iter().find(|r| r.matches(c)) {
+        return Decision { action: r.action, rule: r.name.clone(), message: r.message.clone() };
+    }
+    if c.kinds.contains(&Kind::Unparseable) {
+        return Decision { action: Action::Deny, rule: "unparseable".into(), message: c.parse_error.clone() };
+    }
+    Decision { action: default, rule: format!("{grant}.default"), message: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::classify;
+
+    fn rule(name: &str, statements: &[Kind], tables: &[&str], where_missing: bool, action: Action) -> Rule {
+        Rule {
+            name: name.into(),
+            statements: statements.to_vec(),
+            tables: tables.iter().map(|t| t.to_string()).collect(),
+            where_missing,
+            action,
+            message: None,
+        }
+    }
+
+    /// The rule set from the PostgreSQL issue's example.
+    fn example() -> Vec<Rule> {
+        vec![
+            rule("no-ddl", &[Kind::Ddl], &[], false, Action::Deny),
+            rule("delete-needs-where", &[Kind::Update, Kind::Delete], &[], true, Action::Deny),
+            rule("reads", &[Kind::Select], &[], false, Action::Allow),
+        ]
+    }
+
+    fn verdict(sql: &str) -> (Action, String) {
+        let d = decide("bot-orders", &example(), Action::Deny, &classify(sql));
+        (d.action, d.rule)
+    }
+
+    #[test]
+    fn first_match_wins_and_default_applies() {
+        assert_eq!(verdict("SELECT * FROM orders"), (Action::Allow, "reads".into()));
+        assert_eq!(verdict("DROP TABLE orders"), (Action::Deny, "no-ddl".into()));
+        assert_eq!(verdict("DELETE FROM orders"), (Action::Deny, "delete-needs-where".into()));
+        assert_eq!(verdict("DELETE FROM orders WHERE id = 1"), (Action::Deny, "bot-orders.default".into()));
+        assert_eq!(verdict("INSERT INTO orders VALUES (1)"), (Action::Deny, "bot-orders.default".into()));
+    }
+
+    #[test]
+    fn allow_rules_cover_every_part_deny_rules_any_part() {
+        // A read that hides a delete is not a read.
+        assert_eq!(
+            verdict("WITH d AS (DELETE FROM orders WHERE id = 1 RETURNING *) SELECT * FROM d"),
+            (Action::Deny, "bot-orders.default".into())
+        );
+        assert_eq!(verdict("SELECT 1; DROP TABLE t"), (Action::Deny, "no-ddl".into()));
+        assert_eq!(verdict("EXPLAIN ANALYZE DELETE FROM orders"), (Action::Deny, "delete-needs-where".into()));
+        let tables = [rule("orders-only", &[Kind::Select], &["orders"], false, Action::Allow)];
+        let c = classify("SELECT * FROM public.orders JOIN secrets ON true");
+        assert_eq!(decide("g", &tables, Action::Deny, &c).rule, "g.default");
+        let c = classify("SELECT * FROM public.orders");
+        assert_eq!(decide("g", &tables, Action::Deny, &c).action, Action::Allow);
+    }
+
+    #[test]
+    fn unparseable_is_denied_unless_named() {
+        assert_eq!(verdict("SELEC 1"), (Action::Deny, "unparseable".into()));
+        let open = [rule("anything", &[], &[], false, Action::Allow)];
+        assert_eq!(decide("g", &open, Action::Allow, &classify("SELEC 1")).rule, "unparseable");
+        let named = [rule("yolo", &[Kind::Unparseable], &[], false, Action::Allow)];
+        assert_eq!(decide("g", &named, Action::Deny, &classify("SELEC 1")).action, Action::Allow);
+    }
+}
