@@ -109,16 +109,22 @@ fn audit_tail_prints_readably_as_json_and_follows() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(follow.stdout.take().unwrap());
-    let mut line = String::new();
+    // Lines arrive through a channel so a silent follower fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || rx.recv_timeout(std::time::Duration::from_secs(10)).expect("audit tail --follow printed nothing");
     // The last existing record first: the follower has read the trail up to here.
-    lines.read_line(&mut line).unwrap();
+    let line = next();
     assert!(line.contains("pid=33"), "{line}");
     let mut r = Record::new(Kind::AgentStop);
     r.detail = Some("followed".into());
     rt.block_on(log.append_durable(r)).unwrap();
-    line.clear();
-    lines.read_line(&mut line).unwrap();
+    let line = next();
     follow.kill().unwrap();
     let _ = follow.wait();
     assert!(line.contains("agent_stop") && line.contains("followed"), "{line}");

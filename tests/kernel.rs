@@ -48,8 +48,16 @@ fn curl_is_redirected_through_the_proxy_and_audited() {
     if !privileged("curl_is_redirected_through_the_proxy_and_audited") {
         return;
     }
-    let server = Server::start("127.0.0.1:0");
     let mut env = Env::new("redirect");
+    // When the request reaches the server, the session record must already be on disk.
+    let trail = env.state_dir().join("audit/trail.jsonl");
+    let server = Server::start_with(
+        "127.0.0.1:0",
+        std::sync::Arc::new(move || {
+            let text = std::fs::read_to_string(&trail).unwrap_or_default();
+            if text.contains("\"kind\":\"session_start\"") { "durable" } else { "missing" }.to_string()
+        }),
+    );
     env.write_policy(&policy(&env, "deny", &[("web", server.addr)], &["web"], "enforce"));
     env.start_agent();
 
@@ -59,6 +67,7 @@ fn curl_is_redirected_through_the_proxy_and_audited() {
     let out = env.run_in("bot", &args);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "curl failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("check=durable"), "session record not on disk before forwarding: {stdout}");
     // The server saw a connection from the proxy, not from curl's own socket.
     let local_port: u16 = stdout.lines().find_map(|l| l.strip_prefix("local_port=")).unwrap().parse().unwrap();
     let seen = server.peers.lock().unwrap().clone();
@@ -80,8 +89,6 @@ fn curl_is_redirected_through_the_proxy_and_audited() {
     let end = env.wait_audit("session end", |r| r["kind"] == "session_end");
     assert!(end["bytes_up"].as_u64().unwrap() > 50, "{end}");
     assert!(end["bytes_down"].as_u64().unwrap() > 50, "{end}");
-    // The session record reached disk before the server saw the request.
-    assert!(start["seq"].as_u64() < end["seq"].as_u64());
 
     // A process outside the cgroup is untouched: the server sees its own port, no record.
     let direct = std::net::TcpStream::connect(server.addr).unwrap();
@@ -211,7 +218,7 @@ fn sigkill_fails_closed_and_restart_restores_service() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("still pinned"), "{status:?}");
 
     env.start_agent();
-    assert!(env.log().contains("adopted"), "restart must adopt the pinned state");
+    assert!(env.log().contains("adopted=true"), "restart must adopt the pinned state");
     let (out, _, _) = env.python_in("bot", &call);
     assert!(out.starts_with("OK"), "{out}");
     assert_eq!(server.connections(), 2);
@@ -246,11 +253,13 @@ fn sighup_reloads_and_rejects_a_bad_policy() {
 
     // A connection established before the reload lives on after it, although the new policy
     // no longer grants its resource.
+    let go = env.dir.path().join("go");
     let held = env.spawn_in(
         "bot",
         &["python3", "-c", &format!(
-            "import socket,time\ns=socket.create_connection(('127.0.0.1',{}),timeout=10)\nprint('connected',flush=True)\ntime.sleep(2)\ns.sendall(b'ping');s.shutdown(socket.SHUT_WR)\nprint(s.recv(4096).decode().split('\\r\\n\\r\\n')[-1].strip())",
-            a.addr.port()
+            "import socket,time,os\ns=socket.create_connection(('127.0.0.1',{}),timeout=10)\nprint('connected',flush=True)\nt=time.time()\nwhile not os.path.exists('{go}') and time.time()-t<20: time.sleep(0.05)\ns.sendall(b'ping');s.shutdown(socket.SHUT_WR)\nprint(s.recv(4096).decode().split('\\r\\n\\r\\n')[-1].strip())",
+            a.addr.port(),
+            go = go.display()
         )],
     );
     env.wait_audit("held session", |r| {
@@ -260,6 +269,8 @@ fn sighup_reloads_and_rejects_a_bad_policy() {
     env.write_policy(&policy(&env, "deny", &[("a", a.addr), ("b", b.addr)], &["b"], "enforce"));
     env.signal(Signal::SIGHUP);
     env.wait_log("policy reloaded");
+    // Only now may the held client send its request.
+    std::fs::write(&go, "").unwrap();
     let out = held.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&out.stdout);
     assert!(out.contains("connected") && out.contains("got=4"), "established session broken by reload: {out}");
@@ -339,7 +350,7 @@ fn grant_expiry_is_enforced_by_the_kernel() {
     }
     let server = Server::start("127.0.0.1:0");
     let mut env = Env::new("expiry");
-    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(8);
     let text = policy(&env, "deny", &[("web", server.addr)], &["web"], "enforce").replace(
         "resources: [web] }",
         &format!(
@@ -351,6 +362,7 @@ fn grant_expiry_is_enforced_by_the_kernel() {
     env.write_policy(&text);
     env.start_agent();
     let call = py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", server.addr.port()));
+    assert!(time::OffsetDateTime::now_utc() < expires - time::Duration::seconds(2), "agent start took too long");
     assert!(env.python_in("bot", &call).0.starts_with("OK"));
     let wait = expires - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(300);
     std::thread::sleep(std::time::Duration::from_millis(wait.whole_milliseconds().max(0) as u64));
@@ -358,4 +370,31 @@ fn grant_expiry_is_enforced_by_the_kernel() {
     let r = env.wait_audit("expired grant", |r| r["reason"] == "grant_expired");
     assert_eq!((r["verdict"].as_str(), r["rule"].as_str()), (Some("deny"), Some("bot-grant")));
     assert_eq!(server.connections(), 1);
+}
+
+#[test]
+fn uids_narrow_an_identity_and_other_users_are_untouched() {
+    if !privileged("uids_narrow_an_identity_and_other_users_are_untouched") {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let mut env = Env::new("uids");
+    // bot is root (uid 0) in its cgroup; `unlisted: deny` refuses root's unlisted connections.
+    env.write_policy(
+        &policy(&env, "deny", &[], &[], "enforce").replace("groups: [agents] }", "uids: [0], groups: [agents] }"),
+    );
+    env.start_agent();
+    let call = py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", server.addr.port()));
+    assert_eq!(env.python_in("bot", &call).0, "ERR EPERM");
+    // nobody in the same cgroup is not the identity: not enrolled, untouched, not recorded.
+    let out = env.run_in(
+        "bot",
+        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", &call],
+    );
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.starts_with("OK"), "{out}");
+    assert_eq!(server.connections(), 1);
+    env.wait_audit("root's denial", |r| r["kind"] == "connect" && r["uid"] == 0);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!env.audit().iter().any(|r| r["uid"] == 65534), "an unenrolled user was recorded");
 }

@@ -61,6 +61,9 @@ pub const EVENTS_POLL_MS: u64 = 20;
 /// Deepest cgroup level the programs walk looking for an enrolled ancestor.
 pub const MAX_CGROUP_LEVEL: i32 = 16;
 
+/// The default `Config::agent_mark` ("tlgt").
+pub const AGENT_MARK: u32 = 0x746c_6774;
+
 /// `IdentityKey::uid` value that matches every uid.
 pub const ANY_UID: u32 = u32::MAX;
 /// `Event::identity` / `Event::resource` when there is none.
@@ -81,8 +84,9 @@ pub struct Config {
     pub proxy_port4: u32,
     pub proxy_ip6: [u32; 4],
     pub proxy_port6: u32,
-    /// The agent's own tgid: its upstream connections are never redirected.
-    pub agent_tgid: u32,
+    /// SO_MARK the proxy sets on its upstream sockets: those are never redirected. Setting a
+    /// mark needs CAP_NET_ADMIN, which enrolled agents must not have.
+    pub agent_mark: u32,
     pub mode: u32,
     pub unlisted: u32,
     /// Non-zero once the agent has written a complete configuration.

@@ -201,9 +201,9 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
         Some(c) => *c,
         None => return Ok(ALLOW),
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if cfg.active != 0 && tgid == cfg.agent_tgid {
+    // The proxy's own upstream sockets carry its mark.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if cfg.active != 0 && !sk.is_null() && unsafe { (*sk).mark } == cfg.agent_mark {
         return Ok(ALLOW);
     }
     let v6 = is_ipv6(h);
@@ -218,6 +218,11 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
     let uid_gid = bpf_get_current_uid_gid();
     let uid = uid_gid as u32;
     let identity = identity_of(uid);
+    // In an enrolled cgroup but not the identity (its `uids` narrow it): not enrolled.
+    if identity == NONE {
+        return Ok(ALLOW);
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
 
     let mut rec = ConnRecord {
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -226,7 +231,7 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
         dst_addr,
         dst_port,
         pid: pid_tgid as u32,
-        tgid,
+        tgid: (pid_tgid >> 32) as u32,
         uid,
         gid: (uid_gid >> 32) as u32,
         identity,
@@ -274,7 +279,11 @@ fn try_decide(ctx: &SockAddrContext, h: u8) -> Result<i32, i64> {
         }
     }
 
-    emit(&rec, h, v, r, if udp { L4_UDP } else { L4_TCP }, would_deny);
+    // Datagrams that pass are not connection attempts; an event per packet would flood.
+    let quiet = v == verdict::ALLOW && would_deny == 0 && (h == hook::SENDMSG4 || h == hook::SENDMSG6);
+    if !quiet {
+        emit(&rec, h, v, r, if udp { L4_UDP } else { L4_TCP }, would_deny);
+    }
     Ok(if v == verdict::DENY { DENY } else { ALLOW })
 }
 

@@ -20,13 +20,14 @@ use crate::{
     audit::{self, AuditLog, Kind, Record},
     cgroup::{self, Cgroup, CgroupId},
     identity::{Attribution, ProcCache},
+    ids::{Ids, View},
     kernel::{
         self, Counters, Kernel, Origins, Pins, event,
         plan::{self, Clock, Inputs, ProxyAddrs},
     },
     policy::{self, CgroupPath, Mode, Policy, ResourceAddress},
     proxy::{self, Shared},
-    state::{StateDir, Status},
+    state::{Reported, StateDir, Status},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,8 @@ pub enum AgentError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Reload(String),
+    #[error("resource {resource}: cannot resolve {address}: {error}")]
+    Resolve { resource: String, address: String, error: String },
     #[error("{what}: {source}")]
     Io { what: &'static str, source: std::io::Error },
 }
@@ -54,21 +57,33 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
 }
 
-/// Resolves each resource's address (host names via the system resolver). A name that does not
-/// resolve leaves that resource without addresses: its traffic then counts as unlisted.
-fn resolve(policy: &Policy) -> Vec<Vec<SocketAddr>> {
+/// Resolves each resource's address (host names via the system resolver). A resource that
+/// does not resolve is an error: its traffic would otherwise count as unlisted, which under
+/// `unlisted: allow` would send it around the proxy.
+fn resolve(policy: &Policy) -> Result<Vec<Vec<SocketAddr>>, AgentError> {
     policy
         .resources
         .iter()
         .map(|r| match &r.address {
-            ResourceAddress::Socket(sa) => vec![*sa],
-            ResourceAddress::Host { host, port } => match (host.as_str(), *port).to_socket_addrs() {
-                Ok(it) => it.collect(),
-                Err(e) => {
-                    warn!(resource = %r.name, address = %r.address, error = %e, "cannot resolve resource address");
-                    Vec::new()
+            ResourceAddress::Socket(sa) => Ok(vec![*sa]),
+            ResourceAddress::Host { host, port } => {
+                let addrs: Vec<SocketAddr> = (host.as_str(), *port)
+                    .to_socket_addrs()
+                    .map_err(|e| AgentError::Resolve {
+                        resource: r.name.clone(),
+                        address: r.address.to_string(),
+                        error: e.to_string(),
+                    })?
+                    .collect();
+                if addrs.is_empty() {
+                    return Err(AgentError::Resolve {
+                        resource: r.name.clone(),
+                        address: r.address.to_string(),
+                        error: "no addresses".into(),
+                    });
                 }
-            },
+                Ok(addrs)
+            }
         })
         .collect()
 }
@@ -110,17 +125,18 @@ struct Agent {
 }
 
 impl Agent {
-    /// Brings the kernel maps and attachments in line with `policy`.
-    fn apply(&mut self, policy: &Policy) -> Result<(), AgentError> {
+    /// Brings the kernel maps and attachments in line with `view`.
+    fn apply(&mut self, view: &View) -> Result<(), AgentError> {
+        let policy = &view.policy;
+        let resolved = resolve(policy)?;
         let cgroups = cgroup_ids(&self.mount, policy)?;
         let ids: HashMap<CgroupPath, CgroupId> = cgroups.iter().map(|(p, (id, _))| (p.clone(), *id)).collect();
-        let resolved = resolve(policy);
         let plan = plan::plan(&Inputs {
             policy,
             cgroup_ids: &ids,
             resolved: &resolved,
             proxy: self.proxy,
-            agent_tgid: std::process::id(),
+            ids: &view.ids,
             clock: Clock::now(),
         });
         for (addr, first, second) in &plan.conflicts {
@@ -143,6 +159,15 @@ impl Agent {
         Ok(())
     }
 
+    /// A view of `policy` with ids assigned (and persisted) for any new names.
+    fn view_of(&self, policy: Policy, current: &Ids) -> Result<View, AgentError> {
+        let mut ids = current.clone();
+        if ids.assign(&policy) {
+            self.state.write_ids(&ids)?;
+        }
+        Ok(View { policy, ids })
+    }
+
     fn status(&self, policy: &Policy) -> Status {
         Status {
             pid: std::process::id(),
@@ -162,18 +187,27 @@ impl Agent {
         }
     }
 
-    fn reload(&mut self) -> Result<Arc<Policy>, AgentError> {
+    fn reload(&mut self) -> Result<Arc<View>, AgentError> {
         let new = policy::load(&self.options.policy_file)?;
-        if new.listen != self.shared.policy().listen {
+        let current = self.shared.view();
+        if new.listen != current.policy.listen {
             return Err(AgentError::Reload(
                 "spec.proxy.listen cannot change while the agent runs; restart it instead".into(),
             ));
         }
-        self.apply(&new)?;
-        let new = Arc::new(new);
-        self.shared.set_policy(new.clone());
-        self.state.write_status(&self.status(&new))?;
-        Ok(new)
+        let view = Arc::new(self.view_of(new, &current.ids)?);
+        // Readers see the new names before the kernel starts using their ids.
+        self.shared.set_view(view.clone());
+        if let Err(e) = self.apply(&view) {
+            // Put the previous policy back in the kernel; if that fails too, say so loudly.
+            self.shared.set_view(current.clone());
+            if let Err(e2) = self.apply(&current) {
+                error!(error = %e2, "restoring the previous policy failed; the kernel holds a mix of both");
+            }
+            return Err(e);
+        }
+        self.state.write_status(&self.status(&view.policy))?;
+        Ok(view)
     }
 }
 
@@ -186,9 +220,9 @@ fn policy_record(kind: Kind, policy_file: &Path, name: Option<&str>, error: Opti
 }
 
 pub async fn run(options: RunOptions) -> Result<(), AgentError> {
-    let policy = Arc::new(policy::load(&options.policy_file)?);
+    let policy = policy::load(&options.policy_file)?;
     let state = StateDir::create(&options.state_dir)?;
-    let _lock = state.lock()?;
+    let _lock = state.lock_wait()?;
     kernel::ensure_bpffs()?;
     let mount = cgroup::cgroup2_mount()?;
     let (audit_log, audit_thread) = AuditLog::open(&state.audit_dir())?;
@@ -213,8 +247,16 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     let mut kernel = Kernel::load(pins.clone())?;
     let events = kernel.take_events()?;
     let counters = kernel.take_counters()?;
-    let origins = Origins::open(&pins)?;
-    let shared = Arc::new(Shared::new(policy.clone(), audit_log.clone(), origins));
+    let mut origins = Origins::open(&pins)?;
+    // Records left by connections a previous agent never accepted can never be used.
+    let stale = origins.clear();
+    if stale > 0 {
+        info!(stale, "dropped hand-over records left by a previous agent");
+    }
+    let reported = state.read_reported()?;
+    let ids = state.read_ids()?;
+    let placeholder = Arc::new(View { policy: policy.clone(), ids: ids.clone() });
+    let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins));
     let mut agent = Agent {
         options,
         state,
@@ -225,7 +267,10 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         listen: listen.clone(),
         started: audit::now_rfc3339(),
     };
-    agent.apply(&policy)?;
+    let view = Arc::new(agent.view_of(policy, &ids)?);
+    shared.set_view(view.clone());
+    agent.apply(&view)?;
+    let policy = &view.policy;
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -233,9 +278,10 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         tokio::spawn(proxy::serve(l, shared.clone(), stop.clone(), tracker.clone()));
     }
     let events_task = tokio::spawn(read_events(events, shared.clone(), stop.clone()));
-    let counters_task = tokio::spawn(watch_counters(counters, audit_log.clone(), stop.clone()));
+    let counters_task =
+        tokio::spawn(watch_counters(counters, reported, agent.state.clone(), audit_log.clone(), stop.clone()));
 
-    agent.state.write_status(&agent.status(&policy))?;
+    agent.state.write_status(&agent.status(policy))?;
     let mut start = Record::new(Kind::AgentStart);
     start.policy = Some(policy.name.clone());
     start.detail = Some(format!(
@@ -262,9 +308,9 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         tokio::select! {
             _ = hup.recv() => {
                 match agent.reload() {
-                    Ok(p) => {
-                        info!(policy = %p.name, "policy reloaded");
-                        audit_log.append(policy_record(Kind::PolicyLoad, &agent.options.policy_file, Some(&p.name), None));
+                    Ok(v) => {
+                        info!(policy = %v.policy.name, "policy reloaded");
+                        audit_log.append(policy_record(Kind::PolicyLoad, &agent.options.policy_file, Some(&v.policy.name), None));
                     }
                     Err(e) => {
                         error!(error = %e, "policy reload rejected; the previous policy stays in force");
@@ -334,24 +380,24 @@ async fn read_events(rb: RingBuf<MapData>, shared: Arc<Shared>, stop: Cancellati
 }
 
 fn drain(rb: &mut RingBuf<MapData>, shared: &Shared, procs: &mut ProcCache) {
-    let mut policy = None;
+    let mut view = None;
     let mut clock = None;
     while let Some(item) = rb.next() {
-        let policy = policy.get_or_insert_with(|| shared.policy());
+        let view = view.get_or_insert_with(|| shared.view());
         let clock = clock.get_or_insert_with(Clock::now);
         match event::decode(&item) {
-            Ok(ev) => shared.audit.append(connect_record(&ev, policy, clock, procs)),
+            Ok(ev) => shared.audit.append(connect_record(&ev, view, clock, procs)),
             Err(e) => error!(error = %e, "malformed kernel event"),
         }
     }
 }
 
-fn connect_record(ev: &agent_common::Event, policy: &Policy, clock: &Clock, procs: &mut ProcCache) -> Record {
+fn connect_record(ev: &agent_common::Event, view: &View, clock: &Clock, procs: &mut ProcCache) -> Record {
     let rec = &ev.record;
     let mut r = Record::new(Kind::Connect);
-    Attribution::from_record_cached(rec, policy, procs).fill(&mut r);
+    Attribution::from_record_cached(rec, view, procs).fill(&mut r);
     r.destination = Some(event::destination(rec).to_string());
-    r.resource = event::index(rec.resource).and_then(|i| policy.resources.get(i)).map(|x| x.name.clone());
+    r.resource = view.resource_name(rec.resource).map(str::to_owned);
     r.hook = Some(event::hook_name(ev.hook).into());
     r.l4 = Some(if ev.l4 == agent_common::L4_UDP { "udp" } else { "tcp" }.into());
     r.verdict = Some(event::verdict_name(ev.verdict).into());
@@ -359,35 +405,54 @@ fn connect_record(ev: &agent_common::Event, policy: &Policy, clock: &Clock, proc
     r.would_deny = (ev.would_deny != 0).then_some(true);
     r.cookie = Some(rec.cookie);
     let at = clock.wall_of(rec.ts_boot_ns);
-    r.rule = Some(event::rule(ev, policy, at));
+    r.rule = Some(event::rule(ev, view, at));
     r.kernel_time = at.format(&time::format_description::well_known::Rfc3339).ok();
     r
 }
 
-/// Reports kernel-side losses (ring buffer full, hand-over failures) as audit records.
-async fn watch_counters(counters: Counters, audit: AuditLog, stop: CancellationToken) {
-    let mut last = counters.read();
+/// Reports kernel-side losses (ring buffer full, hand-over failures) as audit records,
+/// including those that happened while no agent was running (the totals already reported are
+/// kept in the state dir).
+async fn watch_counters(
+    counters: Counters,
+    mut reported: Reported,
+    state: StateDir,
+    audit: AuditLog,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
         let now = counters.read();
-        if now.events_dropped > last.events_dropped {
-            let n = now.events_dropped - last.events_dropped;
-            warn!(dropped = n, "kernel events dropped: ring buffer full");
+        // Counters restart from zero when the maps are created anew (after an uninstall).
+        let dropped = now.events_dropped.checked_sub(reported.events_dropped).unwrap_or(now.events_dropped);
+        let failed = now.handoff_failed.checked_sub(reported.handoff_failed).unwrap_or(now.handoff_failed);
+        if dropped > 0 {
+            warn!(dropped, "kernel events dropped: ring buffer full");
             let mut r = Record::new(Kind::EventsDropped);
-            r.count = Some(n);
-            r.detail = Some(format!("total dropped since load: {}", now.events_dropped));
+            r.count = Some(dropped);
+            r.detail = Some(format!("total dropped since the maps were created: {}", now.events_dropped));
             audit.append(r);
         }
-        if now.handoff_failed > last.handoff_failed {
-            warn!(
-                failed = now.handoff_failed - last.handoff_failed,
-                "kernel could not hand connection records to the proxy"
-            );
+        if failed > 0 {
+            warn!(failed, "kernel could not hand connection records to the proxy");
+            let mut r = Record::new(Kind::EventsDropped);
+            r.count = Some(failed);
+            r.reason = Some("handoff_failed".into());
+            r.detail = Some("redirected connections the proxy could not attribute (refused)".into());
+            audit.append(r);
         }
-        last = now;
+        if dropped > 0 || failed > 0 || now.events_dropped < reported.events_dropped {
+            reported = Reported { events_dropped: now.events_dropped, handoff_failed: now.handoff_failed };
+            if let Err(e) = state.write_reported(&reported) {
+                error!(error = %e, "cannot record which kernel losses were reported");
+            }
+        }
+        if stopping {
+            break;
+        }
     }
 }

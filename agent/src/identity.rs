@@ -7,7 +7,7 @@ use std::{
 
 use agent_common::ConnRecord;
 
-use crate::{audit::Record, kernel::event, policy::Policy};
+use crate::{audit::Record, ids::View, kernel::event};
 
 /// The kernel-attested facts about the process behind a connection, plus what /proc adds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,22 +25,21 @@ pub struct Attribution {
 impl Attribution {
     /// `exe` and `cgroup` come from /proc while the process lives; a process that already
     /// exited keeps the kernel facts only (and its identity's cgroup).
-    pub fn from_record(rec: &ConnRecord, policy: &Policy) -> Self {
-        Self::build(rec, policy, proc_facts(rec.tgid))
+    pub fn from_record(rec: &ConnRecord, view: &View) -> Self {
+        Self::build(rec, view, proc_facts(rec.tgid))
     }
 
     /// Like `from_record`, but reuses /proc facts read for the same process within the last
     /// second: a busy process emits thousands of events, and /proc reads dominate their cost.
-    pub fn from_record_cached(rec: &ConnRecord, policy: &Policy, cache: &mut ProcCache) -> Self {
+    pub fn from_record_cached(rec: &ConnRecord, view: &View, cache: &mut ProcCache) -> Self {
         let facts = cache.get(rec.tgid, rec.comm);
-        Self::build(rec, policy, facts)
+        Self::build(rec, view, facts)
     }
 
-    fn build(rec: &ConnRecord, policy: &Policy, (exe, cgroup): ProcFacts) -> Self {
-        let identity = event::index(rec.identity).and_then(|i| policy.identities.get(i));
-        let cgroup = cgroup.or_else(|| identity.map(|i| i.cgroup.to_string()));
+    fn build(rec: &ConnRecord, view: &View, (exe, cgroup): ProcFacts) -> Self {
+        let cgroup = cgroup.or_else(|| view.identity(rec.identity).map(|(_, i)| i.cgroup.to_string()));
         Self {
-            identity: identity.map(|i| i.name.clone()),
+            identity: view.identity_name(rec.identity).map(str::to_owned),
             pid: rec.pid,
             tgid: rec.tgid,
             uid: rec.uid,

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod audit;
 pub mod cgroup;
 pub mod identity;
+pub mod ids;
 pub mod kernel;
 pub mod policy;
 pub mod proxy;

@@ -237,10 +237,15 @@ fn status(state_dir: &Path) -> anyhow::Result<ExitCode> {
 
 fn uninstall(state_dir: &Path) -> anyhow::Result<ExitCode> {
     let state = StateDir::new(state_dir);
-    if state.is_locked() {
-        let pid = state.read_status().ok().flatten().map(|s| s.pid.to_string()).unwrap_or_else(|| "?".into());
-        bail!("an agent (pid {pid}) is running with state dir {}; stop it first", state.root.display());
-    }
+    // Hold the run lock while removing, so no agent starts on these pins meanwhile.
+    let _lock = match state.root.exists().then(|| state.lock()) {
+        Some(Err(tollgate::state::StateError::Locked(_))) => {
+            let pid = state.read_status().ok().flatten().map(|s| s.pid.to_string()).unwrap_or_else(|| "?".into());
+            bail!("an agent (pid {pid}) is running with state dir {}; stop it first", state.root.display());
+        }
+        Some(r) => Some(r?),
+        None => None,
+    };
     let pins = Pins { root: state.pin_dir() };
     if !pins.exists() {
         println!("nothing pinned for {}", state.root.display());

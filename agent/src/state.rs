@@ -9,6 +9,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::ids::Ids;
+
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
 pub const BPFFS: &str = "/sys/fs/bpf";
 
@@ -18,7 +20,7 @@ pub enum StateError {
     Io { path: PathBuf, source: io::Error },
     #[error("another agent is running with state dir {0}")]
     Locked(PathBuf),
-    #[error("{path}: unreadable status: {source}")]
+    #[error("{path}: unreadable state file: {source}")]
     Status { path: PathBuf, source: serde_json::Error },
 }
 
@@ -65,6 +67,17 @@ impl StateDir {
         self.root.join("agent.lock")
     }
 
+    /// Takes the run lock, retrying for a moment (a `status` may hold it briefly).
+    pub fn lock_wait(&self) -> Result<fs::File, StateError> {
+        for _ in 0..20 {
+            match self.lock() {
+                Err(StateError::Locked(_)) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                other => return other,
+            }
+        }
+        self.lock()
+    }
+
     /// Takes the run lock; held while the returned file lives.
     pub fn lock(&self) -> Result<fs::File, StateError> {
         let path = self.lock_path();
@@ -92,21 +105,58 @@ impl StateDir {
     }
 
     pub fn write_status(&self, status: &Status) -> Result<(), StateError> {
-        let path = self.status_path();
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(status).expect("status serialises");
-        fs::write(&tmp, text).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        self.write_json(&self.status_path(), status)
     }
 
     pub fn read_status(&self) -> Result<Option<Status>, StateError> {
-        let path = self.status_path();
-        match fs::read_to_string(&path) {
-            Ok(t) => serde_json::from_str(&t).map(Some).map_err(|source| StateError::Status { path, source }),
+        self.read_json(&self.status_path())
+    }
+
+    /// Stable identity/resource ids; they must outlive the agent, like the pinned maps that
+    /// carry them.
+    pub fn read_ids(&self) -> Result<Ids, StateError> {
+        Ok(self.read_json(&self.root.join("ids.json"))?.unwrap_or_default())
+    }
+
+    pub fn write_ids(&self, ids: &Ids) -> Result<(), StateError> {
+        self.write_json(&self.root.join("ids.json"), ids)
+    }
+
+    /// Kernel loss counters already reported on the audit trail.
+    pub fn read_reported(&self) -> Result<Reported, StateError> {
+        Ok(self.read_json(&self.root.join("reported.json"))?.unwrap_or_default())
+    }
+
+    pub fn write_reported(&self, r: &Reported) -> Result<(), StateError> {
+        self.write_json(&self.root.join("reported.json"), r)
+    }
+
+    /// Replaces a JSON file atomically and durably.
+    fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<(), StateError> {
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_string_pretty(value).expect("state files serialise");
+        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, path: &Path) -> Result<Option<T>, StateError> {
+        match fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|source| StateError::Status { path: path.to_owned(), source }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StateError::Io { path, source: e }),
+            Err(e) => Err(StateError::Io { path: path.to_owned(), source: e }),
         }
     }
+}
+
+/// Totals of the kernel's loss counters that are already on the audit trail.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reported {
+    pub events_dropped: u64,
+    pub handoff_failed: u64,
 }
 
 /// What a running agent reports about itself.

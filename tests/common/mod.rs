@@ -290,8 +290,15 @@ pub struct Server {
     stop: Arc<AtomicBool>,
 }
 
+/// Runs when a request arrives; its answer goes into the response body as `check=...`.
+pub type Check = Arc<dyn Fn() -> String + Send + Sync>;
+
 impl Server {
     pub fn start(bind: &str) -> Self {
+        Self::start_with(bind, Arc::new(String::new))
+    }
+
+    pub fn start_with(bind: &str, check: Check) -> Self {
         let listener = TcpListener::bind(bind).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -303,7 +310,8 @@ impl Server {
                 match listener.accept() {
                     Ok((stream, peer)) => {
                         p.lock().unwrap().push(peer);
-                        thread::spawn(move || serve(stream, peer));
+                        let check = check.clone();
+                        thread::spawn(move || serve(stream, peer, check));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -323,7 +331,7 @@ impl Drop for Server {
     }
 }
 
-fn serve(mut s: TcpStream, peer: SocketAddr) {
+fn serve(mut s: TcpStream, peer: SocketAddr, check: Check) {
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut req = Vec::new();
@@ -339,7 +347,7 @@ fn serve(mut s: TcpStream, peer: SocketAddr) {
             }
         }
     }
-    let body = format!("peer={peer} got={}\n", req.len());
+    let body = format!("peer={peer} got={} check={}\n", req.len(), check());
     let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     let _ = s.write_all(resp.as_bytes());
 }

@@ -69,15 +69,16 @@ pub fn check_line(head: &Head, line_no: usize, line: &str) -> Result<(Entry, Hea
     let malformed = |detail: &str| ChainError::Malformed { line: line_no, detail: detail.to_string() };
     let (hash, body) = split(line).ok_or_else(|| malformed("no leading hash"))?;
     let entry: Entry = serde_json::from_str(&body).map_err(|e| malformed(&e.to_string()))?;
+    // Content first: an edited seq is an alteration, not a gap.
+    if digest(body.as_bytes()) != hash {
+        return Err(ChainError::Altered { line: line_no, seq: entry.seq });
+    }
     let expected = head.seq + 1;
     if entry.seq > expected {
         return Err(ChainError::Missing { line: line_no, first: expected, last: entry.seq - 1 });
     }
     if entry.seq < expected {
         return Err(ChainError::OutOfOrder { line: line_no, seq: entry.seq, expected });
-    }
-    if digest(body.as_bytes()) != hash {
-        return Err(ChainError::Altered { line: line_no, seq: entry.seq });
     }
     if entry.prev != head.hash {
         return Err(ChainError::BrokenLink { line: line_no, seq: entry.seq });
@@ -142,6 +143,13 @@ mod tests {
         let body = body.replace("\"pid\":102", "\"pid\":999");
         lines[2] = format!("{PREFIX}{}\",{}\n", digest(body.as_bytes()), &body[1..]);
         assert_eq!(verify(&lines.concat()), Err(ChainError::BrokenLink { line: 4, seq: 4 }));
+    }
+
+    #[test]
+    fn edited_seq_is_an_alteration() {
+        let (mut lines, _) = trail(5);
+        lines[2] = lines[2].replace("\"seq\":3", "\"seq\":7");
+        assert_eq!(verify(&lines.concat()), Err(ChainError::Altered { line: 3, seq: 7 }));
     }
 
     #[test]

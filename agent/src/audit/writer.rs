@@ -63,33 +63,45 @@ pub fn now_rfc3339() -> String {
 fn recover(file: &mut File, path: &Path) -> Result<(Head, u64), AuditError> {
     let io_err = |source| AuditError::Io { path: path.to_owned(), source };
     let len = file.metadata().map_err(io_err)?.len();
-    if len == 0 {
-        return Ok((Head::genesis(), 0));
+    // Scan backwards in chunks for the last two newlines: the end of the last complete record
+    // and the start of it.
+    const CHUNK: u64 = 64 << 10;
+    let mut newlines: Vec<u64> = Vec::new();
+    let mut end = len;
+    while end > 0 && newlines.len() < 2 {
+        let start = end.saturating_sub(CHUNK);
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start)).map_err(io_err)?;
+        file.read_exact(&mut buf).map_err(io_err)?;
+        for (i, b) in buf.iter().enumerate().rev() {
+            if *b == b'\n' {
+                newlines.push(start + i as u64);
+                if newlines.len() == 2 {
+                    break;
+                }
+            }
+        }
+        end = start;
     }
-    // The last complete record is within the final window unless records are huge.
-    let window = len.min(1 << 20);
-    file.seek(SeekFrom::Start(len - window)).map_err(io_err)?;
-    let mut buf = Vec::with_capacity(window as usize);
-    file.read_to_end(&mut buf).map_err(io_err)?;
-    let complete_end = buf.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
-    let cut = (buf.len() - complete_end) as u64;
+    let complete_end = newlines.first().map_or(0, |&n| n + 1);
+    let cut = len - complete_end;
     if cut > 0 {
-        file.set_len(len - cut).map_err(io_err)?;
+        file.set_len(complete_end).map_err(io_err)?;
         file.sync_data().map_err(io_err)?;
     }
-    let complete = &buf[..complete_end];
-    let start =
-        complete[..complete.len().saturating_sub(1)].iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
-    if complete.is_empty() {
+    if complete_end == 0 {
         return Ok((Head::genesis(), cut));
     }
-    let last = String::from_utf8_lossy(&complete[start..complete.len() - 1]).into_owned();
-    // Trust the last line's own hash and seq: `audit verify` checks the whole chain.
-    let entry_head = last_head(&last).ok_or_else(|| AuditError::Chain {
+    let line_start = newlines.get(1).map_or(0, |&n| n + 1);
+    let mut last = vec![0u8; (complete_end - 1 - line_start) as usize];
+    file.seek(SeekFrom::Start(line_start)).map_err(io_err)?;
+    file.read_exact(&mut last).map_err(io_err)?;
+    // Trust the last line's own hash and seq here: `audit verify` checks the whole chain.
+    let head = last_head(&String::from_utf8_lossy(&last)).ok_or_else(|| AuditError::Chain {
         path: path.to_owned(),
         source: chain::ChainError::Malformed { line: 0, detail: "last record unreadable".into() },
     })?;
-    Ok((entry_head, cut))
+    Ok((head, cut))
 }
 
 fn last_head(line: &str) -> Option<Head> {
@@ -109,6 +121,8 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .map_err(|source| AuditError::Io { path: path.clone(), source })?;
+        // The file's directory entry must be durable too, or a crash can lose the whole trail.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
         let (mut head, cut) = recover(&mut file, &path)?;
         let (tx, rx) = mpsc::unbounded_channel();
         if cut > 0 {
@@ -146,6 +160,10 @@ const MAX_BATCH: usize = 4096;
 fn run(mut file: File, path: PathBuf, mut head: Head, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut buf = String::new();
     let mut acks: Vec<(Ack, u64)> = Vec::new();
+    // Records of failed batches: the next batch that reaches disk says how many are missing,
+    // so a gap is never silent even though the chain itself stays intact.
+    let mut lost: u64 = 0;
+    let mut last_error = String::new();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -157,6 +175,16 @@ fn run(mut file: File, path: PathBuf, mut head: Head, mut rx: mpsc::UnboundedRec
         buf.clear();
         let start_head = head.clone();
         let start_len = file.metadata().map(|m| m.len()).ok();
+        let batch_len = batch.len() as u64;
+        if lost > 0 {
+            let mut r = Record::new(Kind::AuditRecovered);
+            r.count = Some(lost);
+            r.error = Some(last_error.clone());
+            r.detail = Some(format!("{lost} records could not be written and are missing from the trail"));
+            let (line, h) = chain::seal(&head, now_rfc3339(), r);
+            buf.push_str(&line);
+            head = h;
+        }
         for m in batch {
             let (line, h) = chain::seal(&head, now_rfc3339(), m.record);
             buf.push_str(&line);
@@ -165,18 +193,19 @@ fn run(mut file: File, path: PathBuf, mut head: Head, mut rx: mpsc::UnboundedRec
                 acks.push((a, head.seq));
             }
         }
-        let res = file.write_all(buf.as_bytes()).and_then(|_| file.sync_data());
-        match res {
+        match file.write_all(buf.as_bytes()).and_then(|_| file.sync_data()) {
             Ok(()) => {
+                lost = 0;
                 for (a, seq) in acks.drain(..) {
                     let _ = a.send(Ok(seq));
                 }
             }
             Err(e) => {
-                tracing::error!(path = %path.display(), error = %e, "audit write failed");
-                // Roll the chain back so later records still link to what is on disk.
+                lost += batch_len;
+                last_error = e.to_string();
+                tracing::error!(path = %path.display(), error = %e, lost, "audit write failed");
+                // Roll the chain back and cut a partial write, so the trail stays a valid chain.
                 head = start_head;
-                // Cut back a partial write so the trail stays a valid chain.
                 if let Some(len) = start_len {
                     let _ = file.set_len(len);
                 }
@@ -223,5 +252,28 @@ mod tests {
         let text = fs::read_to_string(&path).unwrap();
         assert_eq!(chain::verify(&text).unwrap().seq, 6);
         assert!(text.contains("audit_recovered"));
+    }
+
+    #[tokio::test]
+    async fn recovery_finds_the_head_behind_records_larger_than_a_read_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        for n in [10, 300_000, 200_000] {
+            let mut r = Record::new(Kind::PolicyRejected);
+            r.error = Some("x".repeat(n));
+            log.append_durable(r).await.unwrap();
+        }
+        drop(log);
+        thread.join();
+        let path = trail_path(dir.path());
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all("y".repeat(100_000).as_bytes()).unwrap();
+        drop(f);
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        // seq 4 is the audit_recovered note, so the next record is 5.
+        assert_eq!(log.append_durable(Record::new(Kind::AgentStart)).await.unwrap(), 5);
+        drop(log);
+        thread.join();
+        assert_eq!(chain::verify(&fs::read_to_string(&path).unwrap()).unwrap().seq, 5);
     }
 }

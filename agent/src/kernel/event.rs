@@ -1,12 +1,12 @@
 //! Decoding of ring-buffer events into typed values. Pure.
 use std::net::SocketAddr;
 
-use agent_common::{ConnRecord, Event, NONE, hook, reason, verdict};
+use agent_common::{ConnRecord, Event, hook, reason, verdict};
 
 use time::OffsetDateTime;
 
 use super::plan::ip_of;
-use crate::policy::{Access, Policy};
+use crate::{ids::View, policy::Access};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -30,10 +30,6 @@ pub fn destination(rec: &ConnRecord) -> SocketAddr {
 pub fn comm(rec: &ConnRecord) -> String {
     let end = rec.comm.iter().position(|&b| b == 0).unwrap_or(rec.comm.len());
     String::from_utf8_lossy(&rec.comm[..end]).into_owned()
-}
-
-pub fn index(i: u32) -> Option<usize> {
-    (i != NONE).then_some(i as usize)
 }
 
 pub fn hook_name(h: u8) -> &'static str {
@@ -68,11 +64,11 @@ pub fn reason_name(r: u8) -> &'static str {
 }
 
 /// The policy rule behind a kernel decision, as audit records name it.
-pub fn rule(ev: &Event, policy: &Policy, at: OffsetDateTime) -> String {
+pub fn rule(ev: &Event, view: &View, at: OffsetDateTime) -> String {
     match ev.reason {
         reason::GRANTED | reason::GRANT_EXPIRED | reason::NOT_GRANTED => {
-            match (index(ev.record.identity), index(ev.record.resource)) {
-                (Some(i), Some(r)) => match policy.access(i, r, at) {
+            match (view.identity(ev.record.identity), view.resource(ev.record.resource)) {
+                (Some((i, _)), Some((r, _))) => match view.policy.access(i, r, at) {
                     Access::Granted { grant } | Access::Expired { grant } => grant.to_string(),
                     Access::NotGranted => "no-grant".into(),
                 },
@@ -105,6 +101,5 @@ mod tests {
         assert_eq!(comm(&back.record), "curl");
         assert_eq!(verdict_name(back.verdict), "redirect");
         assert_eq!(decode(&bytes[1..]), Err(DecodeError::Size(size_of::<Event>() - 1, size_of::<Event>())));
-        assert_eq!(index(NONE), None);
     }
 }

@@ -10,8 +10,8 @@ use std::{
 };
 
 use agent_common::{
-    Config, ConnRecord, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, PeerKey, ResourceValue, counters,
-    maps, programs,
+    Config, ConnRecord, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, MAX_GRANTS, MAX_IDENTITIES,
+    MAX_RESOURCES, PeerKey, ResourceValue, counters, maps, programs,
 };
 use aya::{
     Ebpf, EbpfLoader, Pod,
@@ -41,6 +41,13 @@ pub enum KernelError {
     Pin { path: PathBuf, source: io::Error },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "policy too large for the kernel maps: {identities} identity entries (max {}), {resources} resource addresses (max {}), {grants} grant pairs (max {})",
+        MAX_IDENTITIES,
+        MAX_RESOURCES,
+        MAX_GRANTS
+    )]
+    TooLarge { identities: usize, resources: usize, grants: usize },
 }
 
 /// The eBPF object built by agent/build.rs.
@@ -242,12 +249,26 @@ impl Kernel {
         self.pins.detach_cgroup(id)
     }
 
-    /// Makes the maps hold exactly what the plan says. The config goes last, so a redirect
-    /// never points at a proxy before the entries it relies on exist.
+    /// Makes the maps hold exactly what the plan says, in an order where every intermediate
+    /// state is at most as permissive as the old or the new policy: stale grants go first,
+    /// new grants last, and the config (where the proxy is) at the very end.
     pub fn sync(&mut self, plan: &Plan) -> Result<(), KernelError> {
-        sync_hash::<IdentityKey, IdentityValue>(&mut self.ebpf, maps::IDENTITIES, &plan.identities)?;
-        sync_hash::<DestKey, ResourceValue>(&mut self.ebpf, maps::RESOURCES, &plan.resources)?;
-        sync_hash::<GrantKey, GrantValue>(&mut self.ebpf, maps::GRANTS, &plan.grants)?;
+        if plan.identities.len() > MAX_IDENTITIES as usize
+            || plan.resources.len() > MAX_RESOURCES as usize
+            || plan.grants.len() > MAX_GRANTS as usize
+        {
+            return Err(KernelError::TooLarge {
+                identities: plan.identities.len(),
+                resources: plan.resources.len(),
+                grants: plan.grants.len(),
+            });
+        }
+        remove_stale::<GrantKey, GrantValue>(&mut self.ebpf, maps::GRANTS, &plan.grants)?;
+        remove_stale::<IdentityKey, IdentityValue>(&mut self.ebpf, maps::IDENTITIES, &plan.identities)?;
+        remove_stale::<DestKey, ResourceValue>(&mut self.ebpf, maps::RESOURCES, &plan.resources)?;
+        upsert::<IdentityKey, IdentityValue>(&mut self.ebpf, maps::IDENTITIES, &plan.identities)?;
+        upsert::<DestKey, ResourceValue>(&mut self.ebpf, maps::RESOURCES, &plan.resources)?;
+        upsert::<GrantKey, GrantValue>(&mut self.ebpf, maps::GRANTS, &plan.grants)?;
         let name = maps::CONFIG;
         let map = self.ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?;
         let mut cfg: Array<&mut MapData, Config> =
@@ -290,23 +311,34 @@ fn pin_link(link: FdLink, path: PathBuf) -> Result<(), KernelError> {
     Ok(())
 }
 
-fn sync_hash<K: Pod + Eq + std::hash::Hash, V: Pod + PartialEq>(
+fn hash_map<'a, K: Pod, V: Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<BpfHashMap<&'a mut MapData, K, V>, KernelError> {
+    let map = ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?;
+    BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+fn remove_stale<K: Pod + Eq + std::hash::Hash, V: Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
     want: &[(K, V)],
 ) -> Result<(), KernelError> {
-    let map = ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?;
-    let mut m: BpfHashMap<&mut MapData, K, V> =
-        BpfHashMap::try_from(map).map_err(|source| KernelError::Map { name, source })?;
+    let mut m = hash_map::<K, V>(ebpf, name)?;
     let keep: HashSet<K> = want.iter().map(|(k, _)| *k).collect();
+    let stale: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
+    for k in stale {
+        m.remove(&k).map_err(|source| KernelError::Map { name, source })?;
+    }
+    Ok(())
+}
+
+fn upsert<K: Pod, V: Pod + PartialEq>(ebpf: &mut Ebpf, name: &'static str, want: &[(K, V)]) -> Result<(), KernelError> {
+    let mut m = hash_map::<K, V>(ebpf, name)?;
     for (k, v) in want {
         if m.get(k, 0).ok().as_ref() != Some(v) {
             m.insert(k, v, 0).map_err(|source| KernelError::Map { name, source })?;
         }
-    }
-    let stale: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !keep.contains(k)).collect();
-    for k in stale {
-        m.remove(&k).map_err(|source| KernelError::Map { name, source })?;
     }
     Ok(())
 }
@@ -350,6 +382,12 @@ impl Origins {
         let data = MapData::from_pin(pins.map(name)).map_err(|source| KernelError::Map { name, source })?;
         let map = Map::from_map_data(data).map_err(|source| KernelError::Map { name, source })?;
         BpfHashMap::try_from(map).map(Origins).map_err(|source| KernelError::Map { name, source })
+    }
+
+    /// Forgets every hand-over record (at start-up: none of them can be accepted any more).
+    pub fn clear(&mut self) -> usize {
+        let keys: Vec<PeerKey> = self.0.keys().filter_map(Result::ok).collect();
+        keys.iter().filter(|k| self.0.remove(k).is_ok()).count()
     }
 
     /// Looks up and removes the record for a client address.

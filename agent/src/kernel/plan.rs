@@ -5,13 +5,14 @@ use std::{
 };
 
 use agent_common::{
-    ANY_UID, Addr6, Config, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, MODE_ENFORCE, MODE_MONITOR,
-    ResourceValue, UNLISTED_ALLOW, UNLISTED_DENY,
+    AGENT_MARK, ANY_UID, Addr6, Config, DestKey, GrantKey, GrantValue, IdentityKey, IdentityValue, MODE_ENFORCE,
+    MODE_MONITOR, ResourceValue, UNLISTED_ALLOW, UNLISTED_DENY,
 };
 use time::OffsetDateTime;
 
 use crate::{
     cgroup::CgroupId,
+    ids::Ids,
     policy::{CgroupPath, Mode, Policy, Unlisted},
 };
 
@@ -99,7 +100,8 @@ pub struct Inputs<'a> {
     /// Resolved addresses, one list per resource (same order as `policy.resources`).
     pub resolved: &'a [Vec<SocketAddr>],
     pub proxy: ProxyAddrs,
-    pub agent_tgid: u32,
+    /// Stable ids; must have seen `policy` (`Ids::assign`).
+    pub ids: &'a Ids,
     pub clock: Clock,
 }
 
@@ -115,7 +117,7 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         proxy_port4: port_be(i.proxy.v4.port()),
         proxy_ip6,
         proxy_port6,
-        agent_tgid: i.agent_tgid,
+        agent_mark: AGENT_MARK,
         mode: match p.mode {
             Mode::Enforce => MODE_ENFORCE,
             Mode::Monitor => MODE_MONITOR,
@@ -129,11 +131,14 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
     };
 
     let mut identities = Vec::new();
-    for (index, id) in p.identities.iter().enumerate() {
+    for id in &p.identities {
         let Some(cg) = i.cgroup_ids.get(&id.cgroup) else { continue };
         let uids: Vec<u32> = if id.uids.is_empty() { vec![ANY_UID] } else { id.uids.clone() };
         for uid in uids {
-            identities.push((IdentityKey { cgroup_id: cg.0, uid, _pad: 0 }, IdentityValue { index: index as u32 }));
+            identities.push((
+                IdentityKey { cgroup_id: cg.0, uid, _pad: 0 },
+                IdentityValue { index: i.ids.identity(&id.name) },
+            ));
         }
     }
 
@@ -151,7 +156,7 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
                 Some(&other) => conflicts.push((*sa, p.resources[other].name.clone(), p.resources[index].name.clone())),
                 None => {
                     seen.insert(key, index);
-                    resources.push((key, ResourceValue { index: index as u32 }));
+                    resources.push((key, ResourceValue { index: i.ids.resource(&p.resources[index].name) }));
                 }
             }
         }
@@ -162,7 +167,10 @@ pub fn plan(i: &Inputs<'_>) -> Plan {
         .into_iter()
         .map(|(id, res, exp)| {
             (
-                GrantKey { identity: id as u32, resource: res as u32 },
+                GrantKey {
+                    identity: i.ids.identity(&p.identities[id].name),
+                    resource: i.ids.resource(&p.resources[res].name),
+                },
                 GrantValue { expires_boot_ns: exp.map_or(0, |e| i.clock.boot_deadline(e)) },
             )
         })
@@ -204,12 +212,18 @@ spec:
                 .into();
         let resolved = vec![vec!["127.0.0.1:5432".parse().unwrap()], vec!["[::1]:5432".parse().unwrap()]];
         let clock = Clock { wall: datetime!(2026-11-30 0:00 UTC), boot_ns: 1_000 };
+        let mut names = Ids::default();
+        // Ids are stable across policy versions: an earlier version had "zz" first.
+        names.assign(&policy::parse(&POLICY.replace("name: a,", "name: zz,"), Path::new("t")).unwrap());
+        names.assign(&pol);
+        let (a, b) = (names.identity("a"), names.identity("b"));
+        assert_eq!((b, a), (1, 2));
         let plan = plan(&Inputs {
             policy: &pol,
             cgroup_ids: &ids,
             resolved: &resolved,
             proxy: ProxyAddrs { v4: "127.0.0.1:15001".parse().unwrap(), v6: None },
-            agent_tgid: 42,
+            ids: &names,
             clock,
         });
         assert_eq!(plan.config.proxy_port4, u32::from(15001u16.to_be()));
@@ -217,14 +231,14 @@ spec:
         // No IPv6 listener: IPv6 sockets go to the IPv4 listener, v4-mapped.
         assert_eq!(plan.config.proxy_ip6, agent_common::v4_mapped(plan.config.proxy_ip4));
         assert_eq!(plan.config.unlisted, UNLISTED_ALLOW);
-        assert_eq!(plan.config.agent_tgid, 42);
+        assert_eq!(plan.config.agent_mark, AGENT_MARK);
         assert_eq!(plan.identities.len(), 3);
         assert!(
             plan.identities
-                .contains(&(IdentityKey { cgroup_id: 22, uid: ANY_UID, _pad: 0 }, IdentityValue { index: 1 }))
+                .contains(&(IdentityKey { cgroup_id: 22, uid: ANY_UID, _pad: 0 }, IdentityValue { index: b }))
         );
         assert!(
-            plan.identities.contains(&(IdentityKey { cgroup_id: 11, uid: 2, _pad: 0 }, IdentityValue { index: 0 }))
+            plan.identities.contains(&(IdentityKey { cgroup_id: 11, uid: 2, _pad: 0 }, IdentityValue { index: a }))
         );
         assert_eq!(
             plan.resources[0].0,
@@ -236,11 +250,12 @@ spec:
                 .find(|(k, _)| *k == GrantKey { identity: i, resource: r })
                 .map(|(_, v)| v.expires_boot_ns)
         };
-        assert_eq!(g(0, 0), Some(1_000 + 86_400 * 1_000_000_000));
-        assert_eq!(g(1, 0), Some(0));
+        let (db, db6) = (names.resource("db"), names.resource("db6"));
+        assert_eq!(g(a, db), Some(1_000 + 86_400 * 1_000_000_000));
+        assert_eq!(g(b, db), Some(0));
         // g2 never expires, so the expired grant "old" does not shorten b's access to db6.
-        assert_eq!(g(1, 1), Some(0));
-        assert_eq!(g(0, 1), None);
+        assert_eq!(g(b, db6), Some(0));
+        assert_eq!(g(a, db6), None);
     }
 
     #[test]

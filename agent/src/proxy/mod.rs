@@ -19,32 +19,36 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     audit::{AuditLog, Kind, Record},
     identity::Attribution,
-    kernel::{Origins, event},
-    policy::{Access, Mode, Policy, Protocol},
+    ids::View,
+    kernel::{Origins, event, plan::boot_ns},
+    policy::{Access, Mode, Protocol},
 };
 
 /// How long the proxy waits for an upstream to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Oldest kernel hand-over record the proxy accepts.
+const MAX_RECORD_AGE: Duration = Duration::from_secs(30);
 
 /// What every connection handler needs.
 pub struct Shared {
-    pub policy: RwLock<Arc<Policy>>,
+    view: RwLock<Arc<View>>,
     pub audit: AuditLog,
     pub origins: Mutex<Origins>,
     next_session: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(policy: Arc<Policy>, audit: AuditLog, origins: Origins) -> Self {
-        Self { policy: RwLock::new(policy), audit, origins: Mutex::new(origins), next_session: AtomicU64::new(1) }
+    pub fn new(view: Arc<View>, audit: AuditLog, origins: Origins) -> Self {
+        Self { view: RwLock::new(view), audit, origins: Mutex::new(origins), next_session: AtomicU64::new(1) }
     }
 
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The policy in force with its ids.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn set_policy(&self, p: Arc<Policy>) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = p;
+    pub fn set_view(&self, v: Arc<View>) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = v;
     }
 }
 
@@ -96,10 +100,11 @@ async fn handle(
         warn!("refused a connection that the kernel did not redirect");
         return;
     };
-    let policy = shared.policy();
-    let who = Attribution::from_record(&rec, &policy);
+    let view = shared.view();
+    let policy = &view.policy;
+    let who = Attribution::from_record(&rec, &view);
     let dst = event::destination(&rec);
-    let resource = event::index(rec.resource).and_then(|i| policy.resources.get(i).map(|r| (i, r)));
+    let resource = view.resource(rec.resource);
     let mut base = Record::new(Kind::SessionStart);
     who.fill(&mut base);
     base.session = Some(session);
@@ -107,14 +112,21 @@ async fn handle(
     base.cookie = Some(rec.cookie);
     base.l4 = Some("tcp".into());
 
+    // The hand-over happens as the client's handshake completes; an old record is one left
+    // behind (by connections never accepted before an agent stopped) and is not trusted.
+    let age = Duration::from_nanos(boot_ns().saturating_sub(rec.ts_boot_ns));
+    if age > MAX_RECORD_AGE {
+        reject(shared, base, "stale_kernel_record", None);
+        return;
+    }
     let Some((res_idx, res)) = resource else {
         // The policy changed between the kernel's decision and accept(): the resource is gone.
         reject(shared, base, "resource_removed", None);
         return;
     };
     base.resource = Some(res.name.clone());
-    let access = match event::index(rec.identity) {
-        Some(id) => policy.access(id, res_idx, OffsetDateTime::now_utc()),
+    let access = match view.identity(rec.identity) {
+        Some((id, _)) => policy.access(id, res_idx, OffsetDateTime::now_utc()),
         None => Access::NotGranted,
     };
     let (rule, granted) = match access {

@@ -3,7 +3,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -16,14 +16,28 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// Dials `dst` with the agent's socket mark, so the kernel hooks let it through.
+pub async fn connect_marked(dst: SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    let socket = if dst.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)?;
+    socket.connect(dst).await
+}
+
+/// Closes with RST rather than FIN, so a peer never mistakes a failure for a clean end.
+fn abort(s: &TcpStream) {
+    let _ = s.set_zero_linger();
+}
+
 pub async fn relay(mut client: TcpStream, dst: SocketAddr, timeout: Duration, stop: &CancellationToken) -> Outcome {
-    let upstream = match tokio::time::timeout(timeout, TcpStream::connect(dst)).await {
+    let connect = tokio::time::timeout(timeout, connect_marked(dst, agent_common::AGENT_MARK)).await;
+    let mut upstream = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            let _ = client.shutdown().await;
+            abort(&client);
             return Outcome { error: Some(format!("upstream {dst}: {e}")), ..Default::default() };
         }
         Err(_) => {
+            abort(&client);
             return Outcome {
                 error: Some(format!("upstream {dst}: connect timed out after {timeout:?}")),
                 ..Default::default()
@@ -32,19 +46,24 @@ pub async fn relay(mut client: TcpStream, dst: SocketAddr, timeout: Duration, st
     };
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
-    pump(client, upstream, stop).await
+    let outcome = pump(&mut client, &mut upstream, stop).await;
+    if outcome.error.is_some() {
+        abort(&client);
+        abort(&upstream);
+    }
+    outcome
 }
 
 /// Copies both directions until both have ended; an EOF in one direction is passed on as a
 /// shutdown of the other side's write half, so half-closed protocols keep working.
-async fn pump<A, B>(mut a: A, mut b: B, stop: &CancellationToken) -> Outcome
+async fn pump<A, B>(a: &mut A, b: &mut B, stop: &CancellationToken) -> Outcome
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let mut counted = CountingCopy::default();
     tokio::select! {
-        r = counted.run(&mut a, &mut b) => match r {
+        r = counted.run(a, b) => match r {
             Ok(()) => counted.outcome(None),
             Err(e) => counted.outcome(Some(e.to_string())),
         },
@@ -116,7 +135,10 @@ mod tests {
         let (mut client, proxy_a) = duplex(64);
         let (proxy_b, mut server) = duplex(64);
         let stop = CancellationToken::new();
-        let relay = tokio::spawn(async move { pump(proxy_a, proxy_b, &stop).await });
+        let relay = tokio::spawn(async move {
+            let (mut a, mut b) = (proxy_a, proxy_b);
+            pump(&mut a, &mut b, &stop).await
+        });
         client.write_all(b"hello").await.unwrap();
         client.shutdown().await.unwrap();
         // The server sees the client's EOF (half-close) and can still answer.
