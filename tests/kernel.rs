@@ -398,3 +398,56 @@ fn uids_narrow_an_identity_and_other_users_are_untouched() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(!env.audit().iter().any(|r| r["uid"] == 65534), "an unenrolled user was recorded");
 }
+
+#[test]
+fn reload_that_reorders_and_removes_identities_keeps_attribution_right() {
+    if !privileged("reload_that_reorders_and_removes_identities_keeps_attribution_right") {
+        return;
+    }
+    let a = Server::start("127.0.0.1:0");
+    let b = Server::start("127.0.0.1:0");
+    let mut env = Env::new("reorder");
+    let two = |first: &str, second: &str, grants: &str| {
+        format!(
+            r#"apiVersion: tollgate/v1alpha1
+kind: Policy
+metadata: {{ name: reorder }}
+spec:
+  unlisted: deny
+  proxy: {{ listen: ["127.0.0.1:0"] }}
+  identities:
+{first}{second}  resources:
+    - {{ name: a, protocol: tcp, address: "{a}" }}
+    - {{ name: b, protocol: tcp, address: "{b}" }}
+  grants:
+{grants}"#,
+            a = a.addr,
+            b = b.addr
+        )
+    };
+    let one = format!("    - {{ name: one, cgroup: {} }}\n", env.cgroup("one"));
+    let other = format!("    - {{ name: other, cgroup: {} }}\n", env.cgroup("other"));
+    env.write_policy(&two(
+        &one,
+        &other,
+        "    - { name: one-a, to: [identity:one], resources: [a] }\n    - { name: other-b, to: [identity:other], resources: [b] }\n",
+    ));
+    env.start_agent();
+    let call = |port: u16| py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}))"));
+    assert!(env.python_in("one", &call(a.addr.port())).0.starts_with("OK"));
+    assert!(env.python_in("other", &call(b.addr.port())).0.starts_with("OK"));
+
+    // Swap the identities' order and drop "one": "other" keeps exactly its own grant.
+    env.write_policy(&two(&other, "", "    - { name: other-b, to: [identity:other], resources: [b] }\n"));
+    env.signal(Signal::SIGHUP);
+    env.wait_log("policy reloaded");
+    assert!(env.python_in("other", &call(b.addr.port())).0.starts_with("OK"));
+    assert_eq!(env.python_in("other", &call(a.addr.port())).0, "ERR EPERM");
+    // "one" is no longer enrolled: its cgroup was detached, it is untouched.
+    assert!(env.python_in("one", &call(a.addr.port())).0.starts_with("OK"));
+    let sessions: Vec<_> = env.audit().into_iter().filter(|r| r["kind"] == "session_start").collect();
+    assert_eq!(sessions.len(), 3, "{sessions:?}");
+    assert_eq!((sessions[2]["identity"].as_str(), sessions[2]["resource"].as_str()), (Some("other"), Some("b")));
+    let denied = env.wait_audit("other denied a", |r| r["verdict"] == "deny" && r["resource"] == "a");
+    assert_eq!(denied["identity"], "other");
+}
