@@ -379,3 +379,110 @@ def attempt(family, addr, kind=socket.SOCK_STREAM, op="connect"):
     except OSError as e:
         print("ERR", errno.errorcode.get(e.errno, e.errno))
 "#;
+
+/// A throwaway PostgreSQL 15 server (initdb + pg_ctl as the `postgres` user) on a free loopback
+/// port, with SCRAM-SHA-256 authentication and one login `app` whose password only the agent's
+/// secret file holds.
+pub struct Postgres {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub password: String,
+    /// The secret file for the policy (mode 0600, root-owned).
+    pub secret_file: PathBuf,
+}
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl Postgres {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("tollgate-pg-").tempdir().unwrap();
+        let pg = nix::unistd::User::from_name("postgres").unwrap().expect("user postgres (package postgresql-15)");
+        nix::unistd::chown(dir.path(), Some(pg.uid), Some(pg.gid)).unwrap();
+        let password = format!("s3cret-{}", std::process::id());
+        let pwfile = dir.path().join("initdb-pw");
+        std::fs::write(&pwfile, &password).unwrap();
+        nix::unistd::chown(&pwfile, Some(pg.uid), Some(pg.gid)).unwrap();
+        let data = dir.path().join("data");
+        let run = |args: &[&str]| {
+            let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            &format!("{PG_BIN}/initdb"),
+            "-D",
+            data.to_str().unwrap(),
+            "-A",
+            "scram-sha-256",
+            "-U",
+            "app",
+            "--pwfile",
+            pwfile.to_str().unwrap(),
+        ]);
+        std::fs::remove_file(&pwfile).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display());
+        run(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            dir.path().join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&secret_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        Self { port, dir, password, secret_file }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Runs SQL directly (not through the agent) as `app`.
+    pub fn direct(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "app",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &format!("{PG_BIN}/pg_ctl"),
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .output();
+    }
+}

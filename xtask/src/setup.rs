@@ -8,7 +8,7 @@ use crate::util::{cargo, output, root, run};
 /// Debian packages the tests, demo and benchmarks use.
 const PACKAGES: &[&str] = &["curl", "python3", "iproute2", "bpftool", "clang", "libclang-dev", "postgresql-15"];
 
-pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql"];
+pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql", "postgres_wire"];
 
 fn missing_packages() -> Vec<&'static str> {
     PACKAGES

@@ -20,6 +20,8 @@ pub enum Kind {
     EventsDropped,
     /// The trail's tail was incomplete at start-up (crash mid-write) and was cut back.
     AuditRecovered,
+    /// A SQL statement (or extended-protocol batch member), judged before it is forwarded.
+    Statement,
 }
 
 impl Kind {
@@ -35,6 +37,7 @@ impl Kind {
             Kind::AgentStop => "agent_stop",
             Kind::EventsDropped => "events_dropped",
             Kind::AuditRecovered => "audit_recovered",
+            Kind::Statement => "statement",
         }
     }
 }
@@ -68,6 +71,15 @@ pub struct Record {
     pub resource: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub l4: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The user the proxy logged in upstream as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_kinds: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,6 +126,10 @@ impl Record {
             destination: None,
             resource: None,
             l4: None,
+            database: None,
+            db_user: None,
+            statement: None,
+            statement_kinds: None,
             hook: None,
             verdict: None,
             would_deny: None,
@@ -160,6 +176,10 @@ impl Entry {
         field("dst", r.destination.clone());
         field("resource", r.resource.clone());
         field("l4", r.l4.clone());
+        field("db", r.database.clone());
+        field("db_user", r.db_user.clone());
+        field("kinds", r.statement_kinds.as_ref().map(|k| k.join(",")));
+        field("sql", r.statement.as_ref().map(|q| format!("{q:?}")));
         field("verdict", r.verdict.clone());
         field("would_deny", r.would_deny.map(|v| v.to_string()));
         field("rule", r.rule.clone());

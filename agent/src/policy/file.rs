@@ -57,6 +57,25 @@ pub struct ResourceSpec {
     pub name: String,
     pub protocol: String,
     pub address: String,
+    #[serde(default)]
+    pub credentials: Option<CredentialsSpec>,
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsSpec {
+    pub user: String,
+    pub password_file: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    pub mode: String,
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,4 +86,30 @@ pub struct GrantSpec {
     pub resources: Vec<String>,
     #[serde(default)]
     pub expires: Option<String>,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: MatchSpec,
+    pub action: String,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    #[serde(default)]
+    pub statements: Vec<String>,
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default, rename = "where")]
+    pub where_: Option<String>,
 }

@@ -6,8 +6,8 @@ pub mod rules;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    API_VERSION, Access, CgroupPath, DEFAULT_LISTEN_PORT, Grant, Identity, Mode, Policy, Protocol, Resource,
-    ResourceAddress, Unlisted, ValidationError,
+    API_VERSION, Access, CgroupPath, Credentials, DEFAULT_LISTEN_PORT, Grant, Identity, Mode, Policy, Protocol,
+    Resource, ResourceAddress, Unlisted, ValidationError,
 };
 
 /// Why a policy file was refused; every variant names the file.

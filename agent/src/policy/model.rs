@@ -7,7 +7,11 @@ use std::{
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::file::{GrantSpec, IdentitySpec, PolicyFile, ResourceSpec};
+use super::{
+    file::{GrantSpec, IdentitySpec, PolicyFile, ResourceSpec, RuleSpec},
+    rules::{Action, Rule},
+};
+use crate::sql::Kind;
 
 pub const API_VERSION: &str = "tollgate/v1alpha1";
 pub const DEFAULT_LISTEN_PORT: u16 = 15001;
@@ -39,12 +43,14 @@ pub enum Unlisted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Tcp,
+    Postgres,
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Protocol::Tcp => f.write_str("tcp"),
+            Protocol::Postgres => f.write_str("postgres"),
         }
     }
 }
@@ -150,6 +156,15 @@ pub struct Resource {
     pub name: String,
     pub protocol: Protocol,
     pub address: ResourceAddress,
+    /// How the proxy logs in upstream (`postgres` resources).
+    pub credentials: Option<Credentials>,
+}
+
+/// The real credential of a resource: the proxy logs in with it; the client never sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password_file: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +175,10 @@ pub struct Grant {
     /// Indices into `Policy::resources`.
     pub resources: Vec<usize>,
     pub expires: Option<OffsetDateTime>,
+    /// Statement rules for PostgreSQL resources, first match wins.
+    pub rules: Vec<Rule>,
+    /// For statements no rule matches: `deny` when rules are given, `allow` otherwise.
+    pub default: Action,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +257,10 @@ impl Policy {
     /// The next instant at which a grant expires, after `now` (the agent re-syncs then).
     pub fn next_expiry(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
         self.grants.iter().filter_map(|g| g.expires).filter(|&e| e > now).min()
+    }
+
+    pub fn grant(&self, name: &str) -> Option<&Grant> {
+        self.grants.iter().find(|g| g.name == name)
     }
 
     /// Distinct cgroups the identities name, in file order.
@@ -371,7 +394,8 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
         }
         let protocol = match s.protocol.as_str() {
             "tcp" => Protocol::Tcp,
-            "postgres" | "http" => {
+            "postgres" => Protocol::Postgres,
+            "http" => {
                 return Err(invalid(
                     format!("{at}.protocol"),
                     format!("protocol {:?} is not supported by this version yet; use tcp", s.protocol),
@@ -381,11 +405,43 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
                 return Err(invalid(format!("{at}.protocol"), format!("unknown protocol {other:?}; expected tcp")));
             }
         };
+        let credentials = match (protocol, &s.credentials) {
+            (Protocol::Postgres, Some(c)) => {
+                if c.user.is_empty() {
+                    return Err(invalid(format!("{at}.credentials.user"), "must not be empty"));
+                }
+                if !c.password_file.starts_with('/') {
+                    return Err(invalid(format!("{at}.credentials.password_file"), "must be an absolute path"));
+                }
+                Some(Credentials { user: c.user.clone(), password_file: c.password_file.clone().into() })
+            }
+            (Protocol::Postgres, None) => {
+                return Err(invalid(
+                    format!("{at}.credentials"),
+                    "a postgres resource needs credentials: { user, password_file }",
+                ));
+            }
+            (Protocol::Tcp, Some(_)) => {
+                return Err(invalid(format!("{at}.credentials"), "only postgres resources take credentials"));
+            }
+            (Protocol::Tcp, None) => None,
+        };
+        if let Some(tls) = &s.tls {
+            if protocol != Protocol::Postgres {
+                return Err(invalid(format!("{at}.tls"), "only postgres resources take tls settings"));
+            }
+            if tls.mode != "disable" || tls.ca_file.is_some() {
+                return Err(invalid(
+                    format!("{at}.tls.mode"),
+                    format!("tls mode {:?} is not supported by this version yet; use disable", tls.mode),
+                ));
+            }
+        }
         let address = ResourceAddress::parse(&s.address).map_err(|m| invalid(format!("{at}.address"), m))?;
         if let Some(other) = addrs.insert(address.to_string(), s.name.clone()) {
             return Err(invalid(format!("{at}.address"), format!("{address} is already resource {other:?}")));
         }
-        out.push(Resource { name: s.name.clone(), protocol, address });
+        out.push(Resource { name: s.name.clone(), protocol, address, credentials });
     }
     Ok(out)
 }
@@ -450,7 +506,59 @@ fn validate_grants(
                 )
             })?),
         };
-        out.push(Grant { name: s.name.clone(), identities: ids, resources: res, expires });
+        let rules = s
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(j, r)| validate_rule(&format!("{at}.rules[{j}]"), r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut rule_names = HashSet::new();
+        for (j, r) in rules.iter().enumerate() {
+            if !rule_names.insert(&r.name) {
+                return Err(invalid(format!("{at}.rules[{j}].name"), format!("duplicate rule {:?}", r.name)));
+            }
+        }
+        let default = match s.default.as_deref() {
+            None if rules.is_empty() => Action::Allow,
+            None => Action::Deny,
+            Some(a) => parse_action(&format!("{at}.default"), a)?,
+        };
+        out.push(Grant { name: s.name.clone(), identities: ids, resources: res, expires, rules, default });
     }
     Ok(out)
+}
+
+fn parse_action(location: &str, a: &str) -> Result<Action, ValidationError> {
+    match a {
+        "allow" => Ok(Action::Allow),
+        "deny" => Ok(Action::Deny),
+        "approve" => {
+            Err(invalid(location, "action approve (just-in-time approval) is not supported by this version yet"))
+        }
+        other => Err(invalid(location, format!("unknown action {other:?}; expected allow or deny"))),
+    }
+}
+
+fn validate_rule(at: &str, r: &RuleSpec) -> Result<Rule, ValidationError> {
+    check_name(&format!("{at}.name"), &r.name)?;
+    let statements = r
+        .matcher
+        .statements
+        .iter()
+        .enumerate()
+        .map(|(k, s)| s.parse::<Kind>().map_err(|m| invalid(format!("{at}.match.statements[{k}]"), m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let where_missing = match r.matcher.where_.as_deref() {
+        None => false,
+        Some("missing") => true,
+        Some(other) => return Err(invalid(format!("{at}.match.where"), format!("expected missing, found {other:?}"))),
+    };
+    Ok(Rule {
+        name: r.name.clone(),
+        statements,
+        tables: r.matcher.tables.iter().map(|t| t.to_lowercase()).collect(),
+        where_missing,
+        action: parse_action(&format!("{at}.action"), &r.action)?,
+        message: r.message.clone(),
+    })
 }

@@ -1,6 +1,4 @@
 //! Statement rules: which query strings a grant allows. Pure; evaluated on a `Classification`.
-//!
-//! Not yet reachable from policy files: the PostgreSQL proxy that applies them is the next step.
 use crate::sql::{Classification, Kind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

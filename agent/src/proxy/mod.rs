@@ -1,6 +1,7 @@
 //! The local proxy: accepts redirected connections, learns their origin from the kernel, checks
 //! the grant, records the session and dispatches to the resource's protocol handler.
-mod tcp;
+pub mod postgres;
+pub mod tcp;
 
 use std::{
     net::SocketAddr,
@@ -21,7 +22,7 @@ use crate::{
     identity::Attribution,
     ids::View,
     kernel::{Origins, event, plan::boot_ns},
-    policy::{Access, Mode, Protocol},
+    policy::{Access, Grant, Mode, Protocol},
 };
 
 /// How long the proxy waits for an upstream to accept.
@@ -34,12 +35,19 @@ pub struct Shared {
     view: RwLock<Arc<View>>,
     pub audit: AuditLog,
     pub origins: Mutex<Origins>,
+    pub cancel: postgres::CancelKeys,
     next_session: AtomicU64,
 }
 
 impl Shared {
     pub fn new(view: Arc<View>, audit: AuditLog, origins: Origins) -> Self {
-        Self { view: RwLock::new(view), audit, origins: Mutex::new(origins), next_session: AtomicU64::new(1) }
+        Self {
+            view: RwLock::new(view),
+            audit,
+            origins: Mutex::new(origins),
+            cancel: postgres::CancelKeys::default(),
+            next_session: AtomicU64::new(1),
+        }
     }
 
     /// The policy in force with its ids.
@@ -155,15 +163,59 @@ async fn handle(
     let mut end = base;
     end.kind = Kind::SessionEnd;
     end.verdict = None;
-    let outcome = match res.protocol {
-        Protocol::Tcp => tcp::relay(client, dst, CONNECT_TIMEOUT, &stop).await,
-    };
-    end.bytes_up = Some(outcome.bytes_up);
-    end.bytes_down = Some(outcome.bytes_down);
-    end.duration_ms = Some(started.elapsed().as_millis() as u64);
-    end.error = outcome.error.clone();
-    info!(up = outcome.bytes_up, down = outcome.bytes_down, error = ?outcome.error, "session end");
+    match (res.protocol, &res.credentials) {
+        (Protocol::Postgres, Some(credentials)) => {
+            // Monitor mode without a grant: statements are judged by no rules (all allowed).
+            let no_rules = Grant {
+                name: "monitor".into(),
+                identities: Vec::new(),
+                resources: Vec::new(),
+                expires: None,
+                rules: Vec::new(),
+                default: crate::policy::rules::Action::Allow,
+            };
+            let grant = policy.grant(&rule).unwrap_or(&no_rules);
+            let mut session_base = base_for_statements(&end);
+            session_base.kind = Kind::Statement;
+            let pg = postgres::Session {
+                id: session,
+                audit: &shared.audit,
+                base: session_base,
+                grant,
+                credentials,
+                upstream: dst,
+                cancel: &shared.cancel,
+                mark: agent_common::AGENT_MARK,
+                enforce: policy.mode == Mode::Enforce,
+            };
+            let outcome = postgres::serve(client, pg, &stop).await;
+            end.count = Some(outcome.statements);
+            end.detail = Some(format!("{} statements, {} denied", outcome.statements, outcome.denied));
+            end.duration_ms = Some(started.elapsed().as_millis() as u64);
+            end.error = outcome.error.clone();
+            info!(statements = outcome.statements, denied = outcome.denied, error = ?outcome.error, "session end");
+        }
+        _ => {
+            let outcome = tcp::relay(client, dst, CONNECT_TIMEOUT, &stop).await;
+            end.bytes_up = Some(outcome.bytes_up);
+            end.bytes_down = Some(outcome.bytes_down);
+            end.duration_ms = Some(started.elapsed().as_millis() as u64);
+            end.error = outcome.error.clone();
+            info!(up = outcome.bytes_up, down = outcome.bytes_down, error = ?outcome.error, "session end");
+        }
+    }
     shared.audit.append(end);
+}
+
+/// Identity, destination and session fields every statement record repeats.
+fn base_for_statements(r: &Record) -> Record {
+    let mut b = r.clone();
+    b.would_deny = None;
+    b.verdict = None;
+    b.rule = None;
+    b.l4 = None;
+    b.cookie = None;
+    b
 }
 
 fn reject(shared: &Shared, mut r: Record, reason: &str, rule: Option<String>) {

@@ -1,0 +1,137 @@
+//! Logging in to the real server with the resource's credential (SCRAM-SHA-256, md5 or
+//! cleartext, whichever the server asks for). The client never sees this secret.
+use std::net::SocketAddr;
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::{
+    authentication::{md5_hash, sasl},
+    message::frontend,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::wire::{self, Frame};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {addr}: {source}")]
+    Io { addr: SocketAddr, source: std::io::Error },
+    #[error("upstream protocol: {0}")]
+    Wire(#[from] wire::WireError),
+    #[error("upstream refused the login: {0}")]
+    Refused(String),
+    #[error("upstream asked for unsupported authentication (code {0})")]
+    UnsupportedAuth(i32),
+    #[error("upstream SCRAM exchange failed: {0}")]
+    Scram(String),
+    #[error("upstream closed the connection during login")]
+    Closed,
+}
+
+/// A logged-in server connection, with what the server said during login.
+pub struct Upstream {
+    pub stream: TcpStream,
+    /// ParameterStatus frames to pass on to the client.
+    pub parameters: Vec<Frame>,
+    pub backend_pid: i32,
+    pub backend_key: i32,
+    /// Bytes read past the login's ReadyForQuery (normally none).
+    pub leftover: BytesMut,
+}
+
+async fn next_frame(s: &mut TcpStream, buf: &mut BytesMut, addr: SocketAddr) -> Result<Frame, UpstreamError> {
+    loop {
+        if let Some(f) = wire::decode(buf)? {
+            return Ok(f);
+        }
+        if s.read_buf(buf).await.map_err(|source| UpstreamError::Io { addr, source })? == 0 {
+            return Err(UpstreamError::Closed);
+        }
+    }
+}
+
+pub async fn login(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+    params: &[(String, String)],
+) -> Result<Upstream, UpstreamError> {
+    let io = |source| UpstreamError::Io { addr, source };
+    let mut out = BytesMut::new();
+    let mut startup: Vec<(&str, &str)> = vec![("user", user)];
+    for (k, v) in params {
+        // The client's own user is replaced; what it asks for otherwise (database, options,
+        // application_name, client_encoding, ...) is passed on.
+        if k != "user" {
+            startup.push((k, v));
+        }
+    }
+    frontend::startup_message(startup.iter().copied(), &mut out).map_err(io)?;
+    stream.write_all(&out).await.map_err(io)?;
+
+    let mut buf = BytesMut::new();
+    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut parameters = Vec::new();
+    let (mut backend_pid, mut backend_key) = (0, 0);
+    loop {
+        let f = next_frame(&mut stream, &mut buf, addr).await?;
+        match f.tag {
+            b'R' => {
+                let mut body = f.body.clone();
+                if body.len() < 4 {
+                    return Err(wire::WireError::Malformed { what: "Authentication", detail: "short" }.into());
+                }
+                let code = body.get_i32();
+                out.clear();
+                match code {
+                    0 => continue,
+                    3 => frontend::password_message(password.as_bytes(), &mut out).map_err(io)?,
+                    5 => {
+                        if body.len() < 4 {
+                            return Err(wire::WireError::Malformed { what: "AuthenticationMD5", detail: "salt" }.into());
+                        }
+                        let salt = [body[0], body[1], body[2], body[3]];
+                        let hash = md5_hash(user.as_bytes(), password.as_bytes(), salt);
+                        frontend::password_message(hash.as_bytes(), &mut out).map_err(io)?;
+                    }
+                    10 => {
+                        let mechanisms: Vec<&[u8]> = body.split(|&b| b == 0).collect();
+                        if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
+                            return Err(UpstreamError::UnsupportedAuth(code));
+                        }
+                        let s = sasl::ScramSha256::new(password.as_bytes(), sasl::ChannelBinding::unsupported());
+                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(io)?;
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().ok_or(UpstreamError::Scram("continue before start".into()))?;
+                        s.update(&body).map_err(|e| UpstreamError::Scram(e.to_string()))?;
+                        frontend::sasl_response(s.message(), &mut out).map_err(io)?;
+                    }
+                    12 => {
+                        let s = scram.as_mut().ok_or(UpstreamError::Scram("final before start".into()))?;
+                        s.finish(&body).map_err(|e| UpstreamError::Scram(e.to_string()))?;
+                        continue;
+                    }
+                    other => return Err(UpstreamError::UnsupportedAuth(other)),
+                }
+                stream.write_all(&out).await.map_err(io)?;
+            }
+            b'E' => {
+                return Err(UpstreamError::Refused(
+                    wire::error_message(&f.body).unwrap_or_else(|| "unknown error".into()),
+                ));
+            }
+            b'S' => parameters.push(f),
+            b'K' => (backend_pid, backend_key) = wire::backend_key(&f.body)?,
+            b'Z' => {
+                return Ok(Upstream { stream, parameters, backend_pid, backend_key, leftover: buf });
+            }
+            // NoticeResponse and anything else during login is informational.
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! PostgreSQL v3 wire framing: startup packets, typed frames, and the few messages the proxy
+//! builds itself. Pure: parsing works on byte slices, so it is fuzzed directly.
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Largest message accepted from a client or server (COPY rows, big queries). PostgreSQL's own
+/// limit is 1 GiB; a proxy that buffers must bound it lower.
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest startup packet (PostgreSQL uses 10,000 bytes).
+pub const MAX_STARTUP: usize = 10_000;
+
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+pub const PROTOCOL_3: i32 = 196_608;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message length {0} is invalid")]
+    BadLength(i64),
+    #[error("message of {0} bytes is larger than the {1}-byte limit")]
+    TooLarge(usize, usize),
+    #[error("malformed {what} message: {detail}")]
+    Malformed { what: &'static str, detail: &'static str },
+    #[error("unsupported protocol version {0}.{1}")]
+    Version(i32, i32),
+}
+
+/// The first packet of a client connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Startup {
+    Ssl,
+    GssEnc,
+    Cancel { pid: i32, key: i32 },
+    Startup { params: Vec<(String, String)> },
+}
+
+impl Startup {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match self {
+            Startup::Startup { params } => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// Length prefix of a startup packet (first 4 bytes), validated.
+pub fn startup_len(header: [u8; 4]) -> Result<usize, WireError> {
+    let len = i32::from_be_bytes(header) as i64;
+    if !(8..=MAX_STARTUP as i64).contains(&len) {
+        return Err(if len > MAX_STARTUP as i64 {
+            WireError::TooLarge(len as usize, MAX_STARTUP)
+        } else {
+            WireError::BadLength(len)
+        });
+    }
+    Ok(len as usize)
+}
+
+/// Parses a startup packet body (after the length).
+pub fn parse_startup(body: &[u8]) -> Result<Startup, WireError> {
+    let bad = |detail| WireError::Malformed { what: "startup", detail };
+    if body.len() < 4 {
+        return Err(bad("too short"));
+    }
+    let code = i32::from_be_bytes(body[..4].try_into().unwrap());
+    let rest = &body[4..];
+    match code {
+        SSL_REQUEST => Ok(Startup::Ssl),
+        GSSENC_REQUEST => Ok(Startup::GssEnc),
+        CANCEL_REQUEST => {
+            if rest.len() != 8 {
+                return Err(bad("cancel request must carry pid and key"));
+            }
+            Ok(Startup::Cancel {
+                pid: i32::from_be_bytes(rest[..4].try_into().unwrap()),
+                key: i32::from_be_bytes(rest[4..8].try_into().unwrap()),
+            })
+        }
+        PROTOCOL_3 => {
+            let mut params = Vec::new();
+            let mut fields = rest.split(|&b| b == 0);
+            loop {
+                let key = fields.next().ok_or(bad("unterminated parameter list"))?;
+                if key.is_empty() {
+                    break;
+                }
+                let value = fields.next().ok_or(bad("parameter without value"))?;
+                let s = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| bad("parameter is not UTF-8"));
+                params.push((s(key)?, s(value)?));
+            }
+            Ok(Startup::Startup { params })
+        }
+        v => Err(WireError::Version(v >> 16, v & 0xffff)),
+    }
+}
+
+/// One tagged message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    /// The body, without tag and length.
+    pub body: Bytes,
+}
+
+impl Frame {
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_u8(self.tag);
+        out.put_i32(self.body.len() as i32 + 4);
+        out.extend_from_slice(&self.body);
+    }
+}
+
+/// Splits one frame off the front of `buf` if a whole one is there.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes(buf[1..5].try_into().unwrap()) as i64;
+    if len < 4 {
+        return Err(WireError::BadLength(len));
+    }
+    let len = len as usize;
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len, MAX_MESSAGE));
+    }
+    if buf.len() < 1 + len {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let mut frame = buf.split_to(1 + len);
+    let body = frame.split_off(5).freeze();
+    Ok(Some(Frame { tag, body }))
+}
+
+fn cstr<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), WireError> {
+    let end = b.iter().position(|&c| c == 0).ok_or(WireError::Malformed { what, detail: "unterminated string" })?;
+    let s = std::str::from_utf8(&b[..end]).map_err(|_| WireError::Malformed { what, detail: "string is not UTF-8" })?;
+    Ok((s, &b[end + 1..]))
+}
+
+/// The SQL text of a simple Query ('Q').
+pub fn query_text(body: &[u8]) -> Result<&str, WireError> {
+    Ok(cstr(body, "Query")?.0)
+}
+
+/// Statement name and SQL text of a Parse ('P').
+pub fn parse_message(body: &[u8]) -> Result<(&str, &str), WireError> {
+    let (name, rest) = cstr(body, "Parse")?;
+    let (sql, _) = cstr(rest, "Parse")?;
+    Ok((name, sql))
+}
+
+/// ReadyForQuery's transaction status byte.
+pub fn ready_status(body: &[u8]) -> Result<u8, WireError> {
+    match body {
+        [s @ (b'I' | b'T' | b'E')] => Ok(*s),
+        _ => Err(WireError::Malformed { what: "ReadyForQuery", detail: "bad status" }),
+    }
+}
+
+/// Process id and secret key of BackendKeyData ('K').
+pub fn backend_key(body: &[u8]) -> Result<(i32, i32), WireError> {
+    if body.len() != 8 {
+        return Err(WireError::Malformed { what: "BackendKeyData", detail: "length" });
+    }
+    Ok((i32::from_be_bytes(body[..4].try_into().unwrap()), i32::from_be_bytes(body[4..].try_into().unwrap())))
+}
+
+fn frame(tag: u8, body: BytesMut) -> Frame {
+    Frame { tag, body: body.freeze() }
+}
+
+pub fn auth_ok() -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i32(0);
+    frame(b'R', b)
+}
+
+pub fn backend_key_data(pid: i32, key: i32) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i32(pid);
+    b.put_i32(key);
+    frame(b'K', b)
+}
+
+pub fn ready_for_query(status: u8) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_u8(status);
+    frame(b'Z', b)
+}
+
+/// ErrorResponse with severity, SQLSTATE, message and optional detail/hint.
+pub fn error_response(code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> Frame {
+    let mut b = BytesMut::new();
+    let mut field = |t: u8, v: &str| {
+        b.put_u8(t);
+        // NUL ends a field; one inside a value would cut it short.
+        b.extend_from_slice(v.replace('\0', " ").as_bytes());
+        b.put_u8(0);
+    };
+    field(b'S', "ERROR");
+    field(b'V', "ERROR");
+    field(b'C', code);
+    field(b'M', message);
+    if let Some(d) = detail {
+        field(b'D', d);
+    }
+    if let Some(h) = hint {
+        field(b'H', h);
+    }
+    b.put_u8(0);
+    frame(b'E', b)
+}
+
+/// The 'M' (message) field of an ErrorResponse, for logs and audit.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let mut rest = body;
+    while let [t, tail @ ..] = rest {
+        if *t == 0 {
+            break;
+        }
+        let (v, next) = cstr(tail, "ErrorResponse").ok()?;
+        if *t == b'M' {
+            return Some(v.to_string());
+        }
+        rest = next;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_packets() {
+        let mut body = PROTOCOL_3.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0bot\0database\0orders\0\0");
+        let s = parse_startup(&body).unwrap();
+        assert_eq!(s.param("database"), Some("orders"));
+        assert_eq!(parse_startup(&SSL_REQUEST.to_be_bytes()).unwrap(), Startup::Ssl);
+        let mut c = CANCEL_REQUEST.to_be_bytes().to_vec();
+        c.extend_from_slice(&7i32.to_be_bytes());
+        c.extend_from_slice(&9i32.to_be_bytes());
+        assert_eq!(parse_startup(&c).unwrap(), Startup::Cancel { pid: 7, key: 9 });
+        assert!(parse_startup(&PROTOCOL_3.to_be_bytes()).is_err(), "missing terminator");
+        assert!(matches!(parse_startup(&131072i32.to_be_bytes()), Err(WireError::Version(2, 0))));
+        assert!(startup_len(100_000i32.to_be_bytes()).is_err());
+        assert!(startup_len(3i32.to_be_bytes()).is_err());
+    }
+
+    #[test]
+    fn frames_split_and_bound() {
+        let mut buf = BytesMut::new();
+        error_response("42501", "denied", Some("d"), None).encode(&mut buf);
+        ready_for_query(b'I').encode(&mut buf);
+        buf.extend_from_slice(&[b'Q', 0, 0]);
+        let e = decode(&mut buf).unwrap().unwrap();
+        assert_eq!(e.tag, b'E');
+        assert_eq!(error_message(&e.body).as_deref(), Some("denied"));
+        let z = decode(&mut buf).unwrap().unwrap();
+        assert_eq!(ready_status(&z.body), Ok(b'I'));
+        assert_eq!(decode(&mut buf), Ok(None), "partial header waits");
+        let mut bad = BytesMut::from(&[b'Q', 0, 0, 0, 2][..]);
+        assert_eq!(decode(&mut bad), Err(WireError::BadLength(2)));
+        let mut huge = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(decode(&mut huge), Err(WireError::TooLarge(..))));
+    }
+
+    #[test]
+    fn query_and_parse_bodies() {
+        assert_eq!(query_text(b"SELECT 1\0"), Ok("SELECT 1"));
+        assert!(query_text(b"SELECT 1").is_err());
+        assert_eq!(parse_message(b"s1\0SELECT $1\0\0\0"), Ok(("s1", "SELECT $1")));
+        assert!(parse_message(b"s1\0").is_err());
+        assert_eq!(backend_key(&[0, 0, 0, 1, 0, 0, 0, 2]), Ok((1, 2)));
+    }
+}
