@@ -77,6 +77,9 @@ pub fn parse_startup(body: &[u8]) -> Result<Startup, WireError> {
             })
         }
         PROTOCOL_3 => {
+            if rest.last() != Some(&0) {
+                return Err(bad("unterminated parameter list"));
+            }
             let mut params = Vec::new();
             let mut fields = rest.split(|&b| b == 0);
             loop {
