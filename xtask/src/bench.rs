@@ -29,11 +29,22 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// pgbench -S (simple and prepared, 1 and 8 clients) direct, through tollgate (guardrails
+    /// on), through pgbouncer (session mode) and through haproxy (tcp), with ratios.
+    Postgres {
+        /// Seconds per pgbench run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// pgbench scale factor.
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+    },
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Connect { count, rounds } => connect(count, rounds),
+        Which::Postgres { seconds, scale } => crate::bench_pg::postgres(seconds, scale),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask setup | build | test | demo | bench | fuzz`.
 mod bench;
+mod bench_pg;
 mod demo;
 mod setup;
 mod util;

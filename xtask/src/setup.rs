@@ -6,7 +6,8 @@ use anyhow::{Context, bail};
 use crate::util::{cargo, output, root, run};
 
 /// Debian packages the tests, demo and benchmarks use.
-const PACKAGES: &[&str] = &["curl", "python3", "iproute2", "bpftool", "clang", "libclang-dev", "postgresql-15"];
+const PACKAGES: &[&str] =
+    &["curl", "python3", "iproute2", "bpftool", "clang", "libclang-dev", "postgresql-15", "pgbouncer", "haproxy"];
 
 pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql", "postgres_wire"];
 
