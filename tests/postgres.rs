@@ -229,3 +229,56 @@ fn cancel_request_reaches_the_right_backend() {
     assert!(err.contains("canceling statement due to user request"), "{err}");
     assert!(started.elapsed().as_secs() < 15, "cancel did not take effect");
 }
+
+/// The second client library: tokio-postgres speaks only the extended protocol, prepares named
+/// statements and pipelines queries. It runs in a child copy of this test binary, started in
+/// the enrolled cgroup (the test process itself must not be enrolled).
+#[test]
+fn tokio_postgres_extended_protocol_through_the_proxy() {
+    if !privileged("tokio_postgres_extended_protocol_through_the_proxy") {
+        return;
+    }
+    let (env, pg) = setup("pg-tokio");
+    let me = std::env::current_exe().unwrap();
+    let url = format!("host=127.0.0.1 port={} user=bot password=wrong dbname=postgres", pg.port);
+    let cg = env.cgroup("bot");
+    let out = std::process::Command::new(common::BIN)
+        .args(["exec", "--cgroup", &cg, "--"])
+        .arg(&me)
+        .args(["--exact", "tokio_postgres_client", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("TOLLGATE_TEST_PG", &url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("CLIENT-OK"), "{text}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "3", "one allowed insert, nothing of the denied batch");
+}
+
+/// Run only by `tokio_postgres_extended_protocol_through_the_proxy`, inside the cgroup.
+#[test]
+#[ignore = "client half of tokio_postgres_extended_protocol_through_the_proxy"]
+fn tokio_postgres_client() {
+    let url = std::env::var("TOLLGATE_TEST_PG").expect("started by the parent test");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) =
+            tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("login through the proxy");
+        tokio::spawn(conn);
+        let by_id = client.prepare("SELECT email FROM orders WHERE id = $1").await.unwrap();
+        // Pipelined: both queries are in flight at once.
+        let (a, b) = tokio::join!(client.query_one(&by_id, &[&1i32]), client.query_one(&by_id, &[&2i32]));
+        assert_eq!(a.unwrap().get::<_, String>(0), "a@example.com");
+        assert_eq!(b.unwrap().get::<_, String>(0), "b@example.com");
+        let n = client.execute("INSERT INTO orders VALUES ($1, $2)", &[&3i32, &"c@example.com"]).await.unwrap();
+        assert_eq!(n, 1);
+        let err = client.execute("DROP TABLE orders", &[]).await.expect_err("DDL must be denied");
+        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
+        assert!(err.to_string().contains("no-ddl") || format!("{err:?}").contains("no-ddl"), "{err:?}");
+        // The session is still usable, statements prepared before the denial too.
+        let row = client.query_one(&by_id, &[&3i32]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "c@example.com");
+        let tx = client.simple_query("BEGIN; SELECT 1; COMMIT").await.unwrap();
+        assert!(!tx.is_empty());
+    });
+    println!("CLIENT-OK");
+}
