@@ -116,6 +116,10 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert_eq!(pg.direct("SELECT email FROM orders WHERE id = 1"), "z@example.com");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "the DROP never reached the server");
 
+    let (_, err, _) = psql(&env, &pg, "bot", "SELECT * FROM nope;");
+    assert!(err.contains("does not exist"), "{err}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
     // Every statement is on the trail, with its verdict and rule; the secret never is.
     let trail = std::fs::read_to_string(env.state_dir().join("audit/trail.jsonl")).unwrap();
     let records: Vec<serde_json::Value> = trail.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -129,6 +133,24 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert_eq!(drop["statement_kinds"], serde_json::json!(["ddl"]));
     let read = records.iter().find(|r| r["kind"] == "statement" && r["verdict"] == "allow").unwrap();
     assert_eq!(read["rule"], "reads");
+    // Each forwarded statement's outcome follows in a statement_result record.
+    let result_of = |stmt: &str| {
+        let s = records
+            .iter()
+            .find(|r| r["kind"] == "statement" && r["statement"].as_str().is_some_and(|t| t.starts_with(stmt)))
+            .unwrap_or_else(|| panic!("no statement record for {stmt}"));
+        records
+            .iter()
+            .find(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([s["seq"]]))
+            .unwrap_or_else(|| panic!("no statement_result for {stmt}"))
+            .clone()
+    };
+    assert_eq!(result_of("UPDATE orders")["count"], 1);
+    assert!(result_of("SELECT * FROM nope")["error"].as_str().unwrap().contains("does not exist"));
+    assert!(
+        !records.iter().any(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([drop["seq"]])),
+        "a denied statement has no server result"
+    );
     assert!(!trail.contains(&pg.password), "the upstream password is in the audit trail");
     assert!(!env.log().contains(&pg.password), "the upstream password is in the agent's log");
     let verify = env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]);

@@ -22,6 +22,8 @@ pub enum Kind {
     AuditRecovered,
     /// A SQL statement (or extended-protocol batch member), judged before it is forwarded.
     Statement,
+    /// What the server answered for forwarded statements (`refs` names their records).
+    StatementResult,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ impl Kind {
             Kind::EventsDropped => "events_dropped",
             Kind::AuditRecovered => "audit_recovered",
             Kind::Statement => "statement",
+            Kind::StatementResult => "statement_result",
         }
     }
 }
@@ -80,6 +83,9 @@ pub struct Record {
     pub statement: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement_kinds: Option<Vec<String>>,
+    /// Sequence numbers of the records this one completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refs: Option<Vec<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,6 +136,7 @@ impl Record {
             db_user: None,
             statement: None,
             statement_kinds: None,
+            refs: None,
             hook: None,
             verdict: None,
             would_deny: None,
@@ -180,6 +187,7 @@ impl Entry {
         field("db_user", r.db_user.clone());
         field("kinds", r.statement_kinds.as_ref().map(|k| k.join(",")));
         field("sql", r.statement.as_ref().map(|q| format!("{q:?}")));
+        field("refs", r.refs.as_ref().map(|v| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")));
         field("verdict", r.verdict.clone());
         field("would_deny", r.would_deny.map(|v| v.to_string()));
         field("rule", r.rule.clone());

@@ -173,9 +173,11 @@ pub async fn serve(mut client: TcpStream, s: Session<'_>, stop: &CancellationTok
     let (client_r, client_w) = client.into_split();
     let (up_r, up_w) = up.stream.into_split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
-    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx));
+    let (expect_tx, expect_rx) = mpsc::unbounded_channel();
+    let results = Results { audit: s.audit.clone(), base: base.clone(), expect: expect_rx };
+    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results));
     let outcome = tokio::select! {
-        o = upstream_direction(client_r, up_w, &s, &base, inject_tx) => o,
+        o = upstream_direction(client_r, up_w, &s, &base, inject_tx, expect_tx) => o,
         _ = stop.cancelled() => Outcome { error: Some("agent shutting down".into()), ..Default::default() },
     };
     down.abort();
@@ -199,6 +201,60 @@ async fn cancel(keys: &CancelKeys, fake: BackendKey, mark: u32) -> Outcome {
     }
 }
 
+/// A forwarded sync point (a Query, or a batch ending in Sync) whose result is awaited.
+struct Expect {
+    /// Sequence numbers of the `statement` records it carries out.
+    refs: Vec<u64>,
+    started: std::time::Instant,
+}
+
+/// What the server answered for one sync point.
+#[derive(Default)]
+struct Tally {
+    rows: u64,
+    commands: u64,
+    error: Option<String>,
+}
+
+impl Tally {
+    fn see(&mut self, f: &Frame) {
+        match f.tag {
+            b'C' => {
+                self.commands += 1;
+                // "SELECT 5", "INSERT 0 1", "UPDATE 3": the row count is the last word.
+                let tag = f.body.split(|&b| b == 0).next().unwrap_or(&[]);
+                if let Some(n) = std::str::from_utf8(tag).ok().and_then(|t| t.rsplit(' ').next()?.parse::<u64>().ok()) {
+                    self.rows += n;
+                }
+            }
+            b'E' if self.error.is_none() => self.error = wire::error_message(&f.body),
+            _ => {}
+        }
+    }
+}
+
+/// Writes a `statement_result` record for each ReadyForQuery the server sends.
+struct Results {
+    audit: AuditLog,
+    base: Record,
+    expect: mpsc::UnboundedReceiver<Expect>,
+}
+
+impl Results {
+    fn record(&mut self, t: Tally) {
+        // The expectation was queued before its messages were written upstream, so it is here.
+        let Ok(e) = self.expect.try_recv() else { return };
+        let mut r = self.base.clone();
+        r.kind = Kind::StatementResult;
+        r.refs = Some(e.refs);
+        r.count = Some(t.rows);
+        r.duration_ms = Some(e.started.elapsed().as_millis() as u64);
+        r.detail = Some(format!("{} commands", t.commands));
+        r.error = t.error;
+        self.audit.append(r);
+    }
+}
+
 /// Frames to send the client once the server has answered `after` sync points.
 struct Inject {
     after: u64,
@@ -214,8 +270,10 @@ async fn downstream(
     mut buf: BytesMut,
     mut client: OwnedWriteHalf,
     mut injections: mpsc::UnboundedReceiver<Inject>,
+    mut results: Results,
 ) -> std::io::Result<()> {
     let mut ready_seen = 0u64;
+    let mut tally = Tally::default();
     let mut status = b'I';
     let mut pending: VecDeque<Inject> = VecDeque::new();
     let mut out = BytesMut::new();
@@ -223,7 +281,9 @@ async fn downstream(
     loop {
         while let Some(f) = wire::decode(&mut buf).map_err(std::io::Error::other)? {
             f.encode(&mut out);
+            tally.see(&f);
             if f.tag == b'Z' {
+                results.record(std::mem::take(&mut tally));
                 ready_seen += 1;
                 status = wire::ready_status(&f.body).unwrap_or(status);
                 flush_injections(&mut pending, ready_seen, status, &mut out);
@@ -273,7 +333,11 @@ async fn upstream_direction(
     s: &Session<'_>,
     base: &Record,
     inject: mpsc::UnboundedSender<Inject>,
+    expect: mpsc::UnboundedSender<Expect>,
 ) -> Outcome {
+    // Judgement records of named prepared statements, so later executions are tied to them.
+    let mut prepared: HashMap<String, u64> = HashMap::new();
+    let mut batch_refs: Vec<u64> = Vec::new();
     let mut o = Outcome::default();
     let mut buf = BytesMut::new();
     let mut syncs = 0u64;
@@ -324,11 +388,12 @@ async fn upstream_direction(
                 };
                 o.statements += 1;
                 match judge(s, base, &mut cache, &text).await {
-                    Ok(None) => {
+                    Ok((None, seq)) => {
+                        let _ = expect.send(Expect { refs: vec![seq], started: std::time::Instant::now() });
                         forward.push(frame);
                         syncs += 1;
                     }
-                    Ok(Some((rule, msg))) => {
+                    Ok((Some((rule, msg)), _)) => {
                         o.denied += 1;
                         let _ = inject.send(Inject {
                             after: syncs,
@@ -357,9 +422,21 @@ async fn upstream_direction(
                     continue;
                 }
                 let mut denied = None;
-                for f in batch.iter().filter(|f| f.tag == b'P') {
-                    let text = match wire::parse_message(&f.body) {
-                        Ok((_, t)) => t.to_string(),
+                let mut parsed: Vec<(String, u64)> = Vec::new();
+                for f in &batch {
+                    if f.tag == b'B' {
+                        if let Ok(name) = wire::bind_statement(&f.body)
+                            && let Some(seq) = prepared.get(name)
+                        {
+                            batch_refs.push(*seq);
+                        }
+                        continue;
+                    }
+                    if f.tag != b'P' {
+                        continue;
+                    }
+                    let (name, text) = match wire::parse_message(&f.body) {
+                        Ok((n, t)) => (n.to_string(), t.to_string()),
                         Err(e) => {
                             o.error = Some(e.to_string());
                             return o;
@@ -367,8 +444,8 @@ async fn upstream_direction(
                     };
                     o.statements += 1;
                     match judge(s, base, &mut cache, &text).await {
-                        Ok(None) => {}
-                        Ok(Some(d)) => {
+                        Ok((None, seq)) => parsed.push((name, seq)),
+                        Ok((Some(d), _)) => {
                             denied = Some(d);
                             break;
                         }
@@ -380,15 +457,25 @@ async fn upstream_direction(
                 }
                 match denied {
                     None => {
+                        for (name, seq) in parsed {
+                            if name.is_empty() {
+                                batch_refs.push(seq);
+                            } else {
+                                prepared.insert(name, seq);
+                            }
+                        }
                         forward.append(&mut batch);
                         forward.push(frame);
                         if is_sync {
+                            let refs = std::mem::take(&mut batch_refs);
+                            let _ = expect.send(Expect { refs, started: std::time::Instant::now() });
                             syncs += 1;
                         }
                     }
                     Some((rule, msg)) => {
                         o.denied += 1;
                         batch.clear();
+                        batch_refs.clear();
                         // As a server does after an error: skip to Sync, then one ReadyForQuery.
                         let _ = inject.send(Inject {
                             after: syncs,
@@ -437,12 +524,15 @@ async fn upstream_direction(
 
 /// Classifies and decides one query string, and records it durably before it may be
 /// forwarded. `Ok(None)`: allowed; `Ok(Some((rule, message)))`: denied.
+/// Denied: the rule and its message.
+type Denial = Option<(String, Option<String>)>;
+
 async fn judge(
     s: &Session<'_>,
     base: &Record,
     cache: &mut HashMap<String, sql::Classification>,
     text: &str,
-) -> Result<Option<(String, Option<String>)>, String> {
+) -> Result<(Denial, u64), String> {
     let class = match cache.get(text) {
         Some(c) => c.clone(),
         None => {
@@ -467,13 +557,13 @@ async fn judge(
         r.verdict = Some("allow".into());
         r.would_deny = Some(true);
     }
-    s.audit.append_durable(r).await.map_err(|e| format!("audit unavailable: {e}"))?;
+    let seq = s.audit.append_durable(r).await.map_err(|e| format!("audit unavailable: {e}"))?;
     match d.action {
-        Action::Allow => Ok(None),
-        Action::Deny if monitored => Ok(None),
+        Action::Allow => Ok((None, seq)),
+        Action::Deny if monitored => Ok((None, seq)),
         Action::Deny => {
             warn!(session = s.id, rule = %d.rule, "statement denied");
-            Ok(Some((d.rule, d.message)))
+            Ok((Some((d.rule, d.message)), seq))
         }
     }
 }

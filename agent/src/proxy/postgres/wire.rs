@@ -153,6 +153,12 @@ pub fn parse_message(body: &[u8]) -> Result<(&str, &str), WireError> {
     Ok((name, sql))
 }
 
+/// The prepared-statement name a Bind ('B') refers to.
+pub fn bind_statement(body: &[u8]) -> Result<&str, WireError> {
+    let (_portal, rest) = cstr(body, "Bind")?;
+    Ok(cstr(rest, "Bind")?.0)
+}
+
 /// ReadyForQuery's transaction status byte.
 pub fn ready_status(body: &[u8]) -> Result<u8, WireError> {
     match body {
@@ -277,5 +283,7 @@ mod tests {
         assert_eq!(parse_message(b"s1\0SELECT $1\0\0\0"), Ok(("s1", "SELECT $1")));
         assert!(parse_message(b"s1\0").is_err());
         assert_eq!(backend_key(&[0, 0, 0, 1, 0, 0, 0, 2]), Ok((1, 2)));
+        assert_eq!(bind_statement(b"\0s1\0\0\0"), Ok("s1"));
+        assert!(bind_statement(b"p").is_err());
     }
 }
