@@ -116,11 +116,12 @@ impl Env {
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[agent {name}] {line}");
+                // Into the log first, so a test woken by "ready" finds the line there.
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
                 if line.contains("ready") {
                     let _ = tx.send(());
                 }
-                log.lock().unwrap().push_str(&line);
-                log.lock().unwrap().push('\n');
             }
         });
         self.agent = Some(child);

@@ -1,10 +1,8 @@
 //! `cargo xtask bench connect`: the kernel hook's cost per connect() and event throughput.
 use std::{
-    io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd,
     process::{Child, Command, Stdio},
-    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -198,25 +196,7 @@ spec:
 "#
         ),
     )?;
-    let mut child = Command::new(&bin)
-        .args(["run", "--policy"])
-        .arg(&policy)
-        .arg("--state-dir")
-        .arg(&state)
-        .env("TOLLGATE_LOG", "warn,tollgate::agent=info")
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().unwrap();
-    bench.agent = Some(child);
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30)).context("agent not ready after 30s")?;
+    bench.agent = Some(util::start_agent(&bin, &policy, &state, "warn,tollgate::agent=info", None)?);
 
     let st = state.display().to_string();
     let non_enrolled = measure(&bin, &other, unlisted, count, rounds)?;

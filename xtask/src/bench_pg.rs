@@ -1,11 +1,8 @@
 //! `cargo xtask bench postgres`: pgbench through tollgate, side by side with direct,
 //! pgbouncer (session mode) and haproxy (tcp), in one run.
 use std::{
-    io::{BufRead, BufReader},
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::mpsc,
     thread,
     time::Duration,
 };
@@ -13,30 +10,18 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
+    pg::{PG_BIN, TempPostgres, as_postgres, free_port},
     setup,
     util::{self, cgroup2_mount, remove_cgroup_tree},
 };
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn as_postgres(args: &[&str]) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"]).args(args);
-    c
-}
-
-/// Everything the benchmark started; stopped and removed on drop.
+/// Everything the benchmark started; stopped and removed on drop (the server, a field, last).
 struct Rig {
-    dir: tempfile::TempDir,
     children: Vec<Child>,
-    data: PathBuf,
     bin: PathBuf,
     state: PathBuf,
     cgroup_dir: PathBuf,
+    pg: TempPostgres,
 }
 
 impl Drop for Rig {
@@ -48,16 +33,6 @@ impl Drop for Rig {
         }
         let _ = Command::new(&self.bin).args(["uninstall", "--state-dir"]).arg(&self.state).output();
         remove_cgroup_tree(&self.cgroup_dir);
-        let _ = as_postgres(&[
-            &format!("{PG_BIN}/pg_ctl"),
-            "-D",
-            self.data.to_str().unwrap(),
-            "-m",
-            "immediate",
-            "-w",
-            "stop",
-        ])
-        .output();
     }
 }
 
@@ -81,48 +56,17 @@ pub fn postgres(seconds: u64, scale: u32) -> anyhow::Result<()> {
     setup::ensure()?;
     util::cargo_build(true)?;
     let bin = util::tollgate_bin(true);
-    let dir = tempfile::Builder::new().prefix("tollgate-bench-pg-").tempdir()?;
-    let pg_user = nix::unistd::User::from_name("postgres")?.context("user postgres")?;
-    nix::unistd::chown(dir.path(), Some(pg_user.uid), Some(pg_user.gid))?;
-    let password = format!("bench-{}", std::process::id());
-    let pwfile = dir.path().join("pw");
-    std::fs::write(&pwfile, &password)?;
-    nix::unistd::chown(&pwfile, Some(pg_user.uid), Some(pg_user.gid))?;
-    let data = dir.path().join("data");
     let root_name = format!("tollgate-bench-pg-{}", std::process::id());
+    let pg = TempPostgres::start(0)?;
+    let (pg_port, password, d) = (pg.port, pg.password.clone(), pg.dir.path().to_path_buf());
+    let pg_user = nix::unistd::User::from_name("postgres")?.context("user postgres")?;
     let mut rig = Rig {
         children: Vec::new(),
-        data: data.clone(),
         bin: bin.clone(),
-        state: dir.path().join("state"),
+        state: d.join("state"),
         cgroup_dir: cgroup2_mount()?.join(&root_name),
-        dir,
+        pg,
     };
-    let d = rig.dir.path().to_path_buf();
-    util::run(&mut as_postgres(&[
-        &format!("{PG_BIN}/initdb"),
-        "-D",
-        data.to_str().unwrap(),
-        "-A",
-        "scram-sha-256",
-        "-U",
-        "app",
-        "--pwfile",
-        pwfile.to_str().unwrap(),
-    ]))?;
-    let pg_port = free_port()?;
-    let opts = format!("-p {pg_port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100", d.display());
-    util::run(&mut as_postgres(&[
-        &format!("{PG_BIN}/pg_ctl"),
-        "-D",
-        data.to_str().unwrap(),
-        "-o",
-        &opts,
-        "-l",
-        d.join("pg.log").to_str().unwrap(),
-        "-w",
-        "start",
-    ]))?;
     let port_s = pg_port.to_string();
     util::run(
         Command::new(format!("{PG_BIN}/pgbench"))
@@ -165,8 +109,7 @@ pub fn postgres(seconds: u64, scale: u32) -> anyhow::Result<()> {
 
     // tollgate, guardrails on: every statement classified, judged and audited durably.
     let secret = d.join("secret");
-    std::fs::write(&secret, &password)?;
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    rig.pg.write_secret(&secret)?;
     let cgroup = format!("/{root_name}/bench");
     let policy = d.join("policy.yaml");
     std::fs::write(
@@ -197,25 +140,7 @@ spec:
             secret = secret.display()
         ),
     )?;
-    let mut agent = Command::new(&bin)
-        .args(["run", "--policy"])
-        .arg(&policy)
-        .arg("--state-dir")
-        .arg(&rig.state)
-        .env("TOLLGATE_LOG", "warn,tollgate::agent=info")
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = agent.stderr.take().unwrap();
-    rig.children.push(agent);
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30)).context("agent not ready after 30s")?;
+    rig.children.push(util::start_agent(&bin, &policy, &rig.state, "warn,tollgate::agent=info", None)?);
 
     let pgbench = |port: u16, mode: &str, clients: u32, enrolled: bool| -> anyhow::Result<f64> {
         let jobs = clients.min(2).to_string();

@@ -1,16 +1,16 @@
 //! `cargo xtask demo`: the agent on policies/demo.yaml against throwaway loopback servers.
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpListener,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Child, Command},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use crate::{
+    pg::TempPostgres,
     setup,
     util::{self, cgroup2_mount, remove_cgroup_tree, root},
 };
@@ -19,6 +19,9 @@ const CGROUP: &str = "/tollgate-demo/planner";
 const GRANTED: &str = "127.0.0.1:18080";
 const PROTECTED: &str = "127.0.0.1:18081";
 const UNLISTED: &str = "127.0.0.1:18082";
+const PG_PORT: u16 = 15432;
+/// `credentials.password_file` of orders-db in policies/demo.yaml.
+const SECRET: &str = "/run/tollgate-demo/orders-db.secret";
 
 /// A loopback HTTP server that answers with its name and the peer it saw.
 fn server(addr: &str, name: &'static str) -> anyhow::Result<()> {
@@ -66,6 +69,7 @@ impl Drop for Cleanup {
         if let Ok(m) = cgroup2_mount() {
             remove_cgroup_tree(&m.join("tollgate-demo"));
         }
+        let _ = std::fs::remove_file(SECRET);
     }
 }
 
@@ -79,34 +83,14 @@ pub fn demo() -> anyhow::Result<()> {
     server(PROTECTED, "payroll-db")?;
     server(UNLISTED, "somewhere-else")?;
 
+    // The PostgreSQL resource of policies/demo.yaml; its secret lives where the policy says.
+    let pg = TempPostgres::start(PG_PORT).context("starting the demo PostgreSQL on 127.0.0.1:15432")?;
+    pg.sql("CREATE TABLE orders (id int PRIMARY KEY, email text, total numeric); INSERT INTO orders VALUES (1, 'ada@example.com', 42.00), (2, 'bob@example.com', 17.50)")?;
+    pg.write_secret(std::path::Path::new(SECRET))?;
+
     section("starting the agent on policies/demo.yaml");
-    let mut child = Command::new(&bin)
-        .args(["run", "--policy"])
-        .arg(&policy)
-        .arg("--state-dir")
-        .arg(&state)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().unwrap();
+    let child = util::start_agent(&bin, &policy, &state, "info", Some("  [agent] "))?;
     let mut cleanup = Cleanup { agent: Some(child), state: state.clone(), bin: bin.clone() };
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            println!("  [agent] {line}");
-            if line.contains("ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while rx.recv_timeout(Duration::from_millis(100)).is_err() {
-        if let Some(st) = cleanup.agent.as_mut().unwrap().try_wait()? {
-            bail!("the agent exited before it was ready ({st})");
-        }
-        if Instant::now() > deadline {
-            bail!("the agent was not ready after 30s");
-        }
-    }
 
     let curl = |url: &str| {
         let mut c = Command::new(&bin);
@@ -126,12 +110,36 @@ pub fn demo() -> anyhow::Result<()> {
     section("a process outside the enrolled cgroup is untouched");
     show(Command::new("curl").args(["-sS", "-m", "5", &format!("http://{GRANTED}/")]))?;
 
+    let psql = |sql: &str| {
+        let mut c = Command::new(&bin);
+        c.args([
+            "exec",
+            "--cgroup",
+            CGROUP,
+            "--",
+            "psql",
+            "-X",
+            "postgresql://planner@127.0.0.1:15432/postgres",
+            "-c",
+            sql,
+        ]);
+        c
+    };
+    section("planner-bot -> orders-db (PostgreSQL 127.0.0.1:15432), no password: the proxy logs in with the real one");
+    show(&mut psql("SELECT id, email, total FROM orders"))?;
+    section("planner-bot: DROP TABLE -> denied by rule no-ddl (SQLSTATE 42501), never reaches the server");
+    show(&mut psql("DROP TABLE orders"))?;
+    section("planner-bot: a DELETE hidden in a CTE, without WHERE -> denied by rule writes-need-where");
+    show(&mut psql("WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone"))?;
+    section("planner-bot: UPDATE with WHERE on orders -> allowed by rule order-writes");
+    show(&mut psql("UPDATE orders SET total = 43.00 WHERE id = 1"))?;
+
     thread::sleep(Duration::from_millis(300));
     let st = state.display().to_string();
     section("status");
     show(Command::new(&bin).args(["status", "--state-dir", &st]))?;
     section("the audit trail (kernel-level connection records and proxied sessions)");
-    show(Command::new(&bin).args(["audit", "tail", "--state-dir", &st, "-n", "20"]))?;
+    show(Command::new(&bin).args(["audit", "tail", "--state-dir", &st, "-n", "30"]))?;
     section("tamper evidence");
     show(Command::new(&bin).args(["audit", "verify", "--state-dir", &st]))?;
 

@@ -2,6 +2,7 @@
 mod bench;
 mod bench_pg;
 mod demo;
+mod pg;
 mod setup;
 mod util;
 

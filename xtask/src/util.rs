@@ -86,3 +86,47 @@ pub fn remove_cgroup_tree(dir: &Path) {
     }
     eprintln!("warning: could not remove cgroup {}", dir.display());
 }
+
+/// Starts `tollgate run` and returns once it logs "ready". Its log lines are printed with
+/// `echo` in front, or dropped.
+pub fn start_agent(
+    bin: &Path,
+    policy: &Path,
+    state: &Path,
+    log_filter: &str,
+    echo: Option<&'static str>,
+) -> anyhow::Result<std::process::Child> {
+    use std::io::BufRead;
+    let mut child = Command::new(bin)
+        .args(["run", "--policy"])
+        .arg(policy)
+        .arg("--state-dir")
+        .arg(state)
+        .env("TOLLGATE_LOG", log_filter)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(prefix) = echo {
+                println!("{prefix}{line}");
+            }
+            if line.contains("ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rx.recv_timeout(std::time::Duration::from_millis(100)).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the agent exited before it was ready ({status})");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the agent was not ready after 30 s");
+        }
+    }
+    Ok(child)
+}

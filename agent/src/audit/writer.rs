@@ -4,10 +4,13 @@ use std::{
     io::{self, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     thread,
+    time::{Duration, Instant},
 };
 
+use std::sync::mpsc;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
-use tokio::sync::{mpsc, oneshot};
+
+use tokio::sync::oneshot;
 
 use super::{
     chain::{self, Head},
@@ -38,7 +41,7 @@ struct Msg {
 /// Handle to the trail. Cloning is cheap; the writer stops when every handle is dropped.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
 }
 
 pub struct WriterThread(thread::JoinHandle<()>);
@@ -124,7 +127,7 @@ impl AuditLog {
         // The file's directory entry must be durable too, or a crash can lose the whole trail.
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
         let (mut head, cut) = recover(&mut file, &path)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         if cut > 0 {
             let mut r = Record::new(Kind::AuditRecovered);
             r.detail = Some(format!("cut {cut} bytes of an incomplete record at the end of the trail"));
@@ -156,15 +159,40 @@ impl AuditLog {
 
 /// Most records written per fdatasync; bounds the latency of the first record in a batch.
 const MAX_BATCH: usize = 4096;
+/// Longest a record nobody waits for stays in the page cache before an fdatasync.
+const LAZY_SYNC: Duration = Duration::from_millis(10);
 
-fn run(mut file: File, path: PathBuf, mut head: Head, mut rx: mpsc::UnboundedReceiver<Msg>) {
+fn run(mut file: File, path: PathBuf, mut head: Head, rx: mpsc::Receiver<Msg>) {
     let mut buf = String::new();
     let mut acks: Vec<(Ack, u64)> = Vec::new();
     // Records of failed batches: the next batch that reaches disk says how many are missing,
     // so a gap is never silent even though the chain itself stays intact.
     let mut lost: u64 = 0;
     let mut last_error = String::new();
-    while let Some(first) = rx.blocking_recv() {
+    // Records nobody waits for may sit unsynced for up to LAZY_SYNC; a record someone waits
+    // for syncs everything before it too.
+    let mut unsynced_since: Option<Instant> = None;
+    loop {
+        let first = match unsynced_since {
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            Some(since) => match rx.recv_timeout(LAZY_SYNC.saturating_sub(since.elapsed())) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = file.sync_data();
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = file.sync_data() {
+                        tracing::error!(path = %path.display(), error = %e, "audit sync failed");
+                    }
+                    unsynced_since = None;
+                    continue;
+                }
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -193,8 +221,11 @@ fn run(mut file: File, path: PathBuf, mut head: Head, mut rx: mpsc::UnboundedRec
                 acks.push((a, head.seq));
             }
         }
-        match file.write_all(buf.as_bytes()).and_then(|_| file.sync_data()) {
+        let must_sync = !acks.is_empty() || unsynced_since.is_some_and(|t| t.elapsed() >= LAZY_SYNC);
+        let written = file.write_all(buf.as_bytes()).and_then(|_| if must_sync { file.sync_data() } else { Ok(()) });
+        match written {
             Ok(()) => {
+                unsynced_since = if must_sync { None } else { unsynced_since.or(Some(Instant::now())) };
                 lost = 0;
                 for (a, seq) in acks.drain(..) {
                     let _ = a.send(Ok(seq));
