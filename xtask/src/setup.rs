@@ -163,12 +163,42 @@ pub fn test(fuzz_seconds: u64) -> anyhow::Result<()> {
     run(ebpf_cargo().args(["fmt", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(ebpf_cargo().args(["clippy", "--release", "--", "-D", "warnings"]))?;
-    run(cargo().args(["test", "--workspace", "--no-fail-fast"]))?;
+    let (passed, failed, ignored) = cargo_test()?;
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds)?;
     }
     eprintln!("xtask test: all checks passed");
+    // The summary CI reads: every test binary's counts added up.
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
     Ok(())
+}
+
+/// Runs the workspace's tests, echoing their output, and adds up the "test result" lines.
+fn cargo_test() -> anyhow::Result<(u64, u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--no-fail-fast"]).stdout(std::process::Stdio::piped());
+    eprintln!("+ {}", crate::util::show(&c));
+    let mut child = c.spawn()?;
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |what: &str| {
+                rest.split(';')
+                    .find_map(|p| p.trim().strip_suffix(what)?.trim().rsplit(' ').next()?.parse::<u64>().ok())
+            };
+            passed += count("passed").unwrap_or(0);
+            failed += count("failed").unwrap_or(0);
+            ignored += count("ignored").unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() || failed > 0 {
+        bail!("tests failed: {passed} passed, {failed} failed ({status})");
+    }
+    Ok((passed, failed, ignored))
 }
 
 pub fn fuzz(seconds: u64) -> anyhow::Result<()> {
