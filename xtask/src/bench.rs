@@ -147,12 +147,7 @@ struct Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let _ = a.wait();
-        }
-        let _ = Command::new(&self.bin).args(["uninstall", "--state-dir"]).arg(&self.state).output();
+        util::stop_and_uninstall(self.agent.take(), &self.bin, &self.state);
         remove_cgroup_tree(&self.cgroup_dir);
         let _ = std::fs::remove_dir_all(&self.state);
     }

@@ -26,12 +26,10 @@ struct Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let _ = c.wait();
+        for c in self.children.drain(..) {
+            util::stop(c);
         }
-        let _ = Command::new(&self.bin).args(["uninstall", "--state-dir"]).arg(&self.state).output();
+        util::stop_and_uninstall(None, &self.bin, &self.state);
         remove_cgroup_tree(&self.cgroup_dir);
     }
 }

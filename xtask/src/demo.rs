@@ -60,12 +60,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let _ = a.wait();
-        }
-        let _ = Command::new(&self.bin).args(["uninstall", "--state-dir"]).arg(&self.state).output();
+        util::stop_and_uninstall(self.agent.take(), &self.bin, &self.state);
         if let Ok(m) = cgroup2_mount() {
             remove_cgroup_tree(&m.join("tollgate-demo"));
         }
@@ -144,9 +139,8 @@ pub fn demo() -> anyhow::Result<()> {
     show(Command::new(&bin).args(["audit", "verify", "--state-dir", &st]))?;
 
     section("stopping the agent and removing enforcement");
-    if let Some(mut a) = cleanup.agent.take() {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
-        a.wait()?;
+    if let Some(a) = cleanup.agent.take() {
+        util::stop(a);
     }
     show(Command::new(&bin).args(["uninstall", "--state-dir", &st]))?;
     drop(cleanup);

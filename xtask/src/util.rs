@@ -130,3 +130,17 @@ pub fn start_agent(
     }
     Ok(child)
 }
+
+/// Stops a process this task started: SIGTERM, then waits for it.
+pub fn stop(mut child: std::process::Child) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+}
+
+/// Stops the agent (if still running) and removes what it pinned and attached.
+pub fn stop_and_uninstall(agent: Option<std::process::Child>, bin: &Path, state: &Path) {
+    if let Some(a) = agent {
+        stop(a);
+    }
+    let _ = Command::new(bin).args(["uninstall", "--state-dir"]).arg(state).output();
+}
