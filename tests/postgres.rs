@@ -61,6 +61,17 @@ fn psql(env: &Env, pg: &Postgres, userinfo: &str, script: &str) -> (String, Stri
     )
 }
 
+/// pgbench (in the bot cgroup) against the server's own address; returns stdout and stderr.
+fn pgbench(env: &Env, pg: &Postgres, args: &[&str]) -> (bool, String) {
+    let port = pg.port.to_string();
+    let bin = format!("{PG_BIN}/pgbench");
+    let mut cmd = vec![bin.as_str()];
+    cmd.extend_from_slice(args);
+    cmd.extend_from_slice(&["-h", "127.0.0.1", "-p", &port, "-U", "bot", "postgres"]);
+    let out = env.run_in("bot", &cmd);
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
 fn setup(name: &str) -> (Env, Postgres) {
     let pg = Postgres::start();
     pg.direct("CREATE TABLE orders (id int primary key, email text); INSERT INTO orders VALUES (1, 'a@example.com'), (2, 'b@example.com')");
@@ -170,57 +181,15 @@ fn pgbench_simple_extended_and_prepared_through_the_proxy() {
         .unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
     for mode in ["simple", "extended", "prepared"] {
-        let port = pg.port.to_string();
-        let out = env.run_in(
-            "bot",
-            &[
-                &format!("{PG_BIN}/pgbench"),
-                "-n",
-                "-M",
-                mode,
-                "-c",
-                "2",
-                "-t",
-                "30",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "bot",
-                "postgres",
-            ],
-        );
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "pgbench -M {mode}: {text}");
+        let (ok, text) = pgbench(&env, &pg, &["-n", "-M", mode, "-c", "2", "-t", "30"]);
+        assert!(ok, "pgbench -M {mode}: {text}");
         assert!(text.contains("number of transactions actually processed: 60/60"), "pgbench -M {mode}: {text}");
         assert!(text.contains("number of failed transactions: 0"), "pgbench -M {mode}: {text}");
     }
     // The extended protocol is judged too: a denied Parse fails the batch and nothing runs.
-    let port = pg.port.to_string();
     let script = env.dir.path().join("drop.sql");
     std::fs::write(&script, "DROP TABLE pgbench_history;\n").unwrap();
-    let out = env.run_in(
-        "bot",
-        &[
-            &format!("{PG_BIN}/pgbench"),
-            "-n",
-            "-M",
-            "extended",
-            "-t",
-            "1",
-            "-f",
-            script.to_str().unwrap(),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "bot",
-            "postgres",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let (_, text) = pgbench(&env, &pg, &["-n", "-M", "extended", "-t", "1", "-f", script.to_str().unwrap()]);
     assert!(text.contains("no-ddl"), "{text}");
     assert_eq!(pg.direct("SELECT count(*) FROM pg_tables WHERE tablename = 'pgbench_history'"), "1");
 }

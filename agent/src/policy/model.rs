@@ -254,11 +254,6 @@ impl Policy {
         v
     }
 
-    /// The next instant at which a grant expires, after `now` (the agent re-syncs then).
-    pub fn next_expiry(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
-        self.grants.iter().filter_map(|g| g.expires).filter(|&e| e > now).min()
-    }
-
     pub fn grant(&self, name: &str) -> Option<&Grant> {
         self.grants.iter().find(|g| g.name == name)
     }

@@ -189,7 +189,6 @@ async fn handle(
                 enforce: policy.mode == Mode::Enforce,
             };
             let outcome = postgres::serve(client, pg, &stop).await;
-            end.count = Some(outcome.statements);
             end.detail = Some(format!("{} statements, {} denied", outcome.statements, outcome.denied));
             end.duration_ms = Some(started.elapsed().as_millis() as u64);
             end.error = outcome.error.clone();
