@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
+    approval,
     audit::{self, AuditLog, Kind, Record},
     cgroup::{self, Cgroup, CgroupId},
     identity::{Attribution, ProcCache},
@@ -50,6 +51,8 @@ pub enum AgentError {
     Resolve { resource: String, address: String, error: String },
     #[error("{what}: {source}")]
     Io { what: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Control(#[from] crate::approval::control::ControlError),
 }
 
 pub struct RunOptions {
@@ -256,7 +259,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     let reported = state.read_reported()?;
     let ids = state.read_ids()?;
     let placeholder = Arc::new(View { policy: policy.clone(), ids: ids.clone() });
-    let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins));
+    let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins, state.mask_key()?));
     let mut agent = Agent {
         options,
         state,
@@ -277,6 +280,8 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     for l in listeners {
         tokio::spawn(proxy::serve(l, shared.clone(), stop.clone(), tracker.clone()));
     }
+    let control = approval::control::bind(&approval::control::socket_path(&agent.state.root))?;
+    tokio::spawn(approval::control::serve(control, shared.clone(), stop.clone()));
     let events_task = tokio::spawn(read_events(events, shared.clone(), stop.clone()));
     let counters_task =
         tokio::spawn(watch_counters(counters, reported, agent.state.clone(), audit_log.clone(), stop.clone()));

@@ -75,6 +75,40 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Decide statements held for just-in-time approval (rules with `action: approve`).
+    ///
+    /// Talks to the running agent over its control socket. Only root and the uids/gids named in
+    /// the policy's spec.approvers may list or decide, and never from inside an enrolled cgroup.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, global = true)]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Show pending requests: id, who, where, the statement and when it times out.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a held statement go to the database.
+    Approve {
+        id: u64,
+        /// Why; recorded in the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Refuse a held statement; the client gets an error naming the rule and the reason.
+    Deny {
+        id: u64,
+        /// Why; recorded in the audit trail and shown to the client.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -185,7 +219,63 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             audit::tail(&StateDir::new(&state_dir).root, lines, follow, json, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Approvals { command, state_dir } => approvals(command, &StateDir::new(&state_dir).root),
     }
+}
+
+fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<ExitCode> {
+    use tollgate::approval::{
+        ApprovalId,
+        control::{Command as Ctl, call},
+    };
+    let (cmd, json) = match command {
+        ApprovalsCommand::List { json } => (Ctl::List, json),
+        ApprovalsCommand::Approve { id, reason } => (Ctl::Approve { id: ApprovalId(id), reason }, false),
+        ApprovalsCommand::Deny { id, reason } => (Ctl::Deny { id: ApprovalId(id), reason }, false),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = rt.block_on(call(state_dir, &cmd))?;
+    if let Some(pending) = reply.pending {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&pending)?);
+        } else if pending.is_empty() {
+            println!("no pending approval requests");
+        } else {
+            for r in pending {
+                println!(
+                    "{:>4}  {}  pid {}  {}  resource {}  db {}  rule {}  expires {}",
+                    r.id,
+                    r.identity.as_deref().unwrap_or("-"),
+                    r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    r.exe.as_deref().unwrap_or("-"),
+                    r.resource.as_deref().unwrap_or("-"),
+                    r.database.as_deref().unwrap_or("-"),
+                    r.rule,
+                    r.expires_at
+                );
+                println!("      {}", r.statement);
+                if !r.parameters.is_empty() {
+                    let p: Vec<String> = r
+                        .parameters
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| format!("${}={}", i + 1, v.as_deref().unwrap_or("NULL")))
+                        .collect();
+                    println!("      {}", p.join(" "));
+                }
+            }
+        }
+    }
+    if let Some(r) = reply.decided {
+        let what = if matches!(cmd, Ctl::Approve { .. }) { "approved" } else { "denied" };
+        println!(
+            "{what} request {} ({} on {})",
+            r.id,
+            r.identity.as_deref().unwrap_or("-"),
+            r.resource.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exec(path: &str, command: &[String]) -> anyhow::Result<ExitCode> {

@@ -114,6 +114,28 @@ pub struct Classification {
     pub statements: usize,
     /// The parser's message when the text did not parse.
     pub parse_error: Option<String>,
+    /// Each `COPY ... TO STDOUT`, in statement order: the proxy sees its rows to mask them.
+    pub copy_out: Vec<CopyOut>,
+}
+
+/// The shape of the rows a `COPY ... TO STDOUT` will send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOut {
+    pub format: CopyFormat,
+    pub delimiter: u8,
+    /// CSV with a first line of column names.
+    pub header: bool,
+    /// Non-default QUOTE, ESCAPE, NULL or ENCODING options the masker does not follow.
+    pub unusual: Option<String>,
+    /// Column names, when the statement says them (a column list, or plain named select items).
+    pub columns: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormat {
+    Text,
+    Csv,
+    Binary,
 }
 
 impl Classification {
@@ -193,7 +215,11 @@ pub fn classify(sql: &str) -> Classification {
     };
     let mut c = Classification { statements: parsed.protobuf.stmts.len(), ..Default::default() };
     match serde_json::to_value(&parsed.protobuf) {
-        Ok(tree) => walk(&tree, &mut c),
+        Ok(tree) => {
+            walk(&tree, &mut c);
+            let stmts = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            c.copy_out = stmts.iter().filter_map(|s| copy_out(s.pointer("/stmt/node/CopyStmt")?)).collect();
+        }
         Err(e) => {
             c.kinds.insert(Kind::Unparseable);
             c.parse_error = Some(format!("parse tree not walkable: {e}"));
@@ -205,6 +231,68 @@ pub fn classify(sql: &str) -> Classification {
         c.kinds.insert(Kind::Select);
     }
     c
+}
+
+fn sval(v: &Value) -> Option<&str> {
+    v.pointer("/node/String/sval").and_then(Value::as_str)
+}
+
+/// `COPY ... TO STDOUT` (not FROM, not to a file or program): how its rows will look.
+fn copy_out(copy: &Value) -> Option<CopyOut> {
+    if copy.get("is_from").and_then(Value::as_bool) == Some(true)
+        || copy.get("is_program").and_then(Value::as_bool) == Some(true)
+        || copy.get("filename").and_then(Value::as_str).is_some_and(|f| !f.is_empty())
+    {
+        return None;
+    }
+    let mut out = CopyOut { format: CopyFormat::Text, delimiter: b'\t', header: false, unusual: None, columns: None };
+    let mut delimiter = None;
+    for opt in copy.get("options").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
+        let Some(def) = opt.pointer("/node/DefElem") else { continue };
+        let name = def.get("defname").and_then(Value::as_str).unwrap_or_default();
+        let arg = def.get("arg").and_then(sval);
+        match name {
+            "format" => {
+                out.format = match arg {
+                    Some("csv") => CopyFormat::Csv,
+                    Some("binary") => CopyFormat::Binary,
+                    _ => CopyFormat::Text,
+                }
+            }
+            "delimiter" => delimiter = arg.and_then(|a| a.bytes().next()),
+            // HEADER takes a boolean (`true`, `on`, `1`) or no argument at all.
+            "header" => out.header = !matches!(arg, Some("false" | "off" | "0")),
+            "quote" | "escape" | "null" | "encoding" | "force_quote" | "force_not_null" | "force_null" => {
+                out.unusual = Some(name.to_string())
+            }
+            _ => {}
+        }
+    }
+    out.delimiter = delimiter.unwrap_or(if out.format == CopyFormat::Csv { b',' } else { b'\t' });
+    let attlist: Vec<String> = copy
+        .get("attlist")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(sval).map(str::to_string).collect())
+        .unwrap_or_default();
+    if !attlist.is_empty() {
+        out.columns = Some(attlist);
+    } else if let Some(targets) = copy.pointer("/query/node/SelectStmt/target_list").and_then(Value::as_array) {
+        // `COPY (SELECT a, b AS c FROM t) TO STDOUT`: names as the select list gives them.
+        out.columns = targets
+            .iter()
+            .map(|t| {
+                let rt = t.pointer("/node/ResTarget")?;
+                match rt.get("name").and_then(Value::as_str) {
+                    Some(n) if !n.is_empty() => Some(n.to_string()),
+                    _ => {
+                        let fields = rt.pointer("/val/node/ColumnRef/fields")?.as_array()?;
+                        fields.last().and_then(sval).map(str::to_string)
+                    }
+                }
+            })
+            .collect();
+    }
+    Some(out)
 }
 
 fn walk(v: &Value, c: &mut Classification) {
@@ -293,6 +381,28 @@ mod tests {
         let c = classify("SELECT * FROM a JOIN b ON true WHERE a.id IN (SELECT id FROM c)");
         assert_eq!(c.tables.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(classify("SELECT 1; SELECT 2").statements, 2);
+    }
+
+    #[test]
+    fn copy_out_shapes() {
+        let c = classify("COPY t (a, b) TO STDOUT WITH (FORMAT csv, HEADER); COPY t FROM STDIN; COPY u TO '/tmp/x'");
+        assert_eq!(
+            c.copy_out,
+            vec![CopyOut {
+                format: CopyFormat::Csv,
+                delimiter: b',',
+                header: true,
+                unusual: None,
+                columns: Some(vec!["a".into(), "b".into()]),
+            }]
+        );
+        let c = classify("COPY (SELECT id, t.email, lower(name) AS n FROM t) TO STDOUT");
+        assert_eq!(c.copy_out[0].columns, Some(vec!["id".into(), "email".into(), "n".into()]));
+        assert_eq!((c.copy_out[0].format, c.copy_out[0].delimiter), (CopyFormat::Text, b'\t'));
+        let c = classify("COPY (SELECT *, 1 FROM t) TO STDOUT (FORMAT binary)");
+        assert_eq!((c.copy_out[0].format, &c.copy_out[0].columns), (CopyFormat::Binary, &None));
+        let c = classify("COPY t TO STDOUT (FORMAT csv, DELIMITER '|', QUOTE '\"')");
+        assert_eq!((c.copy_out[0].delimiter, c.copy_out[0].unusual.as_deref()), (b'|', Some("quote")));
     }
 
     #[test]

@@ -41,12 +41,37 @@ impl StateDir {
         Self { root }
     }
 
-    /// Creates the directory (mode 0700: the trail names processes and destinations).
+    /// Creates the directory. Mode 0711: approvers who are not root must reach the control
+    /// socket inside, but may not list the directory; the trail has its own 0700 directory.
     pub fn create(root: &Path) -> Result<Self, StateError> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(io_err(root))?;
-        let root = fs::canonicalize(root).map_err(io_err(root))?;
+        let root = fs::canonicalize(root).map_err(io_err(&root.to_owned()))?;
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o711)).map_err(io_err(&root))?;
         Ok(Self { root })
+    }
+
+    /// The key of the `hash` masking style: created once (0600) so hashes stay stable.
+    pub fn mask_key(&self) -> Result<[u8; 32], StateError> {
+        use std::{io::Read, os::unix::fs::OpenOptionsExt};
+        let path = self.root.join("mask.key");
+        match fs::read(&path) {
+            Ok(k) if k.len() == 32 => return Ok(k.try_into().expect("32 bytes")),
+            Ok(_) => {
+                return Err(StateError::Io {
+                    path,
+                    source: io::Error::new(io::ErrorKind::InvalidData, "a mask key must be 32 bytes"),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StateError::Io { path, source: e }),
+        }
+        let mut key = [0u8; 32];
+        fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).map_err(io_err(&path))?;
+        let mut f =
+            fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io_err(&path))?;
+        std::io::Write::write_all(&mut f, &key).and_then(|()| f.sync_all()).map_err(io_err(&path))?;
+        Ok(key)
     }
 
     /// bpffs directory for this agent's pins: one per state dir, so agents never collide.

@@ -24,6 +24,8 @@ pub enum Kind {
     Statement,
     /// What the server answered for forwarded statements (`refs` names their records).
     StatementResult,
+    /// A held statement was decided: approved, denied, timed out or cancelled.
+    Approval,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::AuditRecovered => "audit_recovered",
             Kind::Statement => "statement",
             Kind::StatementResult => "statement_result",
+            Kind::Approval => "approval",
         }
     }
 }
@@ -114,6 +117,15 @@ pub struct Record {
     pub detail: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The just-in-time approval request a statement waited on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<u64>,
+    /// The uid that decided an approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approver: Option<u32>,
+    /// Values masked in a result, by kind (never the values themselves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Record {
@@ -151,6 +163,9 @@ impl Record {
             policy: None,
             detail: None,
             error: None,
+            approval_id: None,
+            approver: None,
+            masked: None,
         }
     }
 }
@@ -200,6 +215,12 @@ impl Entry {
         field("policy", r.policy.clone());
         field("detail", r.detail.clone());
         field("error", r.error.clone());
+        field("approval", r.approval_id.map(|v| v.to_string()));
+        field("approver", r.approver.map(|v| v.to_string()));
+        field(
+            "masked",
+            r.masked.as_ref().map(|m| m.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(",")),
+        );
         s
     }
 }

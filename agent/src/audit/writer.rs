@@ -116,7 +116,12 @@ impl AuditLog {
     /// Opens (or creates) the trail in `dir` and starts the writer thread.
     pub fn open(dir: &Path) -> Result<(AuditLog, WriterThread), AuditError> {
         let io_err = |source| AuditError::Io { path: dir.to_owned(), source };
-        fs::create_dir_all(dir).map_err(io_err)?;
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err)?;
+            // The trail holds statements and process details: owner only.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+        }
         let path = trail_path(dir);
         let mut file = OpenOptions::new()
             .create(true)

@@ -31,6 +31,25 @@ pub struct Spec {
     pub resources: Vec<ResourceSpec>,
     #[serde(default)]
     pub grants: Vec<GrantSpec>,
+    #[serde(default)]
+    pub approvers: Option<ApproversSpec>,
+    #[serde(default)]
+    pub notify: Option<NotifySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproversSpec {
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    #[serde(default)]
+    pub gids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    pub webhook: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +95,9 @@ pub struct TlsSpec {
     pub mode: String,
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// Whether clients asking for TLS get it (terminated by the agent) or are declined.
+    #[serde(default)]
+    pub client: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +112,20 @@ pub struct GrantSpec {
     pub rules: Vec<RuleSpec>,
     #[serde(default)]
     pub default: Option<String>,
+    #[serde(default)]
+    pub masking: Vec<MaskingSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskingSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub columns: Vec<String>,
+    #[serde(default)]
+    pub detect: Vec<String>,
+    pub style: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +137,9 @@ pub struct RuleSpec {
     pub action: String,
     #[serde(default)]
     pub message: Option<String>,
+    /// How long an `approve` rule holds a statement before denying it (`30s`, `5m`, `1h`).
+    #[serde(default)]
+    pub timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,8 +6,8 @@ pub mod rules;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    API_VERSION, Access, CgroupPath, Credentials, DEFAULT_LISTEN_PORT, Grant, Identity, Mode, Policy, Protocol,
-    Resource, ResourceAddress, Unlisted, ValidationError,
+    API_VERSION, Access, Approvers, CgroupPath, Credentials, DEFAULT_LISTEN_PORT, Grant, Identity, Mode, Policy,
+    Protocol, Resource, ResourceAddress, Tls, Unlisted, UpstreamTls, ValidationError, Webhook, parse_duration,
 };
 
 /// Why a policy file was refused; every variant names the file.

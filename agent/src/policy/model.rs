@@ -3,13 +3,14 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
 };
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{
-    file::{GrantSpec, IdentitySpec, PolicyFile, ResourceSpec, RuleSpec},
-    rules::{Action, Rule},
+    file::{GrantSpec, IdentitySpec, MaskingSpec, PolicyFile, ResourceSpec, RuleSpec},
+    rules::{Action, DEFAULT_APPROVAL_TIMEOUT, Rule},
 };
 use crate::sql::Kind;
 
@@ -158,6 +159,25 @@ pub struct Resource {
     pub address: ResourceAddress,
     /// How the proxy logs in upstream (`postgres` resources).
     pub credentials: Option<Credentials>,
+    pub tls: Tls,
+}
+
+/// TLS on both legs of a `postgres` resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    pub upstream: UpstreamTls,
+    /// Clients that ask for TLS get it, terminated with a certificate the agent generates.
+    pub accept_client: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UpstreamTls {
+    #[default]
+    Disable,
+    /// Encrypted, server certificate not checked (libpq's `sslmode=require`).
+    Require,
+    /// Encrypted, certificate chain checked against `ca_file` and the name against the host.
+    VerifyFull { ca_file: std::path::PathBuf },
 }
 
 /// The real credential of a resource: the proxy logs in with it; the client never sees it.
@@ -179,6 +199,15 @@ pub struct Grant {
     pub rules: Vec<Rule>,
     /// For statements no rule matches: `deny` when rules are given, `allow` otherwise.
     pub default: Action,
+    /// Response masking, in order.
+    pub masking: Vec<crate::mask::Rule>,
+}
+
+/// Who may decide approvals besides root.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Approvers {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +219,41 @@ pub struct Policy {
     pub identities: Vec<Identity>,
     pub resources: Vec<Resource>,
     pub grants: Vec<Grant>,
+    pub approvers: Approvers,
+    /// Where pending approval requests are POSTed as JSON.
+    pub webhook: Option<Webhook>,
+}
+
+/// An `http://host:port/path` address for approval notifications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl Webhook {
+    pub fn parse(url: &str) -> Result<Webhook, String> {
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            format!("webhook {url:?} must start with http:// (send it to a local relay for https endpoints)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let addr = ResourceAddress::parse(authority)
+            .or_else(|_| ResourceAddress::parse(&format!("{authority}:80")))
+            .map_err(|m| format!("webhook {url:?}: {m}"))?;
+        let (host, port) = match addr {
+            ResourceAddress::Socket(sa) => (sa.ip().to_string(), sa.port()),
+            ResourceAddress::Host { host, port } => (host, port),
+        };
+        if path.chars().any(|c| c.is_ascii_control() || c == ' ') {
+            return Err(format!("webhook {url:?}: the path must not contain spaces or control characters"));
+        }
+        Ok(Webhook { url: url.to_string(), host, port, path: path.to_string() })
+    }
 }
 
 /// Whether an identity may reach a resource at a given time, and which grant says so.
@@ -333,7 +397,16 @@ impl TryFrom<PolicyFile> for Policy {
         let identities = validate_identities(&spec.identities)?;
         let resources = validate_resources(&spec.resources)?;
         let grants = validate_grants(&spec.grants, &identities, &resources)?;
-        Ok(Policy { name: f.metadata.name, mode, unlisted, listen, identities, resources, grants })
+        let approvers = spec
+            .approvers
+            .as_ref()
+            .map(|a| Approvers { uids: a.uids.clone(), gids: a.gids.clone() })
+            .unwrap_or_default();
+        let webhook = match &spec.notify {
+            None => None,
+            Some(n) => Some(Webhook::parse(&n.webhook).map_err(|m| invalid("spec.notify.webhook", m))?),
+        };
+        Ok(Policy { name: f.metadata.name, mode, unlisted, listen, identities, resources, grants, approvers, webhook })
     }
 }
 
@@ -421,22 +494,53 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
             }
             (Protocol::Tcp, None) => None,
         };
-        if let Some(tls) = &s.tls {
-            if protocol != Protocol::Postgres {
+        let tls = match &s.tls {
+            None => Tls::default(),
+            Some(_) if protocol != Protocol::Postgres => {
                 return Err(invalid(format!("{at}.tls"), "only postgres resources take tls settings"));
             }
-            if tls.mode != "disable" || tls.ca_file.is_some() {
-                return Err(invalid(
-                    format!("{at}.tls.mode"),
-                    format!("tls mode {:?} is not supported by this version yet; use disable", tls.mode),
-                ));
+            Some(t) => {
+                let upstream = match (t.mode.as_str(), &t.ca_file) {
+                    ("disable", None) => UpstreamTls::Disable,
+                    ("require", None) => UpstreamTls::Require,
+                    ("verify-full", Some(ca)) if ca.starts_with('/') => UpstreamTls::VerifyFull { ca_file: ca.into() },
+                    ("verify-full", Some(_)) => {
+                        return Err(invalid(format!("{at}.tls.ca_file"), "must be an absolute path"));
+                    }
+                    ("verify-full", None) => {
+                        return Err(invalid(
+                            format!("{at}.tls.ca_file"),
+                            "verify-full needs the CA file to check against",
+                        ));
+                    }
+                    ("disable" | "require", Some(_)) => {
+                        return Err(invalid(format!("{at}.tls.ca_file"), "only verify-full takes a ca_file"));
+                    }
+                    (other, _) => {
+                        return Err(invalid(
+                            format!("{at}.tls.mode"),
+                            format!("unknown tls mode {other:?}; expected disable, require or verify-full"),
+                        ));
+                    }
+                };
+                let accept_client = match t.client.as_deref() {
+                    None | Some("decline") => false,
+                    Some("accept") => true,
+                    Some(other) => {
+                        return Err(invalid(
+                            format!("{at}.tls.client"),
+                            format!("unknown value {other:?}; expected accept or decline"),
+                        ));
+                    }
+                };
+                Tls { upstream, accept_client }
             }
-        }
+        };
         let address = ResourceAddress::parse(&s.address).map_err(|m| invalid(format!("{at}.address"), m))?;
         if let Some(other) = addrs.insert(address.to_string(), s.name.clone()) {
             return Err(invalid(format!("{at}.address"), format!("{address} is already resource {other:?}")));
         }
-        out.push(Resource { name: s.name.clone(), protocol, address, credentials });
+        out.push(Resource { name: s.name.clone(), protocol, address, credentials, tls });
     }
     Ok(out)
 }
@@ -518,7 +622,24 @@ fn validate_grants(
             None => Action::Deny,
             Some(a) => parse_action(&format!("{at}.default"), a)?,
         };
-        out.push(Grant { name: s.name.clone(), identities: ids, resources: res, expires, rules, default });
+        let masking = s
+            .masking
+            .iter()
+            .enumerate()
+            .map(|(j, m)| validate_masking(&format!("{at}.masking[{j}]"), &s.name, j, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        if (!masking.is_empty() || !rules.is_empty())
+            && let Some(&k) = res.iter().find(|&&k| resources[k].protocol != Protocol::Postgres)
+        {
+            return Err(invalid(
+                format!("{at}.resources"),
+                format!(
+                    "{:?} is a {} resource; statement rules and masking apply only to postgres resources",
+                    resources[k].name, resources[k].protocol
+                ),
+            ));
+        }
+        out.push(Grant { name: s.name.clone(), identities: ids, resources: res, expires, rules, default, masking });
     }
     Ok(out)
 }
@@ -527,11 +648,60 @@ fn parse_action(location: &str, a: &str) -> Result<Action, ValidationError> {
     match a {
         "allow" => Ok(Action::Allow),
         "deny" => Ok(Action::Deny),
-        "approve" => {
-            Err(invalid(location, "action approve (just-in-time approval) is not supported by this version yet"))
-        }
-        other => Err(invalid(location, format!("unknown action {other:?}; expected allow or deny"))),
+        "approve" => Ok(Action::Approve { timeout: DEFAULT_APPROVAL_TIMEOUT }),
+        other => Err(invalid(location, format!("unknown action {other:?}; expected allow, deny or approve"))),
     }
+}
+
+/// `30s`, `5m`, `1h`: a whole number and a unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(unit_at);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration such as 30s, 5m or 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("{s:?} is not a duration such as 30s, 5m or 1h")),
+    };
+    if secs == 0 || secs > 24 * 3600 {
+        return Err(format!("{s:?} must be between 1s and 24h"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn validate_masking(
+    at: &str,
+    grant: &str,
+    index: usize,
+    m: &MaskingSpec,
+) -> Result<crate::mask::Rule, ValidationError> {
+    use crate::mask::{Glob, Rule, Target};
+    let name = match &m.name {
+        Some(n) => {
+            check_name(&format!("{at}.name"), n)?;
+            n.clone()
+        }
+        None => format!("{grant}.masking[{index}]"),
+    };
+    let target = match (m.columns.is_empty(), m.detect.is_empty()) {
+        (false, true) => {
+            if let Some(j) = m.columns.iter().position(|c| c.is_empty()) {
+                return Err(invalid(format!("{at}.columns[{j}]"), "must not be empty"));
+            }
+            Target::Columns(m.columns.iter().map(|c| Glob::new(c)).collect())
+        }
+        (true, false) => Target::Detect(
+            m.detect
+                .iter()
+                .enumerate()
+                .map(|(j, d)| d.parse().map_err(|e| invalid(format!("{at}.detect[{j}]"), e)))
+                .collect::<Result<_, _>>()?,
+        ),
+        _ => return Err(invalid(at, "a masking rule names either columns or detect, not both and not neither")),
+    };
+    let style = m.style.parse().map_err(|e| invalid(format!("{at}.style"), e))?;
+    Ok(Rule { name, target, style })
 }
 
 fn validate_rule(at: &str, r: &RuleSpec) -> Result<Rule, ValidationError> {
@@ -548,12 +718,19 @@ fn validate_rule(at: &str, r: &RuleSpec) -> Result<Rule, ValidationError> {
         Some("missing") => true,
         Some(other) => return Err(invalid(format!("{at}.match.where"), format!("expected missing, found {other:?}"))),
     };
+    let action = match (parse_action(&format!("{at}.action"), &r.action)?, &r.timeout) {
+        (Action::Approve { .. }, Some(t)) => {
+            Action::Approve { timeout: parse_duration(t).map_err(|m| invalid(format!("{at}.timeout"), m))? }
+        }
+        (_, Some(_)) => return Err(invalid(format!("{at}.timeout"), "only approve rules take a timeout")),
+        (a, None) => a,
+    };
     Ok(Rule {
         name: r.name.clone(),
         statements,
         tables: r.matcher.tables.iter().map(|t| t.to_lowercase()).collect(),
         where_missing,
-        action: parse_action(&format!("{at}.action"), &r.action)?,
+        action,
         message: r.message.clone(),
     })
 }

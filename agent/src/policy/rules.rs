@@ -1,10 +1,19 @@
 //! Statement rules: which query strings a grant allows. Pure; evaluated on a `Classification`.
 use crate::sql::{Classification, Kind};
 
+use std::time::Duration;
+
+/// How long an `approve` rule waits for a human when it names no timeout.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Allow,
     Deny,
+    /// Hold the statement until an approver decides, or deny it after the timeout.
+    Approve {
+        timeout: Duration,
+    },
 }
 
 impl Action {
@@ -12,6 +21,7 @@ impl Action {
         match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
+            Action::Approve { .. } => "approve",
         }
     }
 }
@@ -44,8 +54,9 @@ fn table_listed(listed: &[String], table: &str) -> bool {
 }
 
 impl Rule {
-    /// Deny rules match if any part of the query matches; allow rules only if every part does,
-    /// so an allowed kind never carries a forbidden one along (`WITH d AS (DELETE ..) SELECT`).
+    /// Deny and approve rules match if any part of the query matches; allow rules only if every
+    /// part does, so an allowed kind never carries a forbidden one along
+    /// (`WITH d AS (DELETE ..) SELECT`).
     fn matches(&self, c: &Classification) -> bool {
         let all = self.action == Action::Allow;
         let kinds_ok = if self.statements.is_empty() {
@@ -125,6 +136,17 @@ mod tests {
         );
         assert_eq!(verdict("SELECT 1; DROP TABLE t"), (Action::Deny, "no-ddl".into()));
         assert_eq!(verdict("EXPLAIN ANALYZE DELETE FROM orders"), (Action::Deny, "delete-needs-where".into()));
+        let held = [rule(
+            "hold-deletes",
+            &[Kind::Delete],
+            &["orders"],
+            false,
+            Action::Approve { timeout: DEFAULT_APPROVAL_TIMEOUT },
+        )];
+        let c = classify("SELECT 1; DELETE FROM orders WHERE id = 1");
+        assert_eq!(decide("g", &held, Action::Allow, &c).rule, "hold-deletes", "approve matches any part");
+        let c = classify("DELETE FROM other WHERE id = 1");
+        assert_eq!(decide("g", &held, Action::Allow, &c).rule, "g.default");
         let tables = [rule("orders-only", &[Kind::Select], &["orders"], false, Action::Allow)];
         let c = classify("SELECT * FROM public.orders JOIN secrets ON true");
         assert_eq!(decide("g", &tables, Action::Deny, &c).rule, "g.default");

@@ -18,6 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
+    approval::Approvals,
     audit::{AuditLog, Kind, Record},
     identity::Attribution,
     ids::View,
@@ -36,16 +37,21 @@ pub struct Shared {
     pub audit: AuditLog,
     pub origins: Mutex<Origins>,
     pub cancel: postgres::CancelKeys,
+    pub approvals: Approvals,
+    /// Keys the `hash` masking style, so hashed values stay equal across sessions and restarts.
+    mask_key: [u8; 32],
     next_session: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(view: Arc<View>, audit: AuditLog, origins: Origins) -> Self {
+    pub fn new(view: Arc<View>, audit: AuditLog, origins: Origins, mask_key: [u8; 32]) -> Self {
         Self {
             view: RwLock::new(view),
             audit,
             origins: Mutex::new(origins),
             cancel: postgres::CancelKeys::default(),
+            approvals: Approvals::default(),
+            mask_key,
             next_session: AtomicU64::new(1),
         }
     }
@@ -173,6 +179,7 @@ async fn handle(
                 expires: None,
                 rules: Vec::new(),
                 default: crate::policy::rules::Action::Allow,
+                masking: Vec::new(),
             };
             let grant = policy.grant(&rule).unwrap_or(&no_rules);
             let mut session_base = base_for_statements(&end);
@@ -187,6 +194,11 @@ async fn handle(
                 cancel: &shared.cancel,
                 mark: agent_common::AGENT_MARK,
                 enforce: policy.mode == Mode::Enforce,
+                approvals: &shared.approvals,
+                webhook: policy.webhook.as_ref(),
+                masker: (!grant.masking.is_empty())
+                    .then(|| Arc::new(crate::mask::Masker::new(&grant.masking, shared.mask_key))),
+                held: Default::default(),
             };
             let outcome = postgres::serve(client, pg, &stop).await;
             end.detail = Some(format!("{} statements, {} denied", outcome.statements, outcome.denied));

@@ -1,5 +1,7 @@
 //! PostgreSQL proxy: terminates the client's login, logs in upstream with the resource's
 //! credential, and judges every statement before it is forwarded.
+pub mod rows;
+pub mod track;
 mod upstream;
 pub mod wire;
 
@@ -7,26 +9,34 @@ use std::{
     collections::{HashMap, VecDeque},
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
-    sync::Mutex,
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
     sync::mpsc,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use self::wire::{Frame, Startup};
+use self::{
+    track::{Op, Tracker},
+    wire::{Frame, Startup},
+};
 use crate::{
+    approval::{Approvals, Request, Verdict, notify},
     audit::{AuditLog, Kind, Record},
-    policy::{Credentials, Grant, rules::Action},
+    mask::Masker,
+    policy::{
+        Credentials, Grant, Webhook,
+        rules::{Action, Decision},
+    },
     sql,
 };
 
@@ -44,22 +54,31 @@ pub struct BackendKey {
     pub key: i32,
 }
 
+/// Where a client's CancelRequest goes: the real backend, or the session's held statement.
+#[derive(Clone)]
+struct CancelTarget {
+    upstream: SocketAddr,
+    real: BackendKey,
+    /// The approval request the session waits on (0: none).
+    held: Arc<AtomicU64>,
+}
+
 /// Fake backend keys handed to clients, mapped to the real server's, for CancelRequest.
 #[derive(Default)]
-pub struct CancelKeys(Mutex<HashMap<BackendKey, (SocketAddr, BackendKey)>>);
+pub struct CancelKeys(Mutex<HashMap<BackendKey, CancelTarget>>);
 
 impl CancelKeys {
-    fn issue(&self, session: u64, upstream: SocketAddr, real: BackendKey) -> BackendKey {
+    fn issue(&self, session: u64, target: CancelTarget) -> BackendKey {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(session);
         let fake = BackendKey { pid: (session & 0x7fff_ffff) as i32, key: h.finish() as i32 };
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(fake, (upstream, real));
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(fake, target);
         fake
     }
 
-    fn get(&self, fake: BackendKey) -> Option<(SocketAddr, BackendKey)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&fake).copied()
+    fn get(&self, fake: BackendKey) -> Option<CancelTarget> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&fake).cloned()
     }
 
     fn forget(&self, fake: BackendKey) {
@@ -80,6 +99,12 @@ pub struct Session<'a> {
     pub mark: u32,
     /// False in monitor mode: denials are recorded (`would_deny`) but statements go through.
     pub enforce: bool,
+    pub approvals: &'a Approvals,
+    pub webhook: Option<&'a Webhook>,
+    /// Present when the grant masks results.
+    pub masker: Option<Arc<Masker>>,
+    /// The approval request this session waits on (0: none), for CancelRequest.
+    pub held: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -134,7 +159,7 @@ pub async fn serve(mut client: TcpStream, s: Session<'_>, stop: &CancellationTok
         Err(_) => return Outcome { error: Some("startup timed out".into()), ..Default::default() },
     };
     let params = match startup {
-        Startup::Cancel { pid, key } => return cancel(s.cancel, BackendKey { pid, key }, s.mark).await,
+        Startup::Cancel { pid, key } => return cancel(&s, BackendKey { pid, key }).await,
         Startup::Startup { params } => params,
         Startup::Ssl | Startup::GssEnc => unreachable!("answered in read_startup"),
     };
@@ -156,7 +181,12 @@ pub async fn serve(mut client: TcpStream, s: Session<'_>, stop: &CancellationTok
             return Outcome { error: Some(msg), ..Default::default() };
         }
     };
-    let fake = s.cancel.issue(s.id, s.upstream, BackendKey { pid: up.backend_pid, key: up.backend_key });
+    let target = CancelTarget {
+        upstream: s.upstream,
+        real: BackendKey { pid: up.backend_pid, key: up.backend_key },
+        held: s.held.clone(),
+    };
+    let fake = s.cancel.issue(s.id, target);
     // The client's own password (if any) is never asked for: its kernel identity is its login.
     let mut hello = vec![wire::auth_ok()];
     hello.extend(up.parameters.iter().cloned());
@@ -174,24 +204,60 @@ pub async fn serve(mut client: TcpStream, s: Session<'_>, stop: &CancellationTok
     let (up_r, up_w) = up.stream.into_split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
     let (expect_tx, expect_rx) = mpsc::unbounded_channel();
-    let results = Results { audit: s.audit.clone(), base: base.clone(), expect: expect_rx };
-    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results));
-    let outcome = tokio::select! {
-        o = upstream_direction(client_r, up_w, &s, &base, inject_tx, expect_tx) => o,
-        _ = stop.cancelled() => Outcome { error: Some("agent shutting down".into()), ..Default::default() },
+    let (ops_tx, masking) = match &s.masker {
+        Some(m) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some((Tracker::new(m.clone()), rx)))
+        }
+        None => (None, None),
     };
-    down.abort();
+    let results = Results { audit: s.audit.clone(), base: base.clone(), expect: expect_rx };
+    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking));
+    let mut side = ClientSide {
+        s: &s,
+        base: &base,
+        client: client_r,
+        buf: BytesMut::new(),
+        to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
+        syncs: 0,
+        prepared: HashMap::new(),
+        portals: HashMap::new(),
+        cache: HashMap::new(),
+        outcome: Outcome::default(),
+    };
+    let result = tokio::select! {
+        r = side.run(up_w) => r,
+        _ = stop.cancelled() => Err("agent shutting down".into()),
+    };
+    let mut outcome = std::mem::take(&mut side.outcome);
+    if let Err(e) = result {
+        outcome.error = Some(e);
+    }
+    drop(side);
+    // Let the server's last answers (and injected denials) reach the client, briefly.
+    let mut down = down;
+    if tokio::time::timeout(Duration::from_secs(1), &mut down).await.is_err() {
+        down.abort();
+    }
     s.cancel.forget(fake);
     outcome
 }
 
-async fn cancel(keys: &CancelKeys, fake: BackendKey, mark: u32) -> Outcome {
-    let Some((addr, BackendKey { pid, key })) = keys.get(fake) else {
+async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
+    let Some(target) = s.cancel.get(fake) else {
         return Outcome { error: Some("cancel request with an unknown key".into()), ..Default::default() };
     };
+    let held = target.held.load(Ordering::Relaxed);
+    if held != 0 {
+        // The statement never reached the server: cancelling it means withdrawing the request.
+        let _ = s.approvals.decide(crate::approval::ApprovalId(held), Verdict::Cancelled);
+        info!(approval = held, "cancel request withdrew a held statement");
+        return Outcome::default();
+    }
+    let BackendKey { pid, key } = target.real;
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(pid, key, &mut out);
-    match crate::proxy::tcp::connect_marked(addr, mark).await {
+    match crate::proxy::tcp::connect_marked(target.upstream, s.mark).await {
         Ok(mut up) => {
             let _ = up.write_all(&out).await;
             info!(backend = pid, "forwarded a cancel request");
@@ -214,6 +280,7 @@ struct Tally {
     rows: u64,
     commands: u64,
     error: Option<String>,
+    masked: crate::mask::Counts,
 }
 
 impl Tally {
@@ -251,6 +318,9 @@ impl Results {
         r.duration_ms = Some(e.started.elapsed().as_millis() as u64);
         r.detail = Some(format!("{} commands", t.commands));
         r.error = t.error;
+        if !t.masked.is_empty() {
+            r.masked = Some(t.masked.to_map());
+        }
         self.audit.append(r);
     }
 }
@@ -263,14 +333,23 @@ struct Inject {
     ready: bool,
 }
 
-/// Server -> client: relays frames, tracks ReadyForQuery, and slots in the proxy's own
-/// answers (denials) at the right place in the response stream.
+/// Channels from the client side of a session to its server side.
+struct ToDownstream {
+    inject: mpsc::UnboundedSender<Inject>,
+    expect: mpsc::UnboundedSender<Expect>,
+    /// Present when the grant masks: what each forwarded message will be answered with.
+    ops: Option<mpsc::UnboundedSender<Op>>,
+}
+
+/// Server -> client: relays frames (masking them when the grant says so), tracks ReadyForQuery,
+/// and slots in the proxy's own answers (denials) at the right place in the response stream.
 async fn downstream(
-    mut up: OwnedReadHalf,
+    mut up: impl AsyncRead + Unpin,
     mut buf: BytesMut,
-    mut client: OwnedWriteHalf,
+    mut client: impl AsyncWrite + Unpin,
     mut injections: mpsc::UnboundedReceiver<Inject>,
     mut results: Results,
+    mut masking: Option<(Tracker, mpsc::UnboundedReceiver<Op>)>,
 ) -> std::io::Result<()> {
     let mut ready_seen = 0u64;
     let mut tally = Tally::default();
@@ -280,9 +359,31 @@ async fn downstream(
     let mut open = true;
     loop {
         while let Some(f) = wire::decode(&mut buf).map_err(std::io::Error::other)? {
+            let f = match &mut masking {
+                None => f,
+                Some((tracker, ops)) => {
+                    while let Ok(op) = ops.try_recv() {
+                        tracker.push(op);
+                    }
+                    match tracker.on_frame(f) {
+                        Ok(Some(f)) => f,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            // Never relay what could not be masked: tell the client, then close.
+                            let msg = format!("tollgate: {e}");
+                            wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None).encode(&mut out);
+                            client.write_all(&out).await?;
+                            return Err(std::io::Error::other(e));
+                        }
+                    }
+                }
+            };
             f.encode(&mut out);
             tally.see(&f);
             if f.tag == b'Z' {
+                if let Some((tracker, _)) = &mut masking {
+                    tally.masked = tracker.take_counts();
+                }
                 results.record(std::mem::take(&mut tally));
                 ready_seen += 1;
                 status = wire::ready_status(&f.body).unwrap_or(status);
@@ -325,246 +426,395 @@ fn flush_injections(pending: &mut VecDeque<Inject>, ready_seen: u64, status: u8,
     }
 }
 
-/// Client -> server: judges simple queries one by one and extended-protocol batches up to each
-/// Sync (or Flush) as a whole; nothing of a denied batch reaches the server.
-async fn upstream_direction(
-    mut client: OwnedReadHalf,
-    mut up: OwnedWriteHalf,
-    s: &Session<'_>,
-    base: &Record,
-    inject: mpsc::UnboundedSender<Inject>,
-    expect: mpsc::UnboundedSender<Expect>,
-) -> Outcome {
-    // Judgement records of named prepared statements, so later executions are tied to them.
-    let mut prepared: HashMap<String, u64> = HashMap::new();
-    let mut batch_refs: Vec<u64> = Vec::new();
-    let mut o = Outcome::default();
-    let mut buf = BytesMut::new();
-    let mut syncs = 0u64;
-    let mut batch: Vec<Frame> = Vec::new();
-    let mut skip_until_sync = false;
-    let mut cache: HashMap<String, sql::Classification> = HashMap::new();
-    let deny_frame = |rule: &str, message: Option<&str>| {
-        wire::error_response(
-            SQLSTATE_DENIED,
-            &format!("tollgate: statement denied by rule \"{rule}\""),
-            message,
-            Some("the agent's policy does not allow this statement"),
-        )
-    };
-    loop {
-        let frame = loop {
-            match wire::decode(&mut buf) {
-                Ok(Some(f)) => break f,
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = inject.send(Inject {
-                        after: syncs,
-                        frames: vec![wire::error_response(SQLSTATE_PROTOCOL, &format!("tollgate: {e}"), None, None)],
-                        ready: false,
-                    });
-                    o.error = Some(e.to_string());
-                    return o;
-                }
-            }
-            match client.read_buf(&mut buf).await {
-                Ok(0) => return o,
-                Ok(_) => {}
-                Err(e) => {
-                    o.error = Some(e.to_string());
-                    return o;
-                }
-            }
-        };
-        let mut forward: Vec<Frame> = Vec::new();
-        match frame.tag {
-            b'Q' => {
-                let text = match wire::query_text(&frame.body) {
-                    Ok(t) => t.to_string(),
-                    Err(e) => {
-                        o.error = Some(e.to_string());
-                        return o;
-                    }
-                };
-                o.statements += 1;
-                match judge(s, base, &mut cache, &text).await {
-                    Ok((None, seq)) => {
-                        let _ = expect.send(Expect { refs: vec![seq], started: std::time::Instant::now() });
-                        forward.push(frame);
-                        syncs += 1;
-                    }
-                    Ok((Some((rule, msg)), _)) => {
-                        o.denied += 1;
-                        let _ = inject.send(Inject {
-                            after: syncs,
-                            frames: vec![deny_frame(&rule, msg.as_deref())],
-                            ready: true,
-                        });
-                    }
-                    Err(e) => {
-                        o.error = Some(e);
-                        return o;
-                    }
-                }
-            }
-            b'P' | b'B' | b'D' | b'E' | b'C' => {
-                if !skip_until_sync {
-                    batch.push(frame);
-                }
-            }
-            b'H' | b'S' => {
-                let is_sync = frame.tag == b'S';
-                if skip_until_sync {
-                    if is_sync {
-                        skip_until_sync = false;
-                        let _ = inject.send(Inject { after: syncs, frames: Vec::new(), ready: true });
-                    }
-                    continue;
-                }
-                let mut denied = None;
-                let mut parsed: Vec<(String, u64)> = Vec::new();
-                for f in &batch {
-                    if f.tag == b'B' {
-                        if let Ok(name) = wire::bind_statement(&f.body)
-                            && let Some(seq) = prepared.get(name)
-                        {
-                            batch_refs.push(*seq);
-                        }
-                        continue;
-                    }
-                    if f.tag != b'P' {
-                        continue;
-                    }
-                    let (name, text) = match wire::parse_message(&f.body) {
-                        Ok((n, t)) => (n.to_string(), t.to_string()),
-                        Err(e) => {
-                            o.error = Some(e.to_string());
-                            return o;
-                        }
-                    };
-                    o.statements += 1;
-                    match judge(s, base, &mut cache, &text).await {
-                        Ok((None, seq)) => parsed.push((name, seq)),
-                        Ok((Some(d), _)) => {
-                            denied = Some(d);
-                            break;
-                        }
-                        Err(e) => {
-                            o.error = Some(e);
-                            return o;
-                        }
-                    }
-                }
-                match denied {
-                    None => {
-                        for (name, seq) in parsed {
-                            if name.is_empty() {
-                                batch_refs.push(seq);
-                            } else {
-                                prepared.insert(name, seq);
-                            }
-                        }
-                        forward.append(&mut batch);
-                        forward.push(frame);
-                        if is_sync {
-                            let refs = std::mem::take(&mut batch_refs);
-                            let _ = expect.send(Expect { refs, started: std::time::Instant::now() });
-                            syncs += 1;
-                        }
-                    }
-                    Some((rule, msg)) => {
-                        o.denied += 1;
-                        batch.clear();
-                        batch_refs.clear();
-                        // As a server does after an error: skip to Sync, then one ReadyForQuery.
-                        let _ = inject.send(Inject {
-                            after: syncs,
-                            frames: vec![deny_frame(&rule, msg.as_deref())],
-                            ready: is_sync,
-                        });
-                        skip_until_sync = !is_sync;
-                    }
-                }
-            }
-            // COPY data from the client: its COPY statement was judged already.
-            b'd' | b'c' | b'f' => forward.push(frame),
-            b'X' => {
-                let _ = send(&mut up, &[frame]).await;
-                return o;
-            }
-            b'F' => {
-                // The function-call sub-protocol names functions by OID, outside any SQL the
-                // rules could judge: refused.
-                o.denied += 1;
-                let _ = inject.send(Inject {
-                    after: syncs,
-                    frames: vec![deny_frame("function-call-protocol", None)],
-                    ready: true,
-                });
-            }
-            other => {
-                let msg = format!("tollgate: unexpected message type {:?}", other as char);
-                let _ = inject.send(Inject {
-                    after: syncs,
-                    frames: vec![wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)],
-                    ready: false,
-                });
-                o.error = Some(msg);
-                return o;
-            }
-        }
-        if !forward.is_empty()
-            && let Err(e) = send(&mut up, &forward).await
-        {
-            o.error = Some(e.to_string());
-            return o;
-        }
-    }
+/// A judged statement text, remembered per prepared-statement name.
+#[derive(Clone)]
+struct Prepared {
+    /// Sequence number of its `statement` record.
+    seq: u64,
+    class: Arc<sql::Classification>,
+    text: Arc<str>,
+    /// Executions wait for approval under this rule.
+    hold: Option<(String, Duration)>,
 }
 
-/// Classifies and decides one query string, and records it durably before it may be
-/// forwarded. `Ok(None)`: allowed; `Ok(Some((rule, message)))`: denied.
-/// Denied: the rule and its message.
-type Denial = Option<(String, Option<String>)>;
+/// The verdict on one statement text.
+enum Judgement {
+    Forward(Prepared),
+    Deny { rule: String, message: Option<String> },
+}
 
-async fn judge(
-    s: &Session<'_>,
-    base: &Record,
-    cache: &mut HashMap<String, sql::Classification>,
-    text: &str,
-) -> Result<(Denial, u64), String> {
-    let class = match cache.get(text) {
-        Some(c) => c.clone(),
-        None => {
-            let c = sql::classify(text);
-            if cache.len() >= 1024 {
-                cache.clear();
-            }
-            cache.insert(text.to_string(), c.clone());
-            c
-        }
-    };
-    let d = crate::policy::rules::decide(&s.grant.name, &s.grant.rules, s.grant.default, &class);
-    let mut r = base.clone();
-    r.kind = Kind::Statement;
-    r.statement = Some(truncate(text, MAX_AUDITED_SQL));
-    r.statement_kinds = Some(class.kinds_str());
-    r.verdict = Some(d.action.as_str().into());
-    r.rule = Some(d.rule.clone());
-    r.detail = d.message.clone();
-    let monitored = d.action == Action::Deny && !s.enforce;
-    if monitored {
-        r.verdict = Some("allow".into());
-        r.would_deny = Some(true);
+/// Why a statement did not go through: the rule and the text the client sees.
+struct Refusal {
+    rule: String,
+    message: Option<String>,
+}
+
+/// Client -> server state of one session.
+struct ClientSide<'s, 'a, R> {
+    s: &'s Session<'a>,
+    base: &'s Record,
+    client: R,
+    buf: BytesMut,
+    to_down: ToDownstream,
+    /// Sync points forwarded so far; injections are placed after this many answers.
+    syncs: u64,
+    prepared: HashMap<String, Prepared>,
+    /// Which statement each portal was bound from (masking: COPY rows of an Execute).
+    portals: HashMap<String, String>,
+    cache: HashMap<Arc<str>, (Arc<sql::Classification>, Arc<str>)>,
+    outcome: Outcome,
+}
+
+fn deny_frame(r: &Refusal) -> Frame {
+    wire::error_response(
+        SQLSTATE_DENIED,
+        &format!("tollgate: statement denied by rule \"{}\"", r.rule),
+        r.message.as_deref(),
+        Some("the agent's policy does not allow this statement"),
+    )
+}
+
+impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
+    fn inject(&self, frames: Vec<Frame>, ready: bool) {
+        let _ = self.to_down.inject.send(Inject { after: self.syncs, frames, ready });
     }
-    let seq = s.audit.append_durable(r).await.map_err(|e| format!("audit unavailable: {e}"))?;
-    match d.action {
-        Action::Allow => Ok((None, seq)),
-        Action::Deny if monitored => Ok((None, seq)),
-        Action::Deny => {
-            warn!(session = s.id, rule = %d.rule, "statement denied");
-            Ok((Some((d.rule, d.message)), seq))
+
+    fn op(&self, op: Op) {
+        if let Some(tx) = &self.to_down.ops {
+            let _ = tx.send(op);
         }
+    }
+
+    /// Reads the next whole frame; `Ok(None)` when the client closed.
+    async fn next_frame(&mut self) -> Result<Option<Frame>, String> {
+        loop {
+            match wire::decode(&mut self.buf) {
+                Ok(Some(f)) => return Ok(Some(f)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.inject(
+                        vec![wire::error_response(SQLSTATE_PROTOCOL, &format!("tollgate: {e}"), None, None)],
+                        false,
+                    );
+                    return Err(e.to_string());
+                }
+            }
+            match self.client.read_buf(&mut self.buf).await {
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Classifies and decides one statement text, recording it durably before it may be
+    /// forwarded. Equal texts are classified once per session.
+    async fn judge(&mut self, text: &str) -> Result<Judgement, String> {
+        let (class, text) = match self.cache.get(text) {
+            Some((c, t)) => (c.clone(), t.clone()),
+            None => {
+                let c = Arc::new(sql::classify(text));
+                let t: Arc<str> = Arc::from(text);
+                if self.cache.len() >= 1024 {
+                    self.cache.clear();
+                }
+                self.cache.insert(t.clone(), (c.clone(), t.clone()));
+                (c, t)
+            }
+        };
+        let g = self.s.grant;
+        let mut d = crate::policy::rules::decide(&g.name, &g.rules, g.default, &class);
+        if d.action != Action::Deny
+            && let Some(m) = &self.s.masker
+            && let Some(why) = class.copy_out.iter().find_map(|c| rows::copy_refusal(c, m))
+        {
+            d = Decision { action: Action::Deny, rule: "masking".into(), message: Some(why) };
+        }
+        let mut r = self.base.clone();
+        r.kind = Kind::Statement;
+        r.statement = Some(truncate(&text, MAX_AUDITED_SQL));
+        r.statement_kinds = Some(class.kinds_str());
+        r.verdict = Some(d.action.as_str().into());
+        r.rule = Some(d.rule.clone());
+        r.detail = d.message.clone();
+        let monitored = d.action != Action::Allow && !self.s.enforce;
+        if monitored {
+            r.verdict = Some("allow".into());
+            r.would_deny = Some(true);
+            if let Action::Approve { .. } = d.action {
+                r.detail = Some("monitor mode: would be held for approval".into());
+            }
+        }
+        let seq = self.s.audit.append_durable(r).await.map_err(|e| format!("audit unavailable: {e}"))?;
+        let hold = match d.action {
+            Action::Approve { timeout } if !monitored => Some((d.rule.clone(), timeout)),
+            _ => None,
+        };
+        match d.action {
+            Action::Deny if !monitored => {
+                warn!(session = self.s.id, rule = %d.rule, "statement denied");
+                Ok(Judgement::Deny { rule: d.rule, message: d.message })
+            }
+            _ => Ok(Judgement::Forward(Prepared { seq, class, text, hold })),
+        }
+    }
+
+    /// Holds a statement until an approver decides; `Ok(None)` when it may go ahead.
+    async fn hold(&mut self, p: &Prepared, parameters: Vec<Option<String>>) -> Result<Option<Refusal>, String> {
+        let Some((rule, timeout)) = &p.hold else { return Ok(None) };
+        let approvals = self.s.approvals;
+        let id = approvals.next_id();
+        let now = time::OffsetDateTime::now_utc();
+        let fmt =
+            |t: time::OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let request = Request {
+            id,
+            identity: self.base.identity.clone(),
+            pid: self.base.pid,
+            exe: self.base.exe.clone(),
+            resource: self.base.resource.clone(),
+            database: self.base.database.clone(),
+            statement: truncate(&p.text, MAX_AUDITED_SQL),
+            parameters,
+            rule: rule.clone(),
+            requested_at: fmt(now),
+            expires_at: fmt(now + *timeout),
+        };
+        let mut ticket = approvals.submit(request.clone());
+        self.s.held.store(id.0, Ordering::Relaxed);
+        info!(session = self.s.id, %id, rule = %rule, "statement held for approval");
+        if let Some(hook) = self.s.webhook {
+            notify::spawn(hook.clone(), request, self.s.mark);
+        }
+        let deadline = tokio::time::sleep(*timeout);
+        tokio::pin!(deadline);
+        let verdict = loop {
+            tokio::select! {
+                v = &mut ticket.rx => break v.unwrap_or(Verdict::Cancelled),
+                _ = &mut deadline => break Verdict::TimedOut,
+                // Keep reading so a client that gives up is noticed; what it sends meanwhile
+                // waits in the buffer, bounded.
+                n = self.client.read_buf(&mut self.buf), if self.buf.len() < wire::MAX_MESSAGE => match n {
+                    Ok(0) | Err(_) => break Verdict::Cancelled,
+                    Ok(_) => {}
+                },
+            }
+        };
+        self.s.held.store(0, Ordering::Relaxed);
+        drop(ticket);
+        let mut r = self.base.clone();
+        r.kind = Kind::Approval;
+        r.refs = Some(vec![p.seq]);
+        r.approval_id = Some(id.0);
+        r.rule = Some(rule.clone());
+        r.verdict = Some(verdict.as_str().into());
+        let (approver, reason) = match &verdict {
+            Verdict::Approved { by, reason } | Verdict::Denied { by, reason } => (Some(*by), reason.clone()),
+            _ => (None, None),
+        };
+        r.approver = approver;
+        r.detail = reason.clone();
+        self.s.audit.append_durable(r).await.map_err(|e| format!("audit unavailable: {e}"))?;
+        info!(session = self.s.id, %id, decision = verdict.as_str(), "approval decided");
+        let message = match verdict {
+            Verdict::Approved { .. } => return Ok(None),
+            Verdict::Denied { by, reason } => format!(
+                "approval request {id} was denied by uid {by}{}",
+                reason.map(|r| format!(": {r}")).unwrap_or_default()
+            ),
+            Verdict::TimedOut => format!("approval request {id} was not decided within {}s", timeout.as_secs()),
+            Verdict::Cancelled => format!("approval request {id} was cancelled"),
+        };
+        Ok(Some(Refusal { rule: rule.clone(), message: Some(message) }))
+    }
+
+    async fn run(&mut self, mut up: impl AsyncWrite + Unpin) -> Result<(), String> {
+        let mut batch: Vec<Frame> = Vec::new();
+        let mut skip_until_sync = false;
+        loop {
+            let Some(frame) = self.next_frame().await? else { return Ok(()) };
+            let mut forward: Vec<Frame> = Vec::new();
+            match frame.tag {
+                b'Q' => {
+                    let text = wire::query_text(&frame.body).map_err(|e| e.to_string())?.to_string();
+                    self.outcome.statements += 1;
+                    let refusal = match self.judge(&text).await? {
+                        Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
+                        Judgement::Forward(p) => match self.hold(&p, Vec::new()).await? {
+                            Some(r) => Some(r),
+                            None => {
+                                let _ = self.to_down.expect.send(Expect { refs: vec![p.seq], started: Instant::now() });
+                                self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
+                                forward.push(frame);
+                                self.syncs += 1;
+                                None
+                            }
+                        },
+                    };
+                    if let Some(r) = refusal {
+                        self.outcome.denied += 1;
+                        self.inject(vec![deny_frame(&r)], true);
+                    }
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    if !skip_until_sync {
+                        batch.push(frame);
+                    }
+                }
+                b'H' | b'S' => {
+                    let is_sync = frame.tag == b'S';
+                    if skip_until_sync {
+                        if is_sync {
+                            skip_until_sync = false;
+                            self.inject(Vec::new(), true);
+                        }
+                        continue;
+                    }
+                    match self.judge_batch(&batch).await? {
+                        Ok(refs) => {
+                            self.forward_batch(std::mem::take(&mut batch), &mut forward)?;
+                            forward.push(frame);
+                            if is_sync {
+                                let _ = self.to_down.expect.send(Expect { refs, started: Instant::now() });
+                                self.op(Op::Sync);
+                                self.syncs += 1;
+                            }
+                        }
+                        Err(r) => {
+                            self.outcome.denied += 1;
+                            batch.clear();
+                            // As a server does after an error: skip to Sync, then one ReadyForQuery.
+                            self.inject(vec![deny_frame(&r)], is_sync);
+                            skip_until_sync = !is_sync;
+                        }
+                    }
+                }
+                // COPY data from the client: its COPY statement was judged already.
+                b'd' | b'c' | b'f' => forward.push(frame),
+                b'X' => {
+                    let _ = send(&mut up, &[frame]).await;
+                    return Ok(());
+                }
+                b'F' => {
+                    // The function-call sub-protocol names functions by OID, outside any SQL the
+                    // rules could judge: refused.
+                    self.outcome.denied += 1;
+                    self.inject(
+                        vec![deny_frame(&Refusal { rule: "function-call-protocol".into(), message: None })],
+                        true,
+                    );
+                }
+                other => {
+                    let msg = format!("tollgate: unexpected message type {:?}", other as char);
+                    self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)], false);
+                    return Err(msg);
+                }
+            }
+            if !forward.is_empty() {
+                send(&mut up, &forward).await.map_err(|e| e.to_string())?;
+            }
+        }
+    }
+
+    /// Judges an extended-protocol batch: every Parse first (one denial refuses the batch, and
+    /// nobody is asked to approve a batch that is refused anyway), then every statement it
+    /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
+    async fn judge_batch(&mut self, batch: &[Frame]) -> Result<Result<Vec<u64>, Refusal>, String> {
+        let mut parsed: Vec<(String, Prepared)> = Vec::new();
+        for f in batch.iter().filter(|f| f.tag == b'P') {
+            let (name, text) = wire::parse_message(&f.body).map_err(|e| e.to_string())?;
+            let name = name.to_string();
+            self.outcome.statements += 1;
+            match self.judge(text).await? {
+                Judgement::Forward(p) => parsed.push((name, p)),
+                Judgement::Deny { rule, message } => return Ok(Err(Refusal { rule, message })),
+            }
+        }
+        let mut refs = Vec::new();
+        let mut approved: Vec<u64> = Vec::new();
+        let mut visible: HashMap<&str, &Prepared> = HashMap::new();
+        for f in batch {
+            match f.tag {
+                b'P' => {
+                    let name = wire::parse_message(&f.body).map_err(|e| e.to_string())?.0;
+                    if let Some((n, p)) = parsed.iter().find(|(n, _)| n == name) {
+                        visible.insert(n.as_str(), p);
+                    }
+                }
+                b'B' => {
+                    let (_, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    let Some(p) = visible.get(stmt).copied().or_else(|| self.prepared.get(stmt)).cloned() else {
+                        continue;
+                    };
+                    refs.push(p.seq);
+                    if p.hold.is_some() && !approved.contains(&p.seq) {
+                        let params = wire::bind_parameters(&f.body).map_err(|e| e.to_string())?;
+                        if let Some(r) = self.hold(&p, params).await? {
+                            return Ok(Err(r));
+                        }
+                        approved.push(p.seq);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (name, p) in parsed {
+            if name.is_empty() && !refs.contains(&p.seq) {
+                refs.push(p.seq);
+            }
+            self.prepared.insert(name, p);
+        }
+        refs.sort_unstable();
+        refs.dedup();
+        Ok(Ok(refs))
+    }
+
+    /// Moves an approved batch to `forward`, noting what the server will answer; with masking,
+    /// each Execute is preceded by a Describe of its portal unless the client just sent one.
+    fn forward_batch(&mut self, batch: Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
+        if self.to_down.ops.is_none() {
+            forward.extend(batch);
+            return Ok(());
+        }
+        let mut described: Option<String> = None;
+        for f in batch {
+            let e = |e: wire::WireError| e.to_string();
+            match f.tag {
+                b'P' => self.op(Op::Parse),
+                b'B' => {
+                    let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
+                    self.portals.insert(portal.to_string(), stmt.to_string());
+                    self.op(Op::Bind);
+                }
+                b'D' => match wire::describe_target(&f.body).map_err(e)? {
+                    (b'P', portal) => {
+                        described = Some(portal.to_string());
+                        self.op(Op::DescribePortal { portal: portal.to_string(), hidden: false });
+                    }
+                    _ => self.op(Op::DescribeStatement),
+                },
+                b'E' => {
+                    let portal = wire::execute_portal(&f.body).map_err(e)?.to_string();
+                    if described.as_deref() != Some(portal.as_str()) {
+                        forward.push(wire::describe_portal(&portal));
+                        self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
+                    }
+                    let copy = self
+                        .portals
+                        .get(&portal)
+                        .and_then(|stmt| self.prepared.get(stmt))
+                        .and_then(|p| p.class.copy_out.first().cloned());
+                    self.op(Op::Execute { portal, copy });
+                }
+                b'C' => self.op(Op::Close),
+                _ => {}
+            }
+            if f.tag != b'D' {
+                described = None;
+            }
+            forward.push(f);
+        }
+        Ok(())
     }
 }
 

@@ -159,6 +159,72 @@ pub fn bind_statement(body: &[u8]) -> Result<&str, WireError> {
     Ok(cstr(rest, "Bind")?.0)
 }
 
+/// Portal and statement names of a Bind ('B').
+pub fn bind_names(body: &[u8]) -> Result<(&str, &str), WireError> {
+    let (portal, rest) = cstr(body, "Bind")?;
+    Ok((portal, cstr(rest, "Bind")?.0))
+}
+
+/// A Bind's parameter values as an approver reads them: text as is, binary as `\x` hex.
+pub fn bind_parameters(body: &[u8]) -> Result<Vec<Option<String>>, WireError> {
+    let bad = |detail| WireError::Malformed { what: "Bind", detail };
+    let (_, rest) = cstr(body, "Bind")?;
+    let (_, mut rest) = cstr(rest, "Bind")?;
+    let i16_at = |r: &mut &[u8]| -> Result<i16, WireError> {
+        let (h, t) = r.split_at_checked(2).ok_or(bad("truncated"))?;
+        *r = t;
+        Ok(i16::from_be_bytes([h[0], h[1]]))
+    };
+    let nformats = i16_at(&mut rest)?;
+    let mut formats = Vec::new();
+    for _ in 0..nformats.max(0) {
+        formats.push(i16_at(&mut rest)?);
+    }
+    let nparams = i16_at(&mut rest)?;
+    let mut out = Vec::new();
+    for i in 0..nparams.max(0) as usize {
+        let (h, t) = rest.split_at_checked(4).ok_or(bad("truncated"))?;
+        let len = i32::from_be_bytes(h.try_into().expect("four bytes"));
+        rest = t;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let (v, t) = rest.split_at_checked(len as usize).ok_or(bad("truncated"))?;
+        rest = t;
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i).copied() == Some(1),
+        };
+        out.push(Some(match (binary, std::str::from_utf8(v)) {
+            (false, Ok(s)) => s.to_string(),
+            _ => format!("\\x{}", hex::encode(v)),
+        }));
+    }
+    Ok(out)
+}
+
+/// What a Describe ('D') asks about: `b'S'` statement or `b'P'` portal, and its name.
+pub fn describe_target(body: &[u8]) -> Result<(u8, &str), WireError> {
+    let (&kind, rest) = body.split_first().ok_or(WireError::Malformed { what: "Describe", detail: "empty" })?;
+    Ok((kind, cstr(rest, "Describe")?.0))
+}
+
+/// The portal an Execute ('E') runs.
+pub fn execute_portal(body: &[u8]) -> Result<&str, WireError> {
+    Ok(cstr(body, "Execute")?.0)
+}
+
+/// A Describe of a portal, as the proxy sends it to learn a result's columns.
+pub fn describe_portal(portal: &str) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_u8(b'P');
+    b.extend_from_slice(portal.as_bytes());
+    b.put_u8(0);
+    frame(b'D', b)
+}
+
 /// ReadyForQuery's transaction status byte.
 pub fn ready_status(body: &[u8]) -> Result<u8, WireError> {
     match body {
@@ -284,6 +350,12 @@ mod tests {
         assert!(parse_message(b"s1\0").is_err());
         assert_eq!(backend_key(&[0, 0, 0, 1, 0, 0, 0, 2]), Ok((1, 2)));
         assert_eq!(bind_statement(b"\0s1\0\0\0"), Ok("s1"));
+        assert_eq!(bind_names(b"p\0s1\0\0\0"), Ok(("p", "s1")));
+        let bind = b"\0s\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\0";
+        assert_eq!(bind_parameters(bind), Ok(vec![Some("42".into()), None]));
+        assert!(bind_parameters(b"\0s\0\0\0\0\x01\0\0\0\x09ab").is_err());
+        assert_eq!(describe_target(b"Pcur\0"), Ok((b'P', "cur")));
+        assert_eq!(execute_portal(b"cur\0\0\0\0\0"), Ok("cur"));
         assert!(bind_statement(b"p").is_err());
     }
 }

@@ -1,0 +1,207 @@
+//! The local control socket: `tollgate approvals` lists and decides held statements over it.
+//! The kernel tells who is calling (SO_PEERCRED); the policy says who may decide.
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{ApprovalId, Peer, Request, Verdict, authorize};
+use crate::{
+    audit::{Kind, Record},
+    proxy::Shared,
+};
+
+/// Longest request line accepted; a command is a few hundred bytes.
+const MAX_LINE: u64 = 64 << 10;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_REASON: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot reach the agent's control socket {path} (is the agent running with this --state-dir?): {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("the agent sent an unreadable answer: {0}")]
+    Answer(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    List,
+    Approve { id: ApprovalId, reason: Option<String> },
+    Deny { id: ApprovalId, reason: Option<String> },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Vec<Request>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided: Option<Request>,
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// Binds the socket (replacing a stale one); anyone may connect, the peer check decides.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let io = |source| ControlError::Io { path: path.to_owned(), source };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let l = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
+    Ok(l)
+}
+
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(CLIENT_TIMEOUT, handle(stream, &shared)).await {
+                warn!(error = %e, "control client timed out");
+            }
+        });
+    }
+}
+
+fn peer_of(stream: &UnixStream, shared: &Shared) -> Option<Peer> {
+    let cred = stream.peer_cred().ok()?;
+    let pid = cred.pid()? as u32;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let groups = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    // A process whose cgroup cannot be read counts as enrolled: fail closed.
+    let enrolled = match crate::cgroup::path_of_pid(pid) {
+        None => true,
+        Some(path) => {
+            let view = shared.view();
+            view.policy.cgroups().iter().any(|c| {
+                let c = c.as_str();
+                path == c || path.strip_prefix(c).is_some_and(|rest| rest.starts_with('/'))
+            })
+        }
+    };
+    Some(Peer { uid: cred.uid(), gid: cred.gid(), groups, enrolled })
+}
+
+async fn handle(stream: UnixStream, shared: &Shared) {
+    let peer = peer_of(&stream, shared);
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let reply = match BufReader::new(r.take(MAX_LINE)).read_line(&mut line).await {
+        Err(e) => Reply { error: Some(format!("cannot read the request: {e}")), ..Default::default() },
+        Ok(_) => match serde_json::from_str::<Command>(&line) {
+            Err(e) => Reply { error: Some(format!("malformed request: {e}")), ..Default::default() },
+            Ok(cmd) => execute(cmd, peer, shared),
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    out.push(b'\n');
+    let _ = w.write_all(&out).await;
+}
+
+fn execute(cmd: Command, peer: Option<Peer>, shared: &Shared) -> Reply {
+    let refuse = |msg: String| Reply { error: Some(msg), ..Default::default() };
+    let Some(peer) = peer else {
+        return refuse("cannot identify the calling process".into());
+    };
+    let approvers = shared.view().policy.approvers.clone();
+    if let Err(refusal) = authorize(&peer, &approvers) {
+        warn!(uid = peer.uid, %refusal, ?cmd, "approval command refused");
+        if let Command::Approve { id, .. } | Command::Deny { id, .. } = &cmd {
+            let mut r = Record::new(Kind::Approval);
+            r.approval_id = Some(id.0);
+            r.approver = Some(peer.uid);
+            r.verdict = Some("refused".into());
+            r.error = Some(refusal.to_string());
+            shared.audit.append(r);
+        }
+        return refuse(refusal.to_string());
+    }
+    if let Command::Approve { reason: Some(r), .. } | Command::Deny { reason: Some(r), .. } = &cmd
+        && r.len() > MAX_REASON
+    {
+        return refuse(format!("the reason may be at most {MAX_REASON} bytes"));
+    }
+    match cmd {
+        Command::List => Reply { pending: Some(shared.approvals.list()), ..Default::default() },
+        Command::Approve { id, reason } => decide(shared, id, Verdict::Approved { by: peer.uid, reason }),
+        Command::Deny { id, reason } => decide(shared, id, Verdict::Denied { by: peer.uid, reason }),
+    }
+}
+
+fn decide(shared: &Shared, id: ApprovalId, verdict: Verdict) -> Reply {
+    let what = verdict.as_str();
+    match shared.approvals.decide(id, verdict) {
+        Ok(req) => {
+            info!(%id, decision = what, "approval decided");
+            Reply { decided: Some(req), ..Default::default() }
+        }
+        Err(e) => Reply { error: Some(e.to_string()), ..Default::default() },
+    }
+}
+
+/// Client side: sends one command and returns the agent's reply.
+pub async fn call(state_dir: &Path, cmd: &Command) -> Result<Reply, ControlError> {
+    let path = socket_path(state_dir);
+    let mut s =
+        UnixStream::connect(&path).await.map_err(|source| ControlError::Connect { path: path.clone(), source })?;
+    let mut line = serde_json::to_vec(cmd).map_err(|e| ControlError::Answer(e.to_string()))?;
+    line.push(b'\n');
+    let io = |source| ControlError::Io { path: path.clone(), source };
+    s.write_all(&line).await.map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(s.take(16 << 20)).read_line(&mut answer).await.map_err(io)?;
+    let reply: Reply = serde_json::from_str(&answer).map_err(|e| ControlError::Answer(e.to_string()))?;
+    match reply.error {
+        Some(e) => Err(ControlError::Refused(e)),
+        None => Ok(reply),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_strict_json() {
+        let c: Command = serde_json::from_str(r#"{"op":"approve","id":7,"reason":"ok"}"#).unwrap();
+        assert_eq!(c, Command::Approve { id: ApprovalId(7), reason: Some("ok".into()) });
+        assert!(serde_json::from_str::<Command>(r#"{"op":"approve","id":7,"extra":1}"#).is_err());
+        assert!(serde_json::from_str::<Command>(r#"{"op":"approve_all"}"#).is_err());
+    }
+}

@@ -1,0 +1,75 @@
+//! Webhook notification: POSTs each pending approval request as JSON.
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request as HttpRequest, header};
+use hyper_util::rt::TokioIo;
+use tracing::{info, warn};
+
+use super::Request;
+use crate::policy::Webhook;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("cannot reach {url}: {source}")]
+    Connect { url: String, source: std::io::Error },
+    #[error("{url}: {source}")]
+    Http { url: String, source: hyper::Error },
+    #[error("{url}: answered {status}")]
+    Status { url: String, status: hyper::StatusCode },
+    #[error("{url}: no answer within {TIMEOUT:?}")]
+    Timeout { url: String },
+    #[error("{url}: cannot build the request: {source}")]
+    Build { url: String, source: hyper::http::Error },
+}
+
+/// Sends one notification; the caller decides what a failure means (the request stays pending).
+pub async fn post(hook: &Webhook, request: &Request, mark: u32) -> Result<(), NotifyError> {
+    let url = hook.url.clone();
+    let body = serde_json::to_vec(request).unwrap_or_default();
+    let send = async {
+        let addr = tokio::net::lookup_host((hook.host.as_str(), hook.port))
+            .await
+            .map_err(|source| NotifyError::Connect { url: url.clone(), source })?
+            .next()
+            .ok_or_else(|| NotifyError::Connect { url: url.clone(), source: std::io::ErrorKind::NotFound.into() })?;
+        let stream = crate::proxy::tcp::connect_marked(addr, mark)
+            .await
+            .map_err(|source| NotifyError::Connect { url: url.clone(), source })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| NotifyError::Http { url: url.clone(), source })?;
+        tokio::spawn(conn);
+        let req = HttpRequest::post(hook.path.as_str())
+            .header(header::HOST, format!("{}:{}", hook.host, hook.port))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|source| NotifyError::Build { url: url.clone(), source })?;
+        let resp = sender.send_request(req).await.map_err(|source| NotifyError::Http { url: url.clone(), source })?;
+        let status = resp.status();
+        // Drain the answer so the connection closes cleanly; its content does not matter.
+        let _ = resp.into_body().collect().await;
+        if !status.is_success() {
+            return Err(NotifyError::Status { url: url.clone(), status });
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(TIMEOUT, send).await {
+        Ok(r) => r,
+        Err(_) => Err(NotifyError::Timeout { url }),
+    }
+}
+
+/// Fire and forget: a webhook that is down must not hold up, or fail, the statement's hold.
+pub fn spawn(hook: Webhook, request: Request, mark: u32) {
+    tokio::spawn(async move {
+        match post(&hook, &request, mark).await {
+            Ok(()) => info!(id = %request.id, url = %hook.url, "approval request sent to the webhook"),
+            Err(e) => warn!(id = %request.id, error = %e, "approval webhook failed"),
+        }
+    });
+}

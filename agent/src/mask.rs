@@ -1,0 +1,481 @@
+//! Response masking: column-name rules and content detectors applied to single values. Pure.
+use std::{borrow::Cow, fmt, str::FromStr, sync::OnceLock};
+
+use hmac::{Hmac, Mac};
+use regex::bytes::{Regex, RegexBuilder};
+use sha2::Sha256;
+
+/// What kind of sensitive value a masked value was; audit records count masked values per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// Masked because of its column (or field) name.
+    Column,
+    Email,
+    CreditCard,
+    Ssn,
+    Phone,
+    Secret,
+}
+
+pub const DETECTORS: [Kind; 5] = [Kind::Email, Kind::CreditCard, Kind::Ssn, Kind::Phone, Kind::Secret];
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Column => "column",
+            Kind::Email => "email",
+            Kind::CreditCard => "credit_card",
+            Kind::Ssn => "ssn",
+            Kind::Phone => "phone",
+            Kind::Secret => "secret",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DETECTORS.iter().copied().find(|k| k.as_str() == s).ok_or_else(|| {
+            format!(
+                "unknown detector {s:?}; expected one of {}",
+                DETECTORS.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// The whole value becomes `[REDACTED]`.
+    Redact,
+    /// All but the last four characters become `*`.
+    Partial,
+    /// A keyed hash: equal inputs give equal outputs, so joins and group-bys still work.
+    Hash,
+}
+
+impl FromStr for Style {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "redact" => Ok(Style::Redact),
+            "partial" => Ok(Style::Partial),
+            "hash" => Ok(Style::Hash),
+            _ => Err(format!("unknown masking style {s:?}; expected redact, partial or hash")),
+        }
+    }
+}
+
+pub const REDACTED: &str = "[REDACTED]";
+
+/// A column-name pattern: case-insensitive, `*` matches any run of characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn new(pattern: &str) -> Glob {
+        Glob(pattern.to_lowercase())
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        glob_match(self.0.as_bytes(), name.to_lowercase().as_bytes())
+    }
+}
+
+fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    // Iterative wildcard matching with one backtrack point: linear in practice, no recursion.
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// One masking rule of a grant, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub target: Target,
+    pub style: Style,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Columns(Vec<Glob>),
+    Detect(Vec<Kind>),
+}
+
+/// What happens to one column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnMask {
+    /// The column's name matched a rule: every non-NULL value is masked whole.
+    Whole(Style),
+    /// Content detectors look inside each value.
+    Detect,
+    /// Nothing to do.
+    Keep,
+}
+
+/// Masked-value counts by kind, for audit records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts([u64; 6]);
+
+impl Counts {
+    pub fn add(&mut self, kind: Kind) {
+        self.0[kind as usize] += 1;
+    }
+
+    pub fn merge(&mut self, other: &Counts) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&n| n == 0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Non-zero counts by kind name.
+    pub fn to_map(&self) -> std::collections::BTreeMap<String, u64> {
+        [Kind::Column, Kind::Email, Kind::CreditCard, Kind::Ssn, Kind::Phone, Kind::Secret]
+            .into_iter()
+            .filter(|k| self.0[*k as usize] > 0)
+            .map(|k| (k.as_str().to_string(), self.0[k as usize]))
+            .collect()
+    }
+}
+
+/// Masks values for one grant: its rules plus the agent's hashing key.
+#[derive(Clone)]
+pub struct Masker {
+    rules: Vec<Rule>,
+    /// Detectors in use and the style each applies, in rule order (first rule naming one wins).
+    detectors: Vec<(Kind, Style)>,
+    key: [u8; 32],
+}
+
+impl fmt::Debug for Masker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Masker").field("rules", &self.rules).finish_non_exhaustive()
+    }
+}
+
+impl Masker {
+    /// `key` keys the `hash` style; keep it secret and stable, or hashed values change.
+    pub fn new(rules: &[Rule], key: [u8; 32]) -> Masker {
+        let mut detectors: Vec<(Kind, Style)> = Vec::new();
+        for r in rules {
+            if let Target::Detect(kinds) = &r.target {
+                for k in kinds {
+                    if !detectors.iter().any(|(d, _)| d == k) {
+                        detectors.push((*k, r.style));
+                    }
+                }
+            }
+        }
+        Masker { rules: rules.to_vec(), detectors, key }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn has_column_rules(&self) -> bool {
+        self.rules.iter().any(|r| matches!(r.target, Target::Columns(_)))
+    }
+
+    pub fn has_detectors(&self) -> bool {
+        !self.detectors.is_empty()
+    }
+
+    /// What to do with a column of this name: the first column rule that names it, else detectors.
+    pub fn column(&self, name: &str) -> ColumnMask {
+        for r in &self.rules {
+            if let Target::Columns(globs) = &r.target
+                && globs.iter().any(|g| g.matches(name))
+            {
+                return ColumnMask::Whole(r.style);
+            }
+        }
+        if self.detectors.is_empty() { ColumnMask::Keep } else { ColumnMask::Detect }
+    }
+
+    /// The masked form of a whole value.
+    pub fn whole(&self, style: Style, value: &[u8]) -> Vec<u8> {
+        match style {
+            Style::Redact => REDACTED.as_bytes().to_vec(),
+            Style::Partial => partial(value),
+            Style::Hash => {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("hmac takes any key length");
+                mac.update(value);
+                let digest = mac.finalize().into_bytes();
+                format!("hash:{}", hex::encode(&digest[..8])).into_bytes()
+            }
+        }
+    }
+
+    /// Applies the mask for `col` to one text value; `None` when it stays as it is.
+    pub fn apply(&self, col: ColumnMask, value: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
+        match col {
+            ColumnMask::Keep => None,
+            ColumnMask::Whole(style) => {
+                counts.add(Kind::Column);
+                Some(self.whole(style, value))
+            }
+            ColumnMask::Detect => self.detect(value, counts).map(Cow::into_owned),
+        }
+    }
+
+    /// Runs the content detectors over free text, masking each finding in place.
+    pub fn detect<'a>(&self, text: &'a [u8], counts: &mut Counts) -> Option<Cow<'a, [u8]>> {
+        if self.detectors.is_empty() || !maybe_sensitive(text) {
+            return None;
+        }
+        let mut found: Vec<(usize, usize, Kind, Style)> = Vec::new();
+        for &(kind, style) in &self.detectors {
+            for (start, end) in find(kind, text) {
+                // Earlier detectors win where findings overlap (a card number is not a phone).
+                if !found.iter().any(|&(s, e, ..)| start < e && s < end) {
+                    found.push((start, end, kind, style));
+                }
+            }
+        }
+        if found.is_empty() {
+            return None;
+        }
+        found.sort_by_key(|f| f.0);
+        let mut out = Vec::with_capacity(text.len());
+        let mut at = 0;
+        for (start, end, kind, style) in found {
+            out.extend_from_slice(&text[at..start]);
+            out.extend_from_slice(&self.whole(style, &text[start..end]));
+            counts.add(kind);
+            at = end;
+        }
+        out.extend_from_slice(&text[at..]);
+        Some(Cow::Owned(out))
+    }
+}
+
+/// Keeps the last four characters; everything before becomes `*`, one per character.
+fn partial(value: &[u8]) -> Vec<u8> {
+    let s = String::from_utf8_lossy(value);
+    let n = s.chars().count();
+    if n <= 4 {
+        return "*".repeat(n).into_bytes();
+    }
+    let mut out = "*".repeat(n - 4);
+    out.extend(s.chars().skip(n - 4));
+    out.into_bytes()
+}
+
+/// Cheap pre-check: every detector needs an `@`, a separator, seven digits, or a secret's prefix.
+fn maybe_sensitive(text: &[u8]) -> bool {
+    if text.windows(3).any(|w| w == b"eyJ" || w == b"AKI" || w == b"ASI") {
+        return true;
+    }
+    let mut digits = 0;
+    for &b in text {
+        match b {
+            b'@' | b'-' | b'_' => return true,
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= 7 {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+fn regex(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
+    cell.get_or_init(|| RegexBuilder::new(pattern).unicode(false).build().expect("detector patterns are valid"))
+}
+
+fn find(kind: Kind, text: &[u8]) -> Vec<(usize, usize)> {
+    static EMAIL: OnceLock<Regex> = OnceLock::new();
+    static CARD: OnceLock<Regex> = OnceLock::new();
+    static SSN: OnceLock<Regex> = OnceLock::new();
+    static PHONE: OnceLock<Regex> = OnceLock::new();
+    static SECRET: OnceLock<Regex> = OnceLock::new();
+    let spans = |re: &Regex| re.find_iter(text).map(|m| (m.start(), m.end())).collect::<Vec<_>>();
+    match kind {
+        Kind::Column => Vec::new(),
+        Kind::Email => {
+            if !text.contains(&b'@') {
+                return Vec::new();
+            }
+            spans(regex(
+                &EMAIL,
+                r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}",
+            ))
+        }
+        Kind::CreditCard => regex(&CARD, r"\b\d(?:[ -]?\d){12,18}\b")
+            .find_iter(text)
+            .filter(|m| luhn(m.as_bytes()))
+            .map(|m| (m.start(), m.end()))
+            .collect(),
+        Kind::Ssn => regex(&SSN, r"\b(\d{3})-(\d{2})-(\d{4})\b")
+            .captures_iter(text)
+            .filter(|c| {
+                let (area, group, serial) = (&c[1], &c[2], &c[3]);
+                area != b"000" && area != b"666" && area[0] != b'9' && group != b"00" && serial != b"0000"
+            })
+            .map(|c| {
+                let m = c.get(0).expect("group 0 always matches");
+                (m.start(), m.end())
+            })
+            .collect(),
+        Kind::Phone => spans(regex(
+            &PHONE,
+            r"(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}\b)|(?:\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}\b)|(?:\b\d{3}[.-]\d{3}[.-]\d{4}\b)",
+        )),
+        Kind::Secret => spans(regex(
+            &SECRET,
+            r"(?s)(?:\b(?:AKIA|ASIA)[0-9A-Z]{16}\b)|(?:\bgh[pousr]_[A-Za-z0-9]{30,}\b)|(?:\bgithub_pat_[A-Za-z0-9_]{30,})|(?:\bsk_(?:live|test)_[0-9A-Za-z]{16,})|(?:\bsk-[A-Za-z0-9_-]{20,})|(?:\bxox[abposr]-[A-Za-z0-9-]{10,})|(?:\bglpat-[A-Za-z0-9_-]{20,})|(?:\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})|(?:-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----)",
+        )),
+    }
+}
+
+/// The Luhn checksum over the digits of a candidate card number.
+fn luhn(candidate: &[u8]) -> bool {
+    let digits: Vec<u32> = candidate.iter().filter(|b| b.is_ascii_digit()).map(|b| (b - b'0') as u32).collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                let d2 = d * 2;
+                if d2 > 9 { d2 - 9 } else { d2 }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masker(rules: Vec<Rule>) -> Masker {
+        Masker::new(&rules, [7; 32])
+    }
+
+    fn detect_all(style: Style) -> Masker {
+        masker(vec![Rule { name: "d".into(), target: Target::Detect(DETECTORS.to_vec()), style }])
+    }
+
+    fn masked(m: &Masker, text: &str) -> (String, Counts) {
+        let mut c = Counts::default();
+        let out = m.detect(text.as_bytes(), &mut c).map(|v| String::from_utf8(v.into_owned()).unwrap());
+        (out.unwrap_or_else(|| text.to_string()), c)
+    }
+
+    #[test]
+    fn globs_are_case_insensitive_with_stars() {
+        assert!(Glob::new("*ssn*").matches("customer_SSN_hash"));
+        assert!(Glob::new("email").matches("EMAIL"));
+        assert!(!Glob::new("email").matches("emails"));
+        assert!(Glob::new("e*l").matches("email"));
+        assert!(Glob::new("*").matches(""));
+        assert!(!Glob::new("a*b").matches("acbc"));
+    }
+
+    #[test]
+    fn first_column_rule_wins_else_detectors() {
+        let m = masker(vec![
+            Rule { name: "a".into(), target: Target::Columns(vec![Glob::new("email")]), style: Style::Redact },
+            Rule { name: "b".into(), target: Target::Columns(vec![Glob::new("e*")]), style: Style::Hash },
+            Rule { name: "c".into(), target: Target::Detect(vec![Kind::Email]), style: Style::Partial },
+        ]);
+        assert_eq!(m.column("Email"), ColumnMask::Whole(Style::Redact));
+        assert_eq!(m.column("extra"), ColumnMask::Whole(Style::Hash));
+        assert_eq!(m.column("note"), ColumnMask::Detect);
+        let m = masker(vec![Rule {
+            name: "a".into(),
+            target: Target::Columns(vec![Glob::new("x")]),
+            style: Style::Redact,
+        }]);
+        assert_eq!(m.column("y"), ColumnMask::Keep);
+    }
+
+    #[test]
+    fn detectors_find_values_inside_text() {
+        let m = detect_all(Style::Redact);
+        let (out, c) = masked(&m, "mail alice@example.com or bob.smith+x@mail.example.org now");
+        assert_eq!(out, "mail [REDACTED] or [REDACTED] now");
+        assert_eq!(c.to_map(), [("email".to_string(), 2)].into());
+        // Luhn-valid card numbers, with or without separators; an invalid one stays.
+        let (out, c) = masked(&m, "card 4111 1111 1111 1111, 4111-1111-1111-1112, 5500005555555559");
+        assert_eq!(out, "card [REDACTED], 4111-1111-1111-1112, [REDACTED]");
+        assert_eq!(c.to_map(), [("credit_card".to_string(), 2)].into());
+        let (out, _) = masked(&m, "ssn 123-45-6789 but not 000-12-3456 or 666-12-3456");
+        assert_eq!(out, "ssn [REDACTED] but not 000-12-3456 or 666-12-3456");
+        let (out, c) = masked(&m, "call +1 415 555 0100 or (415) 555-0199 or 415-555-0123");
+        assert_eq!(out, "call [REDACTED] or [REDACTED] or [REDACTED]");
+        assert_eq!(c.to_map(), [("phone".to_string(), 3)].into());
+        let (out, c) = masked(&m, "key AKIAIOSFODNN7EXAMPLE token ghp_abcdefghijklmnopqrstuvwxyz0123456789");
+        assert_eq!(out, "key [REDACTED] token [REDACTED]");
+        assert_eq!(c.to_map(), [("secret".to_string(), 2)].into());
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+        assert_eq!(masked(&m, jwt).0, "[REDACTED]");
+        // Ordinary values are left alone.
+        for plain in ["order 42 shipped", "2026-11-25", "12345", "a-b_c", "3.14159"] {
+            assert_eq!(masked(&m, plain), (plain.to_string(), Counts::default()), "{plain}");
+        }
+    }
+
+    #[test]
+    fn styles() {
+        let m = detect_all(Style::Partial);
+        assert_eq!(masked(&m, "4111111111111111").0, "************1111");
+        assert_eq!(partial("abc".as_bytes()), b"***");
+        assert_eq!(partial("ñandú-1234".as_bytes()), "******1234".as_bytes());
+        let h = detect_all(Style::Hash);
+        let a = masked(&h, "alice@example.com").0;
+        assert!(a.starts_with("hash:") && a.len() == 21, "{a}");
+        assert_eq!(a, masked(&h, "alice@example.com").0, "deterministic");
+        assert_ne!(a, masked(&h, "bob@example.com").0);
+        let other_key = Masker::new(&h.rules, [8; 32]);
+        assert_ne!(a, masked(&other_key, "alice@example.com").0, "keyed");
+    }
+
+    #[test]
+    fn luhn_checks() {
+        assert!(luhn(b"4111111111111111"));
+        assert!(luhn(b"378282246310005"));
+        assert!(!luhn(b"4111111111111112"));
+        assert!(!luhn(b"123"));
+    }
+}

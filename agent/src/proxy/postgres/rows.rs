@@ -1,0 +1,579 @@
+//! Masking of result messages: RowDescription -> per-column plan, DataRow, COPY rows, and the
+//! text fields of ErrorResponse/NoticeResponse. Pure: bytes in, bytes out.
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::wire::WireError;
+use crate::{
+    mask::{ColumnMask, Counts, Masker, REDACTED},
+    sql::{CopyFormat, CopyOut},
+};
+
+/// How a column's type lets it be masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TypeClass {
+    /// Strings: any masked text is a valid value, in text and binary format alike.
+    Str,
+    /// json and jsonb: a masked whole value must become a JSON string.
+    Json,
+    /// Arrays of strings: detectors may rewrite elements in the text format.
+    StrArray,
+    /// Types defined in the database (enums, domains, citext): text format is a string,
+    /// binary format is unknown.
+    UserDefined,
+    /// Numbers, dates, uuids, bytea...: no masked form is valid, so masking means NULL.
+    Other,
+}
+
+fn type_class(oid: u32) -> TypeClass {
+    match oid {
+        25 | 1043 | 1042 | 19 | 705 | 18 => TypeClass::Str,
+        114 | 3802 => TypeClass::Json,
+        1009 | 1015 | 1014 | 1003 => TypeClass::StrArray,
+        o if o >= 16384 => TypeClass::UserDefined,
+        _ => TypeClass::Other,
+    }
+}
+
+const JSONB: u32 = 3802;
+
+/// What to do with each column of a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    cols: Vec<Col>,
+    /// Some column needs looking at; otherwise rows are relayed untouched.
+    active: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Col {
+    mask: ColumnMask,
+    binary: bool,
+    type_oid: u32,
+}
+
+fn malformed(what: &'static str, detail: &'static str) -> WireError {
+    WireError::Malformed { what, detail }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() < n {
+            return Err(malformed(self.what, "truncated"));
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+
+    fn i16(&mut self) -> Result<i16, WireError> {
+        Ok(i16::from_be_bytes(self.take(2)?.try_into().expect("two bytes")))
+    }
+
+    fn i32(&mut self) -> Result<i32, WireError> {
+        Ok(i32::from_be_bytes(self.take(4)?.try_into().expect("four bytes")))
+    }
+
+    fn cstr(&mut self) -> Result<&'a [u8], WireError> {
+        let end = self.b.iter().position(|&c| c == 0).ok_or(malformed(self.what, "unterminated string"))?;
+        let s = &self.b[..end];
+        self.b = &self.b[end + 1..];
+        Ok(s)
+    }
+}
+
+impl Plan {
+    /// Builds the plan from a RowDescription ('T') body.
+    pub fn from_row_description(body: &[u8], masker: &Masker) -> Result<Plan, WireError> {
+        let mut r = Reader { b: body, what: "RowDescription" };
+        let n = r.i16()?;
+        if n < 0 {
+            return Err(malformed("RowDescription", "negative column count"));
+        }
+        let mut cols = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let name = String::from_utf8_lossy(r.cstr()?);
+            r.take(6)?; // table oid, column number
+            let type_oid = r.i32()? as u32;
+            r.take(6)?; // type size, type modifier
+            let format = r.i16()?;
+            cols.push(Col { mask: masker.column(&name), binary: format == 1, type_oid });
+        }
+        if !r.b.is_empty() {
+            return Err(malformed("RowDescription", "trailing bytes"));
+        }
+        let active = cols.iter().any(|c| c.mask != ColumnMask::Keep);
+        Ok(Plan { cols, active })
+    }
+
+    /// A plan for COPY rows: by position when the column names are known, else detectors only.
+    pub fn for_copy(copy: &CopyOut, masker: &Masker) -> Plan {
+        let cols: Vec<Col> = match &copy.columns {
+            Some(names) => names.iter().map(|n| Col { mask: masker.column(n), binary: false, type_oid: 25 }).collect(),
+            None => Vec::new(),
+        };
+        let active = masker.has_detectors() || cols.iter().any(|c| c.mask != ColumnMask::Keep);
+        Plan { cols, active }
+    }
+
+    fn col(&self, i: usize, masker: &Masker) -> ColumnMask {
+        match self.cols.get(i) {
+            Some(c) => c.mask,
+            None if masker.has_detectors() => ColumnMask::Detect,
+            None => ColumnMask::Keep,
+        }
+    }
+}
+
+/// Masks one DataRow ('D') body; `None` when nothing changed, so the original is relayed.
+pub fn mask_data_row(
+    body: &Bytes,
+    plan: &Plan,
+    masker: &Masker,
+    counts: &mut Counts,
+) -> Result<Option<Bytes>, WireError> {
+    if !plan.active {
+        return Ok(None);
+    }
+    let mut r = Reader { b: body, what: "DataRow" };
+    let n = r.i16()?;
+    if n < 0 || n as usize != plan.cols.len() {
+        return Err(malformed("DataRow", "column count differs from its RowDescription"));
+    }
+    let mut out: Option<BytesMut> = None;
+    for col in &plan.cols {
+        let start = body.len() - r.b.len();
+        let len = r.i32()?;
+        if len < -1 {
+            return Err(malformed("DataRow", "negative value length"));
+        }
+        let value = if len == -1 { None } else { Some(r.take(len as usize)?) };
+        let replaced = match value {
+            None => None,
+            Some(v) => mask_value(*col, v, masker, counts),
+        };
+        match (replaced, &mut out) {
+            (None, None) => {}
+            (None, Some(o)) => o.extend_from_slice(&body[start..body.len() - r.b.len()]),
+            (Some(new), o) => {
+                let o = o.get_or_insert_with(|| {
+                    let mut o = BytesMut::with_capacity(body.len() + 16);
+                    o.extend_from_slice(&body[..start]);
+                    o
+                });
+                match new {
+                    Some(bytes) => {
+                        o.put_i32(bytes.len() as i32);
+                        o.extend_from_slice(&bytes);
+                    }
+                    None => o.put_i32(-1),
+                }
+            }
+        }
+    }
+    if !r.b.is_empty() {
+        return Err(malformed("DataRow", "trailing bytes"));
+    }
+    Ok(out.map(BytesMut::freeze))
+}
+
+/// `None`: keep the value; `Some(None)`: send NULL; `Some(Some(v))`: send `v`. What is sent is
+/// always a valid value of the column's type in the column's format, never corrupt bytes.
+fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Option<Vec<u8>>> {
+    let whole = matches!(col.mask, ColumnMask::Whole(_));
+    let class = type_class(col.type_oid);
+    match (class, col.binary) {
+        (TypeClass::Str, _) | (TypeClass::UserDefined | TypeClass::StrArray, false) => {
+            masker.apply(col.mask, v, counts).map(Some)
+        }
+        (TypeClass::Json, binary) => {
+            // jsonb's binary format is a version byte, then the JSON text.
+            let (prefix, text) = if binary && col.type_oid == JSONB { v.split_at_checked(1)? } else { (&v[..0], v) };
+            let masked = masker.apply(col.mask, text, counts)?;
+            let mut out = prefix.to_vec();
+            if whole {
+                out.extend_from_slice(serde_json::to_string(&String::from_utf8_lossy(&masked)).ok()?.as_bytes());
+            } else {
+                // Detector output holds no quotes or backslashes, so the JSON stays valid.
+                out.extend_from_slice(&masked);
+            }
+            Some(Some(out))
+        }
+        _ if whole => {
+            counts.add(crate::mask::Kind::Column);
+            Some(None)
+        }
+        _ => None,
+    }
+}
+
+/// Why a `COPY ... TO STDOUT` cannot run under masking, if it cannot.
+pub fn copy_refusal(copy: &CopyOut, masker: &Masker) -> Option<String> {
+    if copy.format == CopyFormat::Binary {
+        return Some("COPY in binary format cannot be masked; use FORMAT text or csv".into());
+    }
+    if let Some(opt) = &copy.unusual {
+        return Some(format!("COPY option {} is not supported while results are masked", opt.to_uppercase()));
+    }
+    if copy.columns.is_none() && masker.has_column_rules() {
+        return Some(
+            "column masking needs the column names: list them, as in COPY t (a, b) TO STDOUT or COPY (SELECT a, b FROM t) TO STDOUT".into(),
+        );
+    }
+    None
+}
+
+/// Masks one COPY OUT row (a CopyData body). Binary COPY is refused before it starts.
+pub fn mask_copy_row(row: &Bytes, copy: &CopyOut, plan: &Plan, masker: &Masker, counts: &mut Counts) -> Option<Bytes> {
+    if !plan.active {
+        return None;
+    }
+    let (line, newline) = match row.strip_suffix(b"\n") {
+        Some(l) => (l, true),
+        None => (&row[..], false),
+    };
+    let fields = match copy.format {
+        CopyFormat::Text => split_text(line, copy.delimiter),
+        CopyFormat::Csv => split_csv(line, copy.delimiter)?,
+        CopyFormat::Binary => return None,
+    };
+    let mut changed = false;
+    let mut masked: Vec<Option<Vec<u8>>> = Vec::with_capacity(fields.len());
+    for (i, f) in fields.into_iter().enumerate() {
+        let m = match &f {
+            Some(v) => masker.apply(plan.col(i, masker), v, counts),
+            None => None,
+        };
+        changed |= m.is_some();
+        masked.push(m.or(f));
+    }
+    if !changed {
+        return None;
+    }
+    let mut out = Vec::with_capacity(row.len() + 16);
+    for (i, f) in masked.iter().enumerate() {
+        if i > 0 {
+            out.push(copy.delimiter);
+        }
+        match (copy.format, f) {
+            (CopyFormat::Text, None) => out.extend_from_slice(b"\\N"),
+            (CopyFormat::Text, Some(v)) => escape_text(v, copy.delimiter, &mut out),
+            (_, None) => {}
+            (_, Some(v)) => quote_csv(v, copy.delimiter, &mut out),
+        }
+    }
+    if newline {
+        out.push(b'\n');
+    }
+    Some(Bytes::from(out))
+}
+
+/// Text-format COPY fields: delimiter-separated, backslash escapes, `\N` for NULL.
+fn split_text(line: &[u8], delimiter: u8) -> Vec<Option<Vec<u8>>> {
+    line.split(|&b| b == delimiter)
+        .map(|raw| {
+            if raw == b"\\N" {
+                return None;
+            }
+            let mut v = Vec::with_capacity(raw.len());
+            let mut it = raw.iter().copied();
+            while let Some(b) = it.next() {
+                if b != b'\\' {
+                    v.push(b);
+                    continue;
+                }
+                match it.next() {
+                    Some(b'n') => v.push(b'\n'),
+                    Some(b'r') => v.push(b'\r'),
+                    Some(b't') => v.push(b'\t'),
+                    Some(b'b') => v.push(8),
+                    Some(b'f') => v.push(12),
+                    Some(b'v') => v.push(11),
+                    Some(other) => v.push(other),
+                    None => v.push(b'\\'),
+                }
+            }
+            Some(v)
+        })
+        .collect()
+}
+
+fn escape_text(v: &[u8], delimiter: u8, out: &mut Vec<u8>) {
+    for &b in v {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            d if d == delimiter => out.extend_from_slice(&[b'\\', d]),
+            b => out.push(b),
+        }
+    }
+}
+
+/// CSV fields with `"` quoting; an unquoted empty field is NULL. `None` if the row is malformed.
+fn split_csv(line: &[u8], delimiter: u8) -> Option<Vec<Option<Vec<u8>>>> {
+    let mut fields = Vec::new();
+    let mut i = 0;
+    loop {
+        if line.get(i) == Some(&b'"') {
+            let mut v = Vec::new();
+            i += 1;
+            loop {
+                match line.get(i) {
+                    Some(b'"') if line.get(i + 1) == Some(&b'"') => {
+                        v.push(b'"');
+                        i += 2;
+                    }
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(&b) => {
+                        v.push(b);
+                        i += 1;
+                    }
+                    None => return None,
+                }
+            }
+            fields.push(Some(v));
+        } else {
+            let end = line[i..].iter().position(|&b| b == delimiter).map_or(line.len(), |p| i + p);
+            let raw = &line[i..end];
+            fields.push(if raw.is_empty() { None } else { Some(raw.to_vec()) });
+            i = end;
+        }
+        match line.get(i) {
+            None => return Some(fields),
+            Some(&b) if b == delimiter => i += 1,
+            Some(_) => return None,
+        }
+    }
+}
+
+fn quote_csv(v: &[u8], delimiter: u8, out: &mut Vec<u8>) {
+    let needs = v.is_empty() || v.iter().any(|&b| b == delimiter || matches!(b, b'"' | b'\n' | b'\r'));
+    if !needs {
+        out.extend_from_slice(v);
+        return;
+    }
+    out.push(b'"');
+    for &b in v {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+}
+
+/// Masks the text fields of an ErrorResponse or NoticeResponse body: detectors over message,
+/// detail, hint and context, and, when column rules exist, the values a DETAIL quotes
+/// (`Key (email)=(..)`, `Failing row contains (..)`).
+pub fn mask_notice(body: &Bytes, masker: &Masker, counts: &mut Counts) -> Result<Option<Bytes>, WireError> {
+    let mut r = Reader { b: body, what: "ErrorResponse" };
+    let mut out = BytesMut::with_capacity(body.len());
+    let mut changed = false;
+    loop {
+        let code = r.take(1)?[0];
+        out.put_u8(code);
+        if code == 0 {
+            break;
+        }
+        let text = r.cstr()?;
+        let mut value: Option<Vec<u8>> = None;
+        if code == b'D' && masker.has_column_rules() {
+            value = mask_detail_values(text, masker, counts);
+        }
+        if matches!(code, b'M' | b'D' | b'H' | b'W' | b'd')
+            && let Some(v) = masker.detect(value.as_deref().unwrap_or(text), counts)
+        {
+            value = Some(v.into_owned());
+        }
+        match value {
+            Some(v) => {
+                changed = true;
+                out.extend_from_slice(&v);
+            }
+            None => out.extend_from_slice(text),
+        }
+        out.put_u8(0);
+    }
+    Ok(changed.then(|| out.freeze()))
+}
+
+fn mask_detail_values(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<u8>> {
+    let s = std::str::from_utf8(text).ok()?;
+    // "Key (a, b)=(1, x@y.z) already exists." / "... is not present in table ..."
+    if let Some(rest) = s.strip_prefix("Key (")
+        && let Some((cols, after)) = rest.split_once(")=(")
+        && let Some(close) = after.rfind(')')
+    {
+        let masked = cols.split(", ").any(|c| {
+            masker.column(c.trim_matches('"')) != ColumnMask::Detect
+                && masker.column(c.trim_matches('"')) != ColumnMask::Keep
+        });
+        if masked {
+            counts.add(crate::mask::Kind::Column);
+            return Some(format!("Key ({cols})=({REDACTED}){}", &after[close + 1..]).into_bytes());
+        }
+    }
+    // A NOT NULL or CHECK failure lists the whole row, without column names.
+    if s.starts_with("Failing row contains (") {
+        counts.add(crate::mask::Kind::Column);
+        return Some(format!("Failing row contains ({REDACTED}).").into_bytes());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::{Glob, Rule, Style, Target};
+
+    fn masker() -> Masker {
+        Masker::new(
+            &[
+                Rule { name: "cols".into(), target: Target::Columns(vec![Glob::new("*ssn*")]), style: Style::Redact },
+                Rule {
+                    name: "mail".into(),
+                    target: Target::Detect(vec![crate::mask::Kind::Email]),
+                    style: Style::Partial,
+                },
+            ],
+            [1; 32],
+        )
+    }
+
+    fn row_description(cols: &[(&str, u32, i16)]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_i16(cols.len() as i16);
+        for (name, oid, format) in cols {
+            b.extend_from_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_u32(0);
+            b.put_i16(0);
+            b.put_u32(*oid);
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(*format);
+        }
+        b.to_vec()
+    }
+
+    fn data_row(values: &[Option<&[u8]>]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.extend_from_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.freeze()
+    }
+
+    #[test]
+    fn data_rows_text_and_binary() {
+        let m = masker();
+        let plan = Plan::from_row_description(
+            &row_description(&[
+                ("id", 23, 1),
+                ("customer_ssn", 25, 0),
+                ("note", 25, 1),
+                ("ssn_num", 23, 1),
+                ("n", 25, 0),
+            ]),
+            &m,
+        )
+        .unwrap();
+        let mut counts = Counts::default();
+        let row = data_row(&[
+            Some(&7i32.to_be_bytes()),
+            Some(b"123-45-6789"),
+            Some(b"mail bob@example.com"),
+            Some(&42i32.to_be_bytes()),
+            None,
+        ]);
+        let out = mask_data_row(&row, &plan, &m, &mut counts).unwrap().unwrap();
+        let expected = data_row(&[
+            Some(&7i32.to_be_bytes()),
+            Some(REDACTED.as_bytes()),
+            Some(b"mail ***********.com"),
+            None,
+            None,
+        ]);
+        // jsonb in binary: a wholly masked value becomes a JSON string after the version byte.
+        let json = Plan::from_row_description(&row_description(&[("ssn", JSONB, 1)]), &m).unwrap();
+        let j = mask_data_row(&data_row(&[Some(b"\x01{\"a\": 1}")]), &json, &m, &mut Counts::default());
+        assert_eq!(j.unwrap().unwrap(), data_row(&[Some(b"\x01\"[REDACTED]\"")]));
+        assert_eq!(out, expected);
+        assert_eq!(counts.to_map(), [("column".into(), 2), ("email".into(), 1)].into());
+        // Nothing sensitive: the original is relayed as is.
+        let clean = data_row(&[Some(b"1"), None, Some(b"hello"), None, Some(b"x")]);
+        assert_eq!(mask_data_row(&clean, &plan, &m, &mut counts).unwrap(), None);
+        // A row that does not match its description is an error, not a guess.
+        assert!(mask_data_row(&data_row(&[Some(b"1")]), &plan, &m, &mut counts).is_err());
+        let mut bad = row.to_vec();
+        bad.truncate(bad.len() - 3);
+        assert!(mask_data_row(&Bytes::from(bad), &plan, &m, &mut counts).is_err());
+    }
+
+    #[test]
+    fn copy_rows_text_and_csv() {
+        let m = masker();
+        let copy = |format, delimiter, columns: Option<Vec<&str>>| CopyOut {
+            format,
+            delimiter,
+            header: false,
+            unusual: None,
+            columns: columns.map(|c| c.into_iter().map(String::from).collect()),
+        };
+        let text = copy(CopyFormat::Text, b'\t', Some(vec!["id", "ssn", "note"]));
+        let plan = Plan::for_copy(&text, &m);
+        let mut counts = Counts::default();
+        let row = Bytes::from_static(b"1\t123-45-6789\tsee a@b.io\\ttab\n");
+        let out = mask_copy_row(&row, &text, &plan, &m, &mut counts).unwrap();
+        assert_eq!(&out[..], b"1\t[REDACTED]\tsee **b.io\\ttab\n");
+        let row = Bytes::from_static(b"2\t\\N\tnothing\n");
+        assert_eq!(mask_copy_row(&row, &text, &plan, &m, &mut counts), None);
+        let csv = copy(CopyFormat::Csv, b',', None);
+        let plan = Plan::for_copy(&csv, &m);
+        let row = Bytes::from_static(b"3,\"x@y.com, \"\"q\"\"\",,\"\"\n");
+        let out = mask_copy_row(&row, &csv, &plan, &m, &mut counts).unwrap();
+        assert_eq!(&out[..], b"3,\"***.com, \"\"q\"\"\",,\"\"\n");
+    }
+
+    #[test]
+    fn notices_mask_detail() {
+        let m = masker();
+        let mut b = BytesMut::new();
+        for (code, text) in [
+            (b'S', "ERROR"),
+            (b'C', "23505"),
+            (b'M', "duplicate key"),
+            (b'D', "Key (customer_ssn)=(123-45-6789) already exists."),
+        ] {
+            b.put_u8(code);
+            b.extend_from_slice(text.as_bytes());
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+        let mut counts = Counts::default();
+        let out = mask_notice(&b.freeze(), &m, &mut counts).unwrap().unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("Key (customer_ssn)=([REDACTED]) already exists."), "{text}");
+        let mut b = BytesMut::new();
+        b.extend_from_slice(b"Minvalid input: \"joe@example.org\"\0\0");
+        let out = mask_notice(&b.freeze(), &m, &mut counts).unwrap().unwrap();
+        assert_eq!(&out[..], b"Minvalid input: \"***********.org\"\0\0");
+        assert!(mask_notice(&Bytes::from_static(b"Mno terminator"), &m, &mut counts).is_err());
+    }
+}

@@ -1,0 +1,306 @@
+//! Follows the server's answers to what was forwarded, so every DataRow, CopyData and notice is
+//! masked with the plan of the result it belongs to. Pure: a state machine over frames.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
+
+use super::{
+    rows::{self, Plan},
+    wire::{Frame, WireError},
+};
+use crate::{
+    mask::{Counts, Masker},
+    sql::{CopyFormat, CopyOut},
+};
+
+/// A forwarded client message that the server will answer, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Parse,
+    Bind,
+    Close,
+    DescribeStatement,
+    /// `hidden`: the proxy added it to learn the portal's row shape; its answer is dropped.
+    DescribePortal {
+        portal: String,
+        hidden: bool,
+    },
+    Execute {
+        portal: String,
+        copy: Option<CopyOut>,
+    },
+    Sync,
+    /// A simple query; its `COPY ... TO STDOUT` statements in order.
+    Query {
+        copies: VecDeque<CopyOut>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("server sent {0} that the proxy cannot match to a request; refusing to relay unmasked data")]
+    Unexpected(&'static str),
+}
+
+struct Copying {
+    spec: CopyOut,
+    plan: Plan,
+    rows: u64,
+}
+
+pub struct Tracker {
+    masker: Arc<Masker>,
+    ops: VecDeque<Op>,
+    portals: HashMap<String, Arc<Plan>>,
+    /// The row shape of the simple query result being sent.
+    current: Option<Arc<Plan>>,
+    copy: Option<Copying>,
+    counts: Counts,
+}
+
+impl Tracker {
+    pub fn new(masker: Arc<Masker>) -> Tracker {
+        Tracker {
+            masker,
+            ops: VecDeque::new(),
+            portals: HashMap::new(),
+            current: None,
+            copy: None,
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn push(&mut self, op: Op) {
+        self.ops.push_back(op);
+    }
+
+    /// Values masked since the last call.
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
+    }
+
+    fn pop_if(&mut self, f: impl Fn(&Op) -> bool) -> Option<Op> {
+        if self.ops.front().is_some_and(f) { self.ops.pop_front() } else { None }
+    }
+
+    /// The frame to relay (possibly rewritten), or `None` to drop it.
+    pub fn on_frame(&mut self, mut f: Frame) -> Result<Option<Frame>, TrackError> {
+        match f.tag {
+            b'1' => {
+                self.pop_if(|o| *o == Op::Parse);
+            }
+            b'2' => {
+                self.pop_if(|o| *o == Op::Bind);
+            }
+            b'3' => {
+                self.pop_if(|o| *o == Op::Close);
+            }
+            b'T' => {
+                let plan = Arc::new(Plan::from_row_description(&f.body, &self.masker)?);
+                match self.ops.front() {
+                    Some(Op::DescribePortal { .. }) => {
+                        let Some(Op::DescribePortal { portal, hidden }) = self.ops.pop_front() else { unreachable!() };
+                        self.portals.insert(portal, plan);
+                        if hidden {
+                            return Ok(None);
+                        }
+                    }
+                    Some(Op::DescribeStatement) => {
+                        self.ops.pop_front();
+                    }
+                    _ => self.current = Some(plan),
+                }
+            }
+            b'n' => match self.ops.front() {
+                Some(Op::DescribePortal { .. }) => {
+                    let Some(Op::DescribePortal { portal, hidden }) = self.ops.pop_front() else { unreachable!() };
+                    self.portals.remove(&portal);
+                    if hidden {
+                        return Ok(None);
+                    }
+                }
+                Some(Op::DescribeStatement) => {
+                    self.ops.pop_front();
+                }
+                _ => {}
+            },
+            b'D' => {
+                let plan = match self.ops.front() {
+                    Some(Op::Execute { portal, .. }) => self.portals.get(portal).cloned(),
+                    Some(Op::Query { .. }) => self.current.clone(),
+                    _ => None,
+                };
+                let plan = plan.ok_or(TrackError::Unexpected("a data row"))?;
+                if let Some(body) = rows::mask_data_row(&f.body, &plan, &self.masker, &mut self.counts)? {
+                    f.body = body;
+                }
+            }
+            b'C' | b's' | b'I' => {
+                if self.pop_if(|o| matches!(o, Op::Execute { .. })).is_none() {
+                    self.current = None;
+                }
+                self.copy = None;
+            }
+            b'H' => {
+                let spec = match self.ops.front_mut() {
+                    Some(Op::Query { copies }) => copies.pop_front(),
+                    Some(Op::Execute { copy, .. }) => copy.take(),
+                    _ => None,
+                };
+                let spec = spec.ok_or(TrackError::Unexpected("a COPY it did not see coming"))?;
+                if spec.format == CopyFormat::Binary || f.body.first() == Some(&1) {
+                    return Err(TrackError::Unexpected("a binary COPY"));
+                }
+                let plan = Plan::for_copy(&spec, &self.masker);
+                self.copy = Some(Copying { spec, plan, rows: 0 });
+            }
+            b'd' => {
+                if let Some(c) = &mut self.copy {
+                    c.rows += 1;
+                    let header = c.rows == 1 && c.spec.header;
+                    if !header
+                        && let Some(body) =
+                            rows::mask_copy_row(&f.body, &c.spec, &c.plan, &self.masker, &mut self.counts)
+                    {
+                        f.body = body;
+                    }
+                }
+            }
+            b'c' => self.copy = None,
+            b'E' | b'N' => {
+                if let Some(body) = rows::mask_notice(&f.body, &self.masker, &mut self.counts)? {
+                    f.body = body;
+                }
+                if f.tag == b'E' {
+                    self.copy = None;
+                    // After an error the server skips to the next Sync; a simple query ends at
+                    // its ReadyForQuery anyway.
+                    while self.ops.front().is_some_and(|o| !matches!(o, Op::Sync | Op::Query { .. })) {
+                        self.ops.pop_front();
+                    }
+                }
+            }
+            b'Z' => {
+                while let Some(op) = self.ops.pop_front() {
+                    if matches!(op, Op::Sync | Op::Query { .. }) {
+                        break;
+                    }
+                }
+                self.current = None;
+                self.copy = None;
+            }
+            _ => {}
+        }
+        Ok(Some(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, Bytes, BytesMut};
+
+    use super::*;
+    use crate::mask::{Glob, Rule, Style, Target};
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        Frame { tag, body: Bytes::copy_from_slice(body) }
+    }
+
+    fn row_description(name: &str) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_i16(1);
+        b.extend_from_slice(name.as_bytes());
+        b.put_u8(0);
+        b.put_u32(0);
+        b.put_i16(0);
+        b.put_u32(25);
+        b.put_i16(-1);
+        b.put_i32(-1);
+        b.put_i16(0);
+        frame(b'T', &b)
+    }
+
+    fn data_row(v: &str) -> Frame {
+        let mut b = BytesMut::new();
+        b.put_i16(1);
+        b.put_i32(v.len() as i32);
+        b.extend_from_slice(v.as_bytes());
+        frame(b'D', &b)
+    }
+
+    fn tracker() -> Tracker {
+        let rules =
+            [Rule { name: "m".into(), target: Target::Columns(vec![Glob::new("email")]), style: Style::Redact }];
+        Tracker::new(Arc::new(Masker::new(&rules, [0; 32])))
+    }
+
+    fn relay(t: &mut Tracker, f: Frame) -> Option<Frame> {
+        t.on_frame(f).unwrap()
+    }
+
+    #[test]
+    fn extended_protocol_uses_the_portal_plan_and_hides_added_describes() {
+        let mut t = tracker();
+        for op in [
+            Op::Parse,
+            Op::Bind,
+            Op::DescribePortal { portal: String::new(), hidden: true },
+            Op::Execute { portal: String::new(), copy: None },
+            Op::Sync,
+        ] {
+            t.push(op);
+        }
+        assert!(relay(&mut t, frame(b'1', b"")).is_some());
+        assert!(relay(&mut t, frame(b'2', b"")).is_some());
+        assert_eq!(relay(&mut t, row_description("email")), None, "the proxy's own Describe is not relayed");
+        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"));
+        assert!(relay(&mut t, frame(b'C', b"SELECT 1\0")).is_some());
+        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
+        assert_eq!(t.take_counts().total(), 1);
+        assert!(t.ops.is_empty());
+        // A data row nobody described is refused, not relayed unmasked.
+        assert!(t.on_frame(data_row("x")).is_err());
+    }
+
+    #[test]
+    fn errors_skip_to_sync_and_simple_queries_use_their_row_description() {
+        let mut t = tracker();
+        for op in [
+            Op::Parse,
+            Op::Bind,
+            Op::DescribePortal { portal: String::new(), hidden: true },
+            Op::Execute { portal: String::new(), copy: None },
+            Op::Sync,
+            Op::Query { copies: VecDeque::new() },
+        ] {
+            t.push(op);
+        }
+        assert!(relay(&mut t, frame(b'E', b"SERROR\0Mbad\0\0")).is_some());
+        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
+        assert_eq!(t.ops.front(), Some(&Op::Query { copies: VecDeque::new() }));
+        assert!(relay(&mut t, row_description("note")).is_some());
+        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("a@b.c"));
+        assert!(relay(&mut t, frame(b'C', b"SELECT 1\0")).is_some());
+        assert!(relay(&mut t, row_description("email")).is_some());
+        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"));
+        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
+        assert!(t.ops.is_empty());
+    }
+
+    #[test]
+    fn copy_out_rows_are_masked_and_unexpected_copies_refused() {
+        let mut t = tracker();
+        let spec = crate::sql::classify("COPY t (id, email) TO STDOUT").copy_out.remove(0);
+        t.push(Op::Query { copies: [spec].into() });
+        assert!(relay(&mut t, frame(b'H', &[0, 0, 2, 0, 0, 0, 0])).is_some());
+        assert_eq!(relay(&mut t, frame(b'd', b"1\tx@y.z\n")).unwrap(), frame(b'd', b"1\t[REDACTED]\n"));
+        assert!(relay(&mut t, frame(b'c', b"")).is_some());
+        assert!(relay(&mut t, frame(b'C', b"COPY 1\0")).is_some());
+        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
+        t.push(Op::Query { copies: VecDeque::new() });
+        assert!(t.on_frame(frame(b'H', &[0, 0, 0])).is_err());
+    }
+}
