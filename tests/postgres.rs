@@ -4,7 +4,7 @@ mod common;
 
 use common::{Env, PG_BIN, Postgres, privileged};
 
-fn policy(env: &Env, pg: &Postgres) -> String {
+fn policy(env: &Env, pg: &Postgres, webhook: Option<&str>) -> String {
     format!(
         r#"apiVersion: tollgate/v1alpha1
 kind: Policy
@@ -12,8 +12,11 @@ metadata: {{ name: {name} }}
 spec:
   unlisted: deny
   proxy: {{ listen: ["127.0.0.1:0", "[::1]:0"] }}
+  approvers: {{ uids: [0] }}
+{notify}
   identities:
     - {{ name: bot, cgroup: {cg}, groups: [agents] }}
+    - {{ name: masked, cgroup: {masked_cg} }}
   resources:
     - name: orders-db
       protocol: postgres
@@ -27,13 +30,26 @@ spec:
         - {{ name: no-ddl, match: {{ statements: [ddl] }}, action: deny, message: "schema changes go through review" }}
         - {{ name: delete-needs-where, match: {{ statements: [update, delete], where: missing }}, action: deny }}
         - {{ name: reads, match: {{ statements: [select, transaction, set, show] }}, action: allow }}
+        - {{ name: deletes-need-approval, match: {{ statements: [delete], tables: [orders] }}, action: approve, timeout: 60s }}
+        - {{ name: archive-approval, match: {{ statements: [delete], tables: [archive] }}, action: approve, timeout: 2s }}
         - name: writes
           match: {{ statements: [insert, update, delete], tables: [orders, pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history] }}
           action: allow
       default: deny
+    - name: masked-reads
+      to: [identity:masked]
+      resources: [orders-db]
+      rules:
+        - {{ name: reads, match: {{ statements: [select, copy, transaction] }}, action: allow }}
+      masking:
+        - {{ name: mail-column, columns: [email], style: partial }}
+        - {{ columns: ["*ssn*", secret_num], style: redact }}
+        - {{ name: content, detect: [email, credit_card, ssn], style: hash }}
 "#,
         name = env.name,
         cg = env.cgroup("bot"),
+        masked_cg = env.cgroup("masked"),
+        notify = webhook.map(|u| format!("  notify: {{ webhook: \"{u}\" }}")).unwrap_or_default(),
         addr = pg.addr(),
         secret = pg.secret_file.display(),
     )
@@ -41,9 +57,14 @@ spec:
 
 /// psql inside the bot cgroup, with the given URL user:password; SQL on stdin.
 fn psql(env: &Env, pg: &Postgres, userinfo: &str, script: &str) -> (String, String, bool) {
+    psql_as(env, pg, "bot", userinfo, script)
+}
+
+/// psql inside one of the test's cgroups.
+fn psql_as(env: &Env, pg: &Postgres, sub: &str, userinfo: &str, script: &str) -> (String, String, bool) {
     use std::io::Write;
     let url = format!("postgresql://{userinfo}@127.0.0.1:{}/postgres", pg.port);
-    let cg = env.cgroup("bot");
+    let cg = env.cgroup(sub);
     let mut child = std::process::Command::new(common::BIN)
         .args(["exec", "--cgroup", &cg, "--", "psql", "-X", "-At", &url])
         .env_remove("PGPASSWORD")
@@ -73,10 +94,18 @@ fn pgbench(env: &Env, pg: &Postgres, args: &[&str]) -> (bool, String) {
 }
 
 fn setup(name: &str) -> (Env, Postgres) {
+    setup_with(name, None)
+}
+
+fn setup_with(name: &str, webhook: Option<&str>) -> (Env, Postgres) {
     let pg = Postgres::start();
-    pg.direct("CREATE TABLE orders (id int primary key, email text); INSERT INTO orders VALUES (1, 'a@example.com'), (2, 'b@example.com')");
+    pg.direct(
+        "CREATE TABLE orders (id int primary key, email text); \
+         INSERT INTO orders VALUES (1, 'a@example.com'), (2, 'b@example.com'); \
+         CREATE TABLE archive (id int); INSERT INTO archive VALUES (1)",
+    );
     let mut env = Env::new(name);
-    env.write_policy(&policy(&env, &pg));
+    env.write_policy(&policy(&env, &pg, webhook));
     env.start_agent();
     (env, pg)
 }
@@ -230,19 +259,24 @@ fn tokio_postgres_extended_protocol_through_the_proxy() {
         return;
     }
     let (env, pg) = setup("pg-tokio");
+    let (ok, text) = client_half(&env, &pg, "bot", "tokio_postgres_client");
+    assert!(ok, "{text}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "3", "one allowed insert, nothing of the denied batch");
+}
+
+/// Runs an ignored client-half test of this binary inside one of the test's cgroups.
+fn client_half(env: &Env, pg: &Postgres, sub: &str, test: &str) -> (bool, String) {
     let me = std::env::current_exe().unwrap();
     let url = format!("host=127.0.0.1 port={} user=bot password=wrong dbname=postgres", pg.port);
-    let cg = env.cgroup("bot");
     let out = std::process::Command::new(common::BIN)
-        .args(["exec", "--cgroup", &cg, "--"])
+        .args(["exec", "--cgroup", &env.cgroup(sub), "--"])
         .arg(&me)
-        .args(["--exact", "tokio_postgres_client", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"])
         .env("TOLLGATE_TEST_PG", &url)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("CLIENT-OK"), "{text}");
-    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "3", "one allowed insert, nothing of the denied batch");
+    (out.status.success() && text.contains("CLIENT-OK"), text)
 }
 
 /// Run only by `tokio_postgres_extended_protocol_through_the_proxy`, inside the cgroup.
@@ -272,4 +306,293 @@ fn tokio_postgres_client() {
         assert!(!tx.is_empty());
     });
     println!("CLIENT-OK");
+}
+
+fn masked_setup(name: &str) -> (Env, Postgres) {
+    let (env, pg) = setup(name);
+    pg.direct(
+        "CREATE TABLE people (id int, email text, customer_ssn text, note text, card text); \
+         INSERT INTO people VALUES (1, 'alice@example.com', '123-45-6789', 'mail bob@example.org', '4111 1111 1111 1111'), \
+                                   (2, NULL, NULL, 'nothing here', NULL)",
+    );
+    (env, pg)
+}
+
+#[test]
+fn masking_in_simple_queries_copy_and_error_texts() {
+    if !privileged("masking_in_simple_queries_copy_and_error_texts") {
+        return;
+    }
+    let (env, pg) = masked_setup("pg-mask");
+    let q = |sql: &str| psql_as(&env, &pg, "masked", "masked", sql);
+
+    // Column rules mask whole values; detectors find values inside other columns; NULL stays NULL.
+    let (out, err, ok) = q("SELECT id, email, customer_ssn, note, card FROM people ORDER BY id;");
+    assert!(ok, "{err}");
+    let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows[0][..3], ["1", "*************.com", "[REDACTED]"], "{out}");
+    assert!(rows[0][3].starts_with("mail hash:") && rows[0][3].len() == "mail hash:".len() + 16, "{out}");
+    assert!(rows[0][4].starts_with("hash:"), "card number: {out}");
+    assert_eq!(rows[1], ["2", "", "", "nothing here", ""], "{out}");
+    assert!(!out.contains("alice") && !out.contains("bob@") && !out.contains("6789") && !out.contains("4111"));
+    // A name that says nothing does not help: the content detector still sees the e-mail.
+    let (out, _, _) = q("SELECT email || '' AS x FROM people WHERE id = 1;");
+    assert!(out.starts_with("hash:"), "{out}");
+    // Deterministic hashes, so equal values still join and group.
+    let (out2, _, _) = q("SELECT 'alice@example.com' AS y;");
+    assert_eq!(out, out2);
+
+    // COPY TO STDOUT: masked by column name when the statement lists the columns.
+    let (out, err, ok) = q("COPY people (id, email, note) TO STDOUT;");
+    assert!(ok, "{err}");
+    assert!(out.starts_with("1\t*************.com\tmail hash:"), "{out}");
+    assert!(out.contains("2\t\\N\tnothing here"), "{out}");
+    let (out, err, ok) = q("COPY (SELECT id, customer_ssn FROM people) TO STDOUT WITH (FORMAT csv, HEADER);");
+    assert!(ok, "{err}");
+    assert_eq!(out, "id,customer_ssn\n1,[REDACTED]\n2,", "{out}");
+    // What cannot be masked is refused before it runs.
+    let (_, err, _) = q("COPY people TO STDOUT;");
+    assert!(err.contains("\"masking\"") && err.contains("column names"), "{err}");
+    let (_, err, _) = q("COPY (SELECT note FROM people) TO STDOUT WITH (FORMAT binary);");
+    assert!(err.contains("binary"), "{err}");
+
+    // Error texts carry values too (psql's own echo of the query, on the LINE after, is not
+    // the server's).
+    let (_, err, _) = q("SELECT 'carol@example.net'::int;");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains("invalid input syntax") && !first.contains("carol@"), "{err}");
+
+    // The trail counts masked values by kind, never the values.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let records = env.audit();
+    let select = records
+        .iter()
+        .find(|r| {
+            r["kind"] == "statement" && r["statement"].as_str().is_some_and(|s| s.starts_with("SELECT id, email"))
+        })
+        .unwrap();
+    let result = records
+        .iter()
+        .find(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([select["seq"]]))
+        .unwrap();
+    assert_eq!(result["masked"], serde_json::json!({"column": 2, "email": 1, "credit_card": 1}), "{result}");
+    let trail = std::fs::read_to_string(env.state_dir().join("audit/trail.jsonl")).unwrap();
+    assert!(!trail.contains("bob@example.org") && !trail.contains("4111 1111"), "values leaked into the trail");
+}
+
+#[test]
+fn masking_binary_results_of_a_second_client_library() {
+    if !privileged("masking_binary_results_of_a_second_client_library") {
+        return;
+    }
+    let (env, pg) = masked_setup("pg-mask-bin");
+    let (ok, text) = client_half(&env, &pg, "masked", "tokio_postgres_masked_client");
+    assert!(ok, "{text}");
+}
+
+/// Run only by `masking_binary_results_of_a_second_client_library`, inside the cgroup.
+#[test]
+#[ignore = "client half of masking_binary_results_of_a_second_client_library"]
+fn tokio_postgres_masked_client() {
+    let url = std::env::var("TOLLGATE_TEST_PG").expect("started by the parent test");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        // tokio-postgres asks for binary results and never describes its portals: the proxy
+        // learns each result's columns itself.
+        let stmt = client
+            .prepare("SELECT id, email, customer_ssn, note, 42 AS secret_num FROM people WHERE id = $1")
+            .await
+            .unwrap();
+        let row = client.query_one(&stmt, &[&1i32]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1);
+        assert_eq!(row.get::<_, String>(1), "*************.com");
+        assert_eq!(row.get::<_, String>(2), "[REDACTED]");
+        assert!(row.get::<_, String>(3).starts_with("mail hash:"));
+        assert_eq!(row.get::<_, Option<i32>>(4), None, "a masked int becomes NULL, never corrupt bytes");
+        let row = client.query_one(&stmt, &[&2i32]).await.unwrap();
+        assert_eq!(row.get::<_, Option<String>>(1), None);
+        // Pipelined executions of the same statement.
+        let (a, b) = tokio::join!(client.query_one(&stmt, &[&1i32]), client.query_one(&stmt, &[&2i32]));
+        assert_eq!(a.unwrap().get::<_, String>(2), "[REDACTED]");
+        assert_eq!(b.unwrap().get::<_, String>(3), "nothing here");
+        // Row-limited portal executions (PortalSuspended) inside a transaction.
+        let mut tx_client = client;
+        let tx = tx_client.transaction().await.unwrap();
+        let portal = tx.bind("SELECT email FROM people ORDER BY id", &[]).await.unwrap();
+        let first = tx.query_portal(&portal, 1).await.unwrap();
+        assert_eq!(first[0].get::<_, String>(0), "*************.com");
+        let rest = tx.query_portal(&portal, 10).await.unwrap();
+        assert_eq!(rest.len(), 1);
+        tx.commit().await.unwrap();
+    });
+    println!("CLIENT-OK");
+}
+
+/// `tollgate approvals ...` as root from outside any enrolled cgroup.
+fn approvals(env: &Env, args: &[&str]) -> std::process::Output {
+    let state = env.state_arg();
+    let mut all = vec!["approvals"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--state-dir", &state]);
+    env.tollgate(&all)
+}
+
+/// Waits until exactly one request is pending and returns it.
+fn pending_one(env: &Env) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = approvals(env, &["list", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        if list.len() == 1 {
+            return list[0].clone();
+        }
+        assert!(list.is_empty(), "more than one pending: {list:?}");
+        assert!(std::time::Instant::now() < deadline, "no approval request appeared");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn spawn_psql(env: &Env, pg: &Postgres, sql: &str) -> std::process::Child {
+    let url = format!("postgresql://bot@127.0.0.1:{}/postgres", pg.port);
+    std::process::Command::new(common::BIN)
+        .args(["exec", "--cgroup", &env.cgroup("bot"), "--", "psql", "-X", &url, "-c", sql])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A one-shot HTTP server that keeps the body of the first POST it gets.
+fn webhook_sink() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hooks/approvals", l.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut r = BufReader::new(s);
+        let mut len = 0;
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        r.get_mut().write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").unwrap();
+        tx.send(head + &String::from_utf8_lossy(&body)).unwrap();
+    });
+    (url, rx)
+}
+
+#[test]
+fn approval_holds_until_an_approver_decides() {
+    if !privileged("approval_holds_until_an_approver_decides") {
+        return;
+    }
+    let (url, posted) = webhook_sink();
+    let (env, pg) = setup_with("pg-approve", Some(&url));
+    // Non-root approvers must reach the control socket inside the state dir.
+    std::fs::set_permissions(env.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+
+    // Held, then approved: the statement runs only after the decision.
+    let child = spawn_psql(&env, &pg, "DELETE FROM orders WHERE id = 2");
+    let req = pending_one(&env);
+    let id = req["id"].to_string();
+    assert_eq!((req["identity"].as_str(), req["rule"].as_str()), (Some("bot"), Some("deletes-need-approval")));
+    assert_eq!(req["statement"], "DELETE FROM orders WHERE id = 2");
+    assert!(req["pid"].as_u64().is_some() && req["exe"].as_str().is_some_and(|e| e.ends_with("psql")), "{req}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "nothing ran while held");
+    let hook = posted.recv_timeout(std::time::Duration::from_secs(10)).expect("webhook POST");
+    assert!(hook.starts_with("POST /hooks/approvals HTTP/1.1"), "{hook}");
+    assert!(hook.contains(&format!("\"id\":{id}")) && hook.contains("DELETE FROM orders WHERE id = 2"), "{hook}");
+
+    // Nobody under enforcement may decide, root included; nor may a uid the policy does not name.
+    let out = env.run_in("bot", &[common::BIN, "approvals", "approve", &id, "--state-dir", &env.state_arg()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("enrolled"), "{out:?}");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::BIN, "approvals", "approve", &id])
+        .args(["--state-dir", &env.state_arg()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not an approver"), "{out:?}");
+    let out = approvals(&env, &["approve", &id, "--reason", "ticket OPS-7"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("DELETE 1"), "{out:?}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "1");
+
+    // Held, then denied: the client gets the rule and the reason; nothing ran.
+    let child = spawn_psql(&env, &pg, "DELETE FROM orders WHERE id = 1");
+    let id2 = pending_one(&env)["id"].to_string();
+    assert!(approvals(&env, &["deny", &id2, "--reason", "not during the freeze"]).status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("deletes-need-approval") && err.contains("denied by uid 0: not during the freeze"), "{err}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "1");
+
+    // CancelRequest (Ctrl-C in psql) withdraws a held statement.
+    let child = spawn_psql(&env, &pg, "DELETE FROM orders WHERE id = 1");
+    let id3 = pending_one(&env)["id"].to_string();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"), "{out:?}");
+    let out = approvals(&env, &["approve", &id3]);
+    assert!(!out.status.success(), "a cancelled request cannot be approved: {out:?}");
+
+    // Nobody decides: the rule's timeout denies it.
+    let started = std::time::Instant::now();
+    let out = spawn_psql(&env, &pg, "DELETE FROM archive WHERE id = 1").wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not decided within 2s"), "{out:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(pg.direct("SELECT count(*) FROM archive"), "1");
+
+    // The extended protocol holds the execution and shows its parameters.
+    let script = env.dir.path().join("delete.sql");
+    std::fs::write(&script, "\\set id 1\nDELETE FROM orders WHERE id = :id;\n").unwrap();
+    let script = script.to_str().unwrap().to_string();
+    let port = pg.port.to_string();
+    let bench = format!("{PG_BIN}/pgbench");
+    let cg = env.cgroup("bot");
+    let child = std::process::Command::new(common::BIN)
+        .args(["exec", "--cgroup", &cg, "--", &bench, "-n", "-M", "extended", "-t", "1", "-f", &script])
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "bot", "postgres"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let req = pending_one(&env);
+    assert_eq!(req["parameters"], serde_json::json!(["1"]), "{req}");
+    assert!(approvals(&env, &["approve", &req["id"].to_string()]).status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "0");
+
+    // Every decision is on the trail with the approver and the statement it decided.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let records = env.audit();
+    let decisions: Vec<&serde_json::Value> = records.iter().filter(|r| r["kind"] == "approval").collect();
+    let verdicts: Vec<&str> = decisions.iter().filter_map(|r| r["verdict"].as_str()).collect();
+    assert_eq!(
+        verdicts,
+        ["refused", "refused", "approved", "denied", "cancelled", "timeout", "approved"],
+        "{decisions:?}"
+    );
+    let approved = decisions[2];
+    assert_eq!((approved["approver"].as_u64(), approved["detail"].as_str()), (Some(0), Some("ticket OPS-7")));
+    let stmt = records.iter().find(|r| r["seq"] == approved["refs"][0]).unwrap();
+    assert_eq!(
+        (stmt["verdict"].as_str(), stmt["statement"].as_str()),
+        (Some("approve"), Some("DELETE FROM orders WHERE id = 2"))
+    );
 }
