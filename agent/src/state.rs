@@ -46,7 +46,7 @@ impl StateDir {
     pub fn create(root: &Path) -> Result<Self, StateError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(io_err(root))?;
-        let root = fs::canonicalize(root).map_err(io_err(&root.to_owned()))?;
+        let root = fs::canonicalize(root).map_err(io_err(root))?;
         fs::set_permissions(&root, fs::Permissions::from_mode(0o711)).map_err(io_err(&root))?;
         Ok(Self { root })
     }
