@@ -596,3 +596,78 @@ fn approval_holds_until_an_approver_decides() {
         (Some("approve"), Some("DELETE FROM orders WHERE id = 2"))
     );
 }
+
+fn tls_policy(env: &Env, pg: &Postgres, tls: &str) -> String {
+    format!(
+        r#"apiVersion: tollgate/v1alpha1
+kind: Policy
+metadata: {{ name: {name} }}
+spec:
+  unlisted: deny
+  proxy: {{ listen: ["127.0.0.1:0"] }}
+  identities:
+    - {{ name: bot, cgroup: {cg} }}
+  resources:
+    - name: orders-db
+      protocol: postgres
+      address: "{addr}"
+      credentials: {{ user: app, password_file: {secret} }}
+      tls: {tls}
+  grants:
+    - {{ name: bot-orders, to: [identity:bot], resources: [orders-db] }}
+"#,
+        name = env.name,
+        cg = env.cgroup("bot"),
+        addr = pg.addr(),
+        secret = pg.secret_file.display(),
+    )
+}
+
+#[test]
+fn tls_to_the_client_and_to_the_server() {
+    if !privileged("tls_to_the_client_and_to_the_server") {
+        return;
+    }
+    let pg = Postgres::start_with_tls();
+    let server_ca = pg.tls_ca.clone().unwrap();
+    let mut env = Env::new("pg-tls");
+    env.write_policy(&tls_policy(
+        &env,
+        &pg,
+        &format!("{{ mode: verify-full, ca_file: {}, client: accept }}", server_ca.display()),
+    ));
+    env.start_agent();
+    let agent_ca = env.state_dir().join("tls/ca.crt");
+    let psql = |params: &str| {
+        let url = format!("postgresql://bot@127.0.0.1:{}/postgres?{params}", pg.port);
+        let sql = "SELECT (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), current_user";
+        let out = env.run_in("bot", &["psql", "-X", "-At", &url, "-c", sql]);
+        (String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    // The server only takes TLS: the proxy's leg is encrypted and the server's certificate checked.
+    // The client asked for TLS and got it, from the agent, whatever it checks.
+    assert_eq!(psql("sslmode=require"), ("t|app".to_string(), String::new()));
+    let verify = format!("sslmode=verify-full&sslrootcert={}", agent_ca.display());
+    assert_eq!(psql(&verify), ("t|app".to_string(), String::new()), "the agent's certificate names the resource");
+    assert_eq!(psql("sslmode=disable").0, "t|app", "a plain client still gets an encrypted upstream");
+    // Checked against the wrong CA, the server is refused and the client told why.
+    let wrong = format!("sslmode=verify-full&sslrootcert={}", server_ca.display());
+    let (_, err) = psql(&wrong);
+    assert!(err.contains("certificate verify failed"), "{err}");
+
+    // Upstream checked against a CA that did not sign the server's certificate: refused.
+    env.reload(&tls_policy(&env, &pg, &format!("{{ mode: verify-full, ca_file: {} }}", agent_ca.display())));
+    let (out, err) = psql("sslmode=disable");
+    assert!(out.is_empty() && err.contains("cannot log in") && err.contains("UnknownIssuer"), "{out} {err}");
+    // `require` encrypts without checking; `disable` meets the server's `hostnossl ... reject`.
+    env.reload(&tls_policy(&env, &pg, "{ mode: require }"));
+    assert_eq!(psql("sslmode=disable").0, "t|app");
+    let (_, err) = psql("sslmode=require");
+    assert!(
+        err.contains("server does not support SSL"),
+        "client TLS is declined unless the resource accepts it: {err}"
+    );
+    env.reload(&tls_policy(&env, &pg, "{ mode: disable }"));
+    let (_, err) = psql("sslmode=disable");
+    assert!(err.contains("no encryption"), "{err}");
+}

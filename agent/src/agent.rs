@@ -53,6 +53,8 @@ pub enum AgentError {
     Io { what: &'static str, source: std::io::Error },
     #[error(transparent)]
     Control(#[from] crate::approval::control::ControlError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub struct RunOptions {
@@ -164,6 +166,14 @@ impl Agent {
 
     /// A view of `policy` with ids assigned (and persisted) for any new names.
     fn view_of(&self, policy: Policy, current: &Ids) -> Result<View, AgentError> {
+        // A CA file that cannot be read is found now, not by the first session that needs it.
+        self.shared.tls.refresh();
+        for r in &policy.resources {
+            self.shared
+                .tls
+                .client_config(&r.tls.upstream)
+                .map_err(|e| AgentError::Reload(format!("resource {}: {e}", r.name)))?;
+        }
         let mut ids = current.clone();
         if ids.assign(&policy) {
             self.state.write_ids(&ids)?;
@@ -259,7 +269,8 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     let reported = state.read_reported()?;
     let ids = state.read_ids()?;
     let placeholder = Arc::new(View { policy: policy.clone(), ids: ids.clone() });
-    let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins, state.mask_key()?));
+    let authority = crate::tls::Authority::load_or_create(&state.root.join("tls"))?;
+    let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins, state.mask_key()?, authority));
     let mut agent = Agent {
         options,
         state,

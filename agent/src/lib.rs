@@ -11,3 +11,4 @@ pub mod policy;
 pub mod proxy;
 pub mod sql;
 pub mod state;
+pub mod tls;

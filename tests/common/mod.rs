@@ -156,6 +156,18 @@ impl Env {
         }
     }
 
+    /// Writes a new policy, sends SIGHUP and waits until the agent reports this reload.
+    pub fn reload(&self, yaml: &str) {
+        let before = self.log().matches("policy reloaded").count();
+        self.write_policy(yaml);
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches("policy reloaded").count() == before {
+            assert!(Instant::now() < deadline, "reload not reported:\n{}", self.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn agent_pid(&self) -> i32 {
         self.agent.as_ref().expect("agent running").id() as i32
     }
@@ -390,12 +402,23 @@ pub struct Postgres {
     pub password: String,
     /// The secret file for the policy (mode 0600, root-owned).
     pub secret_file: PathBuf,
+    /// With TLS: the CA that signed the server's certificate (for 127.0.0.1).
+    pub tls_ca: Option<PathBuf>,
 }
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_inner(false)
+    }
+
+    /// A server that accepts only TLS connections on TCP (`hostssl`; `hostnossl ... reject`).
+    pub fn start_with_tls() -> Self {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(tls: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("tollgate-pg-").tempdir().unwrap();
         let pg = nix::unistd::User::from_name("postgres").unwrap().expect("user postgres (package postgresql-15)");
         nix::unistd::chown(dir.path(), Some(pg.uid), Some(pg.gid)).unwrap();
@@ -421,7 +444,61 @@ impl Postgres {
         ]);
         std::fs::remove_file(&pwfile).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display());
+        let mut opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display());
+        let mut tls_ca = None;
+        if tls {
+            let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+            let openssl = |args: &[&str]| {
+                let out = Command::new("openssl").args(args).output().unwrap();
+                assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+            openssl(
+                &[
+                    &["req", "-x509"][..],
+                    &ec,
+                    &["-keyout", &p("ca.key"), "-out", &p("ca.crt"), "-subj", "/CN=tollgate test CA", "-days", "2"],
+                ]
+                .concat(),
+            );
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &["-keyout", &p("server.key"), "-out", &p("server.csr"), "-subj", "/CN=127.0.0.1"],
+                ]
+                .concat(),
+            );
+            std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p("server.csr"),
+                "-CA",
+                &p("ca.crt"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-out",
+                &p("server.crt"),
+                "-days",
+                "2",
+                "-extfile",
+                &p("san.ext"),
+            ]);
+            for f in ["server.key", "server.crt"] {
+                nix::unistd::chown(Path::new(&p(f)), Some(pg.uid), Some(pg.gid)).unwrap();
+            }
+            std::fs::set_permissions(p("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all scram-sha-256\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .unwrap();
+            opts += &format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", p("server.crt"), p("server.key"));
+            tls_ca = Some(dir.path().join("ca.crt"));
+        }
         run(&[
             &format!("{PG_BIN}/pg_ctl"),
             "-D",
@@ -436,7 +513,7 @@ impl Postgres {
         let secret_file = dir.path().join("secret");
         std::fs::write(&secret_file, format!("{password}\n")).unwrap();
         std::fs::set_permissions(&secret_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        Self { port, dir, password, secret_file }
+        Self { port, dir, password, secret_file, tls_ca }
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,5 +1,6 @@
 //! The local proxy: accepts redirected connections, learns their origin from the kernel, checks
 //! the grant, records the session and dispatches to the resource's protocol handler.
+pub mod conn;
 pub mod postgres;
 pub mod tcp;
 
@@ -40,11 +41,19 @@ pub struct Shared {
     pub approvals: Approvals,
     /// Keys the `hash` masking style, so hashed values stay equal across sessions and restarts.
     mask_key: [u8; 32],
+    /// The agent's CA for client-side TLS, and cached TLS configurations.
+    pub tls: crate::tls::Authority,
     next_session: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(view: Arc<View>, audit: AuditLog, origins: Origins, mask_key: [u8; 32]) -> Self {
+    pub fn new(
+        view: Arc<View>,
+        audit: AuditLog,
+        origins: Origins,
+        mask_key: [u8; 32],
+        tls: crate::tls::Authority,
+    ) -> Self {
         Self {
             view: RwLock::new(view),
             audit,
@@ -52,6 +61,7 @@ impl Shared {
             cancel: postgres::CancelKeys::default(),
             approvals: Approvals::default(),
             mask_key,
+            tls,
             next_session: AtomicU64::new(1),
         }
     }
@@ -199,6 +209,8 @@ async fn handle(
                 masker: (!grant.masking.is_empty())
                     .then(|| Arc::new(crate::mask::Masker::new(&grant.masking, shared.mask_key))),
                 held: Default::default(),
+                resource: res,
+                authority: &shared.tls,
             };
             let outcome = postgres::serve(client, pg, &stop).await;
             end.detail = Some(format!("{} statements, {} denied", outcome.statements, outcome.denied));

@@ -29,12 +29,13 @@ use self::{
     track::{Op, Tracker},
     wire::{Frame, Startup},
 };
+use super::conn::Conn;
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{AuditLog, Kind, Record},
     mask::Masker,
     policy::{
-        Credentials, Grant, Webhook,
+        Credentials, Grant, Resource, Webhook,
         rules::{Action, Decision},
     },
     sql,
@@ -105,6 +106,8 @@ pub struct Session<'a> {
     pub masker: Option<Arc<Masker>>,
     /// The approval request this session waits on (0: none), for CancelRequest.
     pub held: Arc<AtomicU64>,
+    pub resource: &'a Resource,
+    pub authority: &'a crate::tls::Authority,
 }
 
 #[derive(Debug, Default)]
@@ -132,28 +135,58 @@ async fn send(w: &mut (impl AsyncWriteExt + Unpin), frames: &[Frame]) -> std::io
     w.write_all(&out).await
 }
 
-/// Reads the client's startup, answering SSL/GSS requests with "no".
-async fn read_startup(client: &mut TcpStream) -> Result<Startup, String> {
+async fn read_startup_packet(client: &mut Conn) -> Result<Startup, String> {
+    let mut len = [0u8; 4];
+    client.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let len = wire::startup_len(len).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len - 4];
+    client.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    wire::parse_startup(&body).map_err(|e| e.to_string())
+}
+
+/// Reads the client's startup. A TLS request is accepted (the agent terminates TLS with a
+/// certificate for the resource's name) when the resource says so, and declined otherwise;
+/// GSS encryption is always declined. On error, the stream is handed back when it still works.
+async fn read_startup(mut client: Conn, s: &Session<'_>) -> Result<(Conn, Startup), (Option<Conn>, String)> {
     loop {
-        let mut len = [0u8; 4];
-        client.read_exact(&mut len).await.map_err(|e| e.to_string())?;
-        let len = wire::startup_len(len).map_err(|e| e.to_string())?;
-        let mut body = vec![0u8; len - 4];
-        client.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-        match wire::parse_startup(&body).map_err(|e| e.to_string())? {
-            Startup::Ssl | Startup::GssEnc => client.write_all(b"N").await.map_err(|e| e.to_string())?,
-            other => return Ok(other),
+        let packet = match read_startup_packet(&mut client).await {
+            Ok(p) => p,
+            Err(e) => return Err((Some(client), e)),
+        };
+        let answer: &[u8] = match packet {
+            Startup::Ssl | Startup::GssEnc if client.is_tls() => {
+                return Err((Some(client), "encryption requested twice".into()));
+            }
+            Startup::Ssl if s.resource.tls.accept_client => b"S",
+            Startup::Ssl | Startup::GssEnc => b"N",
+            other => return Ok((client, other)),
+        };
+        if let Err(e) = client.write_all(answer).await {
+            return Err((None, e.to_string()));
+        }
+        if answer == b"S" {
+            let Conn::Plain(tcp) = client else { unreachable!("plain until TLS is accepted") };
+            let config = match s.authority.server_config(s.resource) {
+                Ok(c) => c,
+                Err(e) => return Err((None, e.to_string())),
+            };
+            match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
+                Ok(tls) => client = Conn::Server(Box::new(tls)),
+                Err(e) => return Err((None, format!("client TLS handshake: {e}"))),
+            }
         }
     }
 }
 
-pub async fn serve(mut client: TcpStream, s: Session<'_>, stop: &CancellationToken) -> Outcome {
-    let startup = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client)).await {
+pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) -> Outcome {
+    let (mut client, startup) = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(Conn::Plain(client), &s)).await
+    {
         Ok(Ok(st)) => st,
-        Ok(Err(e)) => {
-            let _ =
-                send(&mut client, &[wire::error_response(SQLSTATE_PROTOCOL, &format!("tollgate: {e}"), None, None)])
-                    .await;
+        Ok(Err((client, e))) => {
+            if let Some(mut client) = client {
+                let msg = format!("tollgate: {e}");
+                let _ = send(&mut client, &[wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)]).await;
+            }
             return Outcome { error: Some(format!("startup: {e}")), ..Default::default() };
         }
         Err(_) => return Outcome { error: Some("startup timed out".into()), ..Default::default() },
@@ -170,7 +203,17 @@ pub async fn serve(mut client: TcpStream, s: Session<'_>, stop: &CancellationTok
 
     let login = async {
         let password = read_secret(&s.credentials.password_file)?;
-        let stream = crate::proxy::tcp::connect_marked(s.upstream, s.mark).await.map_err(|e| e.to_string())?;
+        let tls = s.authority.client_config(&s.resource.tls.upstream).map_err(|e| e.to_string())?;
+        let tcp = crate::proxy::tcp::connect_marked(s.upstream, s.mark).await.map_err(|e| e.to_string())?;
+        // Small request/response messages: Nagle plus delayed ACKs would add 40 ms stalls.
+        let _ = tcp.set_nodelay(true);
+        let stream = match tls {
+            None => Conn::Plain(tcp),
+            Some(config) => {
+                let name = crate::tls::server_name(&s.resource.address).map_err(|e| e.to_string())?;
+                upstream::start_tls(tcp, s.upstream, config, name).await.map_err(|e| e.to_string())?
+            }
+        };
         upstream::login(stream, s.upstream, &s.credentials.user, &password, &params).await.map_err(|e| e.to_string())
     };
     let up = match tokio::time::timeout(STARTUP_TIMEOUT, login).await.unwrap_or_else(|_| Err("timed out".into())) {
@@ -197,11 +240,11 @@ pub async fn serve(mut client: TcpStream, s: Session<'_>, stop: &CancellationTok
         return Outcome { error: Some(e.to_string()), ..Default::default() };
     }
 
-    // Small request/response messages: Nagle plus delayed ACKs would add 40 ms stalls.
-    let _ = client.set_nodelay(true);
-    let _ = up.stream.set_nodelay(true);
-    let (client_r, client_w) = client.into_split();
-    let (up_r, up_w) = up.stream.into_split();
+    if let Conn::Plain(c) = &client {
+        let _ = c.set_nodelay(true);
+    }
+    let (client_r, client_w) = client.split();
+    let (up_r, up_w) = up.stream.split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
     let (expect_tx, expect_rx) = mpsc::unbounded_channel();
     let (ops_tx, masking) = match &s.masker {

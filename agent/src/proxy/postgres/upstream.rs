@@ -7,12 +7,10 @@ use postgres_protocol::{
     authentication::{md5_hash, sasl},
     message::frontend,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::wire::{self, Frame};
+use crate::proxy::conn::Conn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -28,11 +26,39 @@ pub enum UpstreamError {
     Scram(String),
     #[error("upstream closed the connection during login")]
     Closed,
+    #[error("upstream {addr} does not accept TLS, which the resource's tls mode requires")]
+    NoTls { addr: SocketAddr },
+    #[error("upstream TLS: {0}")]
+    Tls(String),
+}
+
+/// Asks the server for TLS (SSLRequest) and runs the handshake, checking the certificate as the
+/// configuration says.
+pub async fn start_tls(
+    mut tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: rustls_pki_types::ServerName<'static>,
+) -> Result<Conn, UpstreamError> {
+    let io = |source| UpstreamError::Io { addr, source };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    tcp.write_all(&req).await.map_err(io)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io)?;
+    if answer[0] != b'S' {
+        return Err(UpstreamError::NoTls { addr });
+    }
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    Ok(Conn::Client(Box::new(tls)))
 }
 
 /// A logged-in server connection, with what the server said during login.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: Conn,
     /// ParameterStatus frames to pass on to the client.
     pub parameters: Vec<Frame>,
     pub backend_pid: i32,
@@ -41,7 +67,7 @@ pub struct Upstream {
     pub leftover: BytesMut,
 }
 
-async fn next_frame(s: &mut TcpStream, buf: &mut BytesMut, addr: SocketAddr) -> Result<Frame, UpstreamError> {
+async fn next_frame(s: &mut Conn, buf: &mut BytesMut, addr: SocketAddr) -> Result<Frame, UpstreamError> {
     loop {
         if let Some(f) = wire::decode(buf)? {
             return Ok(f);
@@ -53,7 +79,7 @@ async fn next_frame(s: &mut TcpStream, buf: &mut BytesMut, addr: SocketAddr) -> 
 }
 
 pub async fn login(
-    mut stream: TcpStream,
+    mut stream: Conn,
     addr: SocketAddr,
     user: &str,
     password: &str,

@@ -1,0 +1,78 @@
+//! A proxied connection, plain or TLS on either side, as one stream type.
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+pub enum Conn {
+    Plain(TcpStream),
+    /// TLS terminated by the agent (client side).
+    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS to the upstream server.
+    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Conn::Plain(_))
+    }
+
+    /// Independent read and write halves; plain TCP splits without a lock.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Conn::Plain(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            tls => {
+                let (r, w) = tokio::io::split(tls);
+                (Box::new(r), Box::new(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Server(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Client(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
