@@ -16,7 +16,13 @@ fuzz_target!(|data: &[u8]| {
         match f.tag {
             b'Q' => drop(wire::query_text(&f.body)),
             b'P' => drop(wire::parse_message(&f.body)),
-            b'B' => drop(wire::bind_statement(&f.body)),
+            b'B' => {
+                drop(wire::bind_statement(&f.body));
+                drop(wire::bind_names(&f.body));
+                drop(wire::bind_parameters(&f.body));
+            }
+            b'D' => drop(wire::describe_target(&f.body)),
+            b'X' => drop(wire::execute_portal(&f.body)),
             b'Z' => drop(wire::ready_status(&f.body)),
             b'K' => drop(wire::backend_key(&f.body)),
             b'E' => drop(wire::error_message(&f.body)),

@@ -9,7 +9,7 @@ use crate::util::{cargo, output, root, run};
 const PACKAGES: &[&str] =
     &["curl", "python3", "iproute2", "bpftool", "clang", "libclang-dev", "postgresql-15", "pgbouncer", "haproxy"];
 
-pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql", "postgres_wire"];
+pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql", "postgres_wire", "postgres_results"];
 
 fn missing_packages() -> Vec<&'static str> {
     PACKAGES

@@ -195,4 +195,90 @@ spec:
         let e = err(&EXAMPLE.replace("  mode: enforce", "  proxy: { listen: [\"[::1]:0\"] }"));
         assert!(e.contains("IPv4 loopback address is required"), "{e}");
     }
+
+    const PG: &str = r#"
+apiVersion: tollgate/v1alpha1
+kind: Policy
+metadata: { name: pg }
+spec:
+  approvers: { uids: [0, 1000], gids: [27] }
+  notify: { webhook: "http://127.0.0.1:9000/hooks" }
+  identities:
+    - { name: bot, cgroup: /tollgate/bot }
+  resources:
+    - name: orders-db
+      protocol: postgres
+      address: 127.0.0.1:5432
+      credentials: { user: app, password_file: /etc/tollgate/orders-db }
+      tls: { mode: verify-full, ca_file: /etc/tollgate/ca.pem, client: accept }
+  grants:
+    - name: bot-orders
+      to: [identity:bot]
+      resources: [orders-db]
+      rules:
+        - { name: hold-deletes, match: { statements: [delete] }, action: approve, timeout: 90s }
+        - { name: reads, match: { statements: [select] }, action: allow }
+      masking:
+        - { columns: [email, "*ssn*"], style: redact }
+        - { name: content, detect: [email, credit_card], style: hash }
+"#;
+
+    #[test]
+    fn postgres_features_validate() {
+        use crate::{
+            mask::{Kind, Style, Target},
+            policy::{model::UpstreamTls, rules::Action},
+        };
+        let pol = p(PG).unwrap();
+        assert_eq!(pol.approvers, Approvers { uids: vec![0, 1000], gids: vec![27] });
+        assert_eq!(
+            pol.webhook.as_ref().map(|w| (w.host.as_str(), w.port, w.path.as_str())),
+            Some(("127.0.0.1", 9000, "/hooks"))
+        );
+        let r = &pol.resources[0];
+        assert!(r.tls.accept_client);
+        assert_eq!(r.tls.upstream, UpstreamTls::VerifyFull { ca_file: "/etc/tollgate/ca.pem".into() });
+        let g = &pol.grants[0];
+        assert_eq!(g.rules[0].action, Action::Approve { timeout: std::time::Duration::from_secs(90) });
+        assert_eq!(g.masking[0].name, "bot-orders.masking[0]", "unnamed masking rules get a name");
+        assert_eq!(g.masking[0].style, Style::Redact);
+        assert_eq!(g.masking[1].target, Target::Detect(vec![Kind::Email, Kind::CreditCard]));
+        let cases = [
+            (PG.replace("timeout: 90s", "timeout: 90"), "spec.grants[0].rules[0].timeout"),
+            (PG.replace("timeout: 90s", "timeout: 0s"), "between 1s and 24h"),
+            (
+                PG.replace("action: approve, timeout: 90s", "action: deny, timeout: 90s"),
+                "only approve rules take a timeout",
+            ),
+            (PG.replace("action: approve", "action: ask"), "expected allow, deny or approve"),
+            (PG.replace("style: redact", "style: blur"), "spec.grants[0].masking[0].style"),
+            (
+                PG.replace("detect: [email, credit_card]", "detect: [email, iban]"),
+                "spec.grants[0].masking[1].detect[1]",
+            ),
+            (
+                PG.replace("{ columns: [email, \"*ssn*\"], style: redact }", "{ style: redact }"),
+                "either columns or detect",
+            ),
+            (PG.replace("mode: verify-full, ca_file: /etc/tollgate/ca.pem", "mode: verify-full"), "needs the CA file"),
+            (
+                PG.replace("mode: verify-full, ca_file: /etc/tollgate/ca.pem", "mode: require, ca_file: /x"),
+                "only verify-full",
+            ),
+            (PG.replace("mode: verify-full", "mode: verify-ca"), "unknown tls mode"),
+            (PG.replace("client: accept", "client: maybe"), "spec.resources[0].tls.client"),
+            (PG.replace("http://127.0.0.1:9000/hooks", "https://hooks.example/x"), "must start with http://"),
+            (
+                PG.replace("protocol: postgres", "protocol: tcp")
+                    .replace("      credentials: { user: app, password_file: /etc/tollgate/orders-db }\n", "")
+                    .replace("      tls: { mode: verify-full, ca_file: /etc/tollgate/ca.pem, client: accept }\n", ""),
+                "apply only to postgres resources",
+            ),
+            (PG.replace("approvers: { uids: [0, 1000], gids: [27] }", "approvers: { users: [root] }"), "unknown field"),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.contains(want), "expected {want:?} in {e:?}");
+        }
+    }
 }

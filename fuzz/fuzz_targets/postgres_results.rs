@@ -1,0 +1,44 @@
+//! Server answers as the masking proxy reads them: any sequence of requests and response frames
+//! is masked, passed on or refused with an error, never a panic; masked rows stay well-formed.
+#![no_main]
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use tollgate::{
+    mask::{DETECTORS, Glob, Masker, Rule, Style, Target},
+    proxy::postgres::{
+        track::{Op, Tracker},
+        wire,
+    },
+    sql,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&ops, rest)) = data.split_first() else { return };
+    let rules = [
+        Rule { name: "c".into(), target: Target::Columns(vec![Glob::new("*a*")]), style: Style::Partial },
+        Rule { name: "d".into(), target: Target::Detect(DETECTORS.to_vec()), style: Style::Hash },
+    ];
+    let masker = Arc::new(Masker::new(&rules, [3; 32]));
+    let mut t = Tracker::new(masker.clone());
+    let copy = sql::classify("COPY t (a, b) TO STDOUT (FORMAT csv, HEADER)").copy_out;
+    // The first byte picks the requests the frames answer.
+    for i in 0..8 {
+        t.push(match (ops >> i) & 1 {
+            0 => Op::Query { copies: copy.iter().cloned().collect() },
+            _ => Op::Execute { portal: String::new(), copy: None },
+        });
+        if (ops >> i) & 3 == 3 {
+            t.push(Op::DescribePortal { portal: String::new(), hidden: true });
+            t.push(Op::Sync);
+        }
+    }
+    let mut buf = bytes::BytesMut::from(rest);
+    while let Ok(Some(f)) = wire::decode(&mut buf) {
+        if t.on_frame(f).is_err() {
+            break;
+        }
+    }
+    let mut counts = Default::default();
+    let _ = masker.detect(rest, &mut counts);
+});
