@@ -133,3 +133,16 @@ fn audit_tail_prints_readably_as_json_and_follows() {
     let (ok, out, _) = tollgate(&["audit", "verify", "--state-dir", state]);
     assert!(ok && out.contains("4 records"), "{out}");
 }
+
+#[test]
+fn approvals_without_a_running_agent_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let (ok, _, err) = tollgate(&["approvals", "list", "--state-dir", state]);
+    assert!(!ok);
+    assert!(err.contains("control.sock") && err.contains("is the agent running"), "{err}");
+    let (ok, _, err) = tollgate(&["approvals", "approve", "not-a-number", "--state-dir", state]);
+    assert!(!ok && err.contains("invalid value"), "{err}");
+    let (ok, out, _) = tollgate(&["approvals", "--help"]);
+    assert!(ok && out.contains("list") && out.contains("approve") && out.contains("deny"), "{out}");
+}

@@ -68,6 +68,19 @@ impl Drop for Cleanup {
     }
 }
 
+/// Waits for the one pending approval request and returns its id.
+fn wait_pending(bin: &std::path::Path, state: &str) -> anyhow::Result<String> {
+    for _ in 0..200 {
+        let out = Command::new(bin).args(["approvals", "list", "--json", "--state-dir", state]).output()?;
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(id) = list.first().and_then(|r| r["id"].as_u64()) {
+            return Ok(id.to_string());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("the DELETE never showed up as a pending approval request")
+}
+
 pub fn demo() -> anyhow::Result<()> {
     setup::ensure()?;
     util::cargo_build(false)?;
@@ -128,9 +141,33 @@ pub fn demo() -> anyhow::Result<()> {
     show(&mut psql("WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone"))?;
     section("planner-bot: UPDATE with WHERE on orders -> allowed by rule order-writes");
     show(&mut psql("UPDATE orders SET total = 43.00 WHERE id = 1"))?;
+    section("masking: the email column keeps its last 4 characters; detectors catch values under any name");
+    show(&mut psql("SELECT id, email, 'call ' || email || ' or 415-555-0100' AS note FROM orders ORDER BY id"))?;
+
+    section("planner-bot: DELETE on orders -> held by rule deletes-need-approval until a human decides");
+    let st = state.display().to_string();
+    println!("$ tollgate exec --cgroup {CGROUP} -- psql ... -c 'DELETE FROM orders WHERE id = 2' &   (waits)");
+    let held = psql("DELETE FROM orders WHERE id = 2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let id = wait_pending(&bin, &st)?;
+    println!("(from another terminal, as root:)");
+    show(Command::new(&bin).args(["approvals", "list", "--state-dir", &st]))?;
+    show(Command::new(&bin).args([
+        "approvals",
+        "approve",
+        &id,
+        "--reason",
+        "customer asked, ticket OPS-42",
+        "--state-dir",
+        &st,
+    ]))?;
+    let out = held.wait_with_output()?;
+    println!("(the held psql now finishes:)");
+    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 
     thread::sleep(Duration::from_millis(300));
-    let st = state.display().to_string();
     section("status");
     show(Command::new(&bin).args(["status", "--state-dir", &st]))?;
     section("the audit trail (kernel-level connection records and proxied sessions)");
