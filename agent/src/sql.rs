@@ -202,6 +202,31 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
     })
 }
 
+/// A key that is equal for query texts differing only in numeric and string literals,
+/// whitespace and nothing else: their parse trees differ only in constant leaves, which no rule
+/// looks at, so they classify identically and one classification serves them all (pgbench's
+/// `... WHERE aid = 42` and `... = 43`). String literals are kept when the text says COPY,
+/// whose options (FORMAT, DELIMITER) are strings that matter. `None` when the text does not
+/// even scan; classify it directly.
+pub fn shape(sql: &str) -> Option<String> {
+    use pg_query::protobuf::Token;
+    let scan = pg_query::scan(sql).ok()?;
+    let has_copy = scan.tokens.iter().any(|t| t.token == Token::Copy as i32);
+    let mut key = String::with_capacity(sql.len() + scan.tokens.len());
+    for t in &scan.tokens {
+        let literal = t.token == Token::Iconst as i32
+            || t.token == Token::Fconst as i32
+            || (t.token == Token::Sconst as i32 && !has_copy);
+        if literal {
+            key.push('\u{1}');
+        } else {
+            key.push_str(sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?);
+        }
+        key.push('\0');
+    }
+    Some(key)
+}
+
 pub fn classify(sql: &str) -> Classification {
     let parsed = match pg_query::parse(sql) {
         Ok(p) => p,
@@ -381,6 +406,26 @@ mod tests {
         let c = classify("SELECT * FROM a JOIN b ON true WHERE a.id IN (SELECT id FROM c)");
         assert_eq!(c.tables.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(classify("SELECT 1; SELECT 2").statements, 2);
+    }
+
+    #[test]
+    fn shapes_ignore_literals_but_not_structure() {
+        let a = shape("SELECT abalance FROM pgbench_accounts WHERE aid = 42;").unwrap();
+        assert_eq!(Some(a.clone()), shape("SELECT abalance\n  FROM pgbench_accounts WHERE aid = 77;"));
+        assert_eq!(shape("SELECT * FROM t WHERE e = 'a@b'"), shape("SELECT * FROM t WHERE e = 'x'"));
+        assert_ne!(Some(a), shape("SELECT abalance FROM pgbench_accounts WHERE aid = $1;"));
+        assert_ne!(shape("SELECT * FROM t1"), shape("SELECT * FROM t2"), "identifiers are kept");
+        assert_ne!(shape("DELETE FROM t WHERE id = 1"), shape("DELETE FROM t"));
+        assert_ne!(
+            shape("COPY t TO STDOUT (FORMAT 'csv')"),
+            shape("COPY t TO STDOUT (FORMAT 'binary')"),
+            "COPY options are strings that matter"
+        );
+        assert_ne!(shape("SELECT 1; DROP TABLE t"), shape("SELECT 1"));
+        for (x, y) in [("SELECT 1 -- c", "SELECT 2 -- c"), ("SELECT $$a$$", "SELECT $$b$$"), ("SELECT 1.5e3", "SELECT 2.5e3")] {
+            assert_eq!(shape(x), shape(y), "{x} / {y}");
+            assert_eq!(classify(x), classify(y));
+        }
     }
 
     #[test]

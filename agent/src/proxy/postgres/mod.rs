@@ -42,6 +42,8 @@ use crate::{
 };
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Distinct statement shapes whose classification a session keeps.
+const CLASSIFICATION_CACHE: usize = 1024;
 /// Longest statement text kept in an audit record.
 const MAX_AUDITED_SQL: usize = 16 << 10;
 const SQLSTATE_DENIED: &str = "42501";
@@ -504,7 +506,8 @@ struct ClientSide<'s, 'a, R> {
     prepared: HashMap<String, Prepared>,
     /// Which statement each portal was bound from (masking: COPY rows of an Execute).
     portals: HashMap<String, String>,
-    cache: HashMap<Arc<str>, (Arc<sql::Classification>, Arc<str>)>,
+    /// Classifications by statement shape (`sql::shape`).
+    cache: HashMap<String, Arc<sql::Classification>>,
     outcome: Outcome,
 }
 
@@ -551,19 +554,22 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     }
 
     /// Classifies and decides one statement text, recording it durably before it may be
-    /// forwarded. Equal texts are classified once per session.
+    /// forwarded. Texts of one shape are classified once per session.
     async fn judge(&mut self, text: &str) -> Result<Judgement, String> {
-        let (class, text) = match self.cache.get(text) {
-            Some((c, t)) => (c.clone(), t.clone()),
-            None => {
-                let c = Arc::new(sql::classify(text));
-                let t: Arc<str> = Arc::from(text);
-                if self.cache.len() >= 1024 {
-                    self.cache.clear();
+        let text: Arc<str> = Arc::from(text);
+        let class = match sql::shape(&text) {
+            Some(key) => match self.cache.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(sql::classify(&text));
+                    if self.cache.len() >= CLASSIFICATION_CACHE {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(key, c.clone());
+                    c
                 }
-                self.cache.insert(t.clone(), (c.clone(), t.clone()));
-                (c, t)
-            }
+            },
+            None => Arc::new(sql::classify(&text)),
         };
         let g = self.s.grant;
         let mut d = crate::policy::rules::decide(&g.name, &g.rules, g.default, &class);
