@@ -422,7 +422,9 @@ mod tests {
             "COPY options are strings that matter"
         );
         assert_ne!(shape("SELECT 1; DROP TABLE t"), shape("SELECT 1"));
-        for (x, y) in [("SELECT 1 -- c", "SELECT 2 -- c"), ("SELECT $$a$$", "SELECT $$b$$"), ("SELECT 1.5e3", "SELECT 2.5e3")] {
+        for (x, y) in
+            [("SELECT 1 -- c", "SELECT 2 -- c"), ("SELECT $$a$$", "SELECT $$b$$"), ("SELECT 1.5e3", "SELECT 2.5e3")]
+        {
             assert_eq!(shape(x), shape(y), "{x} / {y}");
             assert_eq!(classify(x), classify(y));
         }

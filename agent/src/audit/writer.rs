@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::sync::mpsc;
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use tokio::sync::oneshot;
@@ -38,10 +41,63 @@ struct Msg {
     ack: Option<Ack>,
 }
 
+/// Records on their way to the writer, in order. A record someone waits for wakes the writer at
+/// once; others are gathered for up to GATHER, so the writer wakes per batch, not per record.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Msg>,
+    /// When the oldest queued record arrived.
+    since: Option<Instant>,
+    urgent: bool,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, m: Msg) -> Result<(), AuditError> {
+        let urgent = m.ack.is_some();
+        let mut q = self.lock();
+        if q.closed {
+            return Err(AuditError::Closed);
+        }
+        q.items.push_back(m);
+        // The writer hears of the first record of a batch (to time its gathering) and of
+        // urgent ones; the rest just queue.
+        let first = q.since.is_none();
+        q.since.get_or_insert_with(Instant::now);
+        q.urgent |= urgent;
+        drop(q);
+        if first || urgent {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Closes the queue when the last `AuditLog` handle goes.
+struct Closer(Arc<Queue>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
 /// Handle to the trail. Cloning is cheap; the writer stops when every handle is dropped.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Msg>,
+    queue: Arc<Queue>,
+    _closer: Arc<Closer>,
 }
 
 pub struct WriterThread(thread::JoinHandle<()>);
@@ -132,7 +188,8 @@ impl AuditLog {
         // The file's directory entry must be durable too, or a crash can lose the whole trail.
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
         let (mut head, cut) = recover(&mut file, &path)?;
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        let rx = queue.clone();
         if cut > 0 {
             let mut r = Record::new(Kind::AuditRecovered);
             r.detail = Some(format!("cut {cut} bytes of an incomplete record at the end of the trail"));
@@ -144,12 +201,13 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || run(file, path, head, rx))
             .map_err(io_err)?;
-        Ok((AuditLog { tx }, WriterThread(handle)))
+        let closer = Arc::new(Closer(queue.clone()));
+        Ok((AuditLog { queue, _closer: closer }, WriterThread(handle)))
     }
 
-    /// Queues a record; it is on disk within one group commit.
+    /// Queues a record: written within GATHER, on disk within LAZY_SYNC after that.
     pub fn append(&self, record: Record) {
-        if self.tx.send(Msg { record, ack: None }).is_err() {
+        if self.queue.push(Msg { record, ack: None }).is_err() {
             tracing::error!("audit writer has stopped; a record was not written");
         }
     }
@@ -157,7 +215,7 @@ impl AuditLog {
     /// Appends a record and returns once it is on disk; yields its sequence number.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.tx.send(Msg { record, ack: Some(ack) }).map_err(|_| AuditError::Closed)?;
+        self.queue.push(Msg { record, ack: Some(ack) })?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 }
@@ -166,8 +224,54 @@ impl AuditLog {
 const MAX_BATCH: usize = 4096;
 /// Longest a record nobody waits for stays in the page cache before an fdatasync.
 const LAZY_SYNC: Duration = Duration::from_millis(10);
+/// Longest a record nobody waits for stays queued before it is written: the writer wakes per
+/// batch, not per record (a busy proxy writes thousands of records a second).
+const GATHER: Duration = Duration::from_millis(2);
 
-fn run(mut file: File, path: PathBuf, mut head: Head, rx: mpsc::Receiver<Msg>) {
+/// What the writer does next.
+enum Next {
+    Batch(Vec<Msg>),
+    /// Records were written lazily LAZY_SYNC ago: sync them.
+    Sync,
+    Stop,
+}
+
+/// Waits for the next batch: at once for a record someone waits for, within GATHER otherwise.
+fn next(queue: &Queue, unsynced_since: Option<Instant>) -> Next {
+    let mut q = queue.lock();
+    loop {
+        let now = Instant::now();
+        let gathered = q.since.is_some_and(|t| now.duration_since(t) >= GATHER);
+        if q.urgent || gathered || (q.closed && !q.items.is_empty()) {
+            q.urgent = false;
+            q.since = None;
+            let n = q.items.len().min(MAX_BATCH);
+            let batch: Vec<Msg> = q.items.drain(..n).collect();
+            if !q.items.is_empty() {
+                q.since = Some(now);
+                q.urgent = q.items.iter().any(|m| m.ack.is_some());
+            }
+            return Next::Batch(batch);
+        }
+        if q.closed {
+            return Next::Stop;
+        }
+        let sync_due = unsynced_since.map(|t| LAZY_SYNC.saturating_sub(now.duration_since(t)));
+        if sync_due == Some(Duration::ZERO) {
+            return Next::Sync;
+        }
+        let gather_due = q.since.map(|t| GATHER.saturating_sub(now.duration_since(t)));
+        q = match (gather_due, sync_due) {
+            (None, None) => queue.wake.wait(q).unwrap_or_else(|e| e.into_inner()),
+            (a, b) => {
+                let wait = a.into_iter().chain(b).min().unwrap_or(GATHER);
+                queue.wake.wait_timeout(q, wait).unwrap_or_else(|e| e.into_inner()).0
+            }
+        };
+    }
+}
+
+fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
     let mut buf = String::new();
     let mut acks: Vec<(Ack, u64)> = Vec::new();
     // Records of failed batches: the next batch that reaches disk says how many are missing,
@@ -178,33 +282,20 @@ fn run(mut file: File, path: PathBuf, mut head: Head, rx: mpsc::Receiver<Msg>) {
     // for syncs everything before it too.
     let mut unsynced_since: Option<Instant> = None;
     loop {
-        let first = match unsynced_since {
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            },
-            Some(since) => match rx.recv_timeout(LAZY_SYNC.saturating_sub(since.elapsed())) {
-                Ok(m) => m,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let _ = file.sync_data();
-                    break;
+        let batch = match next(&rx, unsynced_since) {
+            Next::Batch(b) => b,
+            Next::Sync => {
+                if let Err(e) = file.sync_data() {
+                    tracing::error!(path = %path.display(), error = %e, "audit sync failed");
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Err(e) = file.sync_data() {
-                        tracing::error!(path = %path.display(), error = %e, "audit sync failed");
-                    }
-                    unsynced_since = None;
-                    continue;
-                }
-            },
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+                unsynced_since = None;
+                continue;
             }
-        }
+            Next::Stop => {
+                let _ = file.sync_data();
+                break;
+            }
+        };
         buf.clear();
         let start_head = head.clone();
         let start_len = file.metadata().map(|m| m.len()).ok();
@@ -256,6 +347,42 @@ fn run(mut file: File, path: PathBuf, mut head: Head, rx: mpsc::Receiver<Msg>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_lazy_record_is_written_and_synced_without_further_activity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        log.append(Record::new(Kind::AgentStart));
+        std::thread::sleep(GATHER * 20);
+        let text = fs::read_to_string(trail_path(dir.path())).unwrap();
+        assert_eq!(text.lines().count(), 1, "written within GATHER, not held until the next record");
+        // Many lazy records from several threads arrive in one piece, in order per thread.
+        std::thread::scope(|s| {
+            for t in 0..4u32 {
+                let log = log.clone();
+                s.spawn(move || {
+                    for i in 0..500u32 {
+                        let mut r = Record::new(Kind::Connect);
+                        r.pid = Some(t);
+                        r.count = Some(i.into());
+                        log.append(r);
+                    }
+                });
+            }
+        });
+        drop(log);
+        thread.join();
+        let text = fs::read_to_string(trail_path(dir.path())).unwrap();
+        assert_eq!(chain::verify(&text).unwrap().seq, 2001);
+        let mut last = [None::<u64>; 4];
+        for l in text.lines().skip(1) {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let t = v["pid"].as_u64().unwrap() as usize;
+            let n = v["count"].as_u64().unwrap();
+            assert!(last[t].is_none_or(|p| p + 1 == n), "thread {t}: {n} after {:?}", last[t]);
+            last[t] = Some(n);
+        }
+    }
 
     #[tokio::test]
     async fn durable_appends_chain_and_survive_reopen_with_torn_tail() {

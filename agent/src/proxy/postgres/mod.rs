@@ -267,6 +267,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         syncs: 0,
         prepared: HashMap::new(),
         portals: HashMap::new(),
+        described: Default::default(),
         cache: HashMap::new(),
         outcome: Outcome::default(),
     };
@@ -506,6 +507,8 @@ struct ClientSide<'s, 'a, R> {
     prepared: HashMap<String, Prepared>,
     /// Which statement each portal was bound from (masking: COPY rows of an Execute).
     portals: HashMap<String, String>,
+    /// Statements the client described since their last Parse: the tracker knows their columns.
+    described: std::collections::HashSet<String>,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
     outcome: Outcome,
@@ -829,22 +832,34 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         for f in batch {
             let e = |e: wire::WireError| e.to_string();
             match f.tag {
-                b'P' => self.op(Op::Parse),
+                b'P' => {
+                    let name = wire::parse_message(&f.body).map_err(e)?.0;
+                    self.described.remove(name);
+                    self.op(Op::Parse);
+                }
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
+                    let formats = wire::bind_result_formats(&f.body).map_err(e)?;
                     self.portals.insert(portal.to_string(), stmt.to_string());
-                    self.op(Op::Bind);
+                    self.op(Op::Bind { portal: portal.to_string(), statement: stmt.to_string(), formats });
                 }
                 b'D' => match wire::describe_target(&f.body).map_err(e)? {
                     (b'P', portal) => {
                         described = Some(portal.to_string());
                         self.op(Op::DescribePortal { portal: portal.to_string(), hidden: false });
                     }
-                    _ => self.op(Op::DescribeStatement),
+                    (_, stmt) => {
+                        self.described.insert(stmt.to_string());
+                        self.op(Op::DescribeStatement { statement: stmt.to_string() });
+                    }
                 },
                 b'E' => {
                     let portal = wire::execute_portal(&f.body).map_err(e)?.to_string();
-                    if described.as_deref() != Some(portal.as_str()) {
+                    // The server is asked for the portal's columns only when neither the client
+                    // just did, nor it described the statement the portal was bound from.
+                    let from_statement =
+                        self.portals.get(&portal).is_some_and(|stmt| self.described.contains(stmt.as_str()));
+                    if described.as_deref() != Some(portal.as_str()) && !from_statement {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
                     }

@@ -110,6 +110,21 @@ impl Plan {
         Ok(Plan { cols, active })
     }
 
+    /// The plan of a portal bound from a statement whose RowDescription (from a statement
+    /// Describe, which always says text format) is known, with the Bind's result formats.
+    pub fn from_statement(description: &[u8], formats: &[i16], masker: &Masker) -> Result<Plan, WireError> {
+        let mut plan = Plan::from_row_description(description, masker)?;
+        for (i, c) in plan.cols.iter_mut().enumerate() {
+            let f = match formats {
+                [] => 0,
+                [one] => *one,
+                many => *many.get(i).ok_or(malformed("Bind", "fewer result formats than columns"))?,
+            };
+            c.binary = f == 1;
+        }
+        Ok(plan)
+    }
+
     /// A plan for COPY rows: by position when the column names are known, else detectors only.
     pub fn for_copy(copy: &CopyOut, masker: &Masker) -> Plan {
         let cols: Vec<Col> = match &copy.columns {

@@ -18,9 +18,17 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Parse,
-    Bind,
+    /// A Bind: once it completes, the portal's plan follows from its statement's description
+    /// (if the client had it described) and the result formats it asks for.
+    Bind {
+        portal: String,
+        statement: String,
+        formats: Vec<i16>,
+    },
     Close,
-    DescribeStatement,
+    DescribeStatement {
+        statement: String,
+    },
     /// `hidden`: the proxy added it to learn the portal's row shape; its answer is dropped.
     DescribePortal {
         portal: String,
@@ -55,6 +63,8 @@ pub struct Tracker {
     masker: Arc<Masker>,
     ops: VecDeque<Op>,
     portals: HashMap<String, Arc<Plan>>,
+    /// RowDescription bodies of described statements (empty: the statement returns no rows).
+    statements: HashMap<String, bytes::Bytes>,
     /// The row shape of the simple query result being sent.
     current: Option<Arc<Plan>>,
     copy: Option<Copying>,
@@ -67,6 +77,7 @@ impl Tracker {
             masker,
             ops: VecDeque::new(),
             portals: HashMap::new(),
+            statements: HashMap::new(),
             current: None,
             copy: None,
             counts: Counts::default(),
@@ -92,8 +103,20 @@ impl Tracker {
             b'1' => {
                 self.pop_if(|o| *o == Op::Parse);
             }
+            // ParameterDescription comes first in the answer to a statement Describe.
+            b't' => {}
             b'2' => {
-                self.pop_if(|o| *o == Op::Bind);
+                if let Some(Op::Bind { portal, statement, formats }) = self.pop_if(|o| matches!(o, Op::Bind { .. })) {
+                    match self.statements.get(&statement) {
+                        Some(desc) if !desc.is_empty() => {
+                            let plan = Plan::from_statement(desc, &formats, &self.masker)?;
+                            self.portals.insert(portal, Arc::new(plan));
+                        }
+                        _ => {
+                            self.portals.remove(&portal);
+                        }
+                    }
+                }
             }
             b'3' => {
                 self.pop_if(|o| *o == Op::Close);
@@ -108,8 +131,9 @@ impl Tracker {
                             return Ok(None);
                         }
                     }
-                    Some(Op::DescribeStatement) => {
-                        self.ops.pop_front();
+                    Some(Op::DescribeStatement { .. }) => {
+                        let Some(Op::DescribeStatement { statement }) = self.ops.pop_front() else { unreachable!() };
+                        self.statements.insert(statement, f.body.clone());
                     }
                     _ => self.current = Some(plan),
                 }
@@ -122,8 +146,9 @@ impl Tracker {
                         return Ok(None);
                     }
                 }
-                Some(Op::DescribeStatement) => {
-                    self.ops.pop_front();
+                Some(Op::DescribeStatement { .. }) => {
+                    let Some(Op::DescribeStatement { statement }) = self.ops.pop_front() else { unreachable!() };
+                    self.statements.insert(statement, bytes::Bytes::new());
                 }
                 _ => {}
             },
@@ -246,7 +271,7 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse,
-            Op::Bind,
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new(), copy: None },
             Op::Sync,
@@ -266,11 +291,36 @@ mod tests {
     }
 
     #[test]
+    fn a_described_statement_gives_its_portals_a_plan_without_asking_again() {
+        let mut t = tracker();
+        for op in [
+            Op::Parse,
+            Op::DescribeStatement { statement: "s1".into() },
+            Op::Sync,
+            Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0] },
+            Op::Execute { portal: String::new(), copy: None },
+            Op::Sync,
+        ] {
+            t.push(op);
+        }
+        for f in [frame(b'1', b""), frame(b't', b"\0\0")] {
+            assert!(relay(&mut t, f).is_some());
+        }
+        assert!(relay(&mut t, row_description("email")).is_some(), "the client's own Describe is answered");
+        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
+        assert!(relay(&mut t, frame(b'2', b"")).is_some());
+        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"));
+        assert!(relay(&mut t, frame(b'C', b"SELECT 1\0")).is_some());
+        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
+        assert!(t.ops.is_empty());
+    }
+
+    #[test]
     fn errors_skip_to_sync_and_simple_queries_use_their_row_description() {
         let mut t = tracker();
         for op in [
             Op::Parse,
-            Op::Bind,
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new(), copy: None },
             Op::Sync,

@@ -205,6 +205,31 @@ pub fn bind_parameters(body: &[u8]) -> Result<Vec<Option<String>>, WireError> {
     Ok(out)
 }
 
+/// The result-column format codes a Bind asks for (none: all text; one: all the same).
+pub fn bind_result_formats(body: &[u8]) -> Result<Vec<i16>, WireError> {
+    let bad = |detail| WireError::Malformed { what: "Bind", detail };
+    let (_, rest) = cstr(body, "Bind")?;
+    let (_, mut rest) = cstr(rest, "Bind")?;
+    let mut take = |n: usize| -> Result<&[u8], WireError> {
+        let (h, t) = rest.split_at_checked(n).ok_or(bad("truncated"))?;
+        rest = t;
+        Ok(h)
+    };
+    let i16_of = |b: &[u8]| i16::from_be_bytes([b[0], b[1]]);
+    let nformats = i16_of(take(2)?).max(0) as usize;
+    take(2 * nformats)?;
+    let nparams = i16_of(take(2)?).max(0);
+    for _ in 0..nparams {
+        let len = i32::from_be_bytes(take(4)?.try_into().expect("four bytes"));
+        if len > 0 {
+            take(len as usize)?;
+        }
+    }
+    let nresults = i16_of(take(2)?).max(0) as usize;
+    let codes = take(2 * nresults)?;
+    Ok(codes.chunks_exact(2).map(i16_of).collect())
+}
+
 /// What a Describe ('D') asks about: `b'S'` statement or `b'P'` portal, and its name.
 pub fn describe_target(body: &[u8]) -> Result<(u8, &str), WireError> {
     let (&kind, rest) = body.split_first().ok_or(WireError::Malformed { what: "Describe", detail: "empty" })?;
@@ -354,6 +379,9 @@ mod tests {
         let bind = b"\0s\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\0";
         assert_eq!(bind_parameters(bind), Ok(vec![Some("42".into()), None]));
         assert!(bind_parameters(b"\0s\0\0\0\0\x01\0\0\0\x09ab").is_err());
+        assert_eq!(bind_result_formats(bind), Ok(vec![]));
+        assert_eq!(bind_result_formats(b"\0s\0\0\0\0\0\0\x02\0\x01\0\0"), Ok(vec![1, 0]));
+        assert!(bind_result_formats(b"\0s\0\0\0\0\0\0\x02\0\x01").is_err());
         assert_eq!(describe_target(b"Pcur\0"), Ok((b'P', "cur")));
         assert_eq!(execute_portal(b"cur\0\0\0\0\0"), Ok("cur"));
         assert!(bind_statement(b"p").is_err());
