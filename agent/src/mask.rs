@@ -281,15 +281,18 @@ impl Masker {
 }
 
 /// Keeps the last four characters; everything before becomes `*`, one per character.
+/// Works on the bytes: a character starts at every byte that is not a UTF-8 continuation byte.
 fn partial(value: &[u8]) -> Vec<u8> {
-    let s = String::from_utf8_lossy(value);
-    let n = s.chars().count();
+    let starts = |b: &u8| (b & 0xC0) != 0x80;
+    let n = value.iter().filter(|b| starts(b)).count();
     if n <= 4 {
-        return "*".repeat(n).into_bytes();
+        return vec![b'*'; n];
     }
-    let mut out = "*".repeat(n - 4);
-    out.extend(s.chars().skip(n - 4));
-    out.into_bytes()
+    let tail = value.iter().enumerate().rev().filter(|(_, b)| starts(b)).nth(3).map_or(0, |(i, _)| i);
+    let mut out = Vec::with_capacity(n - 4 + value.len() - tail);
+    out.resize(n - 4, b'*');
+    out.extend_from_slice(&value[tail..]);
+    out
 }
 
 /// Cheap pre-check: every detector needs an `@`, a separator, seven digits, or a secret's prefix.

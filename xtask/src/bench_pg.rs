@@ -44,6 +44,32 @@ fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
     bail!("{what} did not start listening on port {port}")
 }
 
+/// Opens N logged-in PostgreSQL sessions (startup, then wait for ReadyForQuery) and idles.
+const IDLE_CLIENTS: &str = r#"
+import socket, struct, sys, time
+n, port = int(sys.argv[1]), int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    body = struct.pack("!i", 196608) + b"user\0app\0database\0postgres\0\0"
+    s.sendall(struct.pack("!i", len(body) + 4) + body)
+    buf = b""
+    while b"Z\0\0\0\x05" not in buf:
+        d = s.recv(65536)
+        if not d:
+            sys.exit("closed during login")
+        buf += d
+    socks.append(s)
+print("READY", flush=True)
+time.sleep(60)
+"#;
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).context("no VmRSS")
+}
+
 fn tps(out: &str) -> anyhow::Result<f64> {
     out.lines()
         .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())
@@ -109,6 +135,7 @@ pub fn postgres(seconds: u64, scale: u32) -> anyhow::Result<()> {
     let secret = d.join("secret");
     rig.pg.write_secret(&secret)?;
     let cgroup = format!("/{root_name}/bench");
+    let masked_cgroup = format!("/{root_name}/masked");
     let policy = d.join("policy.yaml");
     std::fs::write(
         &policy,
@@ -121,6 +148,7 @@ spec:
   proxy: {{ listen: ["127.0.0.1:0"] }}
   identities:
     - {{ name: bench, cgroup: {cgroup} }}
+    - {{ name: masked, cgroup: {masked_cgroup} }}
   resources:
     - name: db
       protocol: postgres
@@ -134,63 +162,127 @@ spec:
         - {{ name: no-ddl, match: {{ statements: [ddl] }}, action: deny }}
         - {{ name: reads, match: {{ statements: [select, transaction, set, show] }}, action: allow }}
       default: deny
+    - name: masked-db
+      to: [identity:masked]
+      resources: [db]
+      rules:
+        - {{ name: no-ddl, match: {{ statements: [ddl] }}, action: deny }}
+        - {{ name: reads, match: {{ statements: [select, transaction, set, show] }}, action: allow }}
+      default: deny
+      masking:
+        - {{ name: email-column, columns: [email], style: partial }}
+        - {{ name: content, detect: [email, credit_card, ssn], style: hash }}
 "#,
             secret = secret.display()
         ),
     )?;
     rig.children.push(util::start_agent(&bin, &policy, &rig.state, "warn,tollgate::agent=info", None)?);
 
-    let pgbench = |port: u16, mode: &str, clients: u32, enrolled: bool| -> anyhow::Result<f64> {
-        let jobs = clients.min(2).to_string();
-        let args = [
-            "-n",
-            "-S",
-            "-M",
-            mode,
-            "-c",
-            &clients.to_string(),
-            "-j",
-            &jobs,
-            "-T",
-            &seconds.to_string(),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "app",
-            "postgres",
-        ];
-        let mut c = if enrolled {
-            let mut c = Command::new(&bin);
-            c.args(["exec", "--cgroup", &cgroup, "--", &format!("{PG_BIN}/pgbench")]);
-            c
-        } else {
-            Command::new(format!("{PG_BIN}/pgbench"))
+    // `through`: None direct (or via a peer's port), Some(cgroup) enrolled, through tollgate.
+    let pgbench = |port: u16, through: Option<&str>, extra: &[&str]| -> anyhow::Result<f64> {
+        let args = ["-n", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"];
+        let mut c = match through {
+            Some(cg) => {
+                let mut c = Command::new(&bin);
+                c.args(["exec", "--cgroup", cg, "--", &format!("{PG_BIN}/pgbench")]);
+                c
+            }
+            None => Command::new(format!("{PG_BIN}/pgbench")),
         };
         // The enrolled client gets a wrong password on purpose: tollgate ignores it.
-        c.args(args).env("PGPASSWORD", if enrolled { "not-the-password" } else { password.as_str() });
+        c.args(args).args(extra).arg("postgres");
+        c.env("PGPASSWORD", if through.is_some() { "not-the-password" } else { password.as_str() });
         tps(&util::output(&mut c)?)
     };
 
     println!(
-        "\npgbench -S (select-only), scale {scale}, {seconds} s per run, all on this 2-core machine\n{:<10} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
-        "mode", "clients", "direct", "tollgate", "pgbouncer", "haproxy", "tg/dir", "tg/hap", "tg/pgb"
+        "\npgbench -S (select-only), scale {scale}, {seconds} s per run, all on this 2-core machine\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7}",
+        "mode",
+        "clients",
+        "direct",
+        "tollgate",
+        "tg+mask",
+        "pgbouncer",
+        "haproxy",
+        "tg/dir",
+        "tg/hap",
+        "tg/pgb",
+        "tgm/hap"
     );
+    let secs = seconds.to_string();
     for mode in ["simple", "prepared"] {
         for clients in [1u32, 8] {
-            let direct = pgbench(pg_port, mode, clients, false)?;
-            let tollgate = pgbench(pg_port, mode, clients, true)?;
-            let bouncer = pgbench(bouncer_port, mode, clients, false)?;
-            let haproxy = pgbench(haproxy_port, mode, clients, false)?;
+            let (c, j) = (clients.to_string(), clients.min(2).to_string());
+            let args = ["-S", "-M", mode, "-c", &c, "-j", &j, "-T", &secs];
+            let direct = pgbench(pg_port, None, &args)?;
+            let tollgate = pgbench(pg_port, Some(&cgroup), &args)?;
+            let masked = pgbench(pg_port, Some(&masked_cgroup), &args)?;
+            let bouncer = pgbench(bouncer_port, None, &args)?;
+            let haproxy = pgbench(haproxy_port, None, &args)?;
             println!(
-                "{mode:<10} {clients:>7} {direct:>10.0} {tollgate:>10.0} {bouncer:>10.0} {haproxy:>10.0} {:>9.3} {:>9.3} {:>9.3}",
+                "{mode:<9} {clients:>7} {direct:>8.0} {tollgate:>8.0} {masked:>8.0} {bouncer:>9.0} {haproxy:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
                 tollgate / direct,
                 tollgate / haproxy,
-                tollgate / bouncer
+                tollgate / bouncer,
+                masked / haproxy,
             );
         }
     }
+
+    // One large result with an e-mail column the masked grant masks by name.
+    rig.pg.sql(
+        "CREATE TABLE mask_bench AS SELECT g AS id, 'user' || g || '@example.com' AS email FROM generate_series(1, 1000000) g",
+    )?;
+    let script = d.join("mask_bench.sql");
+    std::fs::write(&script, "SELECT id, email FROM mask_bench;\n")?;
+    let script = script.to_str().unwrap().to_string();
+    let big = ["-M", "simple", "-t", "5", "-f", script.as_str()];
+    let direct = pgbench(pg_port, None, &big)?;
+    let masked = pgbench(pg_port, Some(&masked_cgroup), &big)?;
+    let plain = pgbench(pg_port, Some(&cgroup), &big)?;
+    let bouncer = pgbench(bouncer_port, None, &big)?;
+    let haproxy = pgbench(haproxy_port, None, &big)?;
+    let rows = |tps: f64| tps * 1e6;
+    println!(
+        "\nSELECT id, email FROM mask_bench (1,000,000 rows), 5 runs each, rows/s:\n{:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9}\n{:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>9.3} {:>9.3}",
+        "direct",
+        "tg+mask",
+        "tollgate",
+        "pgbouncer",
+        "haproxy",
+        "tgm/hap",
+        "tgm/dir",
+        rows(direct),
+        rows(masked),
+        rows(plain),
+        rows(bouncer),
+        rows(haproxy),
+        masked / haproxy,
+        masked / direct,
+    );
+
+    // Agent memory per idle connection: logged-in sessions that send nothing.
+    let agent_pid = rig.children.last().map(|c| c.id()).context("agent")?;
+    let n = 64;
+    let before = rss_kib(agent_pid)?;
+    let mut idle = Command::new(&bin)
+        .args(["exec", "--cgroup", &cgroup, "--", "/usr/bin/python3", "-c", IDLE_CLIENTS, &n.to_string(), &port_s])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(idle.stdout.take().context("stdout")?), &mut line)?;
+    if !line.starts_with("READY") {
+        let _ = idle.kill();
+        bail!("idle clients did not log in: {line}");
+    }
+    thread::sleep(Duration::from_millis(500));
+    let during = rss_kib(agent_pid)?;
+    let _ = idle.kill();
+    let _ = idle.wait();
+    println!(
+        "\nagent memory: {before} KiB resident before, {during} KiB with {n} idle logged-in sessions: {:.1} KiB per idle connection",
+        (during as f64 - before as f64) / n as f64
+    );
     let trail = std::fs::read_to_string(rig.state.join("audit/trail.jsonl")).unwrap_or_default();
     println!(
         "\naudit: {} statement records written durably through tollgate",

@@ -42,6 +42,8 @@ use crate::{
 };
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bytes a session reads at once (at least), per direction.
+const READ_CHUNK: usize = 16 << 10;
 /// Distinct statement shapes whose classification a session keeps.
 const CLASSIFICATION_CACHE: usize = 1024;
 /// Longest statement text kept in an audit record.
@@ -440,6 +442,8 @@ async fn downstream(
             client.write_all(&out).await?;
             out.clear();
         }
+        // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
+        buf.reserve(READ_CHUNK);
         tokio::select! {
             n = up.read_buf(&mut buf), if open => {
                 if n? == 0 {
@@ -548,6 +552,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     return Err(e.to_string());
                 }
             }
+            self.buf.reserve(READ_CHUNK);
             match self.client.read_buf(&mut self.buf).await {
                 Ok(0) => return Ok(None),
                 Ok(_) => {}
