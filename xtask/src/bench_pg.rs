@@ -137,13 +137,13 @@ pub fn postgres(seconds: u64, scale: u32) -> anyhow::Result<()> {
     let cgroup = format!("/{root_name}/bench");
     let masked_cgroup = format!("/{root_name}/masked");
     let policy = d.join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let policy_text = |statements: &str| {
         format!(
             r#"apiVersion: tollgate/v1alpha1
 kind: Policy
 metadata: {{ name: bench-postgres }}
 spec:
+  audit: {{ statements: {statements} }}
   unlisted: allow
   proxy: {{ listen: ["127.0.0.1:0"] }}
   identities:
@@ -174,9 +174,19 @@ spec:
         - {{ name: content, detect: [email, credit_card, ssn], style: hash }}
 "#,
             secret = secret.display()
-        ),
-    )?;
+        )
+    };
+    std::fs::write(&policy, policy_text("durable"))?;
     rig.children.push(util::start_agent(&bin, &policy, &rig.state, "warn,tollgate::agent=info", None)?);
+    let agent_pid = rig.children.last().map(|c| c.id()).context("agent")?;
+    // Switches the agent between durable and written statement records (SIGHUP reload; new
+    // sessions take the policy in force when they start).
+    let statements = |mode: &str| -> anyhow::Result<()> {
+        std::fs::write(&policy, policy_text(mode))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent_pid as i32), nix::sys::signal::Signal::SIGHUP)?;
+        thread::sleep(Duration::from_millis(500));
+        Ok(())
+    };
 
     // `through`: None direct (or via a peer's port), Some(cgroup) enrolled, through tollgate.
     let pgbench = |port: u16, through: Option<&str>, extra: &[&str]| -> anyhow::Result<f64> {
@@ -196,17 +206,22 @@ spec:
     };
 
     println!(
-        "\npgbench -S (select-only), scale {scale}, {seconds} s per run, all on this 2-core machine\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7}",
+        "\npgbench -S (select-only), scale {scale}, {seconds} s per run, all on this 2-core machine, TPS.\n\
+         tg: tollgate, statement records durable before forwarding (the default); tg-w: written\n\
+         before forwarding (audit.statements: written); tg+m: durable, with masking on\n\
+         {:<9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "mode",
         "clients",
         "direct",
-        "tollgate",
-        "tg+mask",
+        "tg",
+        "tg-w",
+        "tg+m",
         "pgbouncer",
         "haproxy",
-        "tg/dir",
         "tg/hap",
         "tg/pgb",
+        "tgw/hap",
+        "tgw/pgb",
         "tgm/hap"
     );
     let secs = seconds.to_string();
@@ -217,13 +232,17 @@ spec:
             let direct = pgbench(pg_port, None, &args)?;
             let tollgate = pgbench(pg_port, Some(&cgroup), &args)?;
             let masked = pgbench(pg_port, Some(&masked_cgroup), &args)?;
+            statements("written")?;
+            let written = pgbench(pg_port, Some(&cgroup), &args)?;
+            statements("durable")?;
             let bouncer = pgbench(bouncer_port, None, &args)?;
             let haproxy = pgbench(haproxy_port, None, &args)?;
             println!(
-                "{mode:<9} {clients:>7} {direct:>8.0} {tollgate:>8.0} {masked:>8.0} {bouncer:>9.0} {haproxy:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
-                tollgate / direct,
+                "{mode:<9} {clients:>7} {direct:>8.0} {tollgate:>8.0} {written:>8.0} {masked:>8.0} {bouncer:>9.0} {haproxy:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
                 tollgate / haproxy,
                 tollgate / bouncer,
+                written / haproxy,
+                written / bouncer,
                 masked / haproxy,
             );
         }
@@ -262,7 +281,6 @@ spec:
     );
 
     // Agent memory per idle connection: logged-in sessions that send nothing.
-    let agent_pid = rig.children.last().map(|c| c.id()).context("agent")?;
     let n = 64;
     let before = rss_kib(agent_pid)?;
     let mut idle = Command::new(&bin)

@@ -39,6 +39,8 @@ type Ack = oneshot::Sender<Result<u64, AuditError>>;
 struct Msg {
     record: Record,
     ack: Option<Ack>,
+    /// The waiter needs the record on disk (fdatasync), not just written to the file.
+    durable: bool,
 }
 
 /// Records on their way to the writer, in order. A record someone waits for wakes the writer at
@@ -207,7 +209,7 @@ impl AuditLog {
 
     /// Queues a record: written within GATHER, on disk within LAZY_SYNC after that.
     pub fn append(&self, record: Record) {
-        if self.queue.push(Msg { record, ack: None }).is_err() {
+        if self.queue.push(Msg { record, ack: None, durable: false }).is_err() {
             tracing::error!("audit writer has stopped; a record was not written");
         }
     }
@@ -215,7 +217,15 @@ impl AuditLog {
     /// Appends a record and returns once it is on disk; yields its sequence number.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.queue.push(Msg { record, ack: Some(ack) })?;
+        self.queue.push(Msg { record, ack: Some(ack), durable: true })?;
+        done.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Appends a record and returns once it is written to the trail file (so it survives the
+    /// agent dying, not the host), on disk within LAZY_SYNC; yields its sequence number.
+    pub async fn append_written(&self, record: Record) -> Result<u64, AuditError> {
+        let (ack, done) = oneshot::channel();
+        self.queue.push(Msg { record, ack: Some(ack), durable: false })?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 }
@@ -274,6 +284,7 @@ fn next(queue: &Queue, unsynced_since: Option<Instant>) -> Next {
 fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
     let mut buf = String::new();
     let mut acks: Vec<(Ack, u64)> = Vec::new();
+    let mut durable_waiters = false;
     // Records of failed batches: the next batch that reaches disk says how many are missing,
     // so a gap is never silent even though the chain itself stays intact.
     let mut lost: u64 = 0;
@@ -315,9 +326,11 @@ fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
             head = h;
             if let Some(a) = m.ack {
                 acks.push((a, head.seq));
+                durable_waiters |= m.durable;
             }
         }
-        let must_sync = !acks.is_empty() || unsynced_since.is_some_and(|t| t.elapsed() >= LAZY_SYNC);
+        let must_sync =
+            std::mem::take(&mut durable_waiters) || unsynced_since.is_some_and(|t| t.elapsed() >= LAZY_SYNC);
         let written = file.write_all(buf.as_bytes()).and_then(|_| if must_sync { file.sync_data() } else { Ok(()) });
         match written {
             Ok(()) => {
@@ -347,6 +360,18 @@ fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn written_appends_return_their_sequence_once_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        assert_eq!(log.append_written(Record::new(Kind::Statement)).await.unwrap(), 1);
+        let text = fs::read_to_string(trail_path(dir.path())).unwrap();
+        assert_eq!(text.lines().count(), 1, "in the file when the call returns");
+        assert_eq!(log.append_durable(Record::new(Kind::Statement)).await.unwrap(), 2);
+        drop(log);
+        thread.join();
+    }
 
     #[test]
     fn a_lone_lazy_record_is_written_and_synced_without_further_activity() {

@@ -35,6 +35,17 @@ pub struct Spec {
     pub approvers: Option<ApproversSpec>,
     #[serde(default)]
     pub notify: Option<NotifySpec>,
+    #[serde(default)]
+    pub audit: Option<AuditSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSpec {
+    /// `durable` or `written`: how far a statement record must get before the statement is
+    /// forwarded.
+    #[serde(default)]
+    pub statements: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 pub use model::{
     API_VERSION, Access, Approvers, CgroupPath, Credentials, DEFAULT_LISTEN_PORT, Grant, Identity, Mode, Policy,
-    Protocol, Resource, ResourceAddress, Tls, Unlisted, UpstreamTls, ValidationError, Webhook, parse_duration,
+    Protocol, Resource, ResourceAddress, StatementAudit, Tls, Unlisted, UpstreamTls, ValidationError, Webhook,
+    parse_duration,
 };
 
 /// Why a policy file was refused; every variant names the file.
@@ -231,6 +232,9 @@ spec:
         };
         let pol = p(PG).unwrap();
         assert_eq!(pol.approvers, Approvers { uids: vec![0, 1000], gids: vec![27] });
+        assert_eq!(pol.statement_audit, StatementAudit::Durable, "durable unless the policy says otherwise");
+        let written = p(&PG.replace("  approvers:", "  audit: { statements: written }\n  approvers:")).unwrap();
+        assert_eq!(written.statement_audit, StatementAudit::Written);
         assert_eq!(
             pol.webhook.as_ref().map(|w| (w.host.as_str(), w.port, w.path.as_str())),
             Some(("127.0.0.1", 9000, "/hooks"))
@@ -275,6 +279,7 @@ spec:
                 "apply only to postgres resources",
             ),
             (PG.replace("approvers: { uids: [0, 1000], gids: [27] }", "approvers: { users: [root] }"), "unknown field"),
+            (PG.replace("  approvers:", "  audit: { statements: fast }\n  approvers:"), "spec.audit.statements"),
         ];
         for (text, want) in cases {
             let e = err(&text);

@@ -222,6 +222,17 @@ pub struct Policy {
     pub approvers: Approvers,
     /// Where pending approval requests are POSTed as JSON.
     pub webhook: Option<Webhook>,
+    pub statement_audit: StatementAudit,
+}
+
+/// How far a statement's audit record gets before the statement is forwarded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StatementAudit {
+    /// On disk (fdatasync, group commit): survives the host crashing.
+    #[default]
+    Durable,
+    /// Written to the trail file: survives the agent dying; on disk within about 10 ms.
+    Written,
 }
 
 /// An `http://host:port/path` address for approval notifications.
@@ -406,7 +417,28 @@ impl TryFrom<PolicyFile> for Policy {
             None => None,
             Some(n) => Some(Webhook::parse(&n.webhook).map_err(|m| invalid("spec.notify.webhook", m))?),
         };
-        Ok(Policy { name: f.metadata.name, mode, unlisted, listen, identities, resources, grants, approvers, webhook })
+        let statement_audit = match spec.audit.as_ref().and_then(|a| a.statements.as_deref()) {
+            None | Some("durable") => StatementAudit::Durable,
+            Some("written") => StatementAudit::Written,
+            Some(other) => {
+                return Err(invalid(
+                    "spec.audit.statements",
+                    format!("unknown value {other:?}; expected durable or written"),
+                ));
+            }
+        };
+        Ok(Policy {
+            name: f.metadata.name,
+            mode,
+            unlisted,
+            listen,
+            identities,
+            resources,
+            grants,
+            approvers,
+            webhook,
+            statement_audit,
+        })
     }
 }
 

@@ -211,6 +211,7 @@ async fn handle(
                 held: Default::default(),
                 resource: res,
                 authority: &shared.tls,
+                statement_audit: policy.statement_audit,
             };
             let outcome = postgres::serve(client, pg, &stop).await;
             end.detail = Some(format!("{} statements, {} denied", outcome.statements, outcome.denied));

@@ -35,7 +35,7 @@ use crate::{
     audit::{AuditLog, Kind, Record},
     mask::Masker,
     policy::{
-        Credentials, Grant, Resource, Webhook,
+        Credentials, Grant, Resource, StatementAudit, Webhook,
         rules::{Action, Decision},
     },
     sql,
@@ -112,6 +112,7 @@ pub struct Session<'a> {
     pub held: Arc<AtomicU64>,
     pub resource: &'a Resource,
     pub authority: &'a crate::tls::Authority,
+    pub statement_audit: StatementAudit,
 }
 
 #[derive(Debug, Default)]
@@ -602,7 +603,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 r.detail = Some("monitor mode: would be held for approval".into());
             }
         }
-        let seq = self.s.audit.append_durable(r).await.map_err(|e| format!("audit unavailable: {e}"))?;
+        let seq = match self.s.statement_audit {
+            StatementAudit::Durable => self.s.audit.append_durable(r).await,
+            StatementAudit::Written => self.s.audit.append_written(r).await,
+        }
+        .map_err(|e| format!("audit unavailable: {e}"))?;
         let hold = match d.action {
             Action::Approve { timeout } if !monitored => Some((d.rule.clone(), timeout)),
             _ => None,
