@@ -604,6 +604,7 @@ kind: Policy
 metadata: {{ name: {name} }}
 spec:
   unlisted: deny
+  audit: {{ statements: written }}
   proxy: {{ listen: ["127.0.0.1:0"] }}
   identities:
     - {{ name: bot, cgroup: {cg} }}
@@ -670,4 +671,14 @@ fn tls_to_the_client_and_to_the_server() {
     env.reload(&tls_policy(&env, &pg, "{ mode: disable }"));
     let (_, err) = psql("sslmode=disable");
     assert!(err.contains("no encryption"), "{err}");
+
+    // `audit.statements: written` still records every statement and links its outcome.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let records = env.audit();
+    let stmt = records.iter().find(|r| r["kind"] == "statement").expect("statement records");
+    assert!(
+        records.iter().any(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([stmt["seq"]])),
+        "{records:?}"
+    );
+    assert!(env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]).status.success());
 }

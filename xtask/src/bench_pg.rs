@@ -303,7 +303,7 @@ spec:
     );
     let trail = std::fs::read_to_string(rig.state.join("audit/trail.jsonl")).unwrap_or_default();
     println!(
-        "\naudit: {} statement records written durably through tollgate",
+        "\naudit: {} statement records written through tollgate",
         trail.lines().filter(|l| l.contains("\"kind\":\"statement\"")).count()
     );
     Ok(())

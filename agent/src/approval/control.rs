@@ -99,6 +99,12 @@ fn peer_of(stream: &UnixStream, shared: &Shared) -> Option<Peer> {
     let cred = stream.peer_cred().ok()?;
     let pid = cred.pid()? as u32;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // The pid must still be the process that connected (same real uid), or its groups and
+    // cgroup say nothing about the caller.
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok());
+    if uid != Some(cred.uid()) {
+        return None;
+    }
     let groups = status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))

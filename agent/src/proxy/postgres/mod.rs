@@ -184,6 +184,9 @@ async fn read_startup(mut client: Conn, s: &Session<'_>) -> Result<(Conn, Startu
 }
 
 pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) -> Outcome {
+    // Small request/response messages (TLS records too): Nagle plus delayed ACKs would add
+    // 40 ms stalls.
+    let _ = client.set_nodelay(true);
     let (mut client, startup) = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(Conn::Plain(client), &s)).await
     {
         Ok(Ok(st)) => st,
@@ -210,7 +213,6 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         let password = read_secret(&s.credentials.password_file)?;
         let tls = s.authority.client_config(&s.resource.tls.upstream).map_err(|e| e.to_string())?;
         let tcp = crate::proxy::tcp::connect_marked(s.upstream, s.mark).await.map_err(|e| e.to_string())?;
-        // Small request/response messages: Nagle plus delayed ACKs would add 40 ms stalls.
         let _ = tcp.set_nodelay(true);
         let stream = match tls {
             None => Conn::Plain(tcp),
@@ -245,9 +247,6 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         return Outcome { error: Some(e.to_string()), ..Default::default() };
     }
 
-    if let Conn::Plain(c) = &client {
-        let _ = c.set_nodelay(true);
-    }
     let (client_r, client_w) = client.split();
     let (up_r, up_w) = up.stream.split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
@@ -259,7 +258,13 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         }
         None => (None, None),
     };
-    let results = Results { audit: s.audit.clone(), base: base.clone(), expect: expect_rx };
+    // Outcome records point at their statement records (`refs`); who and where is there, so
+    // they repeat only what a reader filters by.
+    let mut result_base = Record::new(Kind::StatementResult);
+    result_base.identity = base.identity.clone();
+    result_base.resource = base.resource.clone();
+    result_base.session = base.session;
+    let results = Results { audit: s.audit.clone(), base: result_base, expect: expect_rx };
     let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking));
     let mut side = ClientSide {
         s: &s,
@@ -361,7 +366,6 @@ impl Results {
         // The expectation was queued before its messages were written upstream, so it is here.
         let Ok(e) = self.expect.try_recv() else { return };
         let mut r = self.base.clone();
-        r.kind = Kind::StatementResult;
         r.refs = Some(e.refs);
         r.count = Some(t.rows);
         r.duration_ms = Some(e.started.elapsed().as_millis() as u64);
