@@ -682,3 +682,95 @@ fn tls_to_the_client_and_to_the_server() {
     );
     assert!(env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]).status.success());
 }
+
+/// A raw PostgreSQL v3 client in Python: logs in with the given extra startup parameters, sends
+/// the given messages, prints the server's message types and texts.
+const RAW_CLIENT: &str = r#"
+import socket, struct, sys, json
+port, extra, script = int(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port))
+params = b"user\0bot\0database\0postgres\0" + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in extra.items()) + b"\0"
+body = struct.pack("!i", 196608) + params
+s.sendall(struct.pack("!i", len(body) + 4) + body)
+def msg(tag, payload):
+    return tag.encode() + struct.pack("!i", len(payload) + 4) + payload
+def cstr(x):
+    return x.encode() + b"\0"
+out = b""
+for m in script:
+    t = m[0]
+    if t == "P": out += msg("P", cstr(m[1]) + cstr(m[2]) + b"\0\0")
+    elif t == "B": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0\0\0\0\0")
+    elif t == "E": out += msg("E", cstr(m[1]) + b"\0\0\0\0")
+    elif t == "Q": out += msg("Q", cstr(m[1]))
+    else: out += msg(t, b"")
+buf = b""
+s.settimeout(5)
+sent = False
+while True:
+    while len(buf) >= 5:
+        tag, n = buf[:1].decode(), struct.unpack("!i", buf[1:5])[0]
+        if len(buf) < 1 + n: break
+        payload, buf = buf[5:1 + n], buf[1 + n:]
+        text = ""
+        if tag in "EN":
+            fields = dict((f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f)
+            text = fields.get("C", "") + " " + fields.get("M", "")
+        print(tag, text, flush=True)
+        if tag == "Z" and not sent:
+            s.sendall(out); sent = True
+    try:
+        d = s.recv(65536)
+    except socket.timeout:
+        break
+    if not d: break
+    buf += d
+print("CLOSED", flush=True)
+"#;
+
+fn raw(env: &Env, pg: &Postgres, extra: serde_json::Value, script: serde_json::Value) -> String {
+    let out = env.run_in(
+        "bot",
+        &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), &extra.to_string(), &script.to_string()],
+    );
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn protocol_tricks_fail_closed() {
+    if !privileged("protocol_tricks_fail_closed") {
+        return;
+    }
+    let (env, pg) = setup("pg-raw");
+    let none = serde_json::json!({});
+    // Startup parameters that change how the server reads SQL are refused.
+    let out =
+        raw(&env, &pg, serde_json::json!({"options": "-c standard_conforming_strings=off"}), serde_json::json!([]));
+    assert!(out.contains("08004") && out.contains("\"options\" is not allowed"), "{out}");
+    let out = raw(&env, &pg, serde_json::json!({"client_encoding": "SJIS"}), serde_json::json!([]));
+    assert!(out.contains("08004") && out.contains("use UTF8"), "{out}");
+    // ... and so is changing them later.
+    let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "SET standard_conforming_strings = off"], ["X"]]));
+    assert!(out.contains("42501") && out.contains("unparseable"), "{out}");
+    // A simple Query inside an unfinished extended batch would be answered out of order.
+    let script = serde_json::json!([["P", "", "SELECT 1"], ["B", "", ""], ["E", ""], ["H"], ["Q", "SELECT 2"], ["S"]]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(
+        out.contains("08P01 tollgate: a simple Query inside an extended-protocol batch") && out.contains("CLOSED"),
+        "{out}"
+    );
+    // Redefining a named statement the session did not close: refused before the server sees it.
+    let script = serde_json::json!([
+        ["P", "s1", "SELECT 1"],
+        ["S"],
+        ["P", "s1", "DELETE FROM orders WHERE id = 1"],
+        ["S"],
+        ["B", "", "s1"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none, script);
+    assert!(out.contains("duplicate-prepared-statement"), "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2");
+}

@@ -223,6 +223,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Client-controlled text shown to an approver: control characters (escape sequences, newlines)
+/// are printed escaped, so a statement cannot disguise itself on the terminal.
+fn printable(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<ExitCode> {
     use tollgate::approval::{
         ApprovalId,
@@ -245,21 +251,23 @@ fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<Exit
                 println!(
                     "{:>4}  {}  pid {}  {}  resource {}  db {}  rule {}  expires {}",
                     r.id,
-                    r.identity.as_deref().unwrap_or("-"),
+                    printable(r.identity.as_deref().unwrap_or("-")),
                     r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    r.exe.as_deref().unwrap_or("-"),
-                    r.resource.as_deref().unwrap_or("-"),
-                    r.database.as_deref().unwrap_or("-"),
+                    printable(r.exe.as_deref().unwrap_or("-")),
+                    printable(r.resource.as_deref().unwrap_or("-")),
+                    printable(r.database.as_deref().unwrap_or("-")),
                     r.rule,
                     r.expires_at
                 );
-                println!("      {}", r.statement);
+                println!("      {}", printable(&r.statement));
                 if !r.parameters.is_empty() {
                     let p: Vec<String> = r
                         .parameters
                         .iter()
                         .enumerate()
-                        .map(|(i, v)| format!("${}={}", i + 1, v.as_deref().unwrap_or("NULL")))
+                        .map(|(i, v)| {
+                            format!("${}={}", i + 1, v.as_deref().map(printable).unwrap_or_else(|| "NULL".into()))
+                        })
                         .collect();
                     println!("      {}", p.join(" "));
                 }

@@ -211,12 +211,17 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
 pub fn shape(sql: &str) -> Option<String> {
     use pg_query::protobuf::Token;
     let scan = pg_query::scan(sql).ok()?;
+    // Unicode escapes: a UESCAPE literal changes what U&"..." names decode to. No cache.
+    let unicode = [Token::Uident, Token::Usconst, Token::Uescape].map(|t| t as i32);
+    if scan.tokens.iter().any(|t| unicode.contains(&t.token)) {
+        return None;
+    }
+    // COPY options (FORMAT, DELIMITER, HEADER 0/1) are literals that matter: keep them all.
     let has_copy = scan.tokens.iter().any(|t| t.token == Token::Copy as i32);
     let mut key = String::with_capacity(sql.len() + scan.tokens.len());
     for t in &scan.tokens {
-        let literal = t.token == Token::Iconst as i32
-            || t.token == Token::Fconst as i32
-            || (t.token == Token::Sconst as i32 && !has_copy);
+        let literal = !has_copy
+            && (t.token == Token::Iconst as i32 || t.token == Token::Fconst as i32 || t.token == Token::Sconst as i32);
         if literal {
             key.push('\u{1}');
         } else {
@@ -285,8 +290,17 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
                 }
             }
             "delimiter" => delimiter = arg.and_then(|a| a.bytes().next()),
-            // HEADER takes a boolean (`true`, `on`, `1`) or no argument at all.
-            "header" => out.header = !matches!(arg, Some("false" | "off" | "0")),
+            // HEADER takes a boolean (`true`, `on`, `1`, any case; or an integer) or nothing;
+            // `match` (COPY FROM only) counts as a header too.
+            "header" => {
+                let ival = def.pointer("/arg/node/Integer/ival").and_then(Value::as_i64);
+                let word = arg.map(str::to_ascii_lowercase);
+                out.header = match (ival, word.as_deref()) {
+                    (Some(n), _) => n != 0,
+                    (None, Some("false" | "off" | "0" | "no")) => false,
+                    _ => true,
+                };
+            }
             "quote" | "escape" | "null" | "encoding" | "force_quote" | "force_not_null" | "force_null" => {
                 out.unusual = Some(name.to_string())
             }
@@ -301,7 +315,10 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
         .unwrap_or_default();
     if !attlist.is_empty() {
         out.columns = Some(attlist);
-    } else if let Some(targets) = copy.pointer("/query/node/SelectStmt/target_list").and_then(Value::as_array) {
+    } else if let Some(targets) =
+        copy.pointer("/query/node/SelectStmt/target_list").and_then(Value::as_array).filter(|t| !t.is_empty())
+    {
+        // An empty list is a UNION or the like: names unknown.
         // `COPY (SELECT a, b AS c FROM t) TO STDOUT`: names as the select list gives them.
         out.columns = targets
             .iter()
@@ -320,6 +337,35 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
     Some(out)
 }
 
+/// Settings that change how SQL text is lexed: if the server read text differently from the
+/// classifier, a statement could be judged as one thing and run as another.
+const LEXER_SETTINGS: [&str; 4] =
+    ["standard_conforming_strings", "backslash_quote", "client_encoding", "escape_string_warning"];
+
+/// `SET standard_conforming_strings ...` or `set_config('client_encoding', ...)` (or a
+/// `set_config` whose setting name is not a plain string): the reason it is refused.
+fn changes_lexing(key: &str, node: &Value) -> Option<String> {
+    match key {
+        "VariableSetStmt" => {
+            let name = node.get("name").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
+            LEXER_SETTINGS.contains(&name.as_str()).then(|| format!("changing {name} is not allowed through the proxy"))
+        }
+        "FuncCall" => {
+            let names = node.get("funcname").and_then(Value::as_array)?;
+            if names.last().and_then(sval).map(str::to_ascii_lowercase).as_deref() != Some("set_config") {
+                return None;
+            }
+            let first = node.get("args").and_then(Value::as_array).and_then(|a| a.first());
+            match first.and_then(|a| a.pointer("/node/AConst/val/Sval/sval")).and_then(Value::as_str) {
+                Some(n) if !LEXER_SETTINGS.contains(&n.to_ascii_lowercase().as_str()) => None,
+                Some(n) => Some(format!("changing {n} is not allowed through the proxy")),
+                None => Some("set_config with a computed setting name is not allowed through the proxy".into()),
+            }
+        }
+        _ => None,
+    }
+}
+
 fn walk(v: &Value, c: &mut Classification) {
     // An explicit stack: the tree can be deep, and recursion depth must not depend on input.
     let mut stack = vec![v];
@@ -327,6 +373,10 @@ fn walk(v: &Value, c: &mut Classification) {
         match v {
             Value::Object(map) => {
                 for (key, child) in map {
+                    if let Some(why) = changes_lexing(key, child) {
+                        c.kinds.insert(Kind::Unparseable);
+                        c.parse_error.get_or_insert(why);
+                    }
                     if let Some(kind) = stmt_kind(key, child) {
                         c.kinds.insert(kind);
                         if matches!(kind, Kind::Update | Kind::Delete)
@@ -428,6 +478,27 @@ mod tests {
             assert_eq!(shape(x), shape(y), "{x} / {y}");
             assert_eq!(classify(x), classify(y));
         }
+    }
+
+    #[test]
+    fn shapes_keep_what_changes_meaning() {
+        assert_eq!(shape("SELECT * FROM U&\"!0073ecrets\" UESCAPE '#'"), None, "unicode escapes are not cached");
+        assert_ne!(shape("COPY t (a) TO STDOUT (HEADER 0)"), shape("COPY t (a) TO STDOUT (HEADER 1)"));
+        assert!(!classify("COPY t (a) TO STDOUT (FORMAT csv, HEADER 0)").copy_out[0].header);
+        assert!(!classify("COPY t (a) TO STDOUT (FORMAT csv, HEADER 'Off')").copy_out[0].header);
+        assert!(classify("COPY t (a) TO STDOUT (FORMAT csv, HEADER)").copy_out[0].header);
+        let c = classify("COPY (SELECT ssn FROM t UNION SELECT ssn FROM u) TO STDOUT");
+        assert_eq!(c.copy_out[0].columns, None, "a UNION's names are unknown");
+        for sql in [
+            "SET standard_conforming_strings = off",
+            "SET SESSION client_encoding TO 'SJIS'",
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+            "SELECT set_config(current_user, 'off', false)",
+        ] {
+            assert!(classify(sql).kinds.contains(&Kind::Unparseable), "{sql}");
+        }
+        assert!(!classify("SELECT set_config('application_name', 'x', false)").kinds.contains(&Kind::Unparseable));
+        assert!(!classify("SET search_path = public").kinds.contains(&Kind::Unparseable));
     }
 
     #[test]

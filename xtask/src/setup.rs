@@ -6,8 +6,21 @@ use anyhow::{Context, bail};
 use crate::util::{cargo, output, root, run};
 
 /// Debian packages the tests, demo and benchmarks use.
-const PACKAGES: &[&str] =
-    &["curl", "python3", "iproute2", "bpftool", "clang", "libclang-dev", "postgresql-15", "pgbouncer", "haproxy"];
+/// `openssl` makes the TLS test's server certificates; `util-linux` has `setpriv`, with which a
+/// test runs the approvals CLI as an unprivileged user.
+const PACKAGES: &[&str] = &[
+    "curl",
+    "python3",
+    "iproute2",
+    "bpftool",
+    "clang",
+    "libclang-dev",
+    "postgresql-15",
+    "pgbouncer",
+    "haproxy",
+    "openssl",
+    "util-linux",
+];
 
 pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql", "postgres_wire", "postgres_results"];
 

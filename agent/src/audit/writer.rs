@@ -285,6 +285,8 @@ fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
     let mut buf = String::new();
     let mut acks: Vec<(Ack, u64)> = Vec::new();
     let mut durable_waiters = false;
+    // A lazy fdatasync failed: records up to this seq were written but may not be on disk.
+    let mut sync_failed: Option<(u64, String)> = None;
     // Records of failed batches: the next batch that reaches disk says how many are missing,
     // so a gap is never silent even though the chain itself stays intact.
     let mut lost: u64 = 0;
@@ -298,6 +300,7 @@ fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
             Next::Sync => {
                 if let Err(e) = file.sync_data() {
                     tracing::error!(path = %path.display(), error = %e, "audit sync failed");
+                    sync_failed = Some((head.seq, e.to_string()));
                 }
                 unsynced_since = None;
                 continue;
@@ -311,6 +314,14 @@ fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
         let start_head = head.clone();
         let start_len = file.metadata().map(|m| m.len()).ok();
         let batch_len = batch.len() as u64;
+        if let Some((upto, error)) = sync_failed.take() {
+            let mut r = Record::new(Kind::AuditRecovered);
+            r.error = Some(error);
+            r.detail = Some(format!("an fdatasync failed: records up to seq {upto} may not have reached the disk"));
+            let (line, h) = chain::seal(&head, now_rfc3339(), r);
+            buf.push_str(&line);
+            head = h;
+        }
         if lost > 0 {
             let mut r = Record::new(Kind::AuditRecovered);
             r.count = Some(lost);

@@ -42,6 +42,8 @@ use crate::{
 };
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Most extended-protocol messages held back waiting for their Sync or Flush.
+const MAX_BATCH: usize = 10_000;
 /// Bytes a session reads at once (at least), per direction.
 const READ_CHUNK: usize = 16 << 10;
 /// Distinct statement shapes whose classification a session keeps.
@@ -51,6 +53,57 @@ const MAX_AUDITED_SQL: usize = 16 << 10;
 const SQLSTATE_DENIED: &str = "42501";
 const SQLSTATE_PROTOCOL: &str = "08P01";
 const SQLSTATE_CONNECTION: &str = "08006";
+const SQLSTATE_REJECTED: &str = "08004";
+
+/// Startup parameters passed on to the server. Others (`options`, `replication`,
+/// `standard_conforming_strings`...) could make the server read or run things differently from
+/// what the proxy judges, so a client that sends them is refused.
+const STARTUP_PARAMS: [&str; 10] = [
+    "user",
+    "database",
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "extra_float_digits",
+    "search_path",
+    "lc_monetary",
+];
+/// Client encodings (and their aliases, letters and digits only) in which a byte of a multibyte
+/// character can be a backslash or quote: the server would split the text differently from the
+/// (UTF-8) classifier.
+const UNSAFE_ENCODINGS: [&str; 16] = [
+    "sjis",
+    "shiftjis",
+    "mskanji",
+    "windows932",
+    "cp932",
+    "big5",
+    "windows950",
+    "cp950",
+    "gbk",
+    "windows936",
+    "cp936",
+    "gb18030",
+    "uhc",
+    "windows949",
+    "cp949",
+    "johab",
+];
+
+fn check_startup_params(params: &[(String, String)]) -> Result<(), String> {
+    for (k, v) in params {
+        if !STARTUP_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(k)) {
+            return Err(format!("startup parameter {k:?} is not allowed through the proxy"));
+        }
+        let norm: String = v.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+        if k.eq_ignore_ascii_case("client_encoding") && UNSAFE_ENCODINGS.contains(&norm.as_str()) {
+            return Err(format!("client_encoding {v:?} is not supported through the proxy; use UTF8"));
+        }
+    }
+    Ok(())
+}
 
 /// A backend's process id and cancel key, as BackendKeyData carries them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -204,6 +257,11 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         Startup::Startup { params } => params,
         Startup::Ssl | Startup::GssEnc => unreachable!("answered in read_startup"),
     };
+    if let Err(e) = check_startup_params(&params) {
+        let msg = format!("tollgate: {e}");
+        let _ = send(&mut client, &[wire::error_response(SQLSTATE_REJECTED, &msg, None, None)]).await;
+        return Outcome { error: Some(msg), ..Default::default() };
+    }
     let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone());
     let mut base = s.base.clone();
     base.database = database.or_else(|| params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()));
@@ -276,12 +334,26 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         prepared: HashMap::new(),
         portals: HashMap::new(),
         described: Default::default(),
+        unsynced_refs: Vec::new(),
+        unsynced: false,
         cache: HashMap::new(),
         outcome: Outcome::default(),
     };
+    let mut down = down;
+    let mut down_done = false;
     let result = tokio::select! {
         r = side.run(up_w) => r,
         _ = stop.cancelled() => Err("agent shutting down".into()),
+        // The server side ended (server gone, or data that could not be masked): nothing more
+        // may be forwarded, since its answers could not be relayed.
+        r = &mut down => {
+            down_done = true;
+            match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("server side: {e}")),
+                Err(e) => Err(format!("server side: {e}")),
+            }
+        }
     };
     let mut outcome = std::mem::take(&mut side.outcome);
     if let Err(e) = result {
@@ -289,8 +361,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     }
     drop(side);
     // Let the server's last answers (and injected denials) reach the client, briefly.
-    let mut down = down;
-    if tokio::time::timeout(Duration::from_secs(1), &mut down).await.is_err() {
+    if !down_done && tokio::time::timeout(Duration::from_secs(1), &mut down).await.is_err() {
         down.abort();
     }
     s.cancel.forget(fake);
@@ -409,7 +480,7 @@ async fn downstream(
     let mut status = b'I';
     let mut pending: VecDeque<Inject> = VecDeque::new();
     let mut out = BytesMut::new();
-    let mut open = true;
+    let mut injecting = true;
     loop {
         while let Some(f) = wire::decode(&mut buf).map_err(std::io::Error::other)? {
             let f = match &mut masking {
@@ -450,20 +521,27 @@ async fn downstream(
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
         buf.reserve(READ_CHUNK);
         tokio::select! {
-            n = up.read_buf(&mut buf), if open => {
+            n = up.read_buf(&mut buf) => {
                 if n? == 0 {
-                    open = false;
-                    if pending.is_empty() {
-                        return Ok(());
+                    // The server is gone: what the client side still has to say goes out, then
+                    // the end (no more ReadyForQuery will come to wait for).
+                    while let Ok(i) = injections.try_recv() {
+                        pending.push_back(i);
                     }
+                    flush_injections(&mut pending, u64::MAX, status, &mut out);
+                    if !out.is_empty() {
+                        client.write_all(&out).await?;
+                    }
+                    return Ok(());
                 }
             }
-            inj = injections.recv() => match inj {
+            inj = injections.recv(), if injecting => match inj {
                 Some(i) => {
                     pending.push_back(i);
                     flush_injections(&mut pending, ready_seen, status, &mut out);
                 }
-                None => return Ok(()),
+                // The client side is done; the server's last answers still go out.
+                None => injecting = false,
             },
         }
     }
@@ -518,6 +596,10 @@ struct ClientSide<'s, 'a, R> {
     portals: HashMap<String, String>,
     /// Statements the client described since their last Parse: the tracker knows their columns.
     described: std::collections::HashSet<String>,
+    /// Records of statements forwarded at a Flush, carried out by the next Sync.
+    unsynced_refs: Vec<u64>,
+    /// Messages went to the server at a Flush and no Sync has followed yet.
+    unsynced: bool,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
     outcome: Outcome,
@@ -701,9 +783,18 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             let Some(frame) = self.next_frame().await? else { return Ok(()) };
             let mut forward: Vec<Frame> = Vec::new();
             match frame.tag {
+                b'Q' if !batch.is_empty() || skip_until_sync || !self.unsynced_refs.is_empty() || self.unsynced => {
+                    // A simple query inside an unfinished extended-protocol batch: the server
+                    // would answer it out of the order the proxy tracks. Refused, clearly.
+                    let msg = "tollgate: a simple Query inside an extended-protocol batch (send Sync first)";
+                    self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, msg, None, None)], false);
+                    return Err(msg.into());
+                }
                 b'Q' => {
                     let text = wire::query_text(&frame.body).map_err(|e| e.to_string())?.to_string();
                     self.outcome.statements += 1;
+                    // SQL PREPARE/DEALLOCATE can redefine statements behind the proxy's back.
+                    self.described.clear();
                     let refusal = match self.judge(&text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
                         Judgement::Forward(p) => match self.hold(&p, Vec::new()).await? {
@@ -724,6 +815,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     if !skip_until_sync {
+                        if batch.len() >= MAX_BATCH {
+                            let msg = format!("tollgate: more than {MAX_BATCH} messages without Sync or Flush");
+                            self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)], false);
+                            return Err(msg);
+                        }
                         batch.push(frame);
                     }
                 }
@@ -740,15 +836,27 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         Ok(refs) => {
                             self.forward_batch(std::mem::take(&mut batch), &mut forward)?;
                             forward.push(frame);
+                            // Statements forwarded at a Flush are carried out by the next Sync.
+                            self.unsynced_refs.extend(refs);
                             if is_sync {
+                                let mut refs = std::mem::take(&mut self.unsynced_refs);
+                                refs.sort_unstable();
+                                refs.dedup();
                                 let _ = self.to_down.expect.send(Expect { refs, started: Instant::now() });
                                 self.op(Op::Sync);
                                 self.syncs += 1;
+                                self.unsynced = false;
+                            } else {
+                                self.unsynced = true;
                             }
                         }
                         Err(r) => {
                             self.outcome.denied += 1;
                             batch.clear();
+                            if is_sync {
+                                self.unsynced_refs.clear();
+                                self.unsynced = false;
+                            }
                             // As a server does after an error: skip to Sync, then one ReadyForQuery.
                             self.inject(vec![deny_frame(&r)], is_sync);
                             skip_until_sync = !is_sync;
@@ -790,6 +898,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         for f in batch.iter().filter(|f| f.tag == b'P') {
             let (name, text) = wire::parse_message(&f.body).map_err(|e| e.to_string())?;
             let name = name.to_string();
+            // The server refuses to redefine a named statement; the proxy must not believe it
+            // did, or a later Bind would be judged by the wrong text.
+            if !name.is_empty() && (self.prepared.contains_key(&name) || parsed.iter().any(|(n, _)| *n == name)) {
+                return Ok(Err(Refusal {
+                    rule: "duplicate-prepared-statement".into(),
+                    message: Some(format!("prepared statement \"{name}\" already exists; Close it first")),
+                }));
+            }
             self.outcome.statements += 1;
             match self.judge(text).await? {
                 Judgement::Forward(p) => parsed.push((name, p)),
@@ -797,7 +913,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         let mut refs = Vec::new();
-        let mut approved: Vec<u64> = Vec::new();
         let mut visible: HashMap<&str, &Prepared> = HashMap::new();
         for f in batch {
             match f.tag {
@@ -813,12 +928,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         continue;
                     };
                     refs.push(p.seq);
-                    if p.hold.is_some() && !approved.contains(&p.seq) {
+                    // Every execution is its own request: each Bind carries its own parameters.
+                    if p.hold.is_some() {
                         let params = wire::bind_parameters(&f.body).map_err(|e| e.to_string())?;
                         if let Some(r) = self.hold(&p, params).await? {
                             return Ok(Err(r));
                         }
-                        approved.push(p.seq);
                     }
                 }
                 _ => {}
@@ -838,11 +953,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// Moves an approved batch to `forward`, noting what the server will answer; with masking,
     /// each Execute is preceded by a Describe of its portal unless the client just sent one.
     fn forward_batch(&mut self, batch: Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
+        for f in batch.iter().filter(|f| f.tag == b'C') {
+            // Close: the name may be parsed again.
+            if let Ok((b'S', name)) = wire::describe_target(&f.body) {
+                self.prepared.remove(name);
+                self.described.remove(name);
+            }
+        }
         if self.to_down.ops.is_none() {
             forward.extend(batch);
             return Ok(());
         }
         let mut described: Option<String> = None;
+        // Portals bound in this batch: nothing can redefine them before its Execute.
+        let mut bound_here: std::collections::HashSet<String> = Default::default();
         for f in batch {
             let e = |e: wire::WireError| e.to_string();
             match f.tag {
@@ -855,6 +979,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
                     let formats = wire::bind_result_formats(&f.body).map_err(e)?;
                     self.portals.insert(portal.to_string(), stmt.to_string());
+                    bound_here.insert(portal.to_string());
                     self.op(Op::Bind { portal: portal.to_string(), statement: stmt.to_string(), formats });
                 }
                 b'D' => match wire::describe_target(&f.body).map_err(e)? {
@@ -871,8 +996,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let portal = wire::execute_portal(&f.body).map_err(e)?.to_string();
                     // The server is asked for the portal's columns only when neither the client
                     // just did, nor it described the statement the portal was bound from.
-                    let from_statement =
-                        self.portals.get(&portal).is_some_and(|stmt| self.described.contains(stmt.as_str()));
+                    let from_statement = bound_here.contains(&portal)
+                        && self.portals.get(&portal).is_some_and(|stmt| self.described.contains(stmt.as_str()));
                     if described.as_deref() != Some(portal.as_str()) && !from_statement {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
@@ -905,4 +1030,21 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_parameters_are_allowlisted() {
+        let p = |k: &str, v: &str| vec![("user".to_string(), "x".to_string()), (k.to_string(), v.to_string())];
+        assert!(check_startup_params(&p("application_name", "psql")).is_ok());
+        assert!(check_startup_params(&p("client_encoding", "UTF8")).is_ok());
+        assert!(check_startup_params(&p("client_encoding", "Shift_JIS")).is_err());
+        assert!(check_startup_params(&p("client_encoding", "SJIS")).is_err());
+        assert!(check_startup_params(&p("options", "-c standard_conforming_strings=off")).is_err());
+        assert!(check_startup_params(&p("replication", "database")).is_err());
+        assert!(check_startup_params(&p("standard_conforming_strings", "off")).is_err());
+    }
 }

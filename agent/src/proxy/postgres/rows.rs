@@ -26,7 +26,7 @@ enum TypeClass {
 
 fn type_class(oid: u32) -> TypeClass {
     match oid {
-        25 | 1043 | 1042 | 19 | 705 | 18 => TypeClass::Str,
+        25 | 1043 | 1042 | 19 | 705 => TypeClass::Str,
         114 | 3802 => TypeClass::Json,
         1009 | 1015 | 1014 | 1003 => TypeClass::StrArray,
         o if o >= 16384 => TypeClass::UserDefined,
@@ -197,7 +197,9 @@ pub fn mask_data_row(
 }
 
 /// `None`: keep the value; `Some(None)`: send NULL; `Some(Some(v))`: send `v`. What is sent is
-/// always a valid value of the column's type in the column's format, never corrupt bytes.
+/// always a valid value of the column's type in the column's format, never corrupt bytes: where
+/// a finding cannot be rewritten in place (numbers, records, xml, binary arrays...), the value
+/// becomes NULL.
 fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Option<Vec<u8>>> {
     let whole = matches!(col.mask, ColumnMask::Whole(_));
     let class = type_class(col.type_oid);
@@ -212,9 +214,11 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
             let mut out = prefix.to_vec();
             if whole {
                 out.extend_from_slice(serde_json::to_string(&String::from_utf8_lossy(&masked)).ok()?.as_bytes());
-            } else {
-                // Detector output holds no quotes or backslashes, so the JSON stays valid.
+            } else if serde_json::from_slice::<serde::de::IgnoredAny>(&masked).is_ok() {
                 out.extend_from_slice(&masked);
+            } else {
+                // A finding inside a JSON number or key made it invalid.
+                return Some(None);
             }
             Some(Some(out))
         }
@@ -222,7 +226,12 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
             counts.add(crate::mask::Kind::Column);
             Some(None)
         }
-        _ => None,
+        _ => {
+            let mut found = Counts::default();
+            masker.detect(v, &mut found)?;
+            counts.merge(&found);
+            Some(None)
+        }
     }
 }
 
@@ -242,10 +251,18 @@ pub fn copy_refusal(copy: &CopyOut, masker: &Masker) -> Option<String> {
     None
 }
 
-/// Masks one COPY OUT row (a CopyData body). Binary COPY is refused before it starts.
-pub fn mask_copy_row(row: &Bytes, copy: &CopyOut, plan: &Plan, masker: &Masker, counts: &mut Counts) -> Option<Bytes> {
+/// Masks one COPY OUT row (a CopyData body). Binary COPY is refused before it starts; a row
+/// that does not parse, or has another number of fields than the statement's column list, is an
+/// error rather than something relayed unmasked.
+pub fn mask_copy_row(
+    row: &Bytes,
+    copy: &CopyOut,
+    plan: &Plan,
+    masker: &Masker,
+    counts: &mut Counts,
+) -> Result<Option<Bytes>, WireError> {
     if !plan.active {
-        return None;
+        return Ok(None);
     }
     let (line, newline) = match row.strip_suffix(b"\n") {
         Some(l) => (l, true),
@@ -253,9 +270,12 @@ pub fn mask_copy_row(row: &Bytes, copy: &CopyOut, plan: &Plan, masker: &Masker, 
     };
     let fields = match copy.format {
         CopyFormat::Text => split_text(line, copy.delimiter),
-        CopyFormat::Csv => split_csv(line, copy.delimiter)?,
-        CopyFormat::Binary => return None,
+        CopyFormat::Csv => split_csv(line, copy.delimiter).ok_or(malformed("CopyData", "unreadable CSV row"))?,
+        CopyFormat::Binary => return Err(malformed("CopyData", "binary COPY cannot be masked")),
     };
+    if !plan.cols.is_empty() && fields.len() != plan.cols.len() {
+        return Err(malformed("CopyData", "field count differs from the COPY column list"));
+    }
     let mut changed = false;
     let mut masked: Vec<Option<Vec<u8>>> = Vec::with_capacity(fields.len());
     for (i, f) in fields.into_iter().enumerate() {
@@ -267,7 +287,7 @@ pub fn mask_copy_row(row: &Bytes, copy: &CopyOut, plan: &Plan, masker: &Masker, 
         masked.push(m.or(f));
     }
     if !changed {
-        return None;
+        return Ok(None);
     }
     let mut out = Vec::with_capacity(row.len() + 16);
     for (i, f) in masked.iter().enumerate() {
@@ -284,37 +304,43 @@ pub fn mask_copy_row(row: &Bytes, copy: &CopyOut, plan: &Plan, masker: &Masker, 
     if newline {
         out.push(b'\n');
     }
-    Some(Bytes::from(out))
+    Ok(Some(Bytes::from(out)))
 }
 
-/// Text-format COPY fields: delimiter-separated, backslash escapes, `\N` for NULL.
+/// Text-format COPY fields: delimiter-separated, backslash escapes (a delimiter inside a value
+/// comes escaped), `\N` for NULL.
 fn split_text(line: &[u8], delimiter: u8) -> Vec<Option<Vec<u8>>> {
-    line.split(|&b| b == delimiter)
-        .map(|raw| {
-            if raw == b"\\N" {
-                return None;
-            }
-            let mut v = Vec::with_capacity(raw.len());
-            let mut it = raw.iter().copied();
-            while let Some(b) = it.next() {
-                if b != b'\\' {
-                    v.push(b);
-                    continue;
-                }
-                match it.next() {
-                    Some(b'n') => v.push(b'\n'),
-                    Some(b'r') => v.push(b'\r'),
-                    Some(b't') => v.push(b'\t'),
-                    Some(b'b') => v.push(8),
-                    Some(b'f') => v.push(12),
-                    Some(b'v') => v.push(11),
-                    Some(other) => v.push(other),
-                    None => v.push(b'\\'),
-                }
-            }
-            Some(v)
-        })
-        .collect()
+    let mut fields = Vec::new();
+    let mut v = Vec::new();
+    let mut raw_start = 0;
+    let mut it = line.iter().copied().enumerate();
+    let finish = |v: &mut Vec<u8>, raw: &[u8], fields: &mut Vec<Option<Vec<u8>>>| {
+        fields.push(if raw == b"\\N" { None } else { Some(std::mem::take(v)) });
+        v.clear();
+    };
+    while let Some((i, b)) = it.next() {
+        if b == delimiter {
+            finish(&mut v, &line[raw_start..i], &mut fields);
+            raw_start = i + 1;
+            continue;
+        }
+        if b != b'\\' {
+            v.push(b);
+            continue;
+        }
+        match it.next().map(|(_, c)| c) {
+            Some(b'n') => v.push(b'\n'),
+            Some(b'r') => v.push(b'\r'),
+            Some(b't') => v.push(b'\t'),
+            Some(b'b') => v.push(8),
+            Some(b'f') => v.push(12),
+            Some(b'v') => v.push(11),
+            Some(other) => v.push(other),
+            None => v.push(b'\\'),
+        }
+    }
+    finish(&mut v, &line[raw_start..], &mut fields);
+    fields
 }
 
 fn escape_text(v: &[u8], delimiter: u8, out: &mut Vec<u8>) {
@@ -386,6 +412,22 @@ fn quote_csv(v: &[u8], delimiter: u8, out: &mut Vec<u8>) {
     out.push(b'"');
 }
 
+/// Masks the payload of a NotificationResponse ('A') with the detectors.
+pub fn mask_notification(body: &Bytes, masker: &Masker, counts: &mut Counts) -> Result<Option<Bytes>, WireError> {
+    let mut r = Reader { b: body, what: "NotificationResponse" };
+    let pid = r.take(4)?;
+    let channel = r.cstr()?;
+    let payload = r.cstr()?;
+    let Some(masked) = masker.detect(payload, counts) else { return Ok(None) };
+    let mut out = BytesMut::with_capacity(body.len() + 16);
+    out.extend_from_slice(pid);
+    out.extend_from_slice(channel);
+    out.put_u8(0);
+    out.extend_from_slice(&masked);
+    out.put_u8(0);
+    Ok(Some(out.freeze()))
+}
+
 /// Masks the text fields of an ErrorResponse or NoticeResponse body: detectors over message,
 /// detail, hint and context, and, when column rules exist, the values a DETAIL quotes
 /// (`Key (email)=(..)`, `Failing row contains (..)`).
@@ -404,7 +446,8 @@ pub fn mask_notice(body: &Bytes, masker: &Masker, counts: &mut Counts) -> Result
         if code == b'D' && masker.has_column_rules() {
             value = mask_detail_values(text, masker, counts);
         }
-        if matches!(code, b'M' | b'D' | b'H' | b'W' | b'd')
+        // Message, detail, hint, context, internal query; also the table/column/constraint names.
+        if matches!(code, b'M' | b'D' | b'H' | b'W' | b'q' | b'd')
             && let Some(v) = masker.detect(value.as_deref().unwrap_or(text), counts)
         {
             value = Some(v.into_owned());
@@ -555,15 +598,24 @@ mod tests {
         let plan = Plan::for_copy(&text, &m);
         let mut counts = Counts::default();
         let row = Bytes::from_static(b"1\t123-45-6789\tsee a@b.io\\ttab\n");
-        let out = mask_copy_row(&row, &text, &plan, &m, &mut counts).unwrap();
+        let out = mask_copy_row(&row, &text, &plan, &m, &mut counts).unwrap().unwrap();
         assert_eq!(&out[..], b"1\t[REDACTED]\tsee **b.io\\ttab\n");
         let row = Bytes::from_static(b"2\t\\N\tnothing\n");
-        assert_eq!(mask_copy_row(&row, &text, &plan, &m, &mut counts), None);
+        assert_eq!(mask_copy_row(&row, &text, &plan, &m, &mut counts), Ok(None));
+        // A delimiter inside a value arrives escaped and does not shift the columns.
+        let piped = copy(CopyFormat::Text, b'|', Some(vec!["note", "ssn"]));
+        let plan_p = Plan::for_copy(&piped, &m);
+        let row = Bytes::from_static(b"x\\|y|123-45-6789\n");
+        let out = mask_copy_row(&row, &piped, &plan_p, &m, &mut counts).unwrap().unwrap();
+        assert_eq!(&out[..], b"x\\|y|[REDACTED]\n");
+        // Rows of another shape are refused, not relayed.
+        assert!(mask_copy_row(&Bytes::from_static(b"1\t2\n"), &text, &plan, &m, &mut counts).is_err());
         let csv = copy(CopyFormat::Csv, b',', None);
         let plan = Plan::for_copy(&csv, &m);
         let row = Bytes::from_static(b"3,\"x@y.com, \"\"q\"\"\",,\"\"\n");
-        let out = mask_copy_row(&row, &csv, &plan, &m, &mut counts).unwrap();
+        let out = mask_copy_row(&row, &csv, &plan, &m, &mut counts).unwrap().unwrap();
         assert_eq!(&out[..], b"3,\"***.com, \"\"q\"\"\",,\"\"\n");
+        assert!(mask_copy_row(&Bytes::from_static(b"\"open\n"), &csv, &plan, &m, &mut counts).is_err());
     }
 
     #[test]

@@ -188,23 +188,31 @@ impl Tracker {
                     let header = c.rows == 1 && c.spec.header;
                     if !header
                         && let Some(body) =
-                            rows::mask_copy_row(&f.body, &c.spec, &c.plan, &self.masker, &mut self.counts)
+                            rows::mask_copy_row(&f.body, &c.spec, &c.plan, &self.masker, &mut self.counts)?
                     {
                         f.body = body;
                     }
                 }
             }
             b'c' => self.copy = None,
+            // NotificationResponse: pid, channel, payload; the payload may carry anything.
+            b'A' => {
+                if let Some(body) = rows::mask_notification(&f.body, &self.masker, &mut self.counts)? {
+                    f.body = body;
+                }
+            }
             b'E' | b'N' => {
                 if let Some(body) = rows::mask_notice(&f.body, &self.masker, &mut self.counts)? {
                     f.body = body;
                 }
                 if f.tag == b'E' {
                     self.copy = None;
-                    // After an error the server skips to the next Sync; a simple query ends at
-                    // its ReadyForQuery anyway.
-                    while self.ops.front().is_some_and(|o| !matches!(o, Op::Sync | Op::Query { .. })) {
-                        self.ops.pop_front();
+                    // After an error in a simple query, the query ends at its ReadyForQuery; in the
+                    // extended protocol the server skips everything up to the next Sync.
+                    if !matches!(self.ops.front(), Some(Op::Query { .. })) {
+                        while self.ops.front().is_some_and(|o| *o != Op::Sync) {
+                            self.ops.pop_front();
+                        }
                     }
                 }
             }
