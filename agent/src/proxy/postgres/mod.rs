@@ -778,6 +778,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     async fn run(&mut self, mut up: impl AsyncWrite + Unpin) -> Result<(), String> {
         let mut batch: Vec<Frame> = Vec::new();
+        let mut batch_bytes = 0usize;
         let mut skip_until_sync = false;
         loop {
             let Some(frame) = self.next_frame().await? else { return Ok(()) };
@@ -815,8 +816,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     if !skip_until_sync {
-                        if batch.len() >= MAX_BATCH {
-                            let msg = format!("tollgate: more than {MAX_BATCH} messages without Sync or Flush");
+                        batch_bytes += frame.body.len();
+                        if batch.len() >= MAX_BATCH || batch_bytes > wire::MAX_MESSAGE {
+                            let msg = format!(
+                                "tollgate: more than {MAX_BATCH} messages or {} bytes without Sync or Flush",
+                                wire::MAX_MESSAGE
+                            );
                             self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)], false);
                             return Err(msg);
                         }
@@ -832,6 +837,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         }
                         continue;
                     }
+                    batch_bytes = 0;
                     match self.judge_batch(&batch).await? {
                         Ok(refs) => {
                             self.forward_batch(std::mem::take(&mut batch), &mut forward)?;
