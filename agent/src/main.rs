@@ -249,10 +249,11 @@ fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<Exit
         } else {
             for r in pending {
                 println!(
-                    "{:>4}  {}  pid {}  {}  resource {}  db {}  rule {}  expires {}",
+                    "{:>4}  {}  pid {}  uid {}  {}  resource {}  db {}  rule {}  expires {}",
                     r.id,
                     printable(r.identity.as_deref().unwrap_or("-")),
                     r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    r.uid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                     printable(r.exe.as_deref().unwrap_or("-")),
                     printable(r.resource.as_deref().unwrap_or("-")),
                     printable(r.database.as_deref().unwrap_or("-")),

@@ -172,7 +172,11 @@ fn execute(cmd: Command, peer: Option<Peer>, shared: &Shared) -> Reply {
 
 fn decide(shared: &Shared, id: ApprovalId, verdict: Verdict) -> Reply {
     let what = verdict.as_str();
-    match shared.approvals.decide(id, verdict) {
+    let by = match &verdict {
+        Verdict::Approved { by, .. } | Verdict::Denied { by, .. } => Some(*by),
+        _ => None,
+    };
+    match shared.approvals.decide(id, verdict, by) {
         Ok(req) => {
             info!(%id, decision = what, "approval decided");
             Reply { decided: Some(req), ..Default::default() }

@@ -32,6 +32,9 @@ pub struct Request {
     pub id: ApprovalId,
     pub identity: Option<String>,
     pub pid: Option<u32>,
+    /// The uid of the process whose statement is held.
+    #[serde(default)]
+    pub uid: Option<u32>,
     pub exe: Option<String>,
     pub resource: Option<String>,
     pub database: Option<String>,
@@ -76,6 +79,10 @@ impl Verdict {
 pub enum DecideError {
     #[error("no pending approval request {0}")]
     NotFound(ApprovalId),
+    #[error(
+        "request {0} comes from a process running as uid {1}, the decider's own uid; another approver must decide it"
+    )]
+    OwnUid(ApprovalId, u32),
 }
 
 struct Entry {
@@ -129,8 +136,19 @@ impl Approvals {
         self.lock().values().map(|e| e.request.clone()).collect()
     }
 
-    pub fn decide(&self, id: ApprovalId, verdict: Verdict) -> Result<Request, DecideError> {
-        let entry = self.lock().remove(&id).ok_or(DecideError::NotFound(id))?;
+    /// Decides a request. `by`: the deciding uid, which must not be the requester's own (an
+    /// agent that escaped its cgroup under that uid must not approve itself); root may.
+    pub fn decide(&self, id: ApprovalId, verdict: Verdict, by: Option<u32>) -> Result<Request, DecideError> {
+        let mut pending = self.lock();
+        let entry = pending.get(&id).ok_or(DecideError::NotFound(id))?;
+        if let Some(uid) = by
+            && uid != 0
+            && entry.request.uid == Some(uid)
+        {
+            return Err(DecideError::OwnUid(id, uid));
+        }
+        let entry = pending.remove(&id).ok_or(DecideError::NotFound(id))?;
+        drop(pending);
         // The session may have given up in the same instant; the decision is then moot.
         let _ = entry.tx.send(verdict);
         Ok(entry.request)
@@ -178,6 +196,7 @@ mod tests {
             id,
             identity: Some("bot".into()),
             pid: Some(1),
+            uid: Some(1000),
             exe: None,
             resource: Some("db".into()),
             database: None,
@@ -195,9 +214,11 @@ mod tests {
         let id = a.next_id();
         let mut t = a.submit(request(id));
         assert_eq!(a.list().len(), 1);
-        a.decide(id, Verdict::Approved { by: 0, reason: None }).unwrap();
+        let yes = Verdict::Approved { by: 1000, reason: None };
+        assert_eq!(a.decide(id, yes.clone(), Some(1000)), Err(DecideError::OwnUid(id, 1000)), "not its own uid");
+        a.decide(id, Verdict::Approved { by: 0, reason: None }, Some(0)).unwrap();
         assert_eq!(t.rx.try_recv().unwrap(), Verdict::Approved { by: 0, reason: None });
-        assert_eq!(a.decide(id, Verdict::Denied { by: 0, reason: None }), Err(DecideError::NotFound(id)));
+        assert_eq!(a.decide(id, Verdict::Denied { by: 0, reason: None }, Some(0)), Err(DecideError::NotFound(id)));
         assert!(a.list().is_empty());
     }
 
@@ -207,7 +228,7 @@ mod tests {
         let id = a.next_id();
         drop(a.submit(request(id)));
         assert!(a.list().is_empty());
-        assert!(a.decide(id, Verdict::TimedOut).is_err());
+        assert!(a.decide(id, Verdict::TimedOut, None).is_err());
     }
 
     #[test]

@@ -375,7 +375,7 @@ async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
     let held = target.held.load(Ordering::Relaxed);
     if held != 0 {
         // The statement never reached the server: cancelling it means withdrawing the request.
-        let _ = s.approvals.decide(crate::approval::ApprovalId(held), Verdict::Cancelled);
+        let _ = s.approvals.decide(crate::approval::ApprovalId(held), Verdict::Cancelled, None);
         info!(approval = held, "cancel request withdrew a held statement");
         return Outcome::default();
     }
@@ -719,6 +719,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             id,
             identity: self.base.identity.clone(),
             pid: self.base.pid,
+            uid: self.base.uid,
             exe: self.base.exe.clone(),
             resource: self.base.resource.clone(),
             database: self.base.database.clone(),
