@@ -17,6 +17,7 @@ spec:
   identities:
     - {{ name: bot, cgroup: {cg}, groups: [agents] }}
     - {{ name: masked, cgroup: {masked_cg} }}
+    - {{ name: admin, cgroup: {admin_cg} }}
   resources:
     - name: orders-db
       protocol: postgres
@@ -28,6 +29,7 @@ spec:
       resources: [orders-db]
       rules:
         - {{ name: no-ddl, match: {{ statements: [ddl] }}, action: deny, message: "schema changes go through review" }}
+        - {{ name: no-file-access, match: {{ functions: [pg_read_file, lo_import, lo_export, dblink_exec] }}, action: deny }}
         - {{ name: delete-needs-where, match: {{ statements: [update, delete], where: missing }}, action: deny }}
         - {{ name: reads, match: {{ statements: [select, transaction, set, show] }}, action: allow }}
         - {{ name: deletes-need-approval, match: {{ statements: [delete], tables: [orders] }}, action: approve, timeout: 60s }}
@@ -36,6 +38,7 @@ spec:
           match: {{ statements: [insert, update, delete], tables: [orders, pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history] }}
           action: allow
       default: deny
+    - {{ name: admin-all, to: [identity:admin], resources: [orders-db] }}
     - name: masked-reads
       to: [identity:masked]
       resources: [orders-db]
@@ -49,6 +52,7 @@ spec:
         name = env.name,
         cg = env.cgroup("bot"),
         masked_cg = env.cgroup("masked"),
+        admin_cg = env.cgroup("admin"),
         notify = webhook.map(|u| format!("  notify: {{ webhook: \"{u}\" }}")).unwrap_or_default(),
         addr = pg.addr(),
         secret = pg.secret_file.display(),
@@ -145,6 +149,8 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     // Hidden writes are found.
     let (_, err, _) = psql(&env, &pg, "bot", "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d;");
     assert!(err.contains("delete-needs-where"), "{err}");
+    let (_, err, _) = psql(&env, &pg, "bot", "SELECT length(pg_catalog.pg_read_file('/etc/hostname'));");
+    assert!(err.contains("\"no-file-access\""), "function rules see calls anywhere: {err}");
     let (_, err, _) = psql(&env, &pg, "bot", "SELEC 1;");
     assert!(err.contains("\"unparseable\""), "{err}");
     // Allowed writes go through; inside a transaction the status is kept.
@@ -203,12 +209,14 @@ fn pgbench_simple_extended_and_prepared_through_the_proxy() {
         return;
     }
     let (env, pg) = setup("pg-bench");
-    let init = std::process::Command::new(format!("{PG_BIN}/pgbench"))
-        .args(["-i", "-s", "1", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "app", "postgres"])
-        .env("PGPASSWORD", &pg.password)
-        .output()
-        .unwrap();
+    // pgbench -i through the proxy too (DDL, COPY FROM STDIN, VACUUM), by an identity whose grant
+    // has no statement rules.
+    let port = pg.port.to_string();
+    let bench = format!("{PG_BIN}/pgbench");
+    let init =
+        env.run_in("admin", &[&bench, "-i", "-s", "1", "-h", "127.0.0.1", "-p", &port, "-U", "admin", "postgres"]);
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert_eq!(pg.direct("SELECT count(*) FROM pgbench_accounts"), "100000", "COPY FROM STDIN went through");
     for mode in ["simple", "extended", "prepared"] {
         let (ok, text) = pgbench(&env, &pg, &["-n", "-M", mode, "-c", "2", "-t", "30"]);
         assert!(ok, "pgbench -M {mode}: {text}");

@@ -108,6 +108,8 @@ pub struct Classification {
     pub kinds: BTreeSet<Kind>,
     /// Relation names as written, lower-cased (`orders`, `public.orders`).
     pub tables: BTreeSet<String>,
+    /// Functions called anywhere in it, as written, lower-cased (`pg_sleep`, `pg_catalog.lo_import`).
+    pub functions: BTreeSet<String>,
     /// Some UPDATE or DELETE in it has no WHERE clause.
     pub where_missing: bool,
     /// Number of top-level statements.
@@ -373,6 +375,14 @@ fn walk(v: &Value, c: &mut Classification) {
         match v {
             Value::Object(map) => {
                 for (key, child) in map {
+                    if key == "FuncCall"
+                        && let Some(names) = child.get("funcname").and_then(Value::as_array)
+                    {
+                        let name: Vec<&str> = names.iter().filter_map(sval).collect();
+                        if !name.is_empty() {
+                            c.functions.insert(name.join(".").to_lowercase());
+                        }
+                    }
                     if let Some(why) = changes_lexing(key, child) {
                         c.kinds.insert(Kind::Unparseable);
                         c.parse_error.get_or_insert(why);
@@ -478,6 +488,15 @@ mod tests {
             assert_eq!(shape(x), shape(y), "{x} / {y}");
             assert_eq!(classify(x), classify(y));
         }
+    }
+
+    #[test]
+    fn functions_are_found_anywhere() {
+        let c = classify(
+            "WITH x AS (SELECT pg_catalog.pg_sleep(1)) SELECT lower(name), (SELECT now()) FROM t WHERE f(1) > 0",
+        );
+        let f: Vec<&str> = c.functions.iter().map(String::as_str).collect();
+        assert_eq!(f, ["f", "lower", "now", "pg_catalog.pg_sleep"]);
     }
 
     #[test]

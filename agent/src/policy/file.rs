@@ -160,6 +160,8 @@ pub struct MatchSpec {
     pub statements: Vec<String>,
     #[serde(default)]
     pub tables: Vec<String>,
+    #[serde(default)]
+    pub functions: Vec<String>,
     #[serde(default, rename = "where")]
     pub where_: Option<String>,
 }

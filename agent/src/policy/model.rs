@@ -761,6 +761,7 @@ fn validate_rule(at: &str, r: &RuleSpec) -> Result<Rule, ValidationError> {
         name: r.name.clone(),
         statements,
         tables: r.matcher.tables.iter().map(|t| t.to_lowercase()).collect(),
+        functions: r.matcher.functions.iter().map(|f| f.to_lowercase()).collect(),
         where_missing,
         action,
         message: r.message.clone(),

@@ -34,6 +34,8 @@ pub struct Rule {
     pub statements: Vec<Kind>,
     /// Empty: any table. Matched against the name as written or its last component.
     pub tables: Vec<String>,
+    /// Empty: any functions. Matched against the name as written or its last component.
+    pub functions: Vec<String>,
     /// Only query strings with an UPDATE or DELETE lacking WHERE.
     pub where_missing: bool,
     pub action: Action,
@@ -48,9 +50,11 @@ pub struct Decision {
     pub message: Option<String>,
 }
 
-fn table_listed(listed: &[String], table: &str) -> bool {
-    let last = table.rsplit('.').next().unwrap_or(table);
-    listed.iter().any(|l| l == table || l == last)
+/// A relation or function name matches a listed one as written or by its last component
+/// (`orders` lists `public.orders`; `public.orders` lists only itself).
+fn table_listed(listed: &[String], name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    listed.iter().any(|l| l == name || l == last)
 }
 
 impl Rule {
@@ -72,7 +76,13 @@ impl Rule {
             } else {
                 c.tables.iter().any(|t| table_listed(&self.tables, t))
             };
-        kinds_ok && tables_ok && (!self.where_missing || c.where_missing)
+        let functions_ok = self.functions.is_empty()
+            || if all {
+                c.functions.iter().all(|f| table_listed(&self.functions, f))
+            } else {
+                c.functions.iter().any(|f| table_listed(&self.functions, f))
+            };
+        kinds_ok && tables_ok && functions_ok && (!self.where_missing || c.where_missing)
     }
 }
 
@@ -98,6 +108,7 @@ mod tests {
             name: name.into(),
             statements: statements.to_vec(),
             tables: tables.iter().map(|t| t.to_string()).collect(),
+            functions: Vec::new(),
             where_missing,
             action,
             message: None,
@@ -152,6 +163,24 @@ mod tests {
         assert_eq!(decide("g", &tables, Action::Deny, &c).rule, "g.default");
         let c = classify("SELECT * FROM public.orders");
         assert_eq!(decide("g", &tables, Action::Deny, &c).action, Action::Allow);
+    }
+
+    #[test]
+    fn function_rules() {
+        let mut deny = rule("no-sleep", &[], &[], false, Action::Deny);
+        deny.functions = vec!["pg_sleep".into(), "dblink_exec".into()];
+        let mut allow = rule("plain-reads", &[Kind::Select], &[], false, Action::Allow);
+        allow.functions = vec!["lower".into(), "now".into()];
+        let rules = [deny, allow];
+        let d = |sql: &str| decide("g", &rules, Action::Deny, &classify(sql)).rule;
+        assert_eq!(d("SELECT * FROM t WHERE x = (SELECT pg_catalog.pg_sleep(5))"), "no-sleep", "found in a subquery");
+        assert_eq!(d("SELECT lower(name), now() FROM t"), "plain-reads");
+        assert_eq!(d("SELECT name FROM t"), "plain-reads", "no function calls at all");
+        assert_eq!(
+            d("SELECT lower(name), lo_import('/etc/passwd') FROM t"),
+            "g.default",
+            "allow needs every call listed"
+        );
     }
 
     #[test]
