@@ -151,13 +151,14 @@ pub fn mask_data_row(
     masker: &Masker,
     counts: &mut Counts,
 ) -> Result<Option<Bytes>, WireError> {
-    if !plan.active {
-        return Ok(None);
-    }
     let mut r = Reader { b: body, what: "DataRow" };
     let n = r.i16()?;
+    // Checked even when nothing is masked: a row of another shape means the plan is not its own.
     if n < 0 || n as usize != plan.cols.len() {
         return Err(malformed("DataRow", "column count differs from its RowDescription"));
+    }
+    if !plan.active {
+        return Ok(None);
     }
     let mut out: Option<BytesMut> = None;
     for col in &plan.cols {
@@ -574,6 +575,14 @@ mod tests {
         assert_eq!(j.unwrap().unwrap(), data_row(&[Some(b"\x01\"[REDACTED]\"")]));
         assert_eq!(out, expected);
         assert_eq!(counts.to_map(), [("column".into(), 2), ("email".into(), 1)].into());
+        // A row of another shape is refused even under a plan that masks nothing.
+        let columns_only = Masker::new(
+            &[Rule { name: "c".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact }],
+            [1; 32],
+        );
+        let quiet = Plan::from_row_description(&row_description(&[("id", 23, 1)]), &columns_only).unwrap();
+        assert!(!quiet.active);
+        assert!(mask_data_row(&data_row(&[Some(b"1"), Some(b"2")]), &quiet, &columns_only, &mut counts).is_err());
         // Nothing sensitive: the original is relayed as is.
         let clean = data_row(&[Some(b"1"), None, Some(b"hello"), None, Some(b"x")]);
         assert_eq!(mask_data_row(&clean, &plan, &m, &mut counts).unwrap(), None);
