@@ -199,10 +199,6 @@ impl Masker {
         Masker { rules: rules.to_vec(), detectors, key }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
-
     pub fn has_column_rules(&self) -> bool {
         self.rules.iter().any(|r| matches!(r.target, Target::Columns(_)))
     }

@@ -17,7 +17,6 @@ fuzz_target!(|data: &[u8]| {
             b'Q' => drop(wire::query_text(&f.body)),
             b'P' => drop(wire::parse_message(&f.body)),
             b'B' => {
-                drop(wire::bind_statement(&f.body));
                 drop(wire::bind_names(&f.body));
                 drop(wire::bind_parameters(&f.body));
             }

@@ -153,12 +153,6 @@ pub fn parse_message(body: &[u8]) -> Result<(&str, &str), WireError> {
     Ok((name, sql))
 }
 
-/// The prepared-statement name a Bind ('B') refers to.
-pub fn bind_statement(body: &[u8]) -> Result<&str, WireError> {
-    let (_portal, rest) = cstr(body, "Bind")?;
-    Ok(cstr(rest, "Bind")?.0)
-}
-
 /// Portal and statement names of a Bind ('B').
 pub fn bind_names(body: &[u8]) -> Result<(&str, &str), WireError> {
     let (portal, rest) = cstr(body, "Bind")?;
@@ -374,7 +368,7 @@ mod tests {
         assert_eq!(parse_message(b"s1\0SELECT $1\0\0\0"), Ok(("s1", "SELECT $1")));
         assert!(parse_message(b"s1\0").is_err());
         assert_eq!(backend_key(&[0, 0, 0, 1, 0, 0, 0, 2]), Ok((1, 2)));
-        assert_eq!(bind_statement(b"\0s1\0\0\0"), Ok("s1"));
+        assert_eq!(bind_names(b"\0s1\0\0\0"), Ok(("", "s1")));
         assert_eq!(bind_names(b"p\0s1\0\0\0"), Ok(("p", "s1")));
         let bind = b"\0s\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\0";
         assert_eq!(bind_parameters(bind), Ok(vec![Some("42".into()), None]));
@@ -384,6 +378,6 @@ mod tests {
         assert!(bind_result_formats(b"\0s\0\0\0\0\0\0\x02\0\x01").is_err());
         assert_eq!(describe_target(b"Pcur\0"), Ok((b'P', "cur")));
         assert_eq!(execute_portal(b"cur\0\0\0\0\0"), Ok("cur"));
-        assert!(bind_statement(b"p").is_err());
+        assert!(bind_names(b"p").is_err());
     }
 }
