@@ -70,13 +70,73 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).context("no VmRSS")
 }
 
+/// CPU time (ns) a process's live threads have run, from the scheduler's accounting.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The process `runuser` started, or `pid` itself when it has no child.
+fn exec_child(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+        .unwrap_or(pid)
+}
+
+/// Targets of one pgbench cell.
+const TARGET_NAMES: [&str; TARGETS] = ["direct", "tg", "tg-w", "tg+m", "pgbouncer", "haproxy"];
+const TARGETS: usize = 6;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn tps(out: &str) -> anyhow::Result<f64> {
     out.lines()
         .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("no tps in pgbench output:\n{out}"))
 }
 
-pub fn postgres(seconds: u64, scale: u32) -> anyhow::Result<()> {
+/// What `bench postgres` runs.
+pub struct Options {
+    pub seconds: u64,
+    pub rounds: usize,
+    pub scale: u32,
+    pub modes: Vec<String>,
+    pub clients: Vec<u32>,
+    pub targets: Vec<String>,
+    pub pgbench_only: bool,
+}
+
+pub fn postgres(o: Options) -> anyhow::Result<()> {
+    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only } = o;
+    let mut run_target = [false; TARGETS];
+    for t in &targets {
+        match TARGET_NAMES.iter().position(|n| n == t) {
+            Some(i) => run_target[i] = true,
+            None => bail!("unknown target {t:?}: one of {}", TARGET_NAMES.join(", ")),
+        }
+    }
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if let Some(m) = modes.iter().find(|m| !matches!(m.as_str(), "simple" | "prepared")) {
+        bail!("unknown mode {m:?}: simple or prepared");
+    }
+    if clients.contains(&0) {
+        bail!("client counts must be at least 1");
+    }
     setup::ensure()?;
     util::cargo_build(true)?;
     let bin = util::tollgate_bin(true);
@@ -117,6 +177,7 @@ pub fn postgres(seconds: u64, scale: u32) -> anyhow::Result<()> {
     rig.children
         .push(as_postgres(&["pgbouncer", ini.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
     wait_port(bouncer_port, "pgbouncer")?;
+    let bouncer_pid = exec_child(rig.children.last().map(|c| c.id()).context("pgbouncer")?);
 
     // haproxy in tcp mode: a proxy that inspects nothing.
     let haproxy_port = free_port()?;
@@ -130,6 +191,7 @@ pub fn postgres(seconds: u64, scale: u32) -> anyhow::Result<()> {
     rig.children
         .push(Command::new("haproxy").args(["-f", cfg.to_str().unwrap(), "-db"]).stdout(Stdio::null()).spawn()?);
     wait_port(haproxy_port, "haproxy")?;
+    let haproxy_pid = rig.children.last().map(|c| c.id()).context("haproxy")?;
 
     // tollgate, guardrails on: every statement classified, judged and audited durably.
     let secret = d.join("secret");
@@ -206,7 +268,9 @@ spec:
     };
 
     println!(
-        "\npgbench -S (select-only), scale {scale}, {seconds} s per run, all on this 2-core machine, TPS.\n\
+        "\npgbench -S (select-only), scale {scale}, {rounds} rounds of {seconds} s per cell, all on this\n\
+         2-core machine. Within a round every target runs once, in a rotating order; TPS columns are\n\
+         the median over rounds, ratio columns the median of the per-round ratios.\n\
          tg: tollgate, statement records durable before forwarding (the default); tg-w: written\n\
          before forwarding (audit.statements: written); tg+m: durable, with masking on\n\
          {:<9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
@@ -225,29 +289,88 @@ spec:
         "tgm/hap"
     );
     let secs = seconds.to_string();
-    for mode in ["simple", "prepared"] {
-        for clients in [1u32, 8] {
+    let mut written_mode = false;
+    let mut cpu_rows = Vec::new();
+    for mode in &modes {
+        for &clients in &clients {
             let (c, j) = (clients.to_string(), clients.min(2).to_string());
             let args = ["-S", "-M", mode, "-c", &c, "-j", &j, "-T", &secs];
-            let direct = pgbench(pg_port, None, &args)?;
-            let tollgate = pgbench(pg_port, Some(&cgroup), &args)?;
-            let masked = pgbench(pg_port, Some(&masked_cgroup), &args)?;
-            statements("written")?;
-            let written = pgbench(pg_port, Some(&cgroup), &args)?;
-            statements("durable")?;
-            let bouncer = pgbench(bouncer_port, None, &args)?;
-            let haproxy = pgbench(haproxy_port, None, &args)?;
+            // direct, tg, tg-w, tg+m, pgbouncer, haproxy
+            let mut tps_of: [Vec<f64>; TARGETS] = Default::default();
+            // The proxy's CPU time per transaction, µs (none for direct).
+            let mut cpu_of: [Vec<f64>; TARGETS] = Default::default();
+            for round in 0..rounds {
+                for k in 0..TARGETS {
+                    let t = (k + round) % TARGETS;
+                    if !run_target[t] {
+                        continue;
+                    }
+                    if (t == 2) != written_mode {
+                        written_mode = t == 2;
+                        statements(if written_mode { "written" } else { "durable" })?;
+                    }
+                    let proxy = match t {
+                        0 => None,
+                        1..=3 => Some(agent_pid),
+                        4 => Some(bouncer_pid),
+                        _ => Some(haproxy_pid),
+                    };
+                    let cpu_before = proxy.map(cpu_ns);
+                    let v = match t {
+                        0 => pgbench(pg_port, None, &args)?,
+                        1 | 2 => pgbench(pg_port, Some(&cgroup), &args)?,
+                        3 => pgbench(pg_port, Some(&masked_cgroup), &args)?,
+                        4 => pgbench(bouncer_port, None, &args)?,
+                        _ => pgbench(haproxy_port, None, &args)?,
+                    };
+                    tps_of[t].push(v);
+                    if let (Some(pid), Some(before)) = (proxy, cpu_before) {
+                        cpu_of[t].push((cpu_ns(pid) - before) as f64 / 1e3 / (v * seconds as f64));
+                    }
+                }
+            }
+            let m = |t: usize| median(&tps_of[t]);
+            let r =
+                |a: usize, b: usize| median(&tps_of[a].iter().zip(&tps_of[b]).map(|(x, y)| x / y).collect::<Vec<_>>());
             println!(
-                "{mode:<9} {clients:>7} {direct:>8.0} {tollgate:>8.0} {written:>8.0} {masked:>8.0} {bouncer:>9.0} {haproxy:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
-                tollgate / haproxy,
-                tollgate / bouncer,
-                written / haproxy,
-                written / bouncer,
-                masked / haproxy,
+                "{mode:<9} {clients:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
+                m(0),
+                m(1),
+                m(2),
+                m(3),
+                m(4),
+                m(5),
+                r(1, 5),
+                r(1, 4),
+                r(2, 5),
+                r(2, 4),
+                r(3, 5),
             );
+            cpu_rows.push(format!(
+                "{mode:<9} {clients:>7} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1}",
+                median(&cpu_of[1]),
+                median(&cpu_of[2]),
+                median(&cpu_of[3]),
+                median(&cpu_of[4]),
+                median(&cpu_of[5]),
+            ));
         }
     }
+    println!(
+        "\nproxy CPU time per transaction, µs (all threads, user and kernel, including the loopback\n\
+         delivery a send does; median over rounds)\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "mode", "clients", "tg", "tg-w", "tg+m", "pgbouncer", "haproxy"
+    );
+    for row in cpu_rows {
+        println!("{row}");
+    }
+    if written_mode {
+        statements("durable")?;
+    }
 
+    if pgbench_only {
+        return Ok(());
+    }
     // One large result with an e-mail column the masked grant masks by name.
     rig.pg.sql(
         "CREATE TABLE mask_bench AS SELECT g AS id, 'user' || g || '@example.com' AS email FROM generate_series(1, 1000000) g",

@@ -25,16 +25,34 @@ impl Head {
 }
 
 fn digest(body: &[u8]) -> String {
-    hex::encode(Sha256::digest(body))
+    let mut hex = [0u8; HASH_LEN];
+    hex::encode_to_slice(Sha256::digest(body), &mut hex).expect("a sha256 is 32 bytes");
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
 /// Seals `record` as the entry after `head`; returns the line (with '\n') and the new head.
+///
+/// The body is the JSON of an `Entry`, written field by field (the same bytes serde's
+/// flattening would give, without its map detour): this runs once per audited message.
 pub fn seal(head: &Head, time: String, record: Record) -> (String, Head) {
-    let entry = Entry { seq: head.seq + 1, time, prev: head.hash.clone(), record };
-    let body = serde_json::to_string(&entry).expect("audit entries always serialise");
-    let hash = digest(body.as_bytes());
-    let line = format!("{PREFIX}{hash}\",{}\n", &body[1..]);
-    (line, Head { seq: entry.seq, hash })
+    use std::io::Write;
+    let seq = head.seq + 1;
+    let mut body: Vec<u8> = Vec::with_capacity(384);
+    let _ = write!(body, "{{\"seq\":{seq},\"time\":");
+    serde_json::to_writer(&mut body, &time).expect("a string always serialises");
+    let _ = write!(body, ",\"prev\":\"{}\"", head.hash);
+    let record_at = body.len();
+    serde_json::to_writer(&mut body, &record).expect("audit records always serialise");
+    // The record's own opening brace becomes the separator after `prev`.
+    body[record_at] = b',';
+    let hash = digest(&body);
+    let mut line = String::with_capacity(PREFIX.len() + HASH_LEN + body.len() + 2);
+    line.push_str(PREFIX);
+    line.push_str(&hash);
+    line.push_str("\",");
+    line.push_str(std::str::from_utf8(&body[1..]).expect("serde_json writes UTF-8"));
+    line.push('\n');
+    (line, Head { seq, hash })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +137,19 @@ mod tests {
             head = h;
         }
         (lines, head)
+    }
+
+    #[test]
+    fn sealed_body_is_the_entry_as_serde_writes_it() {
+        let mut r = Record::new(Kind::Statement);
+        r.statement = Some("SELECT '\"quoted\"\\n'".into());
+        r.refs = Some(vec![1, 2]);
+        let head = Head { seq: 41, hash: "ab".repeat(32) };
+        let (line, h) = seal(&head, "2026-11-26T00:00:00Z".into(), r.clone());
+        let entry = Entry { seq: 42, time: "2026-11-26T00:00:00Z".into(), prev: head.hash.clone(), record: r };
+        let expected = serde_json::to_string(&entry).unwrap();
+        assert_eq!(line, format!("{PREFIX}{}\",{}\n", digest(expected.as_bytes()), &expected[1..]));
+        assert_eq!(h.seq, 42);
     }
 
     #[test]

@@ -38,55 +38,109 @@ type Ack = oneshot::Sender<Result<u64, AuditError>>;
 
 struct Msg {
     record: Record,
+    /// Someone waits for this record to be on disk (fdatasync).
     ack: Option<Ack>,
-    /// The waiter needs the record on disk (fdatasync), not just written to the file.
-    durable: bool,
 }
 
-/// Records on their way to the writer, in order. A record someone waits for wakes the writer at
-/// once; others are gathered for up to GATHER, so the writer wakes per batch, not per record.
-#[derive(Default)]
-struct Queue {
-    state: Mutex<QueueState>,
-    wake: Condvar,
+/// The trail file and the end of its chain, as far as it has been written.
+struct Trail {
+    file: File,
+    path: PathBuf,
+    head: Head,
+    /// File length after the last successful write: a failed write is cut back to it.
+    len: u64,
+    buf: String,
+    /// Records of failed writes not yet reported in the trail, and why.
+    lost: u64,
+    last_error: String,
 }
 
-#[derive(Default)]
-struct QueueState {
+/// Everything behind the one lock: records not yet written, in order, and the trail. Whoever
+/// holds the lock may seal and write what is queued (the writer thread for lazy and durable
+/// records, a caller of `append_written` inline), so records reach the file in append order.
+struct State {
+    trail: Trail,
     items: VecDeque<Msg>,
     /// When the oldest queued record arrived.
     since: Option<Instant>,
+    /// A queued record waits for fdatasync.
     urgent: bool,
+    /// Written records someone waits to see on disk, with their sequence numbers.
+    to_sync: Vec<(Ack, u64)>,
+    /// Records were written but not synced since then.
+    unsynced_since: Option<Instant>,
     closed: bool,
 }
 
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
 
-    fn push(&self, m: Msg) -> Result<(), AuditError> {
-        let urgent = m.ack.is_some();
-        let mut q = self.lock();
-        if q.closed {
-            return Err(AuditError::Closed);
-        }
-        q.items.push_back(m);
-        // The writer hears of the first record of a batch (to time its gathering) and of
-        // urgent ones; the rest just queue.
-        let first = q.since.is_none();
-        q.since.get_or_insert_with(Instant::now);
-        q.urgent |= urgent;
-        drop(q);
-        if first || urgent {
-            self.wake.notify_one();
-        }
-        Ok(())
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Closes the queue when the last `AuditLog` handle goes.
-struct Closer(Arc<Queue>);
+impl State {
+    /// Seals every queued record and writes them in one piece. Durable waiters move to
+    /// `to_sync`; on a failed write the chain is rolled back, the partial write cut, the
+    /// waiters told, and the loss reported by the next record that reaches the file.
+    fn flush(&mut self) -> Result<(), AuditError> {
+        if self.items.is_empty() {
+            return Ok(());
+        }
+        let t = &mut self.trail;
+        t.buf.clear();
+        let start_head = t.head.clone();
+        let mut count = 0u64;
+        let mut acks: Vec<(Ack, u64)> = Vec::new();
+        if t.lost > 0 {
+            let mut r = Record::new(Kind::AuditRecovered);
+            r.count = Some(t.lost);
+            r.error = Some(t.last_error.clone());
+            r.detail = Some(format!("{} records could not be written and are missing from the trail", t.lost));
+            let (line, h) = chain::seal(&t.head, now_rfc3339(), r);
+            t.buf.push_str(&line);
+            t.head = h;
+        }
+        for m in self.items.drain(..) {
+            let (line, h) = chain::seal(&t.head, now_rfc3339(), m.record);
+            t.buf.push_str(&line);
+            t.head = h;
+            count += 1;
+            if let Some(a) = m.ack {
+                acks.push((a, t.head.seq));
+            }
+        }
+        self.since = None;
+        self.urgent = false;
+        match t.file.write_all(t.buf.as_bytes()) {
+            Ok(()) => {
+                t.len += t.buf.len() as u64;
+                t.lost = 0;
+                self.to_sync.extend(acks);
+                self.unsynced_since.get_or_insert_with(Instant::now);
+                Ok(())
+            }
+            Err(e) => {
+                t.lost += count;
+                t.last_error = e.to_string();
+                tracing::error!(path = %t.path.display(), error = %e, lost = t.lost, "audit write failed");
+                t.head = start_head;
+                let _ = t.file.set_len(t.len);
+                for (a, _) in acks {
+                    let _ = a.send(Err(AuditError::Write(e.to_string())));
+                }
+                Err(AuditError::Write(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Closes the trail when the last `AuditLog` handle goes.
+struct Closer(Arc<Shared>);
 
 impl Drop for Closer {
     fn drop(&mut self) {
@@ -98,7 +152,7 @@ impl Drop for Closer {
 /// Handle to the trail. Cloning is cheap; the writer stops when every handle is dropped.
 #[derive(Clone)]
 pub struct AuditLog {
-    queue: Arc<Queue>,
+    shared: Arc<Shared>,
     _closer: Arc<Closer>,
 }
 
@@ -181,35 +235,69 @@ impl AuditLog {
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
         }
         let path = trail_path(dir);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| AuditError::Io { path: path.clone(), source })?;
+        let path_err = |source| AuditError::Io { path: path.clone(), source };
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(&path).map_err(path_err)?;
         // The file's directory entry must be durable too, or a crash can lose the whole trail.
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
-        let (mut head, cut) = recover(&mut file, &path)?;
-        let queue = Arc::new(Queue::default());
-        let rx = queue.clone();
+        let (head, cut) = recover(&mut file, &path)?;
+        let len = file.metadata().map_err(path_err)?.len();
+        // fdatasync runs on its own descriptor, outside the lock, while others write.
+        let sync_file = file.try_clone().map_err(path_err)?;
+        let mut state = State {
+            trail: Trail {
+                file,
+                path: path.clone(),
+                head,
+                len,
+                buf: String::new(),
+                lost: 0,
+                last_error: String::new(),
+            },
+            items: VecDeque::new(),
+            since: None,
+            urgent: false,
+            to_sync: Vec::new(),
+            unsynced_since: None,
+            closed: false,
+        };
         if cut > 0 {
             let mut r = Record::new(Kind::AuditRecovered);
             r.detail = Some(format!("cut {cut} bytes of an incomplete record at the end of the trail"));
-            let (line, h) = chain::seal(&head, now_rfc3339(), r);
-            file.write_all(line.as_bytes()).map_err(|source| AuditError::Io { path: path.clone(), source })?;
-            head = h;
+            state.items.push_back(Msg { record: r, ack: None });
+            state.flush()?;
         }
+        let shared = Arc::new(Shared { state: Mutex::new(state), wake: Condvar::new() });
+        let rx = shared.clone();
         let handle = thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(file, path, head, rx))
+            .spawn(move || run(&rx, &sync_file, &path))
             .map_err(io_err)?;
-        let closer = Arc::new(Closer(queue.clone()));
-        Ok((AuditLog { queue, _closer: closer }, WriterThread(handle)))
+        let closer = Arc::new(Closer(shared.clone()));
+        Ok((AuditLog { shared, _closer: closer }, WriterThread(handle)))
+    }
+
+    fn push(&self, m: Msg) -> Result<(), AuditError> {
+        let urgent = m.ack.is_some();
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Err(AuditError::Closed);
+        }
+        st.items.push_back(m);
+        // The writer hears of the first record of a batch (to time its gathering) and of
+        // urgent ones; the rest just queue.
+        let first = st.since.is_none();
+        st.since.get_or_insert_with(Instant::now);
+        st.urgent |= urgent;
+        drop(st);
+        if first || urgent {
+            self.shared.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Queues a record: written within GATHER, on disk within LAZY_SYNC after that.
     pub fn append(&self, record: Record) {
-        if self.queue.push(Msg { record, ack: None, durable: false }).is_err() {
+        if self.push(Msg { record, ack: None }).is_err() {
             tracing::error!("audit writer has stopped; a record was not written");
         }
     }
@@ -217,154 +305,88 @@ impl AuditLog {
     /// Appends a record and returns once it is on disk; yields its sequence number.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.queue.push(Msg { record, ack: Some(ack), durable: true })?;
+        self.push(Msg { record, ack: Some(ack) })?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// Appends a record and returns once it is written to the trail file (so it survives the
-    /// agent dying, not the host), on disk within LAZY_SYNC; yields its sequence number.
-    pub async fn append_written(&self, record: Record) -> Result<u64, AuditError> {
-        let (ack, done) = oneshot::channel();
-        self.queue.push(Msg { record, ack: Some(ack), durable: false })?;
-        done.await.map_err(|_| AuditError::Closed)?
+    /// Appends a record, with everything queued before it, and returns once it is written to
+    /// the trail file (so it survives the agent dying, not the host); on disk within
+    /// LAZY_SYNC. Writes in the calling thread: a write(2) to the page cache, no hand-off.
+    pub fn append_written(&self, record: Record) -> Result<u64, AuditError> {
+        let mut st = self.shared.lock();
+        if st.closed {
+            return Err(AuditError::Closed);
+        }
+        st.items.push_back(Msg { record, ack: None });
+        let had_waiters = !st.to_sync.is_empty();
+        st.flush()?;
+        let seq = st.trail.head.seq;
+        let wake = !had_waiters && !st.to_sync.is_empty();
+        drop(st);
+        // Durable records queued before this one were written here: the writer syncs them.
+        if wake {
+            self.shared.wake.notify_one();
+        }
+        Ok(seq)
     }
 }
 
-/// Most records written per fdatasync; bounds the latency of the first record in a batch.
-const MAX_BATCH: usize = 4096;
 /// Longest a record nobody waits for stays in the page cache before an fdatasync.
 const LAZY_SYNC: Duration = Duration::from_millis(10);
 /// Longest a record nobody waits for stays queued before it is written: the writer wakes per
 /// batch, not per record (a busy proxy writes thousands of records a second).
 const GATHER: Duration = Duration::from_millis(2);
 
-/// What the writer does next.
-enum Next {
-    Batch(Vec<Msg>),
-    /// Records were written lazily LAZY_SYNC ago: sync them.
-    Sync,
-    Stop,
-}
-
-/// Waits for the next batch: at once for a record someone waits for, within GATHER otherwise.
-fn next(queue: &Queue, unsynced_since: Option<Instant>) -> Next {
-    let mut q = queue.lock();
+/// The writer thread: writes queued records within GATHER (at once when someone waits for
+/// them), and syncs with one fdatasync per round everything written before it began (group
+/// commit), within LAZY_SYNC for records nobody waits for.
+fn run(shared: &Shared, sync_file: &File, path: &Path) {
+    let mut st = shared.lock();
     loop {
         let now = Instant::now();
-        let gathered = q.since.is_some_and(|t| now.duration_since(t) >= GATHER);
-        if q.urgent || gathered || (q.closed && !q.items.is_empty()) {
-            q.urgent = false;
-            q.since = None;
-            let n = q.items.len().min(MAX_BATCH);
-            let batch: Vec<Msg> = q.items.drain(..n).collect();
-            if !q.items.is_empty() {
-                q.since = Some(now);
-                q.urgent = q.items.iter().any(|m| m.ack.is_some());
-            }
-            return Next::Batch(batch);
+        let gathered = st.since.is_some_and(|t| now.duration_since(t) >= GATHER);
+        if st.urgent || gathered || st.closed {
+            // A failed write has told its waiters and will be reported by the next one.
+            let _ = st.flush();
         }
-        if q.closed {
-            return Next::Stop;
-        }
-        let sync_due = unsynced_since.map(|t| LAZY_SYNC.saturating_sub(now.duration_since(t)));
-        if sync_due == Some(Duration::ZERO) {
-            return Next::Sync;
-        }
-        let gather_due = q.since.map(|t| GATHER.saturating_sub(now.duration_since(t)));
-        q = match (gather_due, sync_due) {
-            (None, None) => queue.wake.wait(q).unwrap_or_else(|e| e.into_inner()),
-            (a, b) => {
-                let wait = a.into_iter().chain(b).min().unwrap_or(GATHER);
-                queue.wake.wait_timeout(q, wait).unwrap_or_else(|e| e.into_inner()).0
-            }
-        };
-    }
-}
-
-fn run(mut file: File, path: PathBuf, mut head: Head, rx: Arc<Queue>) {
-    let mut buf = String::new();
-    let mut acks: Vec<(Ack, u64)> = Vec::new();
-    let mut durable_waiters = false;
-    // A lazy fdatasync failed: records up to this seq were written but may not be on disk.
-    let mut sync_failed: Option<(u64, String)> = None;
-    // Records of failed batches: the next batch that reaches disk says how many are missing,
-    // so a gap is never silent even though the chain itself stays intact.
-    let mut lost: u64 = 0;
-    let mut last_error = String::new();
-    // Records nobody waits for may sit unsynced for up to LAZY_SYNC; a record someone waits
-    // for syncs everything before it too.
-    let mut unsynced_since: Option<Instant> = None;
-    loop {
-        let batch = match next(&rx, unsynced_since) {
-            Next::Batch(b) => b,
-            Next::Sync => {
-                if let Err(e) = file.sync_data() {
+        let sync_due = st.unsynced_since.is_some_and(|t| now.duration_since(t) >= LAZY_SYNC);
+        if !st.to_sync.is_empty() || sync_due || (st.closed && st.unsynced_since.is_some()) {
+            let waiters = std::mem::take(&mut st.to_sync);
+            let upto = st.trail.head.seq;
+            st.unsynced_since = None;
+            drop(st);
+            let synced = sync_file.sync_data();
+            st = shared.lock();
+            match synced {
+                Ok(()) => {
+                    for (a, seq) in waiters {
+                        let _ = a.send(Ok(seq));
+                    }
+                }
+                Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "audit sync failed");
-                    sync_failed = Some((head.seq, e.to_string()));
+                    for (a, _) in waiters {
+                        let _ = a.send(Err(AuditError::Write(format!("fdatasync: {e}"))));
+                    }
+                    let mut r = Record::new(Kind::AuditRecovered);
+                    r.error = Some(e.to_string());
+                    r.detail =
+                        Some(format!("an fdatasync failed: records up to seq {upto} may not have reached the disk"));
+                    st.items.push_back(Msg { record: r, ack: None });
+                    st.since.get_or_insert_with(Instant::now);
                 }
-                unsynced_since = None;
-                continue;
             }
-            Next::Stop => {
-                let _ = file.sync_data();
-                break;
-            }
+            continue;
+        }
+        if st.closed && st.items.is_empty() {
+            return;
+        }
+        let gather_due = st.since.map(|t| GATHER.saturating_sub(now.duration_since(t)));
+        let sync_due = st.unsynced_since.map(|t| LAZY_SYNC.saturating_sub(now.duration_since(t)));
+        st = match gather_due.into_iter().chain(sync_due).min() {
+            None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+            Some(wait) => shared.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0,
         };
-        buf.clear();
-        let start_head = head.clone();
-        let start_len = file.metadata().map(|m| m.len()).ok();
-        let batch_len = batch.len() as u64;
-        if let Some((upto, error)) = sync_failed.take() {
-            let mut r = Record::new(Kind::AuditRecovered);
-            r.error = Some(error);
-            r.detail = Some(format!("an fdatasync failed: records up to seq {upto} may not have reached the disk"));
-            let (line, h) = chain::seal(&head, now_rfc3339(), r);
-            buf.push_str(&line);
-            head = h;
-        }
-        if lost > 0 {
-            let mut r = Record::new(Kind::AuditRecovered);
-            r.count = Some(lost);
-            r.error = Some(last_error.clone());
-            r.detail = Some(format!("{lost} records could not be written and are missing from the trail"));
-            let (line, h) = chain::seal(&head, now_rfc3339(), r);
-            buf.push_str(&line);
-            head = h;
-        }
-        for m in batch {
-            let (line, h) = chain::seal(&head, now_rfc3339(), m.record);
-            buf.push_str(&line);
-            head = h;
-            if let Some(a) = m.ack {
-                acks.push((a, head.seq));
-                durable_waiters |= m.durable;
-            }
-        }
-        let must_sync =
-            std::mem::take(&mut durable_waiters) || unsynced_since.is_some_and(|t| t.elapsed() >= LAZY_SYNC);
-        let written = file.write_all(buf.as_bytes()).and_then(|_| if must_sync { file.sync_data() } else { Ok(()) });
-        match written {
-            Ok(()) => {
-                unsynced_since = if must_sync { None } else { unsynced_since.or(Some(Instant::now())) };
-                lost = 0;
-                for (a, seq) in acks.drain(..) {
-                    let _ = a.send(Ok(seq));
-                }
-            }
-            Err(e) => {
-                lost += batch_len;
-                last_error = e.to_string();
-                tracing::error!(path = %path.display(), error = %e, lost, "audit write failed");
-                // Roll the chain back and cut a partial write, so the trail stays a valid chain.
-                head = start_head;
-                if let Some(len) = start_len {
-                    let _ = file.set_len(len);
-                }
-                for (a, _) in acks.drain(..) {
-                    let _ = a.send(Err(AuditError::Write(e.to_string())));
-                }
-            }
-        }
     }
 }
 
@@ -376,12 +398,38 @@ mod tests {
     async fn written_appends_return_their_sequence_once_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (log, thread) = AuditLog::open(dir.path()).unwrap();
-        assert_eq!(log.append_written(Record::new(Kind::Statement)).await.unwrap(), 1);
+        assert_eq!(log.append_written(Record::new(Kind::Statement)).unwrap(), 1);
         let text = fs::read_to_string(trail_path(dir.path())).unwrap();
         assert_eq!(text.lines().count(), 1, "in the file when the call returns");
         assert_eq!(log.append_durable(Record::new(Kind::Statement)).await.unwrap(), 2);
         drop(log);
         thread.join();
+    }
+
+    #[tokio::test]
+    async fn a_written_append_carries_what_was_queued_before_it_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        let rec = |pid: u32| {
+            let mut r = Record::new(Kind::Connect);
+            r.pid = Some(pid);
+            r
+        };
+        log.append(rec(1));
+        log.append(rec(2));
+        assert_eq!(log.append_written(rec(3)).unwrap(), 3);
+        let text = fs::read_to_string(trail_path(dir.path())).unwrap();
+        let pids: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["pid"].as_u64().unwrap())
+            .collect();
+        assert_eq!(pids, [1, 2, 3], "queued records first, in the file when the call returns");
+        // A durable record queued before a written one is written by it and still synced.
+        let (durable, written) = tokio::join!(log.append_durable(rec(4)), async { log.append_written(rec(5)) });
+        assert_eq!((durable.unwrap(), written.unwrap()), (4, 5));
+        drop(log);
+        thread.join();
+        assert_eq!(chain::verify(&fs::read_to_string(trail_path(dir.path())).unwrap()).unwrap().seq, 5);
     }
 
     #[test]

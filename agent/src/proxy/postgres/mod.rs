@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -409,17 +409,17 @@ struct Tally {
 }
 
 impl Tally {
-    fn see(&mut self, f: &Frame) {
-        match f.tag {
+    fn see(&mut self, tag: u8, body: &[u8]) {
+        match tag {
             b'C' => {
                 self.commands += 1;
                 // "SELECT 5", "INSERT 0 1", "UPDATE 3": the row count is the last word.
-                let tag = f.body.split(|&b| b == 0).next().unwrap_or(&[]);
+                let tag = body.split(|&b| b == 0).next().unwrap_or(&[]);
                 if let Some(n) = std::str::from_utf8(tag).ok().and_then(|t| t.rsplit(' ').next()?.parse::<u64>().ok()) {
                     self.rows += n;
                 }
             }
-            b'E' if self.error.is_none() => self.error = wire::error_message(&f.body),
+            b'E' if self.error.is_none() => self.error = wire::error_message(body),
             _ => {}
         }
     }
@@ -482,14 +482,38 @@ async fn downstream(
     let mut out = BytesMut::new();
     let mut injecting = true;
     loop {
-        while let Some(f) = wire::decode(&mut buf).map_err(std::io::Error::other)? {
-            let f = match &mut masking {
-                None => f,
-                Some((tracker, ops)) => {
+        match &mut masking {
+            // Nothing to rewrite: frames are looked at in place and relayed as read.
+            None => {
+                let (mut pos, mut relayed) = (0, 0);
+                while let Some((tag, len)) = wire::peek(&buf[pos..]).map_err(std::io::Error::other)? {
+                    let body = &buf[pos + 5..pos + len];
+                    tally.see(tag, body);
+                    pos += len;
+                    if tag == b'Z' {
+                        status = wire::ready_status(body).unwrap_or(status);
+                        results.record(std::mem::take(&mut tally));
+                        ready_seen += 1;
+                        if pending.front().is_some_and(|i| i.after <= ready_seen) {
+                            out.extend_from_slice(&buf[relayed..pos]);
+                            relayed = pos;
+                            flush_injections(&mut pending, ready_seen, status, &mut out);
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    client.write_all(&buf[..pos]).await?;
+                } else {
+                    out.extend_from_slice(&buf[relayed..pos]);
+                }
+                buf.advance(pos);
+            }
+            Some((tracker, ops)) => {
+                while let Some(f) = wire::decode(&mut buf).map_err(std::io::Error::other)? {
                     while let Ok(op) = ops.try_recv() {
                         tracker.push(op);
                     }
-                    match tracker.on_frame(f) {
+                    let f = match tracker.on_frame(f) {
                         Ok(Some(f)) => f,
                         Ok(None) => continue,
                         Err(e) => {
@@ -499,19 +523,17 @@ async fn downstream(
                             client.write_all(&out).await?;
                             return Err(std::io::Error::other(e));
                         }
+                    };
+                    f.encode(&mut out);
+                    tally.see(f.tag, &f.body);
+                    if f.tag == b'Z' {
+                        tally.masked = tracker.take_counts();
+                        results.record(std::mem::take(&mut tally));
+                        ready_seen += 1;
+                        status = wire::ready_status(&f.body).unwrap_or(status);
+                        flush_injections(&mut pending, ready_seen, status, &mut out);
                     }
                 }
-            };
-            f.encode(&mut out);
-            tally.see(&f);
-            if f.tag == b'Z' {
-                if let Some((tracker, _)) = &mut masking {
-                    tally.masked = tracker.take_counts();
-                }
-                results.record(std::mem::take(&mut tally));
-                ready_seen += 1;
-                status = wire::ready_status(&f.body).unwrap_or(status);
-                flush_injections(&mut pending, ready_seen, status, &mut out);
             }
         }
         if !out.is_empty() {
@@ -691,7 +713,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         let seq = match self.s.statement_audit {
             StatementAudit::Durable => self.s.audit.append_durable(r).await,
-            StatementAudit::Written => self.s.audit.append_written(r).await,
+            StatementAudit::Written => self.s.audit.append_written(r),
         }
         .map_err(|e| format!("audit unavailable: {e}"))?;
         let hold = match d.action {
@@ -781,6 +803,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut batch: Vec<Frame> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut skip_until_sync = false;
+        let mut wbuf = BytesMut::new();
         loop {
             let Some(frame) = self.next_frame().await? else { return Ok(()) };
             let mut forward: Vec<Frame> = Vec::new();
@@ -892,7 +915,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
             }
             if !forward.is_empty() {
-                send(&mut up, &forward).await.map_err(|e| e.to_string())?;
+                for f in &forward {
+                    f.encode(&mut wbuf);
+                }
+                up.write_all(&wbuf).await.map_err(|e| e.to_string())?;
+                wbuf.clear();
             }
         }
     }

@@ -113,8 +113,9 @@ impl Frame {
     }
 }
 
-/// Splits one frame off the front of `buf` if a whole one is there.
-pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+/// The tag and whole length (tag and length field included) of the frame at the front of
+/// `buf`, if a whole one is there.
+pub fn peek(buf: &[u8]) -> Result<Option<(u8, usize)>, WireError> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -129,8 +130,13 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
     if buf.len() < 1 + len {
         return Ok(None);
     }
-    let tag = buf[0];
-    let mut frame = buf.split_to(1 + len);
+    Ok(Some((buf[0], 1 + len)))
+}
+
+/// Splits one frame off the front of `buf` if a whole one is there.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+    let Some((tag, len)) = peek(buf)? else { return Ok(None) };
+    let mut frame = buf.split_to(len);
     let body = frame.split_off(5).freeze();
     Ok(Some(Frame { tag, body }))
 }
