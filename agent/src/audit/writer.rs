@@ -69,6 +69,8 @@ struct State {
     to_sync: Vec<(Ack, u64)>,
     /// Records were written but not synced since then.
     unsynced_since: Option<Instant>,
+    /// The writer sleeps with nothing to do and no deadline: the next record must wake it.
+    idle: bool,
     closed: bool,
 }
 
@@ -258,6 +260,7 @@ impl AuditLog {
             urgent: false,
             to_sync: Vec::new(),
             unsynced_since: None,
+            idle: false,
             closed: false,
         };
         if cut > 0 {
@@ -283,19 +286,20 @@ impl AuditLog {
             return Err(AuditError::Closed);
         }
         st.items.push_back(m);
-        // The writer hears of the first record of a batch (to time its gathering) and of
-        // urgent ones; the rest just queue.
-        let first = st.since.is_none();
         st.since.get_or_insert_with(Instant::now);
         st.urgent |= urgent;
+        // A writer with work pending wakes on its own deadline; only an idle one, or someone
+        // waiting, costs the appender a wake-up (which would otherwise land on the hot path).
+        let wake = urgent || std::mem::take(&mut st.idle);
         drop(st);
-        if first || urgent {
+        if wake {
             self.shared.wake.notify_one();
         }
         Ok(())
     }
 
-    /// Queues a record: written within GATHER, on disk within LAZY_SYNC after that.
+    /// Queues a record: written and on disk within LAZY (sooner when someone appends a record
+    /// they wait for).
     pub fn append(&self, record: Record) {
         if self.push(Msg { record, ack: None }).is_err() {
             tracing::error!("audit writer has stopped; a record was not written");
@@ -310,8 +314,8 @@ impl AuditLog {
     }
 
     /// Appends a record, with everything queued before it, and returns once it is written to
-    /// the trail file (so it survives the agent dying, not the host); on disk within
-    /// LAZY_SYNC. Writes in the calling thread: a write(2) to the page cache, no hand-off.
+    /// the trail file (so it survives the agent dying, not the host); on disk within LAZY.
+    /// Writes in the calling thread: a write(2) to the page cache, no hand-off.
     pub fn append_written(&self, record: Record) -> Result<u64, AuditError> {
         let mut st = self.shared.lock();
         if st.closed {
@@ -331,26 +335,23 @@ impl AuditLog {
     }
 }
 
-/// Longest a record nobody waits for stays in the page cache before an fdatasync.
-const LAZY_SYNC: Duration = Duration::from_millis(10);
-/// Longest a record nobody waits for stays queued before it is written: the writer wakes per
-/// batch, not per record (a busy proxy writes thousands of records a second).
-const GATHER: Duration = Duration::from_millis(2);
+/// Longest a record nobody waits for stays queued, then unsynced: the writer works in rounds
+/// of at most this, not per record (a busy proxy writes thousands of records a second).
+const LAZY: Duration = Duration::from_millis(10);
 
-/// The writer thread: writes queued records within GATHER (at once when someone waits for
-/// them), and syncs with one fdatasync per round everything written before it began (group
-/// commit), within LAZY_SYNC for records nobody waits for.
+/// The writer thread: writes queued records at once when someone waits for them, within LAZY
+/// otherwise, and syncs with one fdatasync per round everything written before it began
+/// (group commit).
 fn run(shared: &Shared, sync_file: &File, path: &Path) {
     let mut st = shared.lock();
     loop {
         let now = Instant::now();
-        let gathered = st.since.is_some_and(|t| now.duration_since(t) >= GATHER);
-        if st.urgent || gathered || st.closed {
+        let due = |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= LAZY);
+        if st.urgent || st.closed || due(st.since) {
             // A failed write has told its waiters and will be reported by the next one.
             let _ = st.flush();
         }
-        let sync_due = st.unsynced_since.is_some_and(|t| now.duration_since(t) >= LAZY_SYNC);
-        if !st.to_sync.is_empty() || sync_due || (st.closed && st.unsynced_since.is_some()) {
+        if !st.to_sync.is_empty() || due(st.unsynced_since) || (st.closed && st.unsynced_since.is_some()) {
             let waiters = std::mem::take(&mut st.to_sync);
             let upto = st.trail.head.seq;
             st.unsynced_since = None;
@@ -381,10 +382,13 @@ fn run(shared: &Shared, sync_file: &File, path: &Path) {
         if st.closed && st.items.is_empty() {
             return;
         }
-        let gather_due = st.since.map(|t| GATHER.saturating_sub(now.duration_since(t)));
-        let sync_due = st.unsynced_since.map(|t| LAZY_SYNC.saturating_sub(now.duration_since(t)));
-        st = match gather_due.into_iter().chain(sync_due).min() {
-            None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+        let deadline =
+            st.since.into_iter().chain(st.unsynced_since).min().map(|t| LAZY.saturating_sub(now.duration_since(t)));
+        st = match deadline {
+            None => {
+                st.idle = true;
+                shared.wake.wait(st).unwrap_or_else(|e| e.into_inner())
+            }
             Some(wait) => shared.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0,
         };
     }
@@ -437,9 +441,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, thread) = AuditLog::open(dir.path()).unwrap();
         log.append(Record::new(Kind::AgentStart));
-        std::thread::sleep(GATHER * 20);
+        std::thread::sleep(LAZY * 4);
         let text = fs::read_to_string(trail_path(dir.path())).unwrap();
-        assert_eq!(text.lines().count(), 1, "written within GATHER, not held until the next record");
+        assert_eq!(text.lines().count(), 1, "written within LAZY, not held until the next record");
         // Many lazy records from several threads arrive in one piece, in order per thread.
         std::thread::scope(|s| {
             for t in 0..4u32 {

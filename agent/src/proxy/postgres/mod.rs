@@ -481,6 +481,8 @@ async fn downstream(
     let mut pending: VecDeque<Inject> = VecDeque::new();
     let mut out = BytesMut::new();
     let mut injecting = true;
+    // Sync points answered in the current read, recorded after the answer is relayed.
+    let mut finished: Vec<Tally> = Vec::new();
     loop {
         match &mut masking {
             // Nothing to rewrite: frames are looked at in place and relayed as read.
@@ -492,7 +494,7 @@ async fn downstream(
                     pos += len;
                     if tag == b'Z' {
                         status = wire::ready_status(body).unwrap_or(status);
-                        results.record(std::mem::take(&mut tally));
+                        finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
                         if pending.front().is_some_and(|i| i.after <= ready_seen) {
                             out.extend_from_slice(&buf[relayed..pos]);
@@ -520,6 +522,9 @@ async fn downstream(
                             // Never relay what could not be masked: tell the client, then close.
                             let msg = format!("tollgate: {e}");
                             wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None).encode(&mut out);
+                            for t in finished.drain(..) {
+                                results.record(t);
+                            }
                             client.write_all(&out).await?;
                             return Err(std::io::Error::other(e));
                         }
@@ -528,7 +533,7 @@ async fn downstream(
                     tally.see(f.tag, &f.body);
                     if f.tag == b'Z' {
                         tally.masked = tracker.take_counts();
-                        results.record(std::mem::take(&mut tally));
+                        finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
                         status = wire::ready_status(&f.body).unwrap_or(status);
                         flush_injections(&mut pending, ready_seen, status, &mut out);
@@ -539,6 +544,11 @@ async fn downstream(
         if !out.is_empty() {
             client.write_all(&out).await?;
             out.clear();
+        }
+        // Recorded once the answer is on its way: the audit queue's lock stays off the path
+        // between server and client.
+        for t in finished.drain(..) {
+            results.record(t);
         }
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
         buf.reserve(READ_CHUNK);
