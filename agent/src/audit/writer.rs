@@ -118,9 +118,14 @@ impl State {
         }
         self.since = None;
         self.urgent = false;
-        match t.file.write_all(t.buf.as_bytes()) {
-            Ok(()) => {
-                t.len += t.buf.len() as u64;
+        let written = t.file.write_all(t.buf.as_bytes()).map(|()| t.buf.len() as u64);
+        // One burst must not pin its buffer for the agent's lifetime.
+        if t.buf.capacity() > 1 << 20 {
+            t.buf = String::new();
+        }
+        match written {
+            Ok(n) => {
+                t.len += n;
                 t.lost = 0;
                 self.to_sync.extend(acks);
                 self.unsynced_since.get_or_insert_with(Instant::now);
