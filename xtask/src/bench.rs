@@ -28,48 +28,15 @@ pub enum Which {
         rounds: usize,
     },
     /// pgbench -S (simple and prepared, 1 and 8 clients) direct, through tollgate (guardrails
-    /// on), through pgbouncer (session mode) and through haproxy (tcp), with ratios.
-    Postgres {
-        /// Seconds per pgbench run.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Rounds per cell: each target runs once per round, in a rotating order; medians are
-        /// reported, so drift on a shared machine does not favour whoever ran first.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// pgbench scale factor.
-        #[arg(long, default_value_t = 10)]
-        scale: u32,
-        /// Query modes to run (comma-separated: simple, prepared).
-        #[arg(long, value_delimiter = ',', default_value = "simple,prepared")]
-        modes: Vec<String>,
-        /// Client counts to run (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "1,8")]
-        clients: Vec<u32>,
-        /// Targets to run (comma-separated: direct, tg, tg-w, tg+m, pgbouncer, haproxy); ratios
-        /// need both of their targets.
-        #[arg(long, value_delimiter = ',', default_value = "direct,tg,tg-w,tg+m,pgbouncer,haproxy")]
-        targets: Vec<String>,
-        /// Only the pgbench table: skip the 1,000,000-row result and the memory measurement.
-        #[arg(long)]
-        pgbench_only: bool,
-    },
+    /// on), through pgbouncer (session mode) and through haproxy (tcp), with ratios and the
+    /// proxies' CPU time per transaction.
+    Postgres(crate::bench_pg::Options),
 }
 
 pub fn run(which: Which) -> anyhow::Result<()> {
     match which {
         Which::Connect { count, rounds } => connect(count, rounds),
-        Which::Postgres { seconds, rounds, scale, modes, clients, targets, pgbench_only } => {
-            crate::bench_pg::postgres(crate::bench_pg::Options {
-                seconds,
-                rounds,
-                scale,
-                modes,
-                clients,
-                targets,
-                pgbench_only,
-            })
-        }
+        Which::Postgres(o) => crate::bench_pg::postgres(o),
     }
 }
 

@@ -109,13 +109,30 @@ fn tps(out: &str) -> anyhow::Result<f64> {
 }
 
 /// What `bench postgres` runs.
+#[derive(clap::Args)]
 pub struct Options {
+    /// Seconds per pgbench run.
+    #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Rounds per cell: each target runs once per round, in a rotating order; medians are
+    /// reported, so drift on a shared machine does not favour whoever ran first.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// pgbench scale factor.
+    #[arg(long, default_value_t = 10)]
     pub scale: u32,
+    /// Query modes to run (comma-separated: simple, prepared).
+    #[arg(long, value_delimiter = ',', default_value = "simple,prepared")]
     pub modes: Vec<String>,
+    /// Client counts to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub clients: Vec<u32>,
+    /// Targets to run (comma-separated: direct, tg, tg-w, tg+m, pgbouncer, haproxy); ratios
+    /// need both of their targets.
+    #[arg(long, value_delimiter = ',', default_value = "direct,tg,tg-w,tg+m,pgbouncer,haproxy")]
     pub targets: Vec<String>,
+    /// Only the pgbench table: skip the 1,000,000-row result and the memory measurement.
+    #[arg(long)]
     pub pgbench_only: bool,
 }
 
