@@ -70,7 +70,8 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok()).context("no VmRSS")
 }
 
-/// CPU time (ns) a process's live threads have run, from the scheduler's accounting.
+/// CPU time (ns) a process's live threads have run, from the scheduler's accounting (a thread
+/// that exits takes its share with it, so a difference can come out short, never negative).
 fn cpu_ns(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
     tasks
@@ -342,7 +343,7 @@ spec:
                     };
                     tps_of[t].push(v);
                     if let (Some(pid), Some(before)) = (proxy, cpu_before) {
-                        cpu_of[t].push((cpu_ns(pid) - before) as f64 / 1e3 / (v * seconds as f64));
+                        cpu_of[t].push(cpu_ns(pid).saturating_sub(before) as f64 / 1e3 / (v * seconds as f64));
                     }
                 }
             }

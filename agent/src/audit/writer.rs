@@ -1,4 +1,4 @@
-//! The audit writer: one thread owns the trail file and group-commits records with fdatasync.
+//! The audit writer: the trail file behind one lock, and a thread that group-commits it with fdatasync.
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Read, Seek, SeekFrom, Write},
