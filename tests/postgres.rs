@@ -760,6 +760,17 @@ fn protocol_tricks_fail_closed() {
     // ... and so is changing them later.
     let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "SET standard_conforming_strings = off"], ["X"]]));
     assert!(out.contains("42501") && out.contains("unparseable"), "{out}");
+    // A harmless set_config first must not let the same shape through for a lexer setting
+    // (the classification cache once keyed both alike).
+    let script = serde_json::json!([
+        ["Q", "SELECT set_config('application_name', 'off', false)"],
+        ["Q", "SELECT set_config('standard_conforming_strings', 'off', false)"],
+        ["Q", "SHOW standard_conforming_strings"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(out.matches("42501").count(), 1, "only the second is denied: {out}");
+    assert!(out.contains("unparseable") && out.matches("\nD").count() == 2, "{out}");
     // A simple Query inside an unfinished extended batch would be answered out of order.
     let script = serde_json::json!([["P", "", "SELECT 1"], ["B", "", ""], ["E", ""], ["H"], ["Q", "SELECT 2"], ["S"]]);
     let out = raw(&env, &pg, none.clone(), script);

@@ -1,13 +1,15 @@
 //! SQL classification: any text gives a classification (unparseable at worst), never a panic;
 //! and texts of one shape (equal but for literals) classify the same, as the proxy's cache
-//! assumes.
+//! assumes; and the fast shape lexer agrees with pg_query's scanner wherever it answers.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tollgate::sql::{classify, shape};
+use tollgate::sql::{classify, scanned_shape, shape};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let c = classify(text);
+        // The fast lexer either gives up or produces the scanner's key exactly.
+        assert_eq!(shape(text), scanned_shape(text), "{text:?}");
         // A variant with other digits and other string contents.
         let other: String = text
             .chars()

@@ -6,6 +6,9 @@ use std::{collections::BTreeSet, fmt, str::FromStr};
 
 use serde_json::Value;
 
+mod shape;
+pub use shape::{scanned_shape, shape};
+
 /// What a statement does, as policy rules name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
@@ -202,36 +205,6 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
         }
         _ => return None,
     })
-}
-
-/// A key that is equal for query texts differing only in numeric and string literals,
-/// whitespace and nothing else: their parse trees differ only in constant leaves, which no rule
-/// looks at, so they classify identically and one classification serves them all (pgbench's
-/// `... WHERE aid = 42` and `... = 43`). String literals are kept when the text says COPY,
-/// whose options (FORMAT, DELIMITER) are strings that matter. `None` when the text does not
-/// even scan; classify it directly.
-pub fn shape(sql: &str) -> Option<String> {
-    use pg_query::protobuf::Token;
-    let scan = pg_query::scan(sql).ok()?;
-    // Unicode escapes: a UESCAPE literal changes what U&"..." names decode to. No cache.
-    let unicode = [Token::Uident, Token::Usconst, Token::Uescape].map(|t| t as i32);
-    if scan.tokens.iter().any(|t| unicode.contains(&t.token)) {
-        return None;
-    }
-    // COPY options (FORMAT, DELIMITER, HEADER 0/1) are literals that matter: keep them all.
-    let has_copy = scan.tokens.iter().any(|t| t.token == Token::Copy as i32);
-    let mut key = String::with_capacity(sql.len() + scan.tokens.len());
-    for t in &scan.tokens {
-        let literal = !has_copy
-            && (t.token == Token::Iconst as i32 || t.token == Token::Fconst as i32 || t.token == Token::Sconst as i32);
-        if literal {
-            key.push('\u{1}');
-        } else {
-            key.push_str(sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?);
-        }
-        key.push('\0');
-    }
-    Some(key)
 }
 
 pub fn classify(sql: &str) -> Classification {
