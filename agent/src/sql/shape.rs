@@ -113,8 +113,8 @@ fn lexed(b: &[u8]) -> Option<String> {
                     match *b.get(i)? {
                         b'\'' if at(i + 1) == b'\'' => i += 2,
                         b'\'' => break,
-                        // Its meaning depends on standard_conforming_strings.
-                        b'\\' => return None,
+                        // Its meaning depends on standard_conforming_strings; NUL ends a C string.
+                        b'\\' | 0 => return None,
                         _ => i += 1,
                     }
                 }
@@ -137,7 +137,7 @@ fn lexed(b: &[u8]) -> Option<String> {
                     match *b.get(i)? {
                         b'"' if at(i + 1) == b'"' => i += 2,
                         b'"' => break,
-                        x if x >= 0x80 => return None,
+                        x if x >= 0x80 || x == 0 => return None,
                         _ => i += 1,
                     }
                 }
@@ -155,7 +155,8 @@ fn lexed(b: &[u8]) -> Option<String> {
                 while at(i).is_ascii_digit() {
                     i += 1;
                 }
-                if is_ident_cont(at(i)) || at(i) == b'.' {
+                // The server refuses parameter numbers beyond 32 bits.
+                if i - start > 10 || is_ident_cont(at(i)) || at(i) == b'.' {
                     return None;
                 }
             }
@@ -212,7 +213,7 @@ fn number_end(b: &[u8], mut i: usize) -> Option<usize> {
 
 /// The end of the operator token at `i`, by PostgreSQL's rule: the longest run of operator
 /// characters, less any trailing `+`/`-` unless the run has a character SQL's own operators
-/// lack. `None` when the run holds a comment start.
+/// lack. `None` when the run holds a comment start or is too long.
 fn operator_end(b: &[u8], start: usize) -> Option<usize> {
     let mut end = start;
     while end < b.len() && is_op_char(b[end]) {
@@ -228,7 +229,8 @@ fn operator_end(b: &[u8], start: usize) -> Option<usize> {
             n -= 1;
         }
     }
-    Some(start + n)
+    // The server refuses operators of NAMEDATALEN (64) characters or more.
+    (n < 64).then_some(start + n)
 }
 
 #[cfg(test)]
@@ -276,6 +278,10 @@ mod tests {
         "SELECT café FROM t",
         "SELECT {1}",
         "SELECT 1\x0c",
+        "SELECT 'a\0b'",
+        "SELECT \"a\0b\"",
+        "SELECT $12345678901",
+        "SELECT 1 ||||||||||||||||||||||||||||||||||||||||||||||||||||||||||||||||| 2",
     ];
 
     #[test]

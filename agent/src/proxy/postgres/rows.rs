@@ -144,57 +144,74 @@ impl Plan {
     }
 }
 
-/// Masks one DataRow ('D') body; `None` when nothing changed, so the original is relayed.
-pub fn mask_data_row(
-    body: &Bytes,
+/// Writes the DataRow ('D') frame whose body is `body` to `out`, its values masked by `plan`.
+/// Masked rows go straight into the output: no row is copied twice or allocated on its own.
+/// On error `out` is left as it was, so nothing of a row that could not be masked is sent.
+pub fn write_data_row(
+    body: &[u8],
     plan: &Plan,
     masker: &Masker,
     counts: &mut Counts,
-) -> Result<Option<Bytes>, WireError> {
+    out: &mut BytesMut,
+) -> Result<(), WireError> {
+    let mark = out.len();
+    let written = write_row(body, plan, masker, counts, out);
+    if written.is_err() {
+        out.truncate(mark);
+    }
+    written
+}
+
+fn write_row(
+    body: &[u8],
+    plan: &Plan,
+    masker: &Masker,
+    counts: &mut Counts,
+    out: &mut BytesMut,
+) -> Result<(), WireError> {
     let mut r = Reader { b: body, what: "DataRow" };
     let n = r.i16()?;
     // Checked even when nothing is masked: a row of another shape means the plan is not its own.
     if n < 0 || n as usize != plan.cols.len() {
         return Err(malformed("DataRow", "column count differs from its RowDescription"));
     }
+    let frame = out.len();
+    out.reserve(body.len() + 5);
+    out.put_u8(b'D');
     if !plan.active {
-        return Ok(None);
+        out.put_i32(body.len() as i32 + 4);
+        out.extend_from_slice(body);
+        return Ok(());
     }
-    let mut out: Option<BytesMut> = None;
+    out.put_i32(0); // the length, known at the end
+    out.put_i16(n);
+    // Unmasked values are copied in runs, not one by one.
+    let mut run = 2;
     for col in &plan.cols {
         let start = body.len() - r.b.len();
         let len = r.i32()?;
         if len < -1 {
             return Err(malformed("DataRow", "negative value length"));
         }
-        let value = if len == -1 { None } else { Some(r.take(len as usize)?) };
-        let replaced = match value {
-            None => None,
-            Some(v) => mask_value(*col, v, masker, counts),
-        };
-        match (replaced, &mut out) {
-            (None, None) => {}
-            (None, Some(o)) => o.extend_from_slice(&body[start..body.len() - r.b.len()]),
-            (Some(new), o) => {
-                let o = o.get_or_insert_with(|| {
-                    let mut o = BytesMut::with_capacity(body.len() + 16);
-                    o.extend_from_slice(&body[..start]);
-                    o
-                });
-                match new {
-                    Some(bytes) => {
-                        o.put_i32(bytes.len() as i32);
-                        o.extend_from_slice(&bytes);
-                    }
-                    None => o.put_i32(-1),
-                }
+        let Some(v) = (if len == -1 { None } else { Some(r.take(len as usize)?) }) else { continue };
+        let Some(new) = mask_value(*col, v, masker, counts) else { continue };
+        out.extend_from_slice(&body[run..start]);
+        run = body.len() - r.b.len();
+        match new {
+            Some(bytes) => {
+                out.put_i32(bytes.len() as i32);
+                out.extend_from_slice(&bytes);
             }
+            None => out.put_i32(-1),
         }
     }
     if !r.b.is_empty() {
         return Err(malformed("DataRow", "trailing bytes"));
     }
-    Ok(out.map(BytesMut::freeze))
+    out.extend_from_slice(&body[run..]);
+    let len = i32::try_from(out.len() - frame - 1).map_err(|_| malformed("DataRow", "masked row too large"))?;
+    out[frame + 1..frame + 5].copy_from_slice(&len.to_be_bytes());
+    Ok(())
 }
 
 /// `None`: keep the value; `Some(None)`: send NULL; `Some(Some(v))`: send `v`. What is sent is
@@ -522,6 +539,19 @@ mod tests {
             b.put_i16(*format);
         }
         b.to_vec()
+    }
+
+    /// The masked body of `row`, or `None` when it went out unchanged.
+    fn mask_data_row(row: &Bytes, plan: &Plan, m: &Masker, counts: &mut Counts) -> Result<Option<Bytes>, WireError> {
+        let mut out = BytesMut::from(&b"before"[..]);
+        let written = write_data_row(row, plan, m, counts, &mut out);
+        if written.is_err() {
+            assert_eq!(&out[..], b"before", "nothing of a failed row is left in the output");
+        }
+        written?;
+        assert_eq!((out[6], i32::from_be_bytes(out[7..11].try_into().unwrap()) as usize), (b'D', out.len() - 7));
+        let body = out.split_off(11).freeze();
+        Ok((body != *row).then_some(body))
     }
 
     fn data_row(values: &[Option<&[u8]>]) -> Bytes {

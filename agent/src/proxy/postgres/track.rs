@@ -5,6 +5,8 @@ use std::{
     sync::Arc,
 };
 
+use bytes::BytesMut;
+
 use super::{
     rows::{self, Plan},
     wire::{Frame, WireError},
@@ -98,6 +100,19 @@ impl Tracker {
     }
 
     /// The frame to relay (possibly rewritten), or `None` to drop it.
+    /// Writes the DataRow frame with body `body` to `out`, masked by the plan of the result it
+    /// belongs to; `out` is untouched on error. The relay's path for rows: `on_frame` would
+    /// split each row into a frame of its own.
+    pub fn write_data_row(&mut self, body: &[u8], out: &mut BytesMut) -> Result<(), TrackError> {
+        let plan = match self.ops.front() {
+            Some(Op::Execute { portal, .. }) => self.portals.get(portal),
+            Some(Op::Query { .. }) => self.current.as_ref(),
+            _ => None,
+        };
+        let plan = plan.ok_or(TrackError::Unexpected("a data row"))?;
+        Ok(rows::write_data_row(body, plan, &self.masker, &mut self.counts, out)?)
+    }
+
     pub fn on_frame(&mut self, mut f: Frame) -> Result<Option<Frame>, TrackError> {
         match f.tag {
             b'1' => {
@@ -153,15 +168,9 @@ impl Tracker {
                 _ => {}
             },
             b'D' => {
-                let plan = match self.ops.front() {
-                    Some(Op::Execute { portal, .. }) => self.portals.get(portal).cloned(),
-                    Some(Op::Query { .. }) => self.current.clone(),
-                    _ => None,
-                };
-                let plan = plan.ok_or(TrackError::Unexpected("a data row"))?;
-                if let Some(body) = rows::mask_data_row(&f.body, &plan, &self.masker, &mut self.counts)? {
-                    f.body = body;
-                }
+                let mut out = BytesMut::with_capacity(f.body.len() + 5);
+                self.write_data_row(&f.body, &mut out)?;
+                f.body = out.split_off(5).freeze();
             }
             b'C' | b's' | b'I' => {
                 if self.pop_if(|o| matches!(o, Op::Execute { .. })).is_none() {
