@@ -1,4 +1,5 @@
-//! The audit writer: the trail file behind one lock, and a thread that group-commits it with fdatasync.
+//! The audit writer: a queue of records, the trail file behind its own lock, and a thread that
+//! writes the queue in rounds and group-commits it with fdatasync.
 use std::{
     fs::{self, File, OpenOptions},
     io::{self, Read, Seek, SeekFrom, Write},
@@ -53,13 +54,13 @@ struct Trail {
     /// Records of failed writes not yet reported in the trail, and why.
     lost: u64,
     last_error: String,
+    /// The queue's records are swapped in here to be written, so neither allocates per round.
+    spare: VecDeque<Msg>,
 }
 
-/// Everything behind the one lock: records not yet written, in order, and the trail. Whoever
-/// holds the lock may seal and write what is queued (the writer thread for lazy and durable
-/// records, a caller of `append_written` inline), so records reach the file in append order.
-struct State {
-    trail: Trail,
+/// Records not yet written, in order, and what the writer thread has to do. Appenders hold
+/// its lock only to queue a record, never while records are sealed or written.
+struct Queue {
     items: VecDeque<Msg>,
     /// When the oldest queued record arrived.
     since: Option<Instant>,
@@ -69,31 +70,75 @@ struct State {
     to_sync: Vec<(Ack, u64)>,
     /// Records were written but not synced since then.
     unsynced_since: Option<Instant>,
+    /// Sequence number of the last record written.
+    written: u64,
     /// The writer sleeps with nothing to do and no deadline: the next record must wake it.
     idle: bool,
     closed: bool,
 }
 
+/// Whoever writes holds `trail` and takes the queued records under it (the writer thread for
+/// lazy and durable records, a caller of `append_written` inline), so records reach the file
+/// in the order they were queued. Lock order: `trail`, then `queue`.
 struct Shared {
-    state: Mutex<State>,
+    queue: Mutex<Queue>,
     wake: Condvar,
+    trail: Mutex<Trail>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn trail(&self) -> MutexGuard<'_, Trail> {
+        self.trail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes everything queued, then `extra`, in one piece; durable waiters move to
+    /// `to_sync`. Returns the sequence number of the last record written.
+    fn write_queued(&self, extra: Option<Msg>) -> Result<u64, AuditError> {
+        let mut trail = self.trail();
+        let mut items = std::mem::take(&mut trail.spare);
+        {
+            let mut q = self.queue();
+            std::mem::swap(&mut q.items, &mut items);
+            q.since = None;
+            q.urgent = false;
+        }
+        items.extend(extra);
+        let wrote = !items.is_empty();
+        let written = trail.write(&mut items);
+        trail.spare = items;
+        let seq = trail.head.seq;
+        drop(trail);
+        let acks = written?;
+        let mut q = self.queue();
+        q.written = seq;
+        if wrote {
+            q.unsynced_since.get_or_insert_with(Instant::now);
+        }
+        // Records written by a caller of `append_written` are synced by the writer: if it sleeps
+        // without a deadline, or durable records came along, it must know.
+        let wake = (wrote && std::mem::take(&mut q.idle)) || (q.to_sync.is_empty() && !acks.is_empty());
+        q.to_sync.extend(acks);
+        drop(q);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(seq)
     }
 }
 
-impl State {
-    /// Seals every queued record and writes them in one piece. Durable waiters move to
-    /// `to_sync`; on a failed write the chain is rolled back, the partial write cut, the
+impl Trail {
+    /// Seals `items` and writes them in one piece; returns the durable waiters with their
+    /// sequence numbers. On a failed write the chain is rolled back, the partial write cut, the
     /// waiters told, and the loss reported by the next record that reaches the file.
-    fn flush(&mut self) -> Result<(), AuditError> {
-        if self.items.is_empty() {
-            return Ok(());
+    fn write(&mut self, items: &mut VecDeque<Msg>) -> Result<Vec<(Ack, u64)>, AuditError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        let t = &mut self.trail;
+        let t = self;
         t.buf.clear();
         let start_head = t.head.clone();
         let mut count = 0u64;
@@ -107,7 +152,7 @@ impl State {
             t.buf.push_str(&line);
             t.head = h;
         }
-        for m in self.items.drain(..) {
+        for m in items.drain(..) {
             let (line, h) = chain::seal(&t.head, now_rfc3339(), m.record);
             t.buf.push_str(&line);
             t.head = h;
@@ -116,8 +161,6 @@ impl State {
                 acks.push((a, t.head.seq));
             }
         }
-        self.since = None;
-        self.urgent = false;
         let written = t.file.write_all(t.buf.as_bytes()).map(|()| t.buf.len() as u64);
         // One burst must not pin its buffer for the agent's lifetime.
         if t.buf.capacity() > 1 << 20 {
@@ -127,9 +170,7 @@ impl State {
             Ok(n) => {
                 t.len += n;
                 t.lost = 0;
-                self.to_sync.extend(acks);
-                self.unsynced_since.get_or_insert_with(Instant::now);
-                Ok(())
+                Ok(acks)
             }
             Err(e) => {
                 t.lost += count;
@@ -151,7 +192,7 @@ struct Closer(Arc<Shared>);
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        self.0.lock().closed = true;
+        self.0.queue().closed = true;
         self.0.wake.notify_one();
     }
 }
@@ -250,31 +291,32 @@ impl AuditLog {
         let len = file.metadata().map_err(path_err)?.len();
         // fdatasync runs on its own descriptor, outside the lock, while others write.
         let sync_file = file.try_clone().map_err(path_err)?;
-        let mut state = State {
-            trail: Trail {
-                file,
-                path: path.clone(),
-                head,
-                len,
-                buf: String::new(),
-                lost: 0,
-                last_error: String::new(),
-            },
+        let mut trail = Trail {
+            file,
+            path: path.clone(),
+            head,
+            len,
+            buf: String::new(),
+            lost: 0,
+            last_error: String::new(),
+            spare: VecDeque::new(),
+        };
+        if cut > 0 {
+            let mut r = Record::new(Kind::AuditRecovered);
+            r.detail = Some(format!("cut {cut} bytes of an incomplete record at the end of the trail"));
+            trail.write(&mut VecDeque::from([Msg { record: r, ack: None }]))?;
+        }
+        let queue = Queue {
             items: VecDeque::new(),
             since: None,
             urgent: false,
             to_sync: Vec::new(),
             unsynced_since: None,
+            written: trail.head.seq,
             idle: false,
             closed: false,
         };
-        if cut > 0 {
-            let mut r = Record::new(Kind::AuditRecovered);
-            r.detail = Some(format!("cut {cut} bytes of an incomplete record at the end of the trail"));
-            state.items.push_back(Msg { record: r, ack: None });
-            state.flush()?;
-        }
-        let shared = Arc::new(Shared { state: Mutex::new(state), wake: Condvar::new() });
+        let shared = Arc::new(Shared { queue: Mutex::new(queue), wake: Condvar::new(), trail: Mutex::new(trail) });
         let rx = shared.clone();
         let handle = thread::Builder::new()
             .name("audit-writer".into())
@@ -286,7 +328,7 @@ impl AuditLog {
 
     fn push(&self, m: Msg) -> Result<(), AuditError> {
         let urgent = m.ack.is_some();
-        let mut st = self.shared.lock();
+        let mut st = self.shared.queue();
         if st.closed {
             return Err(AuditError::Closed);
         }
@@ -322,21 +364,10 @@ impl AuditLog {
     /// the trail file (so it survives the agent dying, not the host); on disk within LAZY.
     /// Writes in the calling thread: a write(2) to the page cache, no hand-off.
     pub fn append_written(&self, record: Record) -> Result<u64, AuditError> {
-        let mut st = self.shared.lock();
-        if st.closed {
+        if self.shared.queue().closed {
             return Err(AuditError::Closed);
         }
-        st.items.push_back(Msg { record, ack: None });
-        let had_waiters = !st.to_sync.is_empty();
-        st.flush()?;
-        let seq = st.trail.head.seq;
-        let wake = !had_waiters && !st.to_sync.is_empty();
-        drop(st);
-        // Durable records queued before this one were written here: the writer syncs them.
-        if wake {
-            self.shared.wake.notify_one();
-        }
-        Ok(seq)
+        self.shared.write_queued(Some(Msg { record, ack: None }))
     }
 }
 
@@ -348,54 +379,62 @@ const LAZY: Duration = Duration::from_millis(10);
 /// otherwise, and syncs with one fdatasync per round everything written before it began
 /// (group commit).
 fn run(shared: &Shared, sync_file: &File, path: &Path) {
-    let mut st = shared.lock();
     loop {
-        let now = Instant::now();
-        let due = |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= LAZY);
-        if st.urgent || st.closed || due(st.since) {
-            // A failed write has told its waiters and will be reported by the next one.
-            let _ = st.flush();
-        }
-        if !st.to_sync.is_empty() || due(st.unsynced_since) || (st.closed && st.unsynced_since.is_some()) {
-            let waiters = std::mem::take(&mut st.to_sync);
-            let upto = st.trail.head.seq;
-            st.unsynced_since = None;
-            drop(st);
-            let synced = sync_file.sync_data();
-            st = shared.lock();
-            match synced {
-                Ok(()) => {
-                    for (a, seq) in waiters {
-                        let _ = a.send(Ok(seq));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "audit sync failed");
-                    for (a, _) in waiters {
-                        let _ = a.send(Err(AuditError::Write(format!("fdatasync: {e}"))));
-                    }
-                    let mut r = Record::new(Kind::AuditRecovered);
-                    r.error = Some(e.to_string());
-                    r.detail =
-                        Some(format!("an fdatasync failed: records up to seq {upto} may not have reached the disk"));
-                    st.items.push_back(Msg { record: r, ack: None });
-                    st.since.get_or_insert_with(Instant::now);
-                }
+        let mut q = shared.queue();
+        let (write, sync) = loop {
+            let now = Instant::now();
+            let due = |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= LAZY);
+            let write = !q.items.is_empty() && (q.urgent || q.closed || due(q.since));
+            let sync = !q.to_sync.is_empty() || due(q.unsynced_since) || (q.closed && q.unsynced_since.is_some());
+            if write || sync {
+                break (write, sync);
             }
-            continue;
-        }
-        if st.closed && st.items.is_empty() {
-            return;
-        }
-        let deadline =
-            st.since.into_iter().chain(st.unsynced_since).min().map(|t| LAZY.saturating_sub(now.duration_since(t)));
-        st = match deadline {
-            None => {
-                st.idle = true;
-                shared.wake.wait(st).unwrap_or_else(|e| e.into_inner())
+            if q.closed {
+                return;
             }
-            Some(wait) => shared.wake.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0,
+            let deadline =
+                q.since.into_iter().chain(q.unsynced_since).min().map(|t| LAZY.saturating_sub(now.duration_since(t)));
+            q = match deadline {
+                None => {
+                    q.idle = true;
+                    shared.wake.wait(q).unwrap_or_else(|e| e.into_inner())
+                }
+                Some(wait) => shared.wake.wait_timeout(q, wait).unwrap_or_else(|e| e.into_inner()).0,
+            };
         };
+        drop(q);
+        if write {
+            // A failed write has told its waiters and will be reported by the next one.
+            let _ = shared.write_queued(None);
+            if !sync {
+                continue;
+            }
+        }
+        let (waiters, upto) = {
+            let mut q = shared.queue();
+            q.unsynced_since = None;
+            (std::mem::take(&mut q.to_sync), q.written)
+        };
+        // Everything in `waiters` was written before this began.
+        match sync_file.sync_data() {
+            Ok(()) => {
+                for (a, seq) in waiters {
+                    let _ = a.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "audit sync failed");
+                for (a, _) in waiters {
+                    let _ = a.send(Err(AuditError::Write(format!("fdatasync: {e}"))));
+                }
+                let mut r = Record::new(Kind::AuditRecovered);
+                r.error = Some(e.to_string());
+                r.detail = Some(format!("an fdatasync failed: records up to seq {upto} may not have reached the disk"));
+                let mut q = shared.queue();
+                q.items.push_back(Msg { record: r, ack: None });
+                q.since.get_or_insert_with(Instant::now);
+            }
+        }
     }
 }
 

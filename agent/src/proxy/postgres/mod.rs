@@ -440,7 +440,8 @@ impl Results {
         r.refs = Some(e.refs);
         r.count = Some(t.rows);
         r.duration_ms = Some(e.started.elapsed().as_millis() as u64);
-        r.detail = Some(format!("{} commands", t.commands));
+        // One command per sync point is the rule: skip the formatting machinery for it.
+        r.detail = Some(if t.commands == 1 { "1 commands".to_string() } else { format!("{} commands", t.commands) });
         r.error = t.error;
         if !t.masked.is_empty() {
             r.masked = Some(t.masked.to_map());
