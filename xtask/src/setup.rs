@@ -218,14 +218,16 @@ pub fn fuzz(seconds: u64) -> anyhow::Result<()> {
     ensure_all()?;
     for t in FUZZ_TARGETS {
         let mut c = Command::new("cargo");
-        clean_env(&mut c).current_dir(root()).args([
-            "+nightly",
-            "fuzz",
-            "run",
-            t,
-            "--",
-            &format!("-max_total_time={seconds}"),
-        ]);
+        clean_env(&mut c).current_dir(root()).args(["+nightly", "fuzz", "run", t]);
+        // Committed seeds (fuzz/seeds/TARGET) start the search from realistic inputs; new
+        // findings go to the first directory, the local corpus, as without seeds.
+        let seeds = root().join("fuzz/seeds").join(t);
+        if seeds.is_dir() {
+            let corpus = root().join("fuzz/corpus").join(t);
+            std::fs::create_dir_all(&corpus)?;
+            c.arg(corpus).arg(seeds);
+        }
+        c.args(["--", &format!("-max_total_time={seconds}")]);
         if run(&mut c).is_err() {
             bail!("fuzz target {t} found a failure; see fuzz/artifacts/{t}");
         }
