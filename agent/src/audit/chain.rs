@@ -30,29 +30,35 @@ fn digest(body: &[u8]) -> String {
     String::from_utf8_lossy(&hex).into_owned()
 }
 
-/// Seals `record` as the entry after `head`; returns the line (with '\n') and the new head.
+/// Seals `record` as the entry after `head`: appends its line (with '\n') to `out` and returns
+/// the new head.
+pub fn seal(head: &Head, time: &str, record: &Record, out: &mut String) -> Head {
+    seal_with(head, time, out, |body| serde_json::to_writer(body, record).expect("audit records always serialise"))
+}
+
+/// `seal` for a record that writes its own JSON object into the buffer it is given.
 ///
 /// The body is the JSON of an `Entry`, written field by field (the same bytes serde's
 /// flattening would give, without its map detour): this runs once per audited message.
-pub fn seal(head: &Head, time: String, record: Record) -> (String, Head) {
+pub fn seal_with(head: &Head, time: &str, out: &mut String, record: impl FnOnce(&mut Vec<u8>)) -> Head {
     use std::io::Write;
     let seq = head.seq + 1;
     let mut body: Vec<u8> = Vec::with_capacity(384);
     let _ = write!(body, "{{\"seq\":{seq},\"time\":");
-    serde_json::to_writer(&mut body, &time).expect("a string always serialises");
+    serde_json::to_writer(&mut body, time).expect("a string always serialises");
     let _ = write!(body, ",\"prev\":\"{}\"", head.hash);
     let record_at = body.len();
-    serde_json::to_writer(&mut body, &record).expect("audit records always serialise");
+    record(&mut body);
     // The record's own opening brace becomes the separator after `prev`.
     body[record_at] = b',';
     let hash = digest(&body);
-    let mut line = String::with_capacity(PREFIX.len() + HASH_LEN + body.len() + 2);
-    line.push_str(PREFIX);
-    line.push_str(&hash);
-    line.push_str("\",");
-    line.push_str(std::str::from_utf8(&body[1..]).expect("serde_json writes UTF-8"));
-    line.push('\n');
-    (line, Head { seq, hash })
+    out.reserve(PREFIX.len() + HASH_LEN + body.len() + 2);
+    out.push_str(PREFIX);
+    out.push_str(&hash);
+    out.push_str("\",");
+    out.push_str(std::str::from_utf8(&body[1..]).expect("records are JSON, which is UTF-8"));
+    out.push('\n');
+    Head { seq, hash }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,9 +138,9 @@ mod tests {
             let mut r = Record::new(Kind::Connect);
             r.pid = Some(100 + i as u32);
             r.destination = Some("127.0.0.1:5432".into());
-            let (line, h) = seal(&head, format!("2026-11-25T00:00:0{i}Z"), r);
+            let mut line = String::new();
+            head = seal(&head, &format!("2026-11-25T00:00:0{i}Z"), &r, &mut line);
             lines.push(line);
-            head = h;
         }
         (lines, head)
     }
@@ -145,7 +151,8 @@ mod tests {
         r.statement = Some("SELECT '\"quoted\"\\n'".into());
         r.refs = Some(vec![1, 2]);
         let head = Head { seq: 41, hash: "ab".repeat(32) };
-        let (line, h) = seal(&head, "2026-11-26T00:00:00Z".into(), r.clone());
+        let mut line = String::new();
+        let h = seal(&head, "2026-11-26T00:00:00Z", &r, &mut line);
         let entry = Entry { seq: 42, time: "2026-11-26T00:00:00Z".into(), prev: head.hash.clone(), record: r };
         let expected = serde_json::to_string(&entry).unwrap();
         assert_eq!(line, format!("{PREFIX}{}\",{}\n", digest(expected.as_bytes()), &expected[1..]));

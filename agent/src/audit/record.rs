@@ -170,6 +170,86 @@ impl Record {
     }
 }
 
+/// What a session's `statement_result` records share, serialised once per session.
+#[derive(Debug)]
+pub struct ResultBase {
+    identity: Option<String>,
+    resource: Option<String>,
+    session: Option<u64>,
+    /// `{"kind":"statement_result"` with `identity` and `resource`, as serde writes them.
+    head: Vec<u8>,
+}
+
+impl ResultBase {
+    pub fn new(identity: Option<String>, resource: Option<String>, session: Option<u64>) -> Self {
+        let mut r = Record::new(Kind::StatementResult);
+        r.identity = identity.clone();
+        r.resource = resource.clone();
+        let mut head = serde_json::to_vec(&r).expect("audit records always serialise");
+        head.pop(); // the closing brace
+        Self { identity, resource, session, head }
+    }
+}
+
+/// A `statement_result` record: what the server answered for one sync point. The proxy writes
+/// one per execution, so it is built without a `Record`'s allocations and serialised by hand,
+/// to the same bytes serde gives for `to_record()` (a unit test holds the two together).
+#[derive(Debug)]
+pub struct ResultRecord {
+    pub base: std::sync::Arc<ResultBase>,
+    pub refs: Vec<u64>,
+    pub count: u64,
+    pub duration_ms: u64,
+    /// Commands the server completed (`detail`: "N commands").
+    pub commands: u64,
+    pub error: Option<String>,
+    pub masked: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+impl ResultRecord {
+    pub fn to_record(&self) -> Record {
+        let mut r = Record::new(Kind::StatementResult);
+        r.identity = self.base.identity.clone();
+        r.resource = self.base.resource.clone();
+        r.session = self.base.session;
+        r.refs = Some(self.refs.clone());
+        r.duration_ms = Some(self.duration_ms);
+        r.count = Some(self.count);
+        r.detail = Some(format!("{} commands", self.commands));
+        r.error = self.error.clone();
+        r.masked = self.masked.clone();
+        r
+    }
+
+    /// Writes the record's JSON object, fields in `Record`'s order.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        out.extend_from_slice(&self.base.head);
+        out.extend_from_slice(b",\"refs\":[");
+        for (i, r) in self.refs.iter().enumerate() {
+            let _ = write!(out, "{}{r}", if i == 0 { "" } else { "," });
+        }
+        out.push(b']');
+        if let Some(s) = self.base.session {
+            let _ = write!(out, ",\"session\":{s}");
+        }
+        let _ = write!(
+            out,
+            ",\"duration_ms\":{},\"count\":{},\"detail\":\"{} commands\"",
+            self.duration_ms, self.count, self.commands
+        );
+        if let Some(e) = &self.error {
+            out.extend_from_slice(b",\"error\":");
+            let _ = serde_json::to_writer(&mut *out, e);
+        }
+        if let Some(m) = &self.masked {
+            out.extend_from_slice(b",\"masked\":");
+            let _ = serde_json::to_writer(&mut *out, m);
+        }
+        out.push(b'}');
+    }
+}
+
 /// A record as stored: chain fields plus the record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
@@ -222,5 +302,51 @@ impl Entry {
             r.masked.as_ref().map(|m| m.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(",")),
         );
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_record_serialises_as_its_record_does() {
+        let base = |identity: Option<&str>, session| {
+            std::sync::Arc::new(ResultBase::new(identity.map(Into::into), Some("orders-db".into()), session))
+        };
+        let records = [
+            ResultRecord {
+                base: base(Some("bot"), Some(7)),
+                refs: vec![3],
+                count: 1,
+                duration_ms: 0,
+                commands: 1,
+                error: None,
+                masked: None,
+            },
+            ResultRecord {
+                base: base(None, None),
+                refs: vec![],
+                count: 0,
+                duration_ms: 12,
+                commands: 0,
+                error: Some("relation \"x\" does not exist\n\u{1}é".into()),
+                masked: Some([("email".to_string(), 2), ("column".to_string(), 1)].into()),
+            },
+            ResultRecord {
+                base: base(Some("a\"b"), Some(1)),
+                refs: vec![1, 2, 30],
+                count: 5,
+                duration_ms: 1,
+                commands: 2,
+                error: None,
+                masked: None,
+            },
+        ];
+        for o in records {
+            let mut json = Vec::new();
+            o.write_json(&mut json);
+            assert_eq!(String::from_utf8(json).unwrap(), serde_json::to_string(&o.to_record()).unwrap());
+        }
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::{
     chain::{self, Head},
-    record::{Kind, Record},
+    record::{Kind, Record, ResultRecord},
 };
 
 pub const TRAIL_FILE: &str = "trail.jsonl";
@@ -37,8 +37,17 @@ pub enum AuditError {
 
 type Ack = oneshot::Sender<Result<u64, AuditError>>;
 
+/// What a queued message puts on the trail.
+// Records travel by value, as they did before results had their own variant: boxing them would
+// cost every other record an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Payload {
+    Record(Record),
+    Result(ResultRecord),
+}
+
 struct Msg {
-    record: Record,
+    payload: Payload,
     /// Someone waits for this record to be on disk (fdatasync).
     ack: Option<Ack>,
 }
@@ -141,6 +150,8 @@ impl Trail {
         let t = self;
         t.buf.clear();
         let start_head = t.head.clone();
+        // One write, one time: the records of a round are written together.
+        let time = now_rfc3339();
         let mut count = 0u64;
         let mut acks: Vec<(Ack, u64)> = Vec::new();
         if t.lost > 0 {
@@ -148,14 +159,13 @@ impl Trail {
             r.count = Some(t.lost);
             r.error = Some(t.last_error.clone());
             r.detail = Some(format!("{} records could not be written and are missing from the trail", t.lost));
-            let (line, h) = chain::seal(&t.head, now_rfc3339(), r);
-            t.buf.push_str(&line);
-            t.head = h;
+            t.head = chain::seal(&t.head, &time, &r, &mut t.buf);
         }
         for m in items.drain(..) {
-            let (line, h) = chain::seal(&t.head, now_rfc3339(), m.record);
-            t.buf.push_str(&line);
-            t.head = h;
+            t.head = match &m.payload {
+                Payload::Record(r) => chain::seal(&t.head, &time, r, &mut t.buf),
+                Payload::Result(o) => chain::seal_with(&t.head, &time, &mut t.buf, |b| o.write_json(b)),
+            };
             count += 1;
             if let Some(a) = m.ack {
                 acks.push((a, t.head.seq));
@@ -304,7 +314,7 @@ impl AuditLog {
         if cut > 0 {
             let mut r = Record::new(Kind::AuditRecovered);
             r.detail = Some(format!("cut {cut} bytes of an incomplete record at the end of the trail"));
-            trail.write(&mut VecDeque::from([Msg { record: r, ack: None }]))?;
+            trail.write(&mut VecDeque::from([Msg { payload: Payload::Record(r), ack: None }]))?;
         }
         let queue = Queue {
             items: VecDeque::new(),
@@ -348,7 +358,14 @@ impl AuditLog {
     /// Queues a record: written and on disk within LAZY (sooner when someone appends a record
     /// they wait for).
     pub fn append(&self, record: Record) {
-        if self.push(Msg { record, ack: None }).is_err() {
+        if self.push(Msg { payload: Payload::Record(record), ack: None }).is_err() {
+            tracing::error!("audit writer has stopped; a record was not written");
+        }
+    }
+
+    /// Queues a statement's outcome, like `append`.
+    pub fn append_result(&self, result: ResultRecord) {
+        if self.push(Msg { payload: Payload::Result(result), ack: None }).is_err() {
             tracing::error!("audit writer has stopped; a record was not written");
         }
     }
@@ -356,7 +373,7 @@ impl AuditLog {
     /// Appends a record and returns once it is on disk; yields its sequence number.
     pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.push(Msg { record, ack: Some(ack) })?;
+        self.push(Msg { payload: Payload::Record(record), ack: Some(ack) })?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -367,7 +384,7 @@ impl AuditLog {
         if self.shared.queue().closed {
             return Err(AuditError::Closed);
         }
-        self.shared.write_queued(Some(Msg { record, ack: None }))
+        self.shared.write_queued(Some(Msg { payload: Payload::Record(record), ack: None }))
     }
 }
 
@@ -431,7 +448,7 @@ fn run(shared: &Shared, sync_file: &File, path: &Path) {
                 r.error = Some(e.to_string());
                 r.detail = Some(format!("an fdatasync failed: records up to seq {upto} may not have reached the disk"));
                 let mut q = shared.queue();
-                q.items.push_back(Msg { record: r, ack: None });
+                q.items.push_back(Msg { payload: Payload::Record(r), ack: None });
                 q.since.get_or_insert_with(Instant::now);
             }
         }

@@ -32,7 +32,7 @@ use self::{
 use super::conn::Conn;
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
-    audit::{AuditLog, Kind, Record},
+    audit::{AuditLog, Kind, Record, ResultBase, ResultRecord},
     mask::Masker,
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
@@ -318,11 +318,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     };
     // Outcome records point at their statement records (`refs`); who and where is there, so
     // they repeat only what a reader filters by.
-    let mut result_base = Record::new(Kind::StatementResult);
-    result_base.identity = base.identity.clone();
-    result_base.resource = base.resource.clone();
-    result_base.session = base.session;
-    let results = Results { audit: s.audit.clone(), base: result_base, expect: expect_rx };
+    let result_base = ResultBase::new(base.identity.clone(), base.resource.clone(), base.session);
+    let results = Results { audit: s.audit.clone(), base: Arc::new(result_base), expect: expect_rx };
     let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking));
     let mut side = ClientSide {
         s: &s,
@@ -428,7 +425,7 @@ impl Tally {
 /// Writes a `statement_result` record for each ReadyForQuery the server sends.
 struct Results {
     audit: AuditLog,
-    base: Record,
+    base: Arc<ResultBase>,
     expect: mpsc::UnboundedReceiver<Expect>,
 }
 
@@ -436,17 +433,15 @@ impl Results {
     fn record(&mut self, t: Tally) {
         // The expectation was queued before its messages were written upstream, so it is here.
         let Ok(e) = self.expect.try_recv() else { return };
-        let mut r = self.base.clone();
-        r.refs = Some(e.refs);
-        r.count = Some(t.rows);
-        r.duration_ms = Some(e.started.elapsed().as_millis() as u64);
-        // One command per sync point is the rule: skip the formatting machinery for it.
-        r.detail = Some(if t.commands == 1 { "1 commands".to_string() } else { format!("{} commands", t.commands) });
-        r.error = t.error;
-        if !t.masked.is_empty() {
-            r.masked = Some(t.masked.to_map());
-        }
-        self.audit.append(r);
+        self.audit.append_result(ResultRecord {
+            base: self.base.clone(),
+            refs: e.refs,
+            count: t.rows,
+            duration_ms: e.started.elapsed().as_millis() as u64,
+            commands: t.commands,
+            error: t.error,
+            masked: (!t.masked.is_empty()).then(|| t.masked.to_map()),
+        });
     }
 }
 
