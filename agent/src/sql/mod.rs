@@ -317,8 +317,9 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
 const LEXER_SETTINGS: [&str; 4] =
     ["standard_conforming_strings", "backslash_quote", "client_encoding", "escape_string_warning"];
 
-/// `SET standard_conforming_strings ...` or `set_config('client_encoding', ...)` (or a
-/// `set_config` whose setting name is not a plain string): the reason it is refused.
+/// `SET standard_conforming_strings ...`, `set_config('client_encoding', ...)` (or a
+/// `set_config` whose setting name is not a plain string), or an UPDATE of `pg_settings`: the
+/// reason it is refused.
 fn changes_lexing(key: &str, node: &Value) -> Option<String> {
     match key {
         "VariableSetStmt" => {
@@ -336,6 +337,12 @@ fn changes_lexing(key: &str, node: &Value) -> Option<String> {
                 Some(n) => Some(format!("changing {n} is not allowed through the proxy")),
                 None => Some("set_config with a computed setting name is not allowed through the proxy".into()),
             }
+        }
+        // pg_settings is a view whose UPDATE rule calls set_config, with the name in a WHERE.
+        "UpdateStmt" => {
+            let rel = node.pointer("/relation/relname").and_then(Value::as_str)?;
+            rel.eq_ignore_ascii_case("pg_settings")
+                .then(|| "updating pg_settings is not allowed through the proxy".into())
         }
         _ => None,
     }
@@ -486,11 +493,14 @@ mod tests {
             "SET SESSION client_encoding TO 'SJIS'",
             "SELECT set_config('standard_conforming_strings', 'off', false)",
             "SELECT set_config(current_user, 'off', false)",
+            "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+            "WITH x AS (UPDATE pg_catalog.pg_settings SET setting = 'off' WHERE name = 'x' RETURNING 1) SELECT 1",
         ] {
             assert!(classify(sql).kinds.contains(&Kind::Unparseable), "{sql}");
         }
         assert!(!classify("SELECT set_config('application_name', 'x', false)").kinds.contains(&Kind::Unparseable));
         assert!(!classify("SET search_path = public").kinds.contains(&Kind::Unparseable));
+        assert!(!classify("UPDATE settings SET v = 1 WHERE k = 'x'").kinds.contains(&Kind::Unparseable));
     }
 
     #[test]
