@@ -108,17 +108,8 @@ fn lexed(b: &[u8]) -> Option<String> {
                 continue;
             }
             b'\'' => {
-                i += 1;
-                loop {
-                    match *b.get(i)? {
-                        b'\'' if at(i + 1) == b'\'' => i += 2,
-                        b'\'' => break,
-                        // Its meaning depends on standard_conforming_strings; NUL ends a C string.
-                        b'\\' | 0 => return None,
-                        _ => i += 1,
-                    }
-                }
-                i += 1;
+                // A backslash's meaning depends on standard_conforming_strings; NUL ends a C string.
+                i = quoted_end(b, i, |x| x == b'\\' || x == 0)?;
                 // Another quote after a newline continues the literal; on one line, an error.
                 let mut j = i;
                 while j < b.len() && is_space(b[j]) {
@@ -132,16 +123,7 @@ fn lexed(b: &[u8]) -> Option<String> {
                 continue;
             }
             b'"' => {
-                i += 1;
-                loop {
-                    match *b.get(i)? {
-                        b'"' if at(i + 1) == b'"' => i += 2,
-                        b'"' => break,
-                        x if x >= 0x80 || x == 0 => return None,
-                        _ => i += 1,
-                    }
-                }
-                i += 1;
+                i = quoted_end(b, i, |x| x >= 0x80 || x == 0)?;
                 if i - start == 2 {
                     return None;
                 }
@@ -181,6 +163,21 @@ fn lexed(b: &[u8]) -> Option<String> {
         key.push('\0');
     }
     Some(key)
+}
+
+/// The end (past the closing quote) of the quoted text opening at `i`, where a doubled quote
+/// stands for one. `None` when it is not closed or holds a byte `refused` rejects.
+fn quoted_end(b: &[u8], start: usize, refused: impl Fn(u8) -> bool) -> Option<usize> {
+    let quote = b[start];
+    let mut i = start + 1;
+    loop {
+        match *b.get(i)? {
+            x if x == quote && b.get(i + 1) == Some(&quote) => i += 2,
+            x if x == quote => return Some(i + 1),
+            x if refused(x) => return None,
+            _ => i += 1,
+        }
+    }
 }
 
 /// The end of the numeric literal at `i`: digits, an optional fraction and exponent. `None`
