@@ -342,7 +342,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     info!("shutting down: closing sessions");
     stop.cancel();
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+    if crate::timer::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
         warn!("sessions still open after 5s; leaving them");
     }
     let _ = events_task.await;
@@ -376,7 +376,7 @@ async fn read_events(rb: RingBuf<MapData>, shared: Arc<Shared>, stop: Cancellati
     let mut procs = ProcCache::default();
     loop {
         // The kernel wakes us only once a batch is pending; the timeout drains stragglers.
-        match tokio::time::timeout(poll, fd.readable_mut()).await {
+        match crate::timer::timeout(poll, fd.readable_mut()).await {
             Ok(Ok(mut guard)) => {
                 drain(guard.get_inner_mut(), &shared, &mut procs);
                 guard.clear_ready();
@@ -436,7 +436,7 @@ async fn watch_counters(
     audit: AuditLog,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = crate::timer::interval(Duration::from_secs(1));
     loop {
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,

@@ -11,4 +11,5 @@ pub mod policy;
 pub mod proxy;
 pub mod sql;
 pub mod state;
+pub mod timer;
 pub mod tls;

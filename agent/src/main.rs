@@ -183,9 +183,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(log_format);
             // Like linkerd2-proxy, one core by default: a work-stealing scheduler costs CPU
             // per wake-up that a single thread does not pay.
+            // No time driver: its clock reads and wheel walk on every park cost the proxy CPU
+            // per round trip; the agent's timers run on `timer`'s thread.
+            tollgate::timer::start()?;
             let rt = match threads {
-                1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-                n => tokio::runtime::Builder::new_multi_thread().worker_threads(n.into()).enable_all().build()?,
+                1 => tokio::runtime::Builder::new_current_thread().enable_io().build()?,
+                n => tokio::runtime::Builder::new_multi_thread().worker_threads(n.into()).enable_io().build()?,
             };
             rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir }))?;
             Ok(ExitCode::SUCCESS)

@@ -80,7 +80,7 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
                 Ok((s, _)) => s,
                 Err(e) => {
                     warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    crate::timer::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -88,7 +88,7 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(CLIENT_TIMEOUT, handle(stream, &shared)).await {
+            if let Err(e) = crate::timer::timeout(CLIENT_TIMEOUT, handle(stream, &shared)).await {
                 warn!(error = %e, "control client timed out");
             }
         });

@@ -58,7 +58,7 @@ pub async fn post(hook: &Webhook, request: &Request, mark: u32) -> Result<(), No
         }
         Ok(())
     };
-    match tokio::time::timeout(TIMEOUT, send).await {
+    match crate::timer::timeout(TIMEOUT, send).await {
         Ok(r) => r,
         Err(_) => Err(NotifyError::Timeout { url }),
     }

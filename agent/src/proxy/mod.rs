@@ -86,7 +86,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::timer::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },

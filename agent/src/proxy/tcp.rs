@@ -29,7 +29,7 @@ fn abort(s: &TcpStream) {
 }
 
 pub async fn relay(mut client: TcpStream, dst: SocketAddr, timeout: Duration, stop: &CancellationToken) -> Outcome {
-    let connect = tokio::time::timeout(timeout, connect_marked(dst, agent_common::AGENT_MARK)).await;
+    let connect = crate::timer::timeout(timeout, connect_marked(dst, agent_common::AGENT_MARK)).await;
     let mut upstream = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -240,18 +240,18 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     // Small request/response messages (TLS records too): Nagle plus delayed ACKs would add
     // 40 ms stalls.
     let _ = client.set_nodelay(true);
-    let (mut client, startup) = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(Conn::Plain(client), &s)).await
-    {
-        Ok(Ok(st)) => st,
-        Ok(Err((client, e))) => {
-            if let Some(mut client) = client {
-                let msg = format!("tollgate: {e}");
-                let _ = send(&mut client, &[wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)]).await;
+    let (mut client, startup) =
+        match crate::timer::timeout(STARTUP_TIMEOUT, read_startup(Conn::Plain(client), &s)).await {
+            Ok(Ok(st)) => st,
+            Ok(Err((client, e))) => {
+                if let Some(mut client) = client {
+                    let msg = format!("tollgate: {e}");
+                    let _ = send(&mut client, &[wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)]).await;
+                }
+                return Outcome { error: Some(format!("startup: {e}")), ..Default::default() };
             }
-            return Outcome { error: Some(format!("startup: {e}")), ..Default::default() };
-        }
-        Err(_) => return Outcome { error: Some("startup timed out".into()), ..Default::default() },
-    };
+            Err(_) => return Outcome { error: Some("startup timed out".into()), ..Default::default() },
+        };
     let params = match startup {
         Startup::Cancel { pid, key } => return cancel(&s, BackendKey { pid, key }).await,
         Startup::Startup { params } => params,
@@ -281,7 +281,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         };
         upstream::login(stream, s.upstream, &s.credentials.user, &password, &params).await.map_err(|e| e.to_string())
     };
-    let up = match tokio::time::timeout(STARTUP_TIMEOUT, login).await.unwrap_or_else(|_| Err("timed out".into())) {
+    let up = match crate::timer::timeout(STARTUP_TIMEOUT, login).await.unwrap_or_else(|_| Err("timed out".into())) {
         Ok(up) => up,
         Err(e) => {
             let msg = format!("tollgate: cannot log in to {}: {e}", s.upstream);
@@ -358,7 +358,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     }
     drop(side);
     // Let the server's last answers (and injected denials) reach the client, briefly.
-    if !down_done && tokio::time::timeout(Duration::from_secs(1), &mut down).await.is_err() {
+    if !down_done && crate::timer::timeout(Duration::from_secs(1), &mut down).await.is_err() {
         down.abort();
     }
     s.cancel.forget(fake);
@@ -774,7 +774,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         if let Some(hook) = self.s.webhook {
             notify::spawn(hook.clone(), request, self.s.mark);
         }
-        let deadline = tokio::time::sleep(*timeout);
+        let deadline = crate::timer::sleep(*timeout);
         tokio::pin!(deadline);
         let verdict = loop {
             tokio::select! {
