@@ -20,6 +20,8 @@ struct Rig {
     children: Vec<Child>,
     bin: PathBuf,
     state: PathBuf,
+    /// The `--baseline` agent's binary and state directory.
+    baseline: Option<(PathBuf, PathBuf)>,
     cgroup_dir: PathBuf,
     pg: TempPostgres,
 }
@@ -30,6 +32,9 @@ impl Drop for Rig {
             util::stop(c);
         }
         util::stop_and_uninstall(None, &self.bin, &self.state);
+        if let Some((bin, state)) = &self.baseline {
+            util::stop_and_uninstall(None, bin, state);
+        }
         remove_cgroup_tree(&self.cgroup_dir);
     }
 }
@@ -90,8 +95,10 @@ fn exec_child(pid: u32) -> u32 {
 }
 
 /// Targets of one pgbench cell.
-const TARGET_NAMES: [&str; TARGETS] = ["direct", "tg", "tg-w", "tg+m", "pgbouncer", "haproxy"];
-const TARGETS: usize = 6;
+const TARGET_NAMES: [&str; TARGETS] = ["direct", "tg", "tg-w", "tg+m", "pgbouncer", "haproxy", "base"];
+const TARGETS: usize = 7;
+/// Index of the `--baseline` agent's target.
+const BASE: usize = 6;
 
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -135,16 +142,28 @@ pub struct Options {
     /// Only the pgbench table: skip the 1,000,000-row result and the memory measurement.
     #[arg(long)]
     pub pgbench_only: bool,
+    /// Another `tollgate` binary (say, built from the commit before a change), run as the
+    /// target `base` next to `tg` with its own state and cgroup: on a machine whose speed drifts
+    /// between runs, a change is judged by `tg/base` within one run. Adds the `base` target.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
 }
 
 pub fn postgres(o: Options) -> anyhow::Result<()> {
-    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only } = o;
+    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only, baseline } = o;
     let mut run_target = [false; TARGETS];
     for t in &targets {
         match TARGET_NAMES.iter().position(|n| n == t) {
+            Some(BASE) if baseline.is_none() => bail!("target base needs --baseline PATH"),
             Some(i) => run_target[i] = true,
             None => bail!("unknown target {t:?}: one of {}", TARGET_NAMES.join(", ")),
         }
+    }
+    if let Some(b) = &baseline {
+        if !b.is_file() {
+            bail!("--baseline {}: no such file", b.display());
+        }
+        run_target[BASE] = true;
     }
     if rounds == 0 {
         bail!("--rounds must be at least 1");
@@ -166,6 +185,7 @@ pub fn postgres(o: Options) -> anyhow::Result<()> {
         children: Vec::new(),
         bin: bin.clone(),
         state: d.join("state"),
+        baseline: baseline.clone().map(|b| (b, d.join("state-base"))),
         cgroup_dir: cgroup2_mount()?.join(&root_name),
         pg,
     };
@@ -216,8 +236,9 @@ pub fn postgres(o: Options) -> anyhow::Result<()> {
     rig.pg.write_secret(&secret)?;
     let cgroup = format!("/{root_name}/bench");
     let masked_cgroup = format!("/{root_name}/masked");
+    let base_cgroup = format!("/{root_name}/base");
     let policy = d.join("policy.yaml");
-    let policy_text = |statements: &str| {
+    let policy_text = |statements: &str, cgroup: &str| {
         format!(
             r#"apiVersion: tollgate/v1alpha1
 kind: Policy
@@ -256,13 +277,30 @@ spec:
             secret = secret.display()
         )
     };
-    std::fs::write(&policy, policy_text("durable"))?;
+    std::fs::write(&policy, policy_text("durable", &cgroup))?;
     rig.children.push(util::start_agent(&bin, &policy, &rig.state, "warn,tollgate::agent=info", None)?);
     let agent_pid = rig.children.last().map(|c| c.id()).context("agent")?;
+    let base_pid = match &rig.baseline {
+        Some((base_bin, base_state)) => {
+            // The same policy with cgroups of its own (its masked identity is never used).
+            let base_policy = d.join("policy-base.yaml");
+            let text = policy_text("durable", &base_cgroup).replace(&masked_cgroup, &format!("{masked_cgroup}-base"));
+            std::fs::write(&base_policy, text)?;
+            rig.children.push(util::start_agent(
+                base_bin,
+                &base_policy,
+                base_state,
+                "warn,tollgate::agent=info",
+                None,
+            )?);
+            rig.children.last().map(|c| c.id())
+        }
+        None => None,
+    };
     // Switches the agent between durable and written statement records (SIGHUP reload; new
     // sessions take the policy in force when they start).
     let statements = |mode: &str| -> anyhow::Result<()> {
-        std::fs::write(&policy, policy_text(mode))?;
+        std::fs::write(&policy, policy_text(mode, &cgroup))?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent_pid as i32), nix::sys::signal::Signal::SIGHUP)?;
         thread::sleep(Duration::from_millis(500));
         Ok(())
@@ -291,7 +329,7 @@ spec:
          the median over rounds, ratio columns the median of the per-round ratios.\n\
          tg: tollgate, statement records durable before forwarding (the default); tg-w: written\n\
          before forwarding (audit.statements: written); tg+m: durable, with masking on\n\
-         {:<9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}",
+         {:<9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}{}",
         "mode",
         "clients",
         "direct",
@@ -304,7 +342,8 @@ spec:
         "tg/pgb",
         "tgw/hap",
         "tgw/pgb",
-        "tgm/hap"
+        "tgm/hap",
+        if base_pid.is_some() { format!(" {:>8} {:>7}", "base", "tg/base") } else { String::new() }
     );
     let secs = seconds.to_string();
     let mut written_mode = false;
@@ -331,7 +370,8 @@ spec:
                         0 => None,
                         1..=3 => Some(agent_pid),
                         4 => Some(bouncer_pid),
-                        _ => Some(haproxy_pid),
+                        5 => Some(haproxy_pid),
+                        _ => base_pid,
                     };
                     let cpu_before = proxy.map(cpu_ns);
                     let v = match t {
@@ -339,7 +379,8 @@ spec:
                         1 | 2 => pgbench(pg_port, Some(&cgroup), &args)?,
                         3 => pgbench(pg_port, Some(&masked_cgroup), &args)?,
                         4 => pgbench(bouncer_port, None, &args)?,
-                        _ => pgbench(haproxy_port, None, &args)?,
+                        5 => pgbench(haproxy_port, None, &args)?,
+                        _ => pgbench(pg_port, Some(&base_cgroup), &args)?,
                     };
                     tps_of[t].push(v);
                     if let (Some(pid), Some(before)) = (proxy, cpu_before) {
@@ -350,8 +391,9 @@ spec:
             let m = |t: usize| median(&tps_of[t]);
             let r =
                 |a: usize, b: usize| median(&tps_of[a].iter().zip(&tps_of[b]).map(|(x, y)| x / y).collect::<Vec<_>>());
+            let base = |cell: String| if base_pid.is_some() { cell } else { String::new() };
             println!(
-                "{mode:<9} {clients:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3}",
+                "{mode:<9} {clients:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3}{}",
                 m(0),
                 m(1),
                 m(2),
@@ -363,21 +405,30 @@ spec:
                 r(2, 5),
                 r(2, 4),
                 r(3, 5),
+                base(format!(" {:>8.0} {:>7.3}", m(BASE), r(1, BASE))),
             );
             cpu_rows.push(format!(
-                "{mode:<9} {clients:>7} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1}",
+                "{mode:<9} {clients:>7} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1}{}",
                 median(&cpu_of[1]),
                 median(&cpu_of[2]),
                 median(&cpu_of[3]),
                 median(&cpu_of[4]),
                 median(&cpu_of[5]),
+                base(format!(" {:>8.1}", median(&cpu_of[BASE]))),
             ));
         }
     }
     println!(
         "\nproxy CPU time per transaction, µs (all threads, user and kernel, including the loopback\n\
-         delivery a send does; median over rounds)\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}",
-        "mode", "clients", "tg", "tg-w", "tg+m", "pgbouncer", "haproxy"
+         delivery a send does; median over rounds)\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}{}",
+        "mode",
+        "clients",
+        "tg",
+        "tg-w",
+        "tg+m",
+        "pgbouncer",
+        "haproxy",
+        if base_pid.is_some() { format!(" {:>8}", "base") } else { String::new() }
     );
     for row in cpu_rows {
         println!("{row}");
