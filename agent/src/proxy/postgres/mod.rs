@@ -821,9 +821,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut batch_bytes = 0usize;
         let mut skip_until_sync = false;
         let mut wbuf = BytesMut::new();
+        // Kept across frames (like `batch`): no allocation per transaction.
+        let mut forward: Vec<Frame> = Vec::new();
         loop {
             let Some(frame) = self.next_frame().await? else { return Ok(()) };
-            let mut forward: Vec<Frame> = Vec::new();
             match frame.tag {
                 b'Q' if !batch.is_empty() || skip_until_sync || !self.unsynced_refs.is_empty() || self.unsynced => {
                     // A simple query inside an unfinished extended-protocol batch: the server
@@ -880,21 +881,24 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                     batch_bytes = 0;
                     match self.judge_batch(&batch).await? {
-                        Ok(refs) => {
-                            self.forward_batch(std::mem::take(&mut batch), &mut forward)?;
+                        Ok(mut refs) => {
+                            self.forward_batch(&mut batch, &mut forward)?;
                             forward.push(frame);
                             // Statements forwarded at a Flush are carried out by the next Sync.
-                            self.unsynced_refs.extend(refs);
-                            if is_sync {
-                                let mut refs = std::mem::take(&mut self.unsynced_refs);
+                            if !self.unsynced_refs.is_empty() {
+                                self.unsynced_refs.append(&mut refs);
+                                refs = std::mem::take(&mut self.unsynced_refs);
+                            }
+                            if !is_sync {
+                                self.unsynced_refs = refs;
+                                self.unsynced = true;
+                            } else {
                                 refs.sort_unstable();
                                 refs.dedup();
                                 let _ = self.to_down.expect.send(Expect { refs, started: Instant::now() });
                                 self.op(Op::Sync);
                                 self.syncs += 1;
                                 self.unsynced = false;
-                            } else {
-                                self.unsynced = true;
                             }
                         }
                         Err(r) => {
@@ -932,7 +936,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
             }
             if !forward.is_empty() {
-                for f in &forward {
+                for f in forward.drain(..) {
                     f.encode(&mut wbuf);
                 }
                 up.write_all(&wbuf).await.map_err(|e| e.to_string())?;
@@ -1003,7 +1007,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     /// Moves an approved batch to `forward`, noting what the server will answer; with masking,
     /// each Execute is preceded by a Describe of its portal unless the client just sent one.
-    fn forward_batch(&mut self, batch: Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
+    fn forward_batch(&mut self, batch: &mut Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
         for f in batch.iter().filter(|f| f.tag == b'C') {
             // Close: the name may be parsed again.
             if let Ok((b'S', name)) = wire::describe_target(&f.body) {
@@ -1012,13 +1016,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         if self.to_down.ops.is_none() {
-            forward.extend(batch);
+            forward.append(batch);
             return Ok(());
         }
         let mut described: Option<String> = None;
         // Portals bound in this batch: nothing can redefine them before its Execute.
         let mut bound_here: std::collections::HashSet<String> = Default::default();
-        for f in batch {
+        for f in batch.drain(..) {
             let e = |e: wire::WireError| e.to_string();
             match f.tag {
                 b'P' => {
