@@ -147,10 +147,15 @@ pub struct Options {
     /// between runs, a change is judged by `tg/base` within one run. Adds the `base` target.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// Runs everything (server, proxies, pgbench) on this one CPU: throughput then follows the
+    /// CPU each transaction costs, not where the scheduler places three processes on two cores,
+    /// and moves much less between runs. For comparing builds, not for the published table.
+    #[arg(long, value_name = "CPU")]
+    pub pin_cpu: Option<usize>,
 }
 
 pub fn postgres(o: Options) -> anyhow::Result<()> {
-    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only, baseline } = o;
+    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only, baseline, pin_cpu } = o;
     let mut run_target = [false; TARGETS];
     for t in &targets {
         match TARGET_NAMES.iter().position(|n| n == t) {
@@ -177,6 +182,14 @@ pub fn postgres(o: Options) -> anyhow::Result<()> {
     setup::ensure()?;
     util::cargo_build(true)?;
     let bin = util::tollgate_bin(true);
+    if let Some(cpu) = pin_cpu {
+        // Everything this process starts from here on inherits the affinity.
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).with_context(|| format!("--pin-cpu {cpu}"))?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+            .with_context(|| format!("--pin-cpu {cpu}: cannot run on that CPU"))?;
+        println!("everything runs on CPU {cpu} (--pin-cpu)");
+    }
     let root_name = format!("tollgate-bench-pg-{}", std::process::id());
     let pg = TempPostgres::start(0)?;
     let (pg_port, password, d) = (pg.port, pg.password.clone(), pg.dir.path().to_path_buf());
