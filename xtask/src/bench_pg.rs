@@ -361,6 +361,7 @@ spec:
     let secs = seconds.to_string();
     let mut written_mode = false;
     let mut cpu_rows = Vec::new();
+    let mut direct_rows = Vec::new();
     for mode in &modes {
         for &clients in &clients {
             let (c, j) = (clients.to_string(), clients.min(2).to_string());
@@ -420,6 +421,15 @@ spec:
                 r(3, 5),
                 base(format!(" {:>8.0} {:>7.3}", m(BASE), r(1, BASE))),
             );
+            direct_rows.push(format!(
+                "{mode:<9} {clients:>7} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>8.3}{}",
+                r(1, 0),
+                r(2, 0),
+                r(3, 0),
+                r(4, 0),
+                r(5, 0),
+                base(format!(" {:>8.3}", r(BASE, 0))),
+            ));
             cpu_rows.push(format!(
                 "{mode:<9} {clients:>7} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1}{}",
                 median(&cpu_of[1]),
@@ -444,6 +454,20 @@ spec:
         if base_pid.is_some() { format!(" {:>8}", "base") } else { String::new() }
     );
     for row in cpu_rows {
+        println!("{row}");
+    }
+    println!(
+        "\nratios to direct (median of per-round ratios)\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}{}",
+        "mode",
+        "clients",
+        "tg",
+        "tg-w",
+        "tg+m",
+        "pgbouncer",
+        "haproxy",
+        if base_pid.is_some() { format!(" {:>8}", "base") } else { String::new() }
+    );
+    for row in direct_rows {
         println!("{row}");
     }
     if written_mode {
@@ -478,7 +502,7 @@ spec:
     let rows = |t: usize| median(&big_of[t]) * 1e6;
     let r = |a: usize, b: usize| median(&big_of[a].iter().zip(&big_of[b]).map(|(x, y)| x / y).collect::<Vec<_>>());
     println!(
-        "\nSELECT id, email FROM mask_bench (1,000,000 rows), 5 runs per round, {rounds} rounds, rows/s (medians):\n{:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9}\n{:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>9.3} {:>9.3}",
+        "\nSELECT id, email FROM mask_bench (1,000,000 rows), 5 runs per round, {rounds} rounds, rows/s (medians),\nthen ratios to direct (medians of per-round ratios):\n{:>12} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9}\n{:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>9.3} {:>9.3}\n{:>12} {:>12.3} {:>12.3} {:>12.3} {:>12.3}",
         "direct",
         "tg+mask",
         "tollgate",
@@ -493,6 +517,11 @@ spec:
         rows(4),
         r(1, 4),
         r(1, 0),
+        "1",
+        r(1, 0),
+        r(2, 0),
+        r(3, 0),
+        r(4, 0),
     );
 
     // Agent memory per idle connection: logged-in sessions that send nothing.

@@ -64,8 +64,14 @@ fn main() -> anyhow::Result<()> {
             util::cargo_build(release)
         }
         Cmd::Test { fuzz_seconds } => setup::test(fuzz_seconds),
-        Cmd::Demo => demo::demo(),
-        Cmd::Bench { which } => bench::run(which),
+        Cmd::Demo => {
+            util::stop_on_interrupt()?;
+            demo::demo()
+        }
+        Cmd::Bench { which } => {
+            util::stop_on_interrupt()?;
+            bench::run(which)
+        }
         Cmd::Fuzz { seconds } => setup::fuzz(seconds),
         Cmd::ConnectLoop { addr, count } => bench::connect_loop(addr, count),
     }

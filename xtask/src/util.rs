@@ -2,9 +2,36 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::{Context, bail};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn interrupted_by_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// A first Ctrl-C (or SIGTERM) makes the next command this process would start fail instead
+/// of killing it on the spot, so the error path stops what it started (agents, servers) and
+/// removes its cgroups and bpffs pins. A second one kills as usual.
+pub fn stop_on_interrupt() -> anyhow::Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(SigHandler::Handler(interrupted_by_signal), SaFlags::SA_RESETHAND, SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.context("cannot install a signal handler")?;
+    }
+    Ok(())
+}
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted: stopping what was started and cleaning up");
+    }
+    Ok(())
+}
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -12,6 +39,7 @@ pub fn root() -> PathBuf {
 
 /// Runs a command, echoing it first; fails on a non-zero exit.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    check_interrupted()?;
     eprintln!("+ {}", show(cmd));
     let status = cmd.status().with_context(|| format!("cannot start {}", show(cmd)))?;
     if !status.success() {
@@ -22,6 +50,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Runs a command and returns its stdout; fails on a non-zero exit.
 pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    check_interrupted()?;
     let out = cmd.output().with_context(|| format!("cannot start {}", show(cmd)))?;
     if !out.status.success() {
         bail!("`{}` failed: {}\n{}", show(cmd), out.status, String::from_utf8_lossy(&out.stderr));
