@@ -337,12 +337,16 @@ spec:
     };
 
     println!(
-        "\npgbench -S (select-only), scale {scale}, {rounds} rounds of {seconds} s per cell, all on this\n\
-         2-core machine. Within a round every target runs once, in a rotating order; TPS columns are\n\
+        "\npgbench -S (select-only), scale {scale}, {rounds} rounds of {seconds} s per cell, all on {}.\n\
+         Within a round every target runs once, in a rotating order; TPS columns are\n\
          the median over rounds, ratio columns the median of the per-round ratios.\n\
          tg: tollgate, statement records durable before forwarding (the default); tg-w: written\n\
          before forwarding (audit.statements: written); tg+m: durable, with masking on\n\
          {:<9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7}{}",
+        match pin_cpu {
+            Some(cpu) => format!("CPU {cpu} (--pin-cpu)"),
+            None => format!("this machine's {} cores", thread::available_parallelism().map_or(0, |n| n.get())),
+        },
         "mode",
         "clients",
         "direct",
