@@ -100,6 +100,33 @@ const TARGETS: usize = 7;
 /// Index of the `--baseline` agent's target.
 const BASE: usize = 6;
 
+/// The proxied targets, in table order: tg, tg-w, tg+m, pgbouncer, haproxy, then base if run.
+fn proxied(with_base: bool) -> impl Iterator<Item = usize> {
+    (1..=5).chain(with_base.then_some(BASE))
+}
+
+/// One row of a table with a column per proxied target.
+fn proxy_row(mode: &str, clients: u32, value: impl Fn(usize) -> f64, with_base: bool, precision: usize) -> String {
+    let mut row = format!("{mode:<9} {clients:>7}");
+    for t in proxied(with_base) {
+        let width = TARGET_NAMES[t].len().max(8);
+        row += &format!(" {:>width$.precision$}", value(t));
+    }
+    row
+}
+
+fn print_proxy_table(title: &str, rows: &[String], with_base: bool) {
+    let mut head = format!("{:<9} {:>7}", "mode", "clients");
+    for t in proxied(with_base) {
+        let width = TARGET_NAMES[t].len().max(8);
+        head += &format!(" {:>width$}", TARGET_NAMES[t]);
+    }
+    println!("\n{title}\n{head}");
+    for row in rows {
+        println!("{row}");
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -425,55 +452,18 @@ spec:
                 r(3, 5),
                 base(format!(" {:>8.0} {:>7.3}", m(BASE), r(1, BASE))),
             );
-            direct_rows.push(format!(
-                "{mode:<9} {clients:>7} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>8.3}{}",
-                r(1, 0),
-                r(2, 0),
-                r(3, 0),
-                r(4, 0),
-                r(5, 0),
-                base(format!(" {:>8.3}", r(BASE, 0))),
-            ));
-            cpu_rows.push(format!(
-                "{mode:<9} {clients:>7} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1}{}",
-                median(&cpu_of[1]),
-                median(&cpu_of[2]),
-                median(&cpu_of[3]),
-                median(&cpu_of[4]),
-                median(&cpu_of[5]),
-                base(format!(" {:>8.1}", median(&cpu_of[BASE]))),
-            ));
+            let with_base = base_pid.is_some();
+            direct_rows.push(proxy_row(mode, clients, |t| r(t, 0), with_base, 3));
+            cpu_rows.push(proxy_row(mode, clients, |t| median(&cpu_of[t]), with_base, 1));
         }
     }
-    println!(
-        "\nproxy CPU time per transaction, µs (all threads, user and kernel, including the loopback\n\
-         delivery a send does; median over rounds)\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}{}",
-        "mode",
-        "clients",
-        "tg",
-        "tg-w",
-        "tg+m",
-        "pgbouncer",
-        "haproxy",
-        if base_pid.is_some() { format!(" {:>8}", "base") } else { String::new() }
+    print_proxy_table(
+        "proxy CPU time per transaction, µs (all threads, user and kernel, including the loopback\n\
+         delivery a send does; median over rounds)",
+        &cpu_rows,
+        base_pid.is_some(),
     );
-    for row in cpu_rows {
-        println!("{row}");
-    }
-    println!(
-        "\nratios to direct (median of per-round ratios)\n{:<9} {:>7} {:>8} {:>8} {:>8} {:>9} {:>8}{}",
-        "mode",
-        "clients",
-        "tg",
-        "tg-w",
-        "tg+m",
-        "pgbouncer",
-        "haproxy",
-        if base_pid.is_some() { format!(" {:>8}", "base") } else { String::new() }
-    );
-    for row in direct_rows {
-        println!("{row}");
-    }
+    print_proxy_table("ratios to direct (median of per-round ratios)", &direct_rows, base_pid.is_some());
     if written_mode {
         statements("durable")?;
     }
