@@ -176,7 +176,8 @@ pub struct Options {
     pub baseline: Option<PathBuf>,
     /// Runs everything (server, proxies, pgbench) on this one CPU: throughput then follows the
     /// CPU each transaction costs, not where the scheduler places three processes on two cores,
-    /// and moves much less between runs. For comparing builds, not for the published table.
+    /// and moves less between runs: steadier for comparing builds (BENCHMARKS.md shows such a
+    /// table next to the one on all cores, which is the headline).
     #[arg(long, value_name = "CPU")]
     pub pin_cpu: Option<usize>,
 }
@@ -337,6 +338,7 @@ spec:
         }
         None => None,
     };
+    let with_base = base_pid.is_some();
     // Switches the agent between durable and written statement records (SIGHUP reload; new
     // sessions take the policy in force when they start).
     let statements = |mode: &str| -> anyhow::Result<()> {
@@ -387,7 +389,7 @@ spec:
         "tgw/hap",
         "tgw/pgb",
         "tgm/hap",
-        if base_pid.is_some() { format!(" {:>8} {:>7}", "base", "tg/base") } else { String::new() }
+        if with_base { format!(" {:>8} {:>7}", "base", "tg/base") } else { String::new() }
     );
     let secs = seconds.to_string();
     let mut written_mode = false;
@@ -436,7 +438,7 @@ spec:
             let m = |t: usize| median(&tps_of[t]);
             let r =
                 |a: usize, b: usize| median(&tps_of[a].iter().zip(&tps_of[b]).map(|(x, y)| x / y).collect::<Vec<_>>());
-            let base = |cell: String| if base_pid.is_some() { cell } else { String::new() };
+            let base = |cell: String| if with_base { cell } else { String::new() };
             println!(
                 "{mode:<9} {clients:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3}{}",
                 m(0),
@@ -452,7 +454,6 @@ spec:
                 r(3, 5),
                 base(format!(" {:>8.0} {:>7.3}", m(BASE), r(1, BASE))),
             );
-            let with_base = base_pid.is_some();
             direct_rows.push(proxy_row(mode, clients, |t| r(t, 0), with_base, 3));
             cpu_rows.push(proxy_row(mode, clients, |t| median(&cpu_of[t]), with_base, 1));
         }
@@ -461,9 +462,9 @@ spec:
         "proxy CPU time per transaction, µs (all threads, user and kernel, including the loopback\n\
          delivery a send does; median over rounds)",
         &cpu_rows,
-        base_pid.is_some(),
+        with_base,
     );
-    print_proxy_table("ratios to direct (median of per-round ratios)", &direct_rows, base_pid.is_some());
+    print_proxy_table("ratios to direct (median of per-round ratios)", &direct_rows, with_base);
     if written_mode {
         statements("durable")?;
     }
