@@ -173,8 +173,6 @@ impl Record {
 /// What a session's `statement_result` records share, serialised once per session.
 #[derive(Debug)]
 pub struct ResultBase {
-    identity: Option<String>,
-    resource: Option<String>,
     session: Option<u64>,
     /// `{"kind":"statement_result"` with `identity` and `resource`, as serde writes them.
     head: Vec<u8>,
@@ -183,17 +181,17 @@ pub struct ResultBase {
 impl ResultBase {
     pub fn new(identity: Option<String>, resource: Option<String>, session: Option<u64>) -> Self {
         let mut r = Record::new(Kind::StatementResult);
-        r.identity = identity.clone();
-        r.resource = resource.clone();
+        r.identity = identity;
+        r.resource = resource;
         let mut head = serde_json::to_vec(&r).expect("audit records always serialise");
         head.pop(); // the closing brace
-        Self { identity, resource, session, head }
+        Self { session, head }
     }
 }
 
 /// A `statement_result` record: what the server answered for one sync point. The proxy writes
 /// one per execution, so it is built without a `Record`'s allocations and serialised by hand,
-/// to the same bytes serde gives for `to_record()` (a unit test holds the two together).
+/// to the same bytes serde gives for the equivalent `Record` (a unit test holds the two together).
 #[derive(Debug)]
 pub struct ResultRecord {
     pub base: std::sync::Arc<ResultBase>,
@@ -207,20 +205,6 @@ pub struct ResultRecord {
 }
 
 impl ResultRecord {
-    pub fn to_record(&self) -> Record {
-        let mut r = Record::new(Kind::StatementResult);
-        r.identity = self.base.identity.clone();
-        r.resource = self.base.resource.clone();
-        r.session = self.base.session;
-        r.refs = Some(self.refs.clone());
-        r.duration_ms = Some(self.duration_ms);
-        r.count = Some(self.count);
-        r.detail = Some(format!("{} commands", self.commands));
-        r.error = self.error.clone();
-        r.masked = self.masked.clone();
-        r
-    }
-
     /// Writes the record's JSON object, fields in `Record`'s order.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         use std::io::Write;
@@ -309,44 +293,47 @@ impl Entry {
 mod tests {
     use super::*;
 
+    /// The `Record` serde would write for `o`, whose base was built from `identity` and
+    /// "orders-db".
+    fn as_record(o: &ResultRecord, identity: Option<&str>) -> Record {
+        let mut r = Record::new(Kind::StatementResult);
+        r.identity = identity.map(Into::into);
+        r.resource = Some("orders-db".into());
+        r.session = o.base.session;
+        r.refs = Some(o.refs.clone());
+        r.duration_ms = Some(o.duration_ms);
+        r.count = Some(o.count);
+        r.detail = Some(format!("{} commands", o.commands));
+        r.error = o.error.clone();
+        r.masked = o.masked.clone();
+        r
+    }
+
     #[test]
     fn a_result_record_serialises_as_its_record_does() {
-        let base = |identity: Option<&str>, session| {
-            std::sync::Arc::new(ResultBase::new(identity.map(Into::into), Some("orders-db".into()), session))
-        };
-        let records = [
-            ResultRecord {
-                base: base(Some("bot"), Some(7)),
-                refs: vec![3],
-                count: 1,
-                duration_ms: 0,
-                commands: 1,
-                error: None,
-                masked: None,
-            },
-            ResultRecord {
-                base: base(None, None),
-                refs: vec![],
-                count: 0,
-                duration_ms: 12,
-                commands: 0,
-                error: Some("relation \"x\" does not exist\n\u{1}é".into()),
-                masked: Some([("email".to_string(), 2), ("column".to_string(), 1)].into()),
-            },
-            ResultRecord {
-                base: base(Some("a\"b"), Some(1)),
-                refs: vec![1, 2, 30],
-                count: 5,
-                duration_ms: 1,
-                commands: 2,
-                error: None,
-                masked: None,
-            },
-        ];
-        for o in records {
+        let result =
+            |identity: Option<&'static str>, session, refs: Vec<u64>, count, commands, error: Option<&str>, masked| {
+                let base = ResultBase::new(identity.map(Into::into), Some("orders-db".into()), session);
+                let o = ResultRecord {
+                    base: std::sync::Arc::new(base),
+                    refs,
+                    count,
+                    duration_ms: count * 3,
+                    commands,
+                    error: error.map(Into::into),
+                    masked,
+                };
+                (o, identity)
+            };
+        let masked = Some([("email".to_string(), 2), ("column".to_string(), 1)].into());
+        for (o, identity) in [
+            result(Some("bot"), Some(7), vec![3], 1, 1, None, None),
+            result(None, None, vec![], 0, 0, Some("relation \"x\" does not exist\n\u{1}é"), masked),
+            result(Some("a\"b"), Some(1), vec![1, 2, 30], 5, 2, None, None),
+        ] {
             let mut json = Vec::new();
             o.write_json(&mut json);
-            assert_eq!(String::from_utf8(json).unwrap(), serde_json::to_string(&o.to_record()).unwrap());
+            assert_eq!(String::from_utf8(json).unwrap(), serde_json::to_string(&as_record(&o, identity)).unwrap());
         }
     }
 }
