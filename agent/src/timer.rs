@@ -36,7 +36,7 @@ pub fn start() -> std::io::Result<()> {
 
 fn handle() -> &'static Handle {
     if TIMERS.get().is_none() {
-        // Only the library's own tests get here: every binary calls `start` first.
+        // `tollgate run` calls `start` first; the library's tests start it at their first timer.
         start().expect("cannot start the timer thread");
     }
     TIMERS.get().expect("timer thread started")
