@@ -355,8 +355,8 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Queues a record: written and on disk within LAZY (sooner when someone appends a record
-    /// they wait for).
+    /// Queues a record: written within LAZY and on disk within SYNC_LAZY (both sooner when
+    /// someone appends a record they wait for).
     pub fn append(&self, record: Record) {
         if self.push(Msg { payload: Payload::Record(record), ack: None }).is_err() {
             tracing::error!("audit writer has stopped; a record was not written");
@@ -378,7 +378,7 @@ impl AuditLog {
     }
 
     /// Appends a record, with everything queued before it, and returns once it is written to
-    /// the trail file (so it survives the agent dying, not the host); on disk within LAZY.
+    /// the trail file (so it survives the agent dying, not the host); on disk within SYNC_LAZY.
     /// Writes in the calling thread: a write(2) to the page cache, no hand-off.
     pub fn append_written(&self, record: Record) -> Result<u64, AuditError> {
         if self.shared.queue().closed {
@@ -392,25 +392,32 @@ impl AuditLog {
 /// of at most this, not per record (a busy proxy writes thousands of records a second).
 const LAZY: Duration = Duration::from_millis(10);
 
+/// Longest a written record nobody waits for stays unsynced. Syncing every LAZY round cost
+/// about 8 % of the agent's CPU at a few thousand statements a second (BENCHMARKS.md); a
+/// durable append syncs everything written before it anyway.
+const SYNC_LAZY: Duration = Duration::from_millis(200);
+
 /// The writer thread: writes queued records at once when someone waits for them, within LAZY
-/// otherwise, and syncs with one fdatasync per round everything written before it began
-/// (group commit).
+/// otherwise, and syncs with one fdatasync everything written before it began (group commit):
+/// at once for waiters, within SYNC_LAZY otherwise.
 fn run(shared: &Shared, sync_file: &File, path: &Path) {
     loop {
         let mut q = shared.queue();
         let (write, sync) = loop {
             let now = Instant::now();
-            let due = |since: Option<Instant>| since.is_some_and(|t| now.duration_since(t) >= LAZY);
-            let write = !q.items.is_empty() && (q.urgent || q.closed || due(q.since));
-            let sync = !q.to_sync.is_empty() || due(q.unsynced_since) || (q.closed && q.unsynced_since.is_some());
+            let due = |since: Option<Instant>, after| since.is_some_and(|t| now.duration_since(t) >= after);
+            let write = !q.items.is_empty() && (q.urgent || q.closed || due(q.since, LAZY));
+            let sync =
+                !q.to_sync.is_empty() || due(q.unsynced_since, SYNC_LAZY) || (q.closed && q.unsynced_since.is_some());
             if write || sync {
                 break (write, sync);
             }
             if q.closed {
                 return;
             }
-            let deadline =
-                q.since.into_iter().chain(q.unsynced_since).min().map(|t| LAZY.saturating_sub(now.duration_since(t)));
+            let left =
+                |since: Option<Instant>, after: Duration| since.map(|t| after.saturating_sub(now.duration_since(t)));
+            let deadline = left(q.since, LAZY).into_iter().chain(left(q.unsynced_since, SYNC_LAZY)).min();
             q = match deadline {
                 None => {
                     q.idle = true;
@@ -505,6 +512,8 @@ mod tests {
         std::thread::sleep(LAZY * 4);
         let text = fs::read_to_string(trail_path(dir.path())).unwrap();
         assert_eq!(text.lines().count(), 1, "written within LAZY, not held until the next record");
+        std::thread::sleep(SYNC_LAZY * 2);
+        assert!(log.shared.queue().unsynced_since.is_none(), "synced within SYNC_LAZY");
         // Many lazy records from several threads arrive in one piece, in order per thread.
         std::thread::scope(|s| {
             for t in 0..4u32 {
