@@ -1,7 +1,7 @@
 //! `cargo xtask bench postgres`: pgbench through tollgate, side by side with direct,
 //! pgbouncer (session mode) and haproxy (tcp), in one run.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::Duration,
@@ -68,6 +68,45 @@ for _ in range(n):
 print("READY", flush=True)
 time.sleep(60)
 "#;
+
+/// Logs `n` idle sessions in through the enrolled cgroup; returns them once all are in.
+fn idle_sessions(bin: &Path, cgroup: &str, port: &str, n: usize) -> anyhow::Result<Child> {
+    let mut idle = Command::new(bin)
+        .args(["exec", "--cgroup", cgroup, "--", "/usr/bin/python3", "-c", IDLE_CLIENTS, &n.to_string(), port])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(idle.stdout.take().context("stdout")?), &mut line)?;
+    if !line.starts_with("READY") {
+        let _ = idle.kill();
+        let _ = idle.wait();
+        bail!("idle clients did not log in: {line}");
+    }
+    Ok(idle)
+}
+
+/// The agent's resident memory per idle logged-in session, as a printable line.
+fn idle_memory(bin: &Path, cgroup: &str, port: &str, agent_pid: u32) -> anyhow::Result<String> {
+    let stop = |mut c: Child| {
+        let _ = c.kill();
+        let _ = c.wait();
+    };
+    // One session first: what the first one sets up once is not per connection.
+    stop(idle_sessions(bin, cgroup, port, 1)?);
+    thread::sleep(Duration::from_millis(500));
+    let n = 64;
+    let before = rss_kib(agent_pid)?;
+    let idle = idle_sessions(bin, cgroup, port, n)?;
+    thread::sleep(Duration::from_millis(500));
+    let during = rss_kib(agent_pid);
+    stop(idle);
+    let during = during?;
+    Ok(format!(
+        "\nagent memory (fresh agent, after one warm-up session): {before} KiB resident before, {during} KiB with \
+         {n} idle logged-in sessions: {:.1} KiB per idle connection",
+        (during as f64 - before as f64) / n as f64
+    ))
+}
 
 /// Resident memory of a process, from /proc.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -339,6 +378,9 @@ spec:
         None => None,
     };
     let with_base = base_pid.is_some();
+    // Agent memory per idle connection, measured on the fresh agent: after the cells its heap
+    // has room freed by their sessions, which idle sessions would reuse without growing.
+    let memory = if o.pgbench_only { None } else { Some(idle_memory(&bin, &cgroup, &port_s, agent_pid)?) };
     // Switches the agent between durable and written statement records (SIGHUP reload; new
     // sessions take the policy in force when they start).
     let statements = |mode: &str| -> anyhow::Result<()> {
@@ -519,27 +561,9 @@ spec:
         r(4, 0),
     );
 
-    // Agent memory per idle connection: logged-in sessions that send nothing.
-    let n = 64;
-    let before = rss_kib(agent_pid)?;
-    let mut idle = Command::new(&bin)
-        .args(["exec", "--cgroup", &cgroup, "--", "/usr/bin/python3", "-c", IDLE_CLIENTS, &n.to_string(), &port_s])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(idle.stdout.take().context("stdout")?), &mut line)?;
-    if !line.starts_with("READY") {
-        let _ = idle.kill();
-        bail!("idle clients did not log in: {line}");
+    if let Some(m) = memory {
+        println!("{m}");
     }
-    thread::sleep(Duration::from_millis(500));
-    let during = rss_kib(agent_pid)?;
-    let _ = idle.kill();
-    let _ = idle.wait();
-    println!(
-        "\nagent memory: {before} KiB resident before, {during} KiB with {n} idle logged-in sessions: {:.1} KiB per idle connection",
-        (during as f64 - before as f64) / n as f64
-    );
     let trail = std::fs::read_to_string(rig.state.join("audit/trail.jsonl")).unwrap_or_default();
     println!(
         "\naudit: {} statement records written through tollgate",
