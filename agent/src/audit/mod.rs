@@ -11,8 +11,8 @@ use std::{
 };
 
 pub use chain::ChainError;
-pub use record::{Entry, Kind, Record, ResultBase, ResultRecord};
-pub use writer::{AuditError, AuditLog, WriterThread, now_rfc3339, trail_path};
+pub use record::{Entry, Kind, Record, ResultBase, ResultRecord, StatementBase, StatementRecord};
+pub use writer::{AuditError, AuditLog, Payload, WriterThread, now_rfc3339, trail_path};
 
 /// The audit directory inside a state dir.
 pub fn dir(state_dir: &Path) -> PathBuf {

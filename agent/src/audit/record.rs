@@ -234,6 +234,101 @@ impl ResultRecord {
     }
 }
 
+/// What a session's `statement` records share, serialised once per session: the fields that
+/// come before the statement's own in `Record`'s order, and those that come after them.
+#[derive(Debug)]
+pub struct StatementBase {
+    /// `{"kind":"statement"` and the session's fields up to `db_user`.
+    head: Vec<u8>,
+    /// The session's fields from `reason` to `policy`, each with its leading comma.
+    tail: Vec<u8>,
+    /// The session would have been refused (monitor mode): so would each of its statements.
+    would_deny: bool,
+}
+
+impl StatementBase {
+    /// From the session's record: who, where, which session. Its verdict, rule and detail are
+    /// the session's, not a statement's, and are left out.
+    pub fn new(session: &Record) -> Self {
+        let mut head = session.clone();
+        head.kind = Kind::Statement;
+        let mut tail = Record::new(Kind::Statement);
+        tail.reason = head.reason.take();
+        tail.cookie = head.cookie.take();
+        tail.session = head.session.take();
+        tail.bytes_up = head.bytes_up.take();
+        tail.bytes_down = head.bytes_down.take();
+        tail.duration_ms = head.duration_ms.take();
+        tail.count = head.count.take();
+        tail.policy = head.policy.take();
+        for f in
+            [&mut head.statement, &mut head.hook, &mut head.verdict, &mut head.rule, &mut head.detail, &mut head.error]
+        {
+            *f = None;
+        }
+        head.statement_kinds = None;
+        head.refs = None;
+        let would_deny = head.would_deny.take() == Some(true);
+        head.approval_id = None;
+        head.approver = None;
+        head.masked = None;
+        let mut head = serde_json::to_vec(&head).expect("audit records always serialise");
+        head.pop(); // the closing brace
+        let open = br#"{"kind":"statement""#;
+        let tail = serde_json::to_vec(&tail).expect("audit records always serialise");
+        let tail = tail[open.len()..tail.len() - 1].to_vec();
+        Self { head, tail, would_deny }
+    }
+}
+
+/// A `statement` record: one per statement the proxy judges (each simple query, each Parse).
+/// Built without a `Record`'s allocations and serialised by hand, to the same bytes serde gives
+/// for the equivalent `Record` (a unit test holds the two together).
+#[derive(Debug)]
+pub struct StatementRecord {
+    pub base: std::sync::Arc<StatementBase>,
+    /// The statement text as audited (already cut to the audited length).
+    pub statement: String,
+    pub kinds: Vec<&'static str>,
+    pub verdict: &'static str,
+    /// Monitor mode let through what the rules would refuse.
+    pub would_deny: bool,
+    pub rule: String,
+    pub detail: Option<String>,
+}
+
+impl StatementRecord {
+    /// Writes the record's JSON object, fields in `Record`'s order.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let string = |out: &mut Vec<u8>, s: &str| {
+            let _ = serde_json::to_writer(&mut *out, s);
+        };
+        out.extend_from_slice(&self.base.head);
+        out.extend_from_slice(b",\"statement\":");
+        string(out, &self.statement);
+        out.extend_from_slice(b",\"statement_kinds\":[");
+        for (i, k) in self.kinds.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            string(out, k);
+        }
+        out.extend_from_slice(b"],\"verdict\":");
+        string(out, self.verdict);
+        if self.would_deny || self.base.would_deny {
+            out.extend_from_slice(b",\"would_deny\":true");
+        }
+        out.extend_from_slice(b",\"rule\":");
+        string(out, &self.rule);
+        out.extend_from_slice(&self.base.tail);
+        if let Some(d) = &self.detail {
+            out.extend_from_slice(b",\"detail\":");
+            string(out, d);
+        }
+        out.push(b'}');
+    }
+}
+
 /// A record as stored: chain fields plus the record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
@@ -334,6 +429,63 @@ mod tests {
             let mut json = Vec::new();
             o.write_json(&mut json);
             assert_eq!(String::from_utf8(json).unwrap(), serde_json::to_string(&as_record(&o, identity)).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_statement_record_serialises_as_its_record_does() {
+        let mut full = Record::new(Kind::SessionStart);
+        full.identity = Some("planner-\"bot\"".into());
+        full.pid = Some(42);
+        full.tgid = Some(41);
+        full.uid = Some(1000);
+        full.gid = Some(1000);
+        full.comm = Some("psql".into());
+        full.exe = Some("/usr/bin/psql".into());
+        full.cgroup = Some("/tollgate/planner".into());
+        full.destination = Some("127.0.0.1:5432".into());
+        full.resource = Some("orders-db".into());
+        full.l4 = Some("tcp".into());
+        full.database = Some("orders".into());
+        full.db_user = Some("app".into());
+        full.rule = Some("bot-orders".into());
+        full.verdict = Some("allow".into());
+        full.cookie = Some(7);
+        full.session = Some(3);
+        let mut monitored = Record::new(Kind::SessionStart);
+        monitored.would_deny = Some(true);
+        monitored.detail = Some("the session's own detail".into());
+        for session in [full, monitored, Record::new(Kind::SessionStart)] {
+            let base = std::sync::Arc::new(StatementBase::new(&session));
+            for (text, kinds, verdict, would_deny, detail) in [
+                ("SELECT 1", vec!["select"], "allow", false, None),
+                ("DELETE FROM t; DROP TABLE \"x\"\n\u{1}é…", vec!["delete", "ddl"], "deny", true, Some("no \"ddl\"")),
+                ("", vec![], "approve", false, Some("")),
+            ] {
+                let o = StatementRecord {
+                    base: base.clone(),
+                    statement: text.into(),
+                    kinds: kinds.clone(),
+                    verdict,
+                    would_deny,
+                    rule: "no-ddl".into(),
+                    detail: detail.map(Into::into),
+                };
+                // The `Record` the proxy built before statement records had their own type.
+                let mut r = session.clone();
+                r.kind = Kind::Statement;
+                r.statement = Some(text.into());
+                r.statement_kinds = Some(kinds.iter().map(|k| k.to_string()).collect());
+                r.verdict = Some(verdict.into());
+                r.rule = Some("no-ddl".into());
+                r.detail = detail.map(Into::into);
+                if would_deny {
+                    r.would_deny = Some(true);
+                }
+                let mut json = Vec::new();
+                o.write_json(&mut json);
+                assert_eq!(String::from_utf8(json).unwrap(), serde_json::to_string(&r).unwrap());
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::{
     chain::{self, Head},
-    record::{Kind, Record, ResultRecord},
+    record::{Kind, Record, ResultRecord, StatementRecord},
 };
 
 pub const TRAIL_FILE: &str = "trail.jsonl";
@@ -41,9 +41,24 @@ type Ack = oneshot::Sender<Result<u64, AuditError>>;
 // Records travel by value, as they did before results had their own variant: boxing them would
 // cost every other record an allocation.
 #[allow(clippy::large_enum_variant)]
-enum Payload {
+pub enum Payload {
     Record(Record),
+    /// Serialised by hand: the proxy writes one per statement.
+    Statement(StatementRecord),
+    /// Serialised by hand: the proxy writes one per execution.
     Result(ResultRecord),
+}
+
+impl From<Record> for Payload {
+    fn from(r: Record) -> Self {
+        Payload::Record(r)
+    }
+}
+
+impl From<StatementRecord> for Payload {
+    fn from(r: StatementRecord) -> Self {
+        Payload::Statement(r)
+    }
 }
 
 struct Msg {
@@ -164,6 +179,7 @@ impl Trail {
         for m in items.drain(..) {
             t.head = match &m.payload {
                 Payload::Record(r) => chain::seal(&t.head, &time, r, &mut t.buf),
+                Payload::Statement(o) => chain::seal_with(&t.head, &time, &mut t.buf, |b| o.write_json(b)),
                 Payload::Result(o) => chain::seal_with(&t.head, &time, &mut t.buf, |b| o.write_json(b)),
             };
             count += 1;
@@ -371,20 +387,20 @@ impl AuditLog {
     }
 
     /// Appends a record and returns once it is on disk; yields its sequence number.
-    pub async fn append_durable(&self, record: Record) -> Result<u64, AuditError> {
+    pub async fn append_durable(&self, record: impl Into<Payload>) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.push(Msg { payload: Payload::Record(record), ack: Some(ack) })?;
+        self.push(Msg { payload: record.into(), ack: Some(ack) })?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 
     /// Appends a record, with everything queued before it, and returns once it is written to
     /// the trail file (so it survives the agent dying, not the host); on disk within SYNC_LAZY.
     /// Writes in the calling thread: a write(2) to the page cache, no hand-off.
-    pub fn append_written(&self, record: Record) -> Result<u64, AuditError> {
+    pub fn append_written(&self, record: impl Into<Payload>) -> Result<u64, AuditError> {
         if self.shared.queue().closed {
             return Err(AuditError::Closed);
         }
-        self.shared.write_queued(Some(Msg { payload: Payload::Record(record), ack: None }))
+        self.shared.write_queued(Some(Msg { payload: record.into(), ack: None }))
     }
 }
 

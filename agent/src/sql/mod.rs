@@ -143,12 +143,6 @@ pub enum CopyFormat {
     Binary,
 }
 
-impl Classification {
-    pub fn kinds_str(&self) -> Vec<String> {
-        self.kinds.iter().map(|k| k.as_str().to_string()).collect()
-    }
-}
-
 /// Statement node types and the kind each stands for. Anything ending in `Stmt` that is not
 /// listed is DDL if its name says it creates, alters, drops or renames, and `other` otherwise.
 fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {

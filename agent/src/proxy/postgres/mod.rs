@@ -32,7 +32,7 @@ use self::{
 use super::conn::Conn;
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
-    audit::{AuditLog, Kind, Record, ResultBase, ResultRecord},
+    audit::{AuditLog, Kind, Record, ResultBase, ResultRecord, StatementBase, StatementRecord},
     mask::Masker,
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
@@ -324,6 +324,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let mut side = ClientSide {
         s: &s,
         base: &base,
+        statement_base: Arc::new(StatementBase::new(&base)),
         client: client_r,
         buf: BytesMut::new(),
         to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
@@ -625,6 +626,8 @@ struct Refusal {
 struct ClientSide<'s, 'a, R> {
     s: &'s Session<'a>,
     base: &'s Record,
+    /// The session's part of every statement record, serialised once.
+    statement_base: Arc<StatementBase>,
     client: R,
     buf: BytesMut,
     to_down: ToDownstream,
@@ -713,21 +716,19 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         {
             d = Decision { action: Action::Deny, rule: "masking".into(), message: Some(why) };
         }
-        let mut r = self.base.clone();
-        r.kind = Kind::Statement;
-        r.statement = Some(truncate(&text, MAX_AUDITED_SQL));
-        r.statement_kinds = Some(class.kinds_str());
-        r.verdict = Some(d.action.as_str().into());
-        r.rule = Some(d.rule.clone());
-        r.detail = d.message.clone();
         let monitored = d.action != Action::Allow && !self.s.enforce;
-        if monitored {
-            r.verdict = Some("allow".into());
-            r.would_deny = Some(true);
-            if let Action::Approve { .. } = d.action {
-                r.detail = Some("monitor mode: would be held for approval".into());
-            }
-        }
+        let r = StatementRecord {
+            base: self.statement_base.clone(),
+            statement: truncate(&text, MAX_AUDITED_SQL),
+            kinds: class.kinds.iter().map(|k| k.as_str()).collect(),
+            verdict: if monitored { "allow" } else { d.action.as_str() },
+            would_deny: monitored,
+            rule: d.rule.clone(),
+            detail: match d.action {
+                Action::Approve { .. } if monitored => Some("monitor mode: would be held for approval".into()),
+                _ => d.message.clone(),
+            },
+        };
         let seq = match self.s.statement_audit {
             StatementAudit::Durable => self.s.audit.append_durable(r).await,
             StatementAudit::Written => self.s.audit.append_written(r),
