@@ -32,32 +32,36 @@ fn digest(body: &[u8]) -> String {
 
 /// Seals `record` as the entry after `head`: appends its line (with '\n') to `out` and returns
 /// the new head.
-pub fn seal(head: &Head, time: &str, record: &Record, out: &mut String) -> Head {
+pub fn seal(head: &Head, time: &str, record: &Record, out: &mut Vec<u8>) -> Head {
     seal_with(head, time, out, |body| serde_json::to_writer(body, record).expect("audit records always serialise"))
 }
 
 /// `seal` for a record that writes its own JSON object into the buffer it is given.
 ///
 /// The body is the JSON of an `Entry`, written field by field (the same bytes serde's
-/// flattening would give, without its map detour): this runs once per audited message.
-pub fn seal_with(head: &Head, time: &str, out: &mut String, record: impl FnOnce(&mut Vec<u8>)) -> Head {
+/// flattening would give, without its map detour) straight into `out` behind a placeholder
+/// for its hash: this runs once per audited message.
+pub fn seal_with(head: &Head, time: &str, out: &mut Vec<u8>, record: impl FnOnce(&mut Vec<u8>)) -> Head {
     use std::io::Write;
     let seq = head.seq + 1;
-    let mut body: Vec<u8> = Vec::with_capacity(384);
-    let _ = write!(body, "{{\"seq\":{seq},\"time\":");
-    serde_json::to_writer(&mut body, time).expect("a string always serialises");
-    let _ = write!(body, ",\"prev\":\"{}\"", head.hash);
-    let record_at = body.len();
-    record(&mut body);
+    out.extend_from_slice(PREFIX.as_bytes());
+    let hash_at = out.len();
+    out.extend_from_slice(&[b'0'; HASH_LEN]);
+    out.extend_from_slice(b"\",");
+    // The body's opening brace is the line's, before `hash`; it is hashed, not stored here.
+    let body_at = out.len();
+    let _ = write!(out, "\"seq\":{seq},\"time\":");
+    serde_json::to_writer(&mut *out, time).expect("a string always serialises");
+    let _ = write!(out, ",\"prev\":\"{}\"", head.hash);
+    let record_at = out.len();
+    record(out);
     // The record's own opening brace becomes the separator after `prev`.
-    body[record_at] = b',';
-    let hash = digest(&body);
-    out.reserve(PREFIX.len() + HASH_LEN + body.len() + 2);
-    out.push_str(PREFIX);
-    out.push_str(&hash);
-    out.push_str("\",");
-    out.push_str(std::str::from_utf8(&body[1..]).expect("records are JSON, which is UTF-8"));
-    out.push('\n');
+    out[record_at] = b',';
+    let digest = Sha256::new().chain_update(b"{").chain_update(&out[body_at..]).finalize();
+    let hex = &mut out[hash_at..hash_at + HASH_LEN];
+    hex::encode_to_slice(digest, hex).expect("a sha256 is 32 bytes");
+    let hash = String::from_utf8_lossy(hex).into_owned();
+    out.push(b'\n');
     Head { seq, hash }
 }
 
@@ -138,9 +142,9 @@ mod tests {
             let mut r = Record::new(Kind::Connect);
             r.pid = Some(100 + i as u32);
             r.destination = Some("127.0.0.1:5432".into());
-            let mut line = String::new();
+            let mut line = Vec::new();
             head = seal(&head, &format!("2026-11-25T00:00:0{i}Z"), &r, &mut line);
-            lines.push(line);
+            lines.push(String::from_utf8(line).unwrap());
         }
         (lines, head)
     }
@@ -151,12 +155,14 @@ mod tests {
         r.statement = Some("SELECT '\"quoted\"\\n'".into());
         r.refs = Some(vec![1, 2]);
         let head = Head { seq: 41, hash: "ab".repeat(32) };
-        let mut line = String::new();
+        let mut line = Vec::new();
         let h = seal(&head, "2026-11-26T00:00:00Z", &r, &mut line);
+        let line = String::from_utf8(line).unwrap();
         let entry = Entry { seq: 42, time: "2026-11-26T00:00:00Z".into(), prev: head.hash.clone(), record: r };
         let expected = serde_json::to_string(&entry).unwrap();
         assert_eq!(line, format!("{PREFIX}{}\",{}\n", digest(expected.as_bytes()), &expected[1..]));
         assert_eq!(h.seq, 42);
+        assert_eq!(h.hash, digest(expected.as_bytes()));
     }
 
     #[test]

@@ -288,7 +288,7 @@ impl StatementBase {
 pub struct StatementRecord {
     pub base: std::sync::Arc<StatementBase>,
     /// The statement text as audited (already cut to the audited length).
-    pub statement: String,
+    pub statement: std::sync::Arc<str>,
     pub kinds: Vec<&'static str>,
     pub verdict: &'static str,
     /// Monitor mode let through what the rules would refuse.

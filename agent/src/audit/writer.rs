@@ -74,7 +74,7 @@ struct Trail {
     head: Head,
     /// File length after the last successful write: a failed write is cut back to it.
     len: u64,
-    buf: String,
+    buf: Vec<u8>,
     /// Records of failed writes not yet reported in the trail, and why.
     lost: u64,
     last_error: String,
@@ -187,10 +187,10 @@ impl Trail {
                 acks.push((a, t.head.seq));
             }
         }
-        let written = t.file.write_all(t.buf.as_bytes()).map(|()| t.buf.len() as u64);
+        let written = t.file.write_all(&t.buf).map(|()| t.buf.len() as u64);
         // One burst must not pin its buffer for the agent's lifetime.
         if t.buf.capacity() > 1 << 20 {
-            t.buf = String::new();
+            t.buf = Vec::new();
         }
         match written {
             Ok(n) => {
@@ -322,7 +322,7 @@ impl AuditLog {
             path: path.clone(),
             head,
             len,
-            buf: String::new(),
+            buf: Vec::new(),
             lost: 0,
             last_error: String::new(),
             spare: VecDeque::new(),

@@ -719,7 +719,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let monitored = d.action != Action::Allow && !self.s.enforce;
         let r = StatementRecord {
             base: self.statement_base.clone(),
-            statement: truncate(&text, MAX_AUDITED_SQL),
+            statement: if text.len() <= MAX_AUDITED_SQL {
+                text.clone()
+            } else {
+                truncate(&text, MAX_AUDITED_SQL).into()
+            },
             kinds: class.kinds.iter().map(|k| k.as_str()).collect(),
             verdict: if monitored { "allow" } else { d.action.as_str() },
             would_deny: monitored,
@@ -835,11 +839,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     return Err(msg.into());
                 }
                 b'Q' => {
-                    let text = wire::query_text(&frame.body).map_err(|e| e.to_string())?.to_string();
+                    let text = wire::query_text(&frame.body).map_err(|e| e.to_string())?;
                     self.outcome.statements += 1;
                     // SQL PREPARE/DEALLOCATE can redefine statements behind the proxy's back.
                     self.described.clear();
-                    let refusal = match self.judge(&text).await? {
+                    let refusal = match self.judge(text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
                         Judgement::Forward(p) => match self.hold(&p, Vec::new()).await? {
                             Some(r) => Some(r),
