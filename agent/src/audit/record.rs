@@ -250,34 +250,35 @@ impl StatementBase {
     /// From the session's record: who, where, which session. Its verdict, rule and detail are
     /// the session's, not a statement's, and are left out.
     pub fn new(session: &Record) -> Self {
-        let mut head = session.clone();
-        head.kind = Kind::Statement;
+        let mut head = Record::new(Kind::Statement);
+        head.kernel_time = session.kernel_time.clone();
+        head.identity = session.identity.clone();
+        head.pid = session.pid;
+        head.tgid = session.tgid;
+        head.uid = session.uid;
+        head.gid = session.gid;
+        head.comm = session.comm.clone();
+        head.exe = session.exe.clone();
+        head.cgroup = session.cgroup.clone();
+        head.destination = session.destination.clone();
+        head.resource = session.resource.clone();
+        head.l4 = session.l4.clone();
+        head.database = session.database.clone();
+        head.db_user = session.db_user.clone();
         let mut tail = Record::new(Kind::Statement);
-        tail.reason = head.reason.take();
-        tail.cookie = head.cookie.take();
-        tail.session = head.session.take();
-        tail.bytes_up = head.bytes_up.take();
-        tail.bytes_down = head.bytes_down.take();
-        tail.duration_ms = head.duration_ms.take();
-        tail.count = head.count.take();
-        tail.policy = head.policy.take();
-        for f in
-            [&mut head.statement, &mut head.hook, &mut head.verdict, &mut head.rule, &mut head.detail, &mut head.error]
-        {
-            *f = None;
-        }
-        head.statement_kinds = None;
-        head.refs = None;
-        let would_deny = head.would_deny.take() == Some(true);
-        head.approval_id = None;
-        head.approver = None;
-        head.masked = None;
+        tail.reason = session.reason.clone();
+        tail.cookie = session.cookie;
+        tail.session = session.session;
+        tail.bytes_up = session.bytes_up;
+        tail.bytes_down = session.bytes_down;
+        tail.duration_ms = session.duration_ms;
+        tail.count = session.count;
+        tail.policy = session.policy.clone();
         let mut head = serde_json::to_vec(&head).expect("audit records always serialise");
         head.pop(); // the closing brace
-        let open = br#"{"kind":"statement""#;
         let tail = serde_json::to_vec(&tail).expect("audit records always serialise");
-        let tail = tail[open.len()..tail.len() - 1].to_vec();
-        Self { head, tail, would_deny }
+        let tail = tail[br#"{"kind":"statement""#.len()..tail.len() - 1].to_vec();
+        Self { head, tail, would_deny: session.would_deny == Some(true) }
     }
 }
 
@@ -452,6 +453,13 @@ mod tests {
         full.verdict = Some("allow".into());
         full.cookie = Some(7);
         full.session = Some(3);
+        full.kernel_time = Some("2026-11-26T00:00:00Z".into());
+        full.reason = Some("a reason".into());
+        full.bytes_up = Some(1);
+        full.bytes_down = Some(2);
+        full.duration_ms = Some(3);
+        full.count = Some(4);
+        full.policy = Some("p".into());
         let mut monitored = Record::new(Kind::SessionStart);
         monitored.would_deny = Some(true);
         monitored.detail = Some("the session's own detail".into());
