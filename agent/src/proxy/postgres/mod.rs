@@ -984,12 +984,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'B' => {
                     let (_, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
-                    let Some(p) = visible.get(stmt).copied().or_else(|| self.prepared.get(stmt)).cloned() else {
+                    let Some(p) = visible.get(stmt).copied().or_else(|| self.prepared.get(stmt)) else {
                         continue;
                     };
                     refs.push(p.seq);
                     // Every execution is its own request: each Bind carries its own parameters.
                     if p.hold.is_some() {
+                        let p = p.clone();
                         let params = wire::bind_parameters(&f.body).map_err(|e| e.to_string())?;
                         if let Some(r) = self.hold(&p, params).await? {
                             return Ok(Err(r));
