@@ -481,6 +481,12 @@ async fn downstream(
     // Sync points answered in the current read, recorded after the answer is relayed.
     let mut finished: Vec<Tally> = Vec::new();
     loop {
+        // A denial the client side queued sits after answers the server has not sent yet, but
+        // the buffer may already hold them (a pipelining client): it must be in `pending` before
+        // the buffer's ReadyForQuerys are counted, or it would go out after later answers.
+        while let Ok(i) = injections.try_recv() {
+            pending.push_back(i);
+        }
         match &mut masking {
             // Nothing to rewrite: frames are looked at in place and relayed as read.
             None => {
@@ -560,7 +566,10 @@ async fn downstream(
         }
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
         buf.reserve(READ_CHUNK);
+        // Queued injections are taken at the top of the loop whichever branch wakes it, so the
+        // order of the branches does not matter: no random draw per wake-up.
         tokio::select! {
+            biased;
             n = up.read_buf(&mut buf) => {
                 if n? == 0 {
                     // The server is gone: what the client side still has to say goes out, then
@@ -1096,6 +1105,60 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `downstream` sends the client when the server's answers to two forwarded queries
+    /// arrive in one read, and the client side had refused a statement between them.
+    async fn relay_around_a_denial(masked: bool) -> Vec<(u8, Vec<u8>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, writer) = crate::audit::AuditLog::open(dir.path()).unwrap();
+        let (_expect_tx, expect) = mpsc::unbounded_channel();
+        let results = Results { audit, base: Arc::new(ResultBase::new(None, None, None)), expect };
+        let (inject_tx, inject_rx) = mpsc::unbounded_channel();
+        let masking = masked.then(|| {
+            let rules = [crate::mask::Rule {
+                name: "m".into(),
+                target: crate::mask::Target::Columns(vec![crate::mask::Glob::new("email")]),
+                style: crate::mask::Style::Redact,
+            }];
+            let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+            for _ in 0..2 {
+                ops_tx.send(Op::Query { copies: VecDeque::new() }).unwrap();
+            }
+            (Tracker::new(Arc::new(Masker::new(&rules, [0; 32]))), ops_rx)
+        });
+        // The client side forwarded query 1, refused the next statement, forwarded query 2.
+        inject_tx
+            .send(Inject { after: 1, frames: vec![wire::error_response("42501", "denied", None, None)], ready: true })
+            .unwrap();
+        let mut server = BytesMut::new();
+        for tag in [b"SELECT 1\0".as_slice(), b"SELECT 2\0"] {
+            Frame { tag: b'C', body: bytes::Bytes::copy_from_slice(tag) }.encode(&mut server);
+            wire::ready_for_query(b'I').encode(&mut server);
+        }
+        let (mut up, up_proxy) = tokio::io::duplex(4096);
+        let (client_proxy, mut client) = tokio::io::duplex(4096);
+        up.write_all(&server).await.unwrap();
+        drop(up);
+        drop(inject_tx);
+        downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        writer.join();
+        let mut got = BytesMut::from(&got[..]);
+        let mut frames = Vec::new();
+        while let Some(f) = wire::decode(&mut got).unwrap() {
+            frames.push((f.tag, f.body.to_vec()));
+        }
+        frames
+    }
+
+    #[tokio::test]
+    async fn a_denial_goes_out_between_the_answers_it_was_queued_between() {
+        for masked in [false, true] {
+            let tags: Vec<u8> = relay_around_a_denial(masked).await.iter().map(|f| f.0).collect();
+            assert_eq!(tags, b"CZEZCZ", "masking {masked}: answer 1, the denial and its ReadyForQuery, answer 2");
+        }
+    }
 
     #[test]
     fn startup_parameters_are_allowlisted() {
