@@ -778,6 +778,32 @@ fn protocol_tricks_fail_closed() {
         out.contains("08P01 tollgate: a simple Query inside an extended-protocol batch") && out.contains("CLOSED"),
         "{out}"
     );
+    // A denial after work sent at a Flush comes after that work's answers, which are still on
+    // their way, whether it is refused at the Sync or at a second Flush; the server's batch is
+    // closed, so the next query is answered normally.
+    let after_first_line = |out: &str| -> String {
+        let tags: String = out.lines().filter_map(|l| l.chars().next()).collect();
+        tags.split_once('Z').map(|(_, rest)| rest.to_string()).unwrap_or_default()
+    };
+    for end in ["S", "H"] {
+        let mut script = vec![
+            serde_json::json!(["P", "", "SELECT pg_sleep(0.3)"]),
+            serde_json::json!(["B", "", ""]),
+            serde_json::json!(["E", ""]),
+            serde_json::json!(["H"]),
+            serde_json::json!(["P", "", "DROP TABLE orders"]),
+            serde_json::json!(["B", "", ""]),
+            serde_json::json!(["E", ""]),
+            serde_json::json!([end]),
+        ];
+        if end == "H" {
+            script.push(serde_json::json!(["S"]));
+        }
+        script.extend([serde_json::json!(["Q", "SELECT 2"]), serde_json::json!(["X"])]);
+        let out = raw(&env, &pg, none.clone(), serde_json::Value::Array(script));
+        assert!(out.contains("42501 tollgate: statement denied by rule \"no-ddl\""), "{out}");
+        assert_eq!(after_first_line(&out), "12DCEZTDCZC", "ending in {end}: {out}");
+    }
     // Redefining a named statement the session did not close: refused before the server sees it.
     let script = serde_json::json!([
         ["P", "s1", "SELECT 1"],

@@ -446,12 +446,22 @@ impl Results {
     }
 }
 
-/// Frames to send the client once the server has answered `after` sync points.
+/// Frames of the proxy's own (denials) to slot into the server's answers.
 struct Inject {
     after: u64,
     frames: Vec<Frame>,
-    /// Append a ReadyForQuery with the server's current transaction status.
-    ready: bool,
+    place: Place,
+}
+
+/// Where an injection goes, relative to the server's answer to sync point `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Once that answer is complete; `ready`: followed by a ReadyForQuery with the server's
+    /// current transaction status.
+    After { ready: bool },
+    /// Inside that answer, right before its ReadyForQuery; `relay_ready`: that ReadyForQuery
+    /// still goes to the client (it answers the client's Sync), else the proxy drops it.
+    BeforeReady { relay_ready: bool },
 }
 
 /// Channels from the client side of a session to its server side.
@@ -494,6 +504,10 @@ async fn downstream(
                 while let Some((tag, len)) = wire::peek(&buf[pos..]).map_err(std::io::Error::other)? {
                     let body = &buf[pos + 5..pos + len];
                     tally.see(tag, body);
+                    if tag == b'Z' && pending.front().is_some_and(|i| i.due_before(ready_seen)) {
+                        out.extend_from_slice(&buf[relayed..pos]);
+                        relayed = if before_ready(&mut pending, ready_seen, &mut out) { pos } else { pos + len };
+                    }
                     pos += len;
                     if tag == b'Z' {
                         status = wire::ready_status(body).unwrap_or(status);
@@ -543,7 +557,9 @@ async fn downstream(
                             return Err(std::io::Error::other(e));
                         }
                     };
-                    f.encode(&mut out);
+                    if f.tag != b'Z' || before_ready(&mut pending, ready_seen, &mut out) {
+                        f.encode(&mut out);
+                    }
                     tally.see(f.tag, &f.body);
                     if f.tag == b'Z' {
                         tally.masked = tracker.take_counts();
@@ -596,16 +612,39 @@ async fn downstream(
     }
 }
 
+impl Inject {
+    /// Goes in before the ReadyForQuery that completes the server's next answer.
+    fn due_before(&self, ready_seen: u64) -> bool {
+        matches!(self.place, Place::BeforeReady { .. }) && self.after == ready_seen + 1
+    }
+}
+
+/// Injections due after the answers counted in `ready_seen`.
 fn flush_injections(pending: &mut VecDeque<Inject>, ready_seen: u64, status: u8, out: &mut BytesMut) {
     while pending.front().is_some_and(|i| i.after <= ready_seen) {
         let i = pending.pop_front().unwrap();
         for f in &i.frames {
             f.encode(out);
         }
-        if i.ready {
+        // A `BeforeReady` one only lands here when its answer never came (the server left).
+        if i.place == (Place::After { ready: true }) {
             wire::ready_for_query(status).encode(out);
         }
     }
+}
+
+/// Injections due before the ReadyForQuery the server is about to complete its next answer
+/// with; returns whether that ReadyForQuery is relayed.
+fn before_ready(pending: &mut VecDeque<Inject>, ready_seen: u64, out: &mut BytesMut) -> bool {
+    let mut relay = true;
+    while pending.front().is_some_and(|i| i.due_before(ready_seen)) {
+        let i = pending.pop_front().unwrap();
+        for f in &i.frames {
+            f.encode(out);
+        }
+        relay &= i.place == (Place::BeforeReady { relay_ready: true });
+    }
+    relay
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -667,7 +706,7 @@ fn deny_frame(r: &Refusal) -> Frame {
 
 impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     fn inject(&self, frames: Vec<Frame>, ready: bool) {
-        let _ = self.to_down.inject.send(Inject { after: self.syncs, frames, ready });
+        let _ = self.to_down.inject.send(Inject { after: self.syncs, frames, place: Place::After { ready } });
     }
 
     fn op(&self, op: Op) {
@@ -899,31 +938,29 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             self.forward_batch(&mut batch, &mut forward)?;
                             forward.push(frame);
                             // Statements forwarded at a Flush are carried out by the next Sync.
-                            if !self.unsynced_refs.is_empty() {
-                                self.unsynced_refs.append(&mut refs);
-                                refs = std::mem::take(&mut self.unsynced_refs);
-                            }
-                            if !is_sync {
-                                self.unsynced_refs = refs;
-                                self.unsynced = true;
+                            self.unsynced_refs.append(&mut refs);
+                            if is_sync {
+                                self.synced();
                             } else {
-                                refs.sort_unstable();
-                                refs.dedup();
-                                let _ = self.to_down.expect.send(Expect { refs, started: Instant::now() });
-                                self.op(Op::Sync);
-                                self.syncs += 1;
-                                self.unsynced = false;
+                                self.unsynced = true;
                             }
                         }
                         Err(r) => {
                             self.outcome.denied += 1;
                             batch.clear();
-                            if is_sync {
-                                self.unsynced_refs.clear();
-                                self.unsynced = false;
+                            if self.unsynced {
+                                // What went to the server at a Flush is still being answered:
+                                // the denial goes after those answers. A Sync closes that work
+                                // on the server and marks where its answers end.
+                                let place = Place::BeforeReady { relay_ready: is_sync };
+                                let after = self.syncs + 1;
+                                let _ = self.to_down.inject.send(Inject { after, frames: vec![deny_frame(&r)], place });
+                                self.sync_upstream(&mut forward);
+                            } else {
+                                // As a server does after an error: skip to Sync, then one
+                                // ReadyForQuery.
+                                self.inject(vec![deny_frame(&r)], is_sync);
                             }
-                            // As a server does after an error: skip to Sync, then one ReadyForQuery.
-                            self.inject(vec![deny_frame(&r)], is_sync);
                             skip_until_sync = !is_sync;
                         }
                     }
@@ -957,6 +994,24 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 wbuf.clear();
             }
         }
+    }
+
+    /// Notes a Sync on its way to the server: its answer carries out the statements forwarded
+    /// since the last one.
+    fn synced(&mut self) {
+        let mut refs = std::mem::take(&mut self.unsynced_refs);
+        refs.sort_unstable();
+        refs.dedup();
+        let _ = self.to_down.expect.send(Expect { refs, started: Instant::now() });
+        self.op(Op::Sync);
+        self.syncs += 1;
+        self.unsynced = false;
+    }
+
+    /// Sends a Sync of the proxy's own after work the client forwarded at a Flush.
+    fn sync_upstream(&mut self, forward: &mut Vec<Frame>) {
+        forward.push(Frame { tag: b'S', body: bytes::Bytes::new() });
+        self.synced();
     }
 
     /// Judges an extended-protocol batch: every Parse first (one denial refuses the batch, and
@@ -1128,7 +1183,11 @@ mod tests {
         });
         // The client side forwarded query 1, refused the next statement, forwarded query 2.
         inject_tx
-            .send(Inject { after: 1, frames: vec![wire::error_response("42501", "denied", None, None)], ready: true })
+            .send(Inject {
+                after: 1,
+                frames: vec![wire::error_response("42501", "denied", None, None)],
+                place: Place::After { ready: true },
+            })
             .unwrap();
         let mut server = BytesMut::new();
         for tag in [b"SELECT 1\0".as_slice(), b"SELECT 2\0"] {
