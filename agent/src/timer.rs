@@ -30,6 +30,10 @@ pub fn start() -> std::io::Result<()> {
         // The runtime lives as long as the process: a timer whose driver shut down panics when
         // polled, and nothing ever needs this thread to stop.
         std::thread::Builder::new().name("timers".into()).spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    } else {
+        // Another thread (a test) started it first. Dropping a runtime blocks, which panics
+        // when the caller is itself inside a runtime.
+        rt.shutdown_background();
     }
     Ok(())
 }

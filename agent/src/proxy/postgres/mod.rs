@@ -497,6 +497,9 @@ async fn downstream(
         while let Ok(i) = injections.try_recv() {
             pending.push_back(i);
         }
+        // ... and one due already (no answer outstanding before it) goes out now: no
+        // ReadyForQuery may come to carry it.
+        flush_injections(&mut pending, ready_seen, status, &mut out);
         match &mut masking {
             // Nothing to rewrite: frames are looked at in place and relayed as read.
             None => {
@@ -879,10 +882,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         loop {
             let Some(frame) = self.next_frame().await? else { return Ok(()) };
             match frame.tag {
-                b'Q' if !batch.is_empty() || skip_until_sync || !self.unsynced_refs.is_empty() || self.unsynced => {
-                    // A simple query inside an unfinished extended-protocol batch: the server
-                    // would answer it out of the order the proxy tracks. Refused, clearly.
-                    let msg = "tollgate: a simple Query inside an extended-protocol batch (send Sync first)";
+                b'Q' | b'F' if !batch.is_empty() || skip_until_sync || self.unsynced => {
+                    // A simple query (or function call) inside an unfinished extended-protocol
+                    // batch: the server would answer it out of the order the proxy tracks.
+                    // Refused, clearly.
+                    let msg =
+                        "tollgate: a simple Query or FunctionCall inside an extended-protocol batch (send Sync first)";
                     self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, msg, None, None)], false);
                     return Err(msg.into());
                 }
@@ -935,13 +940,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     batch_bytes = 0;
                     match self.judge_batch(&batch).await? {
                         Ok(mut refs) => {
+                            // A Flush alone leaves the server where it was.
+                            let work = !batch.is_empty();
                             self.forward_batch(&mut batch, &mut forward)?;
                             forward.push(frame);
                             // Statements forwarded at a Flush are carried out by the next Sync.
                             self.unsynced_refs.append(&mut refs);
                             if is_sync {
                                 self.synced();
-                            } else {
+                            } else if work {
                                 self.unsynced = true;
                             }
                         }
@@ -1161,9 +1168,10 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
-    /// What `downstream` sends the client when the server's answers to two forwarded queries
-    /// arrive in one read, and the client side had refused a statement between them.
-    async fn relay_around_a_denial(masked: bool) -> Vec<(u8, Vec<u8>)> {
+    /// Runs `downstream` with `injections` queued by the client side, which forwarded `queries`
+    /// simple queries, and `server` sent by the server; the server then stays connected unless
+    /// `close`. Returns the message types the client got within half a second of quiet.
+    async fn relay(masked: bool, queries: usize, injections: Vec<Inject>, server: &[u8], close: bool) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
         let (audit, writer) = crate::audit::AuditLog::open(dir.path()).unwrap();
         let (_expect_tx, expect) = mpsc::unbounded_channel();
@@ -1176,46 +1184,74 @@ mod tests {
                 style: crate::mask::Style::Redact,
             }];
             let (ops_tx, ops_rx) = mpsc::unbounded_channel();
-            for _ in 0..2 {
+            for _ in 0..queries {
                 ops_tx.send(Op::Query { copies: VecDeque::new() }).unwrap();
             }
             (Tracker::new(Arc::new(Masker::new(&rules, [0; 32]))), ops_rx)
         });
-        // The client side forwarded query 1, refused the next statement, forwarded query 2.
-        inject_tx
-            .send(Inject {
-                after: 1,
-                frames: vec![wire::error_response("42501", "denied", None, None)],
-                place: Place::After { ready: true },
-            })
-            .unwrap();
-        let mut server = BytesMut::new();
-        for tag in [b"SELECT 1\0".as_slice(), b"SELECT 2\0"] {
-            Frame { tag: b'C', body: bytes::Bytes::copy_from_slice(tag) }.encode(&mut server);
-            wire::ready_for_query(b'I').encode(&mut server);
+        for i in injections {
+            inject_tx.send(i).unwrap();
         }
         let (mut up, up_proxy) = tokio::io::duplex(4096);
         let (client_proxy, mut client) = tokio::io::duplex(4096);
-        up.write_all(&server).await.unwrap();
-        drop(up);
-        drop(inject_tx);
-        downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking).await.unwrap();
-        let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
-        writer.join();
-        let mut got = BytesMut::from(&got[..]);
-        let mut frames = Vec::new();
-        while let Some(f) = wire::decode(&mut got).unwrap() {
-            frames.push((f.tag, f.body.to_vec()));
+        up.write_all(server).await.unwrap();
+        if close {
+            drop(up);
+            drop(inject_tx);
         }
-        frames
+        let down = tokio::spawn(downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking));
+        let mut got = BytesMut::new();
+        while let Ok(Ok(n)) = crate::timer::timeout(Duration::from_millis(500), client.read_buf(&mut got)).await {
+            if n == 0 {
+                break;
+            }
+        }
+        down.abort();
+        let _ = down.await;
+        writer.join();
+        let mut tags = Vec::new();
+        while let Some(f) = wire::decode(&mut got).unwrap() {
+            tags.push(f.tag);
+        }
+        tags
+    }
+
+    fn denial(after: u64) -> Inject {
+        Inject {
+            after,
+            frames: vec![wire::error_response("42501", "denied", None, None)],
+            place: Place::After { ready: true },
+        }
+    }
+
+    fn answer(out: &mut BytesMut, tag: &[u8]) {
+        Frame { tag: b'C', body: bytes::Bytes::copy_from_slice(tag) }.encode(out);
+        wire::ready_for_query(b'I').encode(out);
     }
 
     #[tokio::test]
     async fn a_denial_goes_out_between_the_answers_it_was_queued_between() {
+        // Query 1 forwarded, the next statement refused, query 2 forwarded; both answers come
+        // in one read.
+        let mut server = BytesMut::new();
+        answer(&mut server, b"SELECT 1\0");
+        answer(&mut server, b"SELECT 2\0");
         for masked in [false, true] {
-            let tags: Vec<u8> = relay_around_a_denial(masked).await.iter().map(|f| f.0).collect();
+            let tags = relay(masked, 2, vec![denial(1)], &server, true).await;
             assert_eq!(tags, b"CZEZCZ", "masking {masked}: answer 1, the denial and its ReadyForQuery, answer 2");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_denial_with_no_answer_before_it_goes_out_at_once() {
+        // Only a notification comes from the server, which stays connected: no ReadyForQuery
+        // will ever carry the denial out.
+        let mut server = BytesMut::new();
+        Frame { tag: b'A', body: bytes::Bytes::from_static(b"\0\0\0\x01ch\0\0") }.encode(&mut server);
+        for masked in [false, true] {
+            let mut tags = relay(masked, 0, vec![denial(0)], &server, false).await;
+            tags.sort_unstable();
+            assert_eq!(tags, b"AEZ", "masking {masked}");
         }
     }
 
