@@ -711,6 +711,8 @@ for m in script:
     elif t == "B": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0\0\0\0\0")
     elif t == "E": out += msg("E", cstr(m[1]) + b"\0\0\0\0")
     elif t == "Q": out += msg("Q", cstr(m[1]))
+    elif t == "C": out += msg("C", b"S" + cstr(m[1]))
+    elif t == "D": out += msg("D", m[1].encode() + cstr(m[2]))
     else: out += msg(t, b"")
 buf = b""
 s.settimeout(5)
@@ -809,6 +811,38 @@ fn protocol_tricks_fail_closed() {
         assert!(out.contains("42501 tollgate: statement denied by rule \"no-ddl\""), "{out}");
         assert_eq!(after_first_line(&out), "12DCEZTDCZC", "ending in {end}: {out}");
     }
+    // A Close the server skipped (an error earlier in its batch) leaves the statement there:
+    // parsing the name again is refused as the server would, and a Bind still runs (and is
+    // judged as) the old statement, which waits for approval. The client gives up after 5 s.
+    let script = serde_json::json!([
+        ["P", "s1", "DELETE FROM orders WHERE id = 1"],
+        ["S"],
+        ["B", "", "nosuch"],
+        ["C", "s1"],
+        ["S"],
+        ["P", "s1", "SELECT 1"],
+        ["S"],
+        ["B", "", "s1"],
+        ["E", ""],
+        ["S"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("26000") && out.contains("duplicate-prepared-statement"), "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // A Close the server carried out frees the name.
+    let script = serde_json::json!([
+        ["P", "s1", "SELECT 1"],
+        ["S"],
+        ["C", "s1"],
+        ["S"],
+        ["P", "s1", "SELECT 2"],
+        ["B", "", "s1"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "1Z3Z12DCZC", "{out}");
     // Redefining a named statement the session did not close: refused before the server sees it.
     let script = serde_json::json!([
         ["P", "s1", "SELECT 1"],

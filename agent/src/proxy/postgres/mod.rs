@@ -319,7 +319,9 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     // Outcome records point at their statement records (`refs`); who and where is there, so
     // they repeat only what a reader filters by.
     let result_base = ResultBase::new(base.identity.clone(), base.resource.clone(), base.session);
-    let results = Results { audit: s.audit.clone(), base: Arc::new(result_base), expect: expect_rx };
+    let closes = Arc::new(Closes::default());
+    let results =
+        Results { audit: s.audit.clone(), base: Arc::new(result_base), expect: expect_rx, closes: closes.clone() };
     let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking));
     let mut side = ClientSide {
         s: &s,
@@ -334,6 +336,9 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         described: Default::default(),
         unsynced_refs: Vec::new(),
         unsynced: false,
+        closes,
+        closing: false,
+        closed: VecDeque::new(),
         cache: HashMap::new(),
         outcome: Outcome::default(),
     };
@@ -395,6 +400,49 @@ struct Expect {
     /// Sequence numbers of the `statement` records it carries out.
     refs: Vec<u64>,
     started: std::time::Instant,
+    /// Its number, when its batch closed prepared statements (see `Closes`).
+    closes: Option<u64>,
+}
+
+/// Whether the answers to sync points whose batches closed prepared statements carried an
+/// error, for the client side: after an error the server skips the rest of a batch, its Close
+/// included, and still has a statement the client may believe gone.
+#[derive(Default)]
+struct Closes {
+    /// The last sync point recorded, and the recent ones: point -> its answer had an error.
+    answers: Mutex<(u64, std::collections::BTreeMap<u64, bool>)>,
+    recorded: tokio::sync::Notify,
+}
+
+impl Closes {
+    /// Sync points kept; one older than these counts as having failed (the safe reading).
+    const KEPT: usize = 64;
+
+    fn record(&self, point: u64, error: bool) {
+        let mut a = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        a.0 = point;
+        a.1.insert(point, error);
+        if a.1.len() > Self::KEPT {
+            a.1.pop_first();
+        }
+        drop(a);
+        self.recorded.notify_one();
+    }
+
+    /// Whether the answer to sync point `point` carried no error, once it is in.
+    fn succeeded(&self, point: u64) -> Option<bool> {
+        let a = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        match a.1.get(&point) {
+            Some(error) => Some(!error),
+            None => (a.0 >= point).then_some(false),
+        }
+    }
+
+    async fn wait(&self, point: u64) {
+        while self.succeeded(point).is_none() {
+            self.recorded.notified().await;
+        }
+    }
 }
 
 /// What the server answered for one sync point.
@@ -428,12 +476,16 @@ struct Results {
     audit: AuditLog,
     base: Arc<ResultBase>,
     expect: mpsc::UnboundedReceiver<Expect>,
+    closes: Arc<Closes>,
 }
 
 impl Results {
     fn record(&mut self, t: Tally) {
         // The expectation was queued before its messages were written upstream, so it is here.
         let Ok(e) = self.expect.try_recv() else { return };
+        if let Some(point) = e.closes {
+            self.closes.record(point, t.error.is_some());
+        }
         self.audit.append_result(ResultRecord {
             base: self.base.clone(),
             refs: e.refs,
@@ -659,6 +711,9 @@ struct Prepared {
     text: Arc<str>,
     /// Executions wait for approval under this rule.
     hold: Option<(String, Duration)>,
+    /// A Close went to the server in the batch of this sync point: whether the server carried
+    /// it out is known from that point's answer. Until then, Binds are judged by this statement.
+    closing: Option<u64>,
 }
 
 /// The verdict on one statement text.
@@ -693,6 +748,11 @@ struct ClientSide<'s, 'a, R> {
     unsynced_refs: Vec<u64>,
     /// Messages went to the server at a Flush and no Sync has followed yet.
     unsynced: bool,
+    closes: Arc<Closes>,
+    /// Statements were closed since the last Sync.
+    closing: bool,
+    /// Statements closed, with the sync point whose answer tells whether the server did it.
+    closed: VecDeque<(u64, String)>,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
     outcome: Outcome,
@@ -798,7 +858,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 warn!(session = self.s.id, rule = %d.rule, "statement denied");
                 Ok(Judgement::Deny { rule: d.rule, message: d.message })
             }
-            _ => Ok(Judgement::Forward(Prepared { seq, class, text, hold })),
+            _ => Ok(Judgement::Forward(Prepared { seq, class, text, hold, closing: None })),
         }
     }
 
@@ -901,7 +961,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         Judgement::Forward(p) => match self.hold(&p, Vec::new()).await? {
                             Some(r) => Some(r),
                             None => {
-                                let _ = self.to_down.expect.send(Expect { refs: vec![p.seq], started: Instant::now() });
+                                let _ = self.to_down.expect.send(Expect {
+                                    refs: vec![p.seq],
+                                    started: Instant::now(),
+                                    closes: None,
+                                });
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
                                 forward.push(frame);
                                 self.syncs += 1;
@@ -1009,7 +1073,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut refs = std::mem::take(&mut self.unsynced_refs);
         refs.sort_unstable();
         refs.dedup();
-        let _ = self.to_down.expect.send(Expect { refs, started: Instant::now() });
+        let closes = std::mem::take(&mut self.closing).then_some(self.syncs + 1);
+        let _ = self.to_down.expect.send(Expect { refs, started: Instant::now(), closes });
         self.op(Op::Sync);
         self.syncs += 1;
         self.unsynced = false;
@@ -1021,17 +1086,49 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.synced();
     }
 
+    /// Whether the server still has statement `name`. One the client closed is gone once the
+    /// answer to the Close's batch shows no error; until its Sync has gone out, it counts as
+    /// still there.
+    async fn still_prepared(&mut self, name: &str) -> bool {
+        loop {
+            self.settle_closes();
+            match self.prepared.get(name).map(|p| p.closing) {
+                None => return false,
+                Some(Some(point)) if point <= self.syncs => self.closes.wait(point).await,
+                Some(_) => return true,
+            }
+        }
+    }
+
+    /// Forgets the statements the server has closed; one whose Close may have been skipped
+    /// stays, as the server keeps it.
+    fn settle_closes(&mut self) {
+        while let Some(ok) = self.closed.front().and_then(|(point, _)| self.closes.succeeded(*point)) {
+            let (point, name) = self.closed.pop_front().expect("front exists");
+            match self.prepared.get_mut(&name) {
+                Some(p) if p.closing == Some(point) && ok => {
+                    self.prepared.remove(&name);
+                }
+                Some(p) if p.closing == Some(point) => p.closing = None,
+                _ => {}
+            }
+        }
+    }
+
     /// Judges an extended-protocol batch: every Parse first (one denial refuses the batch, and
     /// nobody is asked to approve a batch that is refused anyway), then every statement it
     /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
     async fn judge_batch(&mut self, batch: &[Frame]) -> Result<Result<Vec<u64>, Refusal>, String> {
+        if !self.closed.is_empty() {
+            self.settle_closes();
+        }
         let mut parsed: Vec<(String, Prepared)> = Vec::new();
         for f in batch.iter().filter(|f| f.tag == b'P') {
             let (name, text) = wire::parse_message(&f.body).map_err(|e| e.to_string())?;
             let name = name.to_string();
             // The server refuses to redefine a named statement; the proxy must not believe it
             // did, or a later Bind would be judged by the wrong text.
-            if !name.is_empty() && (self.prepared.contains_key(&name) || parsed.iter().any(|(n, _)| *n == name)) {
+            if !name.is_empty() && (self.still_prepared(&name).await || parsed.iter().any(|(n, _)| *n == name)) {
                 return Ok(Err(Refusal {
                     rule: "duplicate-prepared-statement".into(),
                     message: Some(format!("prepared statement \"{name}\" already exists; Close it first")),
@@ -1086,9 +1183,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// each Execute is preceded by a Describe of its portal unless the client just sent one.
     fn forward_batch(&mut self, batch: &mut Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
         for f in batch.iter().filter(|f| f.tag == b'C') {
-            // Close: the name may be parsed again.
+            // Close: the name may be parsed again once the server has done it.
             if let Ok((b'S', name)) = wire::describe_target(&f.body) {
-                self.prepared.remove(name);
+                if let Some(p) = self.prepared.get_mut(name) {
+                    p.closing = Some(self.syncs + 1);
+                    self.closing = true;
+                    self.closed.push_back((self.syncs + 1, name.to_string()));
+                }
                 self.described.remove(name);
             }
         }
@@ -1175,7 +1276,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (audit, writer) = crate::audit::AuditLog::open(dir.path()).unwrap();
         let (_expect_tx, expect) = mpsc::unbounded_channel();
-        let results = Results { audit, base: Arc::new(ResultBase::new(None, None, None)), expect };
+        let results =
+            Results { audit, base: Arc::new(ResultBase::new(None, None, None)), expect, closes: Default::default() };
         let (inject_tx, inject_rx) = mpsc::unbounded_channel();
         let masking = masked.then(|| {
             let rules = [crate::mask::Rule {
