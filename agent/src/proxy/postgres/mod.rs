@@ -1206,7 +1206,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'P' => {
                     let name = wire::parse_message(&f.body).map_err(e)?.0;
                     self.described.remove(name);
-                    self.op(Op::Parse);
+                    self.op(Op::Parse { statement: name.to_string() });
                 }
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
@@ -1242,7 +1242,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         .and_then(|p| p.class.copy_out.first().cloned());
                     self.op(Op::Execute { portal, copy });
                 }
-                b'C' => self.op(Op::Close),
+                b'C' => {
+                    let (target, name) = wire::describe_target(&f.body).map_err(e)?;
+                    self.op(Op::Close { target, name: name.to_string() });
+                }
                 _ => {}
             }
             if f.tag != b'D' {

@@ -19,7 +19,10 @@ use crate::{
 /// A forwarded client message that the server will answer, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    Parse,
+    /// Once it completes, what the statement's name described before is stale.
+    Parse {
+        statement: String,
+    },
     /// A Bind: once it completes, the portal's plan follows from its statement's description
     /// (if the client had it described) and the result formats it asks for.
     Bind {
@@ -27,7 +30,11 @@ pub enum Op {
         statement: String,
         formats: Vec<i16>,
     },
-    Close,
+    /// A Close of a statement (`b'S'`) or a portal (`b'P'`).
+    Close {
+        target: u8,
+        name: String,
+    },
     DescribeStatement {
         statement: String,
     },
@@ -116,7 +123,9 @@ impl Tracker {
     pub fn on_frame(&mut self, mut f: Frame) -> Result<Option<Frame>, TrackError> {
         match f.tag {
             b'1' => {
-                self.pop_if(|o| *o == Op::Parse);
+                if let Some(Op::Parse { statement }) = self.pop_if(|o| matches!(o, Op::Parse { .. })) {
+                    self.statements.remove(&statement);
+                }
             }
             // ParameterDescription comes first in the answer to a statement Describe.
             b't' => {}
@@ -133,9 +142,15 @@ impl Tracker {
                     }
                 }
             }
-            b'3' => {
-                self.pop_if(|o| *o == Op::Close);
-            }
+            b'3' => match self.pop_if(|o| matches!(o, Op::Close { .. })) {
+                Some(Op::Close { target: b'S', name }) => {
+                    self.statements.remove(&name);
+                }
+                Some(Op::Close { name, .. }) => {
+                    self.portals.remove(&name);
+                }
+                _ => {}
+            },
             b'T' => {
                 let plan = Arc::new(Plan::from_row_description(&f.body, &self.masker)?);
                 match self.ops.front() {
@@ -287,7 +302,7 @@ mod tests {
     fn extended_protocol_uses_the_portal_plan_and_hides_added_describes() {
         let mut t = tracker();
         for op in [
-            Op::Parse,
+            Op::Parse { statement: String::new() },
             Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new(), copy: None },
@@ -311,7 +326,7 @@ mod tests {
     fn a_described_statement_gives_its_portals_a_plan_without_asking_again() {
         let mut t = tracker();
         for op in [
-            Op::Parse,
+            Op::Parse { statement: "s1".into() },
             Op::DescribeStatement { statement: "s1".into() },
             Op::Sync,
             Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0] },
@@ -333,10 +348,37 @@ mod tests {
     }
 
     #[test]
+    fn a_statement_parsed_or_closed_again_loses_its_description() {
+        for again in [Op::Parse { statement: "s1".into() }, Op::Close { target: b'S', name: "s1".into() }] {
+            let mut t = tracker();
+            for op in [
+                Op::DescribeStatement { statement: "s1".into() },
+                Op::Sync,
+                again.clone(),
+                Op::Sync,
+                Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0] },
+                Op::Execute { portal: String::new(), copy: None },
+                Op::Sync,
+            ] {
+                t.push(op);
+            }
+            for f in [frame(b't', b"\0\0"), row_description("email"), frame(b'Z', b"I")] {
+                assert!(relay(&mut t, f).is_some());
+            }
+            let done = if matches!(again, Op::Parse { .. }) { b'1' } else { b'3' };
+            for f in [frame(done, b""), frame(b'Z', b"I"), frame(b'2', b"")] {
+                assert!(relay(&mut t, f).is_some());
+            }
+            // Its old row shape (one email column) must not be used: no plan, no relay.
+            assert!(t.on_frame(data_row("a@b.c")).is_err(), "{again:?}");
+        }
+    }
+
+    #[test]
     fn errors_skip_to_sync_and_simple_queries_use_their_row_description() {
         let mut t = tracker();
         for op in [
-            Op::Parse,
+            Op::Parse { statement: String::new() },
             Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new(), copy: None },
