@@ -320,8 +320,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     // they repeat only what a reader filters by.
     let result_base = ResultBase::new(base.identity.clone(), base.resource.clone(), base.session);
     let closes = Arc::new(Closes::default());
-    let results =
-        Results { audit: s.audit.clone(), base: Arc::new(result_base), expect: expect_rx, closes: closes.clone() };
+    let results = Results::new(s.audit.clone(), result_base, expect_rx, closes.clone());
     let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking));
     let mut side = ClientSide {
         s: &s,
@@ -338,6 +337,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         unsynced: false,
         closes,
         closing: false,
+        syncs_since_execute: 0,
         closed: VecDeque::new(),
         cache: HashMap::new(),
         outcome: Outcome::default(),
@@ -452,6 +452,8 @@ struct Tally {
     commands: u64,
     error: Option<String>,
     masked: crate::mask::Counts,
+    /// The sync point was never answered on its own: the server ignored its Sync (COPY).
+    void: bool,
 }
 
 impl Tally {
@@ -477,14 +479,29 @@ struct Results {
     base: Arc<ResultBase>,
     expect: mpsc::UnboundedReceiver<Expect>,
     closes: Arc<Closes>,
+    /// Statements of sync points the server answered together with a later one.
+    carried: Vec<u64>,
 }
 
 impl Results {
+    fn new(audit: AuditLog, base: ResultBase, expect: mpsc::UnboundedReceiver<Expect>, closes: Arc<Closes>) -> Self {
+        Results { audit, base: Arc::new(base), expect, closes, carried: Vec::new() }
+    }
+
     fn record(&mut self, t: Tally) {
         // The expectation was queued before its messages were written upstream, so it is here.
-        let Ok(e) = self.expect.try_recv() else { return };
+        let Ok(mut e) = self.expect.try_recv() else { return };
         if let Some(point) = e.closes {
-            self.closes.record(point, t.error.is_some());
+            // A void point's Close is answered later, if at all: it counts as not done.
+            self.closes.record(point, t.void || t.error.is_some());
+        }
+        if t.void {
+            self.carried.append(&mut e.refs);
+            return;
+        }
+        if !self.carried.is_empty() {
+            e.refs.append(&mut self.carried);
+            e.refs.sort_unstable();
         }
         self.audit.append_result(ResultRecord {
             base: self.base.clone(),
@@ -496,6 +513,18 @@ impl Results {
             masked: (!t.masked.is_empty()).then(|| t.masked.to_map()),
         });
     }
+}
+
+/// What the client side tells the server side.
+enum Note {
+    Inject(Inject),
+    /// The client ended a COPY FROM STDIN after sending `n` Syncs since the Execute that may have
+    /// started it, the first answering sync point `first`. If the server did take COPY data,
+    /// it ignored those Syncs: their points are answered by the one after the COPY ends.
+    VoidSyncs {
+        first: u64,
+        n: u64,
+    },
 }
 
 /// Frames of the proxy's own (denials) to slot into the server's answers.
@@ -518,7 +547,7 @@ enum Place {
 
 /// Channels from the client side of a session to its server side.
 struct ToDownstream {
-    inject: mpsc::UnboundedSender<Inject>,
+    inject: mpsc::UnboundedSender<Note>,
     expect: mpsc::UnboundedSender<Expect>,
     /// Present when the grant masks: what each forwarded message will be answered with.
     ops: Option<mpsc::UnboundedSender<Op>>,
@@ -530,7 +559,7 @@ async fn downstream(
     mut up: impl AsyncRead + Unpin,
     mut buf: BytesMut,
     mut client: impl AsyncWrite + Unpin,
-    mut injections: mpsc::UnboundedReceiver<Inject>,
+    mut notes: mpsc::UnboundedReceiver<Note>,
     mut results: Results,
     mut masking: Option<(Tracker, mpsc::UnboundedReceiver<Op>)>,
 ) -> std::io::Result<()> {
@@ -542,13 +571,15 @@ async fn downstream(
     let mut injecting = true;
     // Sync points answered in the current read, recorded after the answer is relayed.
     let mut finished: Vec<Tally> = Vec::new();
+    let mut copy = CopyIn::default();
     loop {
         // A denial the client side queued sits after answers the server has not sent yet, but
         // the buffer may already hold them (a pipelining client): it must be in `pending` before
         // the buffer's ReadyForQuerys are counted, or it would go out after later answers.
-        while let Ok(i) = injections.try_recv() {
-            pending.push_back(i);
+        while let Ok(n) = notes.try_recv() {
+            copy.note(n, &mut pending);
         }
+        copy.settle(&mut ready_seen, &mut finished, masking.as_mut().map(|m| &mut m.0));
         // ... and one due already (no answer outstanding before it) goes out now: no
         // ReadyForQuery may come to carry it.
         flush_injections(&mut pending, ready_seen, status, &mut out);
@@ -559,6 +590,7 @@ async fn downstream(
                 while let Some((tag, len)) = wire::peek(&buf[pos..]).map_err(std::io::Error::other)? {
                     let body = &buf[pos + 5..pos + len];
                     tally.see(tag, body);
+                    copy.see(tag, &mut ready_seen, &mut finished, None);
                     if tag == b'Z' && pending.front().is_some_and(|i| i.due_before(ready_seen)) {
                         out.extend_from_slice(&buf[relayed..pos]);
                         relayed = if before_ready(&mut pending, ready_seen, &mut out) { pos } else { pos + len };
@@ -616,6 +648,7 @@ async fn downstream(
                         f.encode(&mut out);
                     }
                     tally.see(f.tag, &f.body);
+                    copy.see(f.tag, &mut ready_seen, &mut finished, Some(tracker));
                     if f.tag == b'Z' {
                         tally.masked = tracker.take_counts();
                         finished.push(std::mem::take(&mut tally));
@@ -645,8 +678,8 @@ async fn downstream(
                 if n? == 0 {
                     // The server is gone: what the client side still has to say goes out, then
                     // the end (no more ReadyForQuery will come to wait for).
-                    while let Ok(i) = injections.try_recv() {
-                        pending.push_back(i);
+                    while let Ok(n) = notes.try_recv() {
+                        copy.note(n, &mut pending);
                     }
                     flush_injections(&mut pending, u64::MAX, status, &mut out);
                     if !out.is_empty() {
@@ -655,14 +688,68 @@ async fn downstream(
                     return Ok(());
                 }
             }
-            inj = injections.recv(), if injecting => match inj {
-                Some(i) => {
-                    pending.push_back(i);
+            note = notes.recv(), if injecting => match note {
+                Some(n) => {
+                    copy.note(n, &mut pending);
+                    copy.settle(&mut ready_seen, &mut finished, masking.as_mut().map(|m| &mut m.0));
                     flush_injections(&mut pending, ready_seen, status, &mut out);
                 }
                 // The client side is done; the server's last answers still go out.
                 None => injecting = false,
             },
+        }
+    }
+}
+
+/// The server side's view of a COPY FROM STDIN started by an extended-protocol Execute, whose
+/// Syncs sent meanwhile the server ignores (see `Note::VoidSyncs`).
+#[derive(Default)]
+struct CopyIn {
+    /// The sync point being answered when the server asked for COPY data.
+    started_at: Option<u64>,
+    /// Syncs sent during a possible COPY: (first point, count).
+    void: Option<(u64, u64)>,
+}
+
+impl CopyIn {
+    fn note(&mut self, note: Note, pending: &mut VecDeque<Inject>) {
+        match note {
+            Note::Inject(i) => pending.push_back(i),
+            Note::VoidSyncs { first, n } => self.void = Some((first, n)),
+        }
+    }
+
+    /// Follows the server: CopyInResponse starts a COPY; a ReadyForQuery ends any.
+    fn see(&mut self, tag: u8, ready_seen: &mut u64, finished: &mut Vec<Tally>, tracker: Option<&mut Tracker>) {
+        match tag {
+            b'G' => {
+                self.started_at = Some(*ready_seen + 1);
+                self.settle(ready_seen, finished, tracker);
+            }
+            b'Z' => {
+                // This answers point `ready_seen + 1`: if the Syncs to void start there, the
+                // server never took COPY data and answered them itself.
+                if self.void.is_some_and(|(first, _)| first <= *ready_seen + 1) {
+                    self.void = None;
+                }
+                self.started_at = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Once both the server's CopyInResponse and the client's Syncs are known, the Syncs'
+    /// points count as answered, by the answer still to come.
+    fn settle(&mut self, ready_seen: &mut u64, finished: &mut Vec<Tally>, tracker: Option<&mut Tracker>) {
+        let Some((first, n)) = self.void else { return };
+        if self.started_at != Some(first) {
+            return;
+        }
+        self.void = None;
+        *ready_seen += n;
+        finished.extend((0..n).map(|_| Tally { void: true, ..Default::default() }));
+        if let Some(t) = tracker {
+            t.void_syncs(n);
         }
     }
 }
@@ -751,6 +838,8 @@ struct ClientSide<'s, 'a, R> {
     closes: Arc<Closes>,
     /// Statements were closed since the last Sync.
     closing: bool,
+    /// Syncs forwarded since the last Execute (a COPY FROM STDIN may have started there).
+    syncs_since_execute: u64,
     /// Statements closed, with the sync point whose answer tells whether the server did it.
     closed: VecDeque<(u64, String)>,
     /// Classifications by statement shape (`sql::shape`).
@@ -769,7 +858,8 @@ fn deny_frame(r: &Refusal) -> Frame {
 
 impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     fn inject(&self, frames: Vec<Frame>, ready: bool) {
-        let _ = self.to_down.inject.send(Inject { after: self.syncs, frames, place: Place::After { ready } });
+        let i = Inject { after: self.syncs, frames, place: Place::After { ready } };
+        let _ = self.to_down.inject.send(Note::Inject(i));
     }
 
     fn op(&self, op: Op) {
@@ -969,6 +1059,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
                                 forward.push(frame);
                                 self.syncs += 1;
+                                // A COPY it starts takes no Syncs.
+                                self.syncs_since_execute = 0;
                                 None
                             }
                         },
@@ -1006,6 +1098,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         Ok(mut refs) => {
                             // A Flush alone leaves the server where it was.
                             let work = !batch.is_empty();
+                            if batch.iter().any(|f| f.tag == b'E') {
+                                self.syncs_since_execute = 0;
+                            }
                             self.forward_batch(&mut batch, &mut forward)?;
                             forward.push(frame);
                             // Statements forwarded at a Flush are carried out by the next Sync.
@@ -1025,7 +1120,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 // on the server and marks where its answers end.
                                 let place = Place::BeforeReady { relay_ready: is_sync };
                                 let after = self.syncs + 1;
-                                let _ = self.to_down.inject.send(Inject { after, frames: vec![deny_frame(&r)], place });
+                                let i = Inject { after, frames: vec![deny_frame(&r)], place };
+                                let _ = self.to_down.inject.send(Note::Inject(i));
                                 self.sync_upstream(&mut forward);
                             } else {
                                 // As a server does after an error: skip to Sync, then one
@@ -1037,7 +1133,17 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                 }
                 // COPY data from the client: its COPY statement was judged already.
-                b'd' | b'c' | b'f' => forward.push(frame),
+                b'd' => forward.push(frame),
+                b'c' | b'f' => {
+                    // The end of a COPY FROM STDIN: Syncs the client sent since the Execute that
+                    // started it (libpq and tokio-postgres send one with it) were ignored by the
+                    // server if it did take COPY data, which only the server side can tell.
+                    let n = std::mem::take(&mut self.syncs_since_execute);
+                    if n > 0 {
+                        let _ = self.to_down.inject.send(Note::VoidSyncs { first: self.syncs + 1 - n, n });
+                    }
+                    forward.push(frame);
+                }
                 b'X' => {
                     let _ = send(&mut up, &[frame]).await;
                     return Ok(());
@@ -1074,6 +1180,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         refs.sort_unstable();
         refs.dedup();
         let closes = std::mem::take(&mut self.closing).then_some(self.syncs + 1);
+        self.syncs_since_execute += 1;
         let _ = self.to_down.expect.send(Expect { refs, started: Instant::now(), closes });
         self.op(Op::Sync);
         self.syncs += 1;
@@ -1272,15 +1379,15 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
-    /// Runs `downstream` with `injections` queued by the client side, which forwarded `queries`
-    /// simple queries, and `server` sent by the server; the server then stays connected unless
-    /// `close`. Returns the message types the client got within half a second of quiet.
-    async fn relay(masked: bool, queries: usize, injections: Vec<Inject>, server: &[u8], close: bool) -> Vec<u8> {
+    /// Runs `downstream` with `notes` queued by the client side, which forwarded what `ops` say
+    /// (announced when masking), and `server` sent by the server; the server then stays
+    /// connected unless `close`. Returns the message types the client got within half a second
+    /// of quiet.
+    async fn relay(masked: bool, ops: Vec<Op>, notes: Vec<Note>, server: &[u8], close: bool) -> Vec<u8> {
         let dir = tempfile::tempdir().unwrap();
         let (audit, writer) = crate::audit::AuditLog::open(dir.path()).unwrap();
         let (_expect_tx, expect) = mpsc::unbounded_channel();
-        let results =
-            Results { audit, base: Arc::new(ResultBase::new(None, None, None)), expect, closes: Default::default() };
+        let results = Results::new(audit, ResultBase::new(None, None, None), expect, Default::default());
         let (inject_tx, inject_rx) = mpsc::unbounded_channel();
         let masking = masked.then(|| {
             let rules = [crate::mask::Rule {
@@ -1289,13 +1396,13 @@ mod tests {
                 style: crate::mask::Style::Redact,
             }];
             let (ops_tx, ops_rx) = mpsc::unbounded_channel();
-            for _ in 0..queries {
-                ops_tx.send(Op::Query { copies: VecDeque::new() }).unwrap();
+            for op in ops.clone() {
+                ops_tx.send(op).unwrap();
             }
             (Tracker::new(Arc::new(Masker::new(&rules, [0; 32]))), ops_rx)
         });
-        for i in injections {
-            inject_tx.send(i).unwrap();
+        for n in notes {
+            inject_tx.send(n).unwrap();
         }
         let (mut up, up_proxy) = tokio::io::duplex(4096);
         let (client_proxy, mut client) = tokio::io::duplex(4096);
@@ -1321,12 +1428,16 @@ mod tests {
         tags
     }
 
-    fn denial(after: u64) -> Inject {
-        Inject {
+    fn denial(after: u64) -> Note {
+        Note::Inject(Inject {
             after,
             frames: vec![wire::error_response("42501", "denied", None, None)],
             place: Place::After { ready: true },
-        }
+        })
+    }
+
+    fn queries(n: usize) -> Vec<Op> {
+        (0..n).map(|_| Op::Query { copies: VecDeque::new() }).collect()
     }
 
     fn answer(out: &mut BytesMut, tag: &[u8]) {
@@ -1342,7 +1453,7 @@ mod tests {
         answer(&mut server, b"SELECT 1\0");
         answer(&mut server, b"SELECT 2\0");
         for masked in [false, true] {
-            let tags = relay(masked, 2, vec![denial(1)], &server, true).await;
+            let tags = relay(masked, queries(2), vec![denial(1)], &server, true).await;
             assert_eq!(tags, b"CZEZCZ", "masking {masked}: answer 1, the denial and its ReadyForQuery, answer 2");
         }
     }
@@ -1354,9 +1465,39 @@ mod tests {
         let mut server = BytesMut::new();
         Frame { tag: b'A', body: bytes::Bytes::from_static(b"\0\0\0\x01ch\0\0") }.encode(&mut server);
         for masked in [false, true] {
-            let mut tags = relay(masked, 0, vec![denial(0)], &server, false).await;
+            let mut tags = relay(masked, queries(0), vec![denial(0)], &server, false).await;
             tags.sort_unstable();
             assert_eq!(tags, b"AEZ", "masking {masked}");
+        }
+    }
+
+    #[tokio::test]
+    async fn syncs_sent_during_a_copy_from_stdin_are_not_waited_for() {
+        // Bind/Execute/Sync of a COPY FROM STDIN (point 1), CopyData, CopyDone, Sync (point 2);
+        // then a statement refused. The server ignores the first Sync: one ReadyForQuery.
+        let ops = vec![
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
+            Op::Execute { portal: String::new(), copy: None },
+            Op::Sync,
+            Op::Sync,
+        ];
+        let mut server = BytesMut::new();
+        Frame { tag: b'2', body: bytes::Bytes::new() }.encode(&mut server);
+        Frame { tag: b'G', body: bytes::Bytes::from_static(&[0, 0, 1, 0, 0]) }.encode(&mut server);
+        answer(&mut server, b"COPY 1\0");
+        for masked in [false, true] {
+            let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, denial(2)];
+            let tags = relay(masked, ops.clone(), notes, &server, false).await;
+            assert_eq!(tags, b"2GCZEZ", "masking {masked}");
+        }
+        // A COPY that never started (an error instead of CopyInResponse): both Syncs count.
+        let mut server = BytesMut::new();
+        Frame { tag: b'E', body: bytes::Bytes::from_static(b"SERROR\0Mno\0\0") }.encode(&mut server);
+        wire::ready_for_query(b'I').encode(&mut server);
+        for masked in [false, true] {
+            let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, denial(2)];
+            let tags = relay(masked, ops.clone(), notes, &server, false).await;
+            assert_eq!(tags, b"EZ", "masking {masked}: the denial waits for the second Sync's answer");
         }
     }
 

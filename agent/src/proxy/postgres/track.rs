@@ -97,6 +97,15 @@ impl Tracker {
         self.ops.push_back(op);
     }
 
+    /// The server ignored the oldest `n` Syncs still awaiting an answer (sent during a COPY).
+    pub fn void_syncs(&mut self, n: u64) {
+        for _ in 0..n {
+            if let Some(i) = self.ops.iter().position(|o| *o == Op::Sync) {
+                self.ops.remove(i);
+            }
+        }
+    }
+
     /// Values masked since the last call.
     pub fn take_counts(&mut self) -> Counts {
         std::mem::take(&mut self.counts)
