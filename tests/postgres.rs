@@ -839,7 +839,9 @@ fn protocol_tricks_fail_closed() {
     let script = serde_json::json!([
         ["P", "s1", "DELETE FROM orders WHERE id = 1"],
         ["S"],
-        ["B", "", "nosuch"],
+        ["P", "", "SELECT 1/0"],
+        ["B", "", ""],
+        ["E", ""],
         ["C", "s1"],
         ["S"],
         ["P", "s1", "SELECT 1"],
@@ -849,7 +851,7 @@ fn protocol_tricks_fail_closed() {
         ["S"]
     ]);
     let out = raw(&env, &pg, none.clone(), script);
-    assert!(out.contains("26000") && out.contains("duplicate-prepared-statement"), "{out}");
+    assert!(out.contains("22012") && out.contains("duplicate-prepared-statement"), "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
     // A Close the server carried out frees the name.
     let script = serde_json::json!([
@@ -865,6 +867,11 @@ fn protocol_tricks_fail_closed() {
     ]);
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "1Z3Z12DCZC", "{out}");
+    // A statement made by SQL PREPARE is not the session's to bind: its text was never judged
+    // as a statement of its own (one approval of the PREPARE must not allow any number of runs).
+    let script = serde_json::json!([["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
     // Redefining a named statement the session did not close: refused before the server sees it.
     let script = serde_json::json!([
         ["P", "s1", "SELECT 1"],

@@ -1259,8 +1259,16 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'B' => {
                     let (_, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    // A statement the session never parsed (made by SQL PREPARE, or gone) cannot
+                    // be judged: refused, though the server would only have said it is unknown.
                     let Some(p) = visible.get(stmt).copied().or_else(|| self.prepared.get(stmt)) else {
-                        continue;
+                        return Ok(Err(Refusal {
+                            rule: "unknown-prepared-statement".into(),
+                            message: Some(format!(
+                                "prepared statement \"{stmt}\" was not parsed in this session; only statements \
+                                 sent with Parse can be bound"
+                            )),
+                        }));
                     };
                     refs.push(p.seq);
                     // Every execution is its own request: each Bind carries its own parameters.
