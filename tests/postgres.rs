@@ -867,6 +867,29 @@ fn protocol_tricks_fail_closed() {
     ]);
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "1Z3Z12DCZC", "{out}");
+    // A Parse the server rejected leaves the name free (a driver retries under the same name);
+    // one it skipped after an error leaves the name what it was: here the unnamed statement
+    // stays the DELETE, whose execution waits for approval (pipelined: the Bind waits for the
+    // answer that settles it). The client gives up after 5 s.
+    let script = serde_json::json!([
+        ["P", "s5", "SELECT * FROM no_such_table"],
+        ["S"],
+        ["P", "s5", "SELECT 1"],
+        ["B", "", "s5"],
+        ["E", ""],
+        ["S"],
+        ["P", "", "DELETE FROM orders WHERE id = 1"],
+        ["S"],
+        ["P", "s9", "SELECT * FROM no_such_table"],
+        ["P", "", "SELECT 1"],
+        ["S"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "EZ12DCZ1ZEZC", "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
     // A statement made by SQL PREPARE is not the session's to bind: its text was never judged
     // as a statement of its own (one approval of the PREPARE must not allow any number of runs).
     let script = serde_json::json!([["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);

@@ -319,8 +319,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     // Outcome records point at their statement records (`refs`); who and where is there, so
     // they repeat only what a reader filters by.
     let result_base = ResultBase::new(base.identity.clone(), base.resource.clone(), base.session);
-    let closes = Arc::new(Closes::default());
-    let results = Results::new(s.audit.clone(), result_base, expect_rx, closes.clone());
+    let completions = Arc::new(Completions::default());
+    let results = Results::new(s.audit.clone(), result_base, expect_rx, completions.clone());
     let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking));
     let mut side = ClientSide {
         s: &s,
@@ -335,10 +335,10 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         described: Default::default(),
         unsynced_refs: Vec::new(),
         unsynced: false,
-        closes,
-        closing: false,
+        completions,
+        defining: Vec::new(),
         syncs_since_execute: 0,
-        closed: VecDeque::new(),
+        defined: VecDeque::new(),
         cache: HashMap::new(),
         outcome: Outcome::default(),
     };
@@ -400,28 +400,29 @@ struct Expect {
     /// Sequence numbers of the `statement` records it carries out.
     refs: Vec<u64>,
     started: std::time::Instant,
-    /// Its number, when its batch closed prepared statements (see `Closes`).
-    closes: Option<u64>,
+    /// Its number, when its batch parsed or closed statements (see `Completions`).
+    defines: Option<u64>,
 }
 
-/// Whether the answers to sync points whose batches closed prepared statements carried an
-/// error, for the client side: after an error the server skips the rest of a batch, its Close
-/// included, and still has a statement the client may believe gone.
+/// How many Parse and Close messages the server completed (ParseComplete, CloseComplete) in
+/// the answers to sync points whose batches had them, for the client side. After an error the
+/// server skips the rest of a batch: of a batch's Parses and Closes, in order, the first that
+/// many took effect and the others did not, whatever the client believes.
 #[derive(Default)]
-struct Closes {
-    /// The last sync point recorded, and the recent ones: point -> its answer had an error.
-    answers: Mutex<(u64, std::collections::BTreeMap<u64, bool>)>,
+struct Completions {
+    /// The last sync point recorded, and the recent ones: point -> completions.
+    answers: Mutex<(u64, std::collections::BTreeMap<u64, usize>)>,
     recorded: tokio::sync::Notify,
 }
 
-impl Closes {
-    /// Sync points kept; one older than these counts as having failed (the safe reading).
+impl Completions {
+    /// Sync points kept; of one older than these, nothing counts as done (the safe reading).
     const KEPT: usize = 64;
 
-    fn record(&self, point: u64, error: bool) {
+    fn record(&self, point: u64, completed: usize) {
         let mut a = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         a.0 = point;
-        a.1.insert(point, error);
+        a.1.insert(point, completed);
         if a.1.len() > Self::KEPT {
             a.1.pop_first();
         }
@@ -429,20 +430,28 @@ impl Closes {
         self.recorded.notify_one();
     }
 
-    /// Whether the answer to sync point `point` carried no error, once it is in.
-    fn succeeded(&self, point: u64) -> Option<bool> {
+    /// The completions of sync point `point`, once its answer is in.
+    fn of(&self, point: u64) -> Option<usize> {
         let a = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         match a.1.get(&point) {
-            Some(error) => Some(!error),
-            None => (a.0 >= point).then_some(false),
+            Some(n) => Some(*n),
+            None => (a.0 >= point).then_some(0),
         }
     }
 
     async fn wait(&self, point: u64) {
-        while self.succeeded(point).is_none() {
+        while self.of(point).is_none() {
             self.recorded.notified().await;
         }
     }
+}
+
+/// A Parse or Close the server may or may not carry out (see `Completions`).
+enum Def {
+    /// What the name stood for before, put back if the Parse did not take effect.
+    Parse { name: String, seq: u64, replaced: Option<Prepared> },
+    /// A Close of a statement (a portal's: `None`).
+    Close { statement: Option<String> },
 }
 
 /// What the server answered for one sync point.
@@ -452,6 +461,8 @@ struct Tally {
     commands: u64,
     error: Option<String>,
     masked: crate::mask::Counts,
+    /// ParseComplete and CloseComplete messages.
+    completed: usize,
     /// The sync point was never answered on its own: the server ignored its Sync (COPY).
     void: bool,
 }
@@ -459,6 +470,7 @@ struct Tally {
 impl Tally {
     fn see(&mut self, tag: u8, body: &[u8]) {
         match tag {
+            b'1' | b'3' => self.completed += 1,
             b'C' => {
                 self.commands += 1;
                 // "SELECT 5", "INSERT 0 1", "UPDATE 3": the row count is the last word.
@@ -478,22 +490,27 @@ struct Results {
     audit: AuditLog,
     base: Arc<ResultBase>,
     expect: mpsc::UnboundedReceiver<Expect>,
-    closes: Arc<Closes>,
+    completions: Arc<Completions>,
     /// Statements of sync points the server answered together with a later one.
     carried: Vec<u64>,
 }
 
 impl Results {
-    fn new(audit: AuditLog, base: ResultBase, expect: mpsc::UnboundedReceiver<Expect>, closes: Arc<Closes>) -> Self {
-        Results { audit, base: Arc::new(base), expect, closes, carried: Vec::new() }
+    fn new(
+        audit: AuditLog,
+        base: ResultBase,
+        expect: mpsc::UnboundedReceiver<Expect>,
+        completions: Arc<Completions>,
+    ) -> Self {
+        Results { audit, base: Arc::new(base), expect, completions, carried: Vec::new() }
     }
 
     fn record(&mut self, t: Tally) {
         // The expectation was queued before its messages were written upstream, so it is here.
         let Ok(mut e) = self.expect.try_recv() else { return };
-        if let Some(point) = e.closes {
-            // A void point's Close is answered later, if at all: it counts as not done.
-            self.closes.record(point, t.void || t.error.is_some());
+        if let Some(point) = e.defines {
+            // A void point's Parses and Closes are answered later, if at all: none counts.
+            self.completions.record(point, if t.void { 0 } else { t.completed });
         }
         if t.void {
             self.carried.append(&mut e.refs);
@@ -803,6 +820,14 @@ struct Prepared {
     closing: Option<u64>,
 }
 
+/// An extended-protocol batch that may go through.
+struct Judged {
+    /// The `statement` records it carries out.
+    refs: Vec<u64>,
+    /// The statements its Parses define, in order.
+    parsed: Vec<(String, Prepared)>,
+}
+
 /// The verdict on one statement text.
 enum Judgement {
     Forward(Prepared),
@@ -835,13 +860,13 @@ struct ClientSide<'s, 'a, R> {
     unsynced_refs: Vec<u64>,
     /// Messages went to the server at a Flush and no Sync has followed yet.
     unsynced: bool,
-    closes: Arc<Closes>,
-    /// Statements were closed since the last Sync.
-    closing: bool,
+    completions: Arc<Completions>,
+    /// Parses and Closes forwarded since the last Sync, in order.
+    defining: Vec<Def>,
     /// Syncs forwarded since the last Execute (a COPY FROM STDIN may have started there).
     syncs_since_execute: u64,
-    /// Statements closed, with the sync point whose answer tells whether the server did it.
-    closed: VecDeque<(u64, String)>,
+    /// Parses and Closes of sync points whose answers are not in yet.
+    defined: VecDeque<(u64, Vec<Def>)>,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
     outcome: Outcome,
@@ -1054,7 +1079,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 let _ = self.to_down.expect.send(Expect {
                                     refs: vec![p.seq],
                                     started: Instant::now(),
-                                    closes: None,
+                                    defines: None,
                                 });
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
                                 forward.push(frame);
@@ -1095,13 +1120,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                     batch_bytes = 0;
                     match self.judge_batch(&batch).await? {
-                        Ok(mut refs) => {
+                        Ok(Judged { mut refs, parsed }) => {
                             // A Flush alone leaves the server where it was.
                             let work = !batch.is_empty();
                             if batch.iter().any(|f| f.tag == b'E') {
                                 self.syncs_since_execute = 0;
                             }
-                            self.forward_batch(&mut batch, &mut forward)?;
+                            self.forward_batch(&mut batch, parsed, &mut forward)?;
                             forward.push(frame);
                             // Statements forwarded at a Flush are carried out by the next Sync.
                             self.unsynced_refs.append(&mut refs);
@@ -1179,9 +1204,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut refs = std::mem::take(&mut self.unsynced_refs);
         refs.sort_unstable();
         refs.dedup();
-        let closes = std::mem::take(&mut self.closing).then_some(self.syncs + 1);
+        let mut defines = None;
+        if !self.defining.is_empty() {
+            defines = Some(self.syncs + 1);
+            self.defined.push_back((self.syncs + 1, std::mem::take(&mut self.defining)));
+        }
         self.syncs_since_execute += 1;
-        let _ = self.to_down.expect.send(Expect { refs, started: Instant::now(), closes });
+        let _ = self.to_down.expect.send(Expect { refs, started: Instant::now(), defines });
         self.op(Op::Sync);
         self.syncs += 1;
         self.unsynced = false;
@@ -1194,30 +1223,59 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     }
 
     /// Whether the server still has statement `name`. One the client closed is gone once the
-    /// answer to the Close's batch shows no error; until its Sync has gone out, it counts as
-    /// still there.
+    /// server has carried out the Close; until its Sync has gone out, it counts as still there.
     async fn still_prepared(&mut self, name: &str) -> bool {
+        self.settle_name(name).await;
+        self.prepared.contains_key(name)
+    }
+
+    /// Waits until the server's answers have settled what `name` stands for: Parses and
+    /// Closes of it in earlier sync points may not have taken effect.
+    async fn settle_name(&mut self, name: &str) {
         loop {
-            self.settle_closes();
-            match self.prepared.get(name).map(|p| p.closing) {
-                None => return false,
-                Some(Some(point)) if point <= self.syncs => self.closes.wait(point).await,
-                Some(_) => return true,
+            self.settle();
+            let pending = self.defined.iter().find(|(_, defs)| {
+                defs.iter().any(|d| match d {
+                    Def::Parse { name: n, .. } | Def::Close { statement: Some(n) } => n == name,
+                    Def::Close { statement: None } => false,
+                })
+            });
+            match pending {
+                Some(&(point, _)) => self.completions.wait(point).await,
+                None => return,
             }
         }
     }
 
-    /// Forgets the statements the server has closed; one whose Close may have been skipped
-    /// stays, as the server keeps it.
-    fn settle_closes(&mut self) {
-        while let Some(ok) = self.closed.front().and_then(|(point, _)| self.closes.succeeded(*point)) {
-            let (point, name) = self.closed.pop_front().expect("front exists");
-            match self.prepared.get_mut(&name) {
-                Some(p) if p.closing == Some(point) && ok => {
-                    self.prepared.remove(&name);
+    /// Applies the answers that are in: a Parse that did not take effect is undone, a Close
+    /// that did forgets its statement, one that did not keeps it.
+    fn settle(&mut self) {
+        while let Some(done) = self.defined.front().and_then(|(point, _)| self.completions.of(*point)) {
+            let (point, defs) = self.defined.pop_front().expect("front exists");
+            for (i, d) in defs.into_iter().enumerate() {
+                let took = i < done;
+                match d {
+                    Def::Parse { name, seq, replaced }
+                        if !took && self.prepared.get(&name).is_some_and(|p| p.seq == seq) =>
+                    {
+                        match replaced {
+                            Some(old) => self.prepared.insert(name, old),
+                            None => self.prepared.remove(&name),
+                        };
+                    }
+                    Def::Close { statement: Some(name) } => {
+                        if let Some(p) = self.prepared.get_mut(&name)
+                            && p.closing == Some(point)
+                        {
+                            if took {
+                                self.prepared.remove(&name);
+                            } else {
+                                p.closing = None;
+                            }
+                        }
+                    }
+                    _ => {}
                 }
-                Some(p) if p.closing == Some(point) => p.closing = None,
-                _ => {}
             }
         }
     }
@@ -1225,9 +1283,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// Judges an extended-protocol batch: every Parse first (one denial refuses the batch, and
     /// nobody is asked to approve a batch that is refused anyway), then every statement it
     /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
-    async fn judge_batch(&mut self, batch: &[Frame]) -> Result<Result<Vec<u64>, Refusal>, String> {
-        if !self.closed.is_empty() {
-            self.settle_closes();
+    async fn judge_batch(&mut self, batch: &[Frame]) -> Result<Result<Judged, Refusal>, String> {
+        if !self.defined.is_empty() {
+            self.settle();
         }
         let mut parsed: Vec<(String, Prepared)> = Vec::new();
         for f in batch.iter().filter(|f| f.tag == b'P') {
@@ -1245,6 +1303,16 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             match self.judge(text).await? {
                 Judgement::Forward(p) => parsed.push((name, p)),
                 Judgement::Deny { rule, message } => return Ok(Err(Refusal { rule, message })),
+            }
+        }
+        if !self.defined.is_empty() {
+            // A statement parsed or closed in a batch whose answer is not in yet may not be what
+            // the proxy believes (its Parse or Close skipped after an error): its Binds wait.
+            for f in batch.iter().filter(|f| f.tag == b'B') {
+                let (_, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                if !parsed.iter().any(|(n, _)| n == stmt) {
+                    self.settle_name(stmt).await;
+                }
             }
         }
         let mut refs = Vec::new();
@@ -1283,29 +1351,41 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 _ => {}
             }
         }
-        for (name, p) in parsed {
+        for (name, p) in &parsed {
             if name.is_empty() && !refs.contains(&p.seq) {
                 refs.push(p.seq);
             }
-            self.prepared.insert(name, p);
         }
         refs.sort_unstable();
         refs.dedup();
-        Ok(Ok(refs))
+        Ok(Ok(Judged { refs, parsed }))
     }
 
     /// Moves an approved batch to `forward`, noting what the server will answer; with masking,
     /// each Execute is preceded by a Describe of its portal unless the client just sent one.
-    fn forward_batch(&mut self, batch: &mut Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
-        for f in batch.iter().filter(|f| f.tag == b'C') {
-            // Close: the name may be parsed again once the server has done it.
-            if let Ok((b'S', name)) = wire::describe_target(&f.body) {
+    fn forward_batch(
+        &mut self,
+        batch: &mut Vec<Frame>,
+        parsed: Vec<(String, Prepared)>,
+        forward: &mut Vec<Frame>,
+    ) -> Result<(), String> {
+        // Parses and Closes in order: which of them the server carries out shows in its answer.
+        let mut parsed = parsed.into_iter();
+        for f in batch.iter().filter(|f| matches!(f.tag, b'P' | b'C')) {
+            if f.tag == b'P' {
+                let Some((name, p)) = parsed.next() else { continue };
+                let seq = p.seq;
+                let replaced = self.prepared.insert(name.clone(), p);
+                self.defining.push(Def::Parse { name, seq, replaced });
+            } else if let Ok((b'S', name)) = wire::describe_target(&f.body) {
+                // The name may be parsed again once the server has done it.
                 if let Some(p) = self.prepared.get_mut(name) {
                     p.closing = Some(self.syncs + 1);
-                    self.closing = true;
-                    self.closed.push_back((self.syncs + 1, name.to_string()));
                 }
                 self.described.remove(name);
+                self.defining.push(Def::Close { statement: Some(name.to_string()) });
+            } else {
+                self.defining.push(Def::Close { statement: None });
             }
         }
         if self.to_down.ops.is_none() {
