@@ -890,8 +890,9 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "EZ12DCZ1ZEZC", "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
-    // A statement made by SQL PREPARE is not the session's to bind: its text was never judged
-    // as a statement of its own (one approval of the PREPARE must not allow any number of runs).
+    // A statement the session never parsed (SQL PREPARE makes such) is not the session's to
+    // bind: its text was never judged as a statement of its own (one approval of a PREPARE must
+    // not allow any number of runs). This grant may not PREPARE, so the name is just unknown.
     let script = serde_json::json!([["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);
     let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");

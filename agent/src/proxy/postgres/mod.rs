@@ -1578,6 +1578,24 @@ mod tests {
             let tags = relay(masked, ops.clone(), notes, &server, false).await;
             assert_eq!(tags, b"2GCZEZ", "masking {masked}");
         }
+        // With masking, the next execution (whose row shape the proxy asks for with a Describe
+        // the client never sees) is still matched to its own answers.
+        let mut more = ops.clone();
+        more.extend([
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
+            Op::DescribePortal { portal: String::new(), hidden: true },
+            Op::Execute { portal: String::new(), copy: None },
+            Op::Sync,
+        ]);
+        let mut then = server.clone();
+        Frame { tag: b'2', body: bytes::Bytes::new() }.encode(&mut then);
+        let mut t = BytesMut::from(&[0u8, 1][..]);
+        t.extend_from_slice(b"email\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0");
+        Frame { tag: b'T', body: t.freeze() }.encode(&mut then);
+        Frame { tag: b'D', body: bytes::Bytes::from_static(b"\0\x01\0\0\0\x05a@b.c") }.encode(&mut then);
+        answer(&mut then, b"SELECT 1\0");
+        let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, denial(2)];
+        assert_eq!(relay(true, more, notes, &then, false).await, b"2GCZEZ2DCZ");
         // A COPY that never started (an error instead of CopyInResponse): both Syncs count.
         let mut server = BytesMut::new();
         Frame { tag: b'E', body: bytes::Bytes::from_static(b"SERROR\0Mno\0\0") }.encode(&mut server);
