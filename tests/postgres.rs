@@ -890,6 +890,24 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "EZ12DCZ1ZEZC", "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // COPY FROM STDIN parsed and run in one extended batch: the server ignores that batch's
+    // Sync, yet its Parse took effect, so binding the unnamed statement again runs the COPY
+    // again (judged as the COPY, not refused as unknown).
+    let script = serde_json::json!([
+        ["P", "", "COPY orders FROM STDIN"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["d"],
+        ["c"],
+        ["S"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(after_first_line(&out).starts_with("12GCZ2G"), "{out}");
+    assert!(!out.contains("unknown-prepared-statement"), "{out}");
     // A statement the session never parsed (SQL PREPARE makes such) is not the session's to
     // bind: its text was never judged as a statement of its own (one approval of a PREPARE must
     // not allow any number of runs). This grant may not PREPARE, so the name is just unknown.

@@ -509,8 +509,7 @@ impl Results {
         // The expectation was queued before its messages were written upstream, so it is here.
         let Ok(mut e) = self.expect.try_recv() else { return };
         if let Some(point) = e.defines {
-            // A void point's Parses and Closes are answered later, if at all: none counts.
-            self.completions.record(point, if t.void { 0 } else { t.completed });
+            self.completions.record(point, t.completed);
         }
         if t.void {
             self.carried.append(&mut e.refs);
@@ -596,7 +595,7 @@ async fn downstream(
         while let Ok(n) = notes.try_recv() {
             copy.note(n, &mut pending);
         }
-        copy.settle(&mut ready_seen, &mut finished, masking.as_mut().map(|m| &mut m.0));
+        copy.settle(&mut ready_seen, &mut tally, &mut finished, masking.as_mut().map(|m| &mut m.0));
         // ... and one due already (no answer outstanding before it) goes out now: no
         // ReadyForQuery may come to carry it.
         flush_injections(&mut pending, ready_seen, status, &mut out);
@@ -607,7 +606,7 @@ async fn downstream(
                 while let Some((tag, len)) = wire::peek(&buf[pos..]).map_err(std::io::Error::other)? {
                     let body = &buf[pos + 5..pos + len];
                     tally.see(tag, body);
-                    copy.see(tag, &mut ready_seen, &mut finished, None);
+                    copy.see(tag, &mut ready_seen, &mut tally, &mut finished, None);
                     if tag == b'Z' && pending.front().is_some_and(|i| i.due_before(ready_seen)) {
                         out.extend_from_slice(&buf[relayed..pos]);
                         relayed = if before_ready(&mut pending, ready_seen, &mut out) { pos } else { pos + len };
@@ -665,7 +664,7 @@ async fn downstream(
                         f.encode(&mut out);
                     }
                     tally.see(f.tag, &f.body);
-                    copy.see(f.tag, &mut ready_seen, &mut finished, Some(tracker));
+                    copy.see(f.tag, &mut ready_seen, &mut tally, &mut finished, Some(tracker));
                     if f.tag == b'Z' {
                         tally.masked = tracker.take_counts();
                         finished.push(std::mem::take(&mut tally));
@@ -708,7 +707,7 @@ async fn downstream(
             note = notes.recv(), if injecting => match note {
                 Some(n) => {
                     copy.note(n, &mut pending);
-                    copy.settle(&mut ready_seen, &mut finished, masking.as_mut().map(|m| &mut m.0));
+                    copy.settle(&mut ready_seen, &mut tally, &mut finished, masking.as_mut().map(|m| &mut m.0));
                     flush_injections(&mut pending, ready_seen, status, &mut out);
                 }
                 // The client side is done; the server's last answers still go out.
@@ -737,11 +736,18 @@ impl CopyIn {
     }
 
     /// Follows the server: CopyInResponse starts a COPY; a ReadyForQuery ends any.
-    fn see(&mut self, tag: u8, ready_seen: &mut u64, finished: &mut Vec<Tally>, tracker: Option<&mut Tracker>) {
+    fn see(
+        &mut self,
+        tag: u8,
+        ready_seen: &mut u64,
+        tally: &mut Tally,
+        finished: &mut Vec<Tally>,
+        tracker: Option<&mut Tracker>,
+    ) {
         match tag {
             b'G' => {
                 self.started_at = Some(*ready_seen + 1);
-                self.settle(ready_seen, finished, tracker);
+                self.settle(ready_seen, tally, finished, tracker);
             }
             b'Z' => {
                 // This answers point `ready_seen + 1`: if the Syncs to void start there, the
@@ -756,15 +762,24 @@ impl CopyIn {
     }
 
     /// Once both the server's CopyInResponse and the client's Syncs are known, the Syncs'
-    /// points count as answered, by the answer still to come.
-    fn settle(&mut self, ready_seen: &mut u64, finished: &mut Vec<Tally>, tracker: Option<&mut Tracker>) {
+    /// points count as answered, by the answer still to come. The Parses and Closes completed
+    /// so far (in `tally`) belong to the first: its batch began the COPY.
+    fn settle(
+        &mut self,
+        ready_seen: &mut u64,
+        tally: &mut Tally,
+        finished: &mut Vec<Tally>,
+        tracker: Option<&mut Tracker>,
+    ) {
         let Some((first, n)) = self.void else { return };
         if self.started_at != Some(first) {
             return;
         }
         self.void = None;
         *ready_seen += n;
-        finished.extend((0..n).map(|_| Tally { void: true, ..Default::default() }));
+        let completed = std::mem::take(&mut tally.completed);
+        finished.push(Tally { void: true, completed, ..Default::default() });
+        finished.extend((1..n).map(|_| Tally { void: true, ..Default::default() }));
         if let Some(t) = tracker {
             t.void_syncs(n);
         }
