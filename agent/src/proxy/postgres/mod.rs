@@ -408,35 +408,28 @@ struct Expect {
 /// the answers to sync points whose batches had them, for the client side. After an error the
 /// server skips the rest of a batch: of a batch's Parses and Closes, in order, the first that
 /// many took effect and the others did not, whatever the client believes.
+/// Points stay until the client side has applied them (`forget`): no more than the sync points
+/// with Parses or Closes it has sent and not yet settled.
 #[derive(Default)]
 struct Completions {
-    /// The last sync point recorded, and the recent ones: point -> completions.
-    answers: Mutex<(u64, std::collections::BTreeMap<u64, usize>)>,
+    /// Point -> completions.
+    answers: Mutex<std::collections::BTreeMap<u64, usize>>,
     recorded: tokio::sync::Notify,
 }
 
 impl Completions {
-    /// Sync points kept; of one older than these, nothing counts as done (the safe reading).
-    const KEPT: usize = 64;
-
     fn record(&self, point: u64, completed: usize) {
-        let mut a = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        a.0 = point;
-        a.1.insert(point, completed);
-        if a.1.len() > Self::KEPT {
-            a.1.pop_first();
-        }
-        drop(a);
+        self.answers.lock().unwrap_or_else(|e| e.into_inner()).insert(point, completed);
         self.recorded.notify_one();
     }
 
     /// The completions of sync point `point`, once its answer is in.
     fn of(&self, point: u64) -> Option<usize> {
-        let a = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-        match a.1.get(&point) {
-            Some(n) => Some(*n),
-            None => (a.0 >= point).then_some(0),
-        }
+        self.answers.lock().unwrap_or_else(|e| e.into_inner()).get(&point).copied()
+    }
+
+    fn forget(&self, point: u64) {
+        self.answers.lock().unwrap_or_else(|e| e.into_inner()).remove(&point);
     }
 
     async fn wait(&self, point: u64) {
@@ -1267,6 +1260,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     fn settle(&mut self) {
         while let Some(done) = self.defined.front().and_then(|(point, _)| self.completions.of(*point)) {
             let (point, defs) = self.defined.pop_front().expect("front exists");
+            self.completions.forget(point);
             for (i, d) in defs.into_iter().enumerate() {
                 let took = i < done;
                 match d {
