@@ -443,8 +443,9 @@ impl Completions {
 enum Def {
     /// What the name stood for before, put back if the Parse did not take effect.
     Parse { name: String, seq: u64, replaced: Option<Prepared> },
-    /// A Close of a statement (a portal's: `None`).
-    Close { statement: Option<String> },
+    /// A Close of a statement the session knows (name, `seq` of its record); of a portal or an
+    /// unknown name: `None`. Until the server is known to have done it, Binds are judged by it.
+    Close { statement: Option<(String, u64)> },
 }
 
 /// What the server answered for one sync point.
@@ -823,9 +824,6 @@ struct Prepared {
     text: Arc<str>,
     /// Executions wait for approval under this rule.
     hold: Option<(String, Duration)>,
-    /// A Close went to the server in the batch of this sync point: whether the server carried
-    /// it out is known from that point's answer. Until then, Binds are judged by this statement.
-    closing: Option<u64>,
 }
 
 /// An extended-protocol batch that may go through.
@@ -981,7 +979,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 warn!(session = self.s.id, rule = %d.rule, "statement denied");
                 Ok(Judgement::Deny { rule: d.rule, message: d.message })
             }
-            _ => Ok(Judgement::Forward(Prepared { seq, class, text, hold, closing: None })),
+            _ => Ok(Judgement::Forward(Prepared { seq, class, text, hold })),
         }
     }
 
@@ -1244,7 +1242,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             self.settle();
             let pending = self.defined.iter().find(|(_, defs)| {
                 defs.iter().any(|d| match d {
-                    Def::Parse { name: n, .. } | Def::Close { statement: Some(n) } => n == name,
+                    Def::Parse { name: n, .. } | Def::Close { statement: Some((n, _)) } => n == name,
                     Def::Close { statement: None } => false,
                 })
             });
@@ -1272,16 +1270,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             None => self.prepared.remove(&name),
                         };
                     }
-                    Def::Close { statement: Some(name) } => {
-                        if let Some(p) = self.prepared.get_mut(&name)
-                            && p.closing == Some(point)
-                        {
-                            if took {
-                                self.prepared.remove(&name);
-                            } else {
-                                p.closing = None;
-                            }
-                        }
+                    Def::Close { statement: Some((name, seq)) }
+                        if took && self.prepared.get(&name).is_some_and(|p| p.seq == seq) =>
+                    {
+                        self.prepared.remove(&name);
                     }
                     _ => {}
                 }
@@ -1388,11 +1380,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 self.defining.push(Def::Parse { name, seq, replaced });
             } else if let Ok((b'S', name)) = wire::describe_target(&f.body) {
                 // The name may be parsed again once the server has done it.
-                if let Some(p) = self.prepared.get_mut(name) {
-                    p.closing = Some(self.syncs + 1);
-                }
+                let statement = self.prepared.get(name).map(|p| (name.to_string(), p.seq));
                 self.described.remove(name);
-                self.defining.push(Def::Close { statement: Some(name.to_string()) });
+                self.defining.push(Def::Close { statement });
             } else {
                 self.defining.push(Def::Close { statement: None });
             }
