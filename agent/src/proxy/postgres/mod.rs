@@ -699,11 +699,8 @@ async fn downstream(
                 }
             }
             note = notes.recv(), if injecting => match note {
-                Some(n) => {
-                    copy.note(n, &mut pending);
-                    copy.settle(&mut ready_seen, &mut tally, &mut finished, masking.as_mut().map(|m| &mut m.0));
-                    flush_injections(&mut pending, ready_seen, status, &mut out);
-                }
+                // Settled and flushed at the top of the loop, like notes taken there.
+                Some(n) => copy.note(n, &mut pending),
                 // The client side is done; the server's last answers still go out.
                 None => injecting = false,
             },
