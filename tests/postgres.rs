@@ -154,10 +154,15 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert!(err.contains("\"no-file-access\""), "function rules see calls anywhere: {err}");
     let (_, err, _) = psql(&env, &pg, "bot", "SELEC 1;");
     assert!(err.contains("\"unparseable\""), "{err}");
-    // Allowed writes go through; inside a transaction the status is kept.
-    let (out, err, ok) = psql(&env, &pg, "bot", "BEGIN;\nDROP TABLE orders;\nSELECT 1;\nROLLBACK;");
-    assert!(!err.contains("current transaction is aborted"), "a denial must not abort the server's transaction: {err}");
-    assert!(ok || out.contains('1'), "{out} {err}");
+    // A denial is an error like the server's own: inside a transaction block it aborts the
+    // transaction, so the COMMIT rolls back what the transaction did before it.
+    let script =
+        "BEGIN;\nUPDATE orders SET email = 'tx@example.com' WHERE id = 2;\nDROP TABLE orders;\nSELECT 1;\nCOMMIT;";
+    let (out, err, _) = psql(&env, &pg, "bot", script);
+    assert!(err.contains("no-ddl") && err.contains("current transaction is aborted"), "{out} {err}");
+    assert!(out.ends_with("\nROLLBACK"), "COMMIT of an aborted transaction: {out} {err}");
+    assert_eq!(pg.direct("SELECT email FROM orders WHERE id = 2"), "b@example.com");
+    // Allowed writes go through.
     let (_, err, ok) = psql(&env, &pg, "bot", "UPDATE orders SET email = 'z@example.com' WHERE id = 1;");
     assert!(ok, "{err}");
     assert_eq!(pg.direct("SELECT email FROM orders WHERE id = 1"), "z@example.com");
@@ -381,8 +386,9 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     assert!(ok, "{err}");
     assert_eq!(out, "id,customer_ssn\n1,[REDACTED]\n2,", "{out}");
     // What cannot be masked is refused before it runs.
-    let (_, err, _) = q("COPY people TO STDOUT;");
+    let (out, err, _) = q("COPY people TO STDOUT;\nSELECT email FROM people WHERE id = 1;");
     assert!(err.contains("\"masking\"") && err.contains("column names"), "{err}");
+    assert_eq!(out, "*************.com", "after a refusal the session is usable and still masked: {err}");
     let (_, err, _) = q("COPY (SELECT note FROM people) TO STDOUT WITH (FORMAT binary);");
     assert!(err.contains("binary"), "{err}");
 
@@ -748,6 +754,8 @@ while True:
         if tag in "EN":
             fields = dict((f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f)
             text = fields.get("C", "") + " " + fields.get("M", "")
+        elif tag in "ZC":
+            text = payload.rstrip(b"\0").decode()
         print(tag, text, flush=True)
         if tag == "Z" and not sent:
             s.sendall(out); sent = True
@@ -812,11 +820,15 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), serde_json::json!([["H"], ["Q", "SELECT 2"], ["X"]]));
     assert_eq!(after_first_line(&out), "TDCZC", "{out}");
     // A denial after work sent at a Flush comes after that work's answers, which are still on
-    // their way, whether it is refused at the Sync or at a second Flush; the server's batch is
-    // closed, so the next query is answered normally.
+    // their way, whether it is refused at the Sync or at a second Flush. As after an error of
+    // the server's own, that work is rolled back with the batch, and the next query is answered
+    // normally.
     for end in ["S", "H"] {
         let mut script = vec![
             serde_json::json!(["P", "", "SELECT pg_sleep(0.3)"]),
+            serde_json::json!(["B", "", ""]),
+            serde_json::json!(["E", ""]),
+            serde_json::json!(["P", "", "INSERT INTO orders VALUES (9, 'i@example.com')"]),
             serde_json::json!(["B", "", ""]),
             serde_json::json!(["E", ""]),
             serde_json::json!(["H"]),
@@ -831,8 +843,40 @@ fn protocol_tricks_fail_closed() {
         script.extend([serde_json::json!(["Q", "SELECT 2"]), serde_json::json!(["X"])]);
         let out = raw(&env, &pg, none.clone(), serde_json::Value::Array(script));
         assert!(out.contains("42501 tollgate: statement denied by rule \"no-ddl\""), "{out}");
-        assert_eq!(after_first_line(&out), "12DCEZTDCZC", "ending in {end}: {out}");
+        assert_eq!(after_first_line(&out), "12DC12CEZTDCZC", "ending in {end}: {out}");
+        assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "the INSERT was rolled back: {out}");
     }
+    // If that work fails, the server skips the rest of the batch: the client gets that error
+    // alone, as it would from the server (the refused statement would not have run either).
+    let script = serde_json::json!([
+        ["P", "", "SELECT 1/0"],
+        ["B", "", ""],
+        ["E", ""],
+        ["H"],
+        ["P", "", "DROP TABLE orders"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "1EZC", "{out}");
+    assert!(out.contains("22012") && !out.contains("42501"), "{out}");
+    // Inside a transaction block, a denial in the extended protocol aborts it too: the
+    // ReadyForQuery says so, and COMMIT rolls back.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["Q", "INSERT INTO orders VALUES (8, 'h@example.com')"],
+        ["P", "", "DROP TABLE orders"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["Q", "COMMIT"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("42501") && out.contains("\nZ E\n") && out.contains("C ROLLBACK"), "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
     // A Close the server skipped (an error earlier in its batch) leaves the statement there:
     // parsing the name again is refused as the server would, and a Bind still runs (and is
     // judged as) the old statement, which waits for approval. The client gives up after 5 s.

@@ -321,7 +321,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let result_base = ResultBase::new(base.identity.clone(), base.resource.clone(), base.session);
     let completions = Arc::new(Completions::default());
     let results = Results::new(s.audit.clone(), result_base, expect_rx, completions.clone());
-    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking));
+    let stand_in = StandIn::new(s.id);
+    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking, stand_in.clone()));
     let mut side = ClientSide {
         s: &s,
         base: &base,
@@ -340,6 +341,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         syncs_since_execute: 0,
         defined: VecDeque::new(),
         cache: HashMap::new(),
+        stand_in,
         outcome: Outcome::default(),
     };
     let mut down = down;
@@ -513,6 +515,10 @@ impl Results {
             e.refs.append(&mut self.carried);
             e.refs.sort_unstable();
         }
+        // A lone Sync, or a refusal's stand-in: no statement of the client's was carried out.
+        if e.refs.is_empty() {
+            return;
+        }
         self.audit.append_result(ResultRecord {
             base: self.base.clone(),
             refs: e.refs,
@@ -537,22 +543,56 @@ enum Note {
     },
 }
 
-/// Frames of the proxy's own (denials) to slot into the server's answers.
-struct Inject {
-    after: u64,
-    frames: Vec<Frame>,
-    place: Place,
+/// The proxy's own answers, slotted into the server's.
+enum Inject {
+    /// A protocol error that ends the session: out once the answers to the first `after` sync
+    /// points are.
+    Fatal { after: u64, frame: Frame },
+    /// A refusal, in place of the error the server answers sync point `point`'s stand-in with
+    /// (see `StandIn`). When an earlier error in the same batch made the server skip the
+    /// stand-in, that error alone is the answer, as it would be without the proxy.
+    Denial { point: u64, frame: Frame },
 }
 
-/// Where an injection goes, relative to the server's answer to sync point `after`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    /// Once that answer is complete; `ready`: followed by a ReadyForQuery with the server's
-    /// current transaction status.
-    After { ready: bool },
-    /// Inside that answer, right before its ReadyForQuery; `relay_ready`: that ReadyForQuery
-    /// still goes to the client (it answers the client's Sync), else the proxy drops it.
-    BeforeReady { relay_ready: bool },
+impl Inject {
+    /// How many answers go out before it.
+    fn after(&self) -> u64 {
+        match self {
+            Inject::Fatal { after, .. } => *after,
+            Inject::Denial { point, .. } => *point,
+        }
+    }
+}
+
+/// What the proxy forwards in place of a refused message: a Parse of a bare identifier, which
+/// PostgreSQL rejects with a syntax error quoting it, as it would reject the client's own bad
+/// SQL. So the server does what it does after any error (aborts the transaction block, rolls
+/// back the batch's implicit transaction, skips to Sync) and its ReadyForQuery says so. The
+/// identifier is the session's own, so the error it draws is told from any other, in any
+/// message language.
+#[derive(Clone)]
+struct StandIn(Arc<str>);
+
+impl StandIn {
+    fn new(session: u64) -> StandIn {
+        use std::hash::{BuildHasher, Hasher};
+        // Unguessable is not needed: a client that made its own error quote it would only get
+        // a denial in its place.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(session);
+        StandIn(format!("tollgate_denied_{:016x}", h.finish()).into())
+    }
+
+    /// The Parse to forward; the name is the identifier too, so the statement it would define
+    /// can never clash with one of the client's.
+    fn parse(&self) -> Frame {
+        wire::parse(&self.0, &self.0)
+    }
+
+    /// Whether this ErrorResponse is the one a stand-in drew.
+    fn drew(&self, error: &[u8]) -> bool {
+        error.windows(self.0.len()).any(|w| w == self.0.as_bytes())
+    }
 }
 
 /// Channels from the client side of a session to its server side.
@@ -564,7 +604,7 @@ struct ToDownstream {
 }
 
 /// Server -> client: relays frames (masking them when the grant says so), tracks ReadyForQuery,
-/// and slots in the proxy's own answers (denials) at the right place in the response stream.
+/// and puts the proxy's own answers (denials, protocol errors) in their place in the stream.
 async fn downstream(
     mut up: impl AsyncRead + Unpin,
     mut buf: BytesMut,
@@ -572,10 +612,10 @@ async fn downstream(
     mut notes: mpsc::UnboundedReceiver<Note>,
     mut results: Results,
     mut masking: Option<(Tracker, mpsc::UnboundedReceiver<Op>)>,
+    stand_in: StandIn,
 ) -> std::io::Result<()> {
     let mut ready_seen = 0u64;
     let mut tally = Tally::default();
-    let mut status = b'I';
     let mut pending: VecDeque<Inject> = VecDeque::new();
     let mut out = BytesMut::new();
     let mut injecting = true;
@@ -583,37 +623,44 @@ async fn downstream(
     let mut finished: Vec<Tally> = Vec::new();
     let mut copy = CopyIn::default();
     loop {
-        // A denial the client side queued sits after answers the server has not sent yet, but
-        // the buffer may already hold them (a pipelining client): it must be in `pending` before
-        // the buffer's ReadyForQuerys are counted, or it would go out after later answers.
+        // A note the client side queued concerns answers the buffer may already hold (a
+        // pipelining client): it must be in `pending` before the buffer's frames are looked at.
         while let Ok(n) = notes.try_recv() {
             copy.note(n, &mut pending);
         }
         copy.settle(&mut ready_seen, &mut tally, &mut finished, masking.as_mut().map(|m| &mut m.0));
-        // ... and one due already (no answer outstanding before it) goes out now: no
-        // ReadyForQuery may come to carry it.
-        flush_injections(&mut pending, ready_seen, status, &mut out);
+        // ... and an error due already (no answer outstanding before it) goes out now: no
+        // answer may come to carry it.
+        flush_injections(&mut pending, ready_seen, &mut out);
         match &mut masking {
             // Nothing to rewrite: frames are looked at in place and relayed as read.
             None => {
                 let (mut pos, mut relayed) = (0, 0);
                 while let Some((tag, len)) = wire::peek(&buf[pos..]).map_err(std::io::Error::other)? {
                     let body = &buf[pos + 5..pos + len];
-                    tally.see(tag, body);
-                    copy.see(tag, &mut ready_seen, &mut tally, &mut finished, None);
-                    if tag == b'Z' && pending.front().is_some_and(|i| i.due_before(ready_seen)) {
-                        out.extend_from_slice(&buf[relayed..pos]);
-                        relayed = if before_ready(&mut pending, ready_seen, &mut out) { pos } else { pos + len };
+                    let mut own = false;
+                    if !pending.is_empty() {
+                        let denial = denial_for(&mut pending, ready_seen + 1, tag, body, &stand_in);
+                        if let Some(d) = denial {
+                            out.extend_from_slice(&buf[relayed..pos]);
+                            d.encode(&mut out);
+                            tally.see(d.tag, &d.body);
+                            own = tag == b'E';
+                            relayed = if own { pos + len } else { pos };
+                        }
                     }
+                    if !own {
+                        tally.see(tag, body);
+                    }
+                    copy.see(tag, &mut ready_seen, &mut tally, &mut finished, None);
                     pos += len;
                     if tag == b'Z' {
-                        status = wire::ready_status(body).unwrap_or(status);
                         finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
-                        if pending.front().is_some_and(|i| i.after <= ready_seen) {
+                        if pending.front().is_some_and(|i| i.after() <= ready_seen) {
                             out.extend_from_slice(&buf[relayed..pos]);
                             relayed = pos;
-                            flush_injections(&mut pending, ready_seen, status, &mut out);
+                            flush_injections(&mut pending, ready_seen, &mut out);
                         }
                     }
                 }
@@ -631,6 +678,11 @@ async fn downstream(
                     tracker.push(op);
                 }
                 while let Some((tag, len)) = wire::peek(&buf).map_err(std::io::Error::other)? {
+                    // Told before the frame is masked: masking may rewrite the error's texts.
+                    let denial = match pending.is_empty() {
+                        true => None,
+                        false => denial_for(&mut pending, ready_seen + 1, tag, &buf[5..len], &stand_in),
+                    };
                     let relayed = if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
                         let row = tracker.write_data_row(&buf[5..len], &mut out);
@@ -654,17 +706,21 @@ async fn downstream(
                             return Err(std::io::Error::other(e));
                         }
                     };
-                    if f.tag != b'Z' || before_ready(&mut pending, ready_seen, &mut out) {
-                        f.encode(&mut out);
+                    let own = denial.as_ref().is_some_and(|_| f.tag == b'E');
+                    if let Some(d) = denial {
+                        d.encode(&mut out);
+                        tally.see(d.tag, &d.body);
                     }
-                    tally.see(f.tag, &f.body);
+                    if !own {
+                        f.encode(&mut out);
+                        tally.see(f.tag, &f.body);
+                    }
                     copy.see(f.tag, &mut ready_seen, &mut tally, &mut finished, Some(tracker));
                     if f.tag == b'Z' {
                         tally.masked = tracker.take_counts();
                         finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
-                        status = wire::ready_status(&f.body).unwrap_or(status);
-                        flush_injections(&mut pending, ready_seen, status, &mut out);
+                        flush_injections(&mut pending, ready_seen, &mut out);
                     }
                 }
             }
@@ -680,18 +736,18 @@ async fn downstream(
         }
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
         buf.reserve(READ_CHUNK);
-        // Queued injections are taken at the top of the loop whichever branch wakes it, so the
-        // order of the branches does not matter: no random draw per wake-up.
+        // Notes are taken at the top of the loop whichever branch wakes it, so the order of the
+        // branches does not matter: no random draw per wake-up.
         tokio::select! {
             biased;
             n = up.read_buf(&mut buf) => {
                 if n? == 0 {
                     // The server is gone: what the client side still has to say goes out, then
-                    // the end (no more ReadyForQuery will come to wait for).
+                    // the end (no more answers will come to wait for).
                     while let Ok(n) = notes.try_recv() {
                         copy.note(n, &mut pending);
                     }
-                    flush_injections(&mut pending, u64::MAX, status, &mut out);
+                    flush_injections(&mut pending, u64::MAX, &mut out);
                     if !out.is_empty() {
                         client.write_all(&out).await?;
                     }
@@ -777,39 +833,24 @@ impl CopyIn {
     }
 }
 
-impl Inject {
-    /// Goes in before the ReadyForQuery that completes the server's next answer.
-    fn due_before(&self, ready_seen: u64) -> bool {
-        matches!(self.place, Place::BeforeReady { .. }) && self.after == ready_seen + 1
+/// Injections due once the answers counted in `ready_seen` are out. A denial lands here only
+/// when its answer never came (the server left, or ignored its Sync in a COPY).
+fn flush_injections(pending: &mut VecDeque<Inject>, ready_seen: u64, out: &mut BytesMut) {
+    while pending.front().is_some_and(|i| i.after() <= ready_seen) {
+        let (Inject::Fatal { frame, .. } | Inject::Denial { frame, .. }) = pending.pop_front().unwrap();
+        frame.encode(out);
     }
 }
 
-/// Injections due after the answers counted in `ready_seen`.
-fn flush_injections(pending: &mut VecDeque<Inject>, ready_seen: u64, status: u8, out: &mut BytesMut) {
-    while pending.front().is_some_and(|i| i.after <= ready_seen) {
-        let i = pending.pop_front().unwrap();
-        for f in &i.frames {
-            f.encode(out);
-        }
-        // A `BeforeReady` one only lands here when its answer never came (the server left).
-        if i.place == (Place::After { ready: true }) {
-            wire::ready_for_query(status).encode(out);
-        }
+/// For the server's ErrorResponse (`tag` E, `body`) or ReadyForQuery in its answer to sync
+/// point `point`: the denial to send in its place (E) or before it (Z: the stand-in drew no
+/// error, which a server does not do). A denial whose stand-in the server skipped is dropped.
+fn denial_for(pending: &mut VecDeque<Inject>, point: u64, tag: u8, body: &[u8], stand_in: &StandIn) -> Option<Frame> {
+    if !matches!(tag, b'E' | b'Z') || !matches!(pending.front(), Some(Inject::Denial { point: p, .. }) if *p == point) {
+        return None;
     }
-}
-
-/// Injections due before the ReadyForQuery the server is about to complete its next answer
-/// with; returns whether that ReadyForQuery is relayed.
-fn before_ready(pending: &mut VecDeque<Inject>, ready_seen: u64, out: &mut BytesMut) -> bool {
-    let mut relay = true;
-    while pending.front().is_some_and(|i| i.due_before(ready_seen)) {
-        let i = pending.pop_front().unwrap();
-        for f in &i.frames {
-            f.encode(out);
-        }
-        relay &= i.place == (Place::BeforeReady { relay_ready: true });
-    }
-    relay
+    let Some(Inject::Denial { frame, .. }) = pending.pop_front() else { unreachable!() };
+    (tag == b'Z' || stand_in.drew(body)).then_some(frame)
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -872,6 +913,7 @@ struct ClientSide<'s, 'a, R> {
     defined: VecDeque<(u64, Vec<Def>)>,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
+    stand_in: StandIn,
     outcome: Outcome,
 }
 
@@ -885,9 +927,30 @@ fn deny_frame(r: &Refusal) -> Frame {
 }
 
 impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
-    fn inject(&self, frames: Vec<Frame>, ready: bool) {
-        let i = Inject { after: self.syncs, frames, place: Place::After { ready } };
-        let _ = self.to_down.inject.send(Note::Inject(i));
+    /// Ends the session with a protocol error, after the answers to what went before.
+    fn fail(&self, msg: &str) {
+        let frame = wire::error_response(SQLSTATE_PROTOCOL, msg, None, None);
+        let _ = self.to_down.inject.send(Note::Inject(Inject::Fatal { after: self.syncs, frame }));
+    }
+
+    /// Refuses what the client sent: a stand-in goes to the server in its place (see `StandIn`),
+    /// and the server side swaps the error it draws for the denial. `end` is the client's Sync,
+    /// or the proxy's own for a simple Query or FunctionCall; else the batch was refused at a
+    /// Flush and the rest of it is skipped (by the caller) up to the client's Sync.
+    fn refuse(&mut self, r: &Refusal, end: Option<Frame>, forward: &mut Vec<Frame>) {
+        self.outcome.denied += 1;
+        let frame = deny_frame(r);
+        let _ = self.to_down.inject.send(Note::Inject(Inject::Denial { point: self.syncs + 1, frame }));
+        self.op(Op::Parse { statement: self.stand_in.0.to_string() });
+        forward.push(self.stand_in.parse());
+        match end {
+            Some(sync) => {
+                forward.push(sync);
+                self.synced();
+            }
+            // The error reaches the client at its Flush, as the server's own would.
+            None => forward.push(wire::flush()),
+        }
     }
 
     fn op(&self, op: Op) {
@@ -903,10 +966,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 Ok(Some(f)) => return Ok(Some(f)),
                 Ok(None) => {}
                 Err(e) => {
-                    self.inject(
-                        vec![wire::error_response(SQLSTATE_PROTOCOL, &format!("tollgate: {e}"), None, None)],
-                        false,
-                    );
+                    self.fail(&format!("tollgate: {e}"));
                     return Err(e.to_string());
                 }
             }
@@ -1066,7 +1126,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // Refused, clearly.
                     let msg =
                         "tollgate: a simple Query or FunctionCall inside an extended-protocol batch (send Sync first)";
-                    self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, msg, None, None)], false);
+                    self.fail(msg);
                     return Err(msg.into());
                 }
                 b'Q' => {
@@ -1094,8 +1154,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         },
                     };
                     if let Some(r) = refusal {
-                        self.outcome.denied += 1;
-                        self.inject(vec![deny_frame(&r)], true);
+                        self.refuse(&r, Some(wire::sync()), &mut forward);
                     }
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
@@ -1106,21 +1165,22 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 "tollgate: more than {MAX_BATCH} messages or {} bytes without Sync or Flush",
                                 wire::MAX_MESSAGE
                             );
-                            self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)], false);
+                            self.fail(&msg);
                             return Err(msg);
                         }
                         batch.push(frame);
                     }
                 }
+                // The server skips to this Sync too, from the stand-in's error on.
+                b'H' | b'S' if skip_until_sync => {
+                    if frame.tag == b'S' {
+                        skip_until_sync = false;
+                        forward.push(frame);
+                        self.synced();
+                    }
+                }
                 b'H' | b'S' => {
                     let is_sync = frame.tag == b'S';
-                    if skip_until_sync {
-                        if is_sync {
-                            skip_until_sync = false;
-                            self.inject(Vec::new(), true);
-                        }
-                        continue;
-                    }
                     batch_bytes = 0;
                     match self.judge_batch(&batch).await? {
                         Ok(Judged { mut refs, parsed }) => {
@@ -1140,22 +1200,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             }
                         }
                         Err(r) => {
-                            self.outcome.denied += 1;
                             batch.clear();
-                            if self.unsynced {
-                                // What went to the server at a Flush is still being answered:
-                                // the denial goes after those answers. A Sync closes that work
-                                // on the server and marks where its answers end.
-                                let place = Place::BeforeReady { relay_ready: is_sync };
-                                let after = self.syncs + 1;
-                                let i = Inject { after, frames: vec![deny_frame(&r)], place };
-                                let _ = self.to_down.inject.send(Note::Inject(i));
-                                self.sync_upstream(&mut forward);
-                            } else {
-                                // As a server does after an error: skip to Sync, then one
-                                // ReadyForQuery.
-                                self.inject(vec![deny_frame(&r)], is_sync);
-                            }
+                            // Work sent at an earlier Flush shares the stand-in's batch: the
+                            // server rolls it back, as it would after the client's own error.
+                            self.refuse(&r, is_sync.then_some(frame), &mut forward);
                             skip_until_sync = !is_sync;
                         }
                     }
@@ -1179,15 +1227,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'F' => {
                     // The function-call sub-protocol names functions by OID, outside any SQL the
                     // rules could judge: refused.
-                    self.outcome.denied += 1;
-                    self.inject(
-                        vec![deny_frame(&Refusal { rule: "function-call-protocol".into(), message: None })],
-                        true,
-                    );
+                    let r = Refusal { rule: "function-call-protocol".into(), message: None };
+                    self.refuse(&r, Some(wire::sync()), &mut forward);
                 }
                 other => {
                     let msg = format!("tollgate: unexpected message type {:?}", other as char);
-                    self.inject(vec![wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)], false);
+                    self.fail(&msg);
                     return Err(msg);
                 }
             }
@@ -1217,12 +1262,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.op(Op::Sync);
         self.syncs += 1;
         self.unsynced = false;
-    }
-
-    /// Sends a Sync of the proxy's own after work the client forwarded at a Flush.
-    fn sync_upstream(&mut self, forward: &mut Vec<Frame>) {
-        forward.push(Frame { tag: b'S', body: bytes::Bytes::new() });
-        self.synced();
     }
 
     /// Whether the server still has statement `name`. One the client closed is gone once the
@@ -1465,9 +1504,9 @@ mod tests {
 
     /// Runs `downstream` with `notes` queued by the client side, which forwarded what `ops` say
     /// (announced when masking), and `server` sent by the server; the server then stays
-    /// connected unless `close`. Returns the message types the client got within half a second
-    /// of quiet.
-    async fn relay(masked: bool, ops: Vec<Op>, notes: Vec<Note>, server: &[u8], close: bool) -> Vec<u8> {
+    /// connected unless `close`. Returns the messages the client got within half a second of
+    /// quiet.
+    async fn relay_frames(masked: bool, ops: Vec<Op>, notes: Vec<Note>, server: &[u8], close: bool) -> Vec<Frame> {
         let dir = tempfile::tempdir().unwrap();
         let (audit, writer) = crate::audit::AuditLog::open(dir.path()).unwrap();
         let (_expect_tx, expect) = mpsc::unbounded_channel();
@@ -1495,7 +1534,9 @@ mod tests {
             drop(up);
             drop(inject_tx);
         }
-        let down = tokio::spawn(downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking));
+        let stand_in = StandIn(STAND_IN.into());
+        let down =
+            tokio::spawn(downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking, stand_in));
         let mut got = BytesMut::new();
         while let Ok(Ok(n)) = crate::timer::timeout(Duration::from_millis(500), client.read_buf(&mut got)).await {
             if n == 0 {
@@ -1505,19 +1546,25 @@ mod tests {
         down.abort();
         let _ = down.await;
         writer.join();
-        let mut tags = Vec::new();
+        let mut frames = Vec::new();
         while let Some(f) = wire::decode(&mut got).unwrap() {
-            tags.push(f.tag);
+            frames.push(f);
         }
-        tags
+        frames
     }
 
-    fn denial(after: u64) -> Note {
-        Note::Inject(Inject {
-            after,
-            frames: vec![wire::error_response("42501", "denied", None, None)],
-            place: Place::After { ready: true },
-        })
+    async fn relay(masked: bool, ops: Vec<Op>, notes: Vec<Note>, server: &[u8], close: bool) -> Vec<u8> {
+        relay_frames(masked, ops, notes, server, close).await.iter().map(|f| f.tag).collect()
+    }
+
+    const STAND_IN: &str = "tollgate_denied_00000000000000ff";
+
+    fn denial(point: u64) -> Note {
+        Note::Inject(Inject::Denial { point, frame: wire::error_response("42501", "denied", None, None) })
+    }
+
+    fn fatal(after: u64) -> Note {
+        Note::Inject(Inject::Fatal { after, frame: wire::error_response("08P01", "bad", None, None) })
     }
 
     fn queries(n: usize) -> Vec<Op> {
@@ -1529,29 +1576,63 @@ mod tests {
         wire::ready_for_query(b'I').encode(out);
     }
 
+    fn error(out: &mut BytesMut, message: &str) {
+        wire::error_response("42601", message, None, None).encode(out);
+        wire::ready_for_query(b'E').encode(out);
+    }
+
+    fn message(f: &Frame) -> String {
+        wire::error_message(&f.body).unwrap_or_default()
+    }
+
     #[tokio::test]
-    async fn a_denial_goes_out_between_the_answers_it_was_queued_between() {
-        // Query 1 forwarded, the next statement refused, query 2 forwarded; both answers come
-        // in one read.
+    async fn a_denial_takes_the_place_of_the_error_its_stand_in_drew() {
+        // Query 1, the stand-in of a refused statement, query 2: three answers in one read.
         let mut server = BytesMut::new();
         answer(&mut server, b"SELECT 1\0");
+        error(&mut server, &format!("syntax error at or near \"{STAND_IN}\""));
         answer(&mut server, b"SELECT 2\0");
+        let mut ops = queries(1);
+        ops.extend([Op::Parse { statement: STAND_IN.into() }, Op::Sync]);
+        ops.extend(queries(1));
         for masked in [false, true] {
-            let tags = relay(masked, queries(2), vec![denial(1)], &server, true).await;
-            assert_eq!(tags, b"CZEZCZ", "masking {masked}: answer 1, the denial and its ReadyForQuery, answer 2");
+            let got = relay_frames(masked, ops.clone(), vec![denial(2)], &server, true).await;
+            let tags: Vec<u8> = got.iter().map(|f| f.tag).collect();
+            assert_eq!(tags, b"CZEZCZ", "masking {masked}");
+            assert_eq!(message(&got[2]), "denied", "masking {masked}");
+            assert_eq!(got[3].body.as_ref(), b"E", "the server's status: its transaction is aborted");
         }
     }
 
     #[tokio::test]
-    async fn a_denial_with_no_answer_before_it_goes_out_at_once() {
+    async fn a_stand_in_the_server_skipped_leaves_the_error_that_made_it_skip() {
+        // Work sent at a Flush failed; the stand-in after it, in the same batch, was skipped.
+        let mut server = BytesMut::new();
+        error(&mut server, "division by zero");
+        let ops = vec![
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
+            Op::Execute { portal: String::new(), copy: None },
+            Op::Parse { statement: STAND_IN.into() },
+            Op::Sync,
+        ];
+        for masked in [false, true] {
+            let got = relay_frames(masked, ops.clone(), vec![denial(1)], &server, true).await;
+            let tags: Vec<u8> = got.iter().map(|f| f.tag).collect();
+            assert_eq!(tags, b"EZ", "masking {masked}: one error per batch, as from the server alone");
+            assert_eq!(message(&got[0]), "division by zero", "masking {masked}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fatal_error_with_no_answer_before_it_goes_out_at_once() {
         // Only a notification comes from the server, which stays connected: no ReadyForQuery
-        // will ever carry the denial out.
+        // will ever carry the error out.
         let mut server = BytesMut::new();
         Frame { tag: b'A', body: bytes::Bytes::from_static(b"\0\0\0\x01ch\0\0") }.encode(&mut server);
         for masked in [false, true] {
-            let mut tags = relay(masked, queries(0), vec![denial(0)], &server, false).await;
+            let mut tags = relay(masked, queries(0), vec![fatal(0)], &server, false).await;
             tags.sort_unstable();
-            assert_eq!(tags, b"AEZ", "masking {masked}");
+            assert_eq!(tags, b"AE", "masking {masked}");
         }
     }
 
@@ -1570,9 +1651,9 @@ mod tests {
         Frame { tag: b'G', body: bytes::Bytes::from_static(&[0, 0, 1, 0, 0]) }.encode(&mut server);
         answer(&mut server, b"COPY 1\0");
         for masked in [false, true] {
-            let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, denial(2)];
+            let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, fatal(2)];
             let tags = relay(masked, ops.clone(), notes, &server, false).await;
-            assert_eq!(tags, b"2GCZEZ", "masking {masked}");
+            assert_eq!(tags, b"2GCZE", "masking {masked}");
         }
         // With masking, the next execution (whose row shape the proxy asks for with a Describe
         // the client never sees) is still matched to its own answers.
@@ -1590,16 +1671,16 @@ mod tests {
         Frame { tag: b'T', body: t.freeze() }.encode(&mut then);
         Frame { tag: b'D', body: bytes::Bytes::from_static(b"\0\x01\0\0\0\x05a@b.c") }.encode(&mut then);
         answer(&mut then, b"SELECT 1\0");
-        let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, denial(2)];
-        assert_eq!(relay(true, more, notes, &then, false).await, b"2GCZEZ2DCZ");
+        let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, fatal(2)];
+        assert_eq!(relay(true, more, notes, &then, false).await, b"2GCZE2DCZ");
         // A COPY that never started (an error instead of CopyInResponse): both Syncs count.
         let mut server = BytesMut::new();
         Frame { tag: b'E', body: bytes::Bytes::from_static(b"SERROR\0Mno\0\0") }.encode(&mut server);
         wire::ready_for_query(b'I').encode(&mut server);
         for masked in [false, true] {
-            let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, denial(2)];
+            let notes = vec![Note::VoidSyncs { first: 1, n: 1 }, fatal(2)];
             let tags = relay(masked, ops.clone(), notes, &server, false).await;
-            assert_eq!(tags, b"EZ", "masking {masked}: the denial waits for the second Sync's answer");
+            assert_eq!(tags, b"EZ", "masking {masked}: the error waits for the second Sync's answer");
         }
     }
 

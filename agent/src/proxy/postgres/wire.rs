@@ -250,6 +250,25 @@ pub fn describe_portal(portal: &str) -> Frame {
     frame(b'D', b)
 }
 
+/// A Parse of `text` as statement `name`, with no parameter types.
+pub fn parse(name: &str, text: &str) -> Frame {
+    let mut b = BytesMut::new();
+    b.extend_from_slice(name.as_bytes());
+    b.put_u8(0);
+    b.extend_from_slice(text.as_bytes());
+    b.put_u8(0);
+    b.put_i16(0);
+    frame(b'P', b)
+}
+
+pub fn flush() -> Frame {
+    frame(b'H', BytesMut::new())
+}
+
+pub fn sync() -> Frame {
+    frame(b'S', BytesMut::new())
+}
+
 /// ReadyForQuery's transaction status byte.
 pub fn ready_status(body: &[u8]) -> Result<u8, WireError> {
     match body {
