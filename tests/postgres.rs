@@ -969,7 +969,25 @@ fn protocol_tricks_fail_closed() {
         ["S"],
         ["X"]
     ]);
-    let out = raw(&env, &pg, none, script);
+    let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("duplicate-prepared-statement"), "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2");
+    // DISCARD ALL (or DEALLOCATE) drops the session's named statements on the server: the name
+    // may be parsed again (pgx re-prepares its cache this way), and the old one is gone.
+    let script = serde_json::json!([
+        ["P", "s1", "SELECT 1"],
+        ["S"],
+        ["Q", "DISCARD ALL"],
+        ["B", "", "s1"],
+        ["E", ""],
+        ["S"],
+        ["P", "s1", "SELECT 2"],
+        ["B", "", "s1"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none, script);
+    assert_eq!(after_first_line(&out), "1ZCZEZ12DCZC", "{out}");
+    assert!(out.contains("unknown-prepared-statement"), "{out}");
 }

@@ -121,6 +121,31 @@ pub struct Classification {
     pub parse_error: Option<String>,
     /// Each `COPY ... TO STDOUT`, in statement order: the proxy sees its rows to mask them.
     pub copy_out: Vec<CopyOut>,
+    /// Named prepared statements it removes from the session.
+    pub deallocates: Deallocates,
+}
+
+/// Named prepared statements a text removes: `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD
+/// ALL` drop statements made with the protocol's Parse too (not the unnamed one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Deallocates {
+    #[default]
+    None,
+    Names(BTreeSet<String>),
+    All,
+}
+
+impl Deallocates {
+    fn add(&mut self, name: Option<&str>) {
+        match (name, &mut *self) {
+            (_, Deallocates::All) => {}
+            (None, _) => *self = Deallocates::All,
+            (Some(n), Deallocates::Names(names)) => {
+                names.insert(n.to_string());
+            }
+            (Some(n), Deallocates::None) => *self = Deallocates::Names([n.to_string()].into()),
+        }
+    }
 }
 
 /// The shape of the rows a `COPY ... TO STDOUT` will send.
@@ -361,6 +386,19 @@ fn walk(v: &Value, c: &mut Classification) {
                         c.kinds.insert(Kind::Unparseable);
                         c.parse_error.get_or_insert(why);
                     }
+                    match key.as_str() {
+                        "DeallocateStmt" => {
+                            let all = child.get("isall").and_then(Value::as_bool) == Some(true);
+                            // No name means ALL too (grammars before `isall`).
+                            let name = child.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
+                            c.deallocates.add(if all { None } else { name });
+                        }
+                        // DISCARD_ALL in the parse tree's enum.
+                        "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => {
+                            c.deallocates.add(None)
+                        }
+                        _ => {}
+                    }
                     if let Some(kind) = stmt_kind(key, child) {
                         c.kinds.insert(kind);
                         if matches!(kind, Kind::Update | Kind::Delete)
@@ -393,6 +431,20 @@ mod tests {
 
     fn kinds(sql: &str) -> Vec<&'static str> {
         classify(sql).kinds.iter().map(|k| k.as_str()).collect()
+    }
+
+    #[test]
+    fn deallocations_are_named() {
+        let d = |sql: &str| classify(sql).deallocates;
+        let names = |n: &[&str]| Deallocates::Names(n.iter().map(|s| s.to_string()).collect());
+        assert_eq!(d("SELECT 1"), Deallocates::None);
+        assert_eq!(d("DEALLOCATE s1"), names(&["s1"]));
+        assert_eq!(d("DEALLOCATE PREPARE \"S_1\"; deallocate s2"), names(&["S_1", "s2"]));
+        assert_eq!(d("DEALLOCATE ALL"), Deallocates::All);
+        assert_eq!(d("deallocate prepare all; DEALLOCATE s1"), Deallocates::All);
+        assert_eq!(d("DISCARD ALL"), Deallocates::All);
+        assert_eq!(d("DISCARD PLANS"), Deallocates::None);
+        assert_eq!(d("DISCARD TEMP"), Deallocates::None);
     }
 
     #[test]

@@ -1145,6 +1145,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     defines: None,
                                 });
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
+                                self.deallocate(&p.class.deallocates);
                                 forward.push(frame);
                                 self.syncs += 1;
                                 // A COPY it starts takes no Syncs.
@@ -1262,6 +1263,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.op(Op::Sync);
         self.syncs += 1;
         self.unsynced = false;
+    }
+
+    /// Forgets the named statements a DEALLOCATE or DISCARD ALL on its way to the server drops.
+    /// If it then fails, their Binds are refused as unknown: never judged by a text the server
+    /// may no longer have, or may have replaced with one made by SQL PREPARE.
+    fn deallocate(&mut self, d: &sql::Deallocates) {
+        match d {
+            sql::Deallocates::None => {}
+            sql::Deallocates::Names(names) => {
+                for n in names {
+                    self.prepared.remove(n);
+                }
+            }
+            sql::Deallocates::All => self.prepared.retain(|name, _| name.is_empty()),
+        }
     }
 
     /// Whether the server still has statement `name`. One the client closed is gone once the
@@ -1407,9 +1423,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         forward: &mut Vec<Frame>,
     ) -> Result<(), String> {
         // Parses and Closes in order: which of them the server carries out shows in its answer.
+        // Binds in that order too: one of a DEALLOCATE drops what was parsed before it.
         let mut parsed = parsed.into_iter();
-        for f in batch.iter().filter(|f| matches!(f.tag, b'P' | b'C')) {
-            if f.tag == b'P' {
+        for f in batch.iter().filter(|f| matches!(f.tag, b'P' | b'C' | b'B')) {
+            if f.tag == b'B' {
+                let stmt = wire::bind_names(&f.body).map_err(|e| e.to_string())?.1;
+                if let Some(d) = self.prepared.get(stmt).map(|p| p.class.clone()) {
+                    self.deallocate(&d.deallocates);
+                }
+            } else if f.tag == b'P' {
                 let Some((name, p)) = parsed.next() else { continue };
                 let seq = p.seq;
                 let replaced = self.prepared.insert(name.clone(), p);
