@@ -456,6 +456,8 @@ struct Tally {
     rows: u64,
     commands: u64,
     error: Option<String>,
+    /// An ErrorResponse came (with or without a message).
+    failed: bool,
     masked: crate::mask::Counts,
     /// ParseComplete and CloseComplete messages.
     completed: usize,
@@ -475,7 +477,10 @@ impl Tally {
                     self.rows += n;
                 }
             }
-            b'E' if self.error.is_none() => self.error = wire::error_message(body),
+            b'E' if !self.failed => {
+                self.failed = true;
+                self.error = wire::error_message(body);
+            }
             _ => {}
         }
     }
@@ -640,7 +645,7 @@ async fn downstream(
                     let body = &buf[pos + 5..pos + len];
                     let mut own = false;
                     if !pending.is_empty() {
-                        let denial = denial_for(&mut pending, ready_seen + 1, tag, body, &stand_in);
+                        let denial = denial_for(&mut pending, ready_seen + 1, (tag, body), tally.failed, &stand_in);
                         if let Some(d) = denial {
                             out.extend_from_slice(&buf[relayed..pos]);
                             d.encode(&mut out);
@@ -681,7 +686,9 @@ async fn downstream(
                     // Told before the frame is masked: masking may rewrite the error's texts.
                     let denial = match pending.is_empty() {
                         true => None,
-                        false => denial_for(&mut pending, ready_seen + 1, tag, &buf[5..len], &stand_in),
+                        false => {
+                            denial_for(&mut pending, ready_seen + 1, (tag, &buf[5..len]), tally.failed, &stand_in)
+                        }
                     };
                     let relayed = if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
@@ -843,14 +850,24 @@ fn flush_injections(pending: &mut VecDeque<Inject>, ready_seen: u64, out: &mut B
 }
 
 /// For the server's ErrorResponse (`tag` E, `body`) or ReadyForQuery in its answer to sync
-/// point `point`: the denial to send in its place (E) or before it (Z: the stand-in drew no
-/// error, which a server does not do). A denial whose stand-in the server skipped is dropped.
-fn denial_for(pending: &mut VecDeque<Inject>, point: u64, tag: u8, body: &[u8], stand_in: &StandIn) -> Option<Frame> {
+/// point `point`, `failed` if that answer had an error already: the denial to send in the
+/// error's place (E), or before the ReadyForQuery if no error came (Z; a server does not do
+/// that). A denial whose stand-in the server skipped after an earlier error is dropped, also
+/// when that error went out before the denial was queued (the client side judges the batch
+/// while the server answers the work sent at a Flush before it).
+fn denial_for(
+    pending: &mut VecDeque<Inject>,
+    point: u64,
+    (tag, body): (u8, &[u8]),
+    failed: bool,
+    stand_in: &StandIn,
+) -> Option<Frame> {
     if !matches!(tag, b'E' | b'Z') || !matches!(pending.front(), Some(Inject::Denial { point: p, .. }) if *p == point) {
         return None;
     }
     let Some(Inject::Denial { frame, .. }) = pending.pop_front() else { unreachable!() };
-    (tag == b'Z' || stand_in.drew(body)).then_some(frame)
+    let ours = if tag == b'E' { stand_in.drew(body) } else { !failed };
+    ours.then_some(frame)
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -1524,11 +1541,11 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
 
-    /// Runs `downstream` with `notes` queued by the client side, which forwarded what `ops` say
-    /// (announced when masking), and `server` sent by the server; the server then stays
-    /// connected unless `close`. Returns the messages the client got within half a second of
-    /// quiet.
-    async fn relay_frames(masked: bool, ops: Vec<Op>, notes: Vec<Note>, server: &[u8], close: bool) -> Vec<Frame> {
+    /// Runs `downstream` with the client side having forwarded what `ops` say (announced when
+    /// masking); in each stage it queues that stage's notes, then the server sends that
+    /// stage's bytes. After the last stage the server stays connected unless `close`. Returns
+    /// the messages the client got, each stage read until half a second of quiet.
+    async fn relay_stages(masked: bool, ops: Vec<Op>, stages: Vec<(Vec<Note>, Vec<u8>)>, close: bool) -> Vec<Frame> {
         let dir = tempfile::tempdir().unwrap();
         let (audit, writer) = crate::audit::AuditLog::open(dir.path()).unwrap();
         let (_expect_tx, expect) = mpsc::unbounded_channel();
@@ -1546,25 +1563,30 @@ mod tests {
             }
             (Tracker::new(Arc::new(Masker::new(&rules, [0; 32]))), ops_rx)
         });
-        for n in notes {
-            inject_tx.send(n).unwrap();
-        }
         let (mut up, up_proxy) = tokio::io::duplex(4096);
         let (client_proxy, mut client) = tokio::io::duplex(4096);
-        up.write_all(server).await.unwrap();
-        if close {
-            drop(up);
-            drop(inject_tx);
-        }
         let stand_in = StandIn(STAND_IN.into());
         let down =
             tokio::spawn(downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking, stand_in));
         let mut got = BytesMut::new();
-        while let Ok(Ok(n)) = crate::timer::timeout(Duration::from_millis(500), client.read_buf(&mut got)).await {
-            if n == 0 {
-                break;
+        let (mut up, mut inject_tx) = (Some(up), Some(inject_tx));
+        let last = stages.len() - 1;
+        for (i, (notes, server)) in stages.into_iter().enumerate() {
+            for n in notes {
+                inject_tx.as_ref().unwrap().send(n).unwrap();
+            }
+            up.as_mut().unwrap().write_all(&server).await.unwrap();
+            if i == last && close {
+                up = None;
+                inject_tx = None;
+            }
+            while let Ok(Ok(n)) = crate::timer::timeout(Duration::from_millis(500), client.read_buf(&mut got)).await {
+                if n == 0 {
+                    break;
+                }
             }
         }
+        drop((up, inject_tx));
         down.abort();
         let _ = down.await;
         writer.join();
@@ -1573,6 +1595,10 @@ mod tests {
             frames.push(f);
         }
         frames
+    }
+
+    async fn relay_frames(masked: bool, ops: Vec<Op>, notes: Vec<Note>, server: &[u8], close: bool) -> Vec<Frame> {
+        relay_stages(masked, ops, vec![(notes, server.to_vec())], close).await
     }
 
     async fn relay(masked: bool, ops: Vec<Op>, notes: Vec<Note>, server: &[u8], close: bool) -> Vec<u8> {
@@ -1641,6 +1667,29 @@ mod tests {
             let got = relay_frames(masked, ops.clone(), vec![denial(1)], &server, true).await;
             let tags: Vec<u8> = got.iter().map(|f| f.tag).collect();
             assert_eq!(tags, b"EZ", "masking {masked}: one error per batch, as from the server alone");
+            assert_eq!(message(&got[0]), "division by zero", "masking {masked}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_denial_queued_after_the_error_that_made_the_server_skip_its_stand_in_is_dropped() {
+        // Work sent at a Flush fails, and its error goes out, while the client side still judges
+        // the batch after it; then the refusal is queued, and the server's ReadyForQuery comes.
+        let ops = vec![
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
+            Op::Execute { portal: String::new(), copy: None },
+            Op::Parse { statement: STAND_IN.into() },
+            Op::Sync,
+        ];
+        let mut failed = BytesMut::new();
+        wire::error_response("22012", "division by zero", None, None).encode(&mut failed);
+        let mut ready = BytesMut::new();
+        wire::ready_for_query(b'I').encode(&mut ready);
+        for masked in [false, true] {
+            let stages = vec![(vec![], failed.to_vec()), (vec![denial(1)], ready.to_vec())];
+            let got = relay_stages(masked, ops.clone(), stages, true).await;
+            let tags: Vec<u8> = got.iter().map(|f| f.tag).collect();
+            assert_eq!(tags, b"EZ", "masking {masked}: one error per batch");
             assert_eq!(message(&got[0]), "division by zero", "masking {masked}");
         }
     }
