@@ -31,7 +31,7 @@ spec:
         - {{ name: no-ddl, match: {{ statements: [ddl] }}, action: deny, message: "schema changes go through review" }}
         - {{ name: no-file-access, match: {{ functions: [pg_read_file, lo_import, lo_export, dblink_exec] }}, action: deny }}
         - {{ name: delete-needs-where, match: {{ statements: [update, delete], where: missing }}, action: deny }}
-        - {{ name: reads, match: {{ statements: [select, transaction, set, show] }}, action: allow }}
+        - {{ name: reads, match: {{ statements: [select, transaction, set, show, execute] }}, action: allow }}
         - {{ name: deletes-need-approval, match: {{ statements: [delete], tables: [orders] }}, action: approve, timeout: 60s }}
         - {{ name: archive-approval, match: {{ statements: [delete], tables: [archive] }}, action: approve, timeout: 2s }}
         - {{ name: loads, match: {{ statements: [copy], tables: [orders] }}, action: allow }}
@@ -987,7 +987,59 @@ fn protocol_tricks_fail_closed() {
         ["S"],
         ["X"]
     ]);
-    let out = raw(&env, &pg, none, script);
+    let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "1ZCZEZ12DCZC", "{out}");
     assert!(out.contains("unknown-prepared-statement"), "{out}");
+    // In one batch: a Bind after the DISCARD ALL's is of a statement that is gone by then.
+    let script = serde_json::json!([
+        ["P", "s1", "SELECT 1"],
+        ["S"],
+        ["P", "", "DISCARD ALL"],
+        ["B", "", ""],
+        ["E", ""],
+        ["B", "", "s1"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "1ZEZC", "{out}");
+    assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
+    // A DEALLOCATE runs when its portal is executed, maybe batches after its Bind: here it
+    // drops the statement parsed under that name in between.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["P", "s1", "SELECT 1"],
+        ["S"],
+        ["P", "", "DEALLOCATE s1"],
+        ["B", "p1", ""],
+        ["S"],
+        ["C", "s1"],
+        ["S"],
+        ["P", "s1", "SELECT 2"],
+        ["S"],
+        ["E", "p1"],
+        ["S"],
+        ["B", "", "s1"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "CZ1Z12Z3Z1ZCZEZC", "{out}");
+    assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
+    // A batch that parses the unnamed statement twice: each Bind is judged by the Parse before
+    // it, so the DELETE waits for approval (the client gives up after 5 s) and never runs.
+    let script = serde_json::json!([
+        ["P", "", "SELECT 1"],
+        ["B", "", ""],
+        ["E", ""],
+        ["P", "", "DELETE FROM orders WHERE id = 1"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"]
+    ]);
+    let out = raw(&env, &pg, none, script);
+    assert_eq!(after_first_line(&out), "C", "nothing of the batch was answered before the client left: {out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
 }

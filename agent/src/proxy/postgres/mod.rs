@@ -6,7 +6,7 @@ mod upstream;
 pub mod wire;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     sync::{
@@ -334,6 +334,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         prepared: HashMap::new(),
         portals: HashMap::new(),
         described: Default::default(),
+        dealloc_portals: HashMap::new(),
         unsynced_refs: Vec::new(),
         unsynced: false,
         completions,
@@ -662,11 +663,12 @@ async fn downstream(
                     if tag == b'Z' {
                         finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
-                        if pending.front().is_some_and(|i| i.after() <= ready_seen) {
-                            out.extend_from_slice(&buf[relayed..pos]);
-                            relayed = pos;
-                            flush_injections(&mut pending, ready_seen, &mut out);
-                        }
+                    }
+                    // After a ReadyForQuery, or a CopyInResponse that voided Syncs.
+                    if pending.front().is_some_and(|i| i.after() <= ready_seen) {
+                        out.extend_from_slice(&buf[relayed..pos]);
+                        relayed = pos;
+                        flush_injections(&mut pending, ready_seen, &mut out);
                     }
                 }
                 if out.is_empty() {
@@ -686,9 +688,7 @@ async fn downstream(
                     // Told before the frame is masked: masking may rewrite the error's texts.
                     let denial = match pending.is_empty() {
                         true => None,
-                        false => {
-                            denial_for(&mut pending, ready_seen + 1, (tag, &buf[5..len]), tally.failed, &stand_in)
-                        }
+                        false => denial_for(&mut pending, ready_seen + 1, (tag, &buf[5..len]), tally.failed, &stand_in),
                     };
                     let relayed = if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
@@ -727,8 +727,8 @@ async fn downstream(
                         tally.masked = tracker.take_counts();
                         finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
-                        flush_injections(&mut pending, ready_seen, &mut out);
                     }
+                    flush_injections(&mut pending, ready_seen, &mut out);
                 }
             }
         }
@@ -841,7 +841,7 @@ impl CopyIn {
 }
 
 /// Injections due once the answers counted in `ready_seen` are out. A denial lands here only
-/// when its answer never came (the server left, or ignored its Sync in a COPY).
+/// when its answer never came (the server left, or ignored its stand-in's Sync in a COPY).
 fn flush_injections(pending: &mut VecDeque<Inject>, ready_seen: u64, out: &mut BytesMut) {
     while pending.front().is_some_and(|i| i.after() <= ready_seen) {
         let (Inject::Fatal { frame, .. } | Inject::Denial { frame, .. }) = pending.pop_front().unwrap();
@@ -868,6 +868,36 @@ fn denial_for(
     let Some(Inject::Denial { frame, .. }) = pending.pop_front() else { unreachable!() };
     let ours = if tag == b'E' { stand_in.drew(body) } else { !failed };
     ours.then_some(frame)
+}
+
+/// Named statements that DEALLOCATEs earlier in a batch dropped (see `judge_batch`).
+#[derive(Default)]
+struct Gone {
+    all: bool,
+    names: HashSet<String>,
+}
+
+impl Gone {
+    /// Adds what `d` drops, and takes it out of `visible` (the batch's own Parses before it).
+    fn add(&mut self, d: &sql::Deallocates, visible: &mut HashMap<&str, &Prepared>) {
+        match d {
+            sql::Deallocates::None => {}
+            sql::Deallocates::Names(names) => {
+                for n in names {
+                    visible.remove(n.as_str());
+                    self.names.insert(n.clone());
+                }
+            }
+            sql::Deallocates::All => {
+                visible.retain(|n, _| n.is_empty());
+                self.all = true;
+            }
+        }
+    }
+
+    fn covers(&self, name: &str) -> bool {
+        !name.is_empty() && (self.all || self.names.contains(name))
+    }
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -916,7 +946,10 @@ struct ClientSide<'s, 'a, R> {
     /// Which statement each portal was bound from (masking: COPY rows of an Execute).
     portals: HashMap<String, String>,
     /// Statements the client described since their last Parse: the tracker knows their columns.
-    described: std::collections::HashSet<String>,
+    described: HashSet<String>,
+    /// Portals bound to a statement that deallocates (SQL DEALLOCATE, DISCARD ALL), which it
+    /// does when they are executed.
+    dealloc_portals: HashMap<String, sql::Deallocates>,
     /// Records of statements forwarded at a Flush, carried out by the next Sync.
     unsynced_refs: Vec<u64>,
     /// Messages went to the server at a Flush and no Sync has followed yet.
@@ -1162,7 +1195,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     defines: None,
                                 });
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
-                                self.deallocate(&p.class.deallocates);
+                                self.deallocate(&p.class.deallocates, &HashSet::new());
                                 forward.push(frame);
                                 self.syncs += 1;
                                 // A COPY it starts takes no Syncs.
@@ -1282,19 +1315,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.unsynced = false;
     }
 
-    /// Forgets the named statements a DEALLOCATE or DISCARD ALL on its way to the server drops.
-    /// If it then fails, their Binds are refused as unknown: never judged by a text the server
-    /// may no longer have, or may have replaced with one made by SQL PREPARE.
-    fn deallocate(&mut self, d: &sql::Deallocates) {
-        match d {
-            sql::Deallocates::None => {}
-            sql::Deallocates::Names(names) => {
-                for n in names {
-                    self.prepared.remove(n);
-                }
-            }
-            sql::Deallocates::All => self.prepared.retain(|name, _| name.is_empty()),
+    /// Forgets the named statements a DEALLOCATE or DISCARD ALL on its way to the server drops,
+    /// except those in `keep` (parsed after it). If it then fails, their Binds are refused as
+    /// unknown: never judged by a text the server may no longer have, or may have replaced with
+    /// one made by SQL PREPARE.
+    fn deallocate(&mut self, d: &sql::Deallocates, keep: &HashSet<String>) {
+        if *d == sql::Deallocates::None {
+            return;
         }
+        let gone = |name: &str| match d {
+            sql::Deallocates::None => false,
+            sql::Deallocates::Names(names) => names.contains(name) && !keep.contains(name),
+            sql::Deallocates::All => !name.is_empty() && !keep.contains(name),
+        };
+        self.prepared.retain(|name, _| !gone(name));
+        self.described.retain(|name| !gone(name));
     }
 
     /// Whether the server still has statement `name`. One the client closed is gone once the
@@ -1386,20 +1421,30 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         let mut refs = Vec::new();
+        // What names stand for at each point of the batch: the statements parsed before it
+        // (in order: the batch may parse a name twice), and none of those that DEALLOCATEs
+        // run before it dropped (counted at their Bind, and at their portal's Execute).
         let mut visible: HashMap<&str, &Prepared> = HashMap::new();
+        let mut parses = parsed.iter();
+        let mut gone = Gone::default();
+        let mut dealloc_portals: HashMap<&str, sql::Deallocates> = HashMap::new();
         for f in batch {
             match f.tag {
                 b'P' => {
-                    let name = wire::parse_message(&f.body).map_err(|e| e.to_string())?.0;
-                    if let Some((n, p)) = parsed.iter().find(|(n, _)| n == name) {
+                    if let Some((n, p)) = parses.next() {
                         visible.insert(n.as_str(), p);
                     }
                 }
                 b'B' => {
-                    let (_, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    let known = match visible.get(stmt) {
+                        Some(p) => Some(*p),
+                        None if gone.covers(stmt) => None,
+                        None => self.prepared.get(stmt),
+                    };
                     // A statement the session never parsed (made by SQL PREPARE, or gone) cannot
                     // be judged: refused, though the server would only have said it is unknown.
-                    let Some(p) = visible.get(stmt).copied().or_else(|| self.prepared.get(stmt)) else {
+                    let Some(p) = known else {
                         return Ok(Err(Refusal {
                             rule: "unknown-prepared-statement".into(),
                             message: Some(format!(
@@ -1409,6 +1454,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         }));
                     };
                     refs.push(p.seq);
+                    if p.class.deallocates != sql::Deallocates::None {
+                        let d = p.class.deallocates.clone();
+                        gone.add(&d, &mut visible);
+                        dealloc_portals.insert(portal, d);
+                    } else if !dealloc_portals.is_empty() {
+                        dealloc_portals.remove(portal);
+                    }
                     // Every execution is its own request: each Bind carries its own parameters.
                     if p.hold.is_some() {
                         let p = p.clone();
@@ -1416,6 +1468,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         if let Some(r) = self.hold(&p, params).await? {
                             return Ok(Err(r));
                         }
+                    }
+                }
+                b'E' if !dealloc_portals.is_empty() || !self.dealloc_portals.is_empty() => {
+                    let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
+                    if let Some(d) = dealloc_portals.get(portal).or_else(|| self.dealloc_portals.get(portal)) {
+                        gone.add(d, &mut visible);
                     }
                 }
                 _ => {}
@@ -1440,35 +1498,84 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         forward: &mut Vec<Frame>,
     ) -> Result<(), String> {
         // Parses and Closes in order: which of them the server carries out shows in its answer.
-        // Binds in that order too: one of a DEALLOCATE drops what was parsed before it.
         let mut parsed = parsed.into_iter();
-        for f in batch.iter().filter(|f| matches!(f.tag, b'P' | b'C' | b'B')) {
-            if f.tag == b'B' {
-                let stmt = wire::bind_names(&f.body).map_err(|e| e.to_string())?.1;
-                if let Some(d) = self.prepared.get(stmt).map(|p| p.class.clone()) {
-                    self.deallocate(&d.deallocates);
+        // DEALLOCATEs this batch may run (at a Bind of one, or an Execute of its portal), with
+        // the names parsed after them, which they leave alone. Applied once the batch is
+        // forwarded: an Execute before one still finds its statement.
+        let mut deallocs: Vec<(sql::Deallocates, HashSet<String>)> = Vec::new();
+        for (i, f) in batch.iter().enumerate() {
+            let d = match f.tag {
+                b'P' => {
+                    let Some((name, p)) = parsed.next() else { continue };
+                    let seq = p.seq;
+                    let replaced = self.prepared.insert(name.clone(), p);
+                    self.defining.push(Def::Parse { name, seq, replaced });
+                    continue;
                 }
-            } else if f.tag == b'P' {
-                let Some((name, p)) = parsed.next() else { continue };
-                let seq = p.seq;
-                let replaced = self.prepared.insert(name.clone(), p);
-                self.defining.push(Def::Parse { name, seq, replaced });
-            } else if let Ok((b'S', name)) = wire::describe_target(&f.body) {
-                // The name may be parsed again once the server has done it.
-                let statement = self.prepared.get(name).map(|p| (name.to_string(), p.seq));
-                self.described.remove(name);
-                self.defining.push(Def::Close { statement });
-            } else {
-                self.defining.push(Def::Close { statement: None });
-            }
+                b'C' => {
+                    match wire::describe_target(&f.body) {
+                        Ok((b'S', name)) => {
+                            // The name may be parsed again once the server has done it.
+                            let statement = self.prepared.get(name).map(|p| (name.to_string(), p.seq));
+                            self.described.remove(name);
+                            self.defining.push(Def::Close { statement });
+                        }
+                        Ok((_, portal)) => {
+                            self.dealloc_portals.remove(portal);
+                            self.defining.push(Def::Close { statement: None });
+                        }
+                        Err(_) => self.defining.push(Def::Close { statement: None }),
+                    }
+                    continue;
+                }
+                b'B' => {
+                    let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    match self.prepared.get(stmt).map(|p| &p.class.deallocates) {
+                        Some(d) if *d != sql::Deallocates::None => {
+                            let d = d.clone();
+                            self.dealloc_portals.insert(portal.to_string(), d.clone());
+                            d
+                        }
+                        _ => {
+                            if !self.dealloc_portals.is_empty() {
+                                self.dealloc_portals.remove(portal);
+                            }
+                            continue;
+                        }
+                    }
+                }
+                b'E' if !self.dealloc_portals.is_empty() => {
+                    let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
+                    let Some(d) = self.dealloc_portals.get(portal) else { continue };
+                    d.clone()
+                }
+                _ => continue,
+            };
+            let later = batch[i + 1..]
+                .iter()
+                .filter(|f| f.tag == b'P')
+                .filter_map(|f| Some(wire::parse_message(&f.body).ok()?.0.to_string()))
+                .collect();
+            deallocs.push((d, later));
         }
         if self.to_down.ops.is_none() {
             forward.append(batch);
-            return Ok(());
+        } else {
+            self.announce_batch(batch, forward)?;
         }
+        for (d, later) in deallocs {
+            self.deallocate(&d, &later);
+        }
+        Ok(())
+    }
+
+    /// Moves a batch to `forward`, announcing to the masking tracker what the server will
+    /// answer; each Execute is preceded by a Describe of its portal unless the client just sent
+    /// one.
+    fn announce_batch(&mut self, batch: &mut Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
         let mut described: Option<String> = None;
         // Portals bound in this batch: nothing can redefine them before its Execute.
-        let mut bound_here: std::collections::HashSet<String> = Default::default();
+        let mut bound_here: HashSet<String> = Default::default();
         for f in batch.drain(..) {
             let e = |e: wire::WireError| e.to_string();
             match f.tag {
@@ -1563,7 +1670,7 @@ mod tests {
             }
             (Tracker::new(Arc::new(Masker::new(&rules, [0; 32]))), ops_rx)
         });
-        let (mut up, up_proxy) = tokio::io::duplex(4096);
+        let (up, up_proxy) = tokio::io::duplex(4096);
         let (client_proxy, mut client) = tokio::io::duplex(4096);
         let stand_in = StandIn(STAND_IN.into());
         let down =
