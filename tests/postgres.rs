@@ -1039,7 +1039,54 @@ fn protocol_tricks_fail_closed() {
         ["E", ""],
         ["S"]
     ]);
-    let out = raw(&env, &pg, none, script);
+    let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "C", "nothing of the batch was answered before the client left: {out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // Two Parses of the unnamed statement skipped after an error: the name stays the DELETE
+    // from before them (undone last first), whose execution waits for approval.
+    let script = serde_json::json!([
+        ["P", "", "DELETE FROM orders WHERE id = 1"],
+        ["S"],
+        ["P", "s9", "SELECT * FROM no_such_table"],
+        ["P", "", "SELECT 1"],
+        ["P", "", "SELECT 2"],
+        ["S"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "1ZEZC", "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // SQL EXECUTE of a statement sent with Parse runs what that statement was judged as: its
+    // approval rule holds each EXECUTE too.
+    let script = serde_json::json!([["P", "s", "DELETE FROM orders WHERE id = 1"], ["S"], ["Q", "EXECUTE s"]]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "1ZC", "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // The server keeps the first 63 bytes of a name: longer ones are refused, since two of them
+    // that begin alike would be one statement to the server and two to the proxy.
+    let (long, longest) = ("a".repeat(64), "a".repeat(63));
+    let script = serde_json::json!([
+        ["P", long, "SELECT 1"],
+        ["S"],
+        ["P", longest, "SELECT 1"],
+        ["B", "", longest],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "EZ12DCZC", "{out}");
+    assert!(out.contains("42501") && out.contains("name-too-long"), "{out}");
+    // During COPY FROM STDIN the server takes any other message as part of the COPY, which
+    // would leave the proxy counting one answer too many: refused, and the session closed.
+    let script = serde_json::json!([["Q", "COPY orders FROM STDIN"], ["Q", "SELECT 1"], ["X"]]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(after_first_line(&out).starts_with("GE"), "{out}");
+    assert!(out.contains("08P01 tollgate: only CopyData, CopyDone or CopyFail"), "{out}");
+    // A COPY that never started (its error instead) leaves the next query alone.
+    let script = serde_json::json!([["Q", "COPY orders (nosuchcolumn) FROM STDIN"], ["Q", "SELECT 1"], ["X"]]);
+    let out = raw(&env, &pg, none, script);
+    assert_eq!(after_first_line(&out), "EZTDCZC", "{out}");
 }

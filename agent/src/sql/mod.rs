@@ -123,6 +123,10 @@ pub struct Classification {
     pub copy_out: Vec<CopyOut>,
     /// Named prepared statements it removes from the session.
     pub deallocates: Deallocates,
+    /// Prepared statements it runs with SQL EXECUTE (also inside EXPLAIN or CREATE TABLE AS).
+    pub executes: BTreeSet<String>,
+    /// Some `COPY ... FROM STDIN` in it: the server then takes only COPY data until its end.
+    pub copy_in: bool,
 }
 
 /// Named prepared statements a text removes: `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD
@@ -243,6 +247,11 @@ pub fn classify(sql: &str) -> Classification {
             walk(&tree, &mut c);
             let stmts = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
             c.copy_out = stmts.iter().filter_map(|s| copy_out(s.pointer("/stmt/node/CopyStmt")?)).collect();
+            c.copy_in = stmts.iter().filter_map(|s| s.pointer("/stmt/node/CopyStmt")).any(|copy| {
+                copy.get("is_from").and_then(Value::as_bool) == Some(true)
+                    && copy.get("is_program").and_then(Value::as_bool) != Some(true)
+                    && copy.get("filename").and_then(Value::as_str).is_none_or(str::is_empty)
+            });
         }
         Err(e) => {
             c.kinds.insert(Kind::Unparseable);
@@ -393,6 +402,11 @@ fn walk(v: &Value, c: &mut Classification) {
                             let name = child.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
                             c.deallocates.add(if all { None } else { name });
                         }
+                        "ExecuteStmt" => {
+                            if let Some(name) = child.get("name").and_then(Value::as_str) {
+                                c.executes.insert(name.to_string());
+                            }
+                        }
                         // DISCARD_ALL in the parse tree's enum.
                         "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => {
                             c.deallocates.add(None)
@@ -431,6 +445,24 @@ mod tests {
 
     fn kinds(sql: &str) -> Vec<&'static str> {
         classify(sql).kinds.iter().map(|k| k.as_str()).collect()
+    }
+
+    #[test]
+    fn copy_from_stdin_is_told() {
+        assert!(classify("COPY orders FROM STDIN").copy_in);
+        assert!(classify("SELECT 1; copy orders (id) from stdin with (format csv)").copy_in);
+        assert!(!classify("COPY orders FROM '/tmp/x'").copy_in);
+        assert!(!classify("COPY orders FROM PROGRAM 'cat'").copy_in);
+        assert!(!classify("COPY orders TO STDOUT").copy_in);
+    }
+
+    #[test]
+    fn executed_statements_are_named() {
+        let e = |sql: &str| classify(sql).executes.into_iter().collect::<Vec<_>>();
+        assert_eq!(e("EXECUTE s1"), ["s1"]);
+        assert_eq!(e("EXECUTE \"S_1\"(1, 'x'); EXPLAIN ANALYZE EXECUTE s2"), ["S_1", "s2"]);
+        assert_eq!(e("CREATE TABLE t AS EXECUTE s3"), ["s3"]);
+        assert!(e("SELECT 1").is_empty());
     }
 
     #[test]

@@ -321,8 +321,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let result_base = ResultBase::new(base.identity.clone(), base.resource.clone(), base.session);
     let completions = Arc::new(Completions::default());
     let results = Results::new(s.audit.clone(), result_base, expect_rx, completions.clone());
-    let stand_in = StandIn::new(s.id);
-    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking, stand_in.clone()));
+    let both = Arc::new(Both { stand_in: StandIn::new(s.id), progress: Progress::default() });
+    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking, both.clone()));
     let mut side = ClientSide {
         s: &s,
         base: &base,
@@ -340,9 +340,12 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         completions,
         defining: Vec::new(),
         syncs_since_execute: 0,
+        unbinding: Vec::new(),
         defined: VecDeque::new(),
         cache: HashMap::new(),
-        stand_in,
+        both,
+        copy_from: None,
+        copy_portals: HashSet::new(),
         outcome: Outcome::default(),
     };
     let mut down = down;
@@ -403,31 +406,37 @@ struct Expect {
     /// Sequence numbers of the `statement` records it carries out.
     refs: Vec<u64>,
     started: std::time::Instant,
-    /// Its number, when its batch parsed or closed statements (see `Completions`).
+    /// Its number, when the client side waits to learn how its batch went (see `Completions`).
     defines: Option<u64>,
 }
 
-/// How many Parse and Close messages the server completed (ParseComplete, CloseComplete) in
-/// the answers to sync points whose batches had them, for the client side. After an error the
-/// server skips the rest of a batch: of a batch's Parses and Closes, in order, the first that
-/// many took effect and the others did not, whatever the client believes.
-/// Points stay until the client side has applied them (`forget`): no more than the sync points
-/// with Parses or Closes it has sent and not yet settled.
+/// How the server answered the sync points whose batches the client side waits to settle: how
+/// many Parse and Close messages it completed (ParseComplete, CloseComplete), and whether an
+/// error came. After an error the server skips the rest of a batch: of a batch's Parses and
+/// Closes, in order, the first that many took effect and the others did not, whatever the
+/// client believes. Points stay until the client side has applied them (`forget`): no more
+/// than the sync points with Parses or Closes it has sent and not yet settled.
 #[derive(Default)]
 struct Completions {
-    /// Point -> completions.
-    answers: Mutex<std::collections::BTreeMap<u64, usize>>,
+    /// Point -> answer.
+    answers: Mutex<std::collections::BTreeMap<u64, Answer>>,
     recorded: tokio::sync::Notify,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    completed: usize,
+    failed: bool,
+}
+
 impl Completions {
-    fn record(&self, point: u64, completed: usize) {
-        self.answers.lock().unwrap_or_else(|e| e.into_inner()).insert(point, completed);
+    fn record(&self, point: u64, answer: Answer) {
+        self.answers.lock().unwrap_or_else(|e| e.into_inner()).insert(point, answer);
         self.recorded.notify_one();
     }
 
-    /// The completions of sync point `point`, once its answer is in.
-    fn of(&self, point: u64) -> Option<usize> {
+    /// The answer to sync point `point`, once it is in.
+    fn of(&self, point: u64) -> Option<Answer> {
         self.answers.lock().unwrap_or_else(|e| e.into_inner()).get(&point).copied()
     }
 
@@ -439,6 +448,46 @@ impl Completions {
         while self.of(point).is_none() {
             self.recorded.notified().await;
         }
+    }
+}
+
+/// What both sides of a session use.
+struct Both {
+    stand_in: StandIn,
+    progress: Progress,
+}
+
+/// How far the server side has got, for the client side to wait on (`Progress::copying`).
+#[derive(Default)]
+struct Progress {
+    /// Sync points answered.
+    answered: AtomicU64,
+    /// The sync point whose answer started the COPY FROM STDIN now running (0: none).
+    copy_in: AtomicU64,
+    /// The client side waits for a change: only then does the server side notify.
+    waiting: std::sync::atomic::AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Progress {
+    /// Waits until the server has answered sync point `point` or started a COPY FROM STDIN in
+    /// that answer; returns whether the COPY runs.
+    async fn copying(&self, point: u64) -> bool {
+        self.waiting.store(true, Ordering::SeqCst);
+        let copying = loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.copy_in.load(Ordering::SeqCst) == point {
+                break true;
+            }
+            if self.answered.load(Ordering::SeqCst) >= point {
+                break false;
+            }
+            changed.await;
+        };
+        self.waiting.store(false, Ordering::SeqCst);
+        copying
     }
 }
 
@@ -511,7 +560,7 @@ impl Results {
         // The expectation was queued before its messages were written upstream, so it is here.
         let Ok(mut e) = self.expect.try_recv() else { return };
         if let Some(point) = e.defines {
-            self.completions.record(point, t.completed);
+            self.completions.record(point, Answer { completed: t.completed, failed: t.failed });
         }
         if t.void {
             self.carried.append(&mut e.refs);
@@ -618,8 +667,9 @@ async fn downstream(
     mut notes: mpsc::UnboundedReceiver<Note>,
     mut results: Results,
     mut masking: Option<(Tracker, mpsc::UnboundedReceiver<Op>)>,
-    stand_in: StandIn,
+    both: Arc<Both>,
 ) -> std::io::Result<()> {
+    let (stand_in, progress) = (&both.stand_in, &both.progress);
     let mut ready_seen = 0u64;
     let mut tally = Tally::default();
     let mut pending: VecDeque<Inject> = VecDeque::new();
@@ -646,7 +696,7 @@ async fn downstream(
                     let body = &buf[pos + 5..pos + len];
                     let mut own = false;
                     if !pending.is_empty() {
-                        let denial = denial_for(&mut pending, ready_seen + 1, (tag, body), tally.failed, &stand_in);
+                        let denial = denial_for(&mut pending, ready_seen + 1, (tag, body), tally.failed, stand_in);
                         if let Some(d) = denial {
                             out.extend_from_slice(&buf[relayed..pos]);
                             d.encode(&mut out);
@@ -688,7 +738,7 @@ async fn downstream(
                     // Told before the frame is masked: masking may rewrite the error's texts.
                     let denial = match pending.is_empty() {
                         true => None,
-                        false => denial_for(&mut pending, ready_seen + 1, (tag, &buf[5..len]), tally.failed, &stand_in),
+                        false => denial_for(&mut pending, ready_seen + 1, (tag, &buf[5..len]), tally.failed, stand_in),
                     };
                     let relayed = if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
@@ -740,6 +790,11 @@ async fn downstream(
         // between server and client.
         for t in finished.drain(..) {
             results.record(t);
+        }
+        progress.answered.store(ready_seen, Ordering::SeqCst);
+        progress.copy_in.store(copy.started_at.unwrap_or(0), Ordering::SeqCst);
+        if progress.waiting.load(Ordering::SeqCst) {
+            progress.changed.notify_waiters();
         }
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
         buf.reserve(READ_CHUNK);
@@ -826,7 +881,9 @@ impl CopyIn {
         tracker: Option<&mut Tracker>,
     ) {
         let Some((first, n)) = self.void else { return };
-        if self.started_at != Some(first) {
+        // An Execute's COPY starts in the answer to the Sync sent with it, a simple Query's in
+        // the answer to the Query, before any Sync.
+        if self.started_at.is_none_or(|start| start > first) {
             return;
         }
         self.void = None;
@@ -870,33 +927,46 @@ fn denial_for(
     ours.then_some(frame)
 }
 
-/// Named statements that DEALLOCATEs earlier in a batch dropped (see `judge_batch`).
+/// What statement names stand for at a point of a batch being judged: the batch's own Parses
+/// before it (in order: a batch may parse a name twice), else the session's, less those that
+/// DEALLOCATEs earlier in the batch dropped.
 #[derive(Default)]
-struct Gone {
-    all: bool,
-    names: HashSet<String>,
+struct BatchView<'b> {
+    parsed: HashMap<&'b str, &'b Prepared>,
+    all_gone: bool,
+    gone: HashSet<String>,
 }
 
-impl Gone {
-    /// Adds what `d` drops, and takes it out of `visible` (the batch's own Parses before it).
-    fn add(&mut self, d: &sql::Deallocates, visible: &mut HashMap<&str, &Prepared>) {
+impl<'b> BatchView<'b> {
+    fn parse(&mut self, name: &'b str, p: &'b Prepared) {
+        self.parsed.insert(name, p);
+    }
+
+    fn deallocate(&mut self, d: &sql::Deallocates) {
         match d {
             sql::Deallocates::None => {}
             sql::Deallocates::Names(names) => {
                 for n in names {
-                    visible.remove(n.as_str());
-                    self.names.insert(n.clone());
+                    self.parsed.remove(n.as_str());
+                    self.gone.insert(n.clone());
                 }
             }
             sql::Deallocates::All => {
-                visible.retain(|n, _| n.is_empty());
-                self.all = true;
+                self.parsed.retain(|n, _| n.is_empty());
+                self.all_gone = true;
             }
         }
     }
 
-    fn covers(&self, name: &str) -> bool {
-        !name.is_empty() && (self.all || self.names.contains(name))
+    fn get<'s>(&self, name: &str, session: &'s HashMap<String, Prepared>) -> Option<&'s Prepared>
+    where
+        'b: 's,
+    {
+        match self.parsed.get(name) {
+            Some(p) => Some(*p),
+            None if !name.is_empty() && (self.all_gone || self.gone.contains(name)) => None,
+            None => session.get(name),
+        }
     }
 }
 
@@ -959,11 +1029,19 @@ struct ClientSide<'s, 'a, R> {
     defining: Vec<Def>,
     /// Syncs forwarded since the last Execute (a COPY FROM STDIN may have started there).
     syncs_since_execute: u64,
-    /// Parses and Closes of sync points whose answers are not in yet.
-    defined: VecDeque<(u64, Vec<Def>)>,
+    /// Portals bound to a deallocating statement that the client since re-bound or closed:
+    /// forgotten once the server is known to have done that (no error in the batch).
+    unbinding: Vec<String>,
+    /// Parses and Closes of sync points whose answers are not in yet, and the portals their
+    /// batches unbound.
+    defined: VecDeque<(u64, Vec<Def>, Vec<String>)>,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
-    stand_in: StandIn,
+    both: Arc<Both>,
+    /// The sync point whose answer may start a COPY FROM STDIN the client has not ended yet.
+    copy_from: Option<u64>,
+    /// Portals bound to a COPY FROM STDIN statement (a later batch may execute one).
+    copy_portals: HashSet<String>,
     outcome: Outcome,
 }
 
@@ -991,8 +1069,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.outcome.denied += 1;
         let frame = deny_frame(r);
         let _ = self.to_down.inject.send(Note::Inject(Inject::Denial { point: self.syncs + 1, frame }));
-        self.op(Op::Parse { statement: self.stand_in.0.to_string() });
-        forward.push(self.stand_in.parse());
+        self.op(Op::Parse { statement: self.both.stand_in.0.to_string() });
+        forward.push(self.both.stand_in.parse());
         match end {
             Some(sync) => {
                 forward.push(sync);
@@ -1090,6 +1168,27 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
     }
 
+    /// Holds a statement until an approver decides, then each statement the session parsed that
+    /// it runs with SQL EXECUTE and that waits for approval (an `EXECUTE s` runs what `s` was
+    /// judged as, and each run is a request of its own); `Ok(None)` when it may go ahead.
+    /// `executed`: those statements, as `executed_holds` found them where `p` runs.
+    async fn hold_all(
+        &mut self,
+        p: &Prepared,
+        parameters: Vec<Option<String>>,
+        executed: Vec<Prepared>,
+    ) -> Result<Option<Refusal>, String> {
+        if let Some(r) = self.hold(p, parameters).await? {
+            return Ok(Some(r));
+        }
+        for target in executed {
+            if let Some(r) = self.hold(&target, Vec::new()).await? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
     /// Holds a statement until an approver decides; `Ok(None)` when it may go ahead.
     async fn hold(&mut self, p: &Prepared, parameters: Vec<Option<String>>) -> Result<Option<Refusal>, String> {
         let Some((rule, timeout)) = &p.hold else { return Ok(None) };
@@ -1169,6 +1268,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut forward: Vec<Frame> = Vec::new();
         loop {
             let Some(frame) = self.next_frame().await? else { return Ok(()) };
+            if let Some(point) = self.copy_from
+                && !matches!(frame.tag, b'd' | b'c' | b'f' | b'H' | b'S' | b'X')
+            {
+                // The server would take this message as part of the COPY and answer two sync
+                // points with one ReadyForQuery: the proxy's count of answers would be off for
+                // the rest of the session. Well-behaved clients wait for the answer anyway.
+                if self.both.clone().progress.copying(point).await {
+                    let msg = "tollgate: only CopyData, CopyDone or CopyFail may follow COPY FROM STDIN";
+                    let frame = wire::error_response(SQLSTATE_PROTOCOL, msg, None, None);
+                    let _ = self.to_down.inject.send(Note::Inject(Inject::Fatal { after: 0, frame }));
+                    return Err(msg.into());
+                }
+                self.copy_from = None;
+            }
             match frame.tag {
                 b'Q' | b'F' if !batch.is_empty() || skip_until_sync || self.unsynced => {
                     // A simple query (or function call) inside an unfinished extended-protocol
@@ -1186,7 +1299,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     self.described.clear();
                     let refusal = match self.judge(text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
-                        Judgement::Forward(p) => match self.hold(&p, Vec::new()).await? {
+                        Judgement::Forward(p) => match self
+                            .hold_all(&p, Vec::new(), executed_holds(&p.class, |n| self.prepared.get(n)))
+                            .await?
+                        {
                             Some(r) => Some(r),
                             None => {
                                 let _ = self.to_down.expect.send(Expect {
@@ -1198,6 +1314,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
                                 forward.push(frame);
                                 self.syncs += 1;
+                                if p.class.copy_in {
+                                    self.copy_from = Some(self.syncs);
+                                }
                                 // A COPY it starts takes no Syncs.
                                 self.syncs_since_execute = 0;
                                 None
@@ -1265,6 +1384,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // The end of a COPY FROM STDIN: Syncs the client sent since the Execute that
                     // started it (libpq and tokio-postgres send one with it) were ignored by the
                     // server if it did take COPY data, which only the server side can tell.
+                    self.copy_from = None;
                     let n = std::mem::take(&mut self.syncs_since_execute);
                     if n > 0 {
                         let _ = self.to_down.inject.send(Note::VoidSyncs { first: self.syncs + 1 - n, n });
@@ -1304,9 +1424,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         refs.sort_unstable();
         refs.dedup();
         let mut defines = None;
-        if !self.defining.is_empty() {
+        if !self.defining.is_empty() || !self.unbinding.is_empty() {
             defines = Some(self.syncs + 1);
-            self.defined.push_back((self.syncs + 1, std::mem::take(&mut self.defining)));
+            let (defs, unbinds) = (std::mem::take(&mut self.defining), std::mem::take(&mut self.unbinding));
+            self.defined.push_back((self.syncs + 1, defs, unbinds));
         }
         self.syncs_since_execute += 1;
         let _ = self.to_down.expect.send(Expect { refs, started: Instant::now(), defines });
@@ -1344,26 +1465,35 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     async fn settle_name(&mut self, name: &str) {
         loop {
             self.settle();
-            let pending = self.defined.iter().find(|(_, defs)| {
+            let pending = self.defined.iter().find(|(_, defs, _)| {
                 defs.iter().any(|d| match d {
                     Def::Parse { name: n, .. } | Def::Close { statement: Some((n, _)) } => n == name,
                     Def::Close { statement: None } => false,
                 })
             });
             match pending {
-                Some(&(point, _)) => self.completions.wait(point).await,
+                Some(&(point, _, _)) => self.completions.wait(point).await,
                 None => return,
             }
         }
     }
 
     /// Applies the answers that are in: a Parse that did not take effect is undone, a Close
-    /// that did forgets its statement, one that did not keeps it.
+    /// that did forgets its statement, one that did not keeps it; portals re-bound or closed in
+    /// a batch with no error no longer deallocate.
     fn settle(&mut self) {
-        while let Some(done) = self.defined.front().and_then(|(point, _)| self.completions.of(*point)) {
-            let (point, defs) = self.defined.pop_front().expect("front exists");
+        while let Some(answer) = self.defined.front().and_then(|(point, ..)| self.completions.of(*point)) {
+            let (point, defs, unbinds) = self.defined.pop_front().expect("front exists");
             self.completions.forget(point);
-            for (i, d) in defs.into_iter().enumerate() {
+            if !answer.failed {
+                for portal in unbinds {
+                    self.dealloc_portals.remove(&portal);
+                }
+            }
+            let done = answer.completed;
+            // Last first: each undone Parse puts back what the one before it replaced, and a
+            // Close carried out before them finds the statement it closed.
+            for (i, d) in defs.into_iter().enumerate().rev() {
                 let took = i < done;
                 match d {
                     Def::Parse { name, seq, replaced }
@@ -1389,6 +1519,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// nobody is asked to approve a batch that is refused anyway), then every statement it
     /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
     async fn judge_batch(&mut self, batch: &[Frame]) -> Result<Result<Judged, Refusal>, String> {
+        if let Some(name) = overlong_name(batch).map_err(|e| e.to_string())? {
+            return Ok(Err(Refusal {
+                rule: "name-too-long".into(),
+                message: Some(format!(
+                    "statement and portal names may have at most {MAX_NAME} bytes (the server cuts \"{}...\" short)",
+                    truncate(name, 20)
+                )),
+            }));
+        }
         if !self.defined.is_empty() {
             self.settle();
         }
@@ -1421,27 +1560,22 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         let mut refs = Vec::new();
-        // What names stand for at each point of the batch: the statements parsed before it
-        // (in order: the batch may parse a name twice), and none of those that DEALLOCATEs
-        // run before it dropped (counted at their Bind, and at their portal's Execute).
-        let mut visible: HashMap<&str, &Prepared> = HashMap::new();
+        // DEALLOCATEs count at their Bind, and at their portal's Execute.
+        let mut view = BatchView::default();
         let mut parses = parsed.iter();
-        let mut gone = Gone::default();
-        let mut dealloc_portals: HashMap<&str, sql::Deallocates> = HashMap::new();
+        // Portals bound in this batch, with what they deallocate: an Execute of one runs that
+        // binding (or nothing, if the Bind failed), whatever an earlier batch bound.
+        let mut bound_here: HashMap<&str, sql::Deallocates> = HashMap::new();
         for f in batch {
             match f.tag {
                 b'P' => {
                     if let Some((n, p)) = parses.next() {
-                        visible.insert(n.as_str(), p);
+                        view.parse(n, p);
                     }
                 }
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
-                    let known = match visible.get(stmt) {
-                        Some(p) => Some(*p),
-                        None if gone.covers(stmt) => None,
-                        None => self.prepared.get(stmt),
-                    };
+                    let known = view.get(stmt, &self.prepared);
                     // A statement the session never parsed (made by SQL PREPARE, or gone) cannot
                     // be judged: refused, though the server would only have said it is unknown.
                     let Some(p) = known else {
@@ -1455,25 +1589,28 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     };
                     refs.push(p.seq);
                     if p.class.deallocates != sql::Deallocates::None {
-                        let d = p.class.deallocates.clone();
-                        gone.add(&d, &mut visible);
-                        dealloc_portals.insert(portal, d);
-                    } else if !dealloc_portals.is_empty() {
-                        dealloc_portals.remove(portal);
+                        view.deallocate(&p.class.deallocates);
+                    }
+                    if p.class.deallocates != sql::Deallocates::None
+                        || !bound_here.is_empty()
+                        || !self.dealloc_portals.is_empty()
+                    {
+                        bound_here.insert(portal, p.class.deallocates.clone());
                     }
                     // Every execution is its own request: each Bind carries its own parameters.
-                    if p.hold.is_some() {
+                    if p.hold.is_some() || !p.class.executes.is_empty() {
                         let p = p.clone();
+                        let executed = executed_holds(&p.class, |n| view.get(n, &self.prepared));
                         let params = wire::bind_parameters(&f.body).map_err(|e| e.to_string())?;
-                        if let Some(r) = self.hold(&p, params).await? {
+                        if let Some(r) = self.hold_all(&p, params, executed).await? {
                             return Ok(Err(r));
                         }
                     }
                 }
-                b'E' if !dealloc_portals.is_empty() || !self.dealloc_portals.is_empty() => {
+                b'E' if !bound_here.is_empty() || !self.dealloc_portals.is_empty() => {
                     let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
-                    if let Some(d) = dealloc_portals.get(portal).or_else(|| self.dealloc_portals.get(portal)) {
-                        gone.add(d, &mut visible);
+                    if let Some(d) = bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal)) {
+                        view.deallocate(d);
                     }
                 }
                 _ => {}
@@ -1503,6 +1640,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         // the names parsed after them, which they leave alone. Applied once the batch is
         // forwarded: an Execute before one still finds its statement.
         let mut deallocs: Vec<(sql::Deallocates, HashSet<String>)> = Vec::new();
+        // Portals bound (or closed) in this batch: an Execute of one runs that binding or
+        // nothing, whatever an earlier batch bound.
+        let mut bound_here: HashMap<&str, sql::Deallocates> = HashMap::new();
+        let mut copy_here: HashMap<&str, bool> = HashMap::new();
         for (i, f) in batch.iter().enumerate() {
             let d = match f.tag {
                 b'P' => {
@@ -1521,7 +1662,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             self.defining.push(Def::Close { statement });
                         }
                         Ok((_, portal)) => {
-                            self.dealloc_portals.remove(portal);
+                            if self.dealloc_portals.contains_key(portal) {
+                                self.unbinding.push(portal.to_string());
+                                bound_here.insert(portal, sql::Deallocates::None);
+                            }
                             self.defining.push(Def::Close { statement: None });
                         }
                         Err(_) => self.defining.push(Def::Close { statement: None }),
@@ -1530,24 +1674,45 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    let copy_in = self.prepared.get(stmt).is_some_and(|p| p.class.copy_in);
+                    if copy_in {
+                        self.copy_portals.insert(portal.to_string());
+                    }
+                    if copy_in || !self.copy_portals.is_empty() {
+                        copy_here.insert(portal, copy_in);
+                    }
                     match self.prepared.get(stmt).map(|p| &p.class.deallocates) {
+                        // Known at once: an extra forgetting only costs a refusal.
                         Some(d) if *d != sql::Deallocates::None => {
                             let d = d.clone();
                             self.dealloc_portals.insert(portal.to_string(), d.clone());
+                            bound_here.insert(portal, d.clone());
                             d
                         }
                         _ => {
+                            // Unknown until the server confirms it: the Bind may fail and leave
+                            // the old portal (a named one, or one a savepoint brings back).
+                            if self.dealloc_portals.contains_key(portal) {
+                                self.unbinding.push(portal.to_string());
+                            }
                             if !self.dealloc_portals.is_empty() {
-                                self.dealloc_portals.remove(portal);
+                                bound_here.insert(portal, sql::Deallocates::None);
                             }
                             continue;
                         }
                     }
                 }
-                b'E' if !self.dealloc_portals.is_empty() => {
+                b'E' if !self.copy_portals.is_empty() || !self.dealloc_portals.is_empty() => {
                     let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
-                    let Some(d) = self.dealloc_portals.get(portal) else { continue };
-                    d.clone()
+                    // Entries of portals bound in earlier batches stay: at worst the next
+                    // message waits for this batch's answer.
+                    if copy_here.get(portal).copied().unwrap_or_else(|| self.copy_portals.contains(portal)) {
+                        self.copy_from = Some(self.syncs + 1);
+                    }
+                    match bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal)) {
+                        Some(d) if *d != sql::Deallocates::None => d.clone(),
+                        _ => continue,
+                    }
                 }
                 _ => continue,
             };
@@ -1633,6 +1798,36 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     }
 }
 
+/// The statements `class` runs with SQL EXECUTE that wait for approval, by what `lookup` says
+/// their names stand for.
+fn executed_holds<'p>(class: &sql::Classification, lookup: impl Fn(&str) -> Option<&'p Prepared>) -> Vec<Prepared> {
+    class.executes.iter().filter_map(|name| lookup(name)).filter(|t| t.hold.is_some()).cloned().collect()
+}
+
+/// PostgreSQL keys prepared statements and portals by their first 63 bytes (NAMEDATALEN - 1):
+/// two longer names that begin alike would be one name to the server and two to the proxy.
+const MAX_NAME: usize = 63;
+
+/// The first statement or portal name in `batch` longer than the server keeps.
+fn overlong_name(batch: &[Frame]) -> Result<Option<&str>, wire::WireError> {
+    for f in batch {
+        let names = match f.tag {
+            b'P' => [Some(wire::parse_message(&f.body)?.0), None],
+            b'B' => {
+                let (portal, stmt) = wire::bind_names(&f.body)?;
+                [Some(portal), Some(stmt)]
+            }
+            b'D' | b'C' => [Some(wire::describe_target(&f.body)?.1), None],
+            b'E' => [Some(wire::execute_portal(&f.body)?), None],
+            _ => [None, None],
+        };
+        if let Some(n) = names.into_iter().flatten().find(|n| n.len() > MAX_NAME) {
+            return Ok(Some(n));
+        }
+    }
+    Ok(None)
+}
+
 fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
@@ -1673,8 +1868,8 @@ mod tests {
         let (up, up_proxy) = tokio::io::duplex(4096);
         let (client_proxy, mut client) = tokio::io::duplex(4096);
         let stand_in = StandIn(STAND_IN.into());
-        let down =
-            tokio::spawn(downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking, stand_in));
+        let both = Arc::new(Both { stand_in, progress: Progress::default() });
+        let down = tokio::spawn(downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking, both));
         let mut got = BytesMut::new();
         let (mut up, mut inject_tx) = (Some(up), Some(inject_tx));
         let last = stages.len() - 1;
