@@ -414,6 +414,47 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     assert_eq!(result["masked"], serde_json::json!({"column": 2, "email": 1, "credit_card": 1}), "{result}");
     let trail = std::fs::read_to_string(env.state_dir().join("audit/trail.jsonl")).unwrap();
     assert!(!trail.contains("bob@example.org") && !trail.contains("4111 1111"), "values leaked into the trail");
+
+    // In the extended protocol. A value only a column rule catches (no detector sees it):
+    pg.direct("CREATE TABLE vault (id int, secret_num text); INSERT INTO vault VALUES (1, 'topsecret-42')");
+    let raw_masked = |script| raw_as(&env, &pg, "masked", serde_json::json!({}), script);
+    // A described FETCH tells the cursor's columns as they were when it was described; an
+    // Execute of it returns the cursor's rows as they are when it runs.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["P", "", "DECLARE c CURSOR FOR SELECT id FROM vault"],
+        ["B", "", ""],
+        ["E", ""],
+        ["P", "f", "FETCH ALL FROM c"],
+        ["D", "S", "f"],
+        ["P", "", "CLOSE c"],
+        ["B", "", ""],
+        ["E", ""],
+        ["P", "", "DECLARE c CURSOR FOR SELECT secret_num FROM vault"],
+        ["B", "", ""],
+        ["E", ""],
+        ["B", "", "f"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw_masked(script);
+    assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
+    // Two COPY TO STDOUT of the unnamed statement in one batch: each Execute's rows are masked
+    // by the columns of the statement its portal was bound from.
+    let script = serde_json::json!([
+        ["P", "", "COPY vault (secret_num, id) TO STDOUT"],
+        ["B", "", ""],
+        ["E", ""],
+        ["P", "", "COPY vault (id, secret_num) TO STDOUT"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw_masked(script);
+    assert_eq!(out.matches("[REDACTED]").count(), 2, "{out}");
+    assert!(!out.contains("topsecret"), "{out}");
 }
 
 #[test]
@@ -756,6 +797,8 @@ while True:
             text = fields.get("C", "") + " " + fields.get("M", "")
         elif tag in "ZC":
             text = payload.rstrip(b"\0").decode()
+        elif tag in "Dd":
+            text = repr(payload)
         print(tag, text, flush=True)
         if tag == "Z" and not sent:
             s.sendall(out); sent = True
@@ -769,8 +812,13 @@ print("CLOSED", flush=True)
 "#;
 
 fn raw(env: &Env, pg: &Postgres, extra: serde_json::Value, script: serde_json::Value) -> String {
+    raw_as(env, pg, "bot", extra, script)
+}
+
+/// The raw client in one of the test's cgroups.
+fn raw_as(env: &Env, pg: &Postgres, sub: &str, extra: serde_json::Value, script: serde_json::Value) -> String {
     let out = env.run_in(
-        "bot",
+        sub,
         &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), &extra.to_string(), &script.to_string()],
     );
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
@@ -1085,6 +1133,15 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert!(after_first_line(&out).starts_with("GE"), "{out}");
     assert!(out.contains("08P01 tollgate: only CopyData, CopyDone or CopyFail"), "{out}");
+    // ... also after the first of two COPYs in one Query.
+    let script = serde_json::json!([["Q", "COPY orders FROM STDIN; COPY orders FROM STDIN"], ["c"], ["Q", "SELECT 1"]]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("08P01 tollgate: only CopyData, CopyDone or CopyFail"), "{out}");
+    // A COPY FROM STDIN must come with its Sync: one sent at a Flush would be taken into it.
+    let script = serde_json::json!([["P", "", "COPY orders FROM STDIN"], ["B", "", ""], ["E", ""], ["H"], ["S"], ["X"]]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "EZC", "{out}");
+    assert!(out.contains("42501") && out.contains("copy-at-flush"), "{out}");
     // A COPY that never started (its error instead) leaves the next query alone.
     let script = serde_json::json!([["Q", "COPY orders (nosuchcolumn) FROM STDIN"], ["Q", "SELECT 1"], ["X"]]);
     let out = raw(&env, &pg, none, script);

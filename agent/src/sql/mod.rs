@@ -125,8 +125,12 @@ pub struct Classification {
     pub deallocates: Deallocates,
     /// Prepared statements it runs with SQL EXECUTE (also inside EXPLAIN or CREATE TABLE AS).
     pub executes: BTreeSet<String>,
-    /// Some `COPY ... FROM STDIN` in it: the server then takes only COPY data until its end.
-    pub copy_in: bool,
+    /// How many `COPY ... FROM STDIN` it has: the server takes only COPY data during each.
+    pub copy_in: usize,
+    /// Every statement in it is a plain SELECT, INSERT, UPDATE, DELETE or MERGE, whose result
+    /// columns the server fixes when it parses it (a FETCH's or an EXECUTE's follow what they
+    /// name when they run).
+    pub plain: bool,
 }
 
 /// Named prepared statements a text removes: `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD
@@ -247,10 +251,21 @@ pub fn classify(sql: &str) -> Classification {
             walk(&tree, &mut c);
             let stmts = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
             c.copy_out = stmts.iter().filter_map(|s| copy_out(s.pointer("/stmt/node/CopyStmt")?)).collect();
-            c.copy_in = stmts.iter().filter_map(|s| s.pointer("/stmt/node/CopyStmt")).any(|copy| {
-                copy.get("is_from").and_then(Value::as_bool) == Some(true)
-                    && copy.get("is_program").and_then(Value::as_bool) != Some(true)
-                    && copy.get("filename").and_then(Value::as_str).is_none_or(str::is_empty)
+            c.copy_in = stmts
+                .iter()
+                .filter_map(|s| s.pointer("/stmt/node/CopyStmt"))
+                .filter(|copy| {
+                    copy.get("is_from").and_then(Value::as_bool) == Some(true)
+                        && copy.get("is_program").and_then(Value::as_bool) != Some(true)
+                        && copy.get("filename").and_then(Value::as_str).is_none_or(str::is_empty)
+                })
+                .count();
+            c.plain = stmts.iter().all(|s| {
+                s.pointer("/stmt/node").and_then(Value::as_object).is_some_and(|node| {
+                    node.keys().all(|k| {
+                        matches!(k.as_str(), "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt")
+                    })
+                })
             });
         }
         Err(e) => {
@@ -448,12 +463,22 @@ mod tests {
     }
 
     #[test]
-    fn copy_from_stdin_is_told() {
-        assert!(classify("COPY orders FROM STDIN").copy_in);
-        assert!(classify("SELECT 1; copy orders (id) from stdin with (format csv)").copy_in);
-        assert!(!classify("COPY orders FROM '/tmp/x'").copy_in);
-        assert!(!classify("COPY orders FROM PROGRAM 'cat'").copy_in);
-        assert!(!classify("COPY orders TO STDOUT").copy_in);
+    fn copy_from_stdin_is_counted() {
+        assert_eq!(classify("COPY orders FROM STDIN").copy_in, 1);
+        assert_eq!(classify("SELECT 1; copy orders (id) from stdin with (format csv); COPY t FROM STDIN").copy_in, 2);
+        assert_eq!(classify("COPY orders FROM '/tmp/x'").copy_in, 0);
+        assert_eq!(classify("COPY orders FROM PROGRAM 'cat'").copy_in, 0);
+        assert_eq!(classify("COPY orders TO STDOUT").copy_in, 0);
+    }
+
+    #[test]
+    fn plain_statements_fix_their_columns() {
+        assert!(classify("SELECT email FROM t").plain);
+        assert!(classify("WITH x AS (SELECT 1) SELECT * FROM x; UPDATE t SET a = 1 RETURNING *").plain);
+        assert!(!classify("FETCH ALL FROM c").plain);
+        assert!(!classify("EXECUTE s").plain);
+        assert!(!classify("SELECT 1; SHOW work_mem").plain);
+        assert!(!classify("SELEC 1").plain);
     }
 
     #[test]

@@ -345,6 +345,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         cache: HashMap::new(),
         both,
         copy_from: None,
+        copy_ins_left: 0,
         copy_portals: HashSet::new(),
         outcome: Outcome::default(),
     };
@@ -684,6 +685,13 @@ async fn downstream(
         while let Ok(n) = notes.try_recv() {
             copy.note(n, &mut pending);
         }
+        // What the client side sent upstream was announced before it was sent, so the operations
+        // behind every answer in `buf` are in the channel by now (and voided Syncs among them).
+        if let Some((tracker, ops)) = &mut masking {
+            while let Ok(op) = ops.try_recv() {
+                tracker.push(op);
+            }
+        }
         copy.settle(&mut ready_seen, &mut tally, &mut finished, masking.as_mut().map(|m| &mut m.0));
         // ... and an error due already (no answer outstanding before it) goes out now: no
         // answer may come to carry it.
@@ -728,12 +736,7 @@ async fn downstream(
                 }
                 buf.advance(pos);
             }
-            Some((tracker, ops)) => {
-                // What the client side sent upstream was announced before it was sent, so the
-                // operations behind every answer in `buf` are in the channel by now.
-                while let Ok(op) = ops.try_recv() {
-                    tracker.push(op);
-                }
+            Some((tracker, _)) => {
                 while let Some((tag, len)) = wire::peek(&buf).map_err(std::io::Error::other)? {
                     // Told before the frame is masked: masking may rewrite the error's texts.
                     let denial = match pending.is_empty() {
@@ -970,6 +973,15 @@ impl<'b> BatchView<'b> {
     }
 }
 
+/// What a Bind made a portal from, as its statement stood at that Bind (masking).
+struct Bound {
+    statement: String,
+    /// The `COPY ... TO STDOUT` an Execute of it runs.
+    copy_out: Option<sql::CopyOut>,
+    /// Its columns were fixed when the statement was parsed (`Classification::plain`).
+    plain: bool,
+}
+
 /// A judged statement text, remembered per prepared-statement name.
 #[derive(Clone)]
 struct Prepared {
@@ -1013,8 +1025,8 @@ struct ClientSide<'s, 'a, R> {
     /// Sync points forwarded so far; injections are placed after this many answers.
     syncs: u64,
     prepared: HashMap<String, Prepared>,
-    /// Which statement each portal was bound from (masking: COPY rows of an Execute).
-    portals: HashMap<String, String>,
+    /// What each portal was bound from (masking).
+    portals: HashMap<String, Bound>,
     /// Statements the client described since their last Parse: the tracker knows their columns.
     described: HashSet<String>,
     /// Portals bound to a statement that deallocates (SQL DEALLOCATE, DISCARD ALL), which it
@@ -1038,8 +1050,10 @@ struct ClientSide<'s, 'a, R> {
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
     both: Arc<Both>,
-    /// The sync point whose answer may start a COPY FROM STDIN the client has not ended yet.
+    /// The sync point whose answer may start a COPY FROM STDIN the client has not ended yet,
+    /// and how many such COPYs it may still start.
     copy_from: Option<u64>,
+    copy_ins_left: usize,
     /// Portals bound to a COPY FROM STDIN statement (a later batch may execute one).
     copy_portals: HashSet<String>,
     outcome: Outcome,
@@ -1280,7 +1294,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let _ = self.to_down.inject.send(Note::Inject(Inject::Fatal { after: 0, frame }));
                     return Err(msg.into());
                 }
-                self.copy_from = None;
+                (self.copy_from, self.copy_ins_left) = (None, 0);
             }
             match frame.tag {
                 b'Q' | b'F' if !batch.is_empty() || skip_until_sync || self.unsynced => {
@@ -1314,8 +1328,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
                                 forward.push(frame);
                                 self.syncs += 1;
-                                if p.class.copy_in {
-                                    self.copy_from = Some(self.syncs);
+                                if p.class.copy_in > 0 {
+                                    (self.copy_from, self.copy_ins_left) = (Some(self.syncs), p.class.copy_in);
                                 }
                                 // A COPY it starts takes no Syncs.
                                 self.syncs_since_execute = 0;
@@ -1352,7 +1366,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'H' | b'S' => {
                     let is_sync = frame.tag == b'S';
                     batch_bytes = 0;
-                    match self.judge_batch(&batch).await? {
+                    match self.judge_batch(&batch, is_sync).await? {
                         Ok(Judged { mut refs, parsed }) => {
                             // A Flush alone leaves the server where it was.
                             let work = !batch.is_empty();
@@ -1384,10 +1398,16 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // The end of a COPY FROM STDIN: Syncs the client sent since the Execute that
                     // started it (libpq and tokio-postgres send one with it) were ignored by the
                     // server if it did take COPY data, which only the server side can tell.
-                    self.copy_from = None;
-                    let n = std::mem::take(&mut self.syncs_since_execute);
-                    if n > 0 {
-                        let _ = self.to_down.inject.send(Note::VoidSyncs { first: self.syncs + 1 - n, n });
+                    // Outside a COPY the server ignores these, and answers the Syncs.
+                    if self.copy_from.is_some() {
+                        let n = std::mem::take(&mut self.syncs_since_execute);
+                        if n > 0 {
+                            let _ = self.to_down.inject.send(Note::VoidSyncs { first: self.syncs + 1 - n, n });
+                        }
+                        self.copy_ins_left = self.copy_ins_left.saturating_sub(1);
+                        if self.copy_ins_left == 0 {
+                            self.copy_from = None;
+                        }
                     }
                     forward.push(frame);
                 }
@@ -1488,6 +1508,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             if !answer.failed {
                 for portal in unbinds {
                     self.dealloc_portals.remove(&portal);
+                    self.copy_portals.remove(&portal);
                 }
             }
             let done = answer.completed;
@@ -1518,7 +1539,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// Judges an extended-protocol batch: every Parse first (one denial refuses the batch, and
     /// nobody is asked to approve a batch that is refused anyway), then every statement it
     /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
-    async fn judge_batch(&mut self, batch: &[Frame]) -> Result<Result<Judged, Refusal>, String> {
+    async fn judge_batch(&mut self, batch: &[Frame], ends_in_sync: bool) -> Result<Result<Judged, Refusal>, String> {
         if let Some(name) = overlong_name(batch).map_err(|e| e.to_string())? {
             return Ok(Err(Refusal {
                 rule: "name-too-long".into(),
@@ -1588,6 +1609,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         }));
                     };
                     refs.push(p.seq);
+                    // Its Sync would be taken into the COPY: the proxy could not count answers.
+                    if p.class.copy_in > 0 && !ends_in_sync {
+                        return Ok(Err(Refusal {
+                            rule: "copy-at-flush".into(),
+                            message: Some("send COPY ... FROM STDIN in a batch that ends with Sync".into()),
+                        }));
+                    }
                     if p.class.deallocates != sql::Deallocates::None {
                         view.deallocate(&p.class.deallocates);
                     }
@@ -1644,6 +1672,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         // nothing, whatever an earlier batch bound.
         let mut bound_here: HashMap<&str, sql::Deallocates> = HashMap::new();
         let mut copy_here: HashMap<&str, bool> = HashMap::new();
+        let masking = self.to_down.ops.is_some();
+        // With masking: what each Bind binds, as its statement stands at that point of the batch.
+        let mut binds: Vec<Bound> = Vec::new();
         for (i, f) in batch.iter().enumerate() {
             let d = match f.tag {
                 b'P' => {
@@ -1662,9 +1693,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             self.defining.push(Def::Close { statement });
                         }
                         Ok((_, portal)) => {
-                            if self.dealloc_portals.contains_key(portal) {
+                            if self.dealloc_portals.contains_key(portal) || self.copy_portals.contains(portal) {
                                 self.unbinding.push(portal.to_string());
                                 bound_here.insert(portal, sql::Deallocates::None);
+                                copy_here.insert(portal, false);
                             }
                             self.defining.push(Def::Close { statement: None });
                         }
@@ -1674,9 +1706,19 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
-                    let copy_in = self.prepared.get(stmt).is_some_and(|p| p.class.copy_in);
+                    let statement = self.prepared.get(stmt);
+                    let copy_in = statement.is_some_and(|p| p.class.copy_in > 0);
+                    if masking {
+                        binds.push(Bound {
+                            statement: stmt.to_string(),
+                            copy_out: statement.and_then(|p| p.class.copy_out.first().cloned()),
+                            plain: statement.is_some_and(|p| p.class.plain),
+                        });
+                    }
                     if copy_in {
                         self.copy_portals.insert(portal.to_string());
+                    } else if self.copy_portals.contains(portal) {
+                        self.unbinding.push(portal.to_string());
                     }
                     if copy_in || !self.copy_portals.is_empty() {
                         copy_here.insert(portal, copy_in);
@@ -1708,6 +1750,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // message waits for this batch's answer.
                     if copy_here.get(portal).copied().unwrap_or_else(|| self.copy_portals.contains(portal)) {
                         self.copy_from = Some(self.syncs + 1);
+                        self.copy_ins_left += 1;
                     }
                     match bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal)) {
                         Some(d) if *d != sql::Deallocates::None => d.clone(),
@@ -1723,10 +1766,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 .collect();
             deallocs.push((d, later));
         }
-        if self.to_down.ops.is_none() {
-            forward.append(batch);
+        if masking {
+            self.announce_batch(batch, binds, forward)?;
         } else {
-            self.announce_batch(batch, forward)?;
+            forward.append(batch);
         }
         for (d, later) in deallocs {
             self.deallocate(&d, &later);
@@ -1737,7 +1780,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// Moves a batch to `forward`, announcing to the masking tracker what the server will
     /// answer; each Execute is preceded by a Describe of its portal unless the client just sent
     /// one.
-    fn announce_batch(&mut self, batch: &mut Vec<Frame>, forward: &mut Vec<Frame>) -> Result<(), String> {
+    fn announce_batch(
+        &mut self,
+        batch: &mut Vec<Frame>,
+        binds: Vec<Bound>,
+        forward: &mut Vec<Frame>,
+    ) -> Result<(), String> {
+        let mut binds = binds.into_iter();
         let mut described: Option<String> = None;
         // Portals bound in this batch: nothing can redefine them before its Execute.
         let mut bound_here: HashSet<String> = Default::default();
@@ -1752,7 +1801,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
                     let formats = wire::bind_result_formats(&f.body).map_err(e)?;
-                    self.portals.insert(portal.to_string(), stmt.to_string());
+                    if let Some(bound) = binds.next() {
+                        self.portals.insert(portal.to_string(), bound);
+                    }
                     bound_here.insert(portal.to_string());
                     self.op(Op::Bind { portal: portal.to_string(), statement: stmt.to_string(), formats });
                 }
@@ -1769,18 +1820,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'E' => {
                     let portal = wire::execute_portal(&f.body).map_err(e)?.to_string();
                     // The server is asked for the portal's columns only when neither the client
-                    // just did, nor it described the statement the portal was bound from.
+                    // just did, nor it described the statement the portal was bound from and
+                    // that statement's columns were fixed when it was parsed.
                     let from_statement = bound_here.contains(&portal)
-                        && self.portals.get(&portal).is_some_and(|stmt| self.described.contains(stmt.as_str()));
+                        && self.portals.get(&portal).is_some_and(|b| b.plain && self.described.contains(&b.statement));
                     if described.as_deref() != Some(portal.as_str()) && !from_statement {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
                     }
-                    let copy = self
-                        .portals
-                        .get(&portal)
-                        .and_then(|stmt| self.prepared.get(stmt))
-                        .and_then(|p| p.class.copy_out.first().cloned());
+                    let copy = self.portals.get(&portal).and_then(|b| b.copy_out.clone());
                     self.op(Op::Execute { portal, copy });
                 }
                 b'C' => {

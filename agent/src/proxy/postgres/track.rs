@@ -212,6 +212,14 @@ impl Tracker {
                 if spec.format == CopyFormat::Binary || f.body.first() == Some(&1) {
                     return Err(TrackError::Unexpected("a binary COPY"));
                 }
+                // The plan follows the statement's column list: a COPY of other columns is not
+                // the one the proxy looked at.
+                let columns = f.body.get(1..3).map(|n| i16::from_be_bytes([n[0], n[1]]));
+                if let Some(names) = &spec.columns
+                    && columns != Some(names.len() as i16)
+                {
+                    return Err(TrackError::Unexpected("a COPY with other columns than its statement names"));
+                }
                 let plan = Plan::for_copy(&spec, &self.masker);
                 self.copy = Some(Copying { spec, plan, rows: 0 });
             }
