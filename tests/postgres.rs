@@ -455,6 +455,23 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     let out = raw_masked(script);
     assert_eq!(out.matches("[REDACTED]").count(), 2, "{out}");
     assert!(!out.contains("topsecret"), "{out}");
+    // A Bind the server refused leaves the portal what it was: its COPY keeps its own columns.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["P", "", "COPY vault (secret_num) TO STDOUT"],
+        ["B", "p1", ""],
+        ["S"],
+        ["Q", "SAVEPOINT a"],
+        ["P", "", "COPY vault (id) TO STDOUT"],
+        ["B", "p1", ""],
+        ["S"],
+        ["Q", "ROLLBACK TO a"],
+        ["E", "p1"],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw_masked(script);
+    assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
 }
 
 #[test]
@@ -1112,6 +1129,19 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "1ZC", "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // ... also one a DEALLOCATE was bound (not yet run) to drop: the proxy forgot it, the
+    // server did not.
+    let script = serde_json::json!([
+        ["P", "s", "DELETE FROM orders WHERE id = 1"],
+        ["S"],
+        ["P", "", "DEALLOCATE s"],
+        ["B", "p", ""],
+        ["S"],
+        ["Q", "EXECUTE s"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "1Z12ZC", "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
     // The server keeps the first 63 bytes of a name: longer ones are refused, since two of them
     // that begin alike would be one statement to the server and two to the proxy.
     let (long, longest) = ("a".repeat(64), "a".repeat(63));
@@ -1138,7 +1168,8 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("08P01 tollgate: only CopyData, CopyDone or CopyFail"), "{out}");
     // A COPY FROM STDIN must come with its Sync: one sent at a Flush would be taken into it.
-    let script = serde_json::json!([["P", "", "COPY orders FROM STDIN"], ["B", "", ""], ["E", ""], ["H"], ["S"], ["X"]]);
+    let script =
+        serde_json::json!([["P", "", "COPY orders FROM STDIN"], ["B", "", ""], ["E", ""], ["H"], ["S"], ["X"]]);
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "EZC", "{out}");
     assert!(out.contains("42501") && out.contains("copy-at-flush"), "{out}");

@@ -335,6 +335,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         portals: HashMap::new(),
         described: Default::default(),
         dealloc_portals: HashMap::new(),
+        forgotten: HashMap::new(),
         unsynced_refs: Vec::new(),
         unsynced: false,
         completions,
@@ -346,7 +347,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         both,
         copy_from: None,
         copy_ins_left: 0,
-        copy_portals: HashSet::new(),
+        copy_portals: HashMap::new(),
         outcome: Outcome::default(),
     };
     let mut down = down;
@@ -471,6 +472,16 @@ struct Progress {
 }
 
 impl Progress {
+    /// Called before the answers counted go out: the client may send its next message as soon
+    /// as it has them.
+    fn publish(&self, answered: u64, copy_in: Option<u64>) {
+        self.answered.store(answered, Ordering::SeqCst);
+        self.copy_in.store(copy_in.unwrap_or(0), Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) {
+            self.changed.notify_waiters();
+        }
+    }
+
     /// Waits until the server has answered sync point `point` or started a COPY FROM STDIN in
     /// that answer; returns whether the COPY runs.
     async fn copying(&self, point: u64) -> bool {
@@ -729,6 +740,7 @@ async fn downstream(
                         flush_injections(&mut pending, ready_seen, &mut out);
                     }
                 }
+                progress.publish(ready_seen, copy.started_at);
                 if out.is_empty() {
                     client.write_all(&buf[..pos]).await?;
                 } else {
@@ -783,6 +795,7 @@ async fn downstream(
                     }
                     flush_injections(&mut pending, ready_seen, &mut out);
                 }
+                progress.publish(ready_seen, copy.started_at);
             }
         }
         if !out.is_empty() {
@@ -793,11 +806,6 @@ async fn downstream(
         // between server and client.
         for t in finished.drain(..) {
             results.record(t);
-        }
-        progress.answered.store(ready_seen, Ordering::SeqCst);
-        progress.copy_in.store(copy.started_at.unwrap_or(0), Ordering::SeqCst);
-        if progress.waiting.load(Ordering::SeqCst) {
-            progress.changed.notify_waiters();
         }
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
         buf.reserve(READ_CHUNK);
@@ -961,6 +969,14 @@ impl<'b> BatchView<'b> {
         }
     }
 
+    /// What `name` stands for, dropped or not.
+    fn get_any<'s>(&self, name: &str, session: &'s HashMap<String, Prepared>) -> Option<&'s Prepared>
+    where
+        'b: 's,
+    {
+        self.parsed.get(name).copied().or_else(|| session.get(name))
+    }
+
     fn get<'s>(&self, name: &str, session: &'s HashMap<String, Prepared>) -> Option<&'s Prepared>
     where
         'b: 's,
@@ -976,7 +992,7 @@ impl<'b> BatchView<'b> {
 /// What a Bind made a portal from, as its statement stood at that Bind (masking).
 struct Bound {
     statement: String,
-    /// The `COPY ... TO STDOUT` an Execute of it runs.
+    /// The `COPY ... TO STDOUT` an Execute of it runs (handed on to the tracker).
     copy_out: Option<sql::CopyOut>,
     /// Its columns were fixed when the statement was parsed (`Classification::plain`).
     plain: bool,
@@ -1031,7 +1047,7 @@ struct ClientSide<'s, 'a, R> {
     described: HashSet<String>,
     /// Portals bound to a statement that deallocates (SQL DEALLOCATE, DISCARD ALL), which it
     /// does when they are executed.
-    dealloc_portals: HashMap<String, sql::Deallocates>,
+    dealloc_portals: HashMap<String, (u64, sql::Deallocates)>,
     /// Records of statements forwarded at a Flush, carried out by the next Sync.
     unsynced_refs: Vec<u64>,
     /// Messages went to the server at a Flush and no Sync has followed yet.
@@ -1041,8 +1057,13 @@ struct ClientSide<'s, 'a, R> {
     defining: Vec<Def>,
     /// Syncs forwarded since the last Execute (a COPY FROM STDIN may have started there).
     syncs_since_execute: u64,
-    /// Portals bound to a deallocating statement that the client since re-bound or closed:
-    /// forgotten once the server is known to have done that (no error in the batch).
+    /// Statements under an approval rule that a DEALLOCATE made the proxy forget: the server
+    /// may still have them (the DEALLOCATE may fail, or not have run yet), so an SQL EXECUTE
+    /// of one is held by its rule all the same.
+    forgotten: HashMap<String, Prepared>,
+    /// Portals bound to a deallocating or COPY FROM STDIN statement (with the sync point of that
+    /// Bind) that the client since re-bound or closed: forgotten once the server is known to
+    /// have done that (no error in the batch), unless bound to such a statement again later.
     unbinding: Vec<String>,
     /// Parses and Closes of sync points whose answers are not in yet, and the portals their
     /// batches unbound.
@@ -1055,7 +1076,7 @@ struct ClientSide<'s, 'a, R> {
     copy_from: Option<u64>,
     copy_ins_left: usize,
     /// Portals bound to a COPY FROM STDIN statement (a later batch may execute one).
-    copy_portals: HashSet<String>,
+    copy_portals: HashMap<String, u64>,
     outcome: Outcome,
 }
 
@@ -1314,7 +1335,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let refusal = match self.judge(text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
                         Judgement::Forward(p) => match self
-                            .hold_all(&p, Vec::new(), executed_holds(&p.class, |n| self.prepared.get(n)))
+                            .hold_all(
+                                &p,
+                                Vec::new(),
+                                executed_holds(&p.class, |n| self.prepared.get(n), &self.forgotten),
+                            )
                             .await?
                         {
                             Some(r) => Some(r),
@@ -1469,7 +1494,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             sql::Deallocates::Names(names) => names.contains(name) && !keep.contains(name),
             sql::Deallocates::All => !name.is_empty() && !keep.contains(name),
         };
-        self.prepared.retain(|name, _| !gone(name));
+        let names: Vec<String> = self.prepared.keys().filter(|n| gone(n)).cloned().collect();
+        for name in names {
+            if let Some(p) = self.prepared.remove(&name)
+                && p.hold.is_some()
+            {
+                self.forgotten.insert(name, p);
+            }
+        }
         self.described.retain(|name| !gone(name));
     }
 
@@ -1507,8 +1539,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             self.completions.forget(point);
             if !answer.failed {
                 for portal in unbinds {
-                    self.dealloc_portals.remove(&portal);
-                    self.copy_portals.remove(&portal);
+                    if self.dealloc_portals.get(&portal).is_some_and(|(bound, _)| *bound <= point) {
+                        self.dealloc_portals.remove(&portal);
+                    }
+                    if self.copy_portals.get(&portal).is_some_and(|bound| *bound <= point) {
+                        self.copy_portals.remove(&portal);
+                    }
                 }
             }
             let done = answer.completed;
@@ -1628,7 +1664,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // Every execution is its own request: each Bind carries its own parameters.
                     if p.hold.is_some() || !p.class.executes.is_empty() {
                         let p = p.clone();
-                        let executed = executed_holds(&p.class, |n| view.get(n, &self.prepared));
+                        // Not `get`: a name a DEALLOCATE earlier in the batch dropped may be there.
+                        let executed = executed_holds(&p.class, |n| view.get_any(n, &self.prepared), &self.forgotten);
                         let params = wire::bind_parameters(&f.body).map_err(|e| e.to_string())?;
                         if let Some(r) = self.hold_all(&p, params, executed).await? {
                             return Ok(Err(r));
@@ -1637,7 +1674,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'E' if !bound_here.is_empty() || !self.dealloc_portals.is_empty() => {
                     let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
-                    if let Some(d) = bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal)) {
+                    if let Some(d) = bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal).map(|(_, d)| d))
+                    {
                         view.deallocate(d);
                     }
                 }
@@ -1693,7 +1731,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             self.defining.push(Def::Close { statement });
                         }
                         Ok((_, portal)) => {
-                            if self.dealloc_portals.contains_key(portal) || self.copy_portals.contains(portal) {
+                            if self.dealloc_portals.contains_key(portal) || self.copy_portals.contains_key(portal) {
                                 self.unbinding.push(portal.to_string());
                                 bound_here.insert(portal, sql::Deallocates::None);
                                 copy_here.insert(portal, false);
@@ -1716,18 +1754,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         });
                     }
                     if copy_in {
-                        self.copy_portals.insert(portal.to_string());
-                    } else if self.copy_portals.contains(portal) {
+                        self.copy_portals.insert(portal.to_string(), self.syncs + 1);
+                        self.unbinding.retain(|u| u != portal);
+                    } else if self.copy_portals.contains_key(portal) {
                         self.unbinding.push(portal.to_string());
                     }
                     if copy_in || !self.copy_portals.is_empty() {
                         copy_here.insert(portal, copy_in);
                     }
-                    match self.prepared.get(stmt).map(|p| &p.class.deallocates) {
+                    match statement.map(|p| &p.class.deallocates) {
                         // Known at once: an extra forgetting only costs a refusal.
                         Some(d) if *d != sql::Deallocates::None => {
                             let d = d.clone();
-                            self.dealloc_portals.insert(portal.to_string(), d.clone());
+                            self.dealloc_portals.insert(portal.to_string(), (self.syncs + 1, d.clone()));
+                            self.unbinding.retain(|u| u != portal);
                             bound_here.insert(portal, d.clone());
                             d
                         }
@@ -1748,11 +1788,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
                     // Entries of portals bound in earlier batches stay: at worst the next
                     // message waits for this batch's answer.
-                    if copy_here.get(portal).copied().unwrap_or_else(|| self.copy_portals.contains(portal)) {
+                    if copy_here.get(portal).copied().unwrap_or_else(|| self.copy_portals.contains_key(portal)) {
                         self.copy_from = Some(self.syncs + 1);
                         self.copy_ins_left += 1;
                     }
-                    match bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal)) {
+                    match bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal).map(|(_, d)| d)) {
                         Some(d) if *d != sql::Deallocates::None => d.clone(),
                         _ => continue,
                     }
@@ -1801,11 +1841,16 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
                     let formats = wire::bind_result_formats(&f.body).map_err(e)?;
-                    if let Some(bound) = binds.next() {
-                        self.portals.insert(portal.to_string(), bound);
-                    }
+                    let copy = match binds.next() {
+                        Some(mut bound) => {
+                            let copy = bound.copy_out.take();
+                            self.portals.insert(portal.to_string(), bound);
+                            copy
+                        }
+                        None => None,
+                    };
                     bound_here.insert(portal.to_string());
-                    self.op(Op::Bind { portal: portal.to_string(), statement: stmt.to_string(), formats });
+                    self.op(Op::Bind { portal: portal.to_string(), statement: stmt.to_string(), formats, copy });
                 }
                 b'D' => match wire::describe_target(&f.body).map_err(e)? {
                     (b'P', portal) => {
@@ -1828,8 +1873,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
                     }
-                    let copy = self.portals.get(&portal).and_then(|b| b.copy_out.clone());
-                    self.op(Op::Execute { portal, copy });
+                    self.op(Op::Execute { portal });
                 }
                 b'C' => {
                     let (target, name) = wire::describe_target(&f.body).map_err(e)?;
@@ -1846,10 +1890,22 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     }
 }
 
-/// The statements `class` runs with SQL EXECUTE that wait for approval, by what `lookup` says
-/// their names stand for.
-fn executed_holds<'p>(class: &sql::Classification, lookup: impl Fn(&str) -> Option<&'p Prepared>) -> Vec<Prepared> {
-    class.executes.iter().filter_map(|name| lookup(name)).filter(|t| t.hold.is_some()).cloned().collect()
+/// The statements `class` runs with SQL EXECUTE that wait for approval: what `lookup` says
+/// their names stand for, and what they stood for before the proxy forgot them.
+fn executed_holds<'p>(
+    class: &sql::Classification,
+    lookup: impl Fn(&str) -> Option<&'p Prepared>,
+    forgotten: &'p HashMap<String, Prepared>,
+) -> Vec<Prepared> {
+    let mut held: Vec<Prepared> = Vec::new();
+    for name in &class.executes {
+        for p in [lookup(name), forgotten.get(name)].into_iter().flatten() {
+            if p.hold.is_some() && !held.iter().any(|h| h.seq == p.seq) {
+                held.push(p.clone());
+            }
+        }
+    }
+    held
 }
 
 /// PostgreSQL keys prepared statements and portals by their first 63 bytes (NAMEDATALEN - 1):
@@ -2008,8 +2064,8 @@ mod tests {
         let mut server = BytesMut::new();
         error(&mut server, "division by zero");
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
-            Op::Execute { portal: String::new(), copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
         ];
@@ -2026,8 +2082,8 @@ mod tests {
         // Work sent at a Flush fails, and its error goes out, while the client side still judges
         // the batch after it; then the refusal is queued, and the server's ReadyForQuery comes.
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
-            Op::Execute { portal: String::new(), copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
         ];
@@ -2062,8 +2118,8 @@ mod tests {
         // Bind/Execute/Sync of a COPY FROM STDIN (point 1), CopyData, CopyDone, Sync (point 2);
         // then a statement refused. The server ignores the first Sync: one ReadyForQuery.
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
-            Op::Execute { portal: String::new(), copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Execute { portal: String::new() },
             Op::Sync,
             Op::Sync,
         ];
@@ -2080,9 +2136,9 @@ mod tests {
         // the client never sees) is still matched to its own answers.
         let mut more = ops.clone();
         more.extend([
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
             Op::DescribePortal { portal: String::new(), hidden: true },
-            Op::Execute { portal: String::new(), copy: None },
+            Op::Execute { portal: String::new() },
             Op::Sync,
         ]);
         let mut then = server.clone();

@@ -29,6 +29,8 @@ pub enum Op {
         portal: String,
         statement: String,
         formats: Vec<i16>,
+        /// The `COPY ... TO STDOUT` the statement is, as it stood at this Bind.
+        copy: Option<CopyOut>,
     },
     /// A Close of a statement (`b'S'`) or a portal (`b'P'`).
     Close {
@@ -45,7 +47,6 @@ pub enum Op {
     },
     Execute {
         portal: String,
-        copy: Option<CopyOut>,
     },
     Sync,
     /// A simple query; its `COPY ... TO STDOUT` statements in order.
@@ -72,6 +73,8 @@ pub struct Tracker {
     masker: Arc<Masker>,
     ops: VecDeque<Op>,
     portals: HashMap<String, Arc<Plan>>,
+    /// Portals bound to a `COPY ... TO STDOUT`.
+    copies: HashMap<String, CopyOut>,
     /// RowDescription bodies of described statements (empty: the statement returns no rows).
     statements: HashMap<String, bytes::Bytes>,
     /// The row shape of the simple query result being sent.
@@ -86,6 +89,7 @@ impl Tracker {
             masker,
             ops: VecDeque::new(),
             portals: HashMap::new(),
+            copies: HashMap::new(),
             statements: HashMap::new(),
             current: None,
             copy: None,
@@ -139,7 +143,14 @@ impl Tracker {
             // ParameterDescription comes first in the answer to a statement Describe.
             b't' => {}
             b'2' => {
-                if let Some(Op::Bind { portal, statement, formats }) = self.pop_if(|o| matches!(o, Op::Bind { .. })) {
+                if let Some(Op::Bind { portal, statement, formats, copy }) =
+                    self.pop_if(|o| matches!(o, Op::Bind { .. }))
+                {
+                    // Only a Bind the server carried out changes what the portal is.
+                    match copy {
+                        Some(c) => self.copies.insert(portal.clone(), c),
+                        None => self.copies.remove(&portal),
+                    };
                     match self.statements.get(&statement) {
                         Some(desc) if !desc.is_empty() => {
                             let plan = Plan::from_statement(desc, &formats, &self.masker)?;
@@ -157,6 +168,7 @@ impl Tracker {
                 }
                 Some(Op::Close { name, .. }) => {
                     self.portals.remove(&name);
+                    self.copies.remove(&name);
                 }
                 _ => {}
             },
@@ -205,7 +217,7 @@ impl Tracker {
             b'H' => {
                 let spec = match self.ops.front_mut() {
                     Some(Op::Query { copies }) => copies.pop_front(),
-                    Some(Op::Execute { copy, .. }) => copy.take(),
+                    Some(Op::Execute { portal }) => self.copies.get(portal).cloned(),
                     _ => None,
                 };
                 let spec = spec.ok_or(TrackError::Unexpected("a COPY it did not see coming"))?;
@@ -320,9 +332,9 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
             Op::DescribePortal { portal: String::new(), hidden: true },
-            Op::Execute { portal: String::new(), copy: None },
+            Op::Execute { portal: String::new() },
             Op::Sync,
         ] {
             t.push(op);
@@ -346,8 +358,8 @@ mod tests {
             Op::Parse { statement: "s1".into() },
             Op::DescribeStatement { statement: "s1".into() },
             Op::Sync,
-            Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0] },
-            Op::Execute { portal: String::new(), copy: None },
+            Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0], copy: None },
+            Op::Execute { portal: String::new() },
             Op::Sync,
         ] {
             t.push(op);
@@ -373,8 +385,8 @@ mod tests {
                 Op::Sync,
                 again.clone(),
                 Op::Sync,
-                Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0] },
-                Op::Execute { portal: String::new(), copy: None },
+                Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0], copy: None },
+                Op::Execute { portal: String::new() },
                 Op::Sync,
             ] {
                 t.push(op);
@@ -396,9 +408,9 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![] },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
             Op::DescribePortal { portal: String::new(), hidden: true },
-            Op::Execute { portal: String::new(), copy: None },
+            Op::Execute { portal: String::new() },
             Op::Sync,
             Op::Query { copies: VecDeque::new() },
         ] {
