@@ -1142,6 +1142,9 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "1Z12ZC", "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // An EXECUTE of a statement the proxy did not see made is refused: its judgement is unknown.
+    let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "EXECUTE nosuch"], ["X"]]));
+    assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
     // The server keeps the first 63 bytes of a name: longer ones are refused, since two of them
     // that begin alike would be one statement to the server and two to the proxy.
     let (long, longest) = ("a".repeat(64), "a".repeat(63));

@@ -125,6 +125,8 @@ pub struct Classification {
     pub deallocates: Deallocates,
     /// Prepared statements it runs with SQL EXECUTE (also inside EXPLAIN or CREATE TABLE AS).
     pub executes: BTreeSet<String>,
+    /// Prepared statements it makes with SQL PREPARE.
+    pub prepares: BTreeSet<String>,
     /// How many `COPY ... FROM STDIN` it has: the server takes only COPY data during each.
     pub copy_in: usize,
     /// Every statement in it is a plain SELECT, INSERT, UPDATE, DELETE or MERGE, whose result
@@ -422,6 +424,11 @@ fn walk(v: &Value, c: &mut Classification) {
                                 c.executes.insert(name.to_string());
                             }
                         }
+                        "PrepareStmt" => {
+                            if let Some(name) = child.get("name").and_then(Value::as_str) {
+                                c.prepares.insert(name.to_string());
+                            }
+                        }
                         // DISCARD_ALL in the parse tree's enum.
                         "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => {
                             c.deallocates.add(None)
@@ -487,6 +494,7 @@ mod tests {
         assert_eq!(e("EXECUTE s1"), ["s1"]);
         assert_eq!(e("EXECUTE \"S_1\"(1, 'x'); EXPLAIN ANALYZE EXECUTE s2"), ["S_1", "s2"]);
         assert_eq!(e("CREATE TABLE t AS EXECUTE s3"), ["s3"]);
+        assert_eq!(classify("PREPARE p1 AS SELECT 1; PREPARE \"P2\"(int) AS SELECT $1").prepares.len(), 2);
         assert!(e("SELECT 1").is_empty());
     }
 

@@ -332,10 +332,10 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
         syncs: 0,
         prepared: HashMap::new(),
-        portals: HashMap::new(),
         described: Default::default(),
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
+        sql_prepared: HashSet::new(),
         unsynced_refs: Vec::new(),
         unsynced: false,
         completions,
@@ -989,6 +989,18 @@ impl<'b> BatchView<'b> {
     }
 }
 
+/// Portals re-bound or closed, with the registration each one ends (see `ClientSide::unbinding`).
+type Unbinds = Vec<(String, Registry)>;
+
+/// Which of the client side's portal registrations an unbinding ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registry {
+    /// `dealloc_portals`
+    Dealloc,
+    /// `copy_portals`
+    Copy,
+}
+
 /// What a Bind made a portal from, as its statement stood at that Bind (masking).
 struct Bound {
     statement: String,
@@ -1041,8 +1053,6 @@ struct ClientSide<'s, 'a, R> {
     /// Sync points forwarded so far; injections are placed after this many answers.
     syncs: u64,
     prepared: HashMap<String, Prepared>,
-    /// What each portal was bound from (masking).
-    portals: HashMap<String, Bound>,
     /// Statements the client described since their last Parse: the tracker knows their columns.
     described: HashSet<String>,
     /// Portals bound to a statement that deallocates (SQL DEALLOCATE, DISCARD ALL), which it
@@ -1061,13 +1071,15 @@ struct ClientSide<'s, 'a, R> {
     /// may still have them (the DEALLOCATE may fail, or not have run yet), so an SQL EXECUTE
     /// of one is held by its rule all the same.
     forgotten: HashMap<String, Prepared>,
+    /// Statements made with SQL PREPARE (as far as the proxy saw them forwarded).
+    sql_prepared: HashSet<String>,
     /// Portals bound to a deallocating or COPY FROM STDIN statement (with the sync point of that
     /// Bind) that the client since re-bound or closed: forgotten once the server is known to
     /// have done that (no error in the batch), unless bound to such a statement again later.
-    unbinding: Vec<String>,
+    unbinding: Unbinds,
     /// Parses and Closes of sync points whose answers are not in yet, and the portals their
     /// batches unbound.
-    defined: VecDeque<(u64, Vec<Def>, Vec<String>)>,
+    defined: VecDeque<(u64, Vec<Def>, Unbinds)>,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
     both: Arc<Both>,
@@ -1334,16 +1346,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     self.described.clear();
                     let refusal = match self.judge(text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
-                        Judgement::Forward(p) => match self
-                            .hold_all(
-                                &p,
-                                Vec::new(),
-                                executed_holds(&p.class, |n| self.prepared.get(n), &self.forgotten),
-                            )
-                            .await?
-                        {
-                            Some(r) => Some(r),
-                            None => {
+                        Judgement::Forward(p) => {
+                            let known = |n: &str| {
+                                self.prepared.contains_key(n)
+                                    || self.sql_prepared.contains(n)
+                                    || self.forgotten.contains_key(n)
+                            };
+                            let refusal = match unknown_executed(&p.class, known) {
+                                Some(r) => Some(r),
+                                None => {
+                                    let executed = executed_holds(&p.class, |n| self.prepared.get(n), &self.forgotten);
+                                    self.hold_all(&p, Vec::new(), executed).await?
+                                }
+                            };
+                            if refusal.is_none() {
                                 let _ = self.to_down.expect.send(Expect {
                                     refs: vec![p.seq],
                                     started: Instant::now(),
@@ -1351,6 +1367,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 });
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
+                                self.sql_prepared.extend(p.class.prepares.iter().cloned());
                                 forward.push(frame);
                                 self.syncs += 1;
                                 if p.class.copy_in > 0 {
@@ -1358,9 +1375,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 }
                                 // A COPY it starts takes no Syncs.
                                 self.syncs_since_execute = 0;
-                                None
                             }
-                        },
+                            refusal
+                        }
                     };
                     if let Some(r) = refusal {
                         self.refuse(&r, Some(wire::sync()), &mut forward);
@@ -1496,12 +1513,16 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         };
         let names: Vec<String> = self.prepared.keys().filter(|n| gone(n)).cloned().collect();
         for name in names {
-            if let Some(p) = self.prepared.remove(&name)
+            // Bounded: a name that does not fit is unknown to SQL EXECUTE, which is refused.
+            if let Some(mut p) = self.prepared.remove(&name)
                 && p.hold.is_some()
+                && self.forgotten.len() < MAX_FORGOTTEN
             {
+                p.text = truncate(&p.text, MAX_AUDITED_SQL).into();
                 self.forgotten.insert(name, p);
             }
         }
+        self.sql_prepared.retain(|n| !gone(n));
         self.described.retain(|name| !gone(name));
     }
 
@@ -1538,12 +1559,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             let (point, defs, unbinds) = self.defined.pop_front().expect("front exists");
             self.completions.forget(point);
             if !answer.failed {
-                for portal in unbinds {
-                    if self.dealloc_portals.get(&portal).is_some_and(|(bound, _)| *bound <= point) {
-                        self.dealloc_portals.remove(&portal);
-                    }
-                    if self.copy_portals.get(&portal).is_some_and(|bound| *bound <= point) {
-                        self.copy_portals.remove(&portal);
+                for (portal, registry) in unbinds {
+                    match registry {
+                        Registry::Dealloc if self.dealloc_portals.get(&portal).is_some_and(|(at, _)| *at <= point) => {
+                            self.dealloc_portals.remove(&portal);
+                        }
+                        Registry::Copy if self.copy_portals.get(&portal).is_some_and(|at| *at <= point) => {
+                            self.copy_portals.remove(&portal);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -1662,6 +1686,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         bound_here.insert(portal, p.class.deallocates.clone());
                     }
                     // Every execution is its own request: each Bind carries its own parameters.
+                    let known = |n: &str| {
+                        view.get_any(n, &self.prepared).is_some()
+                            || self.sql_prepared.contains(n)
+                            || self.forgotten.contains_key(n)
+                    };
+                    if let Some(r) = unknown_executed(&p.class, known) {
+                        return Ok(Err(r));
+                    }
                     if p.hold.is_some() || !p.class.executes.is_empty() {
                         let p = p.clone();
                         // Not `get`: a name a DEALLOCATE earlier in the batch dropped may be there.
@@ -1731,9 +1763,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             self.defining.push(Def::Close { statement });
                         }
                         Ok((_, portal)) => {
-                            if self.dealloc_portals.contains_key(portal) || self.copy_portals.contains_key(portal) {
-                                self.unbinding.push(portal.to_string());
+                            if self.dealloc_portals.contains_key(portal) {
+                                self.unbinding.push((portal.to_string(), Registry::Dealloc));
                                 bound_here.insert(portal, sql::Deallocates::None);
+                            }
+                            if self.copy_portals.contains_key(portal) {
+                                self.unbinding.push((portal.to_string(), Registry::Copy));
                                 copy_here.insert(portal, false);
                             }
                             self.defining.push(Def::Close { statement: None });
@@ -1745,6 +1780,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
                     let statement = self.prepared.get(stmt);
+                    if let Some(p) = statement
+                        && !p.class.prepares.is_empty()
+                    {
+                        self.sql_prepared.extend(p.class.prepares.iter().cloned());
+                    }
                     let copy_in = statement.is_some_and(|p| p.class.copy_in > 0);
                     if masking {
                         binds.push(Bound {
@@ -1755,9 +1795,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                     if copy_in {
                         self.copy_portals.insert(portal.to_string(), self.syncs + 1);
-                        self.unbinding.retain(|u| u != portal);
+                        self.unbinding.retain(|(u, r)| !(u == portal && *r == Registry::Copy));
                     } else if self.copy_portals.contains_key(portal) {
-                        self.unbinding.push(portal.to_string());
+                        self.unbinding.push((portal.to_string(), Registry::Copy));
                     }
                     if copy_in || !self.copy_portals.is_empty() {
                         copy_here.insert(portal, copy_in);
@@ -1767,7 +1807,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         Some(d) if *d != sql::Deallocates::None => {
                             let d = d.clone();
                             self.dealloc_portals.insert(portal.to_string(), (self.syncs + 1, d.clone()));
-                            self.unbinding.retain(|u| u != portal);
+                            self.unbinding.retain(|(u, r)| !(u == portal && *r == Registry::Dealloc));
                             bound_here.insert(portal, d.clone());
                             d
                         }
@@ -1775,7 +1815,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             // Unknown until the server confirms it: the Bind may fail and leave
                             // the old portal (a named one, or one a savepoint brings back).
                             if self.dealloc_portals.contains_key(portal) {
-                                self.unbinding.push(portal.to_string());
+                                self.unbinding.push((portal.to_string(), Registry::Dealloc));
                             }
                             if !self.dealloc_portals.is_empty() {
                                 bound_here.insert(portal, sql::Deallocates::None);
@@ -1829,7 +1869,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut binds = binds.into_iter();
         let mut described: Option<String> = None;
         // Portals bound in this batch: nothing can redefine them before its Execute.
-        let mut bound_here: HashSet<String> = Default::default();
+        let mut bound_here: HashMap<String, Bound> = HashMap::new();
         for f in batch.drain(..) {
             let e = |e: wire::WireError| e.to_string();
             match f.tag {
@@ -1844,12 +1884,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let copy = match binds.next() {
                         Some(mut bound) => {
                             let copy = bound.copy_out.take();
-                            self.portals.insert(portal.to_string(), bound);
+                            bound_here.insert(portal.to_string(), bound);
                             copy
                         }
                         None => None,
                     };
-                    bound_here.insert(portal.to_string());
                     self.op(Op::Bind { portal: portal.to_string(), statement: stmt.to_string(), formats, copy });
                 }
                 b'D' => match wire::describe_target(&f.body).map_err(e)? {
@@ -1867,8 +1906,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // The server is asked for the portal's columns only when neither the client
                     // just did, nor it described the statement the portal was bound from and
                     // that statement's columns were fixed when it was parsed.
-                    let from_statement = bound_here.contains(&portal)
-                        && self.portals.get(&portal).is_some_and(|b| b.plain && self.described.contains(&b.statement));
+                    let from_statement =
+                        bound_here.get(&portal).is_some_and(|b| b.plain && self.described.contains(&b.statement));
                     if described.as_deref() != Some(portal.as_str()) && !from_statement {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
@@ -1888,6 +1927,22 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         Ok(())
     }
+}
+
+/// Forgotten statements kept for SQL EXECUTE's holds (see `ClientSide::forgotten`).
+const MAX_FORGOTTEN: usize = 256;
+
+/// A statement `class` runs with SQL EXECUTE that the proxy does not know (`known` says which
+/// it does): after a miscount, or made where the proxy does not see (a function). Refused.
+fn unknown_executed(class: &sql::Classification, known: impl Fn(&str) -> bool) -> Option<Refusal> {
+    let name = class.executes.iter().find(|n| !known(n))?;
+    Some(Refusal {
+        rule: "unknown-prepared-statement".into(),
+        message: Some(format!(
+            "prepared statement \"{name}\" was not made in this session as the proxy saw it; EXECUTE runs only \
+             statements it has seen made"
+        )),
+    })
 }
 
 /// The statements `class` runs with SQL EXECUTE that wait for approval: what `lookup` says

@@ -270,6 +270,12 @@ impl Tracker {
                 }
             }
             b'Z' => {
+                // Outside a transaction block no portal is left (but WITH HOLD cursors, whose
+                // rows an Execute gets with a Describe first): their plans would only pile up.
+                if f.body.first() == Some(&b'I') {
+                    self.portals.clear();
+                    self.copies.clear();
+                }
                 while let Some(op) = self.ops.pop_front() {
                     if matches!(op, Op::Sync | Op::Query { .. }) {
                         break;
