@@ -1724,8 +1724,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         Ok(Ok(Judged { refs, parsed }))
     }
 
-    /// Moves an approved batch to `forward`, noting what the server will answer; with masking,
-    /// each Execute is preceded by a Describe of its portal unless the client just sent one.
+    /// Moves an approved batch to `forward`, noting what it changes: the statements it parses
+    /// and closes, the portals it binds to a DEALLOCATE or a COPY FROM STDIN, and (with masking,
+    /// `announce_batch`) what the server will answer.
     fn forward_batch(
         &mut self,
         batch: &mut Vec<Frame>,
@@ -1826,8 +1827,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'E' if !self.copy_portals.is_empty() || !self.dealloc_portals.is_empty() => {
                     let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
-                    // Entries of portals bound in earlier batches stay: at worst the next
-                    // message waits for this batch's answer.
+                    // A portal bound in an earlier batch counts by its registration, which an
+                    // unconfirmed re-Bind or Close leaves: at worst the next message waits for
+                    // this batch's answer.
                     if copy_here.get(portal).copied().unwrap_or_else(|| self.copy_portals.contains_key(portal)) {
                         self.copy_from = Some(self.syncs + 1);
                         self.copy_ins_left += 1;
@@ -1859,7 +1861,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     /// Moves a batch to `forward`, announcing to the masking tracker what the server will
     /// answer; each Execute is preceded by a Describe of its portal unless the client just sent
-    /// one.
+    /// one, or described the plain statement the portal was bound from in this batch.
     fn announce_batch(
         &mut self,
         batch: &mut Vec<Frame>,
