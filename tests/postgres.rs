@@ -689,6 +689,27 @@ fn approval_holds_until_an_approver_decides() {
         (stmt["verdict"].as_str(), stmt["statement"].as_str()),
         (Some("approve"), Some("DELETE FROM orders WHERE id = 2"))
     );
+
+    // An SQL PREPARE of a held statement is held, and so is each EXECUTE of it, by the same
+    // rule: one approval does not allow any number of runs.
+    pg.direct("INSERT INTO orders VALUES (5, 'e@example.com')");
+    let url = format!("postgresql://bot@127.0.0.1:{}/postgres", pg.port);
+    let child = std::process::Command::new(common::BIN)
+        .args(["exec", "--cgroup", &env.cgroup("bot"), "--", "psql", "-X", &url])
+        .args(["-c", "PREPARE d(int) AS DELETE FROM orders WHERE id = $1", "-c", "EXECUTE d(5)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let prepare = pending_one(&env);
+    assert!(approvals(&env, &["approve", &prepare["id"].to_string()]).status.success());
+    let execute = pending_one(&env);
+    assert_ne!(execute["id"], prepare["id"]);
+    assert_eq!(execute["rule"], "deletes-need-approval", "{execute}");
+    assert!(approvals(&env, &["deny", &execute["id"].to_string()]).status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deletes-need-approval"), "{out:?}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "1", "the EXECUTE never ran");
 }
 
 fn tls_policy(env: &Env, pg: &Postgres, tls: &str) -> String {

@@ -335,7 +335,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         described: Default::default(),
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
-        sql_prepared: HashSet::new(),
+        sql_prepared: HashMap::new(),
         unsynced_refs: Vec::new(),
         unsynced: false,
         completions,
@@ -1071,8 +1071,9 @@ struct ClientSide<'s, 'a, R> {
     /// may still have them (the DEALLOCATE may fail, or not have run yet), so an SQL EXECUTE
     /// of one is held by its rule all the same.
     forgotten: HashMap<String, Prepared>,
-    /// Statements made with SQL PREPARE (as far as the proxy saw them forwarded).
-    sql_prepared: HashSet<String>,
+    /// Statements made with SQL PREPARE (as far as the proxy saw them forwarded), with the
+    /// judgement of the text that made them: its approval rule holds each EXECUTE.
+    sql_prepared: HashMap<String, Prepared>,
     /// Portals bound to a deallocating or COPY FROM STDIN statement (with the sync point of that
     /// Bind) that the client since re-bound or closed: forgotten once the server is known to
     /// have done that (no error in the batch), unless bound to such a statement again later.
@@ -1349,13 +1350,18 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         Judgement::Forward(p) => {
                             let known = |n: &str| {
                                 self.prepared.contains_key(n)
-                                    || self.sql_prepared.contains(n)
+                                    || self.sql_prepared.contains_key(n)
+                                    || p.class.prepares.contains(n)
                                     || self.forgotten.contains_key(n)
                             };
                             let refusal = match unknown_executed(&p.class, known) {
                                 Some(r) => Some(r),
                                 None => {
-                                    let executed = executed_holds(&p.class, |n| self.prepared.get(n), &self.forgotten);
+                                    let executed = executed_holds(
+                                        &p.class,
+                                        |n| self.prepared.get(n),
+                                        [&self.sql_prepared, &self.forgotten],
+                                    );
                                     self.hold_all(&p, Vec::new(), executed).await?
                                 }
                             };
@@ -1367,7 +1373,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 });
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
-                                self.sql_prepared.extend(p.class.prepares.iter().cloned());
+                                for name in &p.class.prepares {
+                                    self.sql_prepared.insert(name.clone(), p.clone());
+                                }
                                 forward.push(frame);
                                 self.syncs += 1;
                                 if p.class.copy_in > 0 {
@@ -1511,18 +1519,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             sql::Deallocates::Names(names) => names.contains(name) && !keep.contains(name),
             sql::Deallocates::All => !name.is_empty() && !keep.contains(name),
         };
-        let names: Vec<String> = self.prepared.keys().filter(|n| gone(n)).cloned().collect();
+        let names: Vec<String> =
+            self.prepared.keys().chain(self.sql_prepared.keys()).filter(|n| gone(n)).cloned().collect();
         for name in names {
+            let dropped = [self.prepared.remove(&name), self.sql_prepared.remove(&name)];
+            // What it stood for before is not what it stands for now, whatever fits below.
+            self.forgotten.remove(&name);
             // Bounded: a name that does not fit is unknown to SQL EXECUTE, which is refused.
-            if let Some(mut p) = self.prepared.remove(&name)
-                && p.hold.is_some()
+            if let Some(mut p) = dropped.into_iter().flatten().find(|p| p.hold.is_some())
                 && self.forgotten.len() < MAX_FORGOTTEN
             {
                 p.text = truncate(&p.text, MAX_AUDITED_SQL).into();
                 self.forgotten.insert(name, p);
             }
         }
-        self.sql_prepared.retain(|n| !gone(n));
         self.described.retain(|name| !gone(name));
     }
 
@@ -1688,7 +1698,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // Every execution is its own request: each Bind carries its own parameters.
                     let known = |n: &str| {
                         view.get_any(n, &self.prepared).is_some()
-                            || self.sql_prepared.contains(n)
+                            || self.sql_prepared.contains_key(n)
+                            || p.class.prepares.contains(n)
                             || self.forgotten.contains_key(n)
                     };
                     if let Some(r) = unknown_executed(&p.class, known) {
@@ -1697,7 +1708,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     if p.hold.is_some() || !p.class.executes.is_empty() {
                         let p = p.clone();
                         // Not `get`: a name a DEALLOCATE earlier in the batch dropped may be there.
-                        let executed = executed_holds(&p.class, |n| view.get_any(n, &self.prepared), &self.forgotten);
+                        let executed = executed_holds(
+                            &p.class,
+                            |n| view.get_any(n, &self.prepared),
+                            [&self.sql_prepared, &self.forgotten],
+                        );
                         let params = wire::bind_parameters(&f.body).map_err(|e| e.to_string())?;
                         if let Some(r) = self.hold_all(&p, params, executed).await? {
                             return Ok(Err(r));
@@ -1784,7 +1799,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     if let Some(p) = statement
                         && !p.class.prepares.is_empty()
                     {
-                        self.sql_prepared.extend(p.class.prepares.iter().cloned());
+                        for name in &p.class.prepares {
+                            self.sql_prepared.insert(name.clone(), p.clone());
+                        }
                     }
                     let copy_in = statement.is_some_and(|p| p.class.copy_in > 0);
                     if masking {
@@ -1948,15 +1965,16 @@ fn unknown_executed(class: &sql::Classification, known: impl Fn(&str) -> bool) -
 }
 
 /// The statements `class` runs with SQL EXECUTE that wait for approval: what `lookup` says
-/// their names stand for, and what they stood for before the proxy forgot them.
+/// their names stand for (statements sent with Parse), the SQL PREPAREs that made them, and
+/// what they stood for before the proxy forgot them.
 fn executed_holds<'p>(
     class: &sql::Classification,
     lookup: impl Fn(&str) -> Option<&'p Prepared>,
-    forgotten: &'p HashMap<String, Prepared>,
+    [sql_prepared, forgotten]: [&'p HashMap<String, Prepared>; 2],
 ) -> Vec<Prepared> {
     let mut held: Vec<Prepared> = Vec::new();
     for name in &class.executes {
-        for p in [lookup(name), forgotten.get(name)].into_iter().flatten() {
+        for p in [lookup(name), sql_prepared.get(name), forgotten.get(name)].into_iter().flatten() {
             if p.hold.is_some() && !held.iter().any(|h| h.seq == p.seq) {
                 held.push(p.clone());
             }
