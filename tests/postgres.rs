@@ -31,7 +31,7 @@ spec:
         - {{ name: no-ddl, match: {{ statements: [ddl] }}, action: deny, message: "schema changes go through review" }}
         - {{ name: no-file-access, match: {{ functions: [pg_read_file, lo_import, lo_export, dblink_exec] }}, action: deny }}
         - {{ name: delete-needs-where, match: {{ statements: [update, delete], where: missing }}, action: deny }}
-        - {{ name: reads, match: {{ statements: [select, transaction, set, show, execute] }}, action: allow }}
+        - {{ name: reads, match: {{ statements: [select, transaction, set, show, execute, prepare] }}, action: allow }}
         - {{ name: deletes-need-approval, match: {{ statements: [delete], tables: [orders] }}, action: approve, timeout: 60s }}
         - {{ name: archive-approval, match: {{ statements: [delete], tables: [archive] }}, action: approve, timeout: 2s }}
         - {{ name: loads, match: {{ statements: [copy], tables: [orders] }}, action: allow }}
@@ -691,12 +691,14 @@ fn approval_holds_until_an_approver_decides() {
     );
 
     // An SQL PREPARE of a held statement is held, and so is each EXECUTE of it, by the same
-    // rule: one approval does not allow any number of runs.
+    // rule: one approval does not allow any number of runs. A PREPARE of the same name that the
+    // server rejects (the name is taken) changes nothing.
     pg.direct("INSERT INTO orders VALUES (5, 'e@example.com')");
     let url = format!("postgresql://bot@127.0.0.1:{}/postgres", pg.port);
     let child = std::process::Command::new(common::BIN)
         .args(["exec", "--cgroup", &env.cgroup("bot"), "--", "psql", "-X", &url])
-        .args(["-c", "PREPARE d(int) AS DELETE FROM orders WHERE id = $1", "-c", "EXECUTE d(5)"])
+        .args(["-c", "PREPARE d(int) AS DELETE FROM orders WHERE id = $1"])
+        .args(["-c", "PREPARE d(int) AS SELECT $1", "-c", "EXECUTE d(5)"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -708,7 +710,8 @@ fn approval_holds_until_an_approver_decides() {
     assert_eq!(execute["rule"], "deletes-need-approval", "{execute}");
     assert!(approvals(&env, &["deny", &execute["id"].to_string()]).status.success());
     let out = child.wait_with_output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("deletes-need-approval"), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists") && err.contains("deletes-need-approval"), "{out:?}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "1", "the EXECUTE never ran");
 }
 
@@ -1039,9 +1042,8 @@ fn protocol_tricks_fail_closed() {
     assert!(after_first_line(&out).starts_with("12GCZ2G"), "{out}");
     assert!(!out.contains("unknown-prepared-statement"), "{out}");
     // A statement the session never parsed (SQL PREPARE makes such) is not the session's to
-    // bind: its text was never judged as a statement of its own (one approval of a PREPARE must
-    // not allow any number of runs). This grant may not PREPARE, so the name is just unknown.
-    let script = serde_json::json!([["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);
+    // bind: its text was never judged as a statement of its own.
+    let script = serde_json::json!([["Q", "PREPARE sqlprep AS SELECT 1"], ["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);
     let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
     // Redefining a named statement the session did not close: refused before the server sees it.

@@ -186,8 +186,6 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
         "SelectStmt" if body.get("values_lists").and_then(Value::as_array).is_some_and(|v| !v.is_empty()) => {
             return None;
         }
-        // SELECT ... INTO makes a table, as CREATE TABLE AS does.
-        "SelectStmt" if body.get("into_clause").is_some_and(|i| !i.is_null()) => Kind::Ddl,
         "SelectStmt" => Kind::Select,
         "InsertStmt" => Kind::Insert,
         "UpdateStmt" => Kind::Update,
@@ -437,6 +435,10 @@ fn walk(v: &Value, c: &mut Classification) {
                         }
                         _ => {}
                     }
+                    // SELECT ... INTO makes a table, as CREATE TABLE AS does (and reads, too).
+                    if key == "SelectStmt" && child.get("into_clause").is_some_and(|i| !i.is_null()) {
+                        c.kinds.insert(Kind::Ddl);
+                    }
                     if let Some(kind) = stmt_kind(key, child) {
                         c.kinds.insert(kind);
                         if matches!(kind, Kind::Update | Kind::Delete)
@@ -521,8 +523,8 @@ mod tests {
         assert_eq!(kinds("INSERT INTO t VALUES (1)"), ["insert"]);
         assert_eq!(kinds("INSERT INTO t SELECT * FROM secret"), ["select", "insert"]);
         assert_eq!(kinds("DROP TABLE orders"), ["ddl"]);
-        assert_eq!(kinds("SELECT * INTO orders_copy FROM orders"), ["ddl"]);
-        assert_eq!(kinds("SELECT 1 INTO TEMP t"), ["ddl"]);
+        assert_eq!(kinds("SELECT * INTO orders_copy FROM orders"), ["select", "ddl"]);
+        assert_eq!(kinds("SELECT 1 INTO TEMP t"), ["select", "ddl"]);
         assert_eq!(kinds("CREATE INDEX i ON t (a)"), ["ddl"]);
         assert_eq!(kinds("ALTER TABLE t ADD COLUMN b int"), ["ddl"]);
         assert_eq!(kinds("TRUNCATE t"), ["truncate"]);

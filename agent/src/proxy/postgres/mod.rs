@@ -1373,9 +1373,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 });
                                 self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
-                                for name in &p.class.prepares {
-                                    self.sql_prepared.insert(name.clone(), p.clone());
-                                }
+                                remember_prepared(&mut self.sql_prepared, &p);
                                 forward.push(frame);
                                 self.syncs += 1;
                                 if p.class.copy_in > 0 {
@@ -1523,14 +1521,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             self.prepared.keys().chain(self.sql_prepared.keys()).filter(|n| gone(n)).cloned().collect();
         for name in names {
             let dropped = [self.prepared.remove(&name), self.sql_prepared.remove(&name)];
-            // What it stood for before is not what it stands for now, whatever fits below.
-            self.forgotten.remove(&name);
-            // Bounded: a name that does not fit is unknown to SQL EXECUTE, which is refused.
-            if let Some(mut p) = dropped.into_iter().flatten().find(|p| p.hold.is_some())
-                && self.forgotten.len() < MAX_FORGOTTEN
-            {
-                p.text = truncate(&p.text, MAX_AUDITED_SQL).into();
-                self.forgotten.insert(name, p);
+            // One without a hold leaves what was forgotten before: that may still be live.
+            if let Some(mut p) = dropped.into_iter().flatten().find(|p| p.hold.is_some()) {
+                // Bounded: a name that does not fit is unknown to SQL EXECUTE, which is refused.
+                self.forgotten.remove(&name);
+                if self.forgotten.len() < MAX_FORGOTTEN {
+                    p.text = truncate(&p.text, MAX_AUDITED_SQL).into();
+                    self.forgotten.insert(name, p);
+                }
             }
         }
         self.described.retain(|name| !gone(name));
@@ -1799,9 +1797,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     if let Some(p) = statement
                         && !p.class.prepares.is_empty()
                     {
-                        for name in &p.class.prepares {
-                            self.sql_prepared.insert(name.clone(), p.clone());
-                        }
+                        remember_prepared(&mut self.sql_prepared, p);
                     }
                     let copy_in = statement.is_some_and(|p| p.class.copy_in > 0);
                     if masking {
@@ -1948,8 +1944,30 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     }
 }
 
-/// Forgotten statements kept for SQL EXECUTE's holds (see `ClientSide::forgotten`).
+/// Forgotten statements kept for SQL EXECUTE's holds (see `ClientSide::forgotten`), and
+/// statements made by SQL PREPARE the proxy keeps; a name that does not fit is unknown to SQL
+/// EXECUTE, which refuses it.
 const MAX_FORGOTTEN: usize = 256;
+const MAX_SQL_PREPARED: usize = 1024;
+
+/// Notes the statements an SQL PREPARE in `p` makes, with `p`'s judgement. A PREPARE the
+/// server rejects (the name is taken) must not replace the judgement of the statement it kept:
+/// a held one stays held.
+fn remember_prepared(sql_prepared: &mut HashMap<String, Prepared>, p: &Prepared) {
+    for name in &p.class.prepares {
+        if sql_prepared.get(name).is_some_and(|old| old.hold.is_some() && p.hold.is_none()) {
+            continue;
+        }
+        if sql_prepared.len() >= MAX_SQL_PREPARED && !sql_prepared.contains_key(name) {
+            continue;
+        }
+        let mut kept = p.clone();
+        if kept.text.len() > MAX_AUDITED_SQL {
+            kept.text = truncate(&kept.text, MAX_AUDITED_SQL).into();
+        }
+        sql_prepared.insert(name.clone(), kept);
+    }
+}
 
 /// A statement `class` runs with SQL EXECUTE that the proxy does not know (`known` says which
 /// it does): after a miscount, or made where the proxy does not see (a function). Refused.
