@@ -1043,7 +1043,8 @@ fn protocol_tricks_fail_closed() {
     assert!(!out.contains("unknown-prepared-statement"), "{out}");
     // A statement the session never parsed (SQL PREPARE makes such) is not the session's to
     // bind: its text was never judged as a statement of its own.
-    let script = serde_json::json!([["Q", "PREPARE sqlprep AS SELECT 1"], ["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);
+    let script =
+        serde_json::json!([["Q", "PREPARE sqlprep AS SELECT 1"], ["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);
     let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
     // Redefining a named statement the session did not close: refused before the server sees it.
