@@ -24,10 +24,13 @@ fuzz_target!(|data: &[u8]| {
     let copy = sql::classify("COPY t (a, b) TO STDOUT (FORMAT csv, HEADER)").copy_out;
     // The first byte picks the requests the frames answer.
     for i in 0..8 {
-        t.push(match (ops >> i) & 1 {
-            0 => Op::Query { copies: copy.iter().cloned().collect() },
-            _ => Op::Execute { portal: String::new(), copy: None },
-        });
+        if (ops >> i) & 1 == 0 {
+            t.push(Op::Query { copies: copy.iter().cloned().collect() });
+        } else {
+            let copy = copy.first().cloned();
+            t.push(Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy });
+            t.push(Op::Execute { portal: String::new() });
+        }
         if (ops >> i) & 3 == 3 {
             t.push(Op::DescribePortal { portal: String::new(), hidden: true });
             t.push(Op::Sync);
