@@ -637,8 +637,7 @@ impl Inject {
 /// back the batch's implicit transaction, skips to Sync) and its ReadyForQuery says so. The
 /// identifier is the session's own, so the error it draws is told from any other, in any
 /// message language.
-#[derive(Clone)]
-struct StandIn(Arc<str>);
+struct StandIn(String);
 
 impl StandIn {
     fn new(session: u64) -> StandIn {
@@ -647,7 +646,7 @@ impl StandIn {
         // a denial in its place.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(session);
-        StandIn(format!("tollgate_denied_{:016x}", h.finish()).into())
+        StandIn(format!("tollgate_denied_{:016x}", h.finish()))
     }
 
     /// The Parse to forward; the name is the identifier too, so the statement it would define
@@ -1117,7 +1116,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.outcome.denied += 1;
         let frame = deny_frame(r);
         let _ = self.to_down.inject.send(Note::Inject(Inject::Denial { point: self.syncs + 1, frame }));
-        self.op(Op::Parse { statement: self.both.stand_in.0.to_string() });
+        self.op(Op::Parse { statement: self.both.stand_in.0.clone() });
         forward.push(self.both.stand_in.parse());
         match end {
             Some(sync) => {
