@@ -475,6 +475,59 @@ fn masking_in_simple_queries_copy_and_error_texts() {
 }
 
 #[test]
+fn masking_follows_a_column_under_another_name() {
+    if !privileged("masking_follows_a_column_under_another_name") {
+        return;
+    }
+    let (env, pg) = masked_setup("pg-mask-alias");
+    // No detector catches this value: only the `secret_num` column rule can.
+    pg.direct("CREATE TABLE vault (id int, secret_num text); INSERT INTO vault VALUES (1, 'topsecret-42')");
+    let q = |sql: &str| psql_as(&env, &pg, "masked", "masked", sql);
+    // The server names each result column's source table and column: renaming it does not help.
+    for sql in [
+        "SELECT secret_num AS x FROM vault;",
+        "SELECT x FROM (SELECT secret_num AS x FROM vault) s;",
+        "WITH c AS (SELECT secret_num AS y FROM vault) SELECT y AS z FROM c;",
+        "SELECT v.b FROM vault AS v(a, b);",
+    ] {
+        let (out, err, ok) = q(sql);
+        assert!(ok, "{sql}: {err}");
+        assert_eq!(out, "[REDACTED]", "{sql}");
+    }
+    let (out, err, _) = q("SELECT email AS e FROM people WHERE id = 1;");
+    assert_eq!(out, "*************.com", "the source's rule and style: {err}");
+    // In the extended protocol too.
+    let script = serde_json::json!([
+        ["P", "s", "SELECT secret_num AS z FROM vault"],
+        ["D", "S", "s"],
+        ["B", "", "s"],
+        ["E", ""],
+        ["P", "", "SELECT id AS secret, secret_num AS n FROM vault"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
+    assert_eq!(out.matches("[REDACTED]").count(), 2, "{out}");
+    assert!(!out.contains("topsecret"), "{out}");
+    // COPY has no row description: the proxy follows aliases and expressions in the statement.
+    for sql in [
+        "COPY (SELECT secret_num AS x FROM vault) TO STDOUT;",
+        "COPY (SELECT x FROM (SELECT lower(secret_num) AS x FROM vault) s) TO STDOUT;",
+    ] {
+        let (out, err, ok) = q(sql);
+        assert!(ok, "{sql}: {err}");
+        assert_eq!(out, "[REDACTED]", "{sql}");
+    }
+    let (out, err, _) = q("COPY (SELECT b FROM vault AS v(a, b)) TO STDOUT;");
+    assert!(err.contains("\"masking\"") && out.is_empty(), "a rename by position is refused: {out} {err}");
+    // A computed value is not a table column: only the detectors see it (README, Known limits).
+    let (out, err, _) = q("SELECT upper(secret_num) AS u FROM vault;");
+    assert_eq!(out, "TOPSECRET-42", "{err}");
+}
+
+#[test]
 fn masking_binary_results_of_a_second_client_library() {
     if !privileged("masking_binary_results_of_a_second_client_library") {
         return;

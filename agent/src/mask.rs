@@ -1,5 +1,5 @@
 //! Response masking: column-name rules and content detectors applied to single values. Pure.
-use std::{borrow::Cow, fmt, str::FromStr, sync::OnceLock};
+use std::{borrow::Cow, collections::HashMap, fmt, str::FromStr, sync::OnceLock};
 
 use hmac::{Hmac, Mac};
 use regex::bytes::{Regex, RegexBuilder};
@@ -86,6 +86,26 @@ impl Glob {
     pub fn matches(&self, name: &str) -> bool {
         glob_match(self.0.as_bytes(), name.to_lowercase().as_bytes())
     }
+
+    /// The pattern as SQL `LIKE` text (`\` escapes) for names lowered in the "C" collation, or
+    /// `None` when it is not ASCII: such a pattern can only match names that are not ASCII.
+    pub fn like(&self) -> Option<String> {
+        if !self.0.is_ascii() {
+            return None;
+        }
+        let mut out = String::with_capacity(self.0.len() + 2);
+        for c in self.0.chars() {
+            match c {
+                '*' => out.push('%'),
+                '%' | '_' | '\\' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                c => out.push(c),
+            }
+        }
+        Some(out)
+    }
 }
 
 fn glob_match(p: &[u8], s: &[u8]) -> bool {
@@ -168,6 +188,11 @@ impl Counts {
     }
 }
 
+/// Table columns (table OID, attribute number) that a column rule masks, wherever a result
+/// column comes straight from one: the server names a result column's source in its
+/// RowDescription, so `SELECT ssn AS x` is still `ssn`.
+pub type Origins = HashMap<(u32, i16), Style>;
+
 /// Masks values for one grant: its rules plus the agent's hashing key.
 #[derive(Clone)]
 pub struct Masker {
@@ -175,6 +200,7 @@ pub struct Masker {
     /// Detectors in use and the style each applies, in rule order (first rule naming one wins).
     detectors: Vec<(Kind, Style)>,
     key: [u8; 32],
+    origins: Origins,
 }
 
 impl fmt::Debug for Masker {
@@ -196,7 +222,27 @@ impl Masker {
                 }
             }
         }
-        Masker { rules: rules.to_vec(), detectors, key }
+        Masker { rules: rules.to_vec(), detectors, key, origins: Origins::new() }
+    }
+
+    /// This masker, also masking results taken from the table columns in `origins`.
+    pub fn with_origins(&self, origins: Origins) -> Masker {
+        Masker { origins, ..self.clone() }
+    }
+
+    /// The `LIKE` patterns (see `Glob::like`) of every column rule's ASCII globs.
+    pub fn column_likes(&self) -> Vec<String> {
+        let globs = self.rules.iter().flat_map(|r| match &r.target {
+            Target::Columns(globs) => globs.as_slice(),
+            Target::Detect(_) => &[],
+        });
+        let mut out: Vec<String> = Vec::new();
+        for like in globs.filter_map(Glob::like) {
+            if !out.contains(&like) {
+                out.push(like);
+            }
+        }
+        out
     }
 
     pub fn has_column_rules(&self) -> bool {
@@ -217,6 +263,15 @@ impl Masker {
             }
         }
         if self.detectors.is_empty() { ColumnMask::Keep } else { ColumnMask::Detect }
+    }
+
+    /// `column` for a result column the server says comes from table `origin.0`'s attribute
+    /// `origin.1` (0, 0 for an expression): masked if either its name or its source's is.
+    pub fn column_from(&self, name: &str, origin: (u32, i16)) -> ColumnMask {
+        match self.column(name) {
+            ColumnMask::Whole(style) => ColumnMask::Whole(style),
+            other => self.origins.get(&origin).map_or(other, |&style| ColumnMask::Whole(style)),
+        }
     }
 
     /// The masked form of a whole value.
@@ -409,6 +464,36 @@ mod tests {
         assert!(Glob::new("e*l").matches("email"));
         assert!(Glob::new("*").matches(""));
         assert!(!Glob::new("a*b").matches("acbc"));
+    }
+
+    #[test]
+    fn globs_become_like_patterns_for_the_servers_catalog() {
+        assert_eq!(Glob::new("*SSN*").like().as_deref(), Some("%ssn%"));
+        assert_eq!(Glob::new("a_b%c\\d").like().as_deref(), Some("a\\_b\\%c\\\\d"));
+        assert_eq!(Glob::new("émail").like(), None, "non-ASCII names are all fetched instead");
+        let m = masker(vec![
+            Rule {
+                name: "a".into(),
+                target: Target::Columns(vec![Glob::new("email"), Glob::new("*ssn*")]),
+                style: Style::Redact,
+            },
+            Rule { name: "d".into(), target: Target::Detect(vec![Kind::Email]), style: Style::Hash },
+            Rule { name: "b".into(), target: Target::Columns(vec![Glob::new("email")]), style: Style::Hash },
+        ]);
+        assert_eq!(m.column_likes(), vec!["email", "%ssn%"]);
+    }
+
+    #[test]
+    fn a_result_column_is_masked_by_its_name_or_its_source() {
+        let m = masker(vec![
+            Rule { name: "a".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact },
+            Rule { name: "d".into(), target: Target::Detect(vec![Kind::Email]), style: Style::Hash },
+        ]);
+        let m = m.with_origins(Origins::from([((16384, 3), Style::Partial)]));
+        assert_eq!(m.column_from("x", (16384, 3)), ColumnMask::Whole(Style::Partial), "an alias of ssn");
+        assert_eq!(m.column_from("ssn", (16384, 3)), ColumnMask::Whole(Style::Redact), "the name's rule first");
+        assert_eq!(m.column_from("x", (16384, 2)), ColumnMask::Detect);
+        assert_eq!(m.column_from("x", (0, 0)), ColumnMask::Detect, "an expression");
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //!
 //! The whole parse tree is walked, so statements hidden in CTEs, EXPLAIN ANALYZE, PREPARE,
 //! DECLARE CURSOR, CREATE TABLE AS, rules and multi-statement strings are all seen.
-use std::{collections::BTreeSet, fmt, str::FromStr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt,
+    str::FromStr,
+};
 
 use serde_json::Value;
 
@@ -169,6 +173,9 @@ pub struct CopyOut {
     pub unusual: Option<String>,
     /// Column names, when the statement says them (a column list, or plain named select items).
     pub columns: Option<Vec<String>>,
+    /// For `COPY (SELECT ...)`, per column: the other columns its values may come from (see
+    /// `column_sources`). Empty for a column list.
+    pub sources: Vec<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,7 +302,14 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
     {
         return None;
     }
-    let mut out = CopyOut { format: CopyFormat::Text, delimiter: b'\t', header: false, unusual: None, columns: None };
+    let mut out = CopyOut {
+        format: CopyFormat::Text,
+        delimiter: b'\t',
+        header: false,
+        unusual: None,
+        columns: None,
+        sources: Vec::new(),
+    };
     let mut delimiter = None;
     for opt in copy.get("options").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
         let Some(def) = opt.pointer("/node/DefElem") else { continue };
@@ -353,6 +367,92 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
                 }
             })
             .collect();
+        if out.columns.is_some() {
+            match copy.get("query").and_then(|q| column_sources(q, targets)) {
+                Some(sources) => out.sources = sources,
+                None => out.columns = None,
+            }
+        }
+    }
+    Some(out)
+}
+
+/// What each of a query's `targets` may carry values of: the columns its expression reads and,
+/// through the aliases anywhere in the query (`FROM (SELECT ssn AS x ...)`), what those read,
+/// so `COPY (SELECT x FROM (SELECT ssn AS x FROM t) s)` is masked as `ssn`. `None` when that
+/// cannot be known: the query renames columns by position (`AS t(a, b)`, `WITH c(a) AS`) or a
+/// target reads whole rows (`t.*`, `row_to_json(t)`).
+fn column_sources(query: &Value, targets: &[Value]) -> Option<Vec<Vec<String>>> {
+    // Names a whole-row reference could use, and what each alias reads.
+    let mut ranges: BTreeSet<&str> = BTreeSet::new();
+    let mut aliases: HashMap<&str, Vec<&Value>> = HashMap::new();
+    let mut stack = vec![query];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    match key.as_str() {
+                        "colnames" | "aliascolnames" if child.as_array().is_some_and(|a| !a.is_empty()) => {
+                            return None;
+                        }
+                        "RangeVar" => ranges.extend(child.get("relname").and_then(Value::as_str)),
+                        "alias" => ranges.extend(child.get("aliasname").and_then(Value::as_str)),
+                        "CommonTableExpr" => ranges.extend(child.get("ctename").and_then(Value::as_str)),
+                        "ResTarget" => {
+                            if let (Some(name), Some(val)) =
+                                (child.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()), child.get("val"))
+                            {
+                                aliases.entry(name).or_default().push(val);
+                            }
+                        }
+                        _ => {}
+                    }
+                    stack.push(child);
+                }
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    let mut out = Vec::with_capacity(targets.len());
+    for t in targets {
+        let val = t.pointer("/node/ResTarget/val")?;
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut todo = vec![val];
+        while let Some(v) = todo.pop() {
+            for name in reads(v, &ranges)? {
+                if seen.insert(name.to_string()) {
+                    todo.extend(aliases.get(name).into_iter().flatten().copied());
+                }
+            }
+        }
+        out.push(seen.into_iter().collect());
+    }
+    Some(out)
+}
+
+/// The column names an expression reads; `None` if it reads a whole row.
+fn reads<'a>(expr: &'a Value, ranges: &BTreeSet<&str>) -> Option<Vec<&'a str>> {
+    let mut out = Vec::new();
+    let mut stack = vec![expr];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    if key == "ColumnRef" {
+                        let fields =
+                            child.get("fields").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+                        match fields.last().and_then(sval) {
+                            Some(name) if !(fields.len() == 1 && ranges.contains(name)) => out.push(name),
+                            _ => return None, // `t.*`, or a table's name standing for its row
+                        }
+                    }
+                    stack.push(child);
+                }
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
     }
     Some(out)
 }
@@ -631,15 +731,48 @@ mod tests {
                 header: true,
                 unusual: None,
                 columns: Some(vec!["a".into(), "b".into()]),
+                sources: Vec::new(),
             }]
         );
         let c = classify("COPY (SELECT id, t.email, lower(name) AS n FROM t) TO STDOUT");
         assert_eq!(c.copy_out[0].columns, Some(vec!["id".into(), "email".into(), "n".into()]));
+        let sources: Vec<Vec<&str>> =
+            c.copy_out[0].sources.iter().map(|s| s.iter().map(String::as_str).collect()).collect();
+        assert_eq!(sources, [vec!["id"], vec!["email"], vec!["name"]]);
         assert_eq!((c.copy_out[0].format, c.copy_out[0].delimiter), (CopyFormat::Text, b'\t'));
         let c = classify("COPY (SELECT *, 1 FROM t) TO STDOUT (FORMAT binary)");
         assert_eq!((c.copy_out[0].format, &c.copy_out[0].columns), (CopyFormat::Binary, &None));
         let c = classify("COPY t TO STDOUT (FORMAT csv, DELIMITER '|', QUOTE '\"')");
         assert_eq!((c.copy_out[0].delimiter, c.copy_out[0].unusual.as_deref()), (b'|', Some("quote")));
+    }
+
+    #[test]
+    fn copy_columns_carry_what_they_are_made_of() {
+        let sources = |sql: &str| {
+            let c = classify(sql);
+            c.copy_out[0].columns.as_ref().map(|_| c.copy_out[0].sources.clone())
+        };
+        let strs = |v: &[&[&str]]| Some(v.iter().map(|s| s.iter().map(|x| x.to_string()).collect()).collect());
+        // Through a subquery's and a CTE's aliases, and inside expressions.
+        assert_eq!(
+            sources("COPY (SELECT id, x FROM (SELECT id, ssn AS x FROM t) s) TO STDOUT"),
+            strs(&[&["id"], &["ssn", "x"]])
+        );
+        assert_eq!(
+            sources("COPY (WITH c AS (SELECT upper(ssn) || '' AS y FROM t) SELECT y AS z FROM c) TO STDOUT"),
+            strs(&[&["ssn", "y"]])
+        );
+        assert_eq!(sources("COPY (SELECT a AS b FROM (SELECT b AS a FROM t) s) TO STDOUT"), strs(&[&["a", "b"]]));
+        // Renames by position and whole rows: unknown, so a COPY under column rules is refused.
+        for sql in [
+            "COPY (SELECT x FROM t AS u(id, x)) TO STDOUT",
+            "COPY (WITH c(x) AS (SELECT ssn FROM t) SELECT x FROM c) TO STDOUT",
+            "COPY (SELECT row_to_json(u) AS j FROM t u) TO STDOUT",
+            "COPY (SELECT row_to_json(t.*) AS j FROM t) TO STDOUT",
+            "COPY (SELECT c AS j FROM (SELECT 1) c) TO STDOUT",
+        ] {
+            assert_eq!(sources(sql), None, "{sql}");
+        }
     }
 
     #[test]

@@ -279,16 +279,27 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
                 upstream::start_tls(tcp, s.upstream, config, name).await.map_err(|e| e.to_string())?
             }
         };
-        upstream::login(stream, s.upstream, &s.credentials.user, &password, &params).await.map_err(|e| e.to_string())
+        let mut up = upstream::login(stream, s.upstream, &s.credentials.user, &password, &params)
+            .await
+            .map_err(|e| e.to_string())?;
+        let masker = match &s.masker {
+            Some(m) if m.has_column_rules() => {
+                let origins = up.column_origins(s.upstream, m).await.map_err(|e| e.to_string())?;
+                Some(Arc::new(m.with_origins(origins)))
+            }
+            other => other.clone(),
+        };
+        Ok::<_, String>((up, masker))
     };
-    let up = match crate::timer::timeout(STARTUP_TIMEOUT, login).await.unwrap_or_else(|_| Err("timed out".into())) {
-        Ok(up) => up,
-        Err(e) => {
-            let msg = format!("tollgate: cannot log in to {}: {e}", s.upstream);
-            let _ = send(&mut client, &[wire::error_response(SQLSTATE_CONNECTION, &msg, None, None)]).await;
-            return Outcome { error: Some(msg), ..Default::default() };
-        }
-    };
+    let (up, masker) =
+        match crate::timer::timeout(STARTUP_TIMEOUT, login).await.unwrap_or_else(|_| Err("timed out".into())) {
+            Ok(up) => up,
+            Err(e) => {
+                let msg = format!("tollgate: cannot log in to {}: {e}", s.upstream);
+                let _ = send(&mut client, &[wire::error_response(SQLSTATE_CONNECTION, &msg, None, None)]).await;
+                return Outcome { error: Some(msg), ..Default::default() };
+            }
+        };
     let target = CancelTarget {
         upstream: s.upstream,
         real: BackendKey { pid: up.backend_pid, key: up.backend_key },
@@ -309,10 +320,10 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let (up_r, up_w) = up.stream.split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
     let (expect_tx, expect_rx) = mpsc::unbounded_channel();
-    let (ops_tx, masking) = match &s.masker {
+    let (ops_tx, masking) = match masker {
         Some(m) => {
             let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some((Tracker::new(m.clone()), rx)))
+            (Some(tx), Some((Tracker::new(m), rx)))
         }
         None => (None, None),
     };

@@ -97,11 +97,11 @@ impl Plan {
         let mut cols = Vec::with_capacity(n as usize);
         for _ in 0..n {
             let name = String::from_utf8_lossy(r.cstr()?);
-            r.take(6)?; // table oid, column number
+            let origin = (r.i32()? as u32, r.i16()?);
             let type_oid = r.i32()? as u32;
             r.take(6)?; // type size, type modifier
             let format = r.i16()?;
-            cols.push(Col { mask: masker.column(&name), binary: format == 1, type_oid });
+            cols.push(Col { mask: masker.column_from(&name, origin), binary: format == 1, type_oid });
         }
         if !r.b.is_empty() {
             return Err(malformed("RowDescription", "trailing bytes"));
@@ -128,7 +128,19 @@ impl Plan {
     /// A plan for COPY rows: by position when the column names are known, else detectors only.
     pub fn for_copy(copy: &CopyOut, masker: &Masker) -> Plan {
         let cols: Vec<Col> = match &copy.columns {
-            Some(names) => names.iter().map(|n| Col { mask: masker.column(n), binary: false, type_oid: 25 }).collect(),
+            Some(names) => names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let from = copy.sources.get(i).map(Vec::as_slice).unwrap_or_default();
+                    let mask = std::iter::once(n)
+                        .chain(from)
+                        .map(|n| masker.column(n))
+                        .find(|m| matches!(m, ColumnMask::Whole(_)))
+                        .unwrap_or_else(|| masker.column(n));
+                    Col { mask, binary: false, type_oid: 25 }
+                })
+                .collect(),
             None => Vec::new(),
         };
         let active = masker.has_detectors() || cols.iter().any(|c| c.mask != ColumnMask::Keep);
@@ -632,6 +644,7 @@ mod tests {
             header: false,
             unusual: None,
             columns: columns.map(|c| c.into_iter().map(String::from).collect()),
+            sources: Vec::new(),
         };
         let text = copy(CopyFormat::Text, b'\t', Some(vec!["id", "ssn", "note"]));
         let plan = Plan::for_copy(&text, &m);

@@ -10,7 +10,10 @@ use postgres_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::wire::{self, Frame};
-use crate::proxy::conn::Conn;
+use crate::{
+    mask::{ColumnMask, Masker, Origins},
+    proxy::conn::Conn,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -30,6 +33,8 @@ pub enum UpstreamError {
     NoTls { addr: SocketAddr },
     #[error("upstream TLS: {0}")]
     Tls(String),
+    #[error("looking up the table columns that column rules mask: {0}")]
+    Lookup(String),
 }
 
 /// Asks the server for TLS (SSLRequest) and runs the handshake, checking the certificate as the
@@ -158,6 +163,121 @@ pub async fn login(
             }
             // NoticeResponse and anything else during login is informational.
             _ => {}
+        }
+    }
+}
+
+/// At most this many table columns may match a grant's column rules: each session keeps them.
+const MAX_ORIGINS: usize = 100_000;
+
+/// The catalog query behind `column_origins`: user tables' and views' live columns whose names
+/// are not ASCII (`$1`, a regex) or, lowered in the "C" collation, are `LIKE` a pattern
+/// (`$2`...). Everything is schema-qualified so the login role's search_path cannot redirect it.
+fn origins_query(patterns: usize) -> String {
+    let mut sql = String::from(
+        "SELECT a.attrelid::pg_catalog.int8, a.attnum, a.attname \
+         FROM pg_catalog.pg_attribute a \
+         JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
+         JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+         WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+         AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast']) \
+         AND (a.attname OPERATOR(pg_catalog.~) $1",
+    );
+    if patterns > 0 {
+        let params: Vec<String> = (0..patterns).map(|i| format!("${}", i + 2)).collect();
+        sql.push_str(
+            " OR pg_catalog.lower(a.attname::pg_catalog.text COLLATE \"C\") OPERATOR(pg_catalog.~~) ANY (ARRAY[",
+        );
+        sql.push_str(&params.join(", "));
+        sql.push_str("]::pg_catalog.text[])");
+    }
+    sql.push(')');
+    sql
+}
+
+/// One catalog row: (table OID, attribute number, column name).
+fn origin_row(body: &[u8]) -> Result<(u32, i16, String), UpstreamError> {
+    let bad = |detail| UpstreamError::Wire(wire::WireError::Malformed { what: "DataRow", detail });
+    let mut b = body;
+    if b.len() < 2 || b.get_i16() != 3 {
+        return Err(bad("expected 3 columns"));
+    }
+    let mut field = || -> Result<String, UpstreamError> {
+        if b.len() < 4 {
+            return Err(bad("short"));
+        }
+        let len = b.get_i32();
+        let len = usize::try_from(len).map_err(|_| bad("NULL"))?;
+        if b.len() < len {
+            return Err(bad("short"));
+        }
+        let v = String::from_utf8_lossy(&b[..len]).into_owned();
+        b.advance(len);
+        Ok(v)
+    };
+    let oid = field()?.parse::<u32>().map_err(|_| bad("table oid"))?;
+    let attnum = field()?.parse::<i16>().map_err(|_| bad("attribute number"))?;
+    Ok((oid, attnum, field()?))
+}
+
+impl Upstream {
+    /// Asks the server which table columns the grant's column rules name, so a result column
+    /// taken from one is masked whatever it is called in the query. Runs once per session,
+    /// right after login and before the client's first message.
+    pub async fn column_origins(&mut self, addr: SocketAddr, masker: &Masker) -> Result<Origins, UpstreamError> {
+        let io = |source| UpstreamError::Io { addr, source };
+        let likes = masker.column_likes();
+        let mut params: Vec<&str> = vec![r"[^\x01-\x7f]"];
+        params.extend(likes.iter().map(String::as_str));
+        let mut out = BytesMut::new();
+        frontend::parse("", &origins_query(likes.len()), std::iter::empty(), &mut out).map_err(io)?;
+        frontend::bind(
+            "",
+            "",
+            std::iter::empty::<i16>(),
+            params.iter(),
+            |p, buf| {
+                buf.extend_from_slice(p.as_bytes());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            &mut out,
+        )
+        .map_err(|e| match e {
+            frontend::BindError::Conversion(e) => UpstreamError::Refused(e.to_string()),
+            frontend::BindError::Serialization(e) => io(e),
+        })?;
+        frontend::execute("", 0, &mut out).map_err(io)?;
+        // The unnamed statement goes, so a client's Bind of it fails as it would have.
+        frontend::close(b'S', "", &mut out).map_err(io)?;
+        frontend::sync(&mut out);
+        self.stream.write_all(&out).await.map_err(io)?;
+
+        let mut origins = Origins::new();
+        let mut failed = None;
+        loop {
+            let f = next_frame(&mut self.stream, &mut self.leftover, addr).await?;
+            match f.tag {
+                b'D' if failed.is_none() => {
+                    let (oid, attnum, name) = origin_row(&f.body)?;
+                    if let ColumnMask::Whole(style) = masker.column(&name) {
+                        if origins.len() == MAX_ORIGINS {
+                            failed = Some(format!("more than {MAX_ORIGINS} table columns match the column rules"));
+                            continue;
+                        }
+                        origins.insert((oid, attnum), style);
+                    }
+                }
+                b'E' => failed = Some(wire::error_message(&f.body).unwrap_or_else(|| "unknown error".into())),
+                b'S' => self.parameters.push(f),
+                b'Z' => break,
+                // ParseComplete, BindComplete, CommandComplete, CloseComplete, notices.
+                _ => {}
+            }
+        }
+        match failed {
+            Some(e) => Err(UpstreamError::Lookup(e)),
+            None => Ok(origins),
         }
     }
 }
