@@ -761,6 +761,9 @@ fn approval_holds_until_an_approver_decides() {
     let execute = pending_one(&env);
     assert_ne!(execute["id"], prepare["id"]);
     assert_eq!(execute["rule"], "deletes-need-approval", "{execute}");
+    // The approver sees what runs: the EXECUTE with its arguments, and the statement it runs.
+    assert_eq!(execute["statement"], "EXECUTE d(5)", "{execute}");
+    assert_eq!(execute["runs"], "PREPARE d(int) AS DELETE FROM orders WHERE id = $1", "{execute}");
     assert!(approvals(&env, &["deny", &execute["id"].to_string()]).status.success());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

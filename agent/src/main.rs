@@ -275,6 +275,9 @@ fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<Exit
                     r.expires_at
                 );
                 println!("      {}", printable(&r.statement));
+                if let Some(runs) = &r.runs {
+                    println!("      runs: {}", printable(runs));
+                }
                 if !r.parameters.is_empty() {
                     let p: Vec<String> = r
                         .parameters

@@ -42,6 +42,9 @@ pub struct Request {
     /// Bound parameter values of an extended-protocol execution (`$1`, `$2`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parameters: Vec<Option<String>>,
+    /// For a SQL `EXECUTE`: the text of the prepared statement it runs, whose rule holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<String>,
     pub rule: String,
     /// RFC 3339 times.
     pub requested_at: String,
@@ -202,6 +205,7 @@ mod tests {
             database: None,
             statement: "DELETE FROM orders WHERE id = 1".into(),
             parameters: Vec::new(),
+            runs: None,
             rule: "hold".into(),
             requested_at: "2026-01-01T00:00:00Z".into(),
             expires_at: "2026-01-01T00:05:00Z".into(),

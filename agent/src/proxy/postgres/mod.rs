@@ -1236,20 +1236,26 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         parameters: Vec<Option<String>>,
         executed: Vec<Prepared>,
     ) -> Result<Option<Refusal>, String> {
-        if let Some(r) = self.hold(p, parameters).await? {
+        if let Some(r) = self.hold(p, parameters, None).await? {
             return Ok(Some(r));
         }
         for target in executed {
-            if let Some(r) = self.hold(&target, Vec::new()).await? {
+            if let Some(r) = self.hold(p, Vec::new(), Some(&target)).await? {
                 return Ok(Some(r));
             }
         }
         Ok(None)
     }
 
-    /// Holds a statement until an approver decides; `Ok(None)` when it may go ahead.
-    async fn hold(&mut self, p: &Prepared, parameters: Vec<Option<String>>) -> Result<Option<Refusal>, String> {
-        let Some((rule, timeout)) = &p.hold else { return Ok(None) };
+    /// Holds a statement until an approver decides; `Ok(None)` when it may go ahead. `runs`: the
+    /// prepared statement `p` runs with SQL EXECUTE, whose rule holds it this time.
+    async fn hold(
+        &mut self,
+        p: &Prepared,
+        parameters: Vec<Option<String>>,
+        runs: Option<&Prepared>,
+    ) -> Result<Option<Refusal>, String> {
+        let Some((rule, timeout)) = &runs.unwrap_or(p).hold else { return Ok(None) };
         let approvals = self.s.approvals;
         let id = approvals.next_id();
         let now = time::OffsetDateTime::now_utc();
@@ -1265,6 +1271,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             database: self.base.database.clone(),
             statement: truncate(&p.text, MAX_AUDITED_SQL),
             parameters,
+            runs: runs.map(|r| truncate(&r.text, MAX_AUDITED_SQL)),
             rule: rule.clone(),
             requested_at: fmt(now),
             expires_at: fmt(now + *timeout),
@@ -1293,7 +1300,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         drop(ticket);
         let mut r = self.base.clone();
         r.kind = Kind::Approval;
-        r.refs = Some(vec![p.seq]);
+        r.refs = Some([p.seq].into_iter().chain(runs.map(|r| r.seq)).collect());
         r.approval_id = Some(id.0);
         r.rule = Some(rule.clone());
         r.verdict = Some(verdict.as_str().into());
