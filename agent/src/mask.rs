@@ -60,6 +60,18 @@ pub enum Style {
     Hash,
 }
 
+impl Style {
+    /// How little of a value it lets through: partial keeps 4 characters, a hash links equal
+    /// values, redact keeps nothing.
+    pub fn strictness(self) -> u8 {
+        match self {
+            Style::Partial => 0,
+            Style::Hash => 1,
+            Style::Redact => 2,
+        }
+    }
+}
+
 impl FromStr for Style {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -193,6 +205,10 @@ impl Counts {
 /// RowDescription, so `SELECT ssn AS x` is still `ssn`.
 pub type Origins = HashMap<(u32, i16), Style>;
 
+/// Names (lower-cased, without schema) of the tables and views that have a masked column, each
+/// with the strictest style of those columns' rules.
+pub type MaskedTables = HashMap<String, Style>;
+
 /// Masks values for one grant: its rules plus the agent's hashing key.
 #[derive(Clone)]
 pub struct Masker {
@@ -201,6 +217,7 @@ pub struct Masker {
     detectors: Vec<(Kind, Style)>,
     key: [u8; 32],
     origins: Origins,
+    tables: MaskedTables,
 }
 
 impl fmt::Debug for Masker {
@@ -222,12 +239,40 @@ impl Masker {
                 }
             }
         }
-        Masker { rules: rules.to_vec(), detectors, key, origins: Origins::new() }
+        Masker { rules: rules.to_vec(), detectors, key, origins: Origins::new(), tables: MaskedTables::new() }
     }
 
-    /// This masker, also masking results taken from the table columns in `origins`.
-    pub fn with_origins(&self, origins: Origins) -> Masker {
-        Masker { origins, ..self.clone() }
+    /// This masker, also masking results taken from the table columns in `origins`, and
+    /// computed results of statements that read `tables`.
+    pub fn with_origins(&self, origins: Origins, tables: MaskedTables) -> Masker {
+        Masker { origins, tables, ..self.clone() }
+    }
+
+    /// How the computed result columns (those the server does not trace to one table column)
+    /// of a statement are masked: whole, in the strictest style of the masked columns of the
+    /// `tables` it reads, when it also `reads` a masked column's name or whole rows, since its
+    /// values may then be made of them. `indirect`: the statement returns rows of a query
+    /// written elsewhere (FETCH, EXECUTE), which may read anything.
+    pub fn computed<'a>(
+        &self,
+        tables: impl IntoIterator<Item = &'a String>,
+        reads: &crate::sql::Reads,
+        indirect: bool,
+    ) -> Option<Style> {
+        let styles: Vec<Style> = if indirect {
+            self.tables.values().copied().collect()
+        } else {
+            let masked_read =
+                reads.whole_rows || reads.columns.iter().any(|c| matches!(self.column(c), ColumnMask::Whole(_)));
+            if !masked_read {
+                return None;
+            }
+            tables
+                .into_iter()
+                .filter_map(|t| self.tables.get(t.rsplit('.').next().unwrap_or(t).to_lowercase().as_str()).copied())
+                .collect()
+        };
+        styles.into_iter().max_by_key(|s| s.strictness())
     }
 
     /// The `LIKE` patterns (see `Glob::like`) of every column rule's ASCII globs.
@@ -266,11 +311,16 @@ impl Masker {
     }
 
     /// `column` for a result column the server says comes from table `origin.0`'s attribute
-    /// `origin.1` (0, 0 for an expression): masked if either its name or its source's is.
-    pub fn column_from(&self, name: &str, origin: (u32, i16)) -> ColumnMask {
+    /// `origin.1` (0, 0 for a computed value; attribute 0 for a whole row): masked if its name
+    /// or its source's is, or, computed, as `computed` (see `Masker::computed`) says.
+    pub fn column_from(&self, name: &str, origin: (u32, i16), computed: Option<Style>) -> ColumnMask {
         match self.column(name) {
             ColumnMask::Whole(style) => ColumnMask::Whole(style),
-            other => self.origins.get(&origin).map_or(other, |&style| ColumnMask::Whole(style)),
+            other => match (self.origins.get(&origin), computed) {
+                (Some(&style), _) => ColumnMask::Whole(style),
+                (None, Some(style)) if origin.1 <= 0 => ColumnMask::Whole(style),
+                (None, _) => other,
+            },
         }
     }
 
@@ -489,11 +539,27 @@ mod tests {
             Rule { name: "a".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact },
             Rule { name: "d".into(), target: Target::Detect(vec![Kind::Email]), style: Style::Hash },
         ]);
-        let m = m.with_origins(Origins::from([((16384, 3), Style::Partial)]));
-        assert_eq!(m.column_from("x", (16384, 3)), ColumnMask::Whole(Style::Partial), "an alias of ssn");
-        assert_eq!(m.column_from("ssn", (16384, 3)), ColumnMask::Whole(Style::Redact), "the name's rule first");
-        assert_eq!(m.column_from("x", (16384, 2)), ColumnMask::Detect);
-        assert_eq!(m.column_from("x", (0, 0)), ColumnMask::Detect, "an expression");
+        let tables = MaskedTables::from([("vault".into(), Style::Partial), ("people".into(), Style::Hash)]);
+        let m = m.with_origins(Origins::from([((16384, 3), Style::Partial)]), tables);
+        assert_eq!(m.column_from("x", (16384, 3), None), ColumnMask::Whole(Style::Partial), "an alias of ssn");
+        assert_eq!(m.column_from("ssn", (16384, 3), None), ColumnMask::Whole(Style::Redact), "the name's rule first");
+        assert_eq!(m.column_from("x", (16384, 2), None), ColumnMask::Detect);
+        assert_eq!(m.column_from("x", (0, 0), None), ColumnMask::Detect, "an expression of unmasked tables");
+        // Computed values of a statement reading a table with masked columns may be made of them.
+        let reads = |cols: &[&str], whole_rows| crate::sql::Reads {
+            columns: cols.iter().map(|c| c.to_string()).collect(),
+            whole_rows,
+        };
+        let tables = ["public.Vault".to_string(), "t".to_string()];
+        let computed = m.computed(&tables, &reads(&["id", "SSN"], false), false);
+        assert_eq!(computed, Some(Style::Partial));
+        assert_eq!(m.computed(&tables, &reads(&["id"], true), false), Some(Style::Partial), "a whole row");
+        assert_eq!(m.computed(&tables, &reads(&["id"], false), false), None, "count(*), id + 1: nothing masked read");
+        assert_eq!(m.computed(&["t".to_string()], &reads(&["ssn"], false), false), None, "no masked table");
+        assert_eq!(m.computed(&[], &reads(&[], false), true), Some(Style::Hash), "a FETCH may read any: the strictest");
+        assert_eq!(m.column_from("x", (0, 0), computed), ColumnMask::Whole(Style::Partial));
+        assert_eq!(m.column_from("x", (16384, 0), computed), ColumnMask::Whole(Style::Partial), "a whole row");
+        assert_eq!(m.column_from("x", (16384, 2), computed), ColumnMask::Detect, "a column not masked");
     }
 
     #[test]

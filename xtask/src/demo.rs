@@ -141,8 +141,12 @@ pub fn demo() -> anyhow::Result<()> {
     show(&mut psql("WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone"))?;
     section("planner-bot: UPDATE with WHERE on orders -> allowed by rule order-writes");
     show(&mut psql("UPDATE orders SET total = 43.00 WHERE id = 1"))?;
-    section("masking: the email column keeps its last 4 characters; detectors catch values under any name");
-    show(&mut psql("SELECT id, email, 'call ' || email || ' or 415-555-0100' AS note FROM orders ORDER BY id"))?;
+    section(
+        "masking: the email column keeps its last 4 characters under any name; values computed from it are masked whole",
+    );
+    show(&mut psql("SELECT id, email, email AS contact, lower(email) AS lowered FROM orders ORDER BY id"))?;
+    section("masking: content detectors catch values in free text");
+    show(&mut psql("SELECT 'call 415-555-0100 or mail ann@example.com' AS note"))?;
 
     section("planner-bot: DELETE on orders -> held by rule deletes-need-approval until a human decides");
     let st = state.display().to_string();

@@ -2,11 +2,7 @@
 //!
 //! The whole parse tree is walked, so statements hidden in CTEs, EXPLAIN ANALYZE, PREPARE,
 //! DECLARE CURSOR, CREATE TABLE AS, rules and multi-statement strings are all seen.
-use std::{
-    collections::{BTreeSet, HashMap},
-    fmt,
-    str::FromStr,
-};
+use std::{collections::BTreeSet, fmt, str::FromStr};
 
 use serde_json::Value;
 
@@ -137,6 +133,68 @@ pub struct Classification {
     /// columns the server fixes when it parses it (a FETCH's or an EXECUTE's follow what they
     /// name when they run).
     pub plain: bool,
+    /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE.
+    pub indirect: bool,
+    /// The columns it names anywhere, and whether it reads whole rows.
+    pub reads: Reads,
+}
+
+/// What a statement reads, as far as its text says: every column it names (the last part of
+/// each column reference), and whether it reads whole rows (`t.*`, `*`, a table's name standing
+/// for its row), which may carry any column.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reads {
+    pub columns: BTreeSet<String>,
+    pub whole_rows: bool,
+}
+
+impl Reads {
+    fn of(tree: &Value) -> Reads {
+        let mut reads = Reads::default();
+        // Names a whole-row reference could use, and the one-part column references.
+        let mut ranges: BTreeSet<&str> = BTreeSet::new();
+        let mut singles: BTreeSet<&str> = BTreeSet::new();
+        let mut stack = vec![tree];
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::Object(map) => {
+                    for (key, child) in map {
+                        match key.as_str() {
+                            "ColumnRef" => {
+                                let fields = child.get("fields").and_then(Value::as_array).map(Vec::as_slice);
+                                let fields = fields.unwrap_or_default();
+                                match fields.last().and_then(sval) {
+                                    Some(name) => {
+                                        reads.columns.insert(name.to_string());
+                                        if fields.len() == 1 {
+                                            singles.insert(name);
+                                        }
+                                    }
+                                    None => reads.whole_rows = true,
+                                }
+                            }
+                            "RangeVar" | "relation" => ranges.extend(child.get("relname").and_then(Value::as_str)),
+                            "alias" => ranges.extend(child.get("aliasname").and_then(Value::as_str)),
+                            "CommonTableExpr" => ranges.extend(child.get("ctename").and_then(Value::as_str)),
+                            _ => {}
+                        }
+                        // Renaming columns by position (`AS v(a, b)`, `WITH c(a) AS`) hides which
+                        // column a name stands for: as good as reading whole rows.
+                        if matches!(key.as_str(), "colnames" | "aliascolnames")
+                            && child.as_array().is_some_and(|a| !a.is_empty())
+                        {
+                            reads.whole_rows = true;
+                        }
+                        stack.push(child);
+                    }
+                }
+                Value::Array(a) => stack.extend(a),
+                _ => {}
+            }
+        }
+        reads.whole_rows |= !singles.is_disjoint(&ranges);
+        reads
+    }
 }
 
 /// Named prepared statements a text removes: `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD
@@ -173,9 +231,11 @@ pub struct CopyOut {
     pub unusual: Option<String>,
     /// Column names, when the statement says them (a column list, or plain named select items).
     pub columns: Option<Vec<String>>,
-    /// For `COPY (SELECT ...)`, per column: the other columns its values may come from (see
-    /// `column_sources`). Empty for a column list.
-    pub sources: Vec<Vec<String>>,
+    /// `COPY (query) TO STDOUT`, whose columns the proxy cannot trace to table columns.
+    pub query: bool,
+    /// The relations it reads, lower-cased, without schema.
+    pub tables: BTreeSet<String>,
+    pub reads: Reads,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +329,8 @@ pub fn classify(sql: &str) -> Classification {
                         && copy.get("filename").and_then(Value::as_str).is_none_or(str::is_empty)
                 })
                 .count();
+            c.reads = Reads::of(&tree);
+            c.indirect = !c.executes.is_empty() || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some());
             c.plain = stmts.iter().all(|s| {
                 s.pointer("/stmt/node").and_then(Value::as_object).is_some_and(|node| {
                     node.keys().all(|k| {
@@ -308,8 +370,27 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
         header: false,
         unusual: None,
         columns: None,
-        sources: Vec::new(),
+        query: copy.get("query").is_some_and(|q| !q.is_null()),
+        tables: BTreeSet::new(),
+        reads: Reads::of(copy),
     };
+    let mut stack = vec![copy];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    if matches!(key.as_str(), "RangeVar" | "relation")
+                        && let Some(name) = child.get("relname").and_then(Value::as_str)
+                    {
+                        out.tables.insert(name.to_lowercase());
+                    }
+                    stack.push(child);
+                }
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
     let mut delimiter = None;
     for opt in copy.get("options").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
         let Some(def) = opt.pointer("/node/DefElem") else { continue };
@@ -367,92 +448,6 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
                 }
             })
             .collect();
-        if out.columns.is_some() {
-            match copy.get("query").and_then(|q| column_sources(q, targets)) {
-                Some(sources) => out.sources = sources,
-                None => out.columns = None,
-            }
-        }
-    }
-    Some(out)
-}
-
-/// What each of a query's `targets` may carry values of: the columns its expression reads and,
-/// through the aliases anywhere in the query (`FROM (SELECT ssn AS x ...)`), what those read,
-/// so `COPY (SELECT x FROM (SELECT ssn AS x FROM t) s)` is masked as `ssn`. `None` when that
-/// cannot be known: the query renames columns by position (`AS t(a, b)`, `WITH c(a) AS`) or a
-/// target reads whole rows (`t.*`, `row_to_json(t)`).
-fn column_sources(query: &Value, targets: &[Value]) -> Option<Vec<Vec<String>>> {
-    // Names a whole-row reference could use, and what each alias reads.
-    let mut ranges: BTreeSet<&str> = BTreeSet::new();
-    let mut aliases: HashMap<&str, Vec<&Value>> = HashMap::new();
-    let mut stack = vec![query];
-    while let Some(v) = stack.pop() {
-        match v {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    match key.as_str() {
-                        "colnames" | "aliascolnames" if child.as_array().is_some_and(|a| !a.is_empty()) => {
-                            return None;
-                        }
-                        "RangeVar" => ranges.extend(child.get("relname").and_then(Value::as_str)),
-                        "alias" => ranges.extend(child.get("aliasname").and_then(Value::as_str)),
-                        "CommonTableExpr" => ranges.extend(child.get("ctename").and_then(Value::as_str)),
-                        "ResTarget" => {
-                            if let (Some(name), Some(val)) =
-                                (child.get("name").and_then(Value::as_str).filter(|n| !n.is_empty()), child.get("val"))
-                            {
-                                aliases.entry(name).or_default().push(val);
-                            }
-                        }
-                        _ => {}
-                    }
-                    stack.push(child);
-                }
-            }
-            Value::Array(a) => stack.extend(a),
-            _ => {}
-        }
-    }
-    let mut out = Vec::with_capacity(targets.len());
-    for t in targets {
-        let val = t.pointer("/node/ResTarget/val")?;
-        let mut seen: BTreeSet<String> = BTreeSet::new();
-        let mut todo = vec![val];
-        while let Some(v) = todo.pop() {
-            for name in reads(v, &ranges)? {
-                if seen.insert(name.to_string()) {
-                    todo.extend(aliases.get(name).into_iter().flatten().copied());
-                }
-            }
-        }
-        out.push(seen.into_iter().collect());
-    }
-    Some(out)
-}
-
-/// The column names an expression reads; `None` if it reads a whole row.
-fn reads<'a>(expr: &'a Value, ranges: &BTreeSet<&str>) -> Option<Vec<&'a str>> {
-    let mut out = Vec::new();
-    let mut stack = vec![expr];
-    while let Some(v) = stack.pop() {
-        match v {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    if key == "ColumnRef" {
-                        let fields =
-                            child.get("fields").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-                        match fields.last().and_then(sval) {
-                            Some(name) if !(fields.len() == 1 && ranges.contains(name)) => out.push(name),
-                            _ => return None, // `t.*`, or a table's name standing for its row
-                        }
-                    }
-                    stack.push(child);
-                }
-            }
-            Value::Array(a) => stack.extend(a),
-            _ => {}
-        }
     }
     Some(out)
 }
@@ -588,6 +583,8 @@ mod tests {
         assert!(classify("WITH x AS (SELECT 1) SELECT * FROM x; UPDATE t SET a = 1 RETURNING *").plain);
         assert!(!classify("FETCH ALL FROM c").plain);
         assert!(!classify("EXECUTE s").plain);
+        assert!(classify("FETCH ALL FROM c").indirect && classify("EXPLAIN ANALYZE EXECUTE s").indirect);
+        assert!(!classify("SELECT 1").indirect);
         assert!(!classify("SELECT 1; SHOW work_mem").plain);
         assert!(!classify("SELEC 1").plain);
     }
@@ -731,14 +728,19 @@ mod tests {
                 header: true,
                 unusual: None,
                 columns: Some(vec!["a".into(), "b".into()]),
-                sources: Vec::new(),
+                query: false,
+                tables: ["t".to_string()].into(),
+                reads: Reads::default(),
             }]
         );
         let c = classify("COPY (SELECT id, t.email, lower(name) AS n FROM t) TO STDOUT");
         assert_eq!(c.copy_out[0].columns, Some(vec!["id".into(), "email".into(), "n".into()]));
-        let sources: Vec<Vec<&str>> =
-            c.copy_out[0].sources.iter().map(|s| s.iter().map(String::as_str).collect()).collect();
-        assert_eq!(sources, [vec!["id"], vec!["email"], vec!["name"]]);
+        assert!(c.copy_out[0].query);
+        assert_eq!(c.copy_out[0].tables, ["t".to_string()].into());
+        let c = classify("COPY (SELECT x FROM (SELECT a AS x FROM S1.Vault UNION SELECT b FROM u) s) TO STDOUT");
+        assert_eq!(c.copy_out[0].tables, ["u".to_string(), "vault".to_string()].into());
+        let c = classify("COPY people TO STDOUT");
+        assert_eq!((c.copy_out[0].query, &c.copy_out[0].tables), (false, &["people".to_string()].into()));
         assert_eq!((c.copy_out[0].format, c.copy_out[0].delimiter), (CopyFormat::Text, b'\t'));
         let c = classify("COPY (SELECT *, 1 FROM t) TO STDOUT (FORMAT binary)");
         assert_eq!((c.copy_out[0].format, &c.copy_out[0].columns), (CopyFormat::Binary, &None));
@@ -747,32 +749,23 @@ mod tests {
     }
 
     #[test]
-    fn copy_columns_carry_what_they_are_made_of() {
-        let sources = |sql: &str| {
-            let c = classify(sql);
-            c.copy_out[0].columns.as_ref().map(|_| c.copy_out[0].sources.clone())
-        };
-        let strs = |v: &[&[&str]]| Some(v.iter().map(|s| s.iter().map(|x| x.to_string()).collect()).collect());
-        // Through a subquery's and a CTE's aliases, and inside expressions.
-        assert_eq!(
-            sources("COPY (SELECT id, x FROM (SELECT id, ssn AS x FROM t) s) TO STDOUT"),
-            strs(&[&["id"], &["ssn", "x"]])
-        );
-        assert_eq!(
-            sources("COPY (WITH c AS (SELECT upper(ssn) || '' AS y FROM t) SELECT y AS z FROM c) TO STDOUT"),
-            strs(&[&["ssn", "y"]])
-        );
-        assert_eq!(sources("COPY (SELECT a AS b FROM (SELECT b AS a FROM t) s) TO STDOUT"), strs(&[&["a", "b"]]));
-        // Renames by position and whole rows: unknown, so a COPY under column rules is refused.
+    fn reads_name_columns_and_whole_rows() {
+        let r = classify("SELECT x FROM (SELECT '' AS x UNION ALL SELECT lower(v.secret_num) FROM vault v) s").reads;
+        let columns: Vec<&str> = r.columns.iter().map(String::as_str).collect();
+        assert_eq!((columns, r.whole_rows), (vec!["secret_num", "x"], false));
         for sql in [
-            "COPY (SELECT x FROM t AS u(id, x)) TO STDOUT",
-            "COPY (WITH c(x) AS (SELECT ssn FROM t) SELECT x FROM c) TO STDOUT",
-            "COPY (SELECT row_to_json(u) AS j FROM t u) TO STDOUT",
-            "COPY (SELECT row_to_json(t.*) AS j FROM t) TO STDOUT",
-            "COPY (SELECT c AS j FROM (SELECT 1) c) TO STDOUT",
+            "SELECT s.vault FROM (SELECT vault FROM vault) s",
+            "SELECT row_to_json(v) FROM vault v",
+            "SELECT * FROM vault UNION ALL SELECT * FROM vault",
+            "SELECT (v).secret_num FROM vault v",
+            "WITH c AS (SELECT 1 AS a) SELECT c FROM c",
+            "SELECT b FROM vault AS v(a, b)",
+            "WITH c(x) AS (SELECT secret_num FROM vault) SELECT x FROM c",
         ] {
-            assert_eq!(sources(sql), None, "{sql}");
+            assert!(classify(sql).reads.whole_rows, "{sql}");
         }
+        assert!(!classify("SELECT id, count(*) FROM vault GROUP BY id").reads.whole_rows);
+        assert!(classify("COPY (SELECT v.* FROM vault v) TO STDOUT").copy_out[0].reads.whole_rows);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use super::conn::Conn;
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{AuditLog, Kind, Record, ResultBase, ResultRecord, StatementBase, StatementRecord},
-    mask::Masker,
+    mask::{Masker, Style},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
         rules::{Action, Decision},
@@ -284,8 +284,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
             .map_err(|e| e.to_string())?;
         let masker = match &s.masker {
             Some(m) if m.has_column_rules() => {
-                let origins = up.column_origins(s.upstream, m).await.map_err(|e| e.to_string())?;
-                Some(Arc::new(m.with_origins(origins)))
+                let (origins, tables) = up.column_origins(s.upstream, m).await.map_err(|e| e.to_string())?;
+                Some(Arc::new(m.with_origins(origins, tables)))
             }
             other => other.clone(),
         };
@@ -320,10 +320,10 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let (up_r, up_w) = up.stream.split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
     let (expect_tx, expect_rx) = mpsc::unbounded_channel();
-    let (ops_tx, masking) = match masker {
+    let (ops_tx, masking) = match &masker {
         Some(m) => {
             let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some((Tracker::new(m), rx)))
+            (Some(tx), Some((Tracker::new(m.clone()), rx)))
         }
         None => (None, None),
     };
@@ -336,6 +336,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking, both.clone()));
     let mut side = ClientSide {
         s: &s,
+        masker,
         base: &base,
         statement_base: Arc::new(StatementBase::new(&base)),
         client: client_r,
@@ -1018,6 +1019,8 @@ struct Bound {
     copy_out: Option<sql::CopyOut>,
     /// Its columns were fixed when the statement was parsed (`Classification::plain`).
     plain: bool,
+    /// How its computed result columns are masked (`Masker::computed`).
+    computed: Option<Style>,
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -1054,6 +1057,8 @@ struct Refusal {
 /// Client -> server state of one session.
 struct ClientSide<'s, 'a, R> {
     s: &'s Session<'a>,
+    /// The session's masker (`Session::masker` with what the server's catalog said).
+    masker: Option<Arc<Masker>>,
     base: &'s Record,
     /// The session's part of every statement record, serialised once.
     statement_base: Arc<StatementBase>,
@@ -1139,6 +1144,16 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
     }
 
+    /// How the computed result columns of a statement are masked; `None` for a statement the
+    /// proxy does not know, which may read anything.
+    fn computed(&self, class: Option<&sql::Classification>) -> Option<Style> {
+        let m = self.masker.as_ref()?;
+        match class {
+            Some(c) => m.computed(&c.tables, &c.reads, c.indirect),
+            None => m.computed([], &sql::Reads::default(), true),
+        }
+    }
+
     fn op(&self, op: Op) {
         if let Some(tx) = &self.to_down.ops {
             let _ = tx.send(op);
@@ -1186,7 +1201,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let g = self.s.grant;
         let mut d = crate::policy::rules::decide(&g.name, &g.rules, g.default, &class);
         if d.action != Action::Deny
-            && let Some(m) = &self.s.masker
+            && let Some(m) = &self.masker
             && let Some(why) = class.copy_out.iter().find_map(|c| rows::copy_refusal(c, m))
         {
             d = Decision { action: Action::Deny, rule: "masking".into(), message: Some(why) };
@@ -1388,7 +1403,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     started: Instant::now(),
                                     defines: None,
                                 });
-                                self.op(Op::Query { copies: p.class.copy_out.iter().cloned().collect() });
+                                self.op(Op::Query {
+                                    copies: p.class.copy_out.iter().cloned().collect(),
+                                    computed: self.computed(Some(&p.class)),
+                                });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
                                 remember_prepared(&mut self.sql_prepared, &p);
                                 forward.push(frame);
@@ -1822,6 +1840,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             statement: stmt.to_string(),
                             copy_out: statement.and_then(|p| p.class.copy_out.first().cloned()),
                             plain: statement.is_some_and(|p| p.class.plain),
+                            computed: self.computed(statement.map(|p| &*p.class)),
                         });
                     }
                     if copy_in {
@@ -1913,15 +1932,22 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
                     let formats = wire::bind_result_formats(&f.body).map_err(e)?;
-                    let copy = match binds.next() {
+                    let (copy, computed) = match binds.next() {
                         Some(mut bound) => {
                             let copy = bound.copy_out.take();
+                            let computed = bound.computed;
                             bound_here.insert(portal.to_string(), bound);
-                            copy
+                            (copy, computed)
                         }
-                        None => None,
+                        None => (None, None),
                     };
-                    self.op(Op::Bind { portal: portal.to_string(), statement: stmt.to_string(), formats, copy });
+                    self.op(Op::Bind {
+                        portal: portal.to_string(),
+                        statement: stmt.to_string(),
+                        formats,
+                        copy,
+                        computed,
+                    });
                 }
                 b'D' => match wire::describe_target(&f.body).map_err(e)? {
                     (b'P', portal) => {
@@ -2132,7 +2158,7 @@ mod tests {
     }
 
     fn queries(n: usize) -> Vec<Op> {
-        (0..n).map(|_| Op::Query { copies: VecDeque::new() }).collect()
+        (0..n).map(|_| Op::Query { copies: VecDeque::new(), computed: None }).collect()
     }
 
     fn answer(out: &mut BytesMut, tag: &[u8]) {
@@ -2174,7 +2200,7 @@ mod tests {
         let mut server = BytesMut::new();
         error(&mut server, "division by zero");
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
@@ -2192,7 +2218,7 @@ mod tests {
         // Work sent at a Flush fails, and its error goes out, while the client side still judges
         // the batch after it; then the refusal is queued, and the server's ReadyForQuery comes.
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
@@ -2228,7 +2254,7 @@ mod tests {
         // Bind/Execute/Sync of a COPY FROM STDIN (point 1), CopyData, CopyDone, Sync (point 2);
         // then a statement refused. The server ignores the first Sync: one ReadyForQuery.
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
             Op::Execute { portal: String::new() },
             Op::Sync,
             Op::Sync,
@@ -2246,7 +2272,7 @@ mod tests {
         // the client never sees) is still matched to its own answers.
         let mut more = ops.clone();
         more.extend([
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,

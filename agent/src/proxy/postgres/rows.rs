@@ -4,7 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::wire::WireError;
 use crate::{
-    mask::{ColumnMask, Counts, Masker, REDACTED},
+    mask::{ColumnMask, Counts, Masker, REDACTED, Style},
     sql::{CopyFormat, CopyOut},
 };
 
@@ -87,8 +87,9 @@ impl<'a> Reader<'a> {
 }
 
 impl Plan {
-    /// Builds the plan from a RowDescription ('T') body.
-    pub fn from_row_description(body: &[u8], masker: &Masker) -> Result<Plan, WireError> {
+    /// Builds the plan from a RowDescription ('T') body; `computed`: how the statement's
+    /// computed columns are masked (`Masker::computed`).
+    pub fn from_row_description(body: &[u8], masker: &Masker, computed: Option<Style>) -> Result<Plan, WireError> {
         let mut r = Reader { b: body, what: "RowDescription" };
         let n = r.i16()?;
         if n < 0 {
@@ -101,7 +102,7 @@ impl Plan {
             let type_oid = r.i32()? as u32;
             r.take(6)?; // type size, type modifier
             let format = r.i16()?;
-            cols.push(Col { mask: masker.column_from(&name, origin), binary: format == 1, type_oid });
+            cols.push(Col { mask: masker.column_from(&name, origin, computed), binary: format == 1, type_oid });
         }
         if !r.b.is_empty() {
             return Err(malformed("RowDescription", "trailing bytes"));
@@ -112,8 +113,13 @@ impl Plan {
 
     /// The plan of a portal bound from a statement whose RowDescription (from a statement
     /// Describe, which always says text format) is known, with the Bind's result formats.
-    pub fn from_statement(description: &[u8], formats: &[i16], masker: &Masker) -> Result<Plan, WireError> {
-        let mut plan = Plan::from_row_description(description, masker)?;
+    pub fn from_statement(
+        description: &[u8],
+        formats: &[i16],
+        masker: &Masker,
+        computed: Option<Style>,
+    ) -> Result<Plan, WireError> {
+        let mut plan = Plan::from_row_description(description, masker, computed)?;
         for (i, c) in plan.cols.iter_mut().enumerate() {
             let f = match formats {
                 [] => 0,
@@ -128,19 +134,7 @@ impl Plan {
     /// A plan for COPY rows: by position when the column names are known, else detectors only.
     pub fn for_copy(copy: &CopyOut, masker: &Masker) -> Plan {
         let cols: Vec<Col> = match &copy.columns {
-            Some(names) => names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| {
-                    let from = copy.sources.get(i).map(Vec::as_slice).unwrap_or_default();
-                    let mask = std::iter::once(n)
-                        .chain(from)
-                        .map(|n| masker.column(n))
-                        .find(|m| matches!(m, ColumnMask::Whole(_)))
-                        .unwrap_or_else(|| masker.column(n));
-                    Col { mask, binary: false, type_oid: 25 }
-                })
-                .collect(),
+            Some(names) => names.iter().map(|n| Col { mask: masker.column(n), binary: false, type_oid: 25 }).collect(),
             None => Vec::new(),
         };
         let active = masker.has_detectors() || cols.iter().any(|c| c.mask != ColumnMask::Keep);
@@ -272,6 +266,11 @@ pub fn copy_refusal(copy: &CopyOut, masker: &Masker) -> Option<String> {
     }
     if let Some(opt) = &copy.unusual {
         return Some(format!("COPY option {} is not supported while results are masked", opt.to_uppercase()));
+    }
+    if copy.query && masker.computed(&copy.tables, &copy.reads, false).is_some() {
+        return Some(
+            "COPY (query) TO STDOUT that reads masked columns or whole rows cannot be masked column by column; use COPY table (a, b) TO STDOUT, or the query itself".into(),
+        );
     }
     if copy.columns.is_none() && masker.has_column_rules() {
         return Some(
@@ -593,6 +592,7 @@ mod tests {
                 ("n", 25, 0),
             ]),
             &m,
+            None,
         )
         .unwrap();
         let mut counts = Counts::default();
@@ -612,7 +612,7 @@ mod tests {
             None,
         ]);
         // jsonb in binary: a wholly masked value becomes a JSON string after the version byte.
-        let json = Plan::from_row_description(&row_description(&[("ssn", JSONB, 1)]), &m).unwrap();
+        let json = Plan::from_row_description(&row_description(&[("ssn", JSONB, 1)]), &m, None).unwrap();
         let j = mask_data_row(&data_row(&[Some(b"\x01{\"a\": 1}")]), &json, &m, &mut Counts::default());
         assert_eq!(j.unwrap().unwrap(), data_row(&[Some(b"\x01\"[REDACTED]\"")]));
         assert_eq!(out, expected);
@@ -622,7 +622,7 @@ mod tests {
             &[Rule { name: "c".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact }],
             [1; 32],
         );
-        let quiet = Plan::from_row_description(&row_description(&[("id", 23, 1)]), &columns_only).unwrap();
+        let quiet = Plan::from_row_description(&row_description(&[("id", 23, 1)]), &columns_only, None).unwrap();
         assert!(!quiet.active);
         assert!(mask_data_row(&data_row(&[Some(b"1"), Some(b"2")]), &quiet, &columns_only, &mut counts).is_err());
         // Nothing sensitive: the original is relayed as is.
@@ -644,7 +644,9 @@ mod tests {
             header: false,
             unusual: None,
             columns: columns.map(|c| c.into_iter().map(String::from).collect()),
-            sources: Vec::new(),
+            query: false,
+            tables: Default::default(),
+            reads: Default::default(),
         };
         let text = copy(CopyFormat::Text, b'\t', Some(vec!["id", "ssn", "note"]));
         let plan = Plan::for_copy(&text, &m);

@@ -12,7 +12,7 @@ use super::{
     wire::{Frame, WireError},
 };
 use crate::{
-    mask::{Counts, Masker},
+    mask::{Counts, Masker, Style},
     sql::{CopyFormat, CopyOut},
 };
 
@@ -31,6 +31,8 @@ pub enum Op {
         formats: Vec<i16>,
         /// The `COPY ... TO STDOUT` the statement is, as it stood at this Bind.
         copy: Option<CopyOut>,
+        /// How the statement's computed result columns are masked (`Masker::computed`).
+        computed: Option<Style>,
     },
     /// A Close of a statement (`b'S'`) or a portal (`b'P'`).
     Close {
@@ -52,6 +54,7 @@ pub enum Op {
     /// A simple query; its `COPY ... TO STDOUT` statements in order.
     Query {
         copies: VecDeque<CopyOut>,
+        computed: Option<Style>,
     },
 }
 
@@ -77,6 +80,9 @@ pub struct Tracker {
     copies: HashMap<String, CopyOut>,
     /// RowDescription bodies of described statements (empty: the statement returns no rows).
     statements: HashMap<String, bytes::Bytes>,
+    /// How the computed result columns of each portal are masked: its statement's text says
+    /// what it reads.
+    portal_computed: HashMap<String, Style>,
     /// The row shape of the simple query result being sent.
     current: Option<Arc<Plan>>,
     copy: Option<Copying>,
@@ -91,6 +97,7 @@ impl Tracker {
             portals: HashMap::new(),
             copies: HashMap::new(),
             statements: HashMap::new(),
+            portal_computed: HashMap::new(),
             current: None,
             copy: None,
             counts: Counts::default(),
@@ -143,7 +150,7 @@ impl Tracker {
             // ParameterDescription comes first in the answer to a statement Describe.
             b't' => {}
             b'2' => {
-                if let Some(Op::Bind { portal, statement, formats, copy }) =
+                if let Some(Op::Bind { portal, statement, formats, copy, computed }) =
                     self.pop_if(|o| matches!(o, Op::Bind { .. }))
                 {
                     // Only a Bind the server carried out changes what the portal is.
@@ -151,9 +158,13 @@ impl Tracker {
                         Some(c) => self.copies.insert(portal.clone(), c),
                         None => self.copies.remove(&portal),
                     };
+                    match computed {
+                        Some(style) => self.portal_computed.insert(portal.clone(), style),
+                        None => self.portal_computed.remove(&portal),
+                    };
                     match self.statements.get(&statement) {
                         Some(desc) if !desc.is_empty() => {
-                            let plan = Plan::from_statement(desc, &formats, &self.masker)?;
+                            let plan = Plan::from_statement(desc, &formats, &self.masker, computed)?;
                             self.portals.insert(portal, Arc::new(plan));
                         }
                         _ => {
@@ -169,11 +180,17 @@ impl Tracker {
                 Some(Op::Close { name, .. }) => {
                     self.portals.remove(&name);
                     self.copies.remove(&name);
+                    self.portal_computed.remove(&name);
                 }
                 _ => {}
             },
             b'T' => {
-                let plan = Arc::new(Plan::from_row_description(&f.body, &self.masker)?);
+                let computed = match self.ops.front() {
+                    Some(Op::DescribePortal { portal, .. }) => self.portal_computed.get(portal).copied(),
+                    Some(Op::Query { computed, .. }) => *computed,
+                    _ => None,
+                };
+                let plan = Arc::new(Plan::from_row_description(&f.body, &self.masker, computed)?);
                 match self.ops.front() {
                     Some(Op::DescribePortal { .. }) => {
                         let Some(Op::DescribePortal { portal, hidden }) = self.ops.pop_front() else { unreachable!() };
@@ -216,7 +233,7 @@ impl Tracker {
             }
             b'H' => {
                 let spec = match self.ops.front_mut() {
-                    Some(Op::Query { copies }) => copies.pop_front(),
+                    Some(Op::Query { copies, .. }) => copies.pop_front(),
                     Some(Op::Execute { portal }) => self.copies.get(portal).cloned(),
                     _ => None,
                 };
@@ -275,6 +292,7 @@ impl Tracker {
                 if f.body.first() == Some(&b'I') {
                     self.portals.clear();
                     self.copies.clear();
+                    self.portal_computed.clear();
                 }
                 while let Some(op) = self.ops.pop_front() {
                     if matches!(op, Op::Sync | Op::Query { .. }) {
@@ -338,7 +356,7 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -364,7 +382,7 @@ mod tests {
             Op::Parse { statement: "s1".into() },
             Op::DescribeStatement { statement: "s1".into() },
             Op::Sync,
-            Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0], copy: None },
+            Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0], copy: None, computed: None },
             Op::Execute { portal: String::new() },
             Op::Sync,
         ] {
@@ -391,7 +409,13 @@ mod tests {
                 Op::Sync,
                 again.clone(),
                 Op::Sync,
-                Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0], copy: None },
+                Op::Bind {
+                    portal: String::new(),
+                    statement: "s1".into(),
+                    formats: vec![0],
+                    copy: None,
+                    computed: None,
+                },
                 Op::Execute { portal: String::new() },
                 Op::Sync,
             ] {
@@ -414,17 +438,17 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None },
+            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
-            Op::Query { copies: VecDeque::new() },
+            Op::Query { copies: VecDeque::new(), computed: None },
         ] {
             t.push(op);
         }
         assert!(relay(&mut t, frame(b'E', b"SERROR\0Mbad\0\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        assert_eq!(t.ops.front(), Some(&Op::Query { copies: VecDeque::new() }));
+        assert_eq!(t.ops.front(), Some(&Op::Query { copies: VecDeque::new(), computed: None }));
         assert!(relay(&mut t, row_description("note")).is_some());
         assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("a@b.c"));
         assert!(relay(&mut t, frame(b'C', b"SELECT 1\0")).is_some());
@@ -438,13 +462,13 @@ mod tests {
     fn copy_out_rows_are_masked_and_unexpected_copies_refused() {
         let mut t = tracker();
         let spec = crate::sql::classify("COPY t (id, email) TO STDOUT").copy_out.remove(0);
-        t.push(Op::Query { copies: [spec].into() });
+        t.push(Op::Query { copies: [spec].into(), computed: None });
         assert!(relay(&mut t, frame(b'H', &[0, 0, 2, 0, 0, 0, 0])).is_some());
         assert_eq!(relay(&mut t, frame(b'd', b"1\tx@y.z\n")).unwrap(), frame(b'd', b"1\t[REDACTED]\n"));
         assert!(relay(&mut t, frame(b'c', b"")).is_some());
         assert!(relay(&mut t, frame(b'C', b"COPY 1\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        t.push(Op::Query { copies: VecDeque::new() });
+        t.push(Op::Query { copies: VecDeque::new(), computed: None });
         assert!(t.on_frame(frame(b'H', &[0, 0, 0])).is_err());
     }
 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::wire::{self, Frame};
 use crate::{
-    mask::{ColumnMask, Masker, Origins},
+    mask::{ColumnMask, MaskedTables, Masker, Origins},
     proxy::conn::Conn,
 };
 
@@ -175,7 +175,7 @@ const MAX_ORIGINS: usize = 100_000;
 /// (`$2`...). Everything is schema-qualified so the login role's search_path cannot redirect it.
 fn origins_query(patterns: usize) -> String {
     let mut sql = String::from(
-        "SELECT a.attrelid::pg_catalog.int8, a.attnum, a.attname \
+        "SELECT a.attrelid::pg_catalog.int8, a.attnum, a.attname, c.relname \
          FROM pg_catalog.pg_attribute a \
          JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
@@ -186,7 +186,7 @@ fn origins_query(patterns: usize) -> String {
     if patterns > 0 {
         let params: Vec<String> = (0..patterns).map(|i| format!("${}", i + 2)).collect();
         sql.push_str(
-            " OR pg_catalog.lower(a.attname::pg_catalog.text COLLATE \"C\") OPERATOR(pg_catalog.~~) ANY (ARRAY[",
+            " OR pg_catalog.lower(a.attname::pg_catalog.text COLLATE pg_catalog.\"C\") OPERATOR(pg_catalog.~~) ANY (ARRAY[",
         );
         sql.push_str(&params.join(", "));
         sql.push_str("]::pg_catalog.text[])");
@@ -195,12 +195,12 @@ fn origins_query(patterns: usize) -> String {
     sql
 }
 
-/// One catalog row: (table OID, attribute number, column name).
-fn origin_row(body: &[u8]) -> Result<(u32, i16, String), UpstreamError> {
+/// One catalog row: (table OID, attribute number, column name, table name).
+fn origin_row(body: &[u8]) -> Result<(u32, i16, String, String), UpstreamError> {
     let bad = |detail| UpstreamError::Wire(wire::WireError::Malformed { what: "DataRow", detail });
     let mut b = body;
-    if b.len() < 2 || b.get_i16() != 3 {
-        return Err(bad("expected 3 columns"));
+    if b.len() < 2 || b.get_i16() != 4 {
+        return Err(bad("expected 4 columns"));
     }
     let mut field = || -> Result<String, UpstreamError> {
         if b.len() < 4 {
@@ -217,14 +217,18 @@ fn origin_row(body: &[u8]) -> Result<(u32, i16, String), UpstreamError> {
     };
     let oid = field()?.parse::<u32>().map_err(|_| bad("table oid"))?;
     let attnum = field()?.parse::<i16>().map_err(|_| bad("attribute number"))?;
-    Ok((oid, attnum, field()?))
+    Ok((oid, attnum, field()?, field()?))
 }
 
 impl Upstream {
     /// Asks the server which table columns the grant's column rules name, so a result column
-    /// taken from one is masked whatever it is called in the query. Runs once per session,
-    /// right after login and before the client's first message.
-    pub async fn column_origins(&mut self, addr: SocketAddr, masker: &Masker) -> Result<Origins, UpstreamError> {
+    /// taken from one is masked whatever it is called in the query, and which tables have
+    /// them. Runs once per session, right after login and before the client's first message.
+    pub async fn column_origins(
+        &mut self,
+        addr: SocketAddr,
+        masker: &Masker,
+    ) -> Result<(Origins, MaskedTables), UpstreamError> {
         let io = |source| UpstreamError::Io { addr, source };
         let likes = masker.column_likes();
         let mut params: Vec<&str> = vec![r"[^\x01-\x7f]"];
@@ -254,13 +258,18 @@ impl Upstream {
         self.stream.write_all(&out).await.map_err(io)?;
 
         let mut origins = Origins::new();
+        let mut tables = MaskedTables::new();
         let mut failed = None;
         loop {
             let f = next_frame(&mut self.stream, &mut self.leftover, addr).await?;
             match f.tag {
                 b'D' if failed.is_none() => {
-                    let (oid, attnum, name) = origin_row(&f.body)?;
+                    let (oid, attnum, name, table) = origin_row(&f.body)?;
                     if let ColumnMask::Whole(style) = masker.column(&name) {
+                        let strictest = tables.entry(table.to_lowercase()).or_insert(style);
+                        if style.strictness() > strictest.strictness() {
+                            *strictest = style;
+                        }
                         if origins.len() == MAX_ORIGINS {
                             failed = Some(format!("more than {MAX_ORIGINS} table columns match the column rules"));
                             continue;
@@ -277,7 +286,7 @@ impl Upstream {
         }
         match failed {
             Some(e) => Err(UpstreamError::Lookup(e)),
-            None => Ok(origins),
+            None => Ok((origins, tables)),
         }
     }
 }
