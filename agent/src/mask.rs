@@ -205,9 +205,16 @@ impl Counts {
 /// RowDescription, so `SELECT ssn AS x` is still `ssn`.
 pub type Origins = HashMap<(u32, i16), Style>;
 
-/// Names (lower-cased, without schema) of the tables and views that have a masked column, each
-/// with the strictest style of those columns' rules.
-pub type MaskedTables = HashMap<String, Style>;
+/// The tables and views that have a masked column, by name (lower-cased, without schema).
+pub type MaskedTables = HashMap<String, MaskedTable>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskedTable {
+    /// The strictest style of its masked columns' rules.
+    pub style: Style,
+    /// All its column names, lower-cased: `v.f` with no column `f` is a function of the row.
+    pub columns: std::collections::HashSet<String>,
+}
 
 /// Masks values for one grant: its rules plus the agent's hashing key.
 #[derive(Clone)]
@@ -249,29 +256,33 @@ impl Masker {
     }
 
     /// How the computed result columns (those the server does not trace to one table column)
-    /// of a statement are masked: whole, in the strictest style of the masked columns of the
-    /// `tables` it reads, when it also `reads` a masked column's name or whole rows, since its
-    /// values may then be made of them. `indirect`: the statement returns rows of a query
-    /// written elsewhere (FETCH, EXECUTE), which may read anything.
+    /// of a statement are masked, since their values may be made of masked ones: whole, in the
+    /// strictest style of the column rules of the masked columns it names, and, if it reads
+    /// whole rows (`t.*`, `row_to_json(t)`, `t.f` for a function `f`), of the masked columns
+    /// of the `tables` it reads. `indirect`: it returns rows of a query written elsewhere
+    /// (FETCH, EXECUTE, `query_to_xml`), which may read anything: the strictest column rule's.
     pub fn computed<'a>(
         &self,
         tables: impl IntoIterator<Item = &'a String>,
         reads: &crate::sql::Reads,
         indirect: bool,
     ) -> Option<Style> {
-        let styles: Vec<Style> = if indirect {
-            self.tables.values().copied().collect()
-        } else {
-            let masked_read =
-                reads.whole_rows || reads.columns.iter().any(|c| matches!(self.column(c), ColumnMask::Whole(_)));
-            if !masked_read {
-                return None;
-            }
-            tables
-                .into_iter()
-                .filter_map(|t| self.tables.get(t.rsplit('.').next().unwrap_or(t).to_lowercase().as_str()).copied())
-                .collect()
-        };
+        let mut styles: Vec<Style> = Vec::new();
+        if indirect {
+            styles.extend(self.rules.iter().filter(|r| matches!(r.target, Target::Columns(_))).map(|r| r.style));
+        }
+        styles.extend(reads.columns.iter().filter_map(|c| match self.column(c) {
+            ColumnMask::Whole(style) => Some(style),
+            _ => None,
+        }));
+        let by_name = |t: &str| self.tables.get(t.rsplit('.').next().unwrap_or(t).to_lowercase().as_str());
+        let attribute_notation = reads.qualified.iter().any(|(q, f)| {
+            let table = reads.aliases.get(q).unwrap_or(q);
+            by_name(table).is_some_and(|t| !t.columns.contains(f))
+        });
+        if reads.whole_rows || attribute_notation {
+            styles.extend(tables.into_iter().filter_map(|t| by_name(t)).map(|t| t.style));
+        }
         styles.into_iter().max_by_key(|s| s.strictness())
     }
 
@@ -539,24 +550,47 @@ mod tests {
             Rule { name: "a".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact },
             Rule { name: "d".into(), target: Target::Detect(vec![Kind::Email]), style: Style::Hash },
         ]);
-        let tables = MaskedTables::from([("vault".into(), Style::Partial), ("people".into(), Style::Hash)]);
+        let table =
+            |style, columns: &[&str]| MaskedTable { style, columns: columns.iter().map(|c| c.to_string()).collect() };
+        let tables = MaskedTables::from([
+            ("vault".into(), table(Style::Partial, &["id", "ssn"])),
+            ("people".into(), table(Style::Hash, &["email"])),
+        ]);
         let m = m.with_origins(Origins::from([((16384, 3), Style::Partial)]), tables);
         assert_eq!(m.column_from("x", (16384, 3), None), ColumnMask::Whole(Style::Partial), "an alias of ssn");
         assert_eq!(m.column_from("ssn", (16384, 3), None), ColumnMask::Whole(Style::Redact), "the name's rule first");
         assert_eq!(m.column_from("x", (16384, 2), None), ColumnMask::Detect);
         assert_eq!(m.column_from("x", (0, 0), None), ColumnMask::Detect, "an expression of unmasked tables");
-        // Computed values of a statement reading a table with masked columns may be made of them.
-        let reads = |cols: &[&str], whole_rows| crate::sql::Reads {
+        // Computed values of a statement naming a masked column or reading whole rows of a
+        // table with masked columns may be made of them.
+        let reads = |cols: &[&str], whole_rows, qualified: &[(&str, &str)]| crate::sql::Reads {
             columns: cols.iter().map(|c| c.to_string()).collect(),
             whole_rows,
+            qualified: qualified.iter().map(|(q, c)| (q.to_string(), c.to_string())).collect(),
+            aliases: [("v".to_string(), "vault".to_string())].into(),
         };
         let tables = ["public.Vault".to_string(), "t".to_string()];
-        let computed = m.computed(&tables, &reads(&["id", "SSN"], false), false);
-        assert_eq!(computed, Some(Style::Partial));
-        assert_eq!(m.computed(&tables, &reads(&["id"], true), false), Some(Style::Partial), "a whole row");
-        assert_eq!(m.computed(&tables, &reads(&["id"], false), false), None, "count(*), id + 1: nothing masked read");
-        assert_eq!(m.computed(&["t".to_string()], &reads(&["ssn"], false), false), None, "no masked table");
-        assert_eq!(m.computed(&[], &reads(&[], false), true), Some(Style::Hash), "a FETCH may read any: the strictest");
+        assert_eq!(m.computed(&tables, &reads(&["id", "SSN"], false, &[]), false), Some(Style::Redact), "ssn's rule");
+        assert_eq!(
+            m.computed(&["t".to_string()], &reads(&["ssn"], false, &[]), false),
+            Some(Style::Redact),
+            "any table"
+        );
+        let computed = m.computed(&tables, &reads(&["id"], true, &[]), false);
+        assert_eq!(computed, Some(Style::Partial), "a whole row of vault");
+        assert_eq!(
+            m.computed(&tables, &reads(&["id"], false, &[]), false),
+            None,
+            "count(*), id + 1: nothing masked read"
+        );
+        assert_eq!(m.computed(&tables, &reads(&["id"], false, &[("v", "id")]), false), None, "v.id is a column");
+        assert_eq!(
+            m.computed(&tables, &reads(&["row_to_json"], false, &[("v", "row_to_json")]), false),
+            Some(Style::Partial),
+            "v.row_to_json is a function of the row"
+        );
+        assert_eq!(m.computed(&tables, &reads(&["x"], false, &[("t", "x")]), false), None, "t is not masked");
+        assert_eq!(m.computed(&[], &reads(&[], false, &[]), true), Some(Style::Redact), "a FETCH: the strictest rule");
         assert_eq!(m.column_from("x", (0, 0), computed), ColumnMask::Whole(Style::Partial));
         assert_eq!(m.column_from("x", (16384, 0), computed), ColumnMask::Whole(Style::Partial), "a whole row");
         assert_eq!(m.column_from("x", (16384, 2), computed), ColumnMask::Detect, "a column not masked");

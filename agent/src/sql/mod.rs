@@ -2,7 +2,11 @@
 //!
 //! The whole parse tree is walked, so statements hidden in CTEs, EXPLAIN ANALYZE, PREPARE,
 //! DECLARE CURSOR, CREATE TABLE AS, rules and multi-statement strings are all seen.
-use std::{collections::BTreeSet, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use serde_json::Value;
 
@@ -133,11 +137,32 @@ pub struct Classification {
     /// columns the server fixes when it parses it (a FETCH's or an EXECUTE's follow what they
     /// name when they run).
     pub plain: bool,
-    /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE.
+    /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE, a
+    /// function that runs SQL text (`query_to_xml`).
     pub indirect: bool,
     /// The columns it names anywhere, and whether it reads whole rows.
     pub reads: Reads,
 }
+
+/// Built-in functions that run a query given as text, or dump whole tables: what they read is
+/// not in the statement's tree.
+const RUNS_SQL_TEXT: [&str; 15] = [
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
+];
 
 /// What a statement reads, as far as its text says: every column it names (the last part of
 /// each column reference), and whether it reads whole rows (`t.*`, `*`, a table's name standing
@@ -146,6 +171,11 @@ pub struct Classification {
 pub struct Reads {
     pub columns: BTreeSet<String>,
     pub whole_rows: bool,
+    /// Qualified column references (qualifier, column): `v.f` is a function call on the row
+    /// (attribute notation) when `v`'s table has no column `f`.
+    pub qualified: BTreeSet<(String, String)>,
+    /// Table aliases: alias -> table name, lower-cased.
+    pub aliases: BTreeMap<String, String>,
 }
 
 impl Reads {
@@ -166,14 +196,30 @@ impl Reads {
                                 match fields.last().and_then(sval) {
                                     Some(name) => {
                                         reads.columns.insert(name.to_string());
-                                        if fields.len() == 1 {
-                                            singles.insert(name);
+                                        match fields {
+                                            [_] => {
+                                                singles.insert(name);
+                                            }
+                                            [.., q, _] => {
+                                                if let Some(q) = sval(q) {
+                                                    reads.qualified.insert((q.to_lowercase(), name.to_lowercase()));
+                                                }
+                                            }
+                                            [] => {}
                                         }
                                     }
                                     None => reads.whole_rows = true,
                                 }
                             }
-                            "RangeVar" | "relation" => ranges.extend(child.get("relname").and_then(Value::as_str)),
+                            "RangeVar" | "relation" => {
+                                let relname = child.get("relname").and_then(Value::as_str);
+                                ranges.extend(relname);
+                                if let (Some(rel), Some(alias)) =
+                                    (relname, child.pointer("/alias/aliasname").and_then(Value::as_str))
+                                {
+                                    reads.aliases.insert(alias.to_lowercase(), rel.to_lowercase());
+                                }
+                            }
                             "alias" => ranges.extend(child.get("aliasname").and_then(Value::as_str)),
                             "CommonTableExpr" => ranges.extend(child.get("ctename").and_then(Value::as_str)),
                             _ => {}
@@ -330,7 +376,9 @@ pub fn classify(sql: &str) -> Classification {
                 })
                 .count();
             c.reads = Reads::of(&tree);
-            c.indirect = !c.executes.is_empty() || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some());
+            c.indirect = !c.executes.is_empty()
+                || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some())
+                || c.functions.iter().any(|f| RUNS_SQL_TEXT.contains(&f.rsplit('.').next().unwrap_or(f)));
             c.plain = stmts.iter().all(|s| {
                 s.pointer("/stmt/node").and_then(Value::as_object).is_some_and(|node| {
                     node.keys().all(|k| {
@@ -765,6 +813,11 @@ mod tests {
             assert!(classify(sql).reads.whole_rows, "{sql}");
         }
         assert!(!classify("SELECT id, count(*) FROM vault GROUP BY id").reads.whole_rows);
+        let r = classify("SELECT v.row_to_json, public.vault.id FROM public.vault AS V").reads;
+        let q: Vec<(&str, &str)> = r.qualified.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(q, [("v", "row_to_json"), ("vault", "id")]);
+        assert_eq!(r.aliases, [("v".to_string(), "vault".to_string())].into());
+        assert!(classify("SELECT pg_catalog.query_to_xml('select 1', true, false, '')").indirect);
         assert!(classify("COPY (SELECT v.* FROM vault v) TO STDOUT").copy_out[0].reads.whole_rows);
     }
 

@@ -1202,7 +1202,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut d = crate::policy::rules::decide(&g.name, &g.rules, g.default, &class);
         if d.action != Action::Deny
             && let Some(m) = &self.masker
-            && let Some(why) = class.copy_out.iter().find_map(|c| rows::copy_refusal(c, m))
+            && let Some(why) = rows::statement_refusal(&class, m)
         {
             d = Decision { action: Action::Deny, rule: "masking".into(), message: Some(why) };
         }
@@ -1251,11 +1251,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         parameters: Vec<Option<String>>,
         executed: Vec<Prepared>,
     ) -> Result<Option<Refusal>, String> {
-        if let Some(r) = self.hold(p, parameters, None).await? {
+        if let Some(r) = self.hold(p, parameters.clone(), None).await? {
             return Ok(Some(r));
         }
         for target in executed {
-            if let Some(r) = self.hold(p, Vec::new(), Some(&target)).await? {
+            if let Some(r) = self.hold(p, parameters.clone(), Some(&target)).await? {
                 return Ok(Some(r));
             }
         }

@@ -260,7 +260,36 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
 }
 
 /// Why a `COPY ... TO STDOUT` cannot run under masking, if it cannot.
-pub fn copy_refusal(copy: &CopyOut, masker: &Masker) -> Option<String> {
+/// Catalog views of sampled column values (most common values, histograms).
+const STATISTICS: [&str; 5] =
+    ["pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic", "pg_statistic_ext_data"];
+
+/// Functions that keep a value where a later statement reads it back (a setting, a
+/// notification, a large object, a sequence).
+const STASHES: [&str; 8] =
+    ["set_config", "pg_notify", "lo_from_bytea", "lo_put", "lowrite", "setval", "lo_import", "pg_logical_emit_message"];
+
+/// Why a statement is refused because its results could not be masked, if it is.
+pub fn statement_refusal(class: &crate::sql::Classification, masker: &Masker) -> Option<String> {
+    if let Some(why) = class.copy_out.iter().find_map(|c| copy_refusal(c, masker)) {
+        return Some(why);
+    }
+    if !masker.has_column_rules() {
+        return None;
+    }
+    let last = |name: &str| name.rsplit('.').next().unwrap_or(name).to_string();
+    if let Some(t) = class.tables.iter().map(|t| last(t)).find(|t| STATISTICS.contains(&t.as_str())) {
+        return Some(format!("{t} holds sampled column values, which cannot be masked"));
+    }
+    if masker.computed(&class.tables, &class.reads, class.indirect).is_some()
+        && let Some(f) = class.functions.iter().map(|f| last(f)).find(|f| STASHES.contains(&f.as_str()))
+    {
+        return Some(format!("{f} could keep values of masked columns where a later statement reads them unmasked"));
+    }
+    None
+}
+
+fn copy_refusal(copy: &CopyOut, masker: &Masker) -> Option<String> {
     if copy.format == CopyFormat::Binary {
         return Some("COPY in binary format cannot be masked; use FORMAT text or csv".into());
     }
@@ -460,7 +489,14 @@ pub fn mask_notification(body: &Bytes, masker: &Masker, counts: &mut Counts) -> 
 /// Masks the text fields of an ErrorResponse or NoticeResponse body: detectors over message,
 /// detail, hint and context, and, when column rules exist, the values a DETAIL quotes
 /// (`Key (email)=(..)`, `Failing row contains (..)`).
-pub fn mask_notice(body: &Bytes, masker: &Masker, counts: &mut Counts) -> Result<Option<Bytes>, WireError> {
+/// `quoted`: the statement may compute from masked values; every double-quoted text in the
+/// message, detail and context is redacted, since the server quotes offending values there.
+pub fn mask_notice(
+    body: &Bytes,
+    masker: &Masker,
+    quoted: bool,
+    counts: &mut Counts,
+) -> Result<Option<Bytes>, WireError> {
     let mut r = Reader { b: body, what: "ErrorResponse" };
     let mut out = BytesMut::with_capacity(body.len());
     let mut changed = false;
@@ -474,6 +510,9 @@ pub fn mask_notice(body: &Bytes, masker: &Masker, counts: &mut Counts) -> Result
         let mut value: Option<Vec<u8>> = None;
         if code == b'D' && masker.has_column_rules() {
             value = mask_detail_values(text, masker, counts);
+        }
+        if quoted && matches!(code, b'M' | b'D' | b'W') {
+            value = redact_quoted(value.as_deref().unwrap_or(text), counts).or(value);
         }
         // Message, detail, hint, context, internal query; also the table/column/constraint names.
         if matches!(code, b'M' | b'D' | b'H' | b'W' | b'q' | b'd')
@@ -491,6 +530,24 @@ pub fn mask_notice(body: &Bytes, masker: &Masker, counts: &mut Counts) -> Result
         out.put_u8(0);
     }
     Ok(changed.then(|| out.freeze()))
+}
+
+/// Replaces every `"..."` in `text` with `"[REDACTED]"`; `None` when there is none.
+fn redact_quoted(text: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(open) = rest.iter().position(|&b| b == b'"') {
+        let Some(len) = rest[open + 1..].iter().position(|&b| b == b'"') else { break };
+        out.extend_from_slice(&rest[..=open]);
+        out.extend_from_slice(REDACTED.as_bytes());
+        out.push(b'"');
+        rest = &rest[open + len + 2..];
+        changed = true;
+        counts.add(crate::mask::Kind::Column);
+    }
+    out.extend_from_slice(rest);
+    changed.then_some(out)
 }
 
 fn mask_detail_values(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<u8>> {
@@ -688,13 +745,20 @@ mod tests {
         }
         b.put_u8(0);
         let mut counts = Counts::default();
-        let out = mask_notice(&b.freeze(), &m, &mut counts).unwrap().unwrap();
+        let out = mask_notice(&b.freeze(), &m, false, &mut counts).unwrap().unwrap();
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("Key (customer_ssn)=([REDACTED]) already exists."), "{text}");
         let mut b = BytesMut::new();
         b.extend_from_slice(b"Minvalid input: \"joe@example.org\"\0\0");
-        let out = mask_notice(&b.freeze(), &m, &mut counts).unwrap().unwrap();
+        let out = mask_notice(&b.freeze(), &m, false, &mut counts).unwrap().unwrap();
         assert_eq!(&out[..], b"Minvalid input: \"***********.org\"\0\0");
-        assert!(mask_notice(&Bytes::from_static(b"Mno terminator"), &m, &mut counts).is_err());
+        assert!(mask_notice(&Bytes::from_static(b"Mno terminator"), &m, false, &mut counts).is_err());
+        // A statement computing from masked values: whatever the server quotes is redacted.
+        let body = Bytes::from_static(b"MSome \"topsecret-42\" and \"x\" but \"open\0WPL/pgSQL \"a\"\0Hhint \"h\"\0\0");
+        let out = mask_notice(&body, &m, true, &mut counts).unwrap().unwrap();
+        assert_eq!(
+            &out[..],
+            &b"MSome \"[REDACTED]\" and \"[REDACTED]\" but \"open\0WPL/pgSQL \"[REDACTED]\"\0Hhint \"h\"\0\0"[..]
+        );
     }
 }

@@ -80,9 +80,11 @@ pub struct Tracker {
     copies: HashMap<String, CopyOut>,
     /// RowDescription bodies of described statements (empty: the statement returns no rows).
     statements: HashMap<String, bytes::Bytes>,
-    /// How the computed result columns of each portal are masked: its statement's text says
-    /// what it reads.
-    portal_computed: HashMap<String, Style>,
+    /// How the computed result columns of each portal bound are masked: its statement's text
+    /// says what it reads.
+    portal_computed: HashMap<String, Option<Style>>,
+    /// ... and of a portal it did not see bound (a cursor the client declared in SQL).
+    unknown: Option<Style>,
     /// The row shape of the simple query result being sent.
     current: Option<Arc<Plan>>,
     copy: Option<Copying>,
@@ -91,7 +93,9 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(masker: Arc<Masker>) -> Tracker {
+        let unknown = masker.computed([], &crate::sql::Reads::default(), true);
         Tracker {
+            unknown,
             masker,
             ops: VecDeque::new(),
             portals: HashMap::new(),
@@ -158,10 +162,7 @@ impl Tracker {
                         Some(c) => self.copies.insert(portal.clone(), c),
                         None => self.copies.remove(&portal),
                     };
-                    match computed {
-                        Some(style) => self.portal_computed.insert(portal.clone(), style),
-                        None => self.portal_computed.remove(&portal),
-                    };
+                    self.portal_computed.insert(portal.clone(), computed);
                     match self.statements.get(&statement) {
                         Some(desc) if !desc.is_empty() => {
                             let plan = Plan::from_statement(desc, &formats, &self.masker, computed)?;
@@ -186,7 +187,9 @@ impl Tracker {
             },
             b'T' => {
                 let computed = match self.ops.front() {
-                    Some(Op::DescribePortal { portal, .. }) => self.portal_computed.get(portal).copied(),
+                    Some(Op::DescribePortal { portal, .. }) => {
+                        self.portal_computed.get(portal).copied().unwrap_or(self.unknown)
+                    }
                     Some(Op::Query { computed, .. }) => *computed,
                     _ => None,
                 };
@@ -272,7 +275,14 @@ impl Tracker {
                 }
             }
             b'E' | b'N' => {
-                if let Some(body) = rows::mask_notice(&f.body, &self.masker, &mut self.counts)? {
+                // A statement that may compute from masked values may quote them in errors
+                // (`invalid input syntax for type integer: "..."`).
+                let computed = match self.ops.front() {
+                    Some(Op::Query { computed, .. } | Op::Bind { computed, .. }) => *computed,
+                    Some(Op::Execute { portal }) => self.portal_computed.get(portal).copied().unwrap_or(self.unknown),
+                    _ => None,
+                };
+                if let Some(body) = rows::mask_notice(&f.body, &self.masker, computed.is_some(), &mut self.counts)? {
                     f.body = body;
                 }
                 if f.tag == b'E' {

@@ -1,6 +1,9 @@
 //! Logging in to the real server with the resource's credential (SCRAM-SHA-256, md5 or
 //! cleartext, whichever the server asks for). The client never sees this secret.
-use std::net::SocketAddr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::{
@@ -11,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::wire::{self, Frame};
 use crate::{
-    mask::{ColumnMask, MaskedTables, Masker, Origins},
+    mask::{ColumnMask, MaskedTable, MaskedTables, Masker, Origins, Style},
     proxy::conn::Conn,
 };
 
@@ -167,12 +170,13 @@ pub async fn login(
     }
 }
 
-/// At most this many table columns may match a grant's column rules: each session keeps them.
+/// At most this many columns may the tables with masked columns have: each session keeps them.
 const MAX_ORIGINS: usize = 100_000;
 
-/// The catalog query behind `column_origins`: user tables' and views' live columns whose names
-/// are not ASCII (`$1`, a regex) or, lowered in the "C" collation, are `LIKE` a pattern
-/// (`$2`...). Everything is schema-qualified so the login role's search_path cannot redirect it.
+/// The catalog query behind `column_origins`: every live column of the user tables and views
+/// that have a column whose name is not ASCII (`$1`, a regex) or, lowered in the "C" collation,
+/// is `LIKE` a pattern (`$2`...); `Masker::column` decides which are masked. Everything is
+/// schema-qualified so the login role's search_path cannot redirect it.
 fn origins_query(patterns: usize) -> String {
     let mut sql = String::from(
         "SELECT a.attrelid::pg_catalog.int8, a.attnum, a.attname, c.relname \
@@ -181,17 +185,19 @@ fn origins_query(patterns: usize) -> String {
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
          WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
          AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast']) \
-         AND (a.attname OPERATOR(pg_catalog.~) $1",
+         AND a.attrelid OPERATOR(pg_catalog.=) ANY (SELECT m.attrelid FROM pg_catalog.pg_attribute m \
+         WHERE m.attnum OPERATOR(pg_catalog.>) 0 AND NOT m.attisdropped \
+         AND (m.attname OPERATOR(pg_catalog.~) $1",
     );
     if patterns > 0 {
         let params: Vec<String> = (0..patterns).map(|i| format!("${}", i + 2)).collect();
         sql.push_str(
-            " OR pg_catalog.lower(a.attname::pg_catalog.text COLLATE pg_catalog.\"C\") OPERATOR(pg_catalog.~~) ANY (ARRAY[",
+            " OR pg_catalog.lower(m.attname::pg_catalog.text COLLATE pg_catalog.\"C\") OPERATOR(pg_catalog.~~) ANY (ARRAY[",
         );
         sql.push_str(&params.join(", "));
         sql.push_str("]::pg_catalog.text[])");
     }
-    sql.push(')');
+    sql.push_str("))");
     sql
 }
 
@@ -258,24 +264,28 @@ impl Upstream {
         self.stream.write_all(&out).await.map_err(io)?;
 
         let mut origins = Origins::new();
-        let mut tables = MaskedTables::new();
+        // Every table read, masked or not (the pre-filter is wider than the rules).
+        let mut read: HashMap<String, (Option<Style>, HashSet<String>)> = HashMap::new();
+        let mut rows = 0usize;
         let mut failed = None;
         loop {
             let f = next_frame(&mut self.stream, &mut self.leftover, addr).await?;
             match f.tag {
                 b'D' if failed.is_none() => {
+                    rows += 1;
+                    if rows > MAX_ORIGINS {
+                        failed = Some(format!("the tables with masked columns have more than {MAX_ORIGINS} columns"));
+                        continue;
+                    }
                     let (oid, attnum, name, table) = origin_row(&f.body)?;
+                    let (strictest, columns) = read.entry(table.to_lowercase()).or_default();
                     if let ColumnMask::Whole(style) = masker.column(&name) {
-                        let strictest = tables.entry(table.to_lowercase()).or_insert(style);
-                        if style.strictness() > strictest.strictness() {
-                            *strictest = style;
-                        }
-                        if origins.len() == MAX_ORIGINS {
-                            failed = Some(format!("more than {MAX_ORIGINS} table columns match the column rules"));
-                            continue;
+                        if strictest.is_none_or(|s| style.strictness() > s.strictness()) {
+                            *strictest = Some(style);
                         }
                         origins.insert((oid, attnum), style);
                     }
+                    columns.insert(name.to_lowercase());
                 }
                 b'E' => failed = Some(wire::error_message(&f.body).unwrap_or_else(|| "unknown error".into())),
                 b'S' => self.parameters.push(f),
@@ -284,6 +294,10 @@ impl Upstream {
                 _ => {}
             }
         }
+        let tables: MaskedTables = read
+            .into_iter()
+            .filter_map(|(name, (style, columns))| Some((name, MaskedTable { style: style?, columns })))
+            .collect();
         match failed {
             Some(e) => Err(UpstreamError::Lookup(e)),
             None => Ok((origins, tables)),
