@@ -268,7 +268,7 @@ impl Masker {
         indirect: bool,
     ) -> Option<Style> {
         let mut styles: Vec<Style> = Vec::new();
-        if indirect {
+        if indirect || reads.runs_sql {
             styles.extend(self.rules.iter().filter(|r| matches!(r.target, Target::Columns(_))).map(|r| r.style));
         }
         styles.extend(reads.columns.iter().filter_map(|c| match self.column(c) {
@@ -277,8 +277,8 @@ impl Masker {
         }));
         let by_name = |t: &str| self.tables.get(t.rsplit('.').next().unwrap_or(t).to_lowercase().as_str());
         let attribute_notation = reads.qualified.iter().any(|(q, f)| {
-            let table = reads.aliases.get(q).unwrap_or(q);
-            by_name(table).is_some_and(|t| !t.columns.contains(f))
+            let aliased = reads.aliases.get(q).into_iter().flatten();
+            std::iter::once(q).chain(aliased).any(|t| by_name(t).is_some_and(|t| !t.columns.contains(f)))
         });
         if reads.whole_rows || attribute_notation {
             styles.extend(tables.into_iter().filter_map(|t| by_name(t)).map(|t| t.style));
@@ -567,7 +567,8 @@ mod tests {
             columns: cols.iter().map(|c| c.to_string()).collect(),
             whole_rows,
             qualified: qualified.iter().map(|(q, c)| (q.to_string(), c.to_string())).collect(),
-            aliases: [("v".to_string(), "vault".to_string())].into(),
+            aliases: [("v".to_string(), ["vault".to_string()].into())].into(),
+            runs_sql: false,
         };
         let tables = ["public.Vault".to_string(), "t".to_string()];
         assert_eq!(m.computed(&tables, &reads(&["id", "SSN"], false, &[]), false), Some(Style::Redact), "ssn's rule");

@@ -137,16 +137,18 @@ pub struct Classification {
     /// columns the server fixes when it parses it (a FETCH's or an EXECUTE's follow what they
     /// name when they run).
     pub plain: bool,
-    /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE, a
-    /// function that runs SQL text (`query_to_xml`).
+    /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE.
     pub indirect: bool,
+    /// It declares or closes cursors, which are portals too: what the proxy knew of portals of
+    /// those names is stale once it ran.
+    pub cursors: bool,
     /// The columns it names anywhere, and whether it reads whole rows.
     pub reads: Reads,
 }
 
 /// Built-in functions that run a query given as text, or dump whole tables: what they read is
 /// not in the statement's tree.
-const RUNS_SQL_TEXT: [&str; 15] = [
+const RUNS_SQL_TEXT: [&str; 16] = [
     "query_to_xml",
     "query_to_xmlschema",
     "query_to_xml_and_xmlschema",
@@ -162,6 +164,7 @@ const RUNS_SQL_TEXT: [&str; 15] = [
     "database_to_xmlschema",
     "database_to_xml_and_xmlschema",
     "ts_stat",
+    "ts_rewrite",
 ];
 
 /// What a statement reads, as far as its text says: every column it names (the last part of
@@ -174,8 +177,11 @@ pub struct Reads {
     /// Qualified column references (qualifier, column): `v.f` is a function call on the row
     /// (attribute notation) when `v`'s table has no column `f`.
     pub qualified: BTreeSet<(String, String)>,
-    /// Table aliases: alias -> table name, lower-cased.
-    pub aliases: BTreeMap<String, String>,
+    /// Table aliases: alias -> the tables it names (one alias may be reused in subqueries),
+    /// lower-cased.
+    pub aliases: BTreeMap<String, BTreeSet<String>>,
+    /// It calls a function that runs SQL text (`RUNS_SQL_TEXT`): what that reads is unknown.
+    pub runs_sql: bool,
 }
 
 impl Reads {
@@ -217,10 +223,24 @@ impl Reads {
                                 if let (Some(rel), Some(alias)) =
                                     (relname, child.pointer("/alias/aliasname").and_then(Value::as_str))
                                 {
-                                    reads.aliases.insert(alias.to_lowercase(), rel.to_lowercase());
+                                    reads.aliases.entry(alias.to_lowercase()).or_default().insert(rel.to_lowercase());
                                 }
                             }
-                            "alias" => ranges.extend(child.get("aliasname").and_then(Value::as_str)),
+                            // `JOIN ... USING (a) AS j`: `j` is a row of the join columns.
+                            "alias" | "join_using_alias" => {
+                                ranges.extend(child.get("aliasname").and_then(Value::as_str))
+                            }
+                            "using_clause" => {
+                                let names = child.as_array().map(Vec::as_slice).unwrap_or_default();
+                                reads.columns.extend(names.iter().filter_map(sval).map(str::to_string));
+                            }
+                            "FuncCall" => {
+                                let names = child.get("funcname").and_then(Value::as_array);
+                                let last = names.and_then(|n| n.last()).and_then(sval).map(str::to_lowercase);
+                                if last.is_some_and(|f| RUNS_SQL_TEXT.contains(&f.as_str())) {
+                                    reads.runs_sql = true;
+                                }
+                            }
                             "CommonTableExpr" => ranges.extend(child.get("ctename").and_then(Value::as_str)),
                             _ => {}
                         }
@@ -376,9 +396,7 @@ pub fn classify(sql: &str) -> Classification {
                 })
                 .count();
             c.reads = Reads::of(&tree);
-            c.indirect = !c.executes.is_empty()
-                || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some())
-                || c.functions.iter().any(|f| RUNS_SQL_TEXT.contains(&f.rsplit('.').next().unwrap_or(f)));
+            c.indirect = !c.executes.is_empty() || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some());
             c.plain = stmts.iter().all(|s| {
                 s.pointer("/stmt/node").and_then(Value::as_object).is_some_and(|node| {
                     node.keys().all(|k| {
@@ -572,6 +590,7 @@ fn walk(v: &Value, c: &mut Classification) {
                                 c.prepares.insert(name.to_string());
                             }
                         }
+                        "DeclareCursorStmt" | "ClosePortalStmt" => c.cursors = true,
                         // DISCARD_ALL in the parse tree's enum.
                         "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => {
                             c.deallocates.add(None)
@@ -816,8 +835,15 @@ mod tests {
         let r = classify("SELECT v.row_to_json, public.vault.id FROM public.vault AS V").reads;
         let q: Vec<(&str, &str)> = r.qualified.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(q, [("v", "row_to_json"), ("vault", "id")]);
-        assert_eq!(r.aliases, [("v".to_string(), "vault".to_string())].into());
-        assert!(classify("SELECT pg_catalog.query_to_xml('select 1', true, false, '')").indirect);
+        assert_eq!(r.aliases, [("v".to_string(), ["vault".to_string()].into())].into());
+        let r = classify("SELECT v.f FROM (SELECT 1 FROM pg_class v) s, vault v").reads;
+        assert_eq!(r.aliases["v"], ["pg_class".to_string(), "vault".to_string()].into());
+        assert!(classify("SELECT pg_catalog.query_to_xml('select 1', true, false, '')").reads.runs_sql);
+        assert!(classify("COPY (SELECT ts_rewrite('a'::tsquery, 'select 1')) TO STDOUT").copy_out[0].reads.runs_sql);
+        let r = classify("SELECT x FROM vault a JOIN vault b USING (secret_num) AS x").reads;
+        assert!(r.whole_rows && r.columns.contains("secret_num"));
+        assert!(classify("CLOSE ALL").cursors && classify("DECLARE c CURSOR FOR SELECT 1").cursors);
+        assert!(!classify("FETCH c").cursors);
         assert!(classify("COPY (SELECT v.* FROM vault v) TO STDOUT").copy_out[0].reads.whole_rows);
     }
 

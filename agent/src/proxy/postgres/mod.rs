@@ -1021,6 +1021,8 @@ struct Bound {
     plain: bool,
     /// How its computed result columns are masked (`Masker::computed`).
     computed: Option<Style>,
+    /// It declares or closes cursors (unknown statements may).
+    cursors: bool,
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -1206,7 +1208,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         {
             d = Decision { action: Action::Deny, rule: "masking".into(), message: Some(why) };
         }
-        let monitored = d.action != Action::Allow && !self.s.enforce;
+        // Masking is not relaxed in monitor mode, so neither are the refusals that keep it whole.
+        let monitored = d.action != Action::Allow && !self.s.enforce && d.rule != "masking";
         let r = StatementRecord {
             base: self.statement_base.clone(),
             statement: if text.len() <= MAX_AUDITED_SQL {
@@ -1406,6 +1409,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 self.op(Op::Query {
                                     copies: p.class.copy_out.iter().cloned().collect(),
                                     computed: self.computed(Some(&p.class)),
+                                    cursors: p.class.cursors,
                                 });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
                                 remember_prepared(&mut self.sql_prepared, &p);
@@ -1841,6 +1845,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             copy_out: statement.and_then(|p| p.class.copy_out.first().cloned()),
                             plain: statement.is_some_and(|p| p.class.plain),
                             computed: self.computed(statement.map(|p| &*p.class)),
+                            cursors: statement.is_none_or(|p| p.class.cursors),
                         });
                     }
                     if copy_in {
@@ -1932,14 +1937,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
                     let formats = wire::bind_result_formats(&f.body).map_err(e)?;
-                    let (copy, computed) = match binds.next() {
+                    let (copy, computed, cursors) = match binds.next() {
                         Some(mut bound) => {
                             let copy = bound.copy_out.take();
-                            let computed = bound.computed;
+                            let (computed, cursors) = (bound.computed, bound.cursors);
                             bound_here.insert(portal.to_string(), bound);
-                            (copy, computed)
+                            (copy, computed, cursors)
                         }
-                        None => (None, None),
+                        None => (None, None, false),
                     };
                     self.op(Op::Bind {
                         portal: portal.to_string(),
@@ -1947,6 +1952,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         formats,
                         copy,
                         computed,
+                        cursors,
                     });
                 }
                 b'D' => match wire::describe_target(&f.body).map_err(e)? {
@@ -2158,7 +2164,7 @@ mod tests {
     }
 
     fn queries(n: usize) -> Vec<Op> {
-        (0..n).map(|_| Op::Query { copies: VecDeque::new(), computed: None }).collect()
+        (0..n).map(|_| Op::Query { copies: VecDeque::new(), computed: None, cursors: false }).collect()
     }
 
     fn answer(out: &mut BytesMut, tag: &[u8]) {
@@ -2200,7 +2206,14 @@ mod tests {
         let mut server = BytesMut::new();
         error(&mut server, "division by zero");
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
+            Op::Bind {
+                portal: String::new(),
+                statement: String::new(),
+                formats: vec![],
+                copy: None,
+                computed: None,
+                cursors: false,
+            },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
@@ -2218,7 +2231,14 @@ mod tests {
         // Work sent at a Flush fails, and its error goes out, while the client side still judges
         // the batch after it; then the refusal is queued, and the server's ReadyForQuery comes.
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
+            Op::Bind {
+                portal: String::new(),
+                statement: String::new(),
+                formats: vec![],
+                copy: None,
+                computed: None,
+                cursors: false,
+            },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
@@ -2254,7 +2274,14 @@ mod tests {
         // Bind/Execute/Sync of a COPY FROM STDIN (point 1), CopyData, CopyDone, Sync (point 2);
         // then a statement refused. The server ignores the first Sync: one ReadyForQuery.
         let ops = vec![
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
+            Op::Bind {
+                portal: String::new(),
+                statement: String::new(),
+                formats: vec![],
+                copy: None,
+                computed: None,
+                cursors: false,
+            },
             Op::Execute { portal: String::new() },
             Op::Sync,
             Op::Sync,
@@ -2272,7 +2299,14 @@ mod tests {
         // the client never sees) is still matched to its own answers.
         let mut more = ops.clone();
         more.extend([
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
+            Op::Bind {
+                portal: String::new(),
+                statement: String::new(),
+                formats: vec![],
+                copy: None,
+                computed: None,
+                cursors: false,
+            },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,

@@ -266,8 +266,25 @@ const STATISTICS: [&str; 5] =
 
 /// Functions that keep a value where a later statement reads it back (a setting, a
 /// notification, a large object, a sequence).
-const STASHES: [&str; 8] =
-    ["set_config", "pg_notify", "lo_from_bytea", "lo_put", "lowrite", "setval", "lo_import", "pg_logical_emit_message"];
+const STASHES: [&str; 17] = [
+    "set_config",
+    "pg_notify",
+    "lo_from_bytea",
+    "lo_put",
+    "lowrite",
+    "lo_create",
+    "lo_import",
+    "setval",
+    "pg_logical_emit_message",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+];
 
 /// Why a statement is refused because its results could not be masked, if it is.
 pub fn statement_refusal(class: &crate::sql::Classification, masker: &Masker) -> Option<String> {
@@ -489,12 +506,18 @@ pub fn mask_notification(body: &Bytes, masker: &Masker, counts: &mut Counts) -> 
 /// Masks the text fields of an ErrorResponse or NoticeResponse body: detectors over message,
 /// detail, hint and context, and, when column rules exist, the values a DETAIL quotes
 /// (`Key (email)=(..)`, `Failing row contains (..)`).
-/// `quoted`: the statement may compute from masked values; every double-quoted text in the
-/// message, detail and context is redacted, since the server quotes offending values there.
+/// The message that replaces a withheld one (see `mask_notice`).
+pub const WITHHELD: &str =
+    "tollgate: the server's message is withheld: the statement reads masked columns, whose values it may quote";
+
+/// Masks an ErrorResponse or NoticeResponse body. `withheld`: the statement may compute from
+/// masked values, which the server may quote (or not) in any text: the message is replaced
+/// and the detail, hint, context and internal query are dropped; severity, SQLSTATE, position
+/// and object names stay.
 pub fn mask_notice(
     body: &Bytes,
     masker: &Masker,
-    quoted: bool,
+    withheld: bool,
     counts: &mut Counts,
 ) -> Result<Option<Bytes>, WireError> {
     let mut r = Reader { b: body, what: "ErrorResponse" };
@@ -502,17 +525,23 @@ pub fn mask_notice(
     let mut changed = false;
     loop {
         let code = r.take(1)?[0];
-        out.put_u8(code);
         if code == 0 {
+            out.put_u8(0);
             break;
         }
         let text = r.cstr()?;
+        if withheld && matches!(code, b'D' | b'H' | b'W' | b'q') {
+            changed = true;
+            continue;
+        }
+        out.put_u8(code);
         let mut value: Option<Vec<u8>> = None;
+        if withheld && code == b'M' {
+            value = Some(WITHHELD.as_bytes().to_vec());
+            counts.add(crate::mask::Kind::Column);
+        }
         if code == b'D' && masker.has_column_rules() {
             value = mask_detail_values(text, masker, counts);
-        }
-        if quoted && matches!(code, b'M' | b'D' | b'W') {
-            value = redact_quoted(value.as_deref().unwrap_or(text), counts).or(value);
         }
         // Message, detail, hint, context, internal query; also the table/column/constraint names.
         if matches!(code, b'M' | b'D' | b'H' | b'W' | b'q' | b'd')
@@ -530,24 +559,6 @@ pub fn mask_notice(
         out.put_u8(0);
     }
     Ok(changed.then(|| out.freeze()))
-}
-
-/// Replaces every `"..."` in `text` with `"[REDACTED]"`; `None` when there is none.
-fn redact_quoted(text: &[u8], counts: &mut Counts) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len());
-    let mut rest = text;
-    let mut changed = false;
-    while let Some(open) = rest.iter().position(|&b| b == b'"') {
-        let Some(len) = rest[open + 1..].iter().position(|&b| b == b'"') else { break };
-        out.extend_from_slice(&rest[..=open]);
-        out.extend_from_slice(REDACTED.as_bytes());
-        out.push(b'"');
-        rest = &rest[open + len + 2..];
-        changed = true;
-        counts.add(crate::mask::Kind::Column);
-    }
-    out.extend_from_slice(rest);
-    changed.then_some(out)
 }
 
 fn mask_detail_values(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<u8>> {
@@ -753,12 +764,10 @@ mod tests {
         let out = mask_notice(&b.freeze(), &m, false, &mut counts).unwrap().unwrap();
         assert_eq!(&out[..], b"Minvalid input: \"***********.org\"\0\0");
         assert!(mask_notice(&Bytes::from_static(b"Mno terminator"), &m, false, &mut counts).is_err());
-        // A statement computing from masked values: whatever the server quotes is redacted.
-        let body = Bytes::from_static(b"MSome \"topsecret-42\" and \"x\" but \"open\0WPL/pgSQL \"a\"\0Hhint \"h\"\0\0");
+        // A statement computing from masked values: its texts may quote them, or not.
+        let body = Bytes::from_static(b"SERROR\0C22P02\0Mbad \"\"topsecret\"\0Dd\0Hh\0WPL/pgSQL\0P7\0\0");
         let out = mask_notice(&body, &m, true, &mut counts).unwrap().unwrap();
-        assert_eq!(
-            &out[..],
-            &b"MSome \"[REDACTED]\" and \"[REDACTED]\" but \"open\0WPL/pgSQL \"[REDACTED]\"\0Hhint \"h\"\0\0"[..]
-        );
+        let expected = format!("SERROR\0C22P02\0M{WITHHELD}\0P7\0\0");
+        assert_eq!(&out[..], expected.as_bytes());
     }
 }

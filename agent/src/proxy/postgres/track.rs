@@ -33,6 +33,8 @@ pub enum Op {
         copy: Option<CopyOut>,
         /// How the statement's computed result columns are masked (`Masker::computed`).
         computed: Option<Style>,
+        /// The statement declares or closes cursors (`Classification::cursors`).
+        cursors: bool,
     },
     /// A Close of a statement (`b'S'`) or a portal (`b'P'`).
     Close {
@@ -55,6 +57,7 @@ pub enum Op {
     Query {
         copies: VecDeque<CopyOut>,
         computed: Option<Style>,
+        cursors: bool,
     },
 }
 
@@ -154,7 +157,7 @@ impl Tracker {
             // ParameterDescription comes first in the answer to a statement Describe.
             b't' => {}
             b'2' => {
-                if let Some(Op::Bind { portal, statement, formats, copy, computed }) =
+                if let Some(Op::Bind { portal, statement, formats, copy, computed, cursors }) =
                     self.pop_if(|o| matches!(o, Op::Bind { .. }))
                 {
                     // Only a Bind the server carried out changes what the portal is.
@@ -162,6 +165,11 @@ impl Tracker {
                         Some(c) => self.copies.insert(portal.clone(), c),
                         None => self.copies.remove(&portal),
                     };
+                    if cursors {
+                        // Its Execute makes or drops cursors: portals the tracker knows by those
+                        // names may be other ones afterwards.
+                        self.portal_computed.clear();
+                    }
                     self.portal_computed.insert(portal.clone(), computed);
                     match self.statements.get(&statement) {
                         Some(desc) if !desc.is_empty() => {
@@ -305,6 +313,9 @@ impl Tracker {
                     self.portal_computed.clear();
                 }
                 while let Some(op) = self.ops.pop_front() {
+                    if let Op::Query { cursors: true, .. } = op {
+                        self.portal_computed.clear();
+                    }
                     if matches!(op, Op::Sync | Op::Query { .. }) {
                         break;
                     }
@@ -366,7 +377,14 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
+            Op::Bind {
+                portal: String::new(),
+                statement: String::new(),
+                formats: vec![],
+                copy: None,
+                computed: None,
+                cursors: false,
+            },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -392,7 +410,14 @@ mod tests {
             Op::Parse { statement: "s1".into() },
             Op::DescribeStatement { statement: "s1".into() },
             Op::Sync,
-            Op::Bind { portal: String::new(), statement: "s1".into(), formats: vec![0], copy: None, computed: None },
+            Op::Bind {
+                portal: String::new(),
+                statement: "s1".into(),
+                formats: vec![0],
+                copy: None,
+                computed: None,
+                cursors: false,
+            },
             Op::Execute { portal: String::new() },
             Op::Sync,
         ] {
@@ -425,6 +450,7 @@ mod tests {
                     formats: vec![0],
                     copy: None,
                     computed: None,
+                    cursors: false,
                 },
                 Op::Execute { portal: String::new() },
                 Op::Sync,
@@ -448,17 +474,24 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy: None, computed: None },
+            Op::Bind {
+                portal: String::new(),
+                statement: String::new(),
+                formats: vec![],
+                copy: None,
+                computed: None,
+                cursors: false,
+            },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
-            Op::Query { copies: VecDeque::new(), computed: None },
+            Op::Query { copies: VecDeque::new(), computed: None, cursors: false },
         ] {
             t.push(op);
         }
         assert!(relay(&mut t, frame(b'E', b"SERROR\0Mbad\0\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        assert_eq!(t.ops.front(), Some(&Op::Query { copies: VecDeque::new(), computed: None }));
+        assert_eq!(t.ops.front(), Some(&Op::Query { copies: VecDeque::new(), computed: None, cursors: false }));
         assert!(relay(&mut t, row_description("note")).is_some());
         assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("a@b.c"));
         assert!(relay(&mut t, frame(b'C', b"SELECT 1\0")).is_some());
@@ -472,13 +505,13 @@ mod tests {
     fn copy_out_rows_are_masked_and_unexpected_copies_refused() {
         let mut t = tracker();
         let spec = crate::sql::classify("COPY t (id, email) TO STDOUT").copy_out.remove(0);
-        t.push(Op::Query { copies: [spec].into(), computed: None });
+        t.push(Op::Query { copies: [spec].into(), computed: None, cursors: false });
         assert!(relay(&mut t, frame(b'H', &[0, 0, 2, 0, 0, 0, 0])).is_some());
         assert_eq!(relay(&mut t, frame(b'd', b"1\tx@y.z\n")).unwrap(), frame(b'd', b"1\t[REDACTED]\n"));
         assert!(relay(&mut t, frame(b'c', b"")).is_some());
         assert!(relay(&mut t, frame(b'C', b"COPY 1\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        t.push(Op::Query { copies: VecDeque::new(), computed: None });
+        t.push(Op::Query { copies: VecDeque::new(), computed: None, cursors: false });
         assert!(t.on_frame(frame(b'H', &[0, 0, 0])).is_err());
     }
 }
