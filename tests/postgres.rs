@@ -578,6 +578,36 @@ fn masking_follows_a_column_under_another_name() {
     let (out, err, _) =
         q("COPY (SELECT query_to_xml('SELECT secret_num FROM vault', true, false, '') AS x) TO STDOUT;");
     assert!(err.contains("\"masking\"") && !out.contains("topsecret"), "{out} {err}");
+    let (out, err, ok) = q("SELECT j.row_to_json AS x FROM (vault CROSS JOIN (SELECT 1) s) AS j;");
+    assert!(ok && out.contains("[REDACTED]") && !out.contains("topsecret"), "a join's alias: {out} {err}");
+    // A WITH HOLD cursor's rows are computed at COMMIT, whose error may quote them.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["Q", "DECLARE h CURSOR WITH HOLD FOR SELECT secret_num::int FROM vault"],
+        ["Q", "COMMIT"],
+        ["X"]
+    ]);
+    let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
+    assert!(out.contains("withheld") && !out.contains("topsecret"), "{out}");
+    // In one batch: a portal bound and described, closed, and declared again as a cursor.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["P", "s", "SELECT 'x'::text AS note"],
+        ["D", "S", "s"],
+        ["B", "c", "s"],
+        ["P", "", "CLOSE c"],
+        ["B", "", ""],
+        ["E", ""],
+        ["P", "", "DECLARE c CURSOR FOR SELECT secret_num FROM vault"],
+        ["B", "", ""],
+        ["E", ""],
+        ["E", "c"],
+        ["S"],
+        ["Q", "COMMIT"],
+        ["X"]
+    ]);
+    let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
+    assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
     // A portal the proxy saw bound, then closed and declared again as a cursor in SQL.
     let script = serde_json::json!([
         ["Q", "BEGIN"],
@@ -594,8 +624,13 @@ fn masking_follows_a_column_under_another_name() {
     assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
     // Monitor mode lets denials through, but not what keeps masking whole.
     env.reload(&policy(&env, &pg, None).replace("spec:\n", "spec:\n  mode: monitor\n"));
-    let (out, err, _) = q("SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'vault';");
-    assert!(err.contains("\"masking\"") && !out.contains("topsecret"), "{out} {err}");
+    for sql in [
+        "SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'vault';",
+        "COPY (SELECT secret_num || '' AS x FROM vault) TO STDOUT; LISTEN z;",
+    ] {
+        let (out, err, _) = q(sql);
+        assert!(err.contains("\"masking\"") && !out.contains("topsecret"), "{sql}: {out} {err}");
+    }
     env.reload(&policy(&env, &pg, None));
     // A cursor declared in SQL and read with the protocol's Execute (or described): the proxy
     // never saw it bound, so its computed columns are masked as if it read anything.

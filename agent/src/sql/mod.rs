@@ -139,9 +139,9 @@ pub struct Classification {
     pub plain: bool,
     /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE.
     pub indirect: bool,
-    /// It declares or closes cursors, which are portals too: what the proxy knew of portals of
-    /// those names is stale once it ran.
-    pub cursors: bool,
+    /// Cursors it declares or closes (`All`: CLOSE ALL). Cursors are portals too: what the
+    /// proxy knew of portals of those names is stale once it ran.
+    pub cursors: Deallocates,
     /// The columns it names anywhere, and whether it reads whole rows.
     pub reads: Reads,
 }
@@ -229,6 +229,35 @@ impl Reads {
                             // `JOIN ... USING (a) AS j`: `j` is a row of the join columns.
                             "alias" | "join_using_alias" => {
                                 ranges.extend(child.get("aliasname").and_then(Value::as_str))
+                            }
+                            // `(a JOIN b) AS j`: `j.f` may be attribute notation on a row of
+                            // any table inside.
+                            "JoinExpr" => {
+                                if let Some(alias) = child.pointer("/alias/aliasname").and_then(Value::as_str) {
+                                    let tables = reads.aliases.entry(alias.to_lowercase()).or_default();
+                                    let mut inner = vec![child];
+                                    while let Some(v) = inner.pop() {
+                                        match v {
+                                            Value::Object(m) => {
+                                                for (k, c) in m {
+                                                    if k == "RangeVar"
+                                                        && let Some(rel) = c.get("relname").and_then(Value::as_str)
+                                                    {
+                                                        tables.insert(rel.to_lowercase());
+                                                    }
+                                                    inner.push(c);
+                                                }
+                                            }
+                                            Value::Array(a) => inner.extend(a),
+                                            _ => {}
+                                        }
+                                    }
+                                }
+                            }
+                            // `COPY t (a, b)`: the columns it reads.
+                            "attlist" => {
+                                let names = child.as_array().map(Vec::as_slice).unwrap_or_default();
+                                reads.columns.extend(names.iter().filter_map(sval).map(str::to_string));
                             }
                             "using_clause" => {
                                 let names = child.as_array().map(Vec::as_slice).unwrap_or_default();
@@ -590,7 +619,9 @@ fn walk(v: &Value, c: &mut Classification) {
                                 c.prepares.insert(name.to_string());
                             }
                         }
-                        "DeclareCursorStmt" | "ClosePortalStmt" => c.cursors = true,
+                        "DeclareCursorStmt" | "ClosePortalStmt" => {
+                            c.cursors.add(child.get("portalname").and_then(Value::as_str).filter(|n| !n.is_empty()))
+                        }
                         // DISCARD_ALL in the parse tree's enum.
                         "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => {
                             c.deallocates.add(None)
@@ -797,7 +828,7 @@ mod tests {
                 columns: Some(vec!["a".into(), "b".into()]),
                 query: false,
                 tables: ["t".to_string()].into(),
-                reads: Reads::default(),
+                reads: Reads { columns: ["a".to_string(), "b".to_string()].into(), ..Reads::default() },
             }]
         );
         let c = classify("COPY (SELECT id, t.email, lower(name) AS n FROM t) TO STDOUT");
@@ -840,10 +871,15 @@ mod tests {
         assert_eq!(r.aliases["v"], ["pg_class".to_string(), "vault".to_string()].into());
         assert!(classify("SELECT pg_catalog.query_to_xml('select 1', true, false, '')").reads.runs_sql);
         assert!(classify("COPY (SELECT ts_rewrite('a'::tsquery, 'select 1')) TO STDOUT").copy_out[0].reads.runs_sql);
+        let r = classify("SELECT j.row_to_json FROM (vault CROSS JOIN (SELECT 1) s) AS j").reads;
+        assert_eq!(r.aliases["j"], ["vault".to_string()].into());
+        assert!(classify("COPY vault (secret_num) TO STDOUT").copy_out[0].reads.columns.contains("secret_num"));
         let r = classify("SELECT x FROM vault a JOIN vault b USING (secret_num) AS x").reads;
         assert!(r.whole_rows && r.columns.contains("secret_num"));
-        assert!(classify("CLOSE ALL").cursors && classify("DECLARE c CURSOR FOR SELECT 1").cursors);
-        assert!(!classify("FETCH c").cursors);
+        assert_eq!(classify("CLOSE ALL").cursors, Deallocates::All);
+        let c = classify("CLOSE c; DECLARE d CURSOR FOR SELECT 1").cursors;
+        assert_eq!(c, Deallocates::Names(["c".to_string(), "d".to_string()].into()));
+        assert_eq!(classify("FETCH c").cursors, Deallocates::None);
         assert!(classify("COPY (SELECT v.* FROM vault v) TO STDOUT").copy_out[0].reads.whole_rows);
     }
 

@@ -1021,8 +1021,8 @@ struct Bound {
     plain: bool,
     /// How its computed result columns are masked (`Masker::computed`).
     computed: Option<Style>,
-    /// It declares or closes cursors (unknown statements may).
-    cursors: bool,
+    /// Cursors it declares or closes (an unknown statement may close all).
+    cursors: sql::Deallocates,
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -1202,7 +1202,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         };
         let g = self.s.grant;
         let mut d = crate::policy::rules::decide(&g.name, &g.rules, g.default, &class);
-        if d.action != Action::Deny
+        // In monitor mode a masking refusal stands even where the rules deny too.
+        if (d.action != Action::Deny || !self.s.enforce)
             && let Some(m) = &self.masker
             && let Some(why) = rows::statement_refusal(&class, m)
         {
@@ -1409,7 +1410,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 self.op(Op::Query {
                                     copies: p.class.copy_out.iter().cloned().collect(),
                                     computed: self.computed(Some(&p.class)),
-                                    cursors: p.class.cursors,
+                                    cursors: p.class.cursors.clone(),
                                 });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
                                 remember_prepared(&mut self.sql_prepared, &p);
@@ -1845,7 +1846,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             copy_out: statement.and_then(|p| p.class.copy_out.first().cloned()),
                             plain: statement.is_some_and(|p| p.class.plain),
                             computed: self.computed(statement.map(|p| &*p.class)),
-                            cursors: statement.is_none_or(|p| p.class.cursors),
+                            cursors: statement.map_or(sql::Deallocates::All, |p| p.class.cursors.clone()),
                         });
                     }
                     if copy_in {
@@ -1940,11 +1941,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let (copy, computed, cursors) = match binds.next() {
                         Some(mut bound) => {
                             let copy = bound.copy_out.take();
-                            let (computed, cursors) = (bound.computed, bound.cursors);
+                            let (computed, cursors) = (bound.computed, bound.cursors.clone());
                             bound_here.insert(portal.to_string(), bound);
                             (copy, computed, cursors)
                         }
-                        None => (None, None, false),
+                        None => (None, None, sql::Deallocates::None),
                     };
                     self.op(Op::Bind {
                         portal: portal.to_string(),
@@ -1972,6 +1973,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // that statement's columns were fixed when it was parsed.
                     let from_statement =
                         bound_here.get(&portal).is_some_and(|b| b.plain && self.described.contains(&b.statement));
+                    // Cursors it declares or closes are other portals after it: not bound here.
+                    match bound_here.get(&portal).map(|b| b.cursors.clone()) {
+                        Some(sql::Deallocates::Names(names)) => bound_here.retain(|p, _| !names.contains(p)),
+                        Some(sql::Deallocates::All) => bound_here.clear(),
+                        _ => {}
+                    }
                     if described.as_deref() != Some(portal.as_str()) && !from_statement {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
@@ -2164,7 +2171,7 @@ mod tests {
     }
 
     fn queries(n: usize) -> Vec<Op> {
-        (0..n).map(|_| Op::Query { copies: VecDeque::new(), computed: None, cursors: false }).collect()
+        (0..n).map(|_| Op::Query { copies: VecDeque::new(), computed: None, cursors: sql::Deallocates::None }).collect()
     }
 
     fn answer(out: &mut BytesMut, tag: &[u8]) {
@@ -2212,7 +2219,7 @@ mod tests {
                 formats: vec![],
                 copy: None,
                 computed: None,
-                cursors: false,
+                cursors: sql::Deallocates::None,
             },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
@@ -2237,7 +2244,7 @@ mod tests {
                 formats: vec![],
                 copy: None,
                 computed: None,
-                cursors: false,
+                cursors: sql::Deallocates::None,
             },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
@@ -2280,7 +2287,7 @@ mod tests {
                 formats: vec![],
                 copy: None,
                 computed: None,
-                cursors: false,
+                cursors: sql::Deallocates::None,
             },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -2305,7 +2312,7 @@ mod tests {
                 formats: vec![],
                 copy: None,
                 computed: None,
-                cursors: false,
+                cursors: sql::Deallocates::None,
             },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },

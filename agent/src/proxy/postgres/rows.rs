@@ -266,7 +266,7 @@ const STATISTICS: [&str; 5] =
 
 /// Functions that keep a value where a later statement reads it back (a setting, a
 /// notification, a large object, a sequence).
-const STASHES: [&str; 17] = [
+const STASHES: [&str; 21] = [
     "set_config",
     "pg_notify",
     "lo_from_bytea",
@@ -284,6 +284,10 @@ const STASHES: [&str; 17] = [
     "pg_advisory_xact_lock_shared",
     "pg_try_advisory_xact_lock",
     "pg_try_advisory_xact_lock_shared",
+    "lo_lseek",
+    "lo_lseek64",
+    "lo_truncate",
+    "lo_truncate64",
 ];
 
 /// Why a statement is refused because its results could not be masked, if it is.

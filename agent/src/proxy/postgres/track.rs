@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     mask::{Counts, Masker, Style},
-    sql::{CopyFormat, CopyOut},
+    sql::{CopyFormat, CopyOut, Deallocates},
 };
 
 /// A forwarded client message that the server will answer, in order.
@@ -33,8 +33,8 @@ pub enum Op {
         copy: Option<CopyOut>,
         /// How the statement's computed result columns are masked (`Masker::computed`).
         computed: Option<Style>,
-        /// The statement declares or closes cursors (`Classification::cursors`).
-        cursors: bool,
+        /// Cursors the statement declares or closes (`Classification::cursors`).
+        cursors: Deallocates,
     },
     /// A Close of a statement (`b'S'`) or a portal (`b'P'`).
     Close {
@@ -57,7 +57,7 @@ pub enum Op {
     Query {
         copies: VecDeque<CopyOut>,
         computed: Option<Style>,
-        cursors: bool,
+        cursors: Deallocates,
     },
 }
 
@@ -88,6 +88,11 @@ pub struct Tracker {
     portal_computed: HashMap<String, Option<Style>>,
     /// ... and of a portal it did not see bound (a cursor the client declared in SQL).
     unknown: Option<Style>,
+    /// Portals whose Execute declares or closes cursors, and which.
+    cursor_portals: HashMap<String, Deallocates>,
+    /// A statement that may compute from masked values ran in this transaction: a WITH HOLD
+    /// cursor's rows are computed at COMMIT, whose errors may quote them.
+    tainted: bool,
     /// The row shape of the simple query result being sent.
     current: Option<Arc<Plan>>,
     copy: Option<Copying>,
@@ -99,6 +104,8 @@ impl Tracker {
         let unknown = masker.computed([], &crate::sql::Reads::default(), true);
         Tracker {
             unknown,
+            cursor_portals: HashMap::new(),
+            tainted: false,
             masker,
             ops: VecDeque::new(),
             portals: HashMap::new(),
@@ -147,7 +154,35 @@ impl Tracker {
         Ok(rows::write_data_row(body, plan, &self.masker, &mut self.counts, out)?)
     }
 
+    /// The Execute of `portal` ended: the cursors it declared or closed are other portals now.
+    fn executed(&mut self, portal: &str) {
+        if let Some(names) = self.cursor_portals.get(portal).cloned() {
+            self.forget_cursors(&names);
+        }
+    }
+
+    fn forget_cursors(&mut self, names: &Deallocates) {
+        match names {
+            Deallocates::None => {}
+            Deallocates::Names(names) => {
+                for n in names {
+                    self.portals.remove(n);
+                    self.copies.remove(n);
+                    self.portal_computed.remove(n);
+                }
+            }
+            Deallocates::All => {
+                self.portals.clear();
+                self.copies.clear();
+                self.portal_computed.clear();
+            }
+        }
+    }
+
     pub fn on_frame(&mut self, mut f: Frame) -> Result<Option<Frame>, TrackError> {
+        if let Some(Op::Query { computed: Some(_), .. }) = self.ops.front() {
+            self.tainted = true;
+        }
         match f.tag {
             b'1' => {
                 if let Some(Op::Parse { statement }) = self.pop_if(|o| matches!(o, Op::Parse { .. })) {
@@ -165,11 +200,11 @@ impl Tracker {
                         Some(c) => self.copies.insert(portal.clone(), c),
                         None => self.copies.remove(&portal),
                     };
-                    if cursors {
-                        // Its Execute makes or drops cursors: portals the tracker knows by those
-                        // names may be other ones afterwards.
-                        self.portal_computed.clear();
-                    }
+                    match cursors {
+                        Deallocates::None => self.cursor_portals.remove(&portal),
+                        names => self.cursor_portals.insert(portal.clone(), names),
+                    };
+                    self.tainted |= computed.is_some();
                     self.portal_computed.insert(portal.clone(), computed);
                     match self.statements.get(&statement) {
                         Some(desc) if !desc.is_empty() => {
@@ -237,8 +272,9 @@ impl Tracker {
                 f.body = out.split_off(5).freeze();
             }
             b'C' | b's' | b'I' => {
-                if self.pop_if(|o| matches!(o, Op::Execute { .. })).is_none() {
-                    self.current = None;
+                match self.pop_if(|o| matches!(o, Op::Execute { .. })) {
+                    Some(Op::Execute { portal }) => self.executed(&portal),
+                    _ => self.current = None,
                 }
                 self.copy = None;
             }
@@ -290,7 +326,12 @@ impl Tracker {
                     Some(Op::Execute { portal }) => self.portal_computed.get(portal).copied().unwrap_or(self.unknown),
                     _ => None,
                 };
-                if let Some(body) = rows::mask_notice(&f.body, &self.masker, computed.is_some(), &mut self.counts)? {
+                if let Some(Op::Execute { portal }) = self.ops.front() {
+                    let portal = portal.clone();
+                    self.executed(&portal);
+                }
+                let withheld = computed.is_some() || self.tainted;
+                if let Some(body) = rows::mask_notice(&f.body, &self.masker, withheld, &mut self.counts)? {
                     f.body = body;
                 }
                 if f.tag == b'E' {
@@ -311,10 +352,12 @@ impl Tracker {
                     self.portals.clear();
                     self.copies.clear();
                     self.portal_computed.clear();
+                    self.cursor_portals.clear();
+                    self.tainted = false;
                 }
                 while let Some(op) = self.ops.pop_front() {
-                    if let Op::Query { cursors: true, .. } = op {
-                        self.portal_computed.clear();
+                    if let Op::Query { cursors, .. } = &op {
+                        self.forget_cursors(&cursors.clone());
                     }
                     if matches!(op, Op::Sync | Op::Query { .. }) {
                         break;
@@ -383,7 +426,7 @@ mod tests {
                 formats: vec![],
                 copy: None,
                 computed: None,
-                cursors: false,
+                cursors: Deallocates::None,
             },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
@@ -416,7 +459,7 @@ mod tests {
                 formats: vec![0],
                 copy: None,
                 computed: None,
-                cursors: false,
+                cursors: Deallocates::None,
             },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -450,7 +493,7 @@ mod tests {
                     formats: vec![0],
                     copy: None,
                     computed: None,
-                    cursors: false,
+                    cursors: Deallocates::None,
                 },
                 Op::Execute { portal: String::new() },
                 Op::Sync,
@@ -480,18 +523,21 @@ mod tests {
                 formats: vec![],
                 copy: None,
                 computed: None,
-                cursors: false,
+                cursors: Deallocates::None,
             },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
-            Op::Query { copies: VecDeque::new(), computed: None, cursors: false },
+            Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None },
         ] {
             t.push(op);
         }
         assert!(relay(&mut t, frame(b'E', b"SERROR\0Mbad\0\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        assert_eq!(t.ops.front(), Some(&Op::Query { copies: VecDeque::new(), computed: None, cursors: false }));
+        assert_eq!(
+            t.ops.front(),
+            Some(&Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None })
+        );
         assert!(relay(&mut t, row_description("note")).is_some());
         assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("a@b.c"));
         assert!(relay(&mut t, frame(b'C', b"SELECT 1\0")).is_some());
@@ -505,13 +551,13 @@ mod tests {
     fn copy_out_rows_are_masked_and_unexpected_copies_refused() {
         let mut t = tracker();
         let spec = crate::sql::classify("COPY t (id, email) TO STDOUT").copy_out.remove(0);
-        t.push(Op::Query { copies: [spec].into(), computed: None, cursors: false });
+        t.push(Op::Query { copies: [spec].into(), computed: None, cursors: Deallocates::None });
         assert!(relay(&mut t, frame(b'H', &[0, 0, 2, 0, 0, 0, 0])).is_some());
         assert_eq!(relay(&mut t, frame(b'd', b"1\tx@y.z\n")).unwrap(), frame(b'd', b"1\t[REDACTED]\n"));
         assert!(relay(&mut t, frame(b'c', b"")).is_some());
         assert!(relay(&mut t, frame(b'C', b"COPY 1\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        t.push(Op::Query { copies: VecDeque::new(), computed: None, cursors: false });
+        t.push(Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None });
         assert!(t.on_frame(frame(b'H', &[0, 0, 0])).is_err());
     }
 }

@@ -173,10 +173,11 @@ pub async fn login(
 /// At most this many columns may the tables with masked columns have: each session keeps them.
 const MAX_ORIGINS: usize = 100_000;
 
-/// The catalog query behind `column_origins`: every live column of the user tables and views
-/// that have a column whose name is not ASCII (`$1`, a regex) or, lowered in the "C" collation,
-/// is `LIKE` a pattern (`$2`...); `Masker::column` decides which are masked. Everything is
-/// schema-qualified so the login role's search_path cannot redirect it.
+/// The catalog query behind `column_origins`: every live column of the user tables, views,
+/// materialized views and foreign tables that have a column whose name is not ASCII (`$1`, a
+/// regex) or, lowered in the "C" collation, is `LIKE` a pattern (`$2`...); `Masker::column`
+/// decides which are masked. Everything is schema-qualified so the login role's search_path
+/// cannot redirect it.
 fn origins_query(patterns: usize) -> String {
     let mut sql = String::from(
         "SELECT a.attrelid::pg_catalog.int8, a.attnum, a.attname, c.relname \
@@ -184,6 +185,7 @@ fn origins_query(patterns: usize) -> String {
          JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
          WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+         AND c.relkind::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'v', 'm', 'f', 'p']) \
          AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast']) \
          AND a.attrelid OPERATOR(pg_catalog.=) ANY (SELECT m.attrelid FROM pg_catalog.pg_attribute m \
          WHERE m.attnum OPERATOR(pg_catalog.>) 0 AND NOT m.attisdropped \
