@@ -627,6 +627,8 @@ fn masking_follows_a_column_under_another_name() {
     for sql in [
         "SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'vault';",
         "COPY (SELECT secret_num || '' AS x FROM vault) TO STDOUT; LISTEN z;",
+        // It would make the server read later statements unlike the proxy's parser.
+        "SET standard_conforming_strings = off;",
     ] {
         let (out, err, _) = q(sql);
         assert!(err.contains("\"masking\"") && !out.contains("topsecret"), "{sql}: {out} {err}");

@@ -25,12 +25,12 @@ fuzz_target!(|data: &[u8]| {
     // The first byte picks the requests the frames answer.
     for i in 0..8 {
         if (ops >> i) & 1 == 0 {
-            t.push(Op::Query { copies: copy.iter().cloned().collect(), computed: None, cursors: sql::Deallocates::None });
+            t.push(Op::Query { copies: copy.iter().cloned().collect(), computed: None, cursors: sql::Deallocates::None, hold: false });
         } else {
             let copy = copy.first().cloned();
             // Computed columns masked too: the path a statement reading masked columns takes.
             let computed = Some(Style::Partial);
-            t.push(Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy, computed, cursors: sql::Deallocates::None });
+            t.push(Op::Bind { portal: String::new(), statement: String::new(), formats: vec![], copy, computed, cursors: sql::Deallocates::None, hold: false });
             t.push(Op::Execute { portal: String::new() });
         }
         if (ops >> i) & 3 == 3 {

@@ -142,6 +142,8 @@ pub struct Classification {
     /// Cursors it declares or closes (`All`: CLOSE ALL). Cursors are portals too: what the
     /// proxy knew of portals of those names is stale once it ran.
     pub cursors: Deallocates,
+    /// It declares a `WITH HOLD` cursor, whose rows the server computes at COMMIT.
+    pub hold_cursor: bool,
     /// The columns it names anywhere, and whether it reads whole rows.
     pub reads: Reads,
 }
@@ -620,7 +622,10 @@ fn walk(v: &Value, c: &mut Classification) {
                             }
                         }
                         "DeclareCursorStmt" | "ClosePortalStmt" => {
-                            c.cursors.add(child.get("portalname").and_then(Value::as_str).filter(|n| !n.is_empty()))
+                            c.cursors.add(child.get("portalname").and_then(Value::as_str).filter(|n| !n.is_empty()));
+                            // CURSOR_OPT_HOLD in the parse tree's option bits.
+                            let options = child.get("options").and_then(Value::as_i64).unwrap_or(0);
+                            c.hold_cursor |= key == "DeclareCursorStmt" && options & 0x20 != 0;
                         }
                         // DISCARD_ALL in the parse tree's enum.
                         "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => {
@@ -880,6 +885,8 @@ mod tests {
         let c = classify("CLOSE c; DECLARE d CURSOR FOR SELECT 1").cursors;
         assert_eq!(c, Deallocates::Names(["c".to_string(), "d".to_string()].into()));
         assert_eq!(classify("FETCH c").cursors, Deallocates::None);
+        assert!(classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").hold_cursor);
+        assert!(!classify("DECLARE c CURSOR FOR SELECT 1").hold_cursor);
         assert!(classify("COPY (SELECT v.* FROM vault v) TO STDOUT").copy_out[0].reads.whole_rows);
     }
 

@@ -1023,6 +1023,8 @@ struct Bound {
     computed: Option<Style>,
     /// Cursors it declares or closes (an unknown statement may close all).
     cursors: sql::Deallocates,
+    /// It declares a WITH HOLD cursor (an unknown statement may).
+    hold: bool,
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -1411,6 +1413,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     copies: p.class.copy_out.iter().cloned().collect(),
                                     computed: self.computed(Some(&p.class)),
                                     cursors: p.class.cursors.clone(),
+                                    hold: p.class.hold_cursor,
                                 });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
                                 remember_prepared(&mut self.sql_prepared, &p);
@@ -1847,6 +1850,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             plain: statement.is_some_and(|p| p.class.plain),
                             computed: self.computed(statement.map(|p| &*p.class)),
                             cursors: statement.map_or(sql::Deallocates::All, |p| p.class.cursors.clone()),
+                            hold: statement.is_none_or(|p| p.class.hold_cursor),
                         });
                     }
                     if copy_in {
@@ -1938,14 +1942,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
                     let formats = wire::bind_result_formats(&f.body).map_err(e)?;
-                    let (copy, computed, cursors) = match binds.next() {
+                    let (copy, computed, cursors, hold) = match binds.next() {
                         Some(mut bound) => {
                             let copy = bound.copy_out.take();
-                            let (computed, cursors) = (bound.computed, bound.cursors.clone());
+                            let (computed, cursors, hold) = (bound.computed, bound.cursors.clone(), bound.hold);
                             bound_here.insert(portal.to_string(), bound);
-                            (copy, computed, cursors)
+                            (copy, computed, cursors, hold)
                         }
-                        None => (None, None, sql::Deallocates::None),
+                        None => (None, None, sql::Deallocates::None, false),
                     };
                     self.op(Op::Bind {
                         portal: portal.to_string(),
@@ -1954,6 +1958,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         copy,
                         computed,
                         cursors,
+                        hold,
                     });
                 }
                 b'D' => match wire::describe_target(&f.body).map_err(e)? {
@@ -1974,10 +1979,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let from_statement =
                         bound_here.get(&portal).is_some_and(|b| b.plain && self.described.contains(&b.statement));
                     // Cursors it declares or closes are other portals after it: not bound here.
+                    // (What a portal bound in an earlier batch does is not known here.)
                     match bound_here.get(&portal).map(|b| b.cursors.clone()) {
                         Some(sql::Deallocates::Names(names)) => bound_here.retain(|p, _| !names.contains(p)),
-                        Some(sql::Deallocates::All) => bound_here.clear(),
-                        _ => {}
+                        Some(sql::Deallocates::None) => {}
+                        Some(sql::Deallocates::All) | None => bound_here.clear(),
                     }
                     if described.as_deref() != Some(portal.as_str()) && !from_statement {
                         forward.push(wire::describe_portal(&portal));
@@ -1987,6 +1993,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'C' => {
                     let (target, name) = wire::describe_target(&f.body).map_err(e)?;
+                    if target == b'P' {
+                        bound_here.remove(name);
+                    }
                     self.op(Op::Close { target, name: name.to_string() });
                 }
                 _ => {}
@@ -2171,7 +2180,14 @@ mod tests {
     }
 
     fn queries(n: usize) -> Vec<Op> {
-        (0..n).map(|_| Op::Query { copies: VecDeque::new(), computed: None, cursors: sql::Deallocates::None }).collect()
+        (0..n)
+            .map(|_| Op::Query {
+                copies: VecDeque::new(),
+                computed: None,
+                cursors: sql::Deallocates::None,
+                hold: false,
+            })
+            .collect()
     }
 
     fn answer(out: &mut BytesMut, tag: &[u8]) {
@@ -2220,6 +2236,7 @@ mod tests {
                 copy: None,
                 computed: None,
                 cursors: sql::Deallocates::None,
+                hold: false,
             },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
@@ -2245,6 +2262,7 @@ mod tests {
                 copy: None,
                 computed: None,
                 cursors: sql::Deallocates::None,
+                hold: false,
             },
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
@@ -2288,6 +2306,7 @@ mod tests {
                 copy: None,
                 computed: None,
                 cursors: sql::Deallocates::None,
+                hold: false,
             },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -2313,6 +2332,7 @@ mod tests {
                 copy: None,
                 computed: None,
                 cursors: sql::Deallocates::None,
+                hold: false,
             },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },

@@ -298,6 +298,10 @@ pub fn statement_refusal(class: &crate::sql::Classification, masker: &Masker) ->
     if !masker.has_column_rules() {
         return None;
     }
+    // What the proxy cannot parse (or parses unlike the server) it cannot tell the reads of.
+    if class.kinds.contains(&crate::sql::Kind::Unparseable) {
+        return Some("a statement the proxy cannot parse cannot be masked".into());
+    }
     let last = |name: &str| name.rsplit('.').next().unwrap_or(name).to_string();
     if let Some(t) = class.tables.iter().map(|t| last(t)).find(|t| STATISTICS.contains(&t.as_str())) {
         return Some(format!("{t} holds sampled column values, which cannot be masked"));

@@ -35,6 +35,8 @@ pub enum Op {
         computed: Option<Style>,
         /// Cursors the statement declares or closes (`Classification::cursors`).
         cursors: Deallocates,
+        /// It declares a WITH HOLD cursor (`Classification::hold_cursor`).
+        hold: bool,
     },
     /// A Close of a statement (`b'S'`) or a portal (`b'P'`).
     Close {
@@ -58,6 +60,7 @@ pub enum Op {
         copies: VecDeque<CopyOut>,
         computed: Option<Style>,
         cursors: Deallocates,
+        hold: bool,
     },
 }
 
@@ -90,8 +93,8 @@ pub struct Tracker {
     unknown: Option<Style>,
     /// Portals whose Execute declares or closes cursors, and which.
     cursor_portals: HashMap<String, Deallocates>,
-    /// A statement that may compute from masked values ran in this transaction: a WITH HOLD
-    /// cursor's rows are computed at COMMIT, whose errors may quote them.
+    /// A WITH HOLD cursor that may compute from masked values was declared in this
+    /// transaction: its rows are computed at COMMIT, whose errors may quote them.
     tainted: bool,
     /// The row shape of the simple query result being sent.
     current: Option<Arc<Plan>>,
@@ -180,7 +183,7 @@ impl Tracker {
     }
 
     pub fn on_frame(&mut self, mut f: Frame) -> Result<Option<Frame>, TrackError> {
-        if let Some(Op::Query { computed: Some(_), .. }) = self.ops.front() {
+        if let Some(Op::Query { computed: Some(_), hold: true, .. }) = self.ops.front() {
             self.tainted = true;
         }
         match f.tag {
@@ -192,7 +195,7 @@ impl Tracker {
             // ParameterDescription comes first in the answer to a statement Describe.
             b't' => {}
             b'2' => {
-                if let Some(Op::Bind { portal, statement, formats, copy, computed, cursors }) =
+                if let Some(Op::Bind { portal, statement, formats, copy, computed, cursors, hold }) =
                     self.pop_if(|o| matches!(o, Op::Bind { .. }))
                 {
                     // Only a Bind the server carried out changes what the portal is.
@@ -204,7 +207,7 @@ impl Tracker {
                         Deallocates::None => self.cursor_portals.remove(&portal),
                         names => self.cursor_portals.insert(portal.clone(), names),
                     };
-                    self.tainted |= computed.is_some();
+                    self.tainted |= hold && computed.is_some();
                     self.portal_computed.insert(portal.clone(), computed);
                     match self.statements.get(&statement) {
                         Some(desc) if !desc.is_empty() => {
@@ -225,6 +228,7 @@ impl Tracker {
                     self.portals.remove(&name);
                     self.copies.remove(&name);
                     self.portal_computed.remove(&name);
+                    self.cursor_portals.remove(&name);
                 }
                 _ => {}
             },
@@ -427,6 +431,7 @@ mod tests {
                 copy: None,
                 computed: None,
                 cursors: Deallocates::None,
+                hold: false,
             },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
@@ -460,6 +465,7 @@ mod tests {
                 copy: None,
                 computed: None,
                 cursors: Deallocates::None,
+                hold: false,
             },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -494,6 +500,7 @@ mod tests {
                     copy: None,
                     computed: None,
                     cursors: Deallocates::None,
+                    hold: false,
                 },
                 Op::Execute { portal: String::new() },
                 Op::Sync,
@@ -524,11 +531,12 @@ mod tests {
                 copy: None,
                 computed: None,
                 cursors: Deallocates::None,
+                hold: false,
             },
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
-            Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None },
+            Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None, hold: false },
         ] {
             t.push(op);
         }
@@ -536,7 +544,7 @@ mod tests {
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
         assert_eq!(
             t.ops.front(),
-            Some(&Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None })
+            Some(&Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None, hold: false })
         );
         assert!(relay(&mut t, row_description("note")).is_some());
         assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("a@b.c"));
@@ -551,13 +559,13 @@ mod tests {
     fn copy_out_rows_are_masked_and_unexpected_copies_refused() {
         let mut t = tracker();
         let spec = crate::sql::classify("COPY t (id, email) TO STDOUT").copy_out.remove(0);
-        t.push(Op::Query { copies: [spec].into(), computed: None, cursors: Deallocates::None });
+        t.push(Op::Query { copies: [spec].into(), computed: None, cursors: Deallocates::None, hold: false });
         assert!(relay(&mut t, frame(b'H', &[0, 0, 2, 0, 0, 0, 0])).is_some());
         assert_eq!(relay(&mut t, frame(b'd', b"1\tx@y.z\n")).unwrap(), frame(b'd', b"1\t[REDACTED]\n"));
         assert!(relay(&mut t, frame(b'c', b"")).is_some());
         assert!(relay(&mut t, frame(b'C', b"COPY 1\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        t.push(Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None });
+        t.push(Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None, hold: false });
         assert!(t.on_frame(frame(b'H', &[0, 0, 0])).is_err());
     }
 }
