@@ -2229,15 +2229,7 @@ mod tests {
         let mut server = BytesMut::new();
         error(&mut server, "division by zero");
         let ops = vec![
-            Op::Bind {
-                portal: String::new(),
-                statement: String::new(),
-                formats: vec![],
-                copy: None,
-                computed: None,
-                cursors: sql::Deallocates::None,
-                hold: false,
-            },
+            Op::bind("", vec![]),
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
@@ -2255,15 +2247,7 @@ mod tests {
         // Work sent at a Flush fails, and its error goes out, while the client side still judges
         // the batch after it; then the refusal is queued, and the server's ReadyForQuery comes.
         let ops = vec![
-            Op::Bind {
-                portal: String::new(),
-                statement: String::new(),
-                formats: vec![],
-                copy: None,
-                computed: None,
-                cursors: sql::Deallocates::None,
-                hold: false,
-            },
+            Op::bind("", vec![]),
             Op::Execute { portal: String::new() },
             Op::Parse { statement: STAND_IN.into() },
             Op::Sync,
@@ -2298,20 +2282,7 @@ mod tests {
     async fn syncs_sent_during_a_copy_from_stdin_are_not_waited_for() {
         // Bind/Execute/Sync of a COPY FROM STDIN (point 1), CopyData, CopyDone, Sync (point 2);
         // then a statement refused. The server ignores the first Sync: one ReadyForQuery.
-        let ops = vec![
-            Op::Bind {
-                portal: String::new(),
-                statement: String::new(),
-                formats: vec![],
-                copy: None,
-                computed: None,
-                cursors: sql::Deallocates::None,
-                hold: false,
-            },
-            Op::Execute { portal: String::new() },
-            Op::Sync,
-            Op::Sync,
-        ];
+        let ops = vec![Op::bind("", vec![]), Op::Execute { portal: String::new() }, Op::Sync, Op::Sync];
         let mut server = BytesMut::new();
         Frame { tag: b'2', body: bytes::Bytes::new() }.encode(&mut server);
         Frame { tag: b'G', body: bytes::Bytes::from_static(&[0, 0, 1, 0, 0]) }.encode(&mut server);
@@ -2325,15 +2296,7 @@ mod tests {
         // the client never sees) is still matched to its own answers.
         let mut more = ops.clone();
         more.extend([
-            Op::Bind {
-                portal: String::new(),
-                statement: String::new(),
-                formats: vec![],
-                copy: None,
-                computed: None,
-                cursors: sql::Deallocates::None,
-                hold: false,
-            },
+            Op::bind("", vec![]),
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,

@@ -64,6 +64,22 @@ pub enum Op {
     },
 }
 
+#[cfg(test)]
+impl Op {
+    /// A Bind of `statement` to the unnamed portal, with nothing else to tell.
+    pub fn bind(statement: &str, formats: Vec<i16>) -> Op {
+        Op::Bind {
+            portal: String::new(),
+            statement: statement.into(),
+            formats,
+            copy: None,
+            computed: None,
+            cursors: Deallocates::None,
+            hold: false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrackError {
     #[error(transparent)]
@@ -361,7 +377,7 @@ impl Tracker {
                 }
                 while let Some(op) = self.ops.pop_front() {
                     if let Op::Query { cursors, .. } = &op {
-                        self.forget_cursors(&cursors.clone());
+                        self.forget_cursors(cursors);
                     }
                     if matches!(op, Op::Sync | Op::Query { .. }) {
                         break;
@@ -424,15 +440,7 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind {
-                portal: String::new(),
-                statement: String::new(),
-                formats: vec![],
-                copy: None,
-                computed: None,
-                cursors: Deallocates::None,
-                hold: false,
-            },
+            Op::bind("", vec![]),
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -458,15 +466,7 @@ mod tests {
             Op::Parse { statement: "s1".into() },
             Op::DescribeStatement { statement: "s1".into() },
             Op::Sync,
-            Op::Bind {
-                portal: String::new(),
-                statement: "s1".into(),
-                formats: vec![0],
-                copy: None,
-                computed: None,
-                cursors: Deallocates::None,
-                hold: false,
-            },
+            Op::bind("s1", vec![0]),
             Op::Execute { portal: String::new() },
             Op::Sync,
         ] {
@@ -493,15 +493,7 @@ mod tests {
                 Op::Sync,
                 again.clone(),
                 Op::Sync,
-                Op::Bind {
-                    portal: String::new(),
-                    statement: "s1".into(),
-                    formats: vec![0],
-                    copy: None,
-                    computed: None,
-                    cursors: Deallocates::None,
-                    hold: false,
-                },
+                Op::bind("s1", vec![0]),
                 Op::Execute { portal: String::new() },
                 Op::Sync,
             ] {
@@ -524,15 +516,7 @@ mod tests {
         let mut t = tracker();
         for op in [
             Op::Parse { statement: String::new() },
-            Op::Bind {
-                portal: String::new(),
-                statement: String::new(),
-                formats: vec![],
-                copy: None,
-                computed: None,
-                cursors: Deallocates::None,
-                hold: false,
-            },
+            Op::bind("", vec![]),
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
