@@ -1036,6 +1036,9 @@ struct Prepared {
     text: Arc<str>,
     /// Executions wait for approval under this rule.
     hold: Option<(String, Duration)>,
+    /// How its computed result columns are masked (`Masker::computed`), worked out once here
+    /// rather than at every Bind of it.
+    computed: Option<Style>,
 }
 
 /// An extended-protocol batch that may go through.
@@ -1243,7 +1246,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 warn!(session = self.s.id, rule = %d.rule, "statement denied");
                 Ok(Judgement::Deny { rule: d.rule, message: d.message })
             }
-            _ => Ok(Judgement::Forward(Prepared { seq, class, text, hold })),
+            _ => {
+                let computed = self.computed(Some(&class));
+                Ok(Judgement::Forward(Prepared { seq, class, text, hold, computed }))
+            }
         }
     }
 
@@ -1411,7 +1417,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 });
                                 self.op(Op::Query {
                                     copies: p.class.copy_out.iter().cloned().collect(),
-                                    computed: self.computed(Some(&p.class)),
+                                    computed: p.computed,
                                     cursors: p.class.cursors.clone(),
                                     hold: p.class.hold_cursor,
                                 });
@@ -1848,7 +1854,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             statement: stmt.to_string(),
                             copy_out: statement.and_then(|p| p.class.copy_out.first().cloned()),
                             plain: statement.is_some_and(|p| p.class.plain),
-                            computed: self.computed(statement.map(|p| &*p.class)),
+                            computed: match statement {
+                                Some(p) => p.computed,
+                                None => self.computed(None),
+                            },
                             cursors: statement.map_or(sql::Deallocates::All, |p| p.class.cursors.clone()),
                             hold: statement.is_none_or(|p| p.class.hold_cursor),
                         });
