@@ -10,6 +10,7 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
+    callgrind::Callgrind,
     pg::{PG_BIN, TempPostgres, as_postgres, free_port},
     setup,
     util::{self, cgroup2_mount, remove_cgroup_tree},
@@ -219,10 +220,20 @@ pub struct Options {
     /// table next to the one on all cores, which is the headline).
     #[arg(long, value_name = "CPU")]
     pub pin_cpu: Option<usize>,
+    /// Instead of timing, counts the user-space instructions each proxy executes per
+    /// transaction (valgrind's callgrind; the proxies run under it): repeatable to well under
+    /// 1 % where timings move by ±15 %. The kernel's share of a proxy's CPU is not counted.
+    /// Implies --pgbench-only; --rounds and --seconds do not apply.
+    #[arg(long)]
+    pub instructions: bool,
 }
 
+/// Transactions per client of the shorter of the two runs `--instructions` subtracts.
+const COUNTED_TRANSACTIONS: u64 = 3000;
+
 pub fn postgres(o: Options) -> anyhow::Result<()> {
-    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only, baseline, pin_cpu } = o;
+    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only, baseline, pin_cpu, instructions } = o;
+    let pgbench_only = pgbench_only || instructions;
     let mut run_target = [false; TARGETS];
     for t in &targets {
         match TARGET_NAMES.iter().position(|n| n == t) {
@@ -270,6 +281,18 @@ pub fn postgres(o: Options) -> anyhow::Result<()> {
         pg,
     };
     let port_s = pg_port.to_string();
+    let callgrind = if instructions { Some(Callgrind::new(&d.join("callgrind"))?) } else { None };
+    // A proxy's command, under callgrind with --instructions.
+    let wrapped = |args: &[&str]| -> Vec<String> {
+        let mut v = callgrind.as_ref().map(Callgrind::prefix).unwrap_or_default();
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
+    };
+    let command = |args: Vec<String>| {
+        let mut c = Command::new(&args[0]);
+        c.args(&args[1..]);
+        c
+    };
     util::run(
         Command::new(format!("{PG_BIN}/pgbench"))
             .args(["-q", "-i", "-s", &scale.to_string(), "-h", "127.0.0.1", "-p", &port_s, "-U", "app", "postgres"])
@@ -292,8 +315,13 @@ pub fn postgres(o: Options) -> anyhow::Result<()> {
     for f in [&userlist, &ini] {
         nix::unistd::chown(f, Some(pg_user.uid), Some(pg_user.gid))?;
     }
-    rig.children
-        .push(as_postgres(&["pgbouncer", ini.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+    let bouncer = wrapped(&["pgbouncer", ini.to_str().unwrap()]);
+    rig.children.push(
+        as_postgres(&bouncer.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     wait_port(bouncer_port, "pgbouncer")?;
     let bouncer_pid = exec_child(rig.children.last().map(|c| c.id()).context("pgbouncer")?);
 
@@ -307,7 +335,7 @@ pub fn postgres(o: Options) -> anyhow::Result<()> {
         ),
     )?;
     rig.children
-        .push(Command::new("haproxy").args(["-f", cfg.to_str().unwrap(), "-db"]).stdout(Stdio::null()).spawn()?);
+        .push(command(wrapped(&["haproxy", "-f", cfg.to_str().unwrap(), "-db"])).stdout(Stdio::null()).spawn()?);
     wait_port(haproxy_port, "haproxy")?;
     let haproxy_pid = rig.children.last().map(|c| c.id()).context("haproxy")?;
 
@@ -358,7 +386,8 @@ spec:
         )
     };
     std::fs::write(&policy, policy_text("durable", &cgroup))?;
-    rig.children.push(util::start_agent(&bin, &policy, &rig.state, "warn,tollgate::agent=info", None)?);
+    let agent = |bin: &Path| command(wrapped(&[bin.to_str().expect("a UTF-8 path")]));
+    rig.children.push(util::start_agent_cmd(agent(&bin), &policy, &rig.state, "warn,tollgate::agent=info", None)?);
     let agent_pid = rig.children.last().map(|c| c.id()).context("agent")?;
     let base_pid = match &rig.baseline {
         Some((base_bin, base_state)) => {
@@ -366,8 +395,8 @@ spec:
             let base_policy = d.join("policy-base.yaml");
             let text = policy_text("durable", &base_cgroup).replace(&masked_cgroup, &format!("{masked_cgroup}-base"));
             std::fs::write(&base_policy, text)?;
-            rig.children.push(util::start_agent(
-                base_bin,
+            rig.children.push(util::start_agent_cmd(
+                agent(base_bin),
                 &base_policy,
                 base_state,
                 "warn,tollgate::agent=info",
@@ -407,6 +436,69 @@ spec:
         tps(&util::output(&mut c)?)
     };
 
+    let mut written_mode = false;
+    if let Some(cg) = &callgrind {
+        println!(
+            "\npgbench -S (select-only), scale {scale}: user-space instructions per transaction of each\n\
+             proxy process (all its threads), counted by callgrind over two runs of {COUNTED_TRANSACTIONS} and {} transactions\n\
+             per client, the difference divided by the difference in transactions (so logins and\n\
+             connection set-up cancel out)",
+            2 * COUNTED_TRANSACTIONS
+        );
+        let (mut rows, mut sha_rows) = (Vec::new(), Vec::new());
+        let profiles = util::root().join("target/callgrind");
+        std::fs::create_dir_all(&profiles)?;
+        for mode in &modes {
+            for &clients in &clients {
+                let (mut per_tx, mut sha) = ([f64::NAN; TARGETS], [f64::NAN; TARGETS]);
+                for t in proxied(with_base).filter(|&t| run_target[t]) {
+                    if (t == 2) != written_mode {
+                        written_mode = t == 2;
+                        statements(if written_mode { "written" } else { "durable" })?;
+                    }
+                    let (pid, port, through) = match t {
+                        1 | 2 => (agent_pid, pg_port, Some(cgroup.as_str())),
+                        3 => (agent_pid, pg_port, Some(masked_cgroup.as_str())),
+                        4 => (bouncer_pid, bouncer_port, None),
+                        5 => (haproxy_pid, haproxy_port, None),
+                        _ => (base_pid.context("base")?, pg_port, Some(base_cgroup.as_str())),
+                    };
+                    let (c, j) = (clients.to_string(), clients.min(2).to_string());
+                    let run = |n: u64| {
+                        let n = n.to_string();
+                        let args = ["-S", "-M", mode, "-c", &c, "-j", &j, "-t", &n];
+                        cg.count(pid, || pgbench(port, through, &args).map(drop))
+                    };
+                    // Uncounted: pgbouncer logs in to the server for its pool on a first client
+                    // only, which would fall in the shorter run.
+                    pgbench(port, through, &["-S", "-M", mode, "-c", &c, "-j", &j, "-t", "100"])?;
+                    let (short, _) = run(COUNTED_TRANSACTIONS)?;
+                    let (long, dump) = run(2 * COUNTED_TRANSACTIONS)?;
+                    std::fs::copy(&dump, profiles.join(format!("{}-{mode}-{clients}.out", TARGET_NAMES[t])))?;
+                    let diff = long - short;
+                    let n = (COUNTED_TRANSACTIONS * u64::from(clients)) as f64;
+                    (per_tx[t], sha[t]) = ((diff.total - diff.sha256) as f64 / n, diff.sha256 as f64 / n);
+                }
+                rows.push(proxy_row(mode, clients, |t| per_tx[t], with_base, 0));
+                sha_rows.push(proxy_row(mode, clients, |t| sha[t], with_base, 0));
+            }
+        }
+        print_proxy_table("instructions per transaction, SHA-256 compression left out", &rows, with_base);
+        print_proxy_table(
+            "instructions per transaction in SHA-256 compression (sealing audit records; valgrind runs the\n\
+             portable code, while natively the CPU's SHA extensions take a small fraction of these)",
+            &sha_rows,
+            with_base,
+        );
+        println!(
+            "\nprofiles of the longer runs: {}/TARGET-MODE-CLIENTS.out (callgrind_annotate FILE)",
+            profiles.display()
+        );
+        if written_mode {
+            statements("durable")?;
+        }
+        return Ok(());
+    }
     println!(
         "\npgbench -S (select-only), scale {scale}, {rounds} rounds of {seconds} s per cell, all on {}.\n\
          Within a round every target runs once, in a rotating order; TPS columns are\n\
@@ -434,7 +526,6 @@ spec:
         if with_base { format!(" {:>8} {:>7}", "base", "tg/base") } else { String::new() }
     );
     let secs = seconds.to_string();
-    let mut written_mode = false;
     let mut cpu_rows = Vec::new();
     let mut direct_rows = Vec::new();
     for mode in &modes {

@@ -1,6 +1,7 @@
 //! Developer tasks: `cargo xtask setup | build | test | demo | bench | fuzz`.
 mod bench;
 mod bench_pg;
+mod callgrind;
 mod demo;
 mod pg;
 mod setup;

@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use crate::util::{cargo, output, root, run};
 
 /// Debian packages the tests, demo and benchmarks use.
-/// `openssl` makes the TLS test's server certificates; `util-linux` has `setpriv`, with which a
+/// `valgrind` counts instructions for `bench postgres --instructions`. `openssl` makes the TLS test's server certificates; `util-linux` has `setpriv`, with which a
 /// test runs the approvals CLI as an unprivileged user.
 const PACKAGES: &[&str] = &[
     "curl",
@@ -20,6 +20,7 @@ const PACKAGES: &[&str] = &[
     "haproxy",
     "openssl",
     "util-linux",
+    "valgrind",
 ];
 
 pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql", "postgres_wire", "postgres_results"];

@@ -125,8 +125,20 @@ pub fn start_agent(
     log_filter: &str,
     echo: Option<&'static str>,
 ) -> anyhow::Result<std::process::Child> {
+    start_agent_cmd(Command::new(bin), policy, state, log_filter, echo)
+}
+
+/// [`start_agent`] with the agent's command given: `cmd` is the binary, or a wrapper (valgrind,
+/// say) with the binary as its last argument; `run` and its options are appended.
+pub fn start_agent_cmd(
+    mut cmd: Command,
+    policy: &Path,
+    state: &Path,
+    log_filter: &str,
+    echo: Option<&'static str>,
+) -> anyhow::Result<std::process::Child> {
     use std::io::BufRead;
-    let mut child = Command::new(bin)
+    let mut child = cmd
         .args(["run", "--policy"])
         .arg(policy)
         .arg("--state-dir")
@@ -134,7 +146,7 @@ pub fn start_agent(
         .env("TOLLGATE_LOG", log_filter)
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
+        .with_context(|| format!("cannot start {}", show(&cmd)))?;
     let stderr = child.stderr.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
