@@ -27,7 +27,11 @@ impl Head {
 fn digest(body: &[u8]) -> String {
     let mut hex = [0u8; HASH_LEN];
     hex::encode_to_slice(Sha256::digest(body), &mut hex).expect("a sha256 is 32 bytes");
-    String::from_utf8_lossy(&hex).into_owned()
+    hex_string(&hex)
+}
+
+fn hex_string(hex: &[u8]) -> String {
+    std::str::from_utf8(hex).expect("hex digits are ASCII").to_owned()
 }
 
 /// Seals `record` as the entry after `head`: appends its line (with '\n') to `out` and returns
@@ -42,7 +46,6 @@ pub fn seal(head: &Head, time: &str, record: &Record, out: &mut Vec<u8>) -> Head
 /// flattening would give, without its map detour) straight into `out` behind a placeholder
 /// for its hash: this runs once per audited message.
 pub fn seal_with(head: &Head, time: &str, out: &mut Vec<u8>, record: impl FnOnce(&mut Vec<u8>)) -> Head {
-    use std::io::Write;
     let seq = head.seq + 1;
     out.extend_from_slice(PREFIX.as_bytes());
     let hash_at = out.len();
@@ -50,9 +53,14 @@ pub fn seal_with(head: &Head, time: &str, out: &mut Vec<u8>, record: impl FnOnce
     out.extend_from_slice(b"\",");
     // The body's opening brace is the line's, before `hash`; it is hashed, not stored here.
     let body_at = out.len();
-    let _ = write!(out, "\"seq\":{seq},\"time\":");
+    // Written by hand, not with `write!`: this runs for every audited message.
+    out.extend_from_slice(b"\"seq\":");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    out.extend_from_slice(b",\"time\":");
     serde_json::to_writer(&mut *out, time).expect("a string always serialises");
-    let _ = write!(out, ",\"prev\":\"{}\"", head.hash);
+    out.extend_from_slice(b",\"prev\":\"");
+    out.extend_from_slice(head.hash.as_bytes());
+    out.push(b'"');
     let record_at = out.len();
     record(out);
     // The record's own opening brace becomes the separator after `prev`.
@@ -60,7 +68,7 @@ pub fn seal_with(head: &Head, time: &str, out: &mut Vec<u8>, record: impl FnOnce
     let digest = Sha256::new().chain_update(b"{").chain_update(&out[body_at..]).finalize();
     let hex = &mut out[hash_at..hash_at + HASH_LEN];
     hex::encode_to_slice(digest, hex).expect("a sha256 is 32 bytes");
-    let hash = String::from_utf8_lossy(hex).into_owned();
+    let hash = hex_string(hex);
     out.push(b'\n');
     Head { seq, hash }
 }

@@ -207,21 +207,28 @@ pub struct ResultRecord {
 impl ResultRecord {
     /// Writes the record's JSON object, fields in `Record`'s order.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        use std::io::Write;
+        // By hand, not with `write!`: one of these follows every executed statement.
+        let mut n = itoa::Buffer::new();
         out.extend_from_slice(&self.base.head);
         out.extend_from_slice(b",\"refs\":[");
         for (i, r) in self.refs.iter().enumerate() {
-            let _ = write!(out, "{}{r}", if i == 0 { "" } else { "," });
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(n.format(*r).as_bytes());
         }
         out.push(b']');
         if let Some(s) = self.base.session {
-            let _ = write!(out, ",\"session\":{s}");
+            out.extend_from_slice(b",\"session\":");
+            out.extend_from_slice(n.format(s).as_bytes());
         }
-        let _ = write!(
-            out,
-            ",\"duration_ms\":{},\"count\":{},\"detail\":\"{} commands\"",
-            self.duration_ms, self.count, self.commands
-        );
+        out.extend_from_slice(b",\"duration_ms\":");
+        out.extend_from_slice(n.format(self.duration_ms).as_bytes());
+        out.extend_from_slice(b",\"count\":");
+        out.extend_from_slice(n.format(self.count).as_bytes());
+        out.extend_from_slice(b",\"detail\":\"");
+        out.extend_from_slice(n.format(self.commands).as_bytes());
+        out.extend_from_slice(b" commands\"");
         if let Some(e) = &self.error {
             out.extend_from_slice(b",\"error\":");
             let _ = serde_json::to_writer(&mut *out, e);

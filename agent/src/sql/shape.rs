@@ -37,7 +37,9 @@ pub fn scanned_shape(sql: &str) -> Option<String> {
 
 fn literals_matter(sql: &str) -> bool {
     let b = sql.as_bytes();
-    LITERALS_MATTER.iter().any(|w| b.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+    // The first byte compared alone first (the words are lowercase letters): this runs on every
+    // simple-protocol query.
+    LITERALS_MATTER.iter().any(|w| b.windows(w.len()).any(|x| x[0] | 0x20 == w[0] && x.eq_ignore_ascii_case(w)))
 }
 
 fn scanned(sql: &str, keep_literals: bool) -> Option<String> {
@@ -81,7 +83,10 @@ fn is_unusual_op_char(b: u8) -> bool {
 
 /// The key of `sql` by the safe subset of the lexer, or `None` where it gives up.
 fn lexed(b: &[u8]) -> Option<String> {
-    let mut key = String::with_capacity(b.len() + 16);
+    // Bytes, checked as UTF-8 once at the end: every token taken is ASCII, but not by
+    // construction of the types.
+    let mut key = Vec::with_capacity(b.len() + 16);
+    const LITERAL_KEY: [u8; 2] = [LITERAL as u8, 0];
     let at = |i: usize| b.get(i).copied().unwrap_or(0);
     let mut i = 0;
     while i < b.len() {
@@ -103,8 +108,7 @@ fn lexed(b: &[u8]) -> Option<String> {
             }
             b'0'..=b'9' => {
                 i = number_end(b, i)?;
-                key.push(LITERAL);
-                key.push('\0');
+                key.extend_from_slice(&LITERAL_KEY);
                 continue;
             }
             b'\'' => {
@@ -118,8 +122,7 @@ fn lexed(b: &[u8]) -> Option<String> {
                 if at(j) == b'\'' {
                     return None;
                 }
-                key.push(LITERAL);
-                key.push('\0');
+                key.extend_from_slice(&LITERAL_KEY);
                 continue;
             }
             b'"' => {
@@ -159,10 +162,10 @@ fn lexed(b: &[u8]) -> Option<String> {
             _ if is_op_char(c) => i = operator_end(b, i)?,
             _ => return None,
         }
-        key.push_str(std::str::from_utf8(&b[start..i]).ok()?);
-        key.push('\0');
+        key.extend_from_slice(&b[start..i]);
+        key.push(0);
     }
-    Some(key)
+    String::from_utf8(key).ok()
 }
 
 /// The end (past the closing quote) of the quoted text opening at `i`, where a doubled quote
