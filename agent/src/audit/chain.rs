@@ -57,7 +57,7 @@ pub fn seal_with(head: &Head, time: &str, out: &mut Vec<u8>, record: impl FnOnce
     out.extend_from_slice(b"\"seq\":");
     out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     out.extend_from_slice(b",\"time\":");
-    serde_json::to_writer(&mut *out, time).expect("a string always serialises");
+    super::record::json_string(out, time);
     out.extend_from_slice(b",\"prev\":\"");
     out.extend_from_slice(head.hash.as_bytes());
     out.push(b'"');

@@ -192,103 +192,79 @@ impl Reads {
         // Names a whole-row reference could use, and the one-part column references.
         let mut ranges: BTreeSet<&str> = BTreeSet::new();
         let mut singles: BTreeSet<&str> = BTreeSet::new();
-        let mut stack = vec![tree];
-        while let Some(v) = stack.pop() {
-            match v {
-                Value::Object(map) => {
-                    for (key, child) in map {
-                        match key.as_str() {
-                            "ColumnRef" => {
-                                let fields = child.get("fields").and_then(Value::as_array).map(Vec::as_slice);
-                                let fields = fields.unwrap_or_default();
-                                match fields.last().and_then(sval) {
-                                    Some(name) => {
-                                        reads.columns.insert(name.to_string());
-                                        match fields {
-                                            [_] => {
-                                                singles.insert(name);
-                                            }
-                                            [.., q, _] => {
-                                                if let Some(q) = sval(q) {
-                                                    reads.qualified.insert((q.to_lowercase(), name.to_lowercase()));
-                                                }
-                                            }
-                                            [] => {}
-                                        }
-                                    }
-                                    None => reads.whole_rows = true,
+        visit(tree, |_, key, child| {
+            match key {
+                "ColumnRef" => {
+                    let fields = child.get("fields").and_then(Value::as_array).map(Vec::as_slice);
+                    let fields = fields.unwrap_or_default();
+                    match fields.last().and_then(sval) {
+                        Some(name) => {
+                            reads.columns.insert(name.to_string());
+                            match fields {
+                                [_] => {
+                                    singles.insert(name);
                                 }
-                            }
-                            "RangeVar" | "relation" => {
-                                let relname = child.get("relname").and_then(Value::as_str);
-                                ranges.extend(relname);
-                                if let (Some(rel), Some(alias)) =
-                                    (relname, child.pointer("/alias/aliasname").and_then(Value::as_str))
-                                {
-                                    reads.aliases.entry(alias.to_lowercase()).or_default().insert(rel.to_lowercase());
-                                }
-                            }
-                            // `JOIN ... USING (a) AS j`: `j` is a row of the join columns.
-                            "alias" | "join_using_alias" => {
-                                ranges.extend(child.get("aliasname").and_then(Value::as_str))
-                            }
-                            // `(a JOIN b) AS j`: `j.f` may be attribute notation on a row of
-                            // any table inside.
-                            "JoinExpr" => {
-                                if let Some(alias) = child.pointer("/alias/aliasname").and_then(Value::as_str) {
-                                    let tables = reads.aliases.entry(alias.to_lowercase()).or_default();
-                                    let mut inner = vec![child];
-                                    while let Some(v) = inner.pop() {
-                                        match v {
-                                            Value::Object(m) => {
-                                                for (k, c) in m {
-                                                    if k == "RangeVar"
-                                                        && let Some(rel) = c.get("relname").and_then(Value::as_str)
-                                                    {
-                                                        tables.insert(rel.to_lowercase());
-                                                    }
-                                                    inner.push(c);
-                                                }
-                                            }
-                                            Value::Array(a) => inner.extend(a),
-                                            _ => {}
-                                        }
+                                [.., q, _] => {
+                                    if let Some(q) = sval(q) {
+                                        reads.qualified.insert((q.to_lowercase(), name.to_lowercase()));
                                     }
                                 }
+                                [] => {}
                             }
-                            // `COPY t (a, b)`: the columns it reads.
-                            "attlist" => {
-                                let names = child.as_array().map(Vec::as_slice).unwrap_or_default();
-                                reads.columns.extend(names.iter().filter_map(sval).map(str::to_string));
-                            }
-                            "using_clause" => {
-                                let names = child.as_array().map(Vec::as_slice).unwrap_or_default();
-                                reads.columns.extend(names.iter().filter_map(sval).map(str::to_string));
-                            }
-                            "FuncCall" => {
-                                let names = child.get("funcname").and_then(Value::as_array);
-                                let last = names.and_then(|n| n.last()).and_then(sval).map(str::to_lowercase);
-                                if last.is_some_and(|f| RUNS_SQL_TEXT.contains(&f.as_str())) {
-                                    reads.runs_sql = true;
-                                }
-                            }
-                            "CommonTableExpr" => ranges.extend(child.get("ctename").and_then(Value::as_str)),
-                            _ => {}
                         }
-                        // Renaming columns by position (`AS v(a, b)`, `WITH c(a) AS`) hides which
-                        // column a name stands for: as good as reading whole rows.
-                        if matches!(key.as_str(), "colnames" | "aliascolnames")
-                            && child.as_array().is_some_and(|a| !a.is_empty())
-                        {
-                            reads.whole_rows = true;
-                        }
-                        stack.push(child);
+                        None => reads.whole_rows = true,
                     }
                 }
-                Value::Array(a) => stack.extend(a),
+                "RangeVar" | "relation" => {
+                    let relname = child.get("relname").and_then(Value::as_str);
+                    ranges.extend(relname);
+                    if let (Some(rel), Some(alias)) =
+                        (relname, child.pointer("/alias/aliasname").and_then(Value::as_str))
+                    {
+                        reads.aliases.entry(alias.to_lowercase()).or_default().insert(rel.to_lowercase());
+                    }
+                }
+                // `JOIN ... USING (a) AS j`: `j` is a row of the join columns.
+                "alias" | "join_using_alias" => ranges.extend(child.get("aliasname").and_then(Value::as_str)),
+                // `(a JOIN b) AS j`: `j.f` may be attribute notation on a row of
+                // any table inside.
+                "JoinExpr" => {
+                    if let Some(alias) = child.pointer("/alias/aliasname").and_then(Value::as_str) {
+                        let tables = reads.aliases.entry(alias.to_lowercase()).or_default();
+                        visit(child, |_, k, c| {
+                            if k == "RangeVar"
+                                && let Some(rel) = c.get("relname").and_then(Value::as_str)
+                            {
+                                tables.insert(rel.to_lowercase());
+                            }
+                        });
+                    }
+                }
+                // `COPY t (a, b)`: the columns it reads.
+                "attlist" => {
+                    let names = child.as_array().map(Vec::as_slice).unwrap_or_default();
+                    reads.columns.extend(names.iter().filter_map(sval).map(str::to_string));
+                }
+                "using_clause" => {
+                    let names = child.as_array().map(Vec::as_slice).unwrap_or_default();
+                    reads.columns.extend(names.iter().filter_map(sval).map(str::to_string));
+                }
+                "FuncCall" => {
+                    let names = child.get("funcname").and_then(Value::as_array);
+                    let last = names.and_then(|n| n.last()).and_then(sval).map(str::to_lowercase);
+                    if last.is_some_and(|f| RUNS_SQL_TEXT.contains(&f.as_str())) {
+                        reads.runs_sql = true;
+                    }
+                }
+                "CommonTableExpr" => ranges.extend(child.get("ctename").and_then(Value::as_str)),
                 _ => {}
             }
-        }
+            // Renaming columns by position (`AS v(a, b)`, `WITH c(a) AS`) hides which
+            // column a name stands for: as good as reading whole rows.
+            if matches!(key, "colnames" | "aliascolnames") && child.as_array().is_some_and(|a| !a.is_empty()) {
+                reads.whole_rows = true;
+            }
+        });
         reads.whole_rows |= !singles.is_disjoint(&ranges);
         reads
     }
@@ -471,23 +447,13 @@ fn copy_out(copy: &Value) -> Option<CopyOut> {
         tables: BTreeSet::new(),
         reads: Reads::of(copy),
     };
-    let mut stack = vec![copy];
-    while let Some(v) = stack.pop() {
-        match v {
-            Value::Object(map) => {
-                for (key, child) in map {
-                    if matches!(key.as_str(), "RangeVar" | "relation")
-                        && let Some(name) = child.get("relname").and_then(Value::as_str)
-                    {
-                        out.tables.insert(name.to_lowercase());
-                    }
-                    stack.push(child);
-                }
-            }
-            Value::Array(a) => stack.extend(a),
-            _ => {}
+    visit(copy, |_, key, child| {
+        if matches!(key, "RangeVar" | "relation")
+            && let Some(name) = child.get("relname").and_then(Value::as_str)
+        {
+            out.tables.insert(name.to_lowercase());
         }
-    }
+    });
     let mut delimiter = None;
     for opt in copy.get("options").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
         let Some(def) = opt.pointer("/node/DefElem") else { continue };
@@ -585,82 +551,85 @@ fn changes_lexing(key: &str, node: &Value) -> Option<String> {
     }
 }
 
-fn walk(v: &Value, c: &mut Classification) {
-    // An explicit stack: the tree can be deep, and recursion depth must not depend on input.
-    let mut stack = vec![v];
+/// Calls `f` with every entry (object, key, value) of a JSON tree, parents before children.
+/// An explicit stack: the tree can be deep, and recursion depth must not depend on input.
+fn visit<'a>(root: &'a Value, mut f: impl FnMut(&'a serde_json::Map<String, Value>, &'a str, &'a Value)) {
+    let mut stack = vec![root];
     while let Some(v) = stack.pop() {
         match v {
             Value::Object(map) => {
                 for (key, child) in map {
-                    if key == "FuncCall"
-                        && let Some(names) = child.get("funcname").and_then(Value::as_array)
-                    {
-                        let name: Vec<&str> = names.iter().filter_map(sval).collect();
-                        if !name.is_empty() {
-                            c.functions.insert(name.join(".").to_lowercase());
-                        }
-                    }
-                    if let Some(why) = changes_lexing(key, child) {
-                        c.kinds.insert(Kind::Unparseable);
-                        c.parse_error.get_or_insert(why);
-                    }
-                    match key.as_str() {
-                        "DeallocateStmt" => {
-                            let all = child.get("isall").and_then(Value::as_bool) == Some(true);
-                            // No name means ALL too (grammars before `isall`).
-                            let name = child.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
-                            c.deallocates.add(if all { None } else { name });
-                        }
-                        "ExecuteStmt" => {
-                            if let Some(name) = child.get("name").and_then(Value::as_str) {
-                                c.executes.insert(name.to_string());
-                            }
-                        }
-                        "PrepareStmt" => {
-                            if let Some(name) = child.get("name").and_then(Value::as_str) {
-                                c.prepares.insert(name.to_string());
-                            }
-                        }
-                        "DeclareCursorStmt" | "ClosePortalStmt" => {
-                            c.cursors.add(child.get("portalname").and_then(Value::as_str).filter(|n| !n.is_empty()));
-                            // CURSOR_OPT_HOLD in the parse tree's option bits.
-                            let options = child.get("options").and_then(Value::as_i64).unwrap_or(0);
-                            c.hold_cursor |= key == "DeclareCursorStmt" && options & 0x20 != 0;
-                        }
-                        // DISCARD_ALL in the parse tree's enum.
-                        "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => {
-                            c.deallocates.add(None)
-                        }
-                        _ => {}
-                    }
-                    // SELECT ... INTO makes a table, as CREATE TABLE AS does (and reads, too).
-                    if key == "SelectStmt" && child.get("into_clause").is_some_and(|i| !i.is_null()) {
-                        c.kinds.insert(Kind::Ddl);
-                    }
-                    if let Some(kind) = stmt_kind(key, child) {
-                        c.kinds.insert(kind);
-                        if matches!(kind, Kind::Update | Kind::Delete)
-                            && child.get("where_clause").is_none_or(Value::is_null)
-                        {
-                            c.where_missing = true;
-                        }
-                    }
-                    if key == "relname"
-                        && let Some(name) = child.as_str()
-                    {
-                        let table = match map.get("schemaname").and_then(Value::as_str) {
-                            Some(s) if !s.is_empty() => format!("{s}.{name}"),
-                            _ => name.to_string(),
-                        };
-                        c.tables.insert(table.to_lowercase());
-                    }
+                    f(map, key, child);
                     stack.push(child);
                 }
             }
-            Value::Array(items) => stack.extend(items.iter()),
+            Value::Array(items) => stack.extend(items),
             _ => {}
         }
     }
+}
+
+fn walk(v: &Value, c: &mut Classification) {
+    visit(v, |map, key, child| {
+        if key == "FuncCall"
+            && let Some(names) = child.get("funcname").and_then(Value::as_array)
+        {
+            let name: Vec<&str> = names.iter().filter_map(sval).collect();
+            if !name.is_empty() {
+                c.functions.insert(name.join(".").to_lowercase());
+            }
+        }
+        if let Some(why) = changes_lexing(key, child) {
+            c.kinds.insert(Kind::Unparseable);
+            c.parse_error.get_or_insert(why);
+        }
+        match key {
+            "DeallocateStmt" => {
+                let all = child.get("isall").and_then(Value::as_bool) == Some(true);
+                // No name means ALL too (grammars before `isall`).
+                let name = child.get("name").and_then(Value::as_str).filter(|n| !n.is_empty());
+                c.deallocates.add(if all { None } else { name });
+            }
+            "ExecuteStmt" => {
+                if let Some(name) = child.get("name").and_then(Value::as_str) {
+                    c.executes.insert(name.to_string());
+                }
+            }
+            "PrepareStmt" => {
+                if let Some(name) = child.get("name").and_then(Value::as_str) {
+                    c.prepares.insert(name.to_string());
+                }
+            }
+            "DeclareCursorStmt" | "ClosePortalStmt" => {
+                c.cursors.add(child.get("portalname").and_then(Value::as_str).filter(|n| !n.is_empty()));
+                // CURSOR_OPT_HOLD in the parse tree's option bits.
+                let options = child.get("options").and_then(Value::as_i64).unwrap_or(0);
+                c.hold_cursor |= key == "DeclareCursorStmt" && options & 0x20 != 0;
+            }
+            // DISCARD_ALL in the parse tree's enum.
+            "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => c.deallocates.add(None),
+            _ => {}
+        }
+        // SELECT ... INTO makes a table, as CREATE TABLE AS does (and reads, too).
+        if key == "SelectStmt" && child.get("into_clause").is_some_and(|i| !i.is_null()) {
+            c.kinds.insert(Kind::Ddl);
+        }
+        if let Some(kind) = stmt_kind(key, child) {
+            c.kinds.insert(kind);
+            if matches!(kind, Kind::Update | Kind::Delete) && child.get("where_clause").is_none_or(Value::is_null) {
+                c.where_missing = true;
+            }
+        }
+        if key == "relname"
+            && let Some(name) = child.as_str()
+        {
+            let table = match map.get("schemaname").and_then(Value::as_str) {
+                Some(s) if !s.is_empty() => format!("{s}.{name}"),
+                _ => name.to_string(),
+            };
+            c.tables.insert(table.to_lowercase());
+        }
+    });
 }
 
 #[cfg(test)]

@@ -15,8 +15,10 @@
 use pg_query::protobuf::Token;
 
 /// Words whose literal arguments the classifier reads: COPY's options (FORMAT, DELIMITER,
-/// HEADER) and `set_config`'s setting name. A text that has either keeps all its literals.
-const LITERALS_MATTER: [&[u8]; 2] = [b"copy", b"set_config"];
+/// HEADER) and `set_config`'s setting name. A text that has either, in any case and anywhere
+/// (inside other words, strings and comments too), keeps all its literals.
+const COPY: &[u8] = b"copy";
+const SET_CONFIG: &[u8] = b"set_config";
 
 /// Stands for a literal in a key.
 const LITERAL: char = '\u{1}';
@@ -37,9 +39,13 @@ pub fn scanned_shape(sql: &str) -> Option<String> {
 
 fn literals_matter(sql: &str) -> bool {
     let b = sql.as_bytes();
-    // The first byte compared alone first (the words are lowercase letters): this runs on every
-    // simple-protocol query.
-    LITERALS_MATTER.iter().any(|w| b.windows(w.len()).any(|x| x[0] | 0x20 == w[0] && x.eq_ignore_ascii_case(w)))
+    let at = |i: usize, w: &[u8]| b.get(i..i + w.len()).is_some_and(|x| x.eq_ignore_ascii_case(w));
+    // One pass on the first letters: this runs on every simple-protocol query.
+    (0..b.len()).any(|i| match b[i] | 0x20 {
+        b'c' => at(i, COPY),
+        b's' => at(i, SET_CONFIG),
+        _ => false,
+    })
 }
 
 fn scanned(sql: &str, keep_literals: bool) -> Option<String> {
@@ -311,5 +317,16 @@ mod tests {
         assert_ne!(shape("SELECT \"SET_CONFIG\"('a', 'b', false)"), shape("SELECT \"SET_CONFIG\"('c', 'b', false)"));
         assert_ne!(shape("copy t to stdout (format 'csv')"), shape("copy t to stdout (format 'text')"));
         assert_eq!(shape("SELECT set_config('a', 'b', false)"), scanned_shape("SELECT set_config('a', 'b', false)"));
+        for (sql, matters) in [
+            ("COPY t TO STDOUT", true),
+            ("select 1 from cOpY_log", true),
+            ("select pg_catalog.Set_Config('a', 'b', false)", true),
+            ("select 'x' -- copy", true),
+            ("select cop, set_confi from s", false),
+            ("cop", false),
+            ("", false),
+        ] {
+            assert_eq!(literals_matter(sql), matters, "{sql:?}");
+        }
     }
 }
