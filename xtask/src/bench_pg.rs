@@ -221,8 +221,8 @@ pub struct Options {
     #[arg(long, value_name = "CPU")]
     pub pin_cpu: Option<usize>,
     /// Instead of timing, counts the user-space instructions each proxy executes per
-    /// transaction (valgrind's callgrind; the proxies run under it): repeatable to well under
-    /// 1 % where timings move by ±15 %. The kernel's share of a proxy's CPU is not counted.
+    /// transaction (valgrind's callgrind; the proxies run under it): repeatable to a few
+    /// percent where timings move by ±15 %. The kernel's share of a proxy's CPU is not counted.
     /// Implies --pgbench-only; --rounds and --seconds do not apply.
     #[arg(long)]
     pub instructions: bool,
@@ -409,13 +409,14 @@ spec:
     let with_base = base_pid.is_some();
     // Agent memory per idle connection, measured on the fresh agent: after the cells its heap
     // has room freed by their sessions, which idle sessions would reuse without growing.
-    let memory = if o.pgbench_only { None } else { Some(idle_memory(&bin, &cgroup, &port_s, agent_pid)?) };
+    let memory = if pgbench_only { None } else { Some(idle_memory(&bin, &cgroup, &port_s, agent_pid)?) };
     // Switches the agent between durable and written statement records (SIGHUP reload; new
     // sessions take the policy in force when they start).
     let statements = |mode: &str| -> anyhow::Result<()> {
         std::fs::write(&policy, policy_text(mode, &cgroup))?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent_pid as i32), nix::sys::signal::Signal::SIGHUP)?;
-        thread::sleep(Duration::from_millis(500));
+        // Under valgrind the reload takes many times longer.
+        thread::sleep(Duration::from_millis(if callgrind.is_some() { 3000 } else { 500 }));
         Ok(())
     };
 

@@ -49,6 +49,15 @@ impl Callgrind {
             "valgrind".into(),
             "--tool=callgrind".into(),
             "--quiet".into(),
+            // What `parse` reads, whatever a .valgrindrc or VALGRIND_OPTS says.
+            "--dump-instr=no".into(),
+            "--dump-line=yes".into(),
+            "--compress-strings=yes".into(),
+            "--compress-pos=yes".into(),
+            "--collect-jumps=no".into(),
+            "--separate-threads=no".into(),
+            "--cache-sim=no".into(),
+            "--branch-sim=no".into(),
             format!("--callgrind-out-file={}/%p.out", self.dir.display()),
         ]
     }
@@ -58,6 +67,9 @@ impl Callgrind {
     pub fn count(&self, pid: u32, work: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<(Counts, PathBuf)> {
         control(pid, "-z")?;
         work()?;
+        // What the work left in flight (closing the session, sealing its last records) lands
+        // in this count, in every run alike, not at a point that depends on timing.
+        std::thread::sleep(std::time::Duration::from_millis(500));
         let before = self.dumps(pid)?;
         control(pid, "-d")?;
         for _ in 0..50 {
@@ -101,16 +113,26 @@ fn control(pid: u32, what: &str) -> anyhow::Result<()> {
     util::output(cmd.arg(what).arg(pid.to_string())).map(drop)
 }
 
-/// Sums a callgrind dump's instructions, and those of SHA-256 compression functions. Each
-/// cost line's last field is its Ir; the line after a `calls=` line is the callee's inclusive
-/// cost, already counted in the callee's own lines.
+/// Sums a callgrind dump's instructions, and those of SHA-256 compression functions. A cost
+/// line is a line number and the Ir; the line after a `calls=` line is the callee's inclusive
+/// cost, already counted in the callee's own lines. The sum must equal the dump's `totals:`.
 pub fn parse(dump: &str) -> anyhow::Result<Counts> {
     let mut names = std::collections::HashMap::new();
     let mut in_sha = false;
     let mut skip_next = false;
     let mut counts = Counts::default();
     let mut seen_events = false;
+    let mut totals = None;
     for line in dump.lines() {
+        if let Some(p) = line.strip_prefix("positions:")
+            && p.trim() != "line"
+        {
+            bail!("expected positions by line only, found {line:?}");
+        }
+        if let Some(t) = line.strip_prefix("totals:") {
+            totals = t.trim().parse::<u64>().ok();
+            continue;
+        }
         // `fn=(id) name` (or `cfn=`, a callee) names a function the first time, `fn=(id)` after.
         let (callee, rest) = match (line.strip_prefix("fn="), line.strip_prefix("cfn=")) {
             (Some(rest), _) => (false, rest),
@@ -155,6 +177,9 @@ pub fn parse(dump: &str) -> anyhow::Result<Counts> {
     if !seen_events {
         bail!("not a callgrind dump (no events line)");
     }
+    if totals != Some(counts.total) {
+        bail!("the costs sum to {}, the dump's totals say {totals:?}: misread", counts.total);
+    }
     Ok(counts)
 }
 
@@ -174,5 +199,8 @@ mod tests {
     #[test]
     fn a_file_that_is_not_a_dump_is_an_error() {
         assert!(parse("hello\n").is_err());
+        // Costs that do not add up to the dump's totals mean a misread.
+        assert!(parse("events: Ir\nfn=(1) a\n1 5\ncalls=1 0\n2 7\ntotals: 12\n").is_err());
+        assert!(parse("events: Ir\npositions: instr line\nfn=(1) a\n0x1 1 5\ntotals: 5\n").is_err());
     }
 }
