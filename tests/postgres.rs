@@ -581,17 +581,12 @@ fn masking_follows_a_column_under_another_name() {
     let (out, err, ok) = q("SELECT j.row_to_json AS x FROM (vault CROSS JOIN (SELECT 1) s) AS j;");
     assert!(ok && out.contains("[REDACTED]") && !out.contains("topsecret"), "a join's alias: {out} {err}");
     // A WITH HOLD cursor's rows are computed at COMMIT, whose error may quote them.
-    let script = serde_json::json!([
-        ["Q", "BEGIN"],
-        ["Q", "DECLARE h CURSOR WITH HOLD FOR SELECT secret_num::int FROM vault"],
-        ["Q", "COMMIT"],
-        ["X"]
-    ]);
+    let script =
+        in_transaction(serde_json::json!([["Q", "DECLARE h CURSOR WITH HOLD FOR SELECT secret_num::int FROM vault"]]));
     let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
     assert!(out.contains("withheld") && !out.contains("topsecret"), "{out}");
     // In one batch: a portal bound and described, closed, and declared again as a cursor.
-    let script = serde_json::json!([
-        ["Q", "BEGIN"],
+    let script = in_transaction(serde_json::json!([
         ["P", "s", "SELECT 'x'::text AS note"],
         ["D", "S", "s"],
         ["B", "c", "s"],
@@ -602,24 +597,19 @@ fn masking_follows_a_column_under_another_name() {
         ["B", "", ""],
         ["E", ""],
         ["E", "c"],
-        ["S"],
-        ["Q", "COMMIT"],
-        ["X"]
-    ]);
+        ["S"]
+    ]));
     let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
     assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
     // A portal the proxy saw bound, then closed and declared again as a cursor in SQL.
-    let script = serde_json::json!([
-        ["Q", "BEGIN"],
+    let script = in_transaction(serde_json::json!([
         ["P", "", "SELECT 1"],
         ["B", "c", ""],
         ["S"],
         ["Q", "CLOSE c; DECLARE c CURSOR FOR SELECT secret_num || '' AS x FROM vault"],
         ["E", "c"],
-        ["S"],
-        ["Q", "COMMIT"],
-        ["X"]
-    ]);
+        ["S"]
+    ]));
     let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
     assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
     // Monitor mode lets denials through, but not what keeps masking whole.
@@ -636,18 +626,15 @@ fn masking_follows_a_column_under_another_name() {
     env.reload(&policy(&env, &pg, None));
     // A cursor declared in SQL and read with the protocol's Execute (or described): the proxy
     // never saw it bound, so its computed columns are masked as if it read anything.
-    let script = serde_json::json!([
-        ["Q", "BEGIN"],
+    let script = in_transaction(serde_json::json!([
         ["Q", "DECLARE c CURSOR FOR SELECT lower(secret_num) AS x FROM vault"],
         ["E", "c"],
         ["S"],
         ["Q", "DECLARE d CURSOR FOR SELECT secret_num || '' AS y FROM vault"],
         ["D", "P", "d"],
         ["E", "d"],
-        ["S"],
-        ["Q", "COMMIT"],
-        ["X"]
-    ]);
+        ["S"]
+    ]));
     let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
     assert_eq!(out.matches("[REDACTED]").count(), 2, "{out}");
     assert!(!out.contains("topsecret"), "{out}");
@@ -1054,6 +1041,14 @@ fn raw(env: &Env, pg: &Postgres, extra: serde_json::Value, script: serde_json::V
 }
 
 /// The raw client in one of the test's cgroups.
+/// A raw-client script's steps between BEGIN and COMMIT, then Terminate.
+fn in_transaction(steps: serde_json::Value) -> serde_json::Value {
+    let mut script = vec![serde_json::json!(["Q", "BEGIN"])];
+    script.extend(steps.as_array().expect("a list of steps").iter().cloned());
+    script.extend([serde_json::json!(["Q", "COMMIT"]), serde_json::json!(["X"])]);
+    serde_json::Value::Array(script)
+}
+
 fn raw_as(env: &Env, pg: &Postgres, sub: &str, extra: serde_json::Value, script: serde_json::Value) -> String {
     let out = env.run_in(
         sub,
@@ -1150,16 +1145,13 @@ fn protocol_tricks_fail_closed() {
     assert!(out.contains("22012") && !out.contains("42501"), "{out}");
     // Inside a transaction block, a denial in the extended protocol aborts it too: the
     // ReadyForQuery says so, and COMMIT rolls back.
-    let script = serde_json::json!([
-        ["Q", "BEGIN"],
+    let script = in_transaction(serde_json::json!([
         ["Q", "INSERT INTO orders VALUES (8, 'h@example.com')"],
         ["P", "", "DROP TABLE orders"],
         ["B", "", ""],
         ["E", ""],
-        ["S"],
-        ["Q", "COMMIT"],
-        ["X"]
-    ]);
+        ["S"]
+    ]));
     let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("42501") && out.contains("\nZ E\n") && out.contains("C ROLLBACK"), "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
