@@ -337,28 +337,27 @@ pub struct StatementRecord {
 impl StatementRecord {
     /// Writes the record's JSON object, fields in `Record`'s order.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        let string = json_string;
         out.extend_from_slice(&self.base.head);
         out.extend_from_slice(b",\"statement\":");
-        string(out, &self.statement);
+        json_string(out, &self.statement);
         out.extend_from_slice(b",\"statement_kinds\":[");
         for (i, k) in self.kinds.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            string(out, k);
+            json_string(out, k);
         }
         out.extend_from_slice(b"],\"verdict\":");
-        string(out, self.verdict);
+        json_string(out, self.verdict);
         if self.would_deny || self.base.would_deny {
             out.extend_from_slice(b",\"would_deny\":true");
         }
         out.extend_from_slice(b",\"rule\":");
-        string(out, &self.rule);
+        json_string(out, &self.rule);
         out.extend_from_slice(&self.base.tail);
         if let Some(d) = &self.detail {
             out.extend_from_slice(b",\"detail\":");
-            string(out, d);
+            json_string(out, d);
         }
         out.push(b'}');
     }
