@@ -1007,6 +1007,7 @@ for m in script:
     elif t == "Q": out += msg("Q", cstr(m[1]))
     elif t == "C": out += msg("C", b"S" + cstr(m[1]))
     elif t == "D": out += msg("D", m[1].encode() + cstr(m[2]))
+    elif t == "bytes": out += bytes.fromhex(m[1])
     else: out += msg(t, b"")
 buf = b""
 s.settimeout(5)
@@ -1040,7 +1041,6 @@ fn raw(env: &Env, pg: &Postgres, extra: serde_json::Value, script: serde_json::V
     raw_as(env, pg, "bot", extra, script)
 }
 
-/// The raw client in one of the test's cgroups.
 /// A raw-client script's steps between BEGIN and COMMIT, then Terminate.
 fn in_transaction(steps: serde_json::Value) -> serde_json::Value {
     let mut script = vec![serde_json::json!(["Q", "BEGIN"])];
@@ -1049,12 +1049,52 @@ fn in_transaction(steps: serde_json::Value) -> serde_json::Value {
     serde_json::Value::Array(script)
 }
 
+/// The raw client in one of the test's cgroups.
 fn raw_as(env: &Env, pg: &Postgres, sub: &str, extra: serde_json::Value, script: serde_json::Value) -> String {
     let out = env.run_in(
         sub,
         &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), &extra.to_string(), &script.to_string()],
     );
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn malformed_messages_are_answered_with_an_error_and_others_go_on() {
+    if !privileged("malformed_messages_are_answered_with_an_error_and_others_go_on") {
+        return;
+    }
+    let (env, pg) = setup("pg-malformed");
+    // A session in the middle of a query while the others break the protocol.
+    let other = spawn_psql(&env, &pg, "SELECT pg_sleep(3), 'still served'");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let none = serde_json::json!({});
+    let cases = [
+        // Bodies the proxy cannot read: a Bind whose portal name never ends, a Query that is not
+        // UTF-8, a Parse cut short.
+        (serde_json::json!(["bytes", "42000000067030"]), "malformed Bind message: unterminated string"),
+        (serde_json::json!(["bytes", "5100000006ff00"]), "malformed Query message: string is not UTF-8"),
+        (serde_json::json!(["bytes", "5000000007733100"]), "malformed Parse message: unterminated string"),
+        // Framing: a length below its own four bytes, one past the limit, an unknown type.
+        (serde_json::json!(["bytes", "5100000002"]), "message length 2 is invalid"),
+        (
+            serde_json::json!(["bytes", "517fffffff"]),
+            "message of 2147483647 bytes is larger than the 67108864-byte limit",
+        ),
+        (serde_json::json!(["bytes", "7a00000004"]), "unexpected message type 'z'"),
+    ];
+    for (bad, error) in cases {
+        // A query answered before it, then the bad message (with a Sync, for a batch).
+        let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "SELECT 1"], bad, ["S"]]));
+        let lines: Vec<&str> = out.lines().collect();
+        let at = lines.iter().position(|l| l.starts_with("C SELECT 1")).unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(lines[at + 1..], ["Z I", &format!("E 08P01 tollgate: {error}"), "CLOSED"], "{out}");
+    }
+    let out = other.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("still served"), "{out:?}");
+    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT 'next one'");
+    assert!(ok && out == "next one", "{out} {err}");
+    let status = env.tollgate(&["status", "--state-dir", &env.state_arg()]);
+    assert!(status.status.success(), "{status:?}");
 }
 
 #[test]

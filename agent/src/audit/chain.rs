@@ -7,31 +7,49 @@ use sha2::{Digest, Sha256};
 
 use super::record::{Entry, Record};
 
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const PREFIX: &str = "{\"hash\":\"";
 const HASH_LEN: usize = 64;
+
+/// A record's hash as lines carry it: 64 lowercase hex digits, kept inline (a head is replaced
+/// for every record sealed).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Hash([u8; HASH_LEN]);
+
+impl Hash {
+    /// `s` if it is 64 lowercase hex digits.
+    pub fn parse(s: &str) -> Option<Hash> {
+        let b: [u8; HASH_LEN] = s.as_bytes().try_into().ok()?;
+        b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')).then_some(Hash(b))
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+impl std::fmt::Debug for Hash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Where the chain stands: the last sequence number and hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
     pub seq: u64,
-    pub hash: String,
+    pub hash: Hash,
 }
 
 impl Head {
     pub fn genesis() -> Self {
-        Self { seq: 0, hash: GENESIS.to_string() }
+        Self { seq: 0, hash: Hash([b'0'; HASH_LEN]) }
     }
 }
 
-fn digest(body: &[u8]) -> String {
+fn digest(body: &[u8]) -> Hash {
     let mut hex = [0u8; HASH_LEN];
     hex::encode_to_slice(Sha256::digest(body), &mut hex).expect("a sha256 is 32 bytes");
-    hex_string(&hex)
-}
-
-fn hex_string(hex: &[u8]) -> String {
-    std::str::from_utf8(hex).expect("hex digits are ASCII").to_owned()
+    Hash(hex)
 }
 
 /// Seals `record` as the entry after `head`: appends its line (with '\n') to `out` and returns
@@ -59,16 +77,16 @@ pub fn seal_with(head: &Head, time: &str, out: &mut Vec<u8>, record: impl FnOnce
     out.extend_from_slice(b",\"time\":");
     super::record::json_string(out, time);
     out.extend_from_slice(b",\"prev\":\"");
-    out.extend_from_slice(head.hash.as_bytes());
+    out.extend_from_slice(&head.hash.0);
     out.push(b'"');
     let record_at = out.len();
     record(out);
     // The record's own opening brace becomes the separator after `prev`.
     out[record_at] = b',';
     let digest = Sha256::new().chain_update(b"{").chain_update(&out[body_at..]).finalize();
-    let hex = &mut out[hash_at..hash_at + HASH_LEN];
-    hex::encode_to_slice(digest, hex).expect("a sha256 is 32 bytes");
-    let hash = hex_string(hex);
+    let mut hash = Hash([0; HASH_LEN]);
+    hex::encode_to_slice(digest, &mut hash.0).expect("a sha256 is 32 bytes");
+    out[hash_at..hash_at + HASH_LEN].copy_from_slice(&hash.0);
     out.push(b'\n');
     Head { seq, hash }
 }
@@ -106,7 +124,8 @@ pub fn check_line(head: &Head, line_no: usize, line: &str) -> Result<(Entry, Hea
     let (hash, body) = split(line).ok_or_else(|| malformed("no leading hash"))?;
     let entry: Entry = serde_json::from_str(&body).map_err(|e| malformed(&e.to_string()))?;
     // Content first: an edited seq is an alteration, not a gap.
-    if digest(body.as_bytes()) != hash {
+    let digest = digest(body.as_bytes());
+    if digest.as_str() != hash {
         return Err(ChainError::Altered { line: line_no, seq: entry.seq });
     }
     let expected = head.seq + 1;
@@ -116,10 +135,10 @@ pub fn check_line(head: &Head, line_no: usize, line: &str) -> Result<(Entry, Hea
     if entry.seq < expected {
         return Err(ChainError::OutOfOrder { line: line_no, seq: entry.seq, expected });
     }
-    if entry.prev != head.hash {
+    if entry.prev != head.hash.as_str() {
         return Err(ChainError::BrokenLink { line: line_no, seq: entry.seq });
     }
-    let head = Head { seq: entry.seq, hash: hash.to_string() };
+    let head = Head { seq: entry.seq, hash: digest };
     Ok((entry, head))
 }
 
@@ -162,15 +181,24 @@ mod tests {
         let mut r = Record::new(Kind::Statement);
         r.statement = Some("SELECT '\"quoted\"\\n'".into());
         r.refs = Some(vec![1, 2]);
-        let head = Head { seq: 41, hash: "ab".repeat(32) };
+        let head = Head { seq: 41, hash: Hash::parse(&"ab".repeat(32)).unwrap() };
         let mut line = Vec::new();
         let h = seal(&head, "2026-11-26T00:00:00Z", &r, &mut line);
         let line = String::from_utf8(line).unwrap();
-        let entry = Entry { seq: 42, time: "2026-11-26T00:00:00Z".into(), prev: head.hash.clone(), record: r };
+        let entry = Entry { seq: 42, time: "2026-11-26T00:00:00Z".into(), prev: head.hash.as_str().into(), record: r };
         let expected = serde_json::to_string(&entry).unwrap();
-        assert_eq!(line, format!("{PREFIX}{}\",{}\n", digest(expected.as_bytes()), &expected[1..]));
+        assert_eq!(line, format!("{PREFIX}{}\",{}\n", digest(expected.as_bytes()).as_str(), &expected[1..]));
         assert_eq!(h.seq, 42);
         assert_eq!(h.hash, digest(expected.as_bytes()));
+    }
+
+    #[test]
+    fn hashes_are_64_lowercase_hex_digits() {
+        let h = "0123456789abcdef".repeat(4);
+        assert_eq!(Hash::parse(&h).map(|h| h.as_str().to_string()), Some(h.clone()));
+        for bad in [&h[1..], &h.to_uppercase(), &format!("{}g", &h[1..]), &format!("{h}0"), ""] {
+            assert_eq!(Hash::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -193,7 +221,7 @@ mod tests {
         // An attacker who recomputes the edited record's own hash still breaks the chain.
         let (_, body) = split(lines[2].trim_end()).unwrap();
         let body = body.replace("\"pid\":102", "\"pid\":999");
-        lines[2] = format!("{PREFIX}{}\",{}\n", digest(body.as_bytes()), &body[1..]);
+        lines[2] = format!("{PREFIX}{}\",{}\n", digest(body.as_bytes()).as_str(), &body[1..]);
         assert_eq!(verify(&lines.concat()), Err(ChainError::BrokenLink { line: 4, seq: 4 }));
     }
 

@@ -195,7 +195,7 @@ impl ResultBase {
 #[derive(Debug)]
 pub struct ResultRecord {
     pub base: std::sync::Arc<ResultBase>,
-    pub refs: Vec<u64>,
+    pub refs: Refs,
     pub count: u64,
     pub duration_ms: u64,
     /// Commands the server completed (`detail`: "N commands").
@@ -203,6 +203,10 @@ pub struct ResultRecord {
     pub error: Option<String>,
     pub masked: Option<std::collections::BTreeMap<String, u64>>,
 }
+
+/// The `seq`s of the statement records a result refers to: almost always one or two, kept inline
+/// (a result record follows every execution).
+pub type Refs = smallvec::SmallVec<[u64; 2]>;
 
 impl ResultRecord {
     /// Writes the record's JSON object, fields in `Record`'s order.
@@ -456,7 +460,7 @@ mod tests {
         r.identity = identity.map(Into::into);
         r.resource = Some("orders-db".into());
         r.session = o.base.session;
-        r.refs = Some(o.refs.clone());
+        r.refs = Some(o.refs.to_vec());
         r.duration_ms = Some(o.duration_ms);
         r.count = Some(o.count);
         r.detail = Some(format!("{} commands", o.commands));
@@ -468,11 +472,11 @@ mod tests {
     #[test]
     fn a_result_record_serialises_as_its_record_does() {
         let result =
-            |identity: Option<&'static str>, session, refs: Vec<u64>, count, commands, error: Option<&str>, masked| {
+            |identity: Option<&'static str>, session, refs: &[u64], count, commands, error: Option<&str>, masked| {
                 let base = ResultBase::new(identity.map(Into::into), Some("orders-db".into()), session);
                 let o = ResultRecord {
                     base: std::sync::Arc::new(base),
-                    refs,
+                    refs: refs.into(),
                     count,
                     duration_ms: count * 3,
                     commands,
@@ -483,9 +487,9 @@ mod tests {
             };
         let masked = Some([("email".to_string(), 2), ("column".to_string(), 1)].into());
         for (o, identity) in [
-            result(Some("bot"), Some(7), vec![3], 1, 1, None, None),
-            result(None, None, vec![], 0, 0, Some("relation \"x\" does not exist\n\u{1}é"), masked),
-            result(Some("a\"b"), Some(1), vec![1, 2, 30], 5, 2, None, None),
+            result(Some("bot"), Some(7), &[3], 1, 1, None, None),
+            result(None, None, &[], 0, 0, Some("relation \"x\" does not exist\n\u{1}é"), masked),
+            result(Some("a\"b"), Some(1), &[1, 2, 30], 5, 2, None, None),
         ] {
             let mut json = Vec::new();
             o.write_json(&mut json);

@@ -295,7 +295,7 @@ fn recover(file: &mut File, path: &Path) -> Result<(Head, u64), AuditError> {
 
 fn last_head(line: &str) -> Option<Head> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    Some(Head { seq: v.get("seq")?.as_u64()?, hash: v.get("hash")?.as_str()?.to_string() })
+    Some(Head { seq: v.get("seq")?.as_u64()?, hash: chain::Hash::parse(v.get("hash")?.as_str()?)? })
 }
 
 impl AuditLog {

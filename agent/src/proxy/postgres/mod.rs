@@ -6,7 +6,7 @@ mod upstream;
 pub mod wire;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     sync::{
@@ -17,6 +17,9 @@ use std::{
 };
 
 use bytes::{Buf, BytesMut};
+// Seeded per map, and several times faster than SipHash on the short names looked up for every
+// Bind: these maps are per session, keyed by what its own client sends.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -32,7 +35,7 @@ use self::{
 use super::conn::Conn;
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
-    audit::{AuditLog, Kind, Record, ResultBase, ResultRecord, StatementBase, StatementRecord},
+    audit::{AuditLog, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
     mask::{Masker, Style},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
@@ -51,6 +54,7 @@ const CLASSIFICATION_CACHE: usize = 1024;
 /// Longest statement text kept in an audit record.
 const MAX_AUDITED_SQL: usize = 16 << 10;
 const SQLSTATE_DENIED: &str = "42501";
+const SQLSTATE_SYSTEM: &str = "58000";
 const SQLSTATE_PROTOCOL: &str = "08P01";
 const SQLSTATE_CONNECTION: &str = "08006";
 const SQLSTATE_REJECTED: &str = "08004";
@@ -348,7 +352,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
         sql_prepared: HashMap::new(),
-        unsynced_refs: Vec::new(),
+        unsynced_refs: Refs::new(),
         unsynced: false,
         completions,
         defining: Vec::new(),
@@ -418,7 +422,7 @@ async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
 /// A forwarded sync point (a Query, or a batch ending in Sync) whose result is awaited.
 struct Expect {
     /// Sequence numbers of the `statement` records it carries out.
-    refs: Vec<u64>,
+    refs: Refs,
     started: std::time::Instant,
     /// Its number, when the client side waits to learn how its batch went (see `Completions`).
     defines: Option<u64>,
@@ -567,7 +571,7 @@ struct Results {
     expect: mpsc::UnboundedReceiver<Expect>,
     completions: Arc<Completions>,
     /// Statements of sync points the server answered together with a later one.
-    carried: Vec<u64>,
+    carried: Refs,
 }
 
 impl Results {
@@ -577,7 +581,7 @@ impl Results {
         expect: mpsc::UnboundedReceiver<Expect>,
         completions: Arc<Completions>,
     ) -> Self {
-        Results { audit, base: Arc::new(base), expect, completions, carried: Vec::new() }
+        Results { audit, base: Arc::new(base), expect, completions, carried: Refs::new() }
     }
 
     fn record(&mut self, t: Tally) {
@@ -670,6 +674,36 @@ impl StandIn {
     /// Whether this ErrorResponse is the one a stand-in drew.
     fn drew(&self, error: &[u8]) -> bool {
         error.windows(self.0.len()).any(|w| w == self.0.as_bytes())
+    }
+}
+
+/// Why the client side of a session stopped before the client said goodbye. The client is told
+/// in an ErrorResponse, after the answers to what went before; the rest of the agent goes on.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    /// A message the proxy cannot read: it judges nothing it cannot read.
+    #[error("tollgate: {0}")]
+    Malformed(#[from] wire::WireError),
+    /// A statement's record could not be written, so the statement may not go on.
+    #[error("tollgate: audit unavailable: {0}")]
+    Audit(#[source] crate::audit::AuditError),
+    #[error("tollgate: sending to the server failed: {0}")]
+    Server(#[source] std::io::Error),
+    /// Reading from the client failed: nobody is left to tell.
+    #[error("client connection: {0}")]
+    Client(#[source] std::io::Error),
+    /// Told to the client already (`ClientSide::fail`).
+    #[error("{0}")]
+    Told(String),
+}
+
+impl Stop {
+    fn sqlstate(&self) -> &'static str {
+        match self {
+            Stop::Malformed(_) | Stop::Told(_) => SQLSTATE_PROTOCOL,
+            Stop::Audit(_) => SQLSTATE_SYSTEM,
+            Stop::Server(_) | Stop::Client(_) => SQLSTATE_CONNECTION,
+        }
     }
 }
 
@@ -1044,7 +1078,7 @@ struct Prepared {
 /// An extended-protocol batch that may go through.
 struct Judged {
     /// The `statement` records it carries out.
-    refs: Vec<u64>,
+    refs: Refs,
     /// The statements its Parses define, in order.
     parsed: Vec<(String, Prepared)>,
 }
@@ -1081,7 +1115,7 @@ struct ClientSide<'s, 'a, R> {
     /// does when they are executed.
     dealloc_portals: HashMap<String, (u64, sql::Deallocates)>,
     /// Records of statements forwarded at a Flush, carried out by the next Sync.
-    unsynced_refs: Vec<u64>,
+    unsynced_refs: Refs,
     /// Messages went to the server at a Flush and no Sync has followed yet.
     unsynced: bool,
     completions: Arc<Completions>,
@@ -1126,9 +1160,15 @@ fn deny_frame(r: &Refusal) -> Frame {
 
 impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// Ends the session with a protocol error, after the answers to what went before.
-    fn fail(&self, msg: &str) {
-        let frame = wire::error_response(SQLSTATE_PROTOCOL, msg, None, None);
+    fn fail(&self, msg: &str) -> Stop {
+        self.tell(SQLSTATE_PROTOCOL, msg)
+    }
+
+    /// Ends the session with an error, after the answers to what went before.
+    fn tell(&self, sqlstate: &str, msg: &str) -> Stop {
+        let frame = wire::error_response(sqlstate, msg, None, None);
         let _ = self.to_down.inject.send(Note::Inject(Inject::Fatal { after: self.syncs, frame }));
+        Stop::Told(msg.into())
     }
 
     /// Refuses what the client sent: a stand-in goes to the server in its place (see `StandIn`),
@@ -1168,28 +1208,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     }
 
     /// Reads the next whole frame; `Ok(None)` when the client closed.
-    async fn next_frame(&mut self) -> Result<Option<Frame>, String> {
+    async fn next_frame(&mut self) -> Result<Option<Frame>, Stop> {
         loop {
-            match wire::decode(&mut self.buf) {
-                Ok(Some(f)) => return Ok(Some(f)),
-                Ok(None) => {}
-                Err(e) => {
-                    self.fail(&format!("tollgate: {e}"));
-                    return Err(e.to_string());
-                }
+            if let Some(f) = wire::decode(&mut self.buf)? {
+                return Ok(Some(f));
             }
             self.buf.reserve(READ_CHUNK);
-            match self.client.read_buf(&mut self.buf).await {
-                Ok(0) => return Ok(None),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
+            if self.client.read_buf(&mut self.buf).await.map_err(Stop::Client)? == 0 {
+                return Ok(None);
             }
         }
     }
 
     /// Classifies and decides one statement text, recording it durably before it may be
     /// forwarded. Texts of one shape are classified once per session.
-    async fn judge(&mut self, text: &str) -> Result<Judgement, String> {
+    async fn judge(&mut self, text: &str) -> Result<Judgement, Stop> {
         let text: Arc<str> = Arc::from(text);
         let class = match sql::shape(&text) {
             Some(key) => match self.cache.get(&key) {
@@ -1236,7 +1269,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             StatementAudit::Durable => self.s.audit.append_durable(r).await,
             StatementAudit::Written => self.s.audit.append_written(r),
         }
-        .map_err(|e| format!("audit unavailable: {e}"))?;
+        .map_err(Stop::Audit)?;
         let hold = match d.action {
             Action::Approve { timeout } if !monitored => Some((d.rule.clone(), timeout)),
             _ => None,
@@ -1262,7 +1295,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         p: &Prepared,
         parameters: Vec<Option<String>>,
         executed: Vec<Prepared>,
-    ) -> Result<Option<Refusal>, String> {
+    ) -> Result<Option<Refusal>, Stop> {
         if let Some(r) = self.hold(p, parameters.clone(), None).await? {
             return Ok(Some(r));
         }
@@ -1281,7 +1314,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         p: &Prepared,
         parameters: Vec<Option<String>>,
         runs: Option<&Prepared>,
-    ) -> Result<Option<Refusal>, String> {
+    ) -> Result<Option<Refusal>, Stop> {
         let Some((rule, timeout)) = &runs.unwrap_or(p).hold else { return Ok(None) };
         let approvals = self.s.approvals;
         let id = approvals.next_id();
@@ -1337,7 +1370,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         };
         r.approver = approver;
         r.detail = reason.clone();
-        self.s.audit.append_durable(r).await.map_err(|e| format!("audit unavailable: {e}"))?;
+        self.s.audit.append_durable(r).await.map_err(Stop::Audit)?;
         info!(session = self.s.id, %id, decision = verdict.as_str(), "approval decided");
         let message = match verdict {
             Verdict::Approved { .. } => return Ok(None),
@@ -1351,7 +1384,22 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         Ok(Some(Refusal { rule: rule.clone(), message: Some(message) }))
     }
 
-    async fn run(&mut self, mut up: impl AsyncWrite + Unpin) -> Result<(), String> {
+    /// Relays the client's messages to the server until the client ends the session (`Ok`), or
+    /// it must end: then the client is told why, after the answers to what went before.
+    async fn run(&mut self, up: impl AsyncWrite + Unpin) -> Result<(), String> {
+        match self.relay(up).await {
+            Ok(()) => Ok(()),
+            Err(Stop::Told(msg)) => Err(msg),
+            Err(e @ Stop::Client(_)) => Err(e.to_string()),
+            Err(e) => {
+                let msg = e.to_string();
+                self.tell(e.sqlstate(), &msg);
+                Err(msg)
+            }
+        }
+    }
+
+    async fn relay(&mut self, mut up: impl AsyncWrite + Unpin) -> Result<(), Stop> {
         let mut batch: Vec<Frame> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut skip_until_sync = false;
@@ -1370,7 +1418,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let msg = "tollgate: only CopyData, CopyDone or CopyFail may follow COPY FROM STDIN";
                     let frame = wire::error_response(SQLSTATE_PROTOCOL, msg, None, None);
                     let _ = self.to_down.inject.send(Note::Inject(Inject::Fatal { after: 0, frame }));
-                    return Err(msg.into());
+                    return Err(Stop::Told(msg.into()));
                 }
                 (self.copy_from, self.copy_ins_left) = (None, 0);
             }
@@ -1381,11 +1429,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     // Refused, clearly.
                     let msg =
                         "tollgate: a simple Query or FunctionCall inside an extended-protocol batch (send Sync first)";
-                    self.fail(msg);
-                    return Err(msg.into());
+                    return Err(self.fail(msg));
                 }
                 b'Q' => {
-                    let text = wire::query_text(&frame.body).map_err(|e| e.to_string())?;
+                    let text = wire::query_text(&frame.body)?;
                     self.outcome.statements += 1;
                     // SQL PREPARE/DEALLOCATE can redefine statements behind the proxy's back.
                     self.described.clear();
@@ -1411,7 +1458,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             };
                             if refusal.is_none() {
                                 let _ = self.to_down.expect.send(Expect {
-                                    refs: vec![p.seq],
+                                    refs: Refs::from_slice(&[p.seq]),
                                     started: Instant::now(),
                                     defines: None,
                                 });
@@ -1446,8 +1493,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 "tollgate: more than {MAX_BATCH} messages or {} bytes without Sync or Flush",
                                 wire::MAX_MESSAGE
                             );
-                            self.fail(&msg);
-                            return Err(msg);
+                            return Err(self.fail(&msg));
                         }
                         batch.push(frame);
                     }
@@ -1520,15 +1566,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 other => {
                     let msg = format!("tollgate: unexpected message type {:?}", other as char);
-                    self.fail(&msg);
-                    return Err(msg);
+                    return Err(self.fail(&msg));
                 }
             }
             if !forward.is_empty() {
                 for f in forward.drain(..) {
                     f.encode(&mut wbuf);
                 }
-                up.write_all(&wbuf).await.map_err(|e| e.to_string())?;
+                up.write_all(&wbuf).await.map_err(Stop::Server)?;
                 wbuf.clear();
             }
         }
@@ -1656,8 +1701,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// Judges an extended-protocol batch: every Parse first (one denial refuses the batch, and
     /// nobody is asked to approve a batch that is refused anyway), then every statement it
     /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
-    async fn judge_batch(&mut self, batch: &[Frame], ends_in_sync: bool) -> Result<Result<Judged, Refusal>, String> {
-        if let Some(name) = overlong_name(batch).map_err(|e| e.to_string())? {
+    async fn judge_batch(&mut self, batch: &[Frame], ends_in_sync: bool) -> Result<Result<Judged, Refusal>, Stop> {
+        if let Some(name) = overlong_name(batch)? {
             return Ok(Err(Refusal {
                 rule: "name-too-long".into(),
                 message: Some(format!(
@@ -1671,7 +1716,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         let mut parsed: Vec<(String, Prepared)> = Vec::new();
         for f in batch.iter().filter(|f| f.tag == b'P') {
-            let (name, text) = wire::parse_message(&f.body).map_err(|e| e.to_string())?;
+            let (name, text) = wire::parse_message(&f.body)?;
             let name = name.to_string();
             // The server refuses to redefine a named statement; the proxy must not believe it
             // did, or a later Bind would be judged by the wrong text.
@@ -1691,13 +1736,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             // A statement parsed or closed in a batch whose answer is not in yet may not be what
             // the proxy believes (its Parse or Close skipped after an error): its Binds wait.
             for f in batch.iter().filter(|f| f.tag == b'B') {
-                let (_, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                let (_, stmt) = wire::bind_names(&f.body)?;
                 if !parsed.iter().any(|(n, _)| n == stmt) {
                     self.settle_name(stmt).await;
                 }
             }
         }
-        let mut refs = Vec::new();
+        let mut refs = Refs::new();
         // DEALLOCATEs count at their Bind, and at their portal's Execute.
         let mut view = BatchView::default();
         let mut parses = parsed.iter();
@@ -1712,7 +1757,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                 }
                 b'B' => {
-                    let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    let (portal, stmt) = wire::bind_names(&f.body)?;
                     let known = view.get(stmt, &self.prepared);
                     // A statement the session never parsed (made by SQL PREPARE, or gone) cannot
                     // be judged: refused, though the server would only have said it is unknown.
@@ -1760,14 +1805,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             |n| view.get_any(n, &self.prepared),
                             [&self.sql_prepared, &self.forgotten],
                         );
-                        let params = wire::bind_parameters(&f.body).map_err(|e| e.to_string())?;
+                        let params = wire::bind_parameters(&f.body)?;
                         if let Some(r) = self.hold_all(&p, params, executed).await? {
                             return Ok(Err(r));
                         }
                     }
                 }
                 b'E' if !bound_here.is_empty() || !self.dealloc_portals.is_empty() => {
-                    let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
+                    let portal = wire::execute_portal(&f.body)?;
                     if let Some(d) = bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal).map(|(_, d)| d))
                     {
                         view.deallocate(d);
@@ -1794,7 +1839,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         batch: &mut Vec<Frame>,
         parsed: Vec<(String, Prepared)>,
         forward: &mut Vec<Frame>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Stop> {
         // Parses and Closes in order: which of them the server carries out shows in its answer.
         let mut parsed = parsed.into_iter();
         // DEALLOCATEs this batch may run (at a Bind of one, or an Execute of its portal), with
@@ -1841,7 +1886,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     continue;
                 }
                 b'B' => {
-                    let (portal, stmt) = wire::bind_names(&f.body).map_err(|e| e.to_string())?;
+                    let (portal, stmt) = wire::bind_names(&f.body)?;
                     let statement = self.prepared.get(stmt);
                     if let Some(p) = statement
                         && !p.class.prepares.is_empty()
@@ -1894,7 +1939,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                 }
                 b'E' if !self.copy_portals.is_empty() || !self.dealloc_portals.is_empty() => {
-                    let portal = wire::execute_portal(&f.body).map_err(|e| e.to_string())?;
+                    let portal = wire::execute_portal(&f.body)?;
                     // A portal bound in an earlier batch counts by its registration, which an
                     // unconfirmed re-Bind or Close leaves: at worst the next message waits for
                     // this batch's answer.
@@ -1935,22 +1980,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         batch: &mut Vec<Frame>,
         binds: Vec<Bound>,
         forward: &mut Vec<Frame>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Stop> {
         let mut binds = binds.into_iter();
         let mut described: Option<String> = None;
         // Portals bound in this batch: nothing can redefine them before its Execute.
         let mut bound_here: HashMap<String, Bound> = HashMap::new();
         for f in batch.drain(..) {
-            let e = |e: wire::WireError| e.to_string();
             match f.tag {
                 b'P' => {
-                    let name = wire::parse_message(&f.body).map_err(e)?.0;
+                    let name = wire::parse_message(&f.body)?.0;
                     self.described.remove(name);
                     self.op(Op::Parse { statement: name.to_string() });
                 }
                 b'B' => {
-                    let (portal, stmt) = wire::bind_names(&f.body).map_err(e)?;
-                    let formats = wire::bind_result_formats(&f.body).map_err(e)?;
+                    let (portal, stmt) = wire::bind_names(&f.body)?;
+                    let formats = wire::bind_result_formats(&f.body)?;
                     let (copy, computed, cursors, hold) = match binds.next() {
                         Some(mut bound) => {
                             let copy = bound.copy_out.take();
@@ -1970,7 +2014,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         hold,
                     });
                 }
-                b'D' => match wire::describe_target(&f.body).map_err(e)? {
+                b'D' => match wire::describe_target(&f.body)? {
                     (b'P', portal) => {
                         described = Some(portal.to_string());
                         self.op(Op::DescribePortal { portal: portal.to_string(), hidden: false });
@@ -1981,7 +2025,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                 },
                 b'E' => {
-                    let portal = wire::execute_portal(&f.body).map_err(e)?.to_string();
+                    let portal = wire::execute_portal(&f.body)?.to_string();
                     // The server is asked for the portal's columns only when neither the client
                     // just did, nor it described the statement the portal was bound from and
                     // that statement's columns were fixed when it was parsed.
@@ -2001,7 +2045,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     self.op(Op::Execute { portal });
                 }
                 b'C' => {
-                    let (target, name) = wire::describe_target(&f.body).map_err(e)?;
+                    let (target, name) = wire::describe_target(&f.body)?;
                     if target == b'P' {
                         bound_here.remove(name);
                     }

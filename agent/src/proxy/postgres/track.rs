@@ -1,11 +1,10 @@
 //! Follows the server's answers to what was forwarded, so every DataRow, CopyData and notice is
 //! masked with the plan of the result it belongs to. Pure: a state machine over frames.
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use bytes::BytesMut;
+// See the `postgres` module: per-session maps keyed by the client's own names.
+use foldhash::{HashMap, HashMapExt};
 
 use super::{
     rows::{self, Plan},

@@ -1,6 +1,6 @@
 //! PostgreSQL v3 wire framing: startup packets, typed frames, and the few messages the proxy
 //! builds itself. Pure: parsing works on byte slices, so it is fuzzed directly.
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Largest message accepted from a client or server (COPY rows, big queries). PostgreSQL's own
 /// limit is 1 GiB; a proxy that buffers must bound it lower.
@@ -136,8 +136,9 @@ pub fn peek(buf: &[u8]) -> Result<Option<(u8, usize)>, WireError> {
 /// Splits one frame off the front of `buf` if a whole one is there.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
     let Some((tag, len)) = peek(buf)? else { return Ok(None) };
-    let mut frame = buf.split_to(len);
-    let body = frame.split_off(5).freeze();
+    // One split, not two: each costs a reference count on the shared buffer.
+    buf.advance(5);
+    let body = buf.split_to(len - 5).freeze();
     Ok(Some(Frame { tag, body }))
 }
 
