@@ -373,6 +373,10 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     // A value computed from a masked column is masked whole, in that column's rule's style.
     let (out, _, _) = q("SELECT email || '' AS x FROM people WHERE id = 1;");
     assert_eq!(out, "*************.com");
+    // An array of masked values stays an array of the same shape, which the server reads back.
+    let (out, err, ok) = q("SELECT array_agg(customer_ssn ORDER BY id) AS x FROM people;");
+    assert!(ok && out == r#"{"[REDACTED]",NULL}"#, "{out} {err}");
+    assert_eq!(pg.direct(&format!("SELECT array_length('{out}'::text[], 1)")), "2");
     // A name that says nothing does not help: the content detector still sees the e-mail.
     let (out, _, _) = q("SELECT lower('ALICE@example.com') AS x;");
     assert!(out.starts_with("hash:"), "{out}");

@@ -13,18 +13,22 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut buf = bytes::BytesMut::from(data);
     while let Ok(Some(f)) = wire::decode(&mut buf) {
+        // Client and server tags overlap (E is Execute or ErrorResponse): both readings run.
         match f.tag {
             b'Q' => drop(wire::query_text(&f.body)),
             b'P' => drop(wire::parse_message(&f.body)),
             b'B' => {
                 drop(wire::bind_names(&f.body));
                 drop(wire::bind_parameters(&f.body));
+                drop(wire::bind_result_formats(&f.body));
             }
-            b'D' => drop(wire::describe_target(&f.body)),
-            b'X' => drop(wire::execute_portal(&f.body)),
+            b'D' | b'C' => drop(wire::describe_target(&f.body)),
             b'Z' => drop(wire::ready_status(&f.body)),
             b'K' => drop(wire::backend_key(&f.body)),
-            b'E' => drop(wire::error_message(&f.body)),
+            b'E' => {
+                drop(wire::execute_portal(&f.body));
+                drop(wire::error_message(&f.body));
+            }
             _ => {}
         }
     }

@@ -571,9 +571,13 @@ fn visit<'a>(root: &'a Value, mut f: impl FnMut(&'a serde_json::Map<String, Valu
 
 fn walk(v: &Value, c: &mut Classification) {
     visit(v, |map, key, child| {
-        if key == "FuncCall"
-            && let Some(names) = child.get("funcname").and_then(Value::as_array)
-        {
+        // CALL's procedure is a FuncCall its statement holds directly, not wrapped as a node.
+        let call = match key {
+            "FuncCall" => Some(child),
+            "CallStmt" => child.get("funccall"),
+            _ => None,
+        };
+        if let Some(names) = call.and_then(|c| c.get("funcname")).and_then(Value::as_array) {
             let name: Vec<&str> = names.iter().filter_map(sval).collect();
             if !name.is_empty() {
                 c.functions.insert(name.join(".").to_lowercase());
@@ -763,6 +767,10 @@ mod tests {
         );
         let f: Vec<&str> = c.functions.iter().map(String::as_str).collect();
         assert_eq!(f, ["f", "lower", "now", "pg_catalog.pg_sleep"]);
+        // CALL names its procedure in a FuncCall the grammar does not wrap as a node.
+        let c = classify("CALL ops.purge(lower('x'))");
+        let f: Vec<&str> = c.functions.iter().map(String::as_str).collect();
+        assert_eq!(f, ["lower", "ops.purge"]);
     }
 
     #[test]

@@ -15,7 +15,7 @@ enum TypeClass {
     Str,
     /// json and jsonb: a masked whole value must become a JSON string.
     Json,
-    /// Arrays of strings: detectors may rewrite elements in the text format.
+    /// Arrays of strings: in the text format each element is masked as a string.
     StrArray,
     /// Types defined in the database (enums, domains, citext): text format is a string,
     /// binary format is unknown.
@@ -228,9 +228,15 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
     let whole = matches!(col.mask, ColumnMask::Whole(_));
     let class = type_class(col.type_oid);
     match (class, col.binary) {
-        (TypeClass::Str, _) | (TypeClass::UserDefined | TypeClass::StrArray, false) => {
-            masker.apply(col.mask, v, counts).map(Some)
-        }
+        (TypeClass::Str, _) | (TypeClass::UserDefined, false) => masker.apply(col.mask, v, counts).map(Some),
+        (TypeClass::StrArray, false) => match mask_text_array(v, |e| masker.apply(col.mask, e, counts)) {
+            Ok(masked) => masked.map(Some),
+            // The server's own output, so not expected: never relay what was not looked at.
+            Err(()) => {
+                counts.add(crate::mask::Kind::Column);
+                Some(None)
+            }
+        },
         (TypeClass::Json, binary) => {
             // jsonb's binary format is a version byte, then the JSON text.
             let (prefix, text) = if binary && col.type_oid == JSONB { v.split_at_checked(1)? } else { (&v[..0], v) };
@@ -257,6 +263,90 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
             Some(None)
         }
     }
+}
+
+/// Masks each element of an array in PostgreSQL's text format (`{a,"b c",NULL}`, nested, maybe
+/// after bounds like `[0:1]=`) with `mask` (`None`: keep it), and writes every element it
+/// changed back quoted, so the result is an array of the same shape: masking the literal as one
+/// text would leave braces and quotes broken. `Ok(None)` when nothing changed.
+fn mask_text_array(v: &[u8], mut mask: impl FnMut(&[u8]) -> Option<Vec<u8>>) -> Result<Option<Vec<u8>>, ()> {
+    let mut out = Vec::with_capacity(v.len() + 16);
+    let mut changed = false;
+    let mut i = 0;
+    if v.first() == Some(&b'[') {
+        let eq = v.iter().position(|&c| c == b'=').ok_or(())?;
+        out.extend_from_slice(&v[..=eq]);
+        i = eq + 1;
+    }
+    let mut depth = 0usize;
+    let mut element = Vec::new();
+    while i < v.len() {
+        match v[i] {
+            b'{' => {
+                depth += 1;
+                out.push(b'{');
+                i += 1;
+            }
+            b'}' => {
+                depth = depth.checked_sub(1).ok_or(())?;
+                out.push(b'}');
+                i += 1;
+            }
+            b',' if depth > 0 => {
+                out.push(b',');
+                i += 1;
+            }
+            _ if depth == 0 => return Err(()),
+            c => {
+                element.clear();
+                let start = i;
+                if c == b'"' {
+                    i += 1;
+                    loop {
+                        match *v.get(i).ok_or(())? {
+                            b'"' => break,
+                            b'\\' => {
+                                element.push(*v.get(i + 1).ok_or(())?);
+                                i += 2;
+                            }
+                            b => {
+                                element.push(b);
+                                i += 1;
+                            }
+                        }
+                    }
+                    i += 1;
+                } else {
+                    while i < v.len() && !matches!(v[i], b',' | b'}') {
+                        i += 1;
+                    }
+                    element.extend_from_slice(&v[start..i]);
+                    if element == b"NULL" {
+                        out.extend_from_slice(b"NULL");
+                        continue;
+                    }
+                }
+                match mask(&element) {
+                    Some(masked) => {
+                        changed = true;
+                        out.push(b'"');
+                        for &b in &masked {
+                            if matches!(b, b'"' | b'\\') {
+                                out.push(b'\\');
+                            }
+                            out.push(b);
+                        }
+                        out.push(b'"');
+                    }
+                    None => out.extend_from_slice(&v[start..i]),
+                }
+            }
+        }
+    }
+    if depth != 0 {
+        return Err(());
+    }
+    Ok(changed.then_some(out))
 }
 
 /// Why a `COPY ... TO STDOUT` cannot run under masking, if it cannot.
@@ -709,6 +799,37 @@ mod tests {
         let mut bad = row.to_vec();
         bad.truncate(bad.len() - 3);
         assert!(mask_data_row(&Bytes::from(bad), &plan, &m, &mut counts).is_err());
+    }
+
+    #[test]
+    fn text_arrays_are_masked_element_by_element() {
+        let m = masker();
+        let redact = |e: &[u8]| (e != b"keep").then(|| m.whole(Style::Redact, e));
+        let arrays: [(&[u8], &[u8]); 5] = [
+            (b"{a,b}", br#"{"[REDACTED]","[REDACTED]"}"#),
+            (br#"{"x, \"y\" \\ z",NULL,keep}"#, br#"{"[REDACTED]",NULL,keep}"#),
+            (b"[0:1]={{a,keep},{NULL,b}}", br#"[0:1]={{"[REDACTED]",keep},{NULL,"[REDACTED]"}}"#),
+            (br#"{"NULL"}"#, br#"{"[REDACTED]"}"#),
+            (b"{}", b"{}"),
+        ];
+        for (input, expected) in arrays {
+            let got = mask_text_array(input, redact).unwrap().unwrap_or(input.to_vec());
+            assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(expected));
+        }
+        // Detection rewrites within an element, and the quoting stays right.
+        let mut counts = Counts::default();
+        let got =
+            mask_text_array(br#"{"say \"bob@example.com\"",plain}"#, |e| m.apply(ColumnMask::Detect, e, &mut counts));
+        assert_eq!(String::from_utf8_lossy(&got.unwrap().unwrap()), r#"{"say \"***********.com\"",plain}"#);
+        assert_eq!(counts.to_map(), [("email".into(), 1)].into());
+        assert_eq!(mask_text_array(b"{a,b}", |_| None), Ok(None));
+        for bad in [&b"{a"[..], b"a}", b"{\"a}", b"[1:2]", b"{a}}", b"{a}x"] {
+            assert_eq!(mask_text_array(bad, redact), Err(()), "{}", String::from_utf8_lossy(bad));
+        }
+        // In a DataRow: a text[] column named like a masked one keeps its shape.
+        let plan = Plan::from_row_description(&row_description(&[("ssns", 1009, 0)]), &m, None).unwrap();
+        let out = mask_data_row(&data_row(&[Some(b"{1,NULL}")]), &plan, &m, &mut Counts::default());
+        assert_eq!(out.unwrap().unwrap(), data_row(&[Some(br#"{"[REDACTED]",NULL}"#)]));
     }
 
     #[test]
