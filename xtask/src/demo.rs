@@ -43,12 +43,39 @@ fn section(title: &str) {
     println!("\n\x1b[1m== {title}\x1b[0m");
 }
 
-fn show(cmd: &mut Command) -> anyhow::Result<()> {
-    println!("$ {}", util::show(cmd).replace(&root().display().to_string(), "."));
+/// What a step must show. A demo that went on past a step that did not do what it says would
+/// demonstrate nothing, so it stops there with an error.
+struct Shows {
+    ok: bool,
+    has: &'static [&'static str],
+    lacks: &'static [&'static str],
+}
+
+/// Exits 0 and prints all of `has`.
+fn succeeds(has: &'static [&'static str]) -> Shows {
+    Shows { ok: true, has, lacks: &[] }
+}
+
+/// Exits non-zero and prints all of `has`.
+fn fails(has: &'static [&'static str]) -> Shows {
+    Shows { ok: false, has, lacks: &[] }
+}
+
+fn show(cmd: &mut Command, shows: Shows) -> anyhow::Result<()> {
+    let line = util::show(cmd).replace(&root().display().to_string(), ".");
+    println!("$ {line}");
     let out = cmd.output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    print!("{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    print!("{text}");
     println!("(exit {})", out.status.code().unwrap_or(-1));
+    let want = if shows.ok { "succeed" } else { "fail" };
+    anyhow::ensure!(out.status.success() == shows.ok, "demo step `{line}` was meant to {want}");
+    if let Some(h) = shows.has.iter().find(|h| !text.contains(*h)) {
+        anyhow::bail!("demo step `{line}` was meant to print {h:?}");
+    }
+    if let Some(l) = shows.lacks.iter().find(|l| text.contains(*l)) {
+        anyhow::bail!("demo step `{line}` printed {l:?}, which it must not");
+    }
     Ok(())
 }
 
@@ -106,17 +133,20 @@ pub fn demo() -> anyhow::Result<()> {
         c
     };
     section(&format!("planner-bot (cgroup {CGROUP}) -> orders-api {GRANTED}: granted, redirected through the proxy"));
-    show(&mut curl(&format!("http://{GRANTED}/orders")))?;
+    show(&mut curl(&format!("http://{GRANTED}/orders")), succeeds(&["orders-api: hello"]))?;
     println!("(the server saw the proxy's address, while curl still believes it talks to {GRANTED})");
 
     section(&format!("planner-bot -> payroll-db {PROTECTED}: protected, not granted -> refused in the kernel"));
-    show(&mut curl(&format!("http://{PROTECTED}/")))?;
+    show(&mut curl(&format!("http://{PROTECTED}/")), fails(&[]))?;
 
     section(&format!("planner-bot -> {UNLISTED}: no resource names it, `unlisted: deny` -> refused"));
-    show(&mut curl(&format!("http://{UNLISTED}/")))?;
+    show(&mut curl(&format!("http://{UNLISTED}/")), fails(&[]))?;
 
     section("a process outside the enrolled cgroup is untouched");
-    show(Command::new("curl").args(["-sS", "-m", "5", &format!("http://{GRANTED}/")]))?;
+    show(
+        Command::new("curl").args(["-sS", "-m", "5", &format!("http://{GRANTED}/")]),
+        succeeds(&["orders-api: hello"]),
+    )?;
 
     let psql = |sql: &str| {
         let mut c = Command::new(&bin);
@@ -134,19 +164,25 @@ pub fn demo() -> anyhow::Result<()> {
         c
     };
     section("planner-bot -> orders-db (PostgreSQL 127.0.0.1:15432), no password: the proxy logs in with the real one");
-    show(&mut psql("SELECT id, email, total FROM orders"))?;
+    let masked = Shows { ok: true, has: &["*.com"], lacks: &["ada@", "bob@"] };
+    show(&mut psql("SELECT id, email, total FROM orders"), masked)?;
     section("planner-bot: DROP TABLE -> denied by rule no-ddl (SQLSTATE 42501), never reaches the server");
-    show(&mut psql("DROP TABLE orders"))?;
+    show(&mut psql("DROP TABLE orders"), fails(&["no-ddl"]))?;
     section("planner-bot: a DELETE hidden in a CTE, without WHERE -> denied by rule writes-need-where");
-    show(&mut psql("WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone"))?;
+    show(
+        &mut psql("WITH gone AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM gone"),
+        fails(&["writes-need-where"]),
+    )?;
     section("planner-bot: UPDATE with WHERE on orders -> allowed by rule order-writes");
-    show(&mut psql("UPDATE orders SET total = 43.00 WHERE id = 1"))?;
+    show(&mut psql("UPDATE orders SET total = 43.00 WHERE id = 1"), succeeds(&["UPDATE 1"]))?;
     section(
         "masking: the email column keeps its last 4 characters under any name; values computed from it are masked whole",
     );
-    show(&mut psql("SELECT id, email, email AS contact, lower(email) AS lowered FROM orders ORDER BY id"))?;
+    let masked = Shows { ok: true, has: &["*.com"], lacks: &["ada@", "bob@"] };
+    show(&mut psql("SELECT id, email, email AS contact, lower(email) AS lowered FROM orders ORDER BY id"), masked)?;
     section("masking: content detectors catch values in free text");
-    show(&mut psql("SELECT 'call 415-555-0100 or mail ann@example.com' AS note"))?;
+    let detected = Shows { ok: true, has: &["[REDACTED]"], lacks: &["ann@", "555-0100"] };
+    show(&mut psql("SELECT 'call 415-555-0100 or mail ann@example.com' AS note"), detected)?;
 
     section("planner-bot: DELETE on orders -> held by rule deletes-need-approval until a human decides");
     let st = state.display().to_string();
@@ -157,33 +193,38 @@ pub fn demo() -> anyhow::Result<()> {
         .spawn()?;
     let id = wait_pending(&bin, &st)?;
     println!("(from another terminal, as root:)");
-    show(Command::new(&bin).args(["approvals", "list", "--state-dir", &st]))?;
-    show(Command::new(&bin).args([
-        "approvals",
-        "approve",
-        &id,
-        "--reason",
-        "customer asked, ticket OPS-42",
-        "--state-dir",
-        &st,
-    ]))?;
+    show(Command::new(&bin).args(["approvals", "list", "--state-dir", &st]), succeeds(&["DELETE FROM orders"]))?;
+    show(
+        Command::new(&bin).args([
+            "approvals",
+            "approve",
+            &id,
+            "--reason",
+            "customer asked, ticket OPS-42",
+            "--state-dir",
+            &st,
+        ]),
+        succeeds(&[]),
+    )?;
     let out = held.wait_with_output()?;
     println!("(the held psql now finishes:)");
-    print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    print!("{text}");
+    anyhow::ensure!(out.status.success() && text.contains("DELETE 1"), "the approved DELETE did not run");
 
     thread::sleep(Duration::from_millis(300));
     section("status");
-    show(Command::new(&bin).args(["status", "--state-dir", &st]))?;
+    show(Command::new(&bin).args(["status", "--state-dir", &st]), succeeds(&[]))?;
     section("the audit trail (kernel-level connection records and proxied sessions)");
-    show(Command::new(&bin).args(["audit", "tail", "--state-dir", &st, "-n", "30"]))?;
+    show(Command::new(&bin).args(["audit", "tail", "--state-dir", &st, "-n", "30"]), succeeds(&["approval"]))?;
     section("tamper evidence");
-    show(Command::new(&bin).args(["audit", "verify", "--state-dir", &st]))?;
+    show(Command::new(&bin).args(["audit", "verify", "--state-dir", &st]), succeeds(&[]))?;
 
     section("stopping the agent and removing enforcement");
     if let Some(a) = cleanup.agent.take() {
         util::stop(a);
     }
-    show(Command::new(&bin).args(["uninstall", "--state-dir", &st]))?;
+    show(Command::new(&bin).args(["uninstall", "--state-dir", &st]), succeeds(&[]))?;
     drop(cleanup);
     println!("\nThe audit trail stays in {st}/audit.");
     Ok(())

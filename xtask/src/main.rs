@@ -27,7 +27,8 @@ enum Cmd {
         release: bool,
     },
     /// Run every check and test: fmt, clippy (workspace and eBPF crate), unit, CLI and
-    /// privileged integration tests, and a short run of each fuzz target.
+    /// privileged integration tests, the demo (each step checked), and a short run of each
+    /// fuzz target.
     Test {
         /// Seconds per fuzz target (0 skips fuzzing).
         #[arg(long, default_value_t = 20)]

@@ -178,6 +178,8 @@ pub fn test(fuzz_seconds: u64) -> anyhow::Result<()> {
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(ebpf_cargo().args(["clippy", "--release", "--", "-D", "warnings"]))?;
     let (passed, failed, ignored) = cargo_test()?;
+    // The README's other command: it checks what each step shows, so a regression fails here.
+    crate::demo::demo().map_err(|e| anyhow::anyhow!("cargo xtask demo failed: {e:#}"))?;
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds)?;
     }
