@@ -205,8 +205,75 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     );
     assert!(!trail.contains(&pg.password), "the upstream password is in the audit trail");
     assert!(!env.log().contains(&pg.password), "the upstream password is in the agent's log");
+    let client_env = env.run_in("bot", &["/usr/bin/env"]);
+    assert!(client_env.status.success() && !String::from_utf8_lossy(&client_env.stdout).contains(&pg.password));
     let verify = env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]);
     assert!(verify.status.success(), "{verify:?}");
+}
+
+/// Declines GSS encryption, then logs in on the same connection and runs one query.
+const GSSENC_CLIENT: &str = r#"
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(struct.pack("!ii", 8, 80877104))
+print("answer", s.recv(1).decode(), flush=True)
+params = b"user\0bot\0database\0postgres\0\0"
+body = struct.pack("!i", 196608) + params
+s.sendall(struct.pack("!i", len(body) + 4) + body)
+q = b"SELECT 'after gssenc'\0"
+s.settimeout(5)
+buf, sent = b"", False
+while True:
+    d = s.recv(65536)
+    if not d: break
+    buf += d
+    if not sent and b"Z\0\0\0\5I" in buf:
+        s.sendall(b"Q" + struct.pack("!i", len(q) + 4) + q); sent = True
+    elif sent and buf.count(b"Z\0\0\0\5I") == 2:
+        break
+print("got", b"after gssenc" in buf, flush=True)
+"#;
+
+#[test]
+fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
+    if !privileged("upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined") {
+        return;
+    }
+    let (env, pg) = setup("pg-auth");
+    // Two more logins, whose passwords the server keeps and asks for in other ways.
+    pg.direct(
+        "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN PASSWORD 'md5-pw'; \
+         CREATE ROLE pwuser LOGIN PASSWORD 'clear-pw'; GRANT SELECT ON orders TO md5user, pwuser",
+    );
+    let hba = pg.dir.path().join("data/pg_hba.conf");
+    let rest = std::fs::read_to_string(&hba).unwrap();
+    let lines = "host all md5user 127.0.0.1/32 md5\nhost all pwuser 127.0.0.1/32 password\n";
+    std::fs::write(&hba, format!("{lines}{rest}")).unwrap();
+    assert_eq!(pg.direct("SELECT pg_reload_conf()"), "t");
+    // Kept as md5, so the md5 line makes the server ask for md5 (not SCRAM).
+    assert_eq!(pg.direct("SELECT rolpassword LIKE 'md5%' FROM pg_authid WHERE rolname = 'md5user'"), "t");
+    let app = format!("user: app, password_file: {}", pg.secret_file.display());
+    for (user, password, mode) in
+        [("md5user", "md5-pw", 0o600), ("pwuser", "clear-pw", 0o600), ("md5user", "md5-pw", 0o640)]
+    {
+        let secret = env.dir.path().join(format!("{user}.secret"));
+        std::fs::write(&secret, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        let creds = format!("user: {user}, password_file: {}", secret.display());
+        env.reload(&policy(&env, &pg, None).replace(&app, &creds));
+        let (out, err, ok) = psql(&env, &pg, "bot:whatever", "SELECT current_user, count(*) FROM orders");
+        if mode == 0o600 {
+            assert!(ok && out == format!("{user}|2"), "{user}: {out} {err}");
+        } else {
+            // A secret others can read is not used.
+            assert!(!ok && err.contains("must not be readable by group or others"), "{err}");
+        }
+    }
+    // GSSENCRequest: declined with N, and the client logs in on the same connection.
+    env.reload(&policy(&env, &pg, None));
+    let out = env.run_in("bot", &["/usr/bin/python3", "-c", GSSENC_CLIENT, &pg.port.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text.trim(), "answer N\ngot True", "{text}");
 }
 
 #[test]
