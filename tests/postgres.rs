@@ -45,6 +45,7 @@ spec:
       resources: [orders-db]
       rules:
         - {{ name: reads, match: {{ statements: [select, copy, transaction] }}, action: allow }}
+        - {{ name: people-writes, match: {{ statements: [insert], tables: [people] }}, action: allow }}
       masking:
         - {{ name: mail-column, columns: [email], style: partial }}
         - {{ columns: ["*ssn*", secret_num], style: redact }}
@@ -170,6 +171,8 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
 
     let (_, err, _) = psql(&env, &pg, "bot", "SELECT * FROM nope;");
     assert!(err.contains("does not exist"), "{err}");
+    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT pg_sleep(0.2), id FROM orders ORDER BY id;");
+    assert!(ok && out.lines().count() == 2, "{out} {err}");
     std::thread::sleep(std::time::Duration::from_millis(300));
 
     // Every statement is on the trail, with its verdict and rule; the secret never is.
@@ -183,6 +186,9 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert_eq!((drop["identity"].as_str(), drop["resource"].as_str()), (Some("bot"), Some("orders-db")));
     assert_eq!((drop["database"].as_str(), drop["db_user"].as_str()), (Some("postgres"), Some("app")));
     assert_eq!(drop["statement_kinds"], serde_json::json!(["ddl"]));
+    // Who sent it, from the kernel: psql's pid and executable.
+    assert!(drop["pid"].as_u64().is_some_and(|p| p > 1), "{drop}");
+    assert!(drop["exe"].as_str().is_some_and(|e| e.ends_with("/psql")), "{drop}");
     let read = records.iter().find(|r| r["kind"] == "statement" && r["verdict"] == "allow").unwrap();
     assert_eq!(read["rule"], "reads");
     // Each forwarded statement's outcome follows in a statement_result record.
@@ -198,6 +204,11 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
             .clone()
     };
     assert_eq!(result_of("UPDATE orders")["count"], 1);
+    // Rows returned, and how long the server took.
+    let slow = result_of("SELECT pg_sleep(0.2)");
+    assert_eq!(slow["count"], 2);
+    assert!(slow["duration_ms"].as_u64().is_some_and(|d| (400..5000).contains(&d)), "{slow}");
+    assert!(slow["error"].is_null(), "{slow}");
     assert!(result_of("SELECT * FROM nope")["error"].as_str().unwrap().contains("does not exist"));
     assert!(
         !records.iter().any(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([drop["seq"]])),
@@ -415,7 +426,8 @@ fn masked_setup(name: &str) -> (Env, Postgres) {
     pg.direct(
         "CREATE TABLE people (id int, email text, customer_ssn text, note text, card text); \
          INSERT INTO people VALUES (1, 'alice@example.com', '123-45-6789', 'mail bob@example.org', '4111 1111 1111 1111'), \
-                                   (2, NULL, NULL, 'nothing here', NULL)",
+                                   (2, NULL, NULL, 'nothing here', NULL); \
+         CREATE UNIQUE INDEX people_email ON people (email)",
     );
     (env, pg)
 }
@@ -474,6 +486,10 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     let (_, err, _) = q("SELECT 'carol@example.net'::int;");
     let first = err.lines().next().unwrap_or_default();
     assert!(first.contains("invalid input syntax") && !first.contains("carol@"), "{err}");
+    // ... and DETAIL, by column rule: the key that is already there.
+    let (_, err, _) = q("INSERT INTO people (id, email) VALUES (3, 'alice@example.com');");
+    // (redacted whole whatever the column's style: DETAIL quotes a key or a row as one text).
+    assert!(err.contains("DETAIL:  Key (email)=([REDACTED]) already exists.") && !err.contains("alice"), "{err}");
 
     // The trail counts masked values by kind, never the values.
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -1094,7 +1110,7 @@ while True:
             text = fields.get("C", "") + " " + fields.get("M", "")
         elif tag in "ZC":
             text = payload.rstrip(b"\0").decode()
-        elif tag in "Dd":
+        elif tag in "DdSA":
             text = repr(payload)
         print(tag, text, flush=True)
         if tag == "Z" and not sent:
@@ -1166,6 +1182,40 @@ fn malformed_messages_are_answered_with_an_error_and_others_go_on() {
     assert!(ok && out == "next one", "{out} {err}");
     let status = env.tollgate(&["status", "--state-dir", &env.state_arg()]);
     assert!(status.status.success(), "{status:?}");
+}
+
+#[test]
+fn notices_notifications_and_parameter_changes_reach_the_client() {
+    if !privileged("notices_notifications_and_parameter_changes_reach_the_client") {
+        return;
+    }
+    let (env, pg) = setup("pg-async");
+    let script = serde_json::json!([
+        ["Q", "SET application_name = 'tg-app'"],
+        ["Q", "DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$"],
+        ["Q", "LISTEN tg_channel"],
+        ["Q", "NOTIFY tg_channel, 'ping'"],
+        ["X"]
+    ]);
+    let out = raw_as(&env, &pg, "admin", serde_json::json!({}), script);
+    // ParameterStatus for the new name, the notice, and the notification with its payload,
+    // each where the server sent it.
+    let lines: Vec<&str> = out.lines().skip_while(|l| !l.starts_with("Z")).collect();
+    let expected = [
+        "Z I",
+        "C SET",
+        r"S b'application_name\x00tg-app\x00'",
+        "Z I",
+        "N 00000 hello from plpgsql",
+        "C DO",
+        "Z I",
+        "C LISTEN",
+        "Z I",
+        "C NOTIFY",
+    ];
+    assert_eq!(lines[..expected.len()], expected, "{out}");
+    assert!(lines[expected.len()].starts_with("A ") && lines[expected.len()].ends_with(r"tg_channel\x00ping\x00'"));
+    assert_eq!(lines[expected.len() + 1..], ["Z I", "CLOSED"], "{out}");
 }
 
 #[test]

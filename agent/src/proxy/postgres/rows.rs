@@ -601,9 +601,6 @@ pub fn mask_notification(body: &Bytes, masker: &Masker, counts: &mut Counts) -> 
     Ok(Some(out.freeze()))
 }
 
-/// Masks the text fields of an ErrorResponse or NoticeResponse body: detectors over message,
-/// detail, hint and context, and, when column rules exist, the values a DETAIL quotes
-/// (`Key (email)=(..)`, `Failing row contains (..)`).
 /// The message that replaces a withheld one (see `mask_notice`).
 pub const WITHHELD: &str =
     "tollgate: the server's message is withheld: the statement reads masked columns, whose values it may quote";
@@ -898,5 +895,17 @@ mod tests {
         let out = mask_notice(&body, &m, true, &mut counts).unwrap().unwrap();
         let expected = format!("SERROR\0C22P02\0M{WITHHELD}\0P7\0\0");
         assert_eq!(&out[..], expected.as_bytes());
+    }
+
+    #[test]
+    fn notification_payloads_are_masked_by_the_detectors() {
+        let m = masker();
+        let mut counts = Counts::default();
+        let body = Bytes::from_static(b"\0\0\x30\x39orders\0mail joe@example.org now\0");
+        let out = mask_notification(&body, &m, &mut counts).unwrap().unwrap();
+        assert_eq!(&out[..], b"\0\0\x30\x39orders\0mail ***********.org now\0");
+        assert_eq!(counts.to_map(), [("email".into(), 1)].into());
+        assert_eq!(mask_notification(&Bytes::from_static(b"\0\0\0\x01c\0nothing\0"), &m, &mut counts), Ok(None));
+        assert!(mask_notification(&Bytes::from_static(b"\0\0\0\x01c\0no end"), &m, &mut counts).is_err());
     }
 }
