@@ -244,6 +244,8 @@ spec:
         assert_eq!(r.tls.upstream, UpstreamTls::VerifyFull { ca_file: "/etc/tollgate/ca.pem".into() });
         let g = &pol.grants[0];
         assert_eq!(g.rules[0].action, Action::Approve { timeout: std::time::Duration::from_secs(90) });
+        let default = p(&PG.replace("action: approve, timeout: 90s", "action: approve")).unwrap();
+        assert_eq!(default.grants[0].rules[0].action, Action::Approve { timeout: std::time::Duration::from_secs(300) });
         assert_eq!(g.masking[0].name, "bot-orders.masking[0]", "unnamed masking rules get a name");
         assert_eq!(g.masking[0].style, Style::Redact);
         assert_eq!(g.masking[1].target, Target::Detect(vec![Kind::Email, Kind::CreditCard]));
