@@ -827,6 +827,81 @@ fn spawn_psql(env: &Env, pg: &Postgres, sql: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// An HTTPS server (certificate and key in argv) that prints its port, then the request line
+/// and body of each POST it gets; a failed handshake prints the error and it goes on.
+const HTTPS_SINK: &str = r#"
+import ssl, socket, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(4)
+l.settimeout(60)
+print(l.getsockname()[1], flush=True)
+while True:
+    raw, _ = l.accept()
+    try:
+        c = ctx.wrap_socket(raw, server_side=True)
+    except (ssl.SSLError, OSError) as e:
+        print("handshake failed", flush=True)
+        continue
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += c.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    n = int([h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0])
+    while len(body) < n:
+        body += c.recv(65536)
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    print(head.split(b"\r\n")[0].decode(), flush=True)
+    print(body.decode(), flush=True)
+    c.close()
+"#;
+
+#[test]
+fn approval_webhook_over_https_checks_the_certificate() {
+    if !privileged("approval_webhook_over_https_checks_the_certificate") {
+        return;
+    }
+    use std::io::BufRead;
+    let certs = tempfile::tempdir().unwrap();
+    common::test_certificates(certs.path());
+    let file = |n: &str| certs.path().join(n).to_str().unwrap().to_string();
+    let mut sink = std::process::Command::new("python3")
+        .args(["-c", HTTPS_SINK, &file("server.crt"), &file("server.key")])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(sink.stdout.take().unwrap()).lines().map(Result::unwrap);
+    let url = format!("https://127.0.0.1:{}/hooks", lines.next().unwrap());
+    // First against the system's CA bundle, which does not know the test CA: refused.
+    let (env, pg) = setup_with("pg-hook-tls", Some(&url));
+    let held = spawn_psql(&env, &pg, "DELETE FROM orders WHERE id = 2");
+    let id = pending_one(&env)["id"].to_string();
+    env.wait_log("approval webhook failed");
+    assert!(env.log().contains("TLS handshake failed"), "{}", env.log());
+    assert_eq!(lines.next().unwrap(), "handshake failed");
+    assert!(approvals(&env, &["deny", &id]).status.success());
+    assert!(!held.wait_with_output().unwrap().status.success());
+    // With the test CA as the policy's ca_file, the request arrives, as JSON.
+    let notify = format!("webhook: \"{url}\" }}");
+    env.reload(
+        &policy(&env, &pg, Some(&url)).replace(&notify, &format!("webhook: \"{url}\", ca_file: {} }}", file("ca.crt"))),
+    );
+    let held = spawn_psql(&env, &pg, "DELETE FROM orders WHERE id = 1");
+    let id = pending_one(&env)["id"].to_string();
+    assert_eq!(lines.next().unwrap(), "POST /hooks HTTP/1.1");
+    let body: serde_json::Value = serde_json::from_str(&lines.next().unwrap()).unwrap();
+    assert_eq!(
+        (body["id"].to_string(), body["statement"].as_str()),
+        (id.clone(), Some("DELETE FROM orders WHERE id = 1"))
+    );
+    assert!(approvals(&env, &["deny", &id]).status.success());
+    assert!(!held.wait_with_output().unwrap().status.success());
+    let _ = sink.kill();
+    let _ = sink.wait();
+}
+
 /// A one-shot HTTP server that keeps the body of the first POST it gets.
 fn webhook_sink() -> (String, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader, Read, Write};

@@ -36,6 +36,25 @@ pub enum TlsError {
 
 const CA_NAME: &str = "tollgate agent CA";
 
+/// A client configuration that checks the server's certificate and name against the CA
+/// certificates in `ca_file` (PEM).
+pub fn verifying(ca_file: &Path) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let mut roots = RootCertStore::empty();
+    let pem_err = |message: String| TlsError::Pem { path: ca_file.to_path_buf(), message };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| pem_err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_err("no certificates in the file".into()));
+    }
+    for c in certs {
+        roots.add(c).map_err(|e| pem_err(e.to_string()))?;
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -144,21 +163,7 @@ impl Authority {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
                 .with_no_client_auth(),
-            UpstreamTls::VerifyFull { ca_file } => {
-                let mut roots = RootCertStore::empty();
-                let pem_err = |message: String| TlsError::Pem { path: ca_file.clone(), message };
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca_file)
-                    .map_err(|e| pem_err(e.to_string()))?
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| pem_err(e.to_string()))?;
-                if certs.is_empty() {
-                    return Err(pem_err("no certificates in the file".into()));
-                }
-                for c in certs {
-                    roots.add(c).map_err(|e| pem_err(e.to_string()))?;
-                }
-                builder.with_root_certificates(roots).with_no_client_auth()
-            }
+            UpstreamTls::VerifyFull { ca_file } => verifying(ca_file)?,
         };
         let config = Arc::new(config);
         cache.insert(key, config.clone());

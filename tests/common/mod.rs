@@ -393,6 +393,47 @@ def attempt(family, addr, kind=socket.SOCK_STREAM, op="connect"):
         print("ERR", errno.errorcode.get(e.errno, e.errno))
 "#;
 
+/// A throwaway CA (`ca.crt`, `ca.key`) and a certificate for 127.0.0.1 it signed
+/// (`server.crt`, `server.key`), written in `dir`.
+pub fn test_certificates(dir: &Path) {
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", &p("ca.key"), "-out", &p("ca.crt"), "-subj", "/CN=tollgate test CA", "-days", "2"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[&["req"][..], &ec, &["-keyout", &p("server.key"), "-out", &p("server.csr"), "-subj", "/CN=127.0.0.1"]]
+            .concat(),
+    );
+    std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("server.csr"),
+        "-CA",
+        &p("ca.crt"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("server.crt"),
+        "-days",
+        "2",
+        "-extfile",
+        &p("san.ext"),
+    ]);
+}
+
 /// A throwaway PostgreSQL 15 server (initdb + pg_ctl as the `postgres` user) on a free loopback
 /// port, with SCRAM-SHA-256 authentication and one login `app` whose password only the agent's
 /// secret file holds.
@@ -448,45 +489,7 @@ impl Postgres {
         let mut tls_ca = None;
         if tls {
             let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-            let openssl = |args: &[&str]| {
-                let out = Command::new("openssl").args(args).output().unwrap();
-                assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            };
-            let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-            openssl(
-                &[
-                    &["req", "-x509"][..],
-                    &ec,
-                    &["-keyout", &p("ca.key"), "-out", &p("ca.crt"), "-subj", "/CN=tollgate test CA", "-days", "2"],
-                ]
-                .concat(),
-            );
-            openssl(
-                &[
-                    &["req"][..],
-                    &ec,
-                    &["-keyout", &p("server.key"), "-out", &p("server.csr"), "-subj", "/CN=127.0.0.1"],
-                ]
-                .concat(),
-            );
-            std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &p("server.csr"),
-                "-CA",
-                &p("ca.crt"),
-                "-CAkey",
-                &p("ca.key"),
-                "-CAcreateserial",
-                "-out",
-                &p("server.crt"),
-                "-days",
-                "2",
-                "-extfile",
-                &p("san.ext"),
-            ]);
+            test_certificates(dir.path());
             for f in ["server.key", "server.crt"] {
                 nix::unistd::chown(Path::new(&p(f)), Some(pg.uid), Some(pg.gid)).unwrap();
             }

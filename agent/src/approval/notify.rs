@@ -1,10 +1,11 @@
-//! Webhook notification: POSTs each pending approval request as JSON.
-use std::time::Duration;
+//! Webhook notification: POSTs each pending approval request as JSON, over http or https.
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request as HttpRequest, header};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::Request;
@@ -24,6 +25,10 @@ pub enum NotifyError {
     Timeout { url: String },
     #[error("{url}: cannot build the request: {source}")]
     Build { url: String, source: hyper::http::Error },
+    #[error("{url}: {source}")]
+    Tls { url: String, source: crate::tls::TlsError },
+    #[error("{url}: TLS handshake failed: {source}")]
+    Handshake { url: String, source: std::io::Error },
 }
 
 /// Sends one notification; the caller decides what a failure means (the request stays pending).
@@ -39,29 +44,50 @@ pub async fn post(hook: &Webhook, request: &Request, mark: u32) -> Result<(), No
         let stream = crate::proxy::tcp::connect_marked(addr, mark)
             .await
             .map_err(|source| NotifyError::Connect { url: url.clone(), source })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let Some(ca_file) = &hook.ca_file else { return exchange(stream, hook, body).await };
+        // Read for each request: notifications are rare, and a renewed bundle is picked up.
+        let config = crate::tls::verifying(ca_file).map_err(|source| NotifyError::Tls { url: url.clone(), source })?;
+        let name = rustls_pki_types::ServerName::try_from(hook.host.clone()).map_err(|e| NotifyError::Handshake {
+            url: url.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
             .await
-            .map_err(|source| NotifyError::Http { url: url.clone(), source })?;
-        tokio::spawn(conn);
-        let req = HttpRequest::post(hook.path.as_str())
-            .header(header::HOST, format!("{}:{}", hook.host, hook.port))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|source| NotifyError::Build { url: url.clone(), source })?;
-        let resp = sender.send_request(req).await.map_err(|source| NotifyError::Http { url: url.clone(), source })?;
-        let status = resp.status();
-        // Drain the answer so the connection closes cleanly; its content does not matter.
-        let _ = resp.into_body().collect().await;
-        if !status.is_success() {
-            return Err(NotifyError::Status { url: url.clone(), status });
-        }
-        Ok(())
+            .map_err(|source| NotifyError::Handshake { url: url.clone(), source })?;
+        exchange(tls, hook, body).await
     };
     match crate::timer::timeout(TIMEOUT, send).await {
         Ok(r) => r,
         Err(_) => Err(NotifyError::Timeout { url }),
     }
+}
+
+/// One POST over an open connection.
+async fn exchange(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    hook: &Webhook,
+    body: Vec<u8>,
+) -> Result<(), NotifyError> {
+    let url = &hook.url;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| NotifyError::Http { url: url.clone(), source })?;
+    tokio::spawn(conn);
+    let req = HttpRequest::post(hook.path.as_str())
+        .header(header::HOST, format!("{}:{}", hook.host, hook.port))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|source| NotifyError::Build { url: url.clone(), source })?;
+    let resp = sender.send_request(req).await.map_err(|source| NotifyError::Http { url: url.clone(), source })?;
+    let status = resp.status();
+    // Drain the answer so the connection closes cleanly; its content does not matter.
+    let _ = resp.into_body().collect().await;
+    if !status.is_success() {
+        return Err(NotifyError::Status { url: url.clone(), status });
+    }
+    Ok(())
 }
 
 /// Fire and forget: a webhook that is down must not hold up, or fail, the statement's hold.

@@ -61,6 +61,9 @@ pub struct ApproversSpec {
 #[serde(deny_unknown_fields)]
 pub struct NotifySpec {
     pub webhook: String,
+    /// CA certificates (PEM) an https webhook's certificate must chain to.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -239,6 +239,14 @@ spec:
             pol.webhook.as_ref().map(|w| (w.host.as_str(), w.port, w.path.as_str())),
             Some(("127.0.0.1", 9000, "/hooks"))
         );
+        assert_eq!(pol.webhook.as_ref().unwrap().ca_file, None, "plain http");
+        // https: port 443 and the system's CA bundle unless the policy names a CA file.
+        let https = |notify: &str| p(&PG.replace("notify: { webhook: \"http://127.0.0.1:9000/hooks\" }", notify));
+        let w = https("notify: { webhook: \"https://hooks.example/x\" }").unwrap().webhook.unwrap();
+        assert_eq!((w.host.as_str(), w.port, w.path.as_str()), ("hooks.example", 443, "/x"));
+        assert_eq!(w.ca_file, Some(model::SYSTEM_CA_FILE.into()));
+        let w = https("notify: { webhook: \"https://127.0.0.1:8443/\", ca_file: /etc/tollgate/hooks-ca.pem }");
+        assert_eq!(w.unwrap().webhook.unwrap().ca_file, Some("/etc/tollgate/hooks-ca.pem".into()));
         let r = &pol.resources[0];
         assert!(r.tls.accept_client);
         assert_eq!(r.tls.upstream, UpstreamTls::VerifyFull { ca_file: "/etc/tollgate/ca.pem".into() });
@@ -273,7 +281,8 @@ spec:
             ),
             (PG.replace("mode: verify-full", "mode: verify-ca"), "unknown tls mode"),
             (PG.replace("client: accept", "client: maybe"), "spec.resources[0].tls.client"),
-            (PG.replace("http://127.0.0.1:9000/hooks", "https://hooks.example/x"), "must start with http://"),
+            (PG.replace("http://127.0.0.1:9000/hooks", "ftp://hooks.example/x"), "must start with http:// or https://"),
+            (PG.replace("/hooks\" }", "/hooks\", ca_file: /x.pem }"), "ca_file applies only to https"),
             (
                 PG.replace("protocol: postgres", "protocol: tcp")
                     .replace("      credentials: { user: app, password_file: /etc/tollgate/orders-db }\n", "")

@@ -3,6 +3,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -235,26 +236,37 @@ pub enum StatementAudit {
     Written,
 }
 
-/// An `http://host:port/path` address for approval notifications.
+/// Where https webhooks' certificates are checked when the policy names no `ca_file`: the
+/// system's bundle (Debian's ca-certificates).
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// An `http://` or `https://host:port/path` address for approval notifications.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Webhook {
     pub url: String,
     pub host: String,
     pub port: u16,
     pub path: String,
+    /// For https: the CA certificates the server's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Webhook {
-    pub fn parse(url: &str) -> Result<Webhook, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("webhook {url:?} must start with http:// (send it to a local relay for https endpoints)")
-        })?;
+    pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Webhook, String> {
+        let (rest, default_port, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, 80, false),
+            (_, Some(rest)) => (rest, 443, true),
+            _ => return Err(format!("webhook {url:?} must start with http:// or https://")),
+        };
+        if ca_file.is_some() && !tls {
+            return Err(format!("ca_file applies only to https webhooks, not {url:?}"));
+        }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
         let addr = ResourceAddress::parse(authority)
-            .or_else(|_| ResourceAddress::parse(&format!("{authority}:80")))
+            .or_else(|_| ResourceAddress::parse(&format!("{authority}:{default_port}")))
             .map_err(|m| format!("webhook {url:?}: {m}"))?;
         let (host, port) = match addr {
             ResourceAddress::Socket(sa) => (sa.ip().to_string(), sa.port()),
@@ -263,7 +275,8 @@ impl Webhook {
         if path.chars().any(|c| c.is_ascii_control() || c == ' ') {
             return Err(format!("webhook {url:?}: the path must not contain spaces or control characters"));
         }
-        Ok(Webhook { url: url.to_string(), host, port, path: path.to_string() })
+        let ca_file = tls.then(|| ca_file.map_or_else(|| PathBuf::from(SYSTEM_CA_FILE), Path::to_path_buf));
+        Ok(Webhook { url: url.to_string(), host, port, path: path.to_string(), ca_file })
     }
 }
 
@@ -415,7 +428,9 @@ impl TryFrom<PolicyFile> for Policy {
             .unwrap_or_default();
         let webhook = match &spec.notify {
             None => None,
-            Some(n) => Some(Webhook::parse(&n.webhook).map_err(|m| invalid("spec.notify.webhook", m))?),
+            Some(n) => {
+                Some(Webhook::parse(&n.webhook, n.ca_file.as_deref()).map_err(|m| invalid("spec.notify.webhook", m))?)
+            }
         };
         let statement_audit = match spec.audit.as_ref().and_then(|a| a.statements.as_deref()) {
             None | Some("durable") => StatementAudit::Durable,
