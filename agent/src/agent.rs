@@ -174,6 +174,9 @@ impl Agent {
                 .client_config(&r.tls.upstream)
                 .map_err(|e| AgentError::Reload(format!("resource {}: {e}", r.name)))?;
         }
+        if let Some(ca_file) = policy.webhook.as_ref().and_then(|w| w.ca_file.as_deref()) {
+            crate::tls::verifying(ca_file).map_err(|e| AgentError::Reload(format!("notify.ca_file: {e}")))?;
+        }
         let mut ids = current.clone();
         if ids.assign(&policy) {
             self.state.write_ids(&ids)?;

@@ -46,11 +46,10 @@ pub fn verifying(ca_file: &Path) -> Result<ClientConfig, TlsError> {
         .map_err(|e| pem_err(e.to_string()))?
         .collect::<Result<_, _>>()
         .map_err(|e| pem_err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem_err("no certificates in the file".into()));
-    }
-    for c in certs {
-        roots.add(c).map_err(|e| pem_err(e.to_string()))?;
+    // A system bundle may hold a certificate this library cannot use; the rest still count.
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(pem_err("no usable CA certificates in the file".into()));
     }
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }

@@ -137,10 +137,11 @@ pub fn demo() -> anyhow::Result<()> {
     println!("(the server saw the proxy's address, while curl still believes it talks to {GRANTED})");
 
     section(&format!("planner-bot -> payroll-db {PROTECTED}: protected, not granted -> refused in the kernel"));
-    show(&mut curl(&format!("http://{PROTECTED}/")), fails(&[]))?;
+    // Its server listens: a failed connect is the kernel's refusal.
+    show(&mut curl(&format!("http://{PROTECTED}/")), fails(&["Failed to connect"]))?;
 
     section(&format!("planner-bot -> {UNLISTED}: no resource names it, `unlisted: deny` -> refused"));
-    show(&mut curl(&format!("http://{UNLISTED}/")), fails(&[]))?;
+    show(&mut curl(&format!("http://{UNLISTED}/")), fails(&["Failed to connect"]))?;
 
     section("a process outside the enrolled cgroup is untouched");
     show(

@@ -21,6 +21,8 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "valgrind",
+    // The default CA bundle of https approval webhooks.
+    "ca-certificates",
 ];
 
 pub const FUZZ_TARGETS: &[&str] = &["policy", "audit_line", "kernel_event", "sql", "postgres_wire", "postgres_results"];
@@ -179,7 +181,12 @@ pub fn test(fuzz_seconds: u64) -> anyhow::Result<()> {
     run(ebpf_cargo().args(["clippy", "--release", "--", "-D", "warnings"]))?;
     let (passed, failed, ignored) = cargo_test()?;
     // The README's other command: it checks what each step shows, so a regression fails here.
-    crate::demo::demo().map_err(|e| anyhow::anyhow!("cargo xtask demo failed: {e:#}"))?;
+    // Like the privileged tests, it needs root, and fails rather than skips under CI=true.
+    if nix::unistd::geteuid().is_root() || std::env::var("CI").as_deref() == Ok("true") {
+        crate::demo::demo().map_err(|e| anyhow::anyhow!("cargo xtask demo failed: {e:#}"))?;
+    } else {
+        eprintln!("xtask test: the demo needs root: skipped");
+    }
     if fuzz_seconds > 0 {
         fuzz(fuzz_seconds)?;
     }

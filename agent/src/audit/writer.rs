@@ -27,8 +27,12 @@ pub const TRAIL_FILE: &str = "trail.jsonl";
 pub enum AuditError {
     #[error("audit trail {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("audit trail {path}: cannot continue the chain: {source}")]
-    Chain { path: PathBuf, source: chain::ChainError },
+    /// The last record's `seq` or `hash` cannot be read, so the next record cannot link to it.
+    #[error(
+        "audit trail {path}: the last record has no readable seq and hash to continue the chain from \
+         (`tollgate audit verify` shows where the trail went wrong; move the file aside to start a new trail)"
+    )]
+    Unlinkable { path: PathBuf },
     #[error("audit writer has stopped")]
     Closed,
     #[error("audit write failed: {0}")]
@@ -286,10 +290,8 @@ fn recover(file: &mut File, path: &Path) -> Result<(Head, u64), AuditError> {
     file.seek(SeekFrom::Start(line_start)).map_err(io_err)?;
     file.read_exact(&mut last).map_err(io_err)?;
     // Trust the last line's own hash and seq here: `audit verify` checks the whole chain.
-    let head = last_head(&String::from_utf8_lossy(&last)).ok_or_else(|| AuditError::Chain {
-        path: path.to_owned(),
-        source: chain::ChainError::Malformed { line: 0, detail: "last record unreadable".into() },
-    })?;
+    let head =
+        last_head(&String::from_utf8_lossy(&last)).ok_or_else(|| AuditError::Unlinkable { path: path.to_owned() })?;
     Ok((head, cut))
 }
 
@@ -612,5 +614,22 @@ mod tests {
         drop(log);
         thread.join();
         assert_eq!(chain::verify(&fs::read_to_string(&path).unwrap()).unwrap().seq, 5);
+    }
+
+    #[tokio::test]
+    async fn a_last_record_with_no_hash_to_link_to_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        log.append_durable(Record::new(Kind::AgentStart)).await.unwrap();
+        drop(log);
+        thread.join();
+        let path = trail_path(dir.path());
+        let text = fs::read_to_string(&path).unwrap();
+        // A hash that is not 64 hex digits (here one with a quote) could not be linked to.
+        let hash_at = text.find("\"hash\":\"").unwrap() + 8;
+        fs::write(&path, format!("{}\\\"{}", &text[..hash_at], &text[hash_at + 2..])).unwrap();
+        let e = AuditLog::open(dir.path()).map(drop).unwrap_err();
+        assert!(matches!(e, AuditError::Unlinkable { .. }), "{e}");
+        assert!(e.to_string().contains("move the file aside"), "{e}");
     }
 }

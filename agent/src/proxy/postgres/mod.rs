@@ -1393,7 +1393,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             Err(e @ Stop::Client(_)) => Err(e.to_string()),
             Err(e) => {
                 let msg = e.to_string();
-                self.tell(e.sqlstate(), &msg);
+                // The audit error's text (paths, OS errors) is for the agent's log only.
+                let told = match e {
+                    Stop::Audit(_) => "tollgate: the audit trail cannot be written, so nothing more is forwarded",
+                    _ => &msg,
+                };
+                self.tell(e.sqlstate(), told);
                 Err(msg)
             }
         }
@@ -1702,6 +1707,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// nobody is asked to approve a batch that is refused anyway), then every statement it
     /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
     async fn judge_batch(&mut self, batch: &[Frame], ends_in_sync: bool) -> Result<Result<Judged, Refusal>, Stop> {
+        if self.to_down.ops.is_some() {
+            // Read again when the batch is announced to the masking tracker, after it is audited
+            // and approved: a Bind that cannot be read must be refused before.
+            for f in batch.iter().filter(|f| f.tag == b'B') {
+                wire::bind_result_formats(&f.body)?;
+            }
+        }
         if let Some(name) = overlong_name(batch)? {
             return Ok(Err(Refusal {
                 rule: "name-too-long".into(),

@@ -225,6 +225,9 @@ fn write_row(
 /// a finding cannot be rewritten in place (numbers, records, xml, binary arrays...), the value
 /// becomes NULL.
 fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Option<Vec<u8>>> {
+    if col.mask == ColumnMask::Keep {
+        return None;
+    }
     let whole = matches!(col.mask, ColumnMask::Whole(_));
     let class = type_class(col.type_oid);
     match (class, col.binary) {
