@@ -250,7 +250,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
             Ok(Err((client, e))) => {
                 if let Some(mut client) = client {
                     let msg = format!("tollgate: {e}");
-                    let _ = send(&mut client, &[wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None)]).await;
+                    let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_PROTOCOL, &msg)]).await;
                 }
                 return Outcome { error: Some(format!("startup: {e}")), ..Default::default() };
             }
@@ -263,7 +263,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     };
     if let Err(e) = check_startup_params(&params) {
         let msg = format!("tollgate: {e}");
-        let _ = send(&mut client, &[wire::error_response(SQLSTATE_REJECTED, &msg, None, None)]).await;
+        let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_REJECTED, &msg)]).await;
         return Outcome { error: Some(msg), ..Default::default() };
     }
     let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone());
@@ -300,7 +300,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
             Ok(up) => up,
             Err(e) => {
                 let msg = format!("tollgate: cannot log in to {}: {e}", s.upstream);
-                let _ = send(&mut client, &[wire::error_response(SQLSTATE_CONNECTION, &msg, None, None)]).await;
+                let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_CONNECTION, &msg)]).await;
                 return Outcome { error: Some(msg), ..Default::default() };
             }
         };
@@ -815,7 +815,7 @@ async fn downstream(
                         Err(e) => {
                             // Never relay what could not be masked: tell the client, then close.
                             let msg = format!("tollgate: {e}");
-                            wire::error_response(SQLSTATE_PROTOCOL, &msg, None, None).encode(&mut out);
+                            wire::fatal_response(SQLSTATE_PROTOCOL, &msg).encode(&mut out);
                             for t in finished.drain(..) {
                                 results.record(t);
                             }
@@ -1166,7 +1166,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     /// Ends the session with an error, after the answers to what went before.
     fn tell(&self, sqlstate: &str, msg: &str) -> Stop {
-        let frame = wire::error_response(sqlstate, msg, None, None);
+        let frame = wire::fatal_response(sqlstate, msg);
         let _ = self.to_down.inject.send(Note::Inject(Inject::Fatal { after: self.syncs, frame }));
         Stop::Told(msg.into())
     }
@@ -1421,7 +1421,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 // the rest of the session. Well-behaved clients wait for the answer anyway.
                 if self.both.clone().progress.copying(point).await {
                     let msg = "tollgate: only CopyData, CopyDone or CopyFail may follow COPY FROM STDIN";
-                    let frame = wire::error_response(SQLSTATE_PROTOCOL, msg, None, None);
+                    let frame = wire::fatal_response(SQLSTATE_PROTOCOL, msg);
                     let _ = self.to_down.inject.send(Note::Inject(Inject::Fatal { after: 0, frame }));
                     return Err(Stop::Told(msg.into()));
                 }

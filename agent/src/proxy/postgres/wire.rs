@@ -311,6 +311,16 @@ pub fn ready_for_query(status: u8) -> Frame {
 
 /// ErrorResponse with severity, SQLSTATE, message and optional detail/hint.
 pub fn error_response(code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> Frame {
+    response("ERROR", code, message, detail, hint)
+}
+
+/// An ErrorResponse after which the session ends, with severity FATAL as PostgreSQL sends it
+/// for such errors (clients then know not to retry on the same connection).
+pub fn fatal_response(code: &str, message: &str) -> Frame {
+    response("FATAL", code, message, None, None)
+}
+
+fn response(severity: &str, code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> Frame {
     let mut b = BytesMut::new();
     let mut field = |t: u8, v: &str| {
         b.put_u8(t);
@@ -318,8 +328,8 @@ pub fn error_response(code: &str, message: &str, detail: Option<&str>, hint: Opt
         b.extend_from_slice(v.replace('\0', " ").as_bytes());
         b.put_u8(0);
     };
-    field(b'S', "ERROR");
-    field(b'V', "ERROR");
+    field(b'S', severity);
+    field(b'V', severity);
     field(b'C', code);
     field(b'M', message);
     if let Some(d) = detail {
@@ -367,6 +377,13 @@ mod tests {
         assert!(matches!(parse_startup(&131072i32.to_be_bytes()), Err(WireError::Version(2, 0))));
         assert!(startup_len(100_000i32.to_be_bytes()).is_err());
         assert!(startup_len(3i32.to_be_bytes()).is_err());
+    }
+
+    #[test]
+    fn session_ending_errors_are_fatal() {
+        let f = fatal_response("08P01", "bad");
+        assert_eq!(&f.body[..], b"SFATAL\0VFATAL\0C08P01\0Mbad\0\0");
+        assert_eq!(&error_response("42501", "no", None, None).body[..2], b"SE");
     }
 
     #[test]
