@@ -549,10 +549,14 @@ impl Tally {
             b'1' | b'3' => self.completed += 1,
             b'C' => {
                 self.commands += 1;
-                // "SELECT 5", "INSERT 0 1", "UPDATE 3": the row count is the last word.
+                // "SELECT 5", "INSERT 0 1", "UPDATE 3": the row count is the last word. Read
+                // from the bytes: this runs for every statement the server completes.
                 let tag = body.split(|&b| b == 0).next().unwrap_or(&[]);
-                if let Some(n) = std::str::from_utf8(tag).ok().and_then(|t| t.rsplit(' ').next()?.parse::<u64>().ok()) {
-                    self.rows += n;
+                let last = tag.rsplit(|&b| b == b' ').next().unwrap_or(&[]);
+                // At most 19 digits: always below u64::MAX.
+                if (1..=19).contains(&last.len()) && last.iter().all(u8::is_ascii_digit) {
+                    let n = last.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                    self.rows = self.rows.saturating_add(n);
                 }
             }
             b'E' if !self.failed => {
@@ -2384,6 +2388,16 @@ mod tests {
             let tags = relay(masked, ops.clone(), notes, &server, false).await;
             assert_eq!(tags, b"EZ", "masking {masked}: the error waits for the second Sync's answer");
         }
+    }
+
+    #[test]
+    fn row_counts_come_from_command_tags() {
+        let mut t = Tally::default();
+        for tag in ["SELECT 5", "INSERT 0 1", "UPDATE 3", "BEGIN", "COPY 12", "SELECT 99999999999999999999", "FETCH x"]
+        {
+            t.see(b'C', format!("{tag}\0").as_bytes());
+        }
+        assert_eq!((t.rows, t.commands), (21, 7));
     }
 
     #[test]
