@@ -222,29 +222,6 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert!(verify.status.success(), "{verify:?}");
 }
 
-/// Declines GSS encryption, then logs in on the same connection and runs one query.
-const GSSENC_CLIENT: &str = r#"
-import socket, struct, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.sendall(struct.pack("!ii", 8, 80877104))
-print("answer", s.recv(1).decode(), flush=True)
-params = b"user\0bot\0database\0postgres\0\0"
-body = struct.pack("!i", 196608) + params
-s.sendall(struct.pack("!i", len(body) + 4) + body)
-q = b"SELECT 'after gssenc'\0"
-s.settimeout(5)
-buf, sent = b"", False
-while True:
-    d = s.recv(65536)
-    if not d: break
-    buf += d
-    if not sent and b"Z\0\0\0\5I" in buf:
-        s.sendall(b"Q" + struct.pack("!i", len(q) + 4) + q); sent = True
-    elif sent and buf.count(b"Z\0\0\0\5I") == 2:
-        break
-print("got", b"after gssenc" in buf, flush=True)
-"#;
-
 #[test]
 fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
     if !privileged("upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined") {
@@ -282,9 +259,11 @@ fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
     }
     // GSSENCRequest: declined with N, and the client logs in on the same connection.
     env.reload(&policy(&env, &pg, None));
-    let out = env.run_in("bot", &["/usr/bin/python3", "-c", GSSENC_CLIENT, &pg.port.to_string()]);
+    let script = serde_json::json!([["Q", "SELECT 'after gssenc'"], ["X"]]).to_string();
+    let out = env.run_in("bot", &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), "{}", &script, "gssenc"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(text.trim(), "answer N\ngot True", "{text}");
+    assert!(text.starts_with("G N\n") && text.contains("after gssenc'"), "{text}");
+    assert!(text.ends_with("C SELECT 1\nZ I\nCLOSED\n"), "{text}");
 }
 
 #[test]
@@ -1148,11 +1127,15 @@ fn tls_to_the_client_and_to_the_server() {
 }
 
 /// A raw PostgreSQL v3 client in Python: logs in with the given extra startup parameters, sends
-/// the given messages, prints the server's message types and texts.
+/// the given messages, prints the server's message types and texts. With a fourth argument
+/// `gssenc` it first asks for GSS encryption and prints the answer (`G N`).
 const RAW_CLIENT: &str = r#"
 import socket, struct, sys, json
 port, extra, script = int(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 s = socket.create_connection(("127.0.0.1", port))
+if sys.argv[4:] == ["gssenc"]:
+    s.sendall(struct.pack("!ii", 8, 80877104))
+    print("G", s.recv(1).decode(), flush=True)
 params = b"user\0bot\0database\0postgres\0" + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in extra.items()) + b"\0"
 body = struct.pack("!i", 196608) + params
 s.sendall(struct.pack("!i", len(body) + 4) + body)

@@ -179,7 +179,11 @@ pub fn host_of(address: &ResourceAddress) -> String {
 }
 
 pub fn server_name(address: &ResourceAddress) -> Result<ServerName<'static>, TlsError> {
-    let host = host_of(address);
+    host_name(host_of(address))
+}
+
+/// The name a server's certificate must carry: a DNS name or an IP address.
+pub fn host_name(host: String) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.clone()).map_err(|_| TlsError::Name(host))
 }
 

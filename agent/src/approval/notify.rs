@@ -47,10 +47,8 @@ pub async fn post(hook: &Webhook, request: &Request, mark: u32) -> Result<(), No
         let Some(ca_file) = &hook.ca_file else { return exchange(stream, hook, body).await };
         // Read for each request: notifications are rare, and a renewed bundle is picked up.
         let config = crate::tls::verifying(ca_file).map_err(|source| NotifyError::Tls { url: url.clone(), source })?;
-        let name = rustls_pki_types::ServerName::try_from(hook.host.clone()).map_err(|e| NotifyError::Handshake {
-            url: url.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-        })?;
+        let name =
+            crate::tls::host_name(hook.host.clone()).map_err(|source| NotifyError::Tls { url: url.clone(), source })?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, stream)
             .await

@@ -608,10 +608,12 @@ pub fn mask_notification(body: &Bytes, masker: &Masker, counts: &mut Counts) -> 
 pub const WITHHELD: &str =
     "tollgate: the server's message is withheld: the statement reads masked columns, whose values it may quote";
 
-/// Masks an ErrorResponse or NoticeResponse body. `withheld`: the statement may compute from
-/// masked values, which the server may quote (or not) in any text: the message is replaced
-/// and the detail, hint, context and internal query are dropped; severity, SQLSTATE, position
-/// and object names stay.
+/// Masks an ErrorResponse or NoticeResponse body: detectors over its texts (message, detail,
+/// hint, context, internal query, object names) and, when column rules exist, the values a
+/// DETAIL quotes (`Key (email)=(..)`, `Failing row contains (..)`). `withheld`: the statement
+/// may compute from masked values, which the server may quote (or not) in any text: the
+/// message is replaced and the detail, hint, context and internal query are dropped;
+/// severity, SQLSTATE, position and object names stay.
 pub fn mask_notice(
     body: &Bytes,
     masker: &Masker,
