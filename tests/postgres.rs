@@ -38,6 +38,7 @@ spec:
         - name: writes
           match: {{ statements: [insert, update, delete], tables: [orders, pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history] }}
           action: allow
+        - {{ name: scripts, match: {{ statements: [do, select, update], tables: [orders] }}, action: allow }}
       default: deny
     - {{ name: admin-all, to: [identity:admin], resources: [orders-db] }}
     - name: masked-reads
@@ -168,6 +169,18 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert!(ok, "{err}");
     assert_eq!(pg.direct("SELECT email FROM orders WHERE id = 1"), "z@example.com");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "the DROP never reached the server");
+    // A DO block is judged by the statements in its body, which the server then runs.
+    let (_, err, _) = psql(&env, &pg, "bot", "DO $$ BEGIN DELETE FROM orders; END $$;");
+    assert!(err.contains("delete-needs-where"), "{err}");
+    let script = "DO $$ BEGIN IF (SELECT count(*) FROM orders) = 2 THEN \
+                  UPDATE orders SET email = 'do@example.com' WHERE id = 2; END IF; END $$;";
+    let (_, err, ok) = psql(&env, &pg, "bot", script);
+    assert!(ok, "{err}");
+    assert_eq!(pg.direct("SELECT email FROM orders WHERE id = 2"), "do@example.com");
+    let script = "DO $$ BEGIN EXECUTE 'UPDATE orders SET email = ''x'' WHERE id = 1'; END $$;";
+    let (_, err, _) = psql(&env, &pg, "bot", script);
+    assert!(err.contains("\"unparseable\"") && err.contains("dynamic SQL"), "{err}");
+    assert_eq!(pg.direct("SELECT email FROM orders WHERE id = 1"), "z@example.com");
 
     let (_, err, _) = psql(&env, &pg, "bot", "SELECT * FROM nope;");
     assert!(err.contains("does not exist"), "{err}");

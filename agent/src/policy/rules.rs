@@ -166,6 +166,28 @@ mod tests {
     }
 
     #[test]
+    fn do_blocks_are_judged_by_what_they_run() {
+        assert_eq!(
+            verdict("DO $$ BEGIN DELETE FROM orders; END $$"),
+            (Action::Deny, "delete-needs-where".into()),
+            "a deny rule sees into the block"
+        );
+        let mut rules = example();
+        rules.push(rule("scripts", &[Kind::Do, Kind::Select, Kind::Insert], &[], false, Action::Allow));
+        let d = |sql: &str| decide("g", &rules, Action::Deny, &classify(sql)).rule;
+        assert_eq!(
+            d("DO $$ BEGIN IF (SELECT count(*) FROM t) = 0 THEN INSERT INTO t VALUES (1); END IF; END $$"),
+            "scripts"
+        );
+        assert_eq!(
+            d("DO $$ BEGIN UPDATE t SET a = 1 WHERE id = 2; END $$"),
+            "g.default",
+            "allow needs every kind inside"
+        );
+        assert_eq!(d("DO $$ BEGIN EXECUTE 'INSERT INTO t VALUES (1)'; END $$"), "unparseable", "dynamic SQL");
+    }
+
+    #[test]
     fn function_rules() {
         let mut deny = rule("no-sleep", &[], &[], false, Action::Deny);
         deny.functions = vec!["pg_sleep".into(), "dblink_exec".into()];

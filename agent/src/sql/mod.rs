@@ -377,6 +377,14 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
 }
 
 pub fn classify(sql: &str) -> Classification {
+    classify_nested(sql, 0)
+}
+
+/// How deep DO blocks may run DO blocks before the classifier stops looking (and refuses): the
+/// nesting is the input's, and each level parses again.
+const MAX_DO_DEPTH: usize = 3;
+
+fn classify_nested(sql: &str, depth: usize) -> Classification {
     let parsed = match pg_query::parse(sql) {
         Ok(p) => p,
         Err(e) => {
@@ -392,6 +400,11 @@ pub fn classify(sql: &str) -> Classification {
         Ok(tree) => {
             walk(&tree, &mut c);
             let stmts = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            for s in stmts {
+                if let Some(block) = s.pointer("/stmt/node/DoStmt") {
+                    look_into_do(sql, s, block, depth, &mut c);
+                }
+            }
             c.copy_out = stmts.iter().filter_map(|s| copy_out(s.pointer("/stmt/node/CopyStmt")?)).collect();
             c.copy_in = stmts
                 .iter()
@@ -423,6 +436,135 @@ pub fn classify(sql: &str) -> Classification {
         c.kinds.insert(Kind::Select);
     }
     c
+}
+
+/// Gives up on classifying: the text is treated as unparseable (denied unless a rule names it).
+fn refuse(c: &mut Classification, why: impl FnOnce() -> String) {
+    c.kinds.insert(Kind::Unparseable);
+    c.parse_error.get_or_insert_with(why);
+}
+
+/// A DO block runs the statements in its body: the block takes on their kinds, tables and
+/// functions, so a rule about DELETE sees a DELETE inside DO. Each SQL statement and expression
+/// in a PL/pgSQL body is classified as PL/pgSQL runs it (an expression as a SELECT). What cannot
+/// be known from the text (dynamic `EXECUTE`, bodies in other languages) makes the block
+/// unparseable: denied unless a rule names `unparseable`.
+fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Classification) {
+    let args = block.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let language = args
+        .iter()
+        .filter_map(|a| a.pointer("/node/DefElem"))
+        .find(|d| d.get("defname").and_then(Value::as_str) == Some("language"))
+        .and_then(|d| d.get("arg").and_then(sval))
+        .unwrap_or("plpgsql");
+    if !language.eq_ignore_ascii_case("plpgsql") {
+        return refuse(c, || format!("a DO block in language {language} cannot be looked into"));
+    }
+    if depth >= MAX_DO_DEPTH {
+        return refuse(c, || format!("DO blocks nested more than {MAX_DO_DEPTH} deep are not looked into"));
+    }
+    // The DO statement's own text: PL/pgSQL is parsed from it, not from the body alone.
+    let at = |k: &str| raw.get(k).and_then(Value::as_u64).and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    let (start, len) = (at("stmt_location"), at("stmt_len"));
+    let end = if len == 0 { sql.len() } else { start.saturating_add(len) };
+    let Some(text) = sql.get(start..end) else {
+        return refuse(c, || "a DO block's text could not be found".into());
+    };
+    let body = match pg_query::parse_plpgsql(text) {
+        Ok(body) => body,
+        Err(e) => return refuse(c, || format!("DO block: {e}")),
+    };
+    let mut embedded = Vec::new();
+    let mut unknown = None;
+    visit(&body, |_, key, child| match key {
+        "PLpgSQL_stmt_dynexecute" | "PLpgSQL_stmt_dynfors" => {
+            unknown.get_or_insert_with(|| "a DO block that runs dynamic SQL (EXECUTE) cannot be looked into".into());
+        }
+        // OPEN ... FOR EXECUTE, RETURN QUERY EXECUTE.
+        "dynquery" if !child.is_null() => {
+            unknown.get_or_insert_with(|| "a DO block that runs dynamic SQL (EXECUTE) cannot be looked into".into());
+        }
+        "PLpgSQL_expr" => match embedded_sql(child) {
+            Ok(texts) => embedded.extend(texts),
+            Err(e) => {
+                unknown.get_or_insert(e);
+            }
+        },
+        _ => {}
+    });
+    if let Some(why) = unknown {
+        return refuse(c, || why);
+    }
+    for text in embedded {
+        let inner = classify_nested(&text, depth + 1);
+        // Session state the proxy tracks (prepared statements, cursors, COPY data) changed from
+        // inside a block would go unseen.
+        if !inner.prepares.is_empty()
+            || !inner.executes.is_empty()
+            || inner.deallocates != Deallocates::None
+            || inner.cursors != Deallocates::None
+            || inner.copy_in > 0
+            || !inner.copy_out.is_empty()
+        {
+            refuse(c, || {
+                "a DO block that prepares, executes or deallocates statements, declares cursors or copies \
+                 to or from the client cannot be looked into"
+                    .into()
+            });
+        }
+        if let Some(e) = inner.parse_error {
+            c.parse_error.get_or_insert_with(|| format!("in a DO block: {e}"));
+        }
+        c.kinds.extend(inner.kinds);
+        c.tables.extend(inner.tables);
+        c.functions.extend(inner.functions);
+        c.where_missing |= inner.where_missing;
+        c.reads.runs_sql |= inner.reads.runs_sql;
+    }
+}
+
+/// The SQL a PL/pgSQL expression runs (`parseMode` is PostgreSQL's `RawParseMode`).
+fn embedded_sql(expr: &Value) -> Result<Vec<String>, String> {
+    let query = expr.get("query").and_then(Value::as_str).unwrap_or_default();
+    match expr.get("parseMode").and_then(Value::as_i64).unwrap_or(0) {
+        // RAW_PARSE_DEFAULT: a whole statement.
+        0 => Ok(vec![query.to_string()]),
+        // RAW_PARSE_TYPE_NAME: runs nothing.
+        1 => Ok(Vec::new()),
+        // RAW_PARSE_PLPGSQL_EXPR: PostgreSQL parses it as the rest of a SELECT.
+        2 => Ok(vec![format!("SELECT {query}")]),
+        // RAW_PARSE_PLPGSQL_ASSIGN1..3: `target := expression`.
+        3..=5 => {
+            let (target, value) =
+                split_assignment(query).ok_or_else(|| format!("a DO block's assignment could not be read: {query}"))?;
+            let mut texts = vec![format!("SELECT {value}")];
+            // Subscripts are expressions too (`a[(SELECT ...)] := 1`).
+            if target.contains('[') {
+                texts.push(format!("SELECT {target}"));
+            }
+            Ok(texts)
+        }
+        m => Err(format!("a DO block holds an expression of an unknown kind ({m})")),
+    }
+}
+
+/// `target := value` (or `=`) at the first assignment operator outside brackets and parentheses.
+fn split_assignment(query: &str) -> Option<(&str, &str)> {
+    use pg_query::protobuf::Token;
+    let scan = pg_query::scan(query).ok()?;
+    let mut depth = 0i32;
+    for t in &scan.tokens {
+        match Token::try_from(t.token).ok()? {
+            Token::Ascii40 | Token::Ascii91 => depth += 1,
+            Token::Ascii41 | Token::Ascii93 => depth -= 1,
+            Token::ColonEquals | Token::Ascii61 if depth == 0 => {
+                let (start, end) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+                return Some((query.get(..start)?, query.get(end..)?));
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 fn sval(v: &Value) -> Option<&str> {
@@ -706,7 +848,7 @@ mod tests {
         assert_eq!(kinds("SHOW work_mem"), ["show"]);
         assert_eq!(kinds("GRANT SELECT ON t TO bob"), ["grant"]);
         assert_eq!(kinds("VACUUM t"), ["other"]);
-        assert_eq!(kinds("DO $$ BEGIN DELETE FROM t; END $$"), ["do"]);
+        assert_eq!(kinds("DO $$ BEGIN DELETE FROM t WHERE id = 1; END $$"), ["delete", "do"]);
         assert_eq!(kinds("CALL p()"), ["call"]);
     }
 
@@ -723,6 +865,54 @@ mod tests {
         assert_eq!(kinds("SELECT 1; DROP TABLE t"), ["select", "ddl"]);
         assert_eq!(kinds("/* DROP TABLE t */ SELECT 1 -- ; DELETE FROM t"), ["select"]);
         assert_eq!(kinds("SELECT $x$; DROP TABLE t; $x$"), ["select"]);
+    }
+
+    #[test]
+    fn do_blocks_are_looked_into() {
+        let c = classify(
+            "DO $body$ DECLARE r record; a int[]; n int := (SELECT max(id) FROM orders); c CURSOR FOR SELECT * FROM people; \
+             BEGIN IF n > (SELECT count(*) FROM t2) THEN DELETE FROM t3; END IF; \
+             SELECT count(*) INTO n FROM t4; n := n + (SELECT 1 FROM t5); a[(SELECT 2 FROM t6)] := 1; \
+             PERFORM pg_sleep(1); FOR r IN SELECT * FROM t7 LOOP CALL p(r.id); END LOOP; \
+             RAISE NOTICE '%', (SELECT 1 FROM t8); \
+             EXCEPTION WHEN others THEN UPDATE t9 SET a = 1 WHERE b; END $body$",
+        );
+        fn names(s: &BTreeSet<String>) -> Vec<&str> {
+            s.iter().map(String::as_str).collect()
+        }
+        assert_eq!(names(&c.tables), ["orders", "people", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t9"]);
+        assert_eq!(
+            c.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["select", "update", "delete", "call", "do"]
+        );
+        assert_eq!(names(&c.functions), ["count", "max", "p", "pg_sleep"]);
+        assert!(c.where_missing, "the DELETE has no WHERE");
+        assert!(c.parse_error.is_none(), "{c:?}");
+        // In a string with other statements, and in a body of plain quotes.
+        assert_eq!(kinds("SELECT 1; do 'begin insert into t values (1); end'"), ["select", "insert", "do"]);
+        assert_eq!(kinds("DO LANGUAGE plpgsql $$ BEGIN DROP TABLE t; END $$"), ["ddl", "do"]);
+        assert_eq!(kinds("DO $$ BEGIN END $$"), ["do"]);
+        // A block inside a block.
+        assert_eq!(kinds("DO $a$ BEGIN DO $b$ BEGIN TRUNCATE t; END $b$; END $a$"), ["truncate", "do"]);
+    }
+
+    #[test]
+    fn do_blocks_that_cannot_be_looked_into_are_unparseable() {
+        for (sql, why) in [
+            ("DO $$ BEGIN EXECUTE 'DROP TABLE ' || 't'; END $$", "dynamic SQL"),
+            ("DO $$ DECLARE r record; BEGIN FOR r IN EXECUTE 'SELECT 1' LOOP END LOOP; END $$", "dynamic SQL"),
+            ("DO $$ DECLARE c refcursor; BEGIN OPEN c FOR EXECUTE 'SELECT 1'; END $$", "dynamic SQL"),
+            ("DO LANGUAGE plpython3u $$ plpy.execute('DROP TABLE t') $$", "language plpython3u"),
+            ("DO $$ BEGIN SELEC 1; END $$", "DO block"),
+            ("DO $$ BEGIN PREPARE p AS SELECT 1; END $$", "prepares"),
+            ("DO $$ BEGIN SET standard_conforming_strings = off; END $$", "standard_conforming_strings"),
+            ("DO $a$ BEGIN DO $b$ BEGIN DO $c$ BEGIN DO $d$ BEGIN END $d$; END $c$; END $b$; END $a$", "nested"),
+        ] {
+            let c = classify(sql);
+            assert!(c.kinds.contains(&Kind::Unparseable), "{sql}: {c:?}");
+            let e = c.parse_error.unwrap_or_default();
+            assert!(e.contains(why), "{sql}: {e}");
+        }
     }
 
     #[test]
@@ -746,6 +936,18 @@ mod tests {
         assert_ne!(Some(a), shape("SELECT abalance FROM pgbench_accounts WHERE aid = $1;"));
         assert_ne!(shape("SELECT * FROM t1"), shape("SELECT * FROM t2"), "identifiers are kept");
         assert_ne!(shape("DELETE FROM t WHERE id = 1"), shape("DELETE FROM t"));
+        assert_ne!(
+            shape("DO $$ BEGIN DELETE FROM t WHERE a = 1; END $$"),
+            shape("DO $$ BEGIN DELETE FROM t; END $$"),
+            "a DO block's body is a string that matters"
+        );
+        assert_ne!(shape("SELECT 1; DO 'BEGIN END'"), shape("SELECT 1; DO 'BEGIN DROP TABLE t; END'"));
+        assert_ne!(shape("/* x */ DO 'BEGIN END'"), shape("/* x */ DO 'BEGIN DROP TABLE t; END'"));
+        assert_eq!(
+            shape("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING"),
+            shape("INSERT INTO t VALUES (2) ON CONFLICT DO NOTHING"),
+            "DO elsewhere than a statement's start is no block"
+        );
         assert_ne!(
             shape("COPY t TO STDOUT (FORMAT 'csv')"),
             shape("COPY t TO STDOUT (FORMAT 'binary')"),

@@ -55,6 +55,7 @@ fn scanned(sql: &str, keep_literals: bool) -> Option<String> {
     if scan.tokens.iter().any(|t| unicode.contains(&t.token)) {
         return None;
     }
+    let keep_literals = keep_literals || runs_do(&scan.tokens);
     let literals = [Token::Iconst, Token::Fconst, Token::Sconst].map(|t| t as i32);
     let mut key = String::with_capacity(sql.len() + scan.tokens.len());
     for t in &scan.tokens {
@@ -66,6 +67,20 @@ fn scanned(sql: &str, keep_literals: bool) -> Option<String> {
         key.push('\0');
     }
     Some(key)
+}
+
+/// A DO statement's body is a string literal the classifier reads: a text with one keeps all
+/// its literals.
+fn runs_do(tokens: &[pg_query::protobuf::ScanToken]) -> bool {
+    let comments = [Token::SqlComment, Token::CComment].map(|t| t as i32);
+    let mut starts = true;
+    for t in tokens.iter().filter(|t| !comments.contains(&t.token)) {
+        if starts && t.token == Token::Do as i32 {
+            return true;
+        }
+        starts = t.token == Token::Ascii59 as i32;
+    }
+    false
 }
 
 fn is_space(b: u8) -> bool {
@@ -95,6 +110,8 @@ fn lexed(b: &[u8]) -> Option<String> {
     const LITERAL_KEY: [u8; 2] = [LITERAL as u8, 0];
     let at = |i: usize| b.get(i).copied().unwrap_or(0);
     let mut i = 0;
+    // At the first token of a statement.
+    let mut starts = true;
     while i < b.len() {
         let start = i;
         let c = b[i];
@@ -102,6 +119,7 @@ fn lexed(b: &[u8]) -> Option<String> {
             i += 1;
             continue;
         }
+        let starting = std::mem::replace(&mut starts, c == b';');
         match c {
             b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
                 while i < b.len() && is_ident_cont(b[i]) {
@@ -109,6 +127,10 @@ fn lexed(b: &[u8]) -> Option<String> {
                 }
                 // Non-ASCII names; E'', B'', X'', N'' literals; U&"" and U&'' escapes.
                 if b[start..i].iter().any(|&x| x >= 0x80) || matches!(at(i), b'\'' | b'"' | b'&') {
+                    return None;
+                }
+                // A DO block: its body literal matters (`runs_do`).
+                if starting && b[start..i].eq_ignore_ascii_case(b"do") {
                     return None;
                 }
             }
