@@ -470,6 +470,8 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
     let Some(text) = sql.get(start..end) else {
         return refuse(c, || "a DO block's text could not be found".into());
     };
+    // libpg_query leaks one byte (a strdup) per body that fails to compile: less than the
+    // audit record of the refusal that follows.
     let body = match pg_query::parse_plpgsql(text) {
         Ok(body) => body,
         Err(e) => return refuse(c, || format!("DO block: {e}")),
