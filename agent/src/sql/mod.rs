@@ -400,11 +400,6 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
         Ok(tree) => {
             walk(&tree, &mut c);
             let stmts = tree.get("stmts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-            for s in stmts {
-                if let Some(block) = s.pointer("/stmt/node/DoStmt") {
-                    look_into_do(sql, s, block, depth, &mut c);
-                }
-            }
             c.copy_out = stmts.iter().filter_map(|s| copy_out(s.pointer("/stmt/node/CopyStmt")?)).collect();
             c.copy_in = stmts
                 .iter()
@@ -416,6 +411,11 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
                 })
                 .count();
             c.reads = Reads::of(&tree);
+            for s in stmts {
+                if let Some(block) = s.pointer("/stmt/node/DoStmt") {
+                    look_into_do(sql, s, block, depth, &mut c);
+                }
+            }
             c.indirect = !c.executes.is_empty() || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some());
             c.plain = stmts.iter().all(|s| {
                 s.pointer("/stmt/node").and_then(Value::as_object).is_some_and(|node| {
@@ -444,6 +444,10 @@ fn refuse(c: &mut Classification, why: impl FnOnce() -> String) {
     c.parse_error.get_or_insert_with(why);
 }
 
+/// Most statements and expressions a DO block may hold: each is parsed on the session's thread,
+/// and a client can make a body as long as it likes.
+const MAX_DO_STATEMENTS: usize = 1000;
+
 /// A DO block runs the statements in its body: the block takes on their kinds, tables and
 /// functions, so a rule about DELETE sees a DELETE inside DO. Each SQL statement and expression
 /// in a PL/pgSQL body is classified as PL/pgSQL runs it (an expression as a SELECT). What cannot
@@ -451,13 +455,21 @@ fn refuse(c: &mut Classification, why: impl FnOnce() -> String) {
 /// unparseable: denied unless a rule names `unparseable`.
 fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Classification) {
     let args = block.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let language = args
-        .iter()
-        .filter_map(|a| a.pointer("/node/DefElem"))
-        .find(|d| d.get("defname").and_then(Value::as_str) == Some("language"))
-        .and_then(|d| d.get("arg").and_then(sval))
-        .unwrap_or("plpgsql");
-    if !language.eq_ignore_ascii_case("plpgsql") {
+    let items = |name: &str| -> Vec<Option<&str>> {
+        args.iter()
+            .filter_map(|a| a.pointer("/node/DefElem"))
+            .filter(|d| d.get("defname").and_then(Value::as_str) == Some(name))
+            .map(|d| d.get("arg").and_then(sval))
+            .collect()
+    };
+    // The server refuses a DO without exactly one body (libpg_query aborts the process on one).
+    let (bodies, languages) = (items("as"), items("language"));
+    let ([Some(body)], [] | [Some(_)]) = (&bodies[..], &languages[..]) else {
+        return refuse(c, || "a DO block needs exactly one body and at most one language".into());
+    };
+    // Names as the server (and libpg_query) compare them: exactly.
+    let language = languages.first().copied().flatten().unwrap_or("plpgsql");
+    if language != "plpgsql" {
         return refuse(c, || format!("a DO block in language {language} cannot be looked into"));
     }
     if depth >= MAX_DO_DEPTH {
@@ -472,20 +484,34 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
     };
     // libpg_query leaks one byte (a strdup) per body that fails to compile: less than the
     // audit record of the refusal that follows.
-    let body = match pg_query::parse_plpgsql(text) {
-        Ok(body) => body,
+    let function = match pg_query::parse_plpgsql(text) {
+        Ok(f) => f,
         Err(e) => return refuse(c, || format!("DO block: {e}")),
     };
+    if function.pointer("/0/PLpgSQL_function/action").is_none() {
+        return refuse(c, || "a DO block's body could not be read".into());
+    }
     let mut embedded = Vec::new();
     let mut unknown = None;
-    visit(&body, |_, key, child| match key {
+    let mut records = BTreeSet::new();
+    let dynamic = || "a DO block that runs dynamic SQL (EXECUTE) cannot be looked into".to_string();
+    visit(&function, |_, key, child| match key {
         "PLpgSQL_stmt_dynexecute" | "PLpgSQL_stmt_dynfors" => {
-            unknown.get_or_insert_with(|| "a DO block that runs dynamic SQL (EXECUTE) cannot be looked into".into());
+            unknown.get_or_insert_with(dynamic);
         }
         // OPEN ... FOR EXECUTE, RETURN QUERY EXECUTE.
         "dynquery" if !child.is_null() => {
-            unknown.get_or_insert_with(|| "a DO block that runs dynamic SQL (EXECUTE) cannot be looked into".into());
+            unknown.get_or_insert_with(dynamic);
         }
+        "PLpgSQL_stmt_commit" | "PLpgSQL_stmt_rollback" => {
+            c.kinds.insert(Kind::Transaction);
+        }
+        // Cursors are portals of the session, named as the block likes: whatever the proxy knew
+        // of any portal is stale once the block ran.
+        "PLpgSQL_stmt_open" | "PLpgSQL_stmt_close" | "PLpgSQL_stmt_fetch" | "PLpgSQL_stmt_forc" => {
+            c.cursors = Deallocates::All;
+        }
+        "PLpgSQL_rec" => records.extend(child.get("refname").and_then(Value::as_str).map(str::to_lowercase)),
         "PLpgSQL_expr" => match embedded_sql(child) {
             Ok(texts) => embedded.extend(texts),
             Err(e) => {
@@ -494,13 +520,23 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
         },
         _ => {}
     });
-    if let Some(why) = unknown {
-        return refuse(c, || why);
+    // libpg_query shows the default values of scalar variables only: a record or composite
+    // variable's (`r record := ROW(set_config(...))`) would run unseen.
+    if defaulted_names(body).is_none_or(|names| !names.is_disjoint(&records)) {
+        unknown.get_or_insert_with(|| {
+            "a DO block that gives a record or composite variable a default value cannot be looked into".into()
+        });
     }
+    if embedded.len() > MAX_DO_STATEMENTS {
+        return refuse(c, || {
+            format!("a DO block with more than {MAX_DO_STATEMENTS} statements and expressions is not looked into")
+        });
+    }
+    // What is known goes in even when the block is refused: a deny rule may name it.
     for text in embedded {
         let inner = classify_nested(&text, depth + 1);
-        // Session state the proxy tracks (prepared statements, cursors, COPY data) changed from
-        // inside a block would go unseen.
+        // Session state the proxy tracks (prepared statements, COPY data) changed from inside a
+        // block would go unseen.
         if !inner.prepares.is_empty()
             || !inner.executes.is_empty()
             || inner.deallocates != Deallocates::None
@@ -508,9 +544,9 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
             || inner.copy_in > 0
             || !inner.copy_out.is_empty()
         {
-            refuse(c, || {
-                "a DO block that prepares, executes or deallocates statements, declares cursors or copies \
-                 to or from the client cannot be looked into"
+            unknown.get_or_insert_with(|| {
+                "a DO block that prepares, executes or deallocates statements, declares cursors in SQL or \
+                 copies to or from the client cannot be looked into"
                     .into()
             });
         }
@@ -523,6 +559,46 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
         c.where_missing |= inner.where_missing;
         c.reads.runs_sql |= inner.reads.runs_sql;
     }
+    if let Some(why) = unknown {
+        refuse(c, || why);
+    }
+}
+
+/// The names (lower-cased, unquoted) that declarations in a PL/pgSQL body's DECLARE sections
+/// give a default value (`:=`, `=` or DEFAULT), and cursors whose queries have an `=`; `None`
+/// when the body does not scan.
+fn defaulted_names(body: &str) -> Option<BTreeSet<String>> {
+    use pg_query::protobuf::Token;
+    let scan = pg_query::scan(body).ok()?;
+    let mut names = BTreeSet::new();
+    let (mut declaring, mut depth) = (false, 0i32);
+    // The current declaration's name, once its first token is seen.
+    let mut name: Option<String> = None;
+    for t in &scan.tokens {
+        let token = Token::try_from(t.token).ok()?;
+        let text = body.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
+        match token {
+            Token::Declare => (declaring, depth, name) = (true, 0, None),
+            Token::BeginP => declaring = false,
+            _ if !declaring => {}
+            Token::SqlComment | Token::CComment => {}
+            Token::Ascii59 if depth == 0 => name = None,
+            // A name in Unicode escapes would need decoding to compare: not looked into.
+            Token::Uident => return None,
+            _ if name.is_none() => {
+                let unquoted = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+                    Some(quoted) => quoted.replace("\"\"", "\""),
+                    None => text.to_string(),
+                };
+                name = Some(unquoted.to_lowercase());
+            }
+            Token::Ascii40 | Token::Ascii91 => depth += 1,
+            Token::Ascii41 | Token::Ascii93 => depth -= 1,
+            Token::ColonEquals | Token::Ascii61 | Token::Default if depth == 0 => names.extend(name.clone()),
+            _ => {}
+        }
+    }
+    Some(names)
 }
 
 /// The SQL a PL/pgSQL expression runs (`parseMode` is PostgreSQL's `RawParseMode`).
@@ -896,6 +972,18 @@ mod tests {
         assert_eq!(kinds("DO $$ BEGIN END $$"), ["do"]);
         // A block inside a block.
         assert_eq!(kinds("DO $a$ BEGIN DO $b$ BEGIN TRUNCATE t; END $b$; END $a$"), ["truncate", "do"]);
+        assert_eq!(kinds("DO $$ BEGIN INSERT INTO t VALUES (1); COMMIT; END $$"), ["insert", "do", "transaction"]);
+        // Cursors are portals: all the proxy knew of portals is stale after the block.
+        let c = classify("DO $$ DECLARE c refcursor := 'p1'; BEGIN OPEN c FOR SELECT 1; END $$");
+        assert_eq!((c.cursors, c.parse_error), (Deallocates::All, None));
+        assert!(classify("DO $$ BEGIN PERFORM query_to_xml('SELECT 1', true, true, ''); END $$").reads.runs_sql);
+        // Default values of other row types are seen, one way or the other.
+        for ty in ["orders", "orders%ROWTYPE", "public.orders%rowtype"] {
+            let c = classify(&format!("DO $$ DECLARE r {ty} := (SELECT o FROM secret o); BEGIN END $$"));
+            assert!(c.tables.contains("secret") || c.kinds.contains(&Kind::Unparseable), "{ty}: {c:?}");
+        }
+        // What is known stays known when the block is refused: a deny rule may still name it.
+        assert_eq!(kinds("DO $$ BEGIN DELETE FROM t; EXECUTE 'x'; END $$"), ["select", "delete", "do", "unparseable"]);
     }
 
     #[test]
@@ -909,6 +997,18 @@ mod tests {
             ("DO $$ BEGIN PREPARE p AS SELECT 1; END $$", "prepares"),
             ("DO $$ BEGIN SET standard_conforming_strings = off; END $$", "standard_conforming_strings"),
             ("DO $a$ BEGIN DO $b$ BEGIN DO $c$ BEGIN DO $d$ BEGIN END $d$; END $c$; END $b$; END $a$", "nested"),
+            // No body at all: libpg_query would abort the process.
+            ("DO LANGUAGE plpgsql", "exactly one body"),
+            ("DO 'BEGIN END' 'BEGIN END'", "exactly one body"),
+            ("DO LANGUAGE \"PLPGSQL\" 'BEGIN END'", "language PLPGSQL"),
+            // libpg_query leaves a record variable's default value out of what it shows.
+            (
+                "DO $$ DECLARE r record := ROW(set_config('standard_conforming_strings', 'off', false)); BEGIN END $$",
+                "record or composite",
+            ),
+            ("DO $$ DECLARE n int; \"R\"\"x\" record = (SELECT o FROM orders o); BEGIN END $$", "record or composite"),
+            ("DO $$ BEGIN DECLARE r record DEFAULT NULL; BEGIN END; END $$", "record or composite"),
+            (&format!("DO $$ BEGIN {} END $$", "PERFORM 1; ".repeat(MAX_DO_STATEMENTS + 1)), "more than"),
         ] {
             let c = classify(sql);
             assert!(c.kinds.contains(&Kind::Unparseable), "{sql}: {c:?}");
