@@ -43,6 +43,8 @@ pub enum AgentError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error("cannot start the proxy's event loops: {0}")]
+    Threads(#[source] std::io::Error),
     #[error("proxy cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
@@ -60,6 +62,8 @@ pub enum AgentError {
 pub struct RunOptions {
     pub policy_file: PathBuf,
     pub state_dir: PathBuf,
+    /// Event loops for sessions (`proxy::loops`): 1 runs them all on the caller's runtime.
+    pub threads: usize,
 }
 
 /// Resolves each resource's address (host names via the system resolver). A resource that
@@ -236,6 +240,7 @@ fn policy_record(kind: Kind, policy_file: &Path, name: Option<&str>, error: Opti
 }
 
 pub async fn run(options: RunOptions) -> Result<(), AgentError> {
+    let threads = options.threads;
     let policy = policy::load(&options.policy_file)?;
     let state = StateDir::create(&options.state_dir)?;
     let _lock = state.lock_wait()?;
@@ -291,8 +296,9 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let loops = Arc::new(proxy::loops::Loops::start(threads).map_err(AgentError::Threads)?);
     for l in listeners {
-        tokio::spawn(proxy::serve(l, shared.clone(), stop.clone(), tracker.clone()));
+        tokio::spawn(proxy::serve(l, shared.clone(), stop.clone(), tracker.clone(), loops.clone()));
     }
     let control = approval::control::bind(&approval::control::socket_path(&agent.state.root))?;
     tokio::spawn(approval::control::serve(control, shared.clone(), stop.clone()));
@@ -316,6 +322,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         listen = ?listen,
         cgroups = ?policy.cgroups().iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         adopted,
+        loops = loops.count(),
         "ready: enforcement active"
     );
 

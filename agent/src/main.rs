@@ -42,12 +42,12 @@ enum Command {
         /// Log format on stderr.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// Threads that run the proxy and the agent's tasks. 1 (the default) is a
-        /// single-threaded runtime: the least CPU per proxied message, and enough for a node
-        /// whose proxied traffic fits one core. More use a work-stealing runtime. The audit
-        /// writer always has its own thread.
-        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-        threads: u16,
+        /// Event loops that relay proxied sessions, each a single-threaded runtime on a thread
+        /// of its own [default: one per CPU the agent may run on, at most 8]. A session stays
+        /// on one loop; new sessions take the loops in turn. 1 runs everything on one thread.
+        /// The audit writer always has its own thread.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
     },
     /// Run a command inside a cgroup (created if needed), so it is enforced as that identity.
     ///
@@ -181,16 +181,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { policy, state_dir, log_format, threads } => {
             init_logging(log_format);
-            // Like linkerd2-proxy, one core by default: a work-stealing scheduler costs CPU
-            // per wake-up that a single thread does not pay.
-            // No time driver: its clock reads and wheel walk on every park cost the proxy CPU
+            // Single-threaded runtimes only: a work-stealing scheduler costs CPU per wake-up
+            // that a single thread does not pay. More cores are used by more loops
+            // (`proxy::loops`). No time driver: its clock reads and wheel walk on every park cost the proxy CPU
             // per round trip; the agent's timers run on `timer`'s thread.
             tollgate::timer::start()?;
-            let rt = match threads {
-                1 => tokio::runtime::Builder::new_current_thread().enable_io().build()?,
-                n => tokio::runtime::Builder::new_multi_thread().worker_threads(n.into()).enable_io().build()?,
-            };
-            rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir }))?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+            let threads =
+                threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)), usize::from);
+            rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir, threads }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Exec { cgroup, command } => exec(&cgroup, &command),

@@ -1,6 +1,7 @@
 //! The local proxy: accepts redirected connections, learns their origin from the kernel, checks
 //! the grant, records the session and dispatches to the resource's protocol handler.
 pub mod conn;
+pub mod loops;
 pub mod postgres;
 pub mod tcp;
 
@@ -76,8 +77,15 @@ impl Shared {
     }
 }
 
-/// Accepts connections until `stop` is cancelled; sessions run on `tracker`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken, tracker: TaskTracker) {
+/// Accepts connections until `stop` is cancelled; sessions run on `tracker`, on the loop
+/// `loops` picks for each.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    loops: Arc<loops::Loops>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -98,12 +106,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
         let stop = stop.clone();
         let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", session, %peer);
-        tracker.spawn(
-            async move {
-                handle(stream, peer, origin, session, &shared, stop).await;
+        let Some(on) = loops.pick() else {
+            tracker.spawn(async move { handle(stream, peer, origin, session, &shared, stop).await }.instrument(span));
+            continue;
+        };
+        // A socket wakes the runtime it is registered with: it moves to the session's loop.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, %peer, "could not hand a connection to another loop");
+                continue;
             }
-            .instrument(span),
-        );
+        };
+        let session = async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => handle(stream, peer, origin, session, &shared, stop).await,
+                Err(e) => warn!(error = %e, "could not register a connection with its loop"),
+            }
+        };
+        tracker.spawn_on(session.instrument(span), on);
     }
 }
 
