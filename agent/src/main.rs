@@ -46,7 +46,7 @@ enum Command {
         /// of its own [default: one per CPU the agent may run on, at most 8]. A session stays
         /// on one loop; new sessions take the loops in turn. 1 runs everything on one thread.
         /// The audit writer always has its own thread.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        #[arg(long, value_name = "N", env = "TOLLGATE_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: Option<u16>,
     },
     /// Run a command inside a cgroup (created if needed), so it is enforced as that identity.
