@@ -353,7 +353,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     stop.cancel();
     tracker.close();
     if crate::timer::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
-        warn!("sessions still open after 5s; leaving them");
+        warn!("sessions still open after 5s; the audit trail closes when the last ends (each has a deadline)");
     }
     let _ = events_task.await;
     let _ = counters_task.await;
@@ -362,7 +362,9 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     drop(agent);
     drop(shared);
     drop(audit_log);
-    audit_thread.join();
+    // Sessions still open hold the trail open; on this loop (`--threads 1`) they must keep
+    // being polled to reach their deadlines, so the join waits off the loop.
+    let _ = tokio::task::spawn_blocking(move || audit_thread.join()).await;
     info!(
         pins = %pins.root.display(),
         "stopped; enforcement stays pinned (connections to protected resources are refused) until `tollgate run` starts again or `tollgate uninstall` removes it"

@@ -44,8 +44,9 @@ enum Command {
         log_format: LogFormat,
         /// Event loops that relay proxied sessions, each a single-threaded runtime on a thread
         /// of its own [default: one per CPU the agent may run on, at most 8]. A session stays
-        /// on one loop; new sessions take the loops in turn. 1 runs everything on one thread.
-        /// The audit writer always has its own thread.
+        /// on one loop; new sessions take the loops in turn. With 1, sessions share the main
+        /// thread with the control plane (accepting, approvals, kernel events). The audit
+        /// writer and the timers always have threads of their own.
         #[arg(long, value_name = "N", env = "TOLLGATE_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: Option<u16>,
     },

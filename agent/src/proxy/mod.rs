@@ -17,7 +17,7 @@ use std::{
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, info_span, warn};
 
 use crate::{
     approval::Approvals,
@@ -77,8 +77,7 @@ impl Shared {
     }
 }
 
-/// Accepts connections until `stop` is cancelled; sessions run on `tracker`, on the loop
-/// `loops` picks for each.
+/// Accepts connections until `stop` is cancelled; sessions run on `tracker`, on `loops`.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -106,25 +105,19 @@ pub async fn serve(
         let stop = stop.clone();
         let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("conn", session, %peer);
-        let Some(on) = loops.pick() else {
-            tracker.spawn(async move { handle(stream, peer, origin, session, &shared, stop).await }.instrument(span));
-            continue;
-        };
-        // A socket wakes the runtime it is registered with: it moves to the session's loop.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, %peer, "could not hand a connection to another loop");
-                continue;
-            }
-        };
-        let session = async move {
-            match TcpStream::from_std(stream) {
+        loops.spawn(&tracker, stream, span, move |stream| async move {
+            match stream {
                 Ok(stream) => handle(stream, peer, origin, session, &shared, stop).await,
-                Err(e) => warn!(error = %e, "could not register a connection with its loop"),
+                Err(e) => {
+                    let mut r = Record::new(Kind::SessionRejected);
+                    r.session = Some(session);
+                    r.reason = Some("handoff_failed".into());
+                    r.detail = Some(format!("connection from {peer} could not be moved to a session loop: {e}"));
+                    warn!(error = %e, "could not move a connection to a session loop; closed it");
+                    shared.audit.append(r);
+                }
             }
-        };
-        tracker.spawn_on(session.instrument(span), on);
+        });
     }
 }
 
