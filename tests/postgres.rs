@@ -236,6 +236,40 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
 }
 
 #[test]
+fn shutdown_does_not_wait_for_sessions_still_logging_in() {
+    if !privileged("shutdown_does_not_wait_for_sessions_still_logging_in") {
+        return;
+    }
+    let (mut env, pg) = setup("pg-stop");
+    // Redirected connections that never send a startup packet: the agent would give them 15 s.
+    let code = format!(
+        "import socket, time\nsocks = [socket.create_connection(('127.0.0.1', {}), timeout=5) for _ in range(4)]\n\
+         print('open', flush=True)\ntime.sleep(60)",
+        pg.port
+    );
+    let mut idle = env.spawn_in("bot", &["python3", "-c", &code]);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(idle.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while env.audit().iter().filter(|r| r["kind"] == "session_start").count() < 4 {
+        assert!(std::time::Instant::now() < deadline, "the idle sessions never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let started = std::time::Instant::now();
+    let status = env.stop_agent(nix::sys::signal::Signal::SIGTERM);
+    let took = started.elapsed();
+    let _ = idle.kill();
+    let _ = idle.wait();
+    assert!(status.success(), "{status}");
+    assert!(took < std::time::Duration::from_secs(4), "the agent took {took:?} to stop");
+    let trail = std::fs::read_to_string(env.state_dir().join("audit/trail.jsonl")).unwrap();
+    assert!(trail.lines().last().is_some_and(|l| l.contains("\"agent_stop\"")), "{trail}");
+    let verify = env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]);
+    assert!(verify.status.success(), "{verify:?}");
+}
+
+#[test]
 fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
     if !privileged("upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined") {
         return;

@@ -29,7 +29,15 @@ fn abort(s: &TcpStream) {
 }
 
 pub async fn relay(mut client: TcpStream, dst: SocketAddr, timeout: Duration, stop: &CancellationToken) -> Outcome {
-    let connect = crate::timer::timeout(timeout, connect_marked(dst, agent_common::AGENT_MARK)).await;
+    let connect = tokio::select! {
+        biased;
+        // A shutdown does not wait for the connect's own deadline.
+        _ = stop.cancelled() => {
+            abort(&client);
+            return Outcome { error: Some("agent shutting down".into()), ..Default::default() };
+        }
+        c = crate::timer::timeout(timeout, connect_marked(dst, agent_common::AGENT_MARK)) => c,
+    };
     let mut upstream = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -58,6 +58,7 @@ const SQLSTATE_SYSTEM: &str = "58000";
 const SQLSTATE_PROTOCOL: &str = "08P01";
 const SQLSTATE_CONNECTION: &str = "08006";
 const SQLSTATE_REJECTED: &str = "08004";
+const SQLSTATE_SHUTDOWN: &str = "57P01";
 
 /// Startup parameters passed on to the server. Others (`options`, `replication`,
 /// `standard_conforming_strings`...) could make the server read or run things differently from
@@ -244,18 +245,21 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     // Small request/response messages (TLS records too): Nagle plus delayed ACKs would add
     // 40 ms stalls.
     let _ = client.set_nodelay(true);
-    let (mut client, startup) =
-        match crate::timer::timeout(STARTUP_TIMEOUT, read_startup(Conn::Plain(client), &s)).await {
-            Ok(Ok(st)) => st,
-            Ok(Err((client, e))) => {
-                if let Some(mut client) = client {
-                    let msg = format!("tollgate: {e}");
-                    let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_PROTOCOL, &msg)]).await;
-                }
-                return Outcome { error: Some(format!("startup: {e}")), ..Default::default() };
+    let startup = crate::timer::timeout(STARTUP_TIMEOUT, read_startup(Conn::Plain(client), &s));
+    let Some(startup) = unless_stopped(stop, startup).await else {
+        return Outcome { error: Some(STOPPING.into()), ..Default::default() };
+    };
+    let (mut client, startup) = match startup {
+        Ok(Ok(st)) => st,
+        Ok(Err((client, e))) => {
+            if let Some(mut client) = client {
+                let msg = format!("tollgate: {e}");
+                let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_PROTOCOL, &msg)]).await;
             }
-            Err(_) => return Outcome { error: Some("startup timed out".into()), ..Default::default() },
-        };
+            return Outcome { error: Some(format!("startup: {e}")), ..Default::default() };
+        }
+        Err(_) => return Outcome { error: Some("startup timed out".into()), ..Default::default() },
+    };
     let params = match startup {
         Startup::Cancel { pid, key } => return cancel(&s, BackendKey { pid, key }).await,
         Startup::Startup { params } => params,
@@ -295,15 +299,19 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         };
         Ok::<_, String>((up, masker))
     };
-    let (up, masker) =
-        match crate::timer::timeout(STARTUP_TIMEOUT, login).await.unwrap_or_else(|_| Err("timed out".into())) {
-            Ok(up) => up,
-            Err(e) => {
-                let msg = format!("tollgate: cannot log in to {}: {e}", s.upstream);
-                let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_CONNECTION, &msg)]).await;
-                return Outcome { error: Some(msg), ..Default::default() };
-            }
-        };
+    let Some(login) = unless_stopped(stop, crate::timer::timeout(STARTUP_TIMEOUT, login)).await else {
+        let msg = format!("tollgate: {STOPPING}");
+        let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_SHUTDOWN, &msg)]).await;
+        return Outcome { error: Some(STOPPING.into()), ..Default::default() };
+    };
+    let (up, masker) = match login.unwrap_or_else(|_| Err("timed out".into())) {
+        Ok(up) => up,
+        Err(e) => {
+            let msg = format!("tollgate: cannot log in to {}: {e}", s.upstream);
+            let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_CONNECTION, &msg)]).await;
+            return Outcome { error: Some(msg), ..Default::default() };
+        }
+    };
     let target = CancelTarget {
         upstream: s.upstream,
         real: BackendKey { pid: up.backend_pid, key: up.backend_key },
@@ -395,6 +403,18 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     outcome
 }
 
+const STOPPING: &str = "the agent is shutting down";
+
+/// `work`, unless the agent stops first (`None`): the phases before a session relays do not
+/// hold up the agent's shutdown until their own deadlines.
+async fn unless_stopped<T>(stop: &CancellationToken, work: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => None,
+        r = work => Some(r),
+    }
+}
+
 async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
     let Some(target) = s.cancel.get(fake) else {
         return Outcome { error: Some("cancel request with an unknown key".into()), ..Default::default() };
@@ -409,7 +429,8 @@ async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
     let BackendKey { pid, key } = target.real;
     let mut out = BytesMut::new();
     postgres_protocol::message::frontend::cancel_request(pid, key, &mut out);
-    match crate::proxy::tcp::connect_marked(target.upstream, s.mark).await {
+    let connect = crate::timer::timeout(STARTUP_TIMEOUT, crate::proxy::tcp::connect_marked(target.upstream, s.mark));
+    match connect.await.unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut))) {
         Ok(mut up) => {
             let _ = up.write_all(&out).await;
             info!(backend = pid, "forwarded a cancel request");
