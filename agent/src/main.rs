@@ -183,9 +183,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { policy, state_dir, log_format, threads } => {
             init_logging(log_format);
             // Single-threaded runtimes only: a work-stealing scheduler costs CPU per wake-up
-            // that a single thread does not pay. More cores are used by more loops
-            // (`proxy::loops`). No time driver: its clock reads and wheel walk on every park cost the proxy CPU
-            // per round trip; the agent's timers run on `timer`'s thread.
+            // that a single thread does not pay; more cores are used by more loops
+            // (`proxy::loops`). No time driver: its clock reads and wheel walk on every park
+            // cost the proxy CPU per round trip; the agent's timers run on `timer`'s thread.
             tollgate::timer::start()?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
             let threads =
