@@ -183,5 +183,15 @@ pub fn stop_and_uninstall(agent: Option<std::process::Child>, bin: &Path, state:
     if let Some(a) = agent {
         stop(a);
     }
-    let _ = Command::new(bin).args(["uninstall", "--state-dir"]).arg(state).output();
+    // Clean-up runs from Drop: say what is left behind rather than fail.
+    match Command::new(bin).args(["uninstall", "--state-dir"]).arg(state).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "warning: `{} uninstall --state-dir {}` failed; its pins under /sys/fs/bpf/tollgate stay: {}",
+            bin.display(),
+            state.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => eprintln!("warning: cannot run {} uninstall: {e}; its pins stay", bin.display()),
+    }
 }
