@@ -32,7 +32,8 @@ impl Loops {
     /// Starts the session loops for `threads` (none for 1). They live as long as the process.
     pub fn start(threads: usize) -> io::Result<Loops> {
         let mut loops = Vec::new();
-        for i in (1..=threads).filter(|_| threads > 1) {
+        let n = if threads > 1 { threads } else { 0 };
+        for i in 1..=n {
             // Built and run on its own thread: a runtime dropped inside another's context (here,
             // had the thread not started) panics.
             let (tx, rx) = std::sync::mpsc::channel();
