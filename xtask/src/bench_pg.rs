@@ -214,6 +214,10 @@ pub struct Options {
     /// between runs, a change is judged by `tg/base` within one run. Adds the `base` target.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// How the `--baseline` agent records statements: `durable` (like `tg`) or `written` (like
+    /// `tg-w`), for judging a change to the written path against `tg-w`.
+    #[arg(long, value_name = "MODE", default_value = "durable", value_parser = ["durable", "written"])]
+    pub baseline_statements: String,
     /// Runs everything (server, proxies, pgbench) on this one CPU: throughput then follows the
     /// CPU each transaction costs, not where the scheduler places three processes on two cores,
     /// and moves less between runs: steadier for comparing builds (BENCHMARKS.md shows such a
@@ -232,7 +236,19 @@ pub struct Options {
 const COUNTED_TRANSACTIONS: u64 = 3000;
 
 pub fn postgres(o: Options) -> anyhow::Result<()> {
-    let Options { seconds, rounds, scale, modes, clients, targets, pgbench_only, baseline, pin_cpu, instructions } = o;
+    let Options {
+        seconds,
+        rounds,
+        scale,
+        modes,
+        clients,
+        targets,
+        pgbench_only,
+        baseline,
+        baseline_statements,
+        pin_cpu,
+        instructions,
+    } = o;
     let pgbench_only = pgbench_only || instructions;
     let mut run_target = [false; TARGETS];
     for t in &targets {
@@ -393,7 +409,7 @@ spec:
         Some((base_bin, base_state)) => {
             // The same policy with cgroups of its own (its masked identity is never used).
             let base_policy = d.join("policy-base.yaml");
-            let text = policy_text("durable", &base_cgroup).replace(&masked_cgroup, &format!("{masked_cgroup}-base"));
+            let text = policy_text(&baseline_statements, &base_cgroup).replace(&masked_cgroup, &format!("{masked_cgroup}-base"));
             std::fs::write(&base_policy, text)?;
             rig.children.push(util::start_agent_cmd(
                 agent(base_bin),
@@ -407,6 +423,8 @@ spec:
         None => None,
     };
     let with_base = base_pid.is_some();
+    // The target the baseline agent is compared with: the one recording statements as it does.
+    let like_base = if baseline_statements == "written" { 2 } else { 1 };
     // Agent memory per idle connection, measured on the fresh agent: after the cells its heap
     // has room freed by their sessions, which idle sessions would reuse without growing.
     let memory = if pgbench_only { None } else { Some(idle_memory(&bin, &cgroup, &port_s, agent_pid)?) };
@@ -524,7 +542,7 @@ spec:
         "tgw/hap",
         "tgw/pgb",
         "tgm/hap",
-        if with_base { format!(" {:>8} {:>7}", "base", "tg/base") } else { String::new() }
+        if with_base { format!(" {:>8} {:>8}", "base", format!("{}/base", TARGET_NAMES[like_base])) } else { String::new() }
     );
     let secs = seconds.to_string();
     let mut cpu_rows = Vec::new();
@@ -586,7 +604,7 @@ spec:
                 r(2, 5),
                 r(2, 4),
                 r(3, 5),
-                base(format!(" {:>8.0} {:>7.3}", m(BASE), r(1, BASE))),
+                base(format!(" {:>8.0} {:>8.3}", m(BASE), r(like_base, BASE))),
             );
             direct_rows.push(proxy_row(mode, clients, |t| r(t, 0), with_base, 3));
             cpu_rows.push(proxy_row(mode, clients, |t| median(&cpu_of[t]), with_base, 1));

@@ -10,7 +10,7 @@ use std::{
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError},
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -39,7 +39,15 @@ pub enum AuditError {
     Write(String),
 }
 
-type Ack = oneshot::Sender<Result<u64, AuditError>>;
+type Reply = oneshot::Sender<Result<u64, AuditError>>;
+
+/// Someone waits for a queued record, and how far it must get.
+enum Ack {
+    /// On disk (fdatasync).
+    Synced(Reply),
+    /// In the trail file (write(2)).
+    Written(Reply),
+}
 
 /// What a queued message puts on the trail.
 pub enum Payload {
@@ -66,7 +74,6 @@ impl From<StatementRecord> for Payload {
 
 struct Msg {
     payload: Payload,
-    /// Someone waits for this record to be on disk (fdatasync).
     ack: Option<Ack>,
 }
 
@@ -93,8 +100,10 @@ struct Queue {
     since: Option<Instant>,
     /// A queued record waits for fdatasync.
     urgent: bool,
+    /// Queued records whose appenders wait to see them in the file (`append_written`).
+    awaited: usize,
     /// Written records someone waits to see on disk, with their sequence numbers.
-    to_sync: Vec<(Ack, u64)>,
+    to_sync: Vec<(Reply, u64)>,
     /// Records were written but not synced since then.
     unsynced_since: Option<Instant>,
     /// Sequence number of the last record written.
@@ -104,9 +113,11 @@ struct Queue {
     closed: bool,
 }
 
-/// Whoever writes holds `trail` and takes the queued records under it (the writer thread for
-/// lazy and durable records, a caller of `append_written` inline), so records reach the file
-/// in the order they were queued. Lock order: `trail`, then `queue`.
+/// Whoever writes holds `trail` and takes the queued records under it, so records reach the
+/// file in the order they were queued: the writer thread, for lazy and durable records, and a
+/// caller of `append_written` that finds `trail` free. One that finds it taken does not block
+/// its thread (an event loop serving other sessions): it leaves its record to the holder,
+/// which looks at the queue again after letting go. Lock order: `trail`, then `queue`.
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -122,48 +133,69 @@ impl Shared {
         self.trail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes everything queued, then `extra`, in one piece; durable waiters move to
-    /// `to_sync`. Returns the sequence number of the last record written.
-    fn write_queued(&self, extra: Option<Msg>) -> Result<u64, AuditError> {
-        let mut trail = self.trail();
-        let mut items = std::mem::take(&mut trail.spare);
-        {
+    /// `trail` if nobody holds it.
+    fn try_trail(&self) -> Option<MutexGuard<'_, Trail>> {
+        match self.trail.try_lock() {
+            Ok(t) => Some(t),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Writes everything queued in one piece and lets go of `trail`; durable waiters move to
+    /// `to_sync`, written ones are answered. Then, as long as records queued meanwhile are
+    /// awaited and `trail` is free, writes those too: their appenders found it taken and rely
+    /// on whoever held it.
+    fn write_queued<'a>(&'a self, mut trail: MutexGuard<'a, Trail>) {
+        loop {
+            let mut items = std::mem::take(&mut trail.spare);
+            {
+                let mut q = self.queue();
+                std::mem::swap(&mut q.items, &mut items);
+                q.since = None;
+                q.urgent = false;
+                q.awaited = 0;
+            }
+            let wrote = !items.is_empty();
+            // A failed write has told its waiters and will be reported by the next one.
+            let (synced, written) = trail.write(&mut items).unwrap_or_default();
+            trail.spare = items;
+            let seq = trail.head.seq;
+            drop(trail);
+            // Answered outside the lock: a wake-up can cost a syscall.
+            for (a, seq) in written {
+                let _ = a.send(Ok(seq));
+            }
             let mut q = self.queue();
-            std::mem::swap(&mut q.items, &mut items);
-            q.since = None;
-            q.urgent = false;
+            q.written = seq;
+            if wrote {
+                q.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            // Records written here are synced by the writer thread: if it sleeps without a
+            // deadline, or durable records came along, it must know.
+            let wake = (wrote && std::mem::take(&mut q.idle)) || (q.to_sync.is_empty() && !synced.is_empty());
+            q.to_sync.extend(synced);
+            let awaited = q.awaited > 0;
+            drop(q);
+            if wake {
+                self.wake.notify_one();
+            }
+            match awaited.then(|| self.try_trail()).flatten() {
+                Some(t) => trail = t,
+                None => return,
+            }
         }
-        items.extend(extra);
-        let wrote = !items.is_empty();
-        let written = trail.write(&mut items);
-        trail.spare = items;
-        let seq = trail.head.seq;
-        drop(trail);
-        let acks = written?;
-        let mut q = self.queue();
-        q.written = seq;
-        if wrote {
-            q.unsynced_since.get_or_insert_with(Instant::now);
-        }
-        // Records written by a caller of `append_written` are synced by the writer: if it sleeps
-        // without a deadline, or durable records came along, it must know.
-        let wake = (wrote && std::mem::take(&mut q.idle)) || (q.to_sync.is_empty() && !acks.is_empty());
-        q.to_sync.extend(acks);
-        drop(q);
-        if wake {
-            self.wake.notify_one();
-        }
-        Ok(seq)
     }
 }
 
 impl Trail {
-    /// Seals `items` and writes them in one piece; returns the durable waiters with their
-    /// sequence numbers. On a failed write the chain is rolled back, the partial write cut, the
-    /// waiters told, and the loss reported by the next record that reaches the file.
-    fn write(&mut self, items: &mut VecDeque<Msg>) -> Result<Vec<(Ack, u64)>, AuditError> {
+    /// Seals `items` and writes them in one piece; returns the durable and the written waiters
+    /// with their sequence numbers. On a failed write the chain is rolled back, the partial
+    /// write cut, the waiters told, and the loss reported by the next record that reaches the
+    /// file.
+    fn write(&mut self, items: &mut VecDeque<Msg>) -> Result<Waiters, AuditError> {
         if items.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Waiters::default());
         }
         let t = self;
         t.buf.clear();
@@ -171,7 +203,7 @@ impl Trail {
         // One write, one time: the records of a round are written together.
         let time = now_rfc3339();
         let mut count = 0u64;
-        let mut acks: Vec<(Ack, u64)> = Vec::new();
+        let (mut synced, mut in_file) = Waiters::default();
         if t.lost > 0 {
             let mut r = Record::new(Kind::AuditRecovered);
             r.count = Some(t.lost);
@@ -186,8 +218,10 @@ impl Trail {
                 Payload::Result(o) => chain::seal_with(&t.head, &time, &mut t.buf, |b| o.write_json(b)),
             };
             count += 1;
-            if let Some(a) = m.ack {
-                acks.push((a, t.head.seq));
+            match m.ack {
+                Some(Ack::Synced(a)) => synced.push((a, t.head.seq)),
+                Some(Ack::Written(a)) => in_file.push((a, t.head.seq)),
+                None => {}
             }
         }
         let written = t.file.write_all(&t.buf).map(|()| t.buf.len() as u64);
@@ -199,7 +233,7 @@ impl Trail {
             Ok(n) => {
                 t.len += n;
                 t.lost = 0;
-                Ok(acks)
+                Ok((synced, in_file))
             }
             Err(e) => {
                 t.lost += count;
@@ -207,7 +241,7 @@ impl Trail {
                 tracing::error!(path = %t.path.display(), error = %e, lost = t.lost, "audit write failed");
                 t.head = start_head;
                 let _ = t.file.set_len(t.len);
-                for (a, _) in acks {
+                for (a, _) in synced.into_iter().chain(in_file) {
                     let _ = a.send(Err(AuditError::Write(e.to_string())));
                 }
                 Err(AuditError::Write(e.to_string()))
@@ -215,6 +249,9 @@ impl Trail {
         }
     }
 }
+
+/// Durable and written waiters of one write, with the sequence numbers of their records.
+type Waiters = (Vec<(Reply, u64)>, Vec<(Reply, u64)>);
 
 /// Closes the trail when the last `AuditLog` handle goes.
 struct Closer(Arc<Shared>);
@@ -337,6 +374,7 @@ impl AuditLog {
             items: VecDeque::new(),
             since: None,
             urgent: false,
+            awaited: 0,
             to_sync: Vec::new(),
             unsynced_since: None,
             written: trail.head.seq,
@@ -354,7 +392,8 @@ impl AuditLog {
     }
 
     fn push(&self, m: Msg) -> Result<(), AuditError> {
-        let urgent = m.ack.is_some();
+        let urgent = matches!(m.ack, Some(Ack::Synced(_)));
+        let awaited = matches!(m.ack, Some(Ack::Written(_)));
         let mut st = self.shared.queue();
         if st.closed {
             return Err(AuditError::Closed);
@@ -362,6 +401,7 @@ impl AuditLog {
         st.items.push_back(m);
         st.since.get_or_insert_with(Instant::now);
         st.urgent |= urgent;
+        st.awaited += usize::from(awaited);
         // A writer with work pending wakes on its own deadline; only an idle one, or someone
         // waiting, costs the appender a wake-up (which would otherwise land on the hot path).
         let wake = urgent || std::mem::take(&mut st.idle);
@@ -390,18 +430,21 @@ impl AuditLog {
     /// Appends a record and returns once it is on disk; yields its sequence number.
     pub async fn append_durable(&self, record: impl Into<Payload>) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
-        self.push(Msg { payload: record.into(), ack: Some(ack) })?;
+        self.push(Msg { payload: record.into(), ack: Some(Ack::Synced(ack)) })?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// Appends a record, with everything queued before it, and returns once it is written to
-    /// the trail file (so it survives the agent dying, not the host); on disk within SYNC_LAZY.
-    /// Writes in the calling thread: a write(2) to the page cache, no hand-off.
-    pub fn append_written(&self, record: impl Into<Payload>) -> Result<u64, AuditError> {
-        if self.shared.queue().closed {
-            return Err(AuditError::Closed);
+    /// Appends a record and returns once it is written to the trail file (so it survives the
+    /// agent dying, not the host); on disk within SYNC_LAZY. Writes in the calling thread, with
+    /// everything queued before it (a write(2) to the page cache, no hand-off), unless someone
+    /// else is writing: then that one writes it, and this waits without blocking the thread.
+    pub async fn append_written(&self, record: impl Into<Payload>) -> Result<u64, AuditError> {
+        let (ack, done) = oneshot::channel();
+        self.push(Msg { payload: record.into(), ack: Some(Ack::Written(ack)) })?;
+        if let Some(trail) = self.shared.try_trail() {
+            self.shared.write_queued(trail);
         }
-        self.shared.write_queued(Some(Msg { payload: record.into(), ack: None }))
+        done.await.map_err(|_| AuditError::Closed)?
     }
 }
 
@@ -445,8 +488,7 @@ fn run(shared: &Shared, sync_file: &File, path: &Path) {
         };
         drop(q);
         if write {
-            // A failed write has told its waiters and will be reported by the next one.
-            let _ = shared.write_queued(None);
+            shared.write_queued(shared.trail());
             if !sync {
                 continue;
             }
@@ -487,7 +529,7 @@ mod tests {
     async fn written_appends_return_their_sequence_once_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (log, thread) = AuditLog::open(dir.path()).unwrap();
-        assert_eq!(log.append_written(Record::new(Kind::Statement)).unwrap(), 1);
+        assert_eq!(log.append_written(Record::new(Kind::Statement)).await.unwrap(), 1);
         let text = fs::read_to_string(trail_path(dir.path())).unwrap();
         assert_eq!(text.lines().count(), 1, "in the file when the call returns");
         assert_eq!(log.append_durable(Record::new(Kind::Statement)).await.unwrap(), 2);
@@ -506,7 +548,7 @@ mod tests {
         };
         log.append(rec(1));
         log.append(rec(2));
-        assert_eq!(log.append_written(rec(3)).unwrap(), 3);
+        assert_eq!(log.append_written(rec(3)).await.unwrap(), 3);
         let text = fs::read_to_string(trail_path(dir.path())).unwrap();
         let pids: Vec<u64> = text
             .lines()
@@ -514,11 +556,94 @@ mod tests {
             .collect();
         assert_eq!(pids, [1, 2, 3], "queued records first, in the file when the call returns");
         // A durable record queued before a written one is written by it and still synced.
-        let (durable, written) = tokio::join!(log.append_durable(rec(4)), async { log.append_written(rec(5)) });
+        let (durable, written) = tokio::join!(log.append_durable(rec(4)), log.append_written(rec(5)));
         assert_eq!((durable.unwrap(), written.unwrap()), (4, 5));
         drop(log);
         thread.join();
         assert_eq!(chain::verify(&fs::read_to_string(trail_path(dir.path())).unwrap()).unwrap().seq, 5);
+    }
+
+    #[tokio::test]
+    async fn a_written_append_finding_the_trail_taken_waits_for_its_holder_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        let held = log.shared.trail();
+        let mut append = Box::pin(log.append_written(Record::new(Kind::Statement)));
+        // Polled on this thread while another holds the lock: pending, not blocked.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(append.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(fs::read_to_string(trail_path(dir.path())).unwrap(), "");
+        // The holder writes what was queued while it held the trail.
+        log.shared.write_queued(held);
+        assert_eq!(append.await.unwrap(), 1);
+        assert_eq!(fs::read_to_string(trail_path(dir.path())).unwrap().lines().count(), 1);
+        drop(log);
+        thread.join();
+    }
+
+    #[test]
+    fn written_appends_from_many_loops_each_return_once_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        let path = trail_path(dir.path());
+        // Four single-threaded runtimes, as the proxy's event loops, each with 8 tasks.
+        let seqs: Vec<u64> = std::thread::scope(|s| {
+            let loops: Vec<_> = (0..4u32)
+                .map(|l| {
+                    let (log, path) = (log.clone(), path.clone());
+                    s.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+                        let local = tokio::task::LocalSet::new();
+                        local.block_on(&rt, async {
+                            let tasks: Vec<_> = (0..8u32)
+                                .map(|t| {
+                                    let (log, path) = (log.clone(), path.clone());
+                                    tokio::task::spawn_local(async move {
+                                        let mut seqs = Vec::new();
+                                        for i in 0..200u32 {
+                                            let mut r = Record::new(Kind::Statement);
+                                            r.pid = Some(l * 1000 + t);
+                                            r.count = Some(i.into());
+                                            let seq = tokio::time::timeout(Duration::from_secs(10), log.append_written(r))
+                                                .await
+                                                .expect("a record left behind by a writer")
+                                                .unwrap();
+                                            if i % 50 == 0 {
+                                                let lines = fs::read_to_string(&path).unwrap().lines().count();
+                                                assert!(lines as u64 >= seq, "seq {seq} returned with {lines} lines written");
+                                            }
+                                            seqs.push(seq);
+                                            // Lazy records in between, as results are.
+                                            log.append(Record::new(Kind::Connect));
+                                        }
+                                        seqs
+                                    })
+                                })
+                                .collect();
+                            let mut all = Vec::new();
+                            for t in tasks {
+                                all.extend(t.await.unwrap());
+                            }
+                            all
+                        })
+                    })
+                })
+                .collect();
+            loops.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        drop(log);
+        thread.join();
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(chain::verify(&text).unwrap().seq, 4 * 8 * 200 * 2);
+        // Each call got its own record's sequence number.
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), seqs.len());
+        for seq in seqs {
+            assert_eq!(lines[seq as usize - 1]["kind"], "statement", "seq {seq}");
+        }
     }
 
     #[test]

@@ -1292,7 +1292,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         };
         let seq = match self.s.statement_audit {
             StatementAudit::Durable => self.s.audit.append_durable(r).await,
-            StatementAudit::Written => self.s.audit.append_written(r),
+            StatementAudit::Written => self.s.audit.append_written(r).await,
         }
         .map_err(Stop::Audit)?;
         let hold = match d.action {
