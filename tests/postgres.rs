@@ -222,6 +222,7 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert_eq!(slow["count"], 2);
     assert!(slow["duration_ms"].as_u64().is_some_and(|d| (400..5000).contains(&d)), "{slow}");
     assert!(slow["error"].is_null(), "{slow}");
+    assert!(slow.get("approvals").is_none(), "a statement that was not held names no approval: {slow}");
     assert!(result_of("SELECT * FROM nope")["error"].as_str().unwrap().contains("does not exist"));
     assert!(
         !records.iter().any(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([drop["seq"]])),
@@ -1058,6 +1059,20 @@ fn approval_holds_until_an_approver_decides() {
         (stmt["verdict"].as_str(), stmt["statement"].as_str()),
         (Some("approve"), Some("DELETE FROM orders WHERE id = 2"))
     );
+    // The outcome of an approved statement names the approval and its approver, in the simple
+    // protocol and in the extended one (where the held Bind's result comes at the Sync).
+    for approval in [decisions[2], decisions[6]] {
+        let result = records
+            .iter()
+            .find(|r| r["kind"] == "statement_result" && r["refs"] == approval["refs"])
+            .unwrap_or_else(|| panic!("no result for {approval}"));
+        assert_eq!(
+            result["approvals"],
+            serde_json::json!([{ "approval_id": approval["approval_id"], "approver": 0 }]),
+            "{result}"
+        );
+        assert_eq!(result["count"], 1, "{result}");
+    }
 
     // An SQL PREPARE of a held statement is held, and so is each EXECUTE of it, by the same
     // rule: one approval does not allow any number of runs. A PREPARE of the same name that the

@@ -409,7 +409,8 @@ spec:
         Some((base_bin, base_state)) => {
             // The same policy with cgroups of its own (its masked identity is never used).
             let base_policy = d.join("policy-base.yaml");
-            let text = policy_text(&baseline_statements, &base_cgroup).replace(&masked_cgroup, &format!("{masked_cgroup}-base"));
+            let text = policy_text(&baseline_statements, &base_cgroup)
+                .replace(&masked_cgroup, &format!("{masked_cgroup}-base"));
             std::fs::write(&base_policy, text)?;
             rig.children.push(util::start_agent_cmd(
                 agent(base_bin),
@@ -542,7 +543,11 @@ spec:
         "tgw/hap",
         "tgw/pgb",
         "tgm/hap",
-        if with_base { format!(" {:>8} {:>8}", "base", format!("{}/base", TARGET_NAMES[like_base])) } else { String::new() }
+        if with_base {
+            format!(" {:>8} {:>8}", "base", format!("{}/base", TARGET_NAMES[like_base]))
+        } else {
+            String::new()
+        }
     );
     let secs = seconds.to_string();
     let mut cpu_rows = Vec::new();

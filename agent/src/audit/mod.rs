@@ -11,7 +11,7 @@ use std::{
 };
 
 pub use chain::ChainError;
-pub use record::{Entry, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord};
+pub use record::{Approved, Entry, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord};
 pub use writer::{AuditError, AuditLog, Payload, WriterThread, now_rfc3339, trail_path};
 
 /// The audit directory inside a state dir.

@@ -123,6 +123,9 @@ pub struct Record {
     /// The uid that decided an approval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approver: Option<u32>,
+    /// The approvals the statements of a result went through (`statement_result` records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<Vec<Approved>>,
     /// Values masked in a result, by kind (never the values themselves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masked: Option<std::collections::BTreeMap<String, u64>>,
@@ -165,9 +168,17 @@ impl Record {
             error: None,
             approval_id: None,
             approver: None,
+            approvals: None,
             masked: None,
         }
     }
+}
+
+/// An approval a forwarded statement went through: the request and the uid that approved it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approved {
+    pub approval_id: u64,
+    pub approver: u32,
 }
 
 /// What a session's `statement_result` records share, serialised once per session.
@@ -201,6 +212,8 @@ pub struct ResultRecord {
     /// Commands the server completed (`detail`: "N commands").
     pub commands: u64,
     pub error: Option<String>,
+    /// Approvals its statements went through; almost always none.
+    pub approvals: Vec<Approved>,
     pub masked: Option<std::collections::BTreeMap<String, u64>>,
 }
 
@@ -236,6 +249,10 @@ impl ResultRecord {
         if let Some(e) = &self.error {
             out.extend_from_slice(b",\"error\":");
             json_string(out, e);
+        }
+        if !self.approvals.is_empty() {
+            out.extend_from_slice(b",\"approvals\":");
+            let _ = serde_json::to_writer(&mut *out, &self.approvals);
         }
         if let Some(m) = &self.masked {
             out.extend_from_slice(b",\"masked\":");
@@ -465,31 +482,49 @@ mod tests {
         r.count = Some(o.count);
         r.detail = Some(format!("{} commands", o.commands));
         r.error = o.error.clone();
+        r.approvals = (!o.approvals.is_empty()).then(|| o.approvals.clone());
         r.masked = o.masked.clone();
         r
     }
 
     #[test]
     fn a_result_record_serialises_as_its_record_does() {
-        let result =
-            |identity: Option<&'static str>, session, refs: &[u64], count, commands, error: Option<&str>, masked| {
-                let base = ResultBase::new(identity.map(Into::into), Some("orders-db".into()), session);
-                let o = ResultRecord {
-                    base: std::sync::Arc::new(base),
-                    refs: refs.into(),
-                    count,
-                    duration_ms: count * 3,
-                    commands,
-                    error: error.map(Into::into),
-                    masked,
-                };
-                (o, identity)
+        let result = |identity: Option<&'static str>,
+                      session,
+                      refs: &[u64],
+                      count,
+                      commands,
+                      error: Option<&str>,
+                      masked,
+                      approvals: &[Approved]| {
+            let base = ResultBase::new(identity.map(Into::into), Some("orders-db".into()), session);
+            let o = ResultRecord {
+                base: std::sync::Arc::new(base),
+                refs: refs.into(),
+                count,
+                duration_ms: count * 3,
+                commands,
+                error: error.map(Into::into),
+                approvals: approvals.to_vec(),
+                masked,
             };
+            (o, identity)
+        };
         let masked = Some([("email".to_string(), 2), ("column".to_string(), 1)].into());
         for (o, identity) in [
-            result(Some("bot"), Some(7), &[3], 1, 1, None, None),
-            result(None, None, &[], 0, 0, Some("relation \"x\" does not exist\n\u{1}é"), masked),
-            result(Some("a\"b"), Some(1), &[1, 2, 30], 5, 2, None, None),
+            result(Some("bot"), Some(7), &[3], 1, 1, None, None, &[]),
+            result(None, None, &[], 0, 0, Some("relation \"x\" does not exist\n\u{1}é"), masked.clone(), &[]),
+            result(Some("a\"b"), Some(1), &[1, 2, 30], 5, 2, None, None, &[]),
+            result(
+                Some("bot"),
+                Some(2),
+                &[4, 6],
+                1,
+                2,
+                None,
+                masked,
+                &[Approved { approval_id: 3, approver: 0 }, Approved { approval_id: 5, approver: 1001 }],
+            ),
         ] {
             let mut json = Vec::new();
             o.write_json(&mut json);

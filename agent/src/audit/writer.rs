@@ -592,7 +592,7 @@ mod tests {
                 .map(|l| {
                     let (log, path) = (log.clone(), path.clone());
                     s.spawn(move || {
-                        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+                        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
                         let local = tokio::task::LocalSet::new();
                         local.block_on(&rt, async {
                             let tasks: Vec<_> = (0..8u32)
@@ -604,13 +604,17 @@ mod tests {
                                             let mut r = Record::new(Kind::Statement);
                                             r.pid = Some(l * 1000 + t);
                                             r.count = Some(i.into());
-                                            let seq = tokio::time::timeout(Duration::from_secs(10), log.append_written(r))
-                                                .await
-                                                .expect("a record left behind by a writer")
-                                                .unwrap();
+                                            let seq =
+                                                crate::timer::timeout(Duration::from_secs(10), log.append_written(r))
+                                                    .await
+                                                    .expect("a record left behind by a writer")
+                                                    .unwrap();
                                             if i % 50 == 0 {
                                                 let lines = fs::read_to_string(&path).unwrap().lines().count();
-                                                assert!(lines as u64 >= seq, "seq {seq} returned with {lines} lines written");
+                                                assert!(
+                                                    lines as u64 >= seq,
+                                                    "seq {seq} returned with {lines} lines written"
+                                                );
                                             }
                                             seqs.push(seq);
                                             // Lazy records in between, as results are.

@@ -35,7 +35,7 @@ use self::{
 use super::conn::Conn;
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
-    audit::{AuditLog, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
+    audit::{Approved, AuditLog, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
     mask::{Masker, Style},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
@@ -361,6 +361,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         forgotten: HashMap::new(),
         sql_prepared: HashMap::new(),
         unsynced_refs: Refs::new(),
+        unsynced_approvals: Vec::new(),
         unsynced: false,
         completions,
         defining: Vec::new(),
@@ -444,6 +445,8 @@ async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
 struct Expect {
     /// Sequence numbers of the `statement` records it carries out.
     refs: Refs,
+    /// Approvals those statements went through.
+    approvals: Vec<Approved>,
     started: std::time::Instant,
     /// Its number, when the client side waits to learn how its batch went (see `Completions`).
     defines: Option<u64>,
@@ -595,8 +598,10 @@ struct Results {
     base: Arc<ResultBase>,
     expect: mpsc::UnboundedReceiver<Expect>,
     completions: Arc<Completions>,
-    /// Statements of sync points the server answered together with a later one.
+    /// Statements of sync points the server answered together with a later one, and their
+    /// approvals.
     carried: Refs,
+    carried_approvals: Vec<Approved>,
 }
 
 impl Results {
@@ -606,7 +611,14 @@ impl Results {
         expect: mpsc::UnboundedReceiver<Expect>,
         completions: Arc<Completions>,
     ) -> Self {
-        Results { audit, base: Arc::new(base), expect, completions, carried: Refs::new() }
+        Results {
+            audit,
+            base: Arc::new(base),
+            expect,
+            completions,
+            carried: Refs::new(),
+            carried_approvals: Vec::new(),
+        }
     }
 
     fn record(&mut self, t: Tally) {
@@ -617,11 +629,16 @@ impl Results {
         }
         if t.void {
             self.carried.append(&mut e.refs);
+            self.carried_approvals.append(&mut e.approvals);
             return;
         }
         if !self.carried.is_empty() {
             e.refs.append(&mut self.carried);
             e.refs.sort_unstable();
+        }
+        if !self.carried_approvals.is_empty() {
+            e.approvals.append(&mut self.carried_approvals);
+            e.approvals.sort_unstable_by_key(|a| a.approval_id);
         }
         // A lone Sync, or a refusal's stand-in: no statement of the client's was carried out.
         if e.refs.is_empty() {
@@ -634,6 +651,7 @@ impl Results {
             duration_ms: e.started.elapsed().as_millis() as u64,
             commands: t.commands,
             error: t.error,
+            approvals: e.approvals,
             masked: (!t.masked.is_empty()).then(|| t.masked.to_map()),
         });
     }
@@ -1104,6 +1122,8 @@ struct Prepared {
 struct Judged {
     /// The `statement` records it carries out.
     refs: Refs,
+    /// Approvals its statements went through.
+    approvals: Vec<Approved>,
     /// The statements its Parses define, in order.
     parsed: Vec<(String, Prepared)>,
 }
@@ -1139,8 +1159,10 @@ struct ClientSide<'s, 'a, R> {
     /// Portals bound to a statement that deallocates (SQL DEALLOCATE, DISCARD ALL), which it
     /// does when they are executed.
     dealloc_portals: HashMap<String, (u64, sql::Deallocates)>,
-    /// Records of statements forwarded at a Flush, carried out by the next Sync.
+    /// Records of statements forwarded at a Flush, carried out by the next Sync, and their
+    /// approvals.
     unsynced_refs: Refs,
+    unsynced_approvals: Vec<Approved>,
     /// Messages went to the server at a Flush and no Sync has followed yet.
     unsynced: bool,
     completions: Arc<Completions>,
@@ -1313,34 +1335,34 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     /// Holds a statement until an approver decides, then each statement the session parsed that
     /// it runs with SQL EXECUTE and that waits for approval (an `EXECUTE s` runs what `s` was
-    /// judged as, and each run is a request of its own); `Ok(None)` when it may go ahead.
-    /// `executed`: those statements, as `executed_holds` found them where `p` runs.
+    /// judged as, and each run is a request of its own); `Ok(Ok(approvals))` when it may go
+    /// ahead. `executed`: those statements, as `executed_holds` found them where `p` runs.
     async fn hold_all(
         &mut self,
         p: &Prepared,
         parameters: Vec<Option<String>>,
         executed: Vec<Prepared>,
-    ) -> Result<Option<Refusal>, Stop> {
-        if let Some(r) = self.hold(p, parameters.clone(), None).await? {
-            return Ok(Some(r));
-        }
-        for target in executed {
-            if let Some(r) = self.hold(p, parameters.clone(), Some(&target)).await? {
-                return Ok(Some(r));
+    ) -> Result<Result<Vec<Approved>, Refusal>, Stop> {
+        let mut approvals = Vec::new();
+        for target in std::iter::once(None).chain(executed.iter().map(Some)) {
+            match self.hold(p, parameters.clone(), target).await? {
+                Ok(a) => approvals.extend(a),
+                Err(r) => return Ok(Err(r)),
             }
         }
-        Ok(None)
+        Ok(Ok(approvals))
     }
 
-    /// Holds a statement until an approver decides; `Ok(None)` when it may go ahead. `runs`: the
-    /// prepared statement `p` runs with SQL EXECUTE, whose rule holds it this time.
+    /// Holds a statement until an approver decides; `Ok(Ok(_))` when it may go ahead, with the
+    /// approval if it was held. `runs`: the prepared statement `p` runs with SQL EXECUTE, whose
+    /// rule holds it this time.
     async fn hold(
         &mut self,
         p: &Prepared,
         parameters: Vec<Option<String>>,
         runs: Option<&Prepared>,
-    ) -> Result<Option<Refusal>, Stop> {
-        let Some((rule, timeout)) = &runs.unwrap_or(p).hold else { return Ok(None) };
+    ) -> Result<Result<Option<Approved>, Refusal>, Stop> {
+        let Some((rule, timeout)) = &runs.unwrap_or(p).hold else { return Ok(Ok(None)) };
         let approvals = self.s.approvals;
         let id = approvals.next_id();
         let now = time::OffsetDateTime::now_utc();
@@ -1398,7 +1420,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.s.audit.append_durable(r).await.map_err(Stop::Audit)?;
         info!(session = self.s.id, %id, decision = verdict.as_str(), "approval decided");
         let message = match verdict {
-            Verdict::Approved { .. } => return Ok(None),
+            Verdict::Approved { by, .. } => return Ok(Ok(Some(Approved { approval_id: id.0, approver: by }))),
             Verdict::Denied { by, reason } => format!(
                 "approval request {id} was denied by uid {by}{}",
                 reason.map(|r| format!(": {r}")).unwrap_or_default()
@@ -1406,7 +1428,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             Verdict::TimedOut => format!("approval request {id} was not decided within {}s", timeout.as_secs()),
             Verdict::Cancelled => format!("approval request {id} was cancelled"),
         };
-        Ok(Some(Refusal { rule: rule.clone(), message: Some(message) }))
+        Ok(Err(Refusal { rule: rule.clone(), message: Some(message) }))
     }
 
     /// Relays the client's messages to the server until the client ends the session (`Ok`), or
@@ -1475,8 +1497,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     || p.class.prepares.contains(n)
                                     || self.forgotten.contains_key(n)
                             };
-                            let refusal = match unknown_executed(&p.class, known) {
-                                Some(r) => Some(r),
+                            let held = match unknown_executed(&p.class, known) {
+                                Some(r) => Err(r),
                                 None => {
                                     let executed = executed_holds(
                                         &p.class,
@@ -1486,9 +1508,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     self.hold_all(&p, Vec::new(), executed).await?
                                 }
                             };
-                            if refusal.is_none() {
+                            let (approvals, refusal) = match held {
+                                Ok(a) => (Some(a), None),
+                                Err(r) => (None, Some(r)),
+                            };
+                            if let Some(approvals) = approvals {
                                 let _ = self.to_down.expect.send(Expect {
                                     refs: Refs::from_slice(&[p.seq]),
+                                    approvals,
                                     started: Instant::now(),
                                     defines: None,
                                 });
@@ -1540,7 +1567,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let is_sync = frame.tag == b'S';
                     batch_bytes = 0;
                     match self.judge_batch(&batch, is_sync).await? {
-                        Ok(Judged { mut refs, parsed }) => {
+                        Ok(Judged { mut refs, mut approvals, parsed }) => {
                             // A Flush alone leaves the server where it was.
                             let work = !batch.is_empty();
                             if batch.iter().any(|f| f.tag == b'E') {
@@ -1550,6 +1577,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             forward.push(frame);
                             // Statements forwarded at a Flush are carried out by the next Sync.
                             self.unsynced_refs.append(&mut refs);
+                            self.unsynced_approvals.append(&mut approvals);
                             if is_sync {
                                 self.synced();
                             } else if work {
@@ -1615,6 +1643,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut refs = std::mem::take(&mut self.unsynced_refs);
         refs.sort_unstable();
         refs.dedup();
+        let approvals = std::mem::take(&mut self.unsynced_approvals);
         let mut defines = None;
         if !self.defining.is_empty() || !self.unbinding.is_empty() {
             defines = Some(self.syncs + 1);
@@ -1622,7 +1651,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             self.defined.push_back((self.syncs + 1, defs, unbinds));
         }
         self.syncs_since_execute += 1;
-        let _ = self.to_down.expect.send(Expect { refs, started: Instant::now(), defines });
+        let _ = self.to_down.expect.send(Expect { refs, approvals, started: Instant::now(), defines });
         self.op(Op::Sync);
         self.syncs += 1;
         self.unsynced = false;
@@ -1780,6 +1809,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         let mut refs = Refs::new();
+        let mut approvals = Vec::new();
         // DEALLOCATEs count at their Bind, and at their portal's Execute.
         let mut view = BatchView::default();
         let mut parses = parsed.iter();
@@ -1843,8 +1873,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             [&self.sql_prepared, &self.forgotten],
                         );
                         let params = wire::bind_parameters(&f.body)?;
-                        if let Some(r) = self.hold_all(&p, params, executed).await? {
-                            return Ok(Err(r));
+                        match self.hold_all(&p, params, executed).await? {
+                            Ok(mut a) => approvals.append(&mut a),
+                            Err(r) => return Ok(Err(r)),
                         }
                     }
                 }
@@ -1865,7 +1896,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         refs.sort_unstable();
         refs.dedup();
-        Ok(Ok(Judged { refs, parsed }))
+        Ok(Ok(Judged { refs, approvals, parsed }))
     }
 
     /// Moves an approved batch to `forward`, noting what it changes: the statements it parses
