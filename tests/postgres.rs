@@ -241,8 +241,20 @@ fn shutdown_does_not_wait_for_sessions_still_logging_in() {
     if !privileged("shutdown_does_not_wait_for_sessions_still_logging_in") {
         return;
     }
-    let (mut env, pg) = setup("pg-stop");
-    // Redirected connections that never send a startup packet: the agent would give them 15 s.
+    let (env, pg) = setup("pg-stop");
+    stops_at_once_with_idle_logins(env, &pg, "loops=");
+    // With one session loop the stuck sessions share a thread with everything else there is to
+    // do at shutdown, the wait for the audit writer among them.
+    let mut env = Env::new("pg-stop1");
+    env.write_policy(&policy(&env, &pg, None));
+    env.start_agent_with(&["--threads", "1"]);
+    stops_at_once_with_idle_logins(env, &pg, "loops=1");
+}
+
+/// Keeps four redirected connections from ever sending a startup packet (the agent would give
+/// them 15 s each) and checks that SIGTERM stops the agent at once, with its trail whole.
+fn stops_at_once_with_idle_logins(mut env: Env, pg: &Postgres, loops: &str) {
+    assert!(env.log().contains(loops), "{}", env.log());
     let code = format!(
         "import socket, time\nsocks = [socket.create_connection(('127.0.0.1', {}), timeout=5) for _ in range(4)]\n\
          print('open', flush=True)\ntime.sleep(60)",
@@ -263,7 +275,7 @@ fn shutdown_does_not_wait_for_sessions_still_logging_in() {
     let _ = idle.kill();
     let _ = idle.wait();
     assert!(status.success(), "{status}");
-    assert!(took < std::time::Duration::from_secs(4), "the agent took {took:?} to stop");
+    assert!(took < std::time::Duration::from_secs(4), "the agent ({loops}) took {took:?} to stop");
     let trail = std::fs::read_to_string(env.state_dir().join("audit/trail.jsonl")).unwrap();
     assert!(trail.lines().last().is_some_and(|l| l.contains("\"agent_stop\"")), "{trail}");
     let verify = env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]);
@@ -1521,6 +1533,23 @@ fn protocol_tricks_fail_closed() {
         serde_json::json!([["Q", "PREPARE sqlprep AS SELECT 1"], ["B", "", "sqlprep"], ["E", ""], ["S"], ["X"]]);
     let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
+    // A batch refused for a later Bind asks nobody to approve an earlier one: no request is
+    // made (it would hold the client for the rule's five minutes, past the script's 5 s).
+    let script = serde_json::json!([
+        ["P", "del", "DELETE FROM orders WHERE id = 1"],
+        ["B", "", "del"],
+        ["E", ""],
+        ["B", "", "never_parsed"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let asked = || env.audit().iter().filter(|r| r["kind"] == "approval").count();
+    let before = asked();
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
+    assert!(!out.contains("TIMEOUT"), "{out}");
+    assert_eq!(asked(), before, "nobody was asked");
     // Redefining a named statement the session did not close: refused before the server sees it.
     let script = serde_json::json!([
         ["P", "s1", "SELECT 1"],

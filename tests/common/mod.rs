@@ -98,12 +98,18 @@ impl Env {
     }
 
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Starts the agent with these further `run` options.
+    pub fn start_agent_with(&mut self, options: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let mut child = Command::new(BIN)
             .args(["run", "--policy"])
             .arg(self.policy_path())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .args(options)
             .env("TOLLGATE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -432,6 +432,12 @@ impl Entry {
         field("approval", r.approval_id.map(|v| v.to_string()));
         field("approver", r.approver.map(|v| v.to_string()));
         field(
+            "approved",
+            r.approvals.as_ref().map(|a| {
+                a.iter().map(|a| format!("{}:by-uid-{}", a.approval_id, a.approver)).collect::<Vec<_>>().join(",")
+            }),
+        );
+        field(
             "masked",
             r.masked.as_ref().map(|m| m.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(",")),
         );
@@ -530,6 +536,15 @@ mod tests {
             o.write_json(&mut json);
             assert_eq!(String::from_utf8(json).unwrap(), serde_json::to_string(&as_record(&o, identity)).unwrap());
         }
+    }
+
+    #[test]
+    fn a_result_line_shows_its_approvals() {
+        let mut record = Record::new(Kind::StatementResult);
+        record.approvals =
+            Some(vec![Approved { approval_id: 3, approver: 0 }, Approved { approval_id: 4, approver: 1001 }]);
+        let e = Entry { seq: 9, time: "2026-11-27T00:00:00Z".into(), prev: String::new(), record };
+        assert!(e.display().ends_with(" approved=3:by-uid-0,4:by-uid-1001"), "{}", e.display());
     }
 
     #[test]

@@ -98,10 +98,10 @@ struct Queue {
     items: VecDeque<Msg>,
     /// When the oldest queued record arrived.
     since: Option<Instant>,
-    /// A queued record waits for fdatasync.
+    /// A queued record waits for fdatasync, or for the writer thread to write it now.
     urgent: bool,
-    /// Queued records whose appenders wait to see them in the file (`append_written`).
-    awaited: usize,
+    /// A queued record's appender waits to see it in the file (`append_written`).
+    awaited: bool,
     /// Written records someone waits to see on disk, with their sequence numbers.
     to_sync: Vec<(Reply, u64)>,
     /// Records were written but not synced since then.
@@ -113,16 +113,23 @@ struct Queue {
     closed: bool,
 }
 
-/// Whoever writes holds `trail` and takes the queued records under it, so records reach the
-/// file in the order they were queued: the writer thread, for lazy and durable records, and a
-/// caller of `append_written` that finds `trail` free. One that finds it taken does not block
-/// its thread (an event loop serving other sessions): it leaves its record to the holder,
-/// which looks at the queue again after letting go. Lock order: `trail`, then `queue`.
+/// Whoever writes holds `trail` and takes all the queued records under it, so records reach
+/// the file in the order they were queued: the writer thread, on its rounds, or a caller of
+/// `append_written` that finds `trail` free. One that finds it taken does not block its thread
+/// (an event loop serving other sessions): it leaves its record to the holder, which looks at
+/// the queue again after letting go. Lock order: `trail`, then `queue`.
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     trail: Mutex<Trail>,
+    /// Runs in `write_queued` between taking the queue and letting go of `trail`, as an
+    /// appender on another thread may.
+    #[cfg(test)]
+    mid_write: Mutex<Option<MidWrite>>,
 }
+
+#[cfg(test)]
+type MidWrite = Box<dyn FnOnce(&Shared) + Send>;
 
 impl Shared {
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -143,18 +150,26 @@ impl Shared {
     }
 
     /// Writes everything queued in one piece and lets go of `trail`; durable waiters move to
-    /// `to_sync`, written ones are answered. Then, as long as records queued meanwhile are
-    /// awaited and `trail` is free, writes those too: their appenders found it taken and rely
-    /// on whoever held it.
+    /// `to_sync`, written ones are answered. Then, if records queued meanwhile are awaited and
+    /// `trail` is free, writes those too: their appenders found it taken and rely on whoever
+    /// held it. A holder that other loops keep busy this way for MAX_ROUNDS hands what is
+    /// left to the writer thread, and goes back to its own work.
     fn write_queued<'a>(&'a self, mut trail: MutexGuard<'a, Trail>) {
-        loop {
+        for round in 1.. {
             let mut items = std::mem::take(&mut trail.spare);
             {
                 let mut q = self.queue();
                 std::mem::swap(&mut q.items, &mut items);
                 q.since = None;
                 q.urgent = false;
-                q.awaited = 0;
+                q.awaited = false;
+            }
+            #[cfg(test)]
+            {
+                let hook = self.mid_write.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(f) = hook {
+                    f(self);
+                }
             }
             let wrote = !items.is_empty();
             // A failed write has told its waiters and will be reported by the next one.
@@ -167,7 +182,8 @@ impl Shared {
                 let _ = a.send(Ok(seq));
             }
             let mut q = self.queue();
-            q.written = seq;
+            // Another holder may have written later records and told already.
+            q.written = q.written.max(seq);
             if wrote {
                 q.unsynced_since.get_or_insert_with(Instant::now);
             }
@@ -175,12 +191,14 @@ impl Shared {
             // deadline, or durable records came along, it must know.
             let wake = (wrote && std::mem::take(&mut q.idle)) || (q.to_sync.is_empty() && !synced.is_empty());
             q.to_sync.extend(synced);
-            let awaited = q.awaited > 0;
+            let more = q.awaited && round < MAX_ROUNDS;
+            let hand_over = q.awaited && !more;
+            q.urgent |= hand_over;
             drop(q);
-            if wake {
+            if wake || hand_over {
                 self.wake.notify_one();
             }
-            match awaited.then(|| self.try_trail()).flatten() {
+            match more.then(|| self.try_trail()).flatten() {
                 Some(t) => trail = t,
                 None => return,
             }
@@ -374,14 +392,20 @@ impl AuditLog {
             items: VecDeque::new(),
             since: None,
             urgent: false,
-            awaited: 0,
+            awaited: false,
             to_sync: Vec::new(),
             unsynced_since: None,
             written: trail.head.seq,
             idle: false,
             closed: false,
         };
-        let shared = Arc::new(Shared { queue: Mutex::new(queue), wake: Condvar::new(), trail: Mutex::new(trail) });
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(queue),
+            wake: Condvar::new(),
+            trail: Mutex::new(trail),
+            #[cfg(test)]
+            mid_write: Mutex::new(None),
+        });
         let rx = shared.clone();
         let handle = thread::Builder::new()
             .name("audit-writer".into())
@@ -401,9 +425,10 @@ impl AuditLog {
         st.items.push_back(m);
         st.since.get_or_insert_with(Instant::now);
         st.urgent |= urgent;
-        st.awaited += usize::from(awaited);
+        st.awaited |= awaited;
         // A writer with work pending wakes on its own deadline; only an idle one, or someone
-        // waiting, costs the appender a wake-up (which would otherwise land on the hot path).
+        // waiting for fdatasync, costs the appender a wake-up (which would otherwise land on
+        // the hot path).
         let wake = urgent || std::mem::take(&mut st.idle);
         drop(st);
         if wake {
@@ -457,8 +482,11 @@ const LAZY: Duration = Duration::from_millis(10);
 /// durable append syncs everything written before it anyway.
 const SYNC_LAZY: Duration = Duration::from_millis(200);
 
-/// The writer thread: writes queued records at once when someone waits for them, within LAZY
-/// otherwise, and syncs with one fdatasync everything written before it began (group commit):
+/// Most rounds `write_queued` writes for others before it hands over to the writer thread.
+const MAX_ROUNDS: u32 = 4;
+
+/// The writer thread: writes queued records at once when someone waits for them to be on
+/// disk or a holder handed them over, within LAZY otherwise, and syncs with one fdatasync everything written before it began (group commit):
 /// at once for waiters, within SYNC_LAZY otherwise.
 fn run(shared: &Shared, sync_file: &File, path: &Path) {
     loop {
@@ -581,6 +609,62 @@ mod tests {
         thread.join();
     }
 
+    /// The thread that queued a record, and where its answer comes.
+    type Seen = (String, oneshot::Receiver<Result<u64, AuditError>>);
+
+    /// Queues an awaited record, as an appender on another loop does while a write is under
+    /// way, and does so again in each of the next `rounds - 1` rounds of writing; notes the
+    /// thread each time. Without `since`, the writer thread's LAZY round never takes it.
+    fn keep_busy(shared: &Shared, rounds: u32, seen: Arc<Mutex<Vec<Seen>>>) {
+        let (tx, rx) = oneshot::channel();
+        seen.lock().unwrap().push((thread::current().name().unwrap_or_default().to_string(), rx));
+        let mut q = shared.queue();
+        q.items.push_back(Msg { payload: Record::new(Kind::Statement).into(), ack: Some(Ack::Written(tx)) });
+        q.awaited = true;
+        drop(q);
+        if rounds > 1 {
+            *shared.mid_write.lock().unwrap() = Some(Box::new(move |s: &Shared| keep_busy(s, rounds - 1, seen)));
+        }
+    }
+
+    #[test]
+    fn a_holder_writes_what_was_awaited_meanwhile_then_hands_over_to_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, thread) = AuditLog::open(dir.path()).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hook = seen.clone();
+        *log.shared.mid_write.lock().unwrap() = Some(Box::new(move |s: &Shared| keep_busy(s, 10, hook)));
+        std::thread::Builder::new()
+            .name("holder".into())
+            .spawn({
+                let log = log.clone();
+                // Nothing queued the writer thread would take on its own: it stays out.
+                move || log.shared.write_queued(log.shared.trail())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        // Every record is written: the holder's own rounds took the first ones, the writer
+        // thread the rest, at once although none of them is due.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.lock().unwrap().len() < 10 {
+            assert!(Instant::now() < deadline, "the writer thread did not take over");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        let threads: Vec<String> = seen.iter().map(|(t, _)| t.clone()).collect();
+        for (i, (_, rx)) in seen.into_iter().enumerate() {
+            let seq = rt.block_on(crate::timer::timeout(Duration::from_secs(5), rx)).expect("left behind").unwrap();
+            assert_eq!(seq.unwrap(), i as u64 + 1);
+        }
+        let holder = threads.iter().take_while(|t| *t == "holder").count();
+        assert_eq!(holder, MAX_ROUNDS as usize, "{threads:?}");
+        assert!(threads[holder..].iter().all(|t| t == "audit-writer"), "{threads:?}");
+        drop(log);
+        thread.join();
+    }
+
     #[test]
     fn written_appends_from_many_loops_each_return_once_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -604,11 +688,7 @@ mod tests {
                                             let mut r = Record::new(Kind::Statement);
                                             r.pid = Some(l * 1000 + t);
                                             r.count = Some(i.into());
-                                            let seq =
-                                                crate::timer::timeout(Duration::from_secs(10), log.append_written(r))
-                                                    .await
-                                                    .expect("a record left behind by a writer")
-                                                    .unwrap();
+                                            let seq = log.append_written(r).await.unwrap();
                                             if i % 50 == 0 {
                                                 let lines = fs::read_to_string(&path).unwrap().lines().count();
                                                 assert!(

@@ -1757,9 +1757,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
     }
 
-    /// Judges an extended-protocol batch: every Parse first (one denial refuses the batch, and
-    /// nobody is asked to approve a batch that is refused anyway), then every statement it
-    /// executes waits for approval where a rule says so. `Ok(refs)`: the records it carries out.
+    /// Judges an extended-protocol batch: every Parse, then every Bind (one refusal refuses the
+    /// batch), and only then does each execution a rule holds wait for approval, so nobody is
+    /// asked to approve a batch that is refused anyway.
     async fn judge_batch(&mut self, batch: &[Frame], ends_in_sync: bool) -> Result<Result<Judged, Refusal>, Stop> {
         if self.to_down.ops.is_some() {
             // Read again when the batch is announced to the masking tracker, after it is audited
@@ -1809,7 +1809,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         let mut refs = Refs::new();
-        let mut approvals = Vec::new();
+        // Executions to hold, with their parameters and what they run by SQL EXECUTE.
+        let mut holds: Vec<(Prepared, Vec<Option<String>>, Vec<Prepared>)> = Vec::new();
         // DEALLOCATEs count at their Bind, and at their portal's Execute.
         let mut view = BatchView::default();
         let mut parses = parsed.iter();
@@ -1872,11 +1873,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             |n| view.get_any(n, &self.prepared),
                             [&self.sql_prepared, &self.forgotten],
                         );
-                        let params = wire::bind_parameters(&f.body)?;
-                        match self.hold_all(&p, params, executed).await? {
-                            Ok(mut a) => approvals.append(&mut a),
-                            Err(r) => return Ok(Err(r)),
-                        }
+                        holds.push((p, wire::bind_parameters(&f.body)?, executed));
                     }
                 }
                 b'E' if !bound_here.is_empty() || !self.dealloc_portals.is_empty() => {
@@ -1896,6 +1893,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         refs.sort_unstable();
         refs.dedup();
+        let mut approvals = Vec::new();
+        for (p, params, executed) in holds {
+            match self.hold_all(&p, params, executed).await? {
+                Ok(mut a) => approvals.append(&mut a),
+                Err(r) => return Ok(Err(r)),
+            }
+        }
         Ok(Ok(Judged { refs, approvals, parsed }))
     }
 
