@@ -789,6 +789,19 @@ fn masking_binary_results_of_a_second_client_library() {
     let (env, pg) = masked_setup("pg-mask-bin");
     let (ok, text) = client_half(&env, &pg, "masked", "tokio_postgres_masked_client");
     assert!(ok, "{text}");
+    // A portal fetched in parts: its Bind, then each Execute's rows, all refer to its statement.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let records = env.audit();
+    let stmt = records
+        .iter()
+        .find(|r| r["kind"] == "statement" && r["statement"] == "SELECT email FROM people ORDER BY id")
+        .expect("the portal's statement");
+    let counts: Vec<u64> = records
+        .iter()
+        .filter(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([stmt["seq"]]))
+        .filter_map(|r| r["count"].as_u64())
+        .collect();
+    assert_eq!(counts, [0, 1, 1], "{records:?}");
 }
 
 /// Run only by `masking_binary_results_of_a_second_client_library`, inside the cgroup.

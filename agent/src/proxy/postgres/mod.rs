@@ -359,6 +359,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         described: Default::default(),
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
+        portals: Portals::default(),
         sql_prepared: HashMap::new(),
         unsynced_refs: Refs::new(),
         unsynced_approvals: Vec::new(),
@@ -556,6 +557,9 @@ enum Def {
 #[derive(Default)]
 struct Tally {
     rows: u64,
+    /// DataRows since the last CommandComplete or PortalSuspended: a suspended portal's part
+    /// comes with no row count of its own.
+    unsettled_rows: u64,
     commands: u64,
     error: Option<String>,
     /// An ErrorResponse came (with or without a message).
@@ -571,7 +575,10 @@ impl Tally {
     fn see(&mut self, tag: u8, body: &[u8]) {
         match tag {
             b'1' | b'3' => self.completed += 1,
+            b'D' => self.unsettled_rows += 1,
+            b's' => self.rows = self.rows.saturating_add(std::mem::take(&mut self.unsettled_rows)),
             b'C' => {
+                self.unsettled_rows = 0;
                 self.commands += 1;
                 // "SELECT 5", "INSERT 0 1", "UPDATE 3": the row count is the last word. Read
                 // from the bytes: this runs for every statement the server completes.
@@ -847,6 +854,7 @@ async fn downstream(
                         // Rows, the bulk of a result: masked straight into the output.
                         let row = tracker.write_data_row(&buf[5..len], &mut out);
                         buf.advance(len);
+                        tally.see(b'D', &[]);
                         row.map(|()| None)
                     } else {
                         let Some(f) = wire::decode(&mut buf).map_err(std::io::Error::other)? else { break };
@@ -1118,6 +1126,44 @@ struct Prepared {
     computed: Option<Style>,
 }
 
+/// The `statement` record of what each portal was last bound to, so that a result of a portal
+/// executed again in a later batch (a cursor fetched in parts) refers to it. The unnamed
+/// portal, which nearly every client uses, takes no allocation.
+#[derive(Default)]
+struct Portals {
+    unnamed: Option<u64>,
+    named: HashMap<String, u64>,
+}
+
+/// Most named portals remembered: the server drops them at the end of their transaction,
+/// unseen by the proxy; one that is forgotten only leaves its later results unattributed.
+const MAX_PORTALS: usize = 1024;
+
+impl Portals {
+    fn bind(&mut self, portal: &str, seq: u64) {
+        if portal.is_empty() {
+            self.unnamed = Some(seq);
+        } else {
+            if self.named.len() >= MAX_PORTALS && !self.named.contains_key(portal) {
+                self.named.clear();
+            }
+            self.named.insert(portal.to_string(), seq);
+        }
+    }
+
+    fn get(&self, portal: &str) -> Option<u64> {
+        if portal.is_empty() { self.unnamed } else { self.named.get(portal).copied() }
+    }
+
+    fn close(&mut self, portal: &str) {
+        if portal.is_empty() {
+            self.unnamed = None;
+        } else {
+            self.named.remove(portal);
+        }
+    }
+}
+
 /// An extended-protocol batch that may go through.
 struct Judged {
     /// The `statement` records it carries out.
@@ -1174,6 +1220,8 @@ struct ClientSide<'s, 'a, R> {
     /// may still have them (the DEALLOCATE may fail, or not have run yet), so an SQL EXECUTE
     /// of one is held by its rule all the same.
     forgotten: HashMap<String, Prepared>,
+    /// The statement record of what each portal was last bound to.
+    portals: Portals,
     /// Statements made with SQL PREPARE (as far as the proxy saw them forwarded), with the
     /// judgement of the text that made them: its approval rule holds each EXECUTE.
     sql_prepared: HashMap<String, Prepared>,
@@ -1488,6 +1536,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     self.outcome.statements += 1;
                     // SQL PREPARE/DEALLOCATE can redefine statements behind the proxy's back.
                     self.described.clear();
+                    // A simple query runs in the unnamed portal, and drops what it held.
+                    self.portals.close("");
                     let refusal = match self.judge(text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
                         Judgement::Forward(p) => {
@@ -1809,6 +1859,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         let mut refs = Refs::new();
+        // Portals bound in this batch, with their statements' records.
+        let mut bound_seqs: Vec<(&str, u64)> = Vec::new();
         // Executions to hold, with their parameters and what they run by SQL EXECUTE.
         let mut holds: Vec<(Prepared, Vec<Option<String>>, Vec<Prepared>)> = Vec::new();
         // DEALLOCATEs count at their Bind, and at their portal's Execute.
@@ -1839,6 +1891,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         }));
                     };
                     refs.push(p.seq);
+                    bound_seqs.push((portal, p.seq));
                     // Its Sync would be taken into the COPY: the proxy could not count answers.
                     if p.class.copy_in > 0 && !ends_in_sync {
                         return Ok(Err(Refusal {
@@ -1876,11 +1929,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         holds.push((p, wire::bind_parameters(&f.body)?, executed));
                     }
                 }
-                b'E' if !bound_here.is_empty() || !self.dealloc_portals.is_empty() => {
+                b'E' => {
                     let portal = wire::execute_portal(&f.body)?;
-                    if let Some(d) = bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal).map(|(_, d)| d))
+                    if !bound_here.is_empty() || !self.dealloc_portals.is_empty() {
+                        let bound = bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal).map(|(_, d)| d));
+                        if let Some(d) = bound {
+                            view.deallocate(d);
+                        }
+                    }
+                    // A portal an earlier batch bound (a cursor fetched in parts): this batch's
+                    // result is that statement's too.
+                    if !bound_seqs.iter().any(|(b, _)| *b == portal)
+                        && let Some(seq) = self.portals.get(portal)
                     {
-                        view.deallocate(d);
+                        refs.push(seq);
                     }
                 }
                 _ => {}
@@ -1899,6 +1961,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 Ok(mut a) => approvals.append(&mut a),
                 Err(r) => return Ok(Err(r)),
             }
+        }
+        for (portal, seq) in bound_seqs {
+            self.portals.bind(portal, seq);
         }
         Ok(Ok(Judged { refs, approvals, parsed }))
     }
@@ -1943,6 +2008,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             self.defining.push(Def::Close { statement });
                         }
                         Ok((_, portal)) => {
+                            self.portals.close(portal);
                             if self.dealloc_portals.contains_key(portal) {
                                 self.unbinding.push((portal.to_string(), Registry::Dealloc));
                                 bound_here.insert(portal, sql::Deallocates::None);
@@ -2454,6 +2520,15 @@ mod tests {
             t.see(b'C', format!("{tag}\0").as_bytes());
         }
         assert_eq!((t.rows, t.commands), (21, 7));
+        // A portal's parts: each suspended part counts its DataRows; the part that completes
+        // it counts by its tag, as always.
+        let mut t = Tally::default();
+        for (tag, body) in
+            [(b'D', ""), (b'D', ""), (b's', ""), (b'D', ""), (b's', ""), (b'D', ""), (b'C', "SELECT 1\0")]
+        {
+            t.see(tag, body.as_bytes());
+        }
+        assert_eq!((t.rows, t.commands), (4, 1));
     }
 
     #[test]
