@@ -1547,7 +1547,7 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
     // A batch refused for a later Bind asks nobody to approve an earlier one: no request is
-    // made (it would hold the client for the rule's five minutes, past the script's 5 s).
+    // made (it would hold the client for the rule's 60 s, past the script's 5 s).
     let script = serde_json::json!([
         ["P", "del", "DELETE FROM orders WHERE id = 1"],
         ["B", "", "del"],
@@ -1563,6 +1563,31 @@ fn protocol_tricks_fail_closed() {
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
     assert!(!out.contains("TIMEOUT"), "{out}");
     assert_eq!(asked(), before, "nobody was asked");
+    // A portal the server dropped (at the end of its transaction) and an SQL cursor of the same
+    // name: what the cursor returns is never recorded as the old portal's statement's result.
+    let script = serde_json::json!([
+        ["P", "s", "SELECT id FROM orders WHERE id < 100"],
+        ["B", "c", "s"],
+        ["E", "c"],
+        ["S"],
+        ["Q", "BEGIN"],
+        ["Q", "DECLARE c CURSOR FOR SELECT email FROM orders"],
+        ["E", "c"],
+        ["S"],
+        ["Q", "COMMIT"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("DECLARE CURSOR"), "{out}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let records = env.audit();
+    let old = records
+        .iter()
+        .rfind(|r| r["kind"] == "statement" && r["statement"] == "SELECT id FROM orders WHERE id < 100")
+        .expect("the portal's statement");
+    let results =
+        records.iter().filter(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([old["seq"]]));
+    assert_eq!(results.count(), 1, "only the batch that bound and ran it: {records:?}");
     // Redefining a named statement the session did not close: refused before the server sees it.
     let script = serde_json::json!([
         ["P", "s1", "SELECT 1"],

@@ -1129,25 +1129,44 @@ struct Prepared {
 /// The `statement` record of what each portal was last bound to, so that a result of a portal
 /// executed again in a later batch (a cursor fetched in parts) refers to it. The unnamed
 /// portal, which nearly every client uses, takes no allocation.
+///
+/// A remembered portal must never stand for another one the server made under its name:
+/// everything is forgotten at whatever may end a transaction (which drops its portals) or
+/// make portals by SQL (DECLARE, functions that open cursors). A Bind the server refuses
+/// leaves its transaction failed, so nothing runs until a ROLLBACK, which forgets. What is
+/// forgotten too early only leaves later results unattributed.
 #[derive(Default)]
 struct Portals {
     unnamed: Option<u64>,
     named: HashMap<String, u64>,
 }
 
-/// Most named portals remembered: the server drops them at the end of their transaction,
-/// unseen by the proxy; one that is forgotten only leaves its later results unattributed.
+/// Most named portals remembered.
 const MAX_PORTALS: usize = 1024;
 
 impl Portals {
-    fn bind(&mut self, portal: &str, seq: u64) {
+    /// `portal` is bound to `p`, which runs when it is executed.
+    fn bind(&mut self, portal: &str, p: &Prepared) {
+        let c = &p.class;
+        if c.kinds.contains(&sql::Kind::Transaction) || c.cursors != sql::Deallocates::None || !c.functions.is_empty() {
+            self.forget_all();
+        }
         if portal.is_empty() {
-            self.unnamed = Some(seq);
+            self.unnamed = Some(p.seq);
+        } else if let Some(seq) = self.named.get_mut(portal) {
+            *seq = p.seq;
         } else {
-            if self.named.len() >= MAX_PORTALS && !self.named.contains_key(portal) {
+            if self.named.len() >= MAX_PORTALS {
                 self.named.clear();
             }
-            self.named.insert(portal.to_string(), seq);
+            self.named.insert(portal.to_string(), p.seq);
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.unnamed = None;
+        if !self.named.is_empty() {
+            self.named.clear();
         }
     }
 
@@ -1536,8 +1555,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     self.outcome.statements += 1;
                     // SQL PREPARE/DEALLOCATE can redefine statements behind the proxy's back.
                     self.described.clear();
-                    // A simple query runs in the unnamed portal, and drops what it held.
-                    self.portals.close("");
+                    // A simple query runs in the unnamed portal, and may end the transaction
+                    // (which drops every portal) or declare cursors (which are portals).
+                    self.portals.forget_all();
                     let refusal = match self.judge(text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
                         Judgement::Forward(p) => {
@@ -1860,7 +1880,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         let mut refs = Refs::new();
         // Portals bound in this batch, with their statements' records.
-        let mut bound_seqs: Vec<(&str, u64)> = Vec::new();
+        let mut bound_seqs: smallvec::SmallVec<[(&str, u64); 2]> = smallvec::SmallVec::new();
         // Executions to hold, with their parameters and what they run by SQL EXECUTE.
         let mut holds: Vec<(Prepared, Vec<Option<String>>, Vec<Prepared>)> = Vec::new();
         // DEALLOCATEs count at their Bind, and at their portal's Execute.
@@ -1962,9 +1982,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 Err(r) => return Ok(Err(r)),
             }
         }
-        for (portal, seq) in bound_seqs {
-            self.portals.bind(portal, seq);
-        }
         Ok(Ok(Judged { refs, approvals, parsed }))
     }
 
@@ -2026,6 +2043,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body)?;
                     let statement = self.prepared.get(stmt);
+                    if let Some(p) = statement {
+                        self.portals.bind(portal, p);
+                    }
                     if let Some(p) = statement
                         && !p.class.prepares.is_empty()
                     {
