@@ -1879,8 +1879,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         }
         let mut refs = Refs::new();
-        // Portals bound in this batch, with their statements' records.
-        let mut bound_seqs: smallvec::SmallVec<[(&str, u64); 2]> = smallvec::SmallVec::new();
+        // Portals bound in this batch: an Execute of one is that Bind's.
+        let mut bound: smallvec::SmallVec<[&str; 2]> = smallvec::SmallVec::new();
         // Executions to hold, with their parameters and what they run by SQL EXECUTE.
         let mut holds: Vec<(Prepared, Vec<Option<String>>, Vec<Prepared>)> = Vec::new();
         // DEALLOCATEs count at their Bind, and at their portal's Execute.
@@ -1911,7 +1911,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         }));
                     };
                     refs.push(p.seq);
-                    bound_seqs.push((portal, p.seq));
+                    bound.push(portal);
                     // Its Sync would be taken into the COPY: the proxy could not count answers.
                     if p.class.copy_in > 0 && !ends_in_sync {
                         return Ok(Err(Refusal {
@@ -1959,7 +1959,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                     // A portal an earlier batch bound (a cursor fetched in parts): this batch's
                     // result is that statement's too.
-                    if !bound_seqs.iter().any(|(b, _)| *b == portal)
+                    if !bound.contains(&portal)
                         && let Some(seq) = self.portals.get(portal)
                     {
                         refs.push(seq);
