@@ -1235,7 +1235,7 @@ for m in script:
     t = m[0]
     if t == "P": out += msg("P", cstr(m[1]) + cstr(m[2]) + b"\0\0")
     elif t == "B": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0\0\0\0\0")
-    elif t == "E": out += msg("E", cstr(m[1]) + b"\0\0\0\0")
+    elif t == "E": out += msg("E", cstr(m[1]) + struct.pack("!i", m[2] if len(m) > 2 else 0))
     elif t == "Q": out += msg("Q", cstr(m[1]))
     elif t == "C": out += msg("C", b"S" + cstr(m[1]))
     elif t == "D": out += msg("D", m[1].encode() + cstr(m[2]))
@@ -1588,6 +1588,54 @@ fn protocol_tricks_fail_closed() {
     let results =
         records.iter().filter(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([old["seq"]]));
     assert_eq!(results.count(), 1, "only the batch that bound and ran it: {records:?}");
+    // A portal fetched in parts across SAVEPOINT and RELEASE, which keep it on the server (a
+    // JDBC client sends them as extended-protocol statements): each part refers to its
+    // statement. ROLLBACK TO may drop it, so what follows is left unattributed.
+    let script = in_transaction(serde_json::json!([
+        ["P", "s", "SELECT id FROM orders WHERE id < 100 ORDER BY id"],
+        ["B", "c", "s"],
+        ["E", "c", 1],
+        ["S"],
+        ["P", "", "SAVEPOINT sp"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["E", "c", 1],
+        ["S"],
+        ["P", "", "RELEASE sp"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["E", "c", 0],
+        ["S"],
+        ["P", "", "SAVEPOINT sp2"],
+        ["B", "", ""],
+        ["E", ""],
+        ["P", "", "ROLLBACK TO sp2"],
+        ["B", "", ""],
+        ["E", ""],
+        ["S"],
+        ["E", "c", 0],
+        ["S"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(out.matches("\ns ").count(), 2, "two parts suspended: {out}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let records = env.audit();
+    let portal = records
+        .iter()
+        .rfind(|r| r["kind"] == "statement" && r["statement"] == "SELECT id FROM orders WHERE id < 100 ORDER BY id")
+        .expect("the portal's statement");
+    let counts: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "statement_result" && r["refs"] == serde_json::json!([portal["seq"]]))
+        .map(|r| r["count"].clone())
+        .collect();
+    assert_eq!(
+        counts,
+        [1, 1, 0],
+        "the parts before and after SAVEPOINT and RELEASE, none after ROLLBACK TO: {records:?}"
+    );
     // Redefining a named statement the session did not close: refused before the server sees it.
     let script = serde_json::json!([
         ["P", "s1", "SELECT 1"],

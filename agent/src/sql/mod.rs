@@ -144,6 +144,9 @@ pub struct Classification {
     pub cursors: Deallocates,
     /// It declares a `WITH HOLD` cursor, whose rows the server computes at COMMIT.
     pub hold_cursor: bool,
+    /// It commits or rolls back, also to a savepoint: the server drops the portals of what it
+    /// ends. BEGIN, SAVEPOINT and RELEASE keep them.
+    pub ends_transaction: bool,
     /// The columns it names anywhere, and whether it reads whole rows.
     pub reads: Reads,
 }
@@ -505,6 +508,7 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
         }
         "PLpgSQL_stmt_commit" | "PLpgSQL_stmt_rollback" => {
             c.kinds.insert(Kind::Transaction);
+            c.ends_transaction = true;
         }
         // Cursors are portals of the session, named as the block likes: whatever the proxy knew
         // of any portal is stale once the block ran.
@@ -557,6 +561,7 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
         c.tables.extend(inner.tables);
         c.functions.extend(inner.functions);
         c.where_missing |= inner.where_missing;
+        c.ends_transaction |= inner.ends_transaction;
         c.reads.runs_sql |= inner.reads.runs_sql;
     }
     if let Some(why) = unknown {
@@ -829,6 +834,11 @@ fn walk(v: &Value, c: &mut Classification) {
                 // CURSOR_OPT_HOLD in the parse tree's option bits.
                 let options = child.get("options").and_then(Value::as_i64).unwrap_or(0);
                 c.hold_cursor |= key == "DeclareCursorStmt" && options & 0x20 != 0;
+            }
+            // TRANS_STMT_BEGIN, _START, _SAVEPOINT and _RELEASE in the parse tree's enum; any other
+            // (COMMIT, ROLLBACK, ROLLBACK TO, PREPARE TRANSACTION...) ends what made portals.
+            "TransactionStmt" => {
+                c.ends_transaction |= !matches!(child.get("kind").and_then(Value::as_i64), Some(1 | 2 | 5 | 6));
             }
             // DISCARD_ALL in the parse tree's enum.
             "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => c.deallocates.add(None),
@@ -1168,6 +1178,30 @@ mod tests {
         assert_eq!(classify("FETCH c").cursors, Deallocates::None);
         assert!(classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").hold_cursor);
         assert!(!classify("DECLARE c CURSOR FOR SELECT 1").hold_cursor);
+    }
+
+    #[test]
+    fn commits_and_rollbacks_end_the_transaction_begin_savepoint_and_release_do_not() {
+        for keeps in ["BEGIN", "START TRANSACTION", "SAVEPOINT a", "RELEASE a", "RELEASE SAVEPOINT a"] {
+            let c = classify(keeps);
+            assert!(c.kinds.contains(&Kind::Transaction) && !c.ends_transaction, "{keeps}");
+        }
+        for ends in [
+            "COMMIT",
+            "END",
+            "ROLLBACK",
+            "ABORT",
+            "ROLLBACK TO a",
+            "ROLLBACK TO SAVEPOINT a",
+            "PREPARE TRANSACTION 'x'",
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK PREPARED 'x'",
+            "COMMIT AND CHAIN",
+            "SAVEPOINT a; COMMIT",
+            "DO $$ BEGIN COMMIT; END $$",
+        ] {
+            assert!(classify(ends).ends_transaction, "{ends}");
+        }
         assert!(classify("COPY (SELECT v.* FROM vault v) TO STDOUT").copy_out[0].reads.whole_rows);
     }
 

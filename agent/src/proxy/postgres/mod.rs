@@ -1131,8 +1131,9 @@ struct Prepared {
 /// portal, which nearly every client uses, takes no allocation.
 ///
 /// A remembered portal must never stand for another one the server made under its name:
-/// everything is forgotten at whatever may end a transaction (which drops its portals) or
-/// make portals by SQL (DECLARE, functions that open cursors). A Bind the server refuses
+/// everything is forgotten at whatever may end a transaction or roll back to a savepoint
+/// (which drop portals) or make portals by SQL (DECLARE, functions that open cursors).
+/// BEGIN, SAVEPOINT and RELEASE keep them, as the server does. A Bind the server refuses
 /// leaves its transaction failed, so nothing runs until a ROLLBACK, which forgets. What is
 /// forgotten too early only leaves later results unattributed.
 #[derive(Default)]
@@ -1148,7 +1149,7 @@ impl Portals {
     /// `portal` is bound to `p`, which runs when it is executed.
     fn bind(&mut self, portal: &str, p: &Prepared) {
         let c = &p.class;
-        if c.kinds.contains(&sql::Kind::Transaction) || c.cursors != sql::Deallocates::None || !c.functions.is_empty() {
+        if c.ends_transaction || c.cursors != sql::Deallocates::None || !c.functions.is_empty() {
             self.forget_all();
         }
         if portal.is_empty() {
