@@ -54,7 +54,7 @@ impl TempPostgres {
         std::fs::remove_file(&pwfile)?;
         let port = if port == 0 { free_port()? } else { port };
         let opts =
-            format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=100", dir.path().display());
+            format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200", dir.path().display());
         util::output(&mut as_postgres(&[
             &format!("{PG_BIN}/pg_ctl"),
             "-D",
