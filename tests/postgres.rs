@@ -1382,8 +1382,16 @@ fn protocol_tricks_fail_closed() {
     let out =
         raw(&env, &pg, serde_json::json!({"options": "-c standard_conforming_strings=off"}), serde_json::json!([]));
     assert!(out.contains("08004") && out.contains("\"options\" is not allowed"), "{out}");
-    let out = raw(&env, &pg, serde_json::json!({"client_encoding": "SJIS"}), serde_json::json!([]));
-    assert!(out.contains("08004") && out.contains("use UTF8"), "{out}");
+    // SJIS under the server's Windows alias too: `SELECT E'Ё\'; DROP TABLE orders; --'`
+    // is one string literal in UTF-8, but in SJIS the backslash is the second byte of a
+    // character, the literal ends early and the DROP runs.
+    for encoding in ["SJIS", "WIN932"] {
+        let out = raw(&env, &pg, serde_json::json!({"client_encoding": encoding}), serde_json::json!([]));
+        assert!(out.contains("08004") && out.contains("use UTF8"), "{encoding}: {out}");
+    }
+    // The server takes the last of two `database` parameters: the trail must not name the first.
+    let out = raw(&env, &pg, serde_json::json!({"database": "template1"}), serde_json::json!([]));
+    assert!(out.contains("08004") && out.contains("given twice"), "{out}");
     // ... and so is changing them later.
     let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "SET standard_conforming_strings = off"], ["X"]]));
     assert!(out.contains("42501") && out.contains("unparseable"), "{out}");

@@ -75,36 +75,92 @@ const STARTUP_PARAMS: [&str; 10] = [
     "search_path",
     "lc_monetary",
 ];
-/// Client encodings (and their aliases, letters and digits only) in which a byte of a multibyte
-/// character can be a backslash or quote: the server would split the text differently from the
-/// (UTF-8) classifier.
-const UNSAFE_ENCODINGS: [&str; 16] = [
-    "sjis",
-    "shiftjis",
-    "mskanji",
-    "windows932",
-    "cp932",
-    "big5",
-    "windows950",
-    "cp950",
-    "gbk",
-    "windows936",
-    "cp936",
-    "gb18030",
-    "uhc",
-    "windows949",
-    "cp949",
-    "johab",
+/// Client encodings a session may ask for, as the server names them and their aliases (letters
+/// and digits only, lower case, as the server compares them): UTF-8, and encodings in which
+/// every byte of a non-ASCII character is 0x80 or above. In the others (SJIS, BIG5, GBK, UHC,
+/// JOHAB, GB18030, SHIFT_JIS_2004 under any alias) a byte inside a character can be a backslash
+/// or a quote, so the server would split the text differently from the (UTF-8) classifier.
+const SAFE_ENCODINGS: [&str; 63] = [
+    "utf8",
+    "unicode",
+    "sqlascii",
+    "latin1",
+    "latin2",
+    "latin3",
+    "latin4",
+    "latin5",
+    "latin6",
+    "latin7",
+    "latin8",
+    "latin9",
+    "latin10",
+    "iso88591",
+    "iso88592",
+    "iso88593",
+    "iso88594",
+    "iso88595",
+    "iso88596",
+    "iso88597",
+    "iso88598",
+    "iso88599",
+    "iso885910",
+    "iso885913",
+    "iso885914",
+    "iso885915",
+    "iso885916",
+    "win",
+    "win866",
+    "win874",
+    "win1250",
+    "win1251",
+    "win1252",
+    "win1253",
+    "win1254",
+    "win1255",
+    "win1256",
+    "win1257",
+    "win1258",
+    "windows866",
+    "windows874",
+    "windows1250",
+    "windows1251",
+    "windows1252",
+    "windows1253",
+    "windows1254",
+    "windows1255",
+    "windows1256",
+    "windows1257",
+    "windows1258",
+    "alt",
+    "abc",
+    "tcvn",
+    "tcvn5712",
+    "vscii",
+    "koi8",
+    "koi8r",
+    "koi8u",
+    "eucjp",
+    "euccn",
+    "euckr",
+    "euctw",
+    "eucjis2004",
 ];
 
 fn check_startup_params(params: &[(String, String)]) -> Result<(), String> {
-    for (k, v) in params {
+    for (i, (k, v)) in params.iter().enumerate() {
         if !STARTUP_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(k)) {
             return Err(format!("startup parameter {k:?} is not allowed through the proxy"));
         }
+        // The server takes the last of the same name; the audit trail must name what it takes.
+        if params[..i].iter().any(|(seen, _)| seen.eq_ignore_ascii_case(k)) {
+            return Err(format!("startup parameter {k:?} is given twice"));
+        }
         let norm: String = v.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
-        if k.eq_ignore_ascii_case("client_encoding") && UNSAFE_ENCODINGS.contains(&norm.as_str()) {
-            return Err(format!("client_encoding {v:?} is not supported through the proxy; use UTF8"));
+        if k.eq_ignore_ascii_case("client_encoding") && !SAFE_ENCODINGS.contains(&norm.as_str()) {
+            return Err(format!(
+                "client_encoding {v:?} is not supported through the proxy; use UTF8 (multibyte encodings other \
+                 than UTF-8 and EUC are refused)"
+            ));
         }
     }
     Ok(())
@@ -272,7 +328,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     }
     let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone());
     let mut base = s.base.clone();
-    base.database = database.or_else(|| params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()));
+    // The server's default database is named after the user it logs in, which is ours.
+    base.database = Some(database.unwrap_or_else(|| s.credentials.user.clone()));
     base.db_user = Some(s.credentials.user.clone());
 
     let login = async {
@@ -2557,8 +2614,37 @@ mod tests {
         let p = |k: &str, v: &str| vec![("user".to_string(), "x".to_string()), (k.to_string(), v.to_string())];
         assert!(check_startup_params(&p("application_name", "psql")).is_ok());
         assert!(check_startup_params(&p("client_encoding", "UTF8")).is_ok());
-        assert!(check_startup_params(&p("client_encoding", "Shift_JIS")).is_err());
-        assert!(check_startup_params(&p("client_encoding", "SJIS")).is_err());
+        for safe in ["UTF8", "utf-8", "Unicode", "SQL_ASCII", "LATIN1", "ISO_8859_5", "WIN1252", "KOI8-R", "EUC_JP"] {
+            assert!(check_startup_params(&p("client_encoding", safe)).is_ok(), "{safe}");
+        }
+        // Every alias the server knows for an encoding whose characters can hold a backslash or
+        // quote byte (src/common/encnames.c), and names the server does not know.
+        for unsafe_ in [
+            "SJIS",
+            "Shift_JIS",
+            "mskanji",
+            "WIN932",
+            "Windows-932",
+            "SHIFT_JIS_2004",
+            "BIG5",
+            "win950",
+            "windows950",
+            "GBK",
+            "WIN936",
+            "windows936",
+            "GB18030",
+            "UHC",
+            "WIN949",
+            "windows949",
+            "JOHAB",
+            "auto",
+            "",
+        ] {
+            assert!(check_startup_params(&p("client_encoding", unsafe_)).is_err(), "{unsafe_}");
+        }
+        let twice = |k: &str| vec![(k.to_string(), "a".to_string()), (k.to_ascii_uppercase(), "b".to_string())];
+        assert!(check_startup_params(&twice("database")).is_err());
+        assert!(check_startup_params(&twice("application_name")).is_err());
         assert!(check_startup_params(&p("options", "-c standard_conforming_strings=off")).is_err());
         assert!(check_startup_params(&p("replication", "database")).is_err());
         assert!(check_startup_params(&p("standard_conforming_strings", "off")).is_err());
