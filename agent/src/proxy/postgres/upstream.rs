@@ -40,6 +40,14 @@ pub enum UpstreamError {
     Lookup(String),
 }
 
+/// Where the SCRAM exchange with the server stands.
+enum Sasl {
+    NotStarted,
+    Running(sasl::ScramSha256),
+    /// The server's final message proved it knows the password.
+    Verified,
+}
+
 /// Asks the server for TLS (SSLRequest) and runs the handshake, checking the certificate as the
 /// configuration says.
 pub async fn start_tls(
@@ -107,7 +115,7 @@ pub async fn login(
     stream.write_all(&out).await.map_err(io)?;
 
     let mut buf = BytesMut::new();
-    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut sasl = Sasl::NotStarted;
     let mut parameters = Vec::new();
     let (mut backend_pid, mut backend_key) = (0, 0);
     loop {
@@ -121,7 +129,20 @@ pub async fn login(
                 let code = body.get_i32();
                 out.clear();
                 match code {
+                    // A server that started SCRAM must prove it knows the password before it
+                    // lets the proxy in, or someone between them could pose as it.
+                    0 if matches!(sasl, Sasl::Running(_)) => {
+                        return Err(UpstreamError::Scram(
+                            "the server accepted the login without proving it knows the password".into(),
+                        ));
+                    }
                     0 => continue,
+                    // Nor may it fall back to a weaker method once SCRAM started.
+                    3 | 5 | 10 if !matches!(sasl, Sasl::NotStarted) => {
+                        return Err(UpstreamError::Scram(format!(
+                            "the server asked for another method (code {code}) during SCRAM"
+                        )));
+                    }
                     3 => frontend::password_message(password.as_bytes(), &mut out).map_err(io)?,
                     5 => {
                         if body.len() < 4 {
@@ -138,16 +159,21 @@ pub async fn login(
                         }
                         let s = sasl::ScramSha256::new(password.as_bytes(), sasl::ChannelBinding::unsupported());
                         frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(io)?;
-                        scram = Some(s);
+                        sasl = Sasl::Running(s);
                     }
                     11 => {
-                        let s = scram.as_mut().ok_or(UpstreamError::Scram("continue before start".into()))?;
+                        let Sasl::Running(s) = &mut sasl else {
+                            return Err(UpstreamError::Scram("SASLContinue out of turn".into()));
+                        };
                         s.update(&body).map_err(|e| UpstreamError::Scram(e.to_string()))?;
                         frontend::sasl_response(s.message(), &mut out).map_err(io)?;
                     }
                     12 => {
-                        let s = scram.as_mut().ok_or(UpstreamError::Scram("final before start".into()))?;
+                        let Sasl::Running(s) = &mut sasl else {
+                            return Err(UpstreamError::Scram("SASLFinal out of turn".into()));
+                        };
                         s.finish(&body).map_err(|e| UpstreamError::Scram(e.to_string()))?;
+                        sasl = Sasl::Verified;
                         continue;
                     }
                     other => return Err(UpstreamError::UnsupportedAuth(other)),
@@ -304,5 +330,91 @@ impl Upstream {
             Some(e) => Err(UpstreamError::Lookup(e)),
             None => Ok((origins, tables)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// An `R` (authentication) message with `code` and `rest`.
+    fn auth(code: i32, rest: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        m.extend(((8 + rest.len()) as i32).to_be_bytes());
+        m.extend(code.to_be_bytes());
+        m.extend(rest);
+        m
+    }
+
+    /// Reads one frontend message (the startup message has no tag) and returns its body.
+    async fn read_message(s: &mut TcpStream, tagged: bool) -> Vec<u8> {
+        if tagged {
+            s.read_u8().await.expect("tag");
+        }
+        let len = s.read_i32().await.expect("length") as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.expect("body");
+        body
+    }
+
+    /// A server that no real PostgreSQL is (none can be made to do this): it answers the
+    /// startup with `first`, reads the client's reply, then sends `then`. The login's result,
+    /// and everything the proxy sent after its first reply.
+    async fn against(first: Vec<u8>, then: Vec<u8>) -> (Result<(), String>, Vec<u8>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_message(&mut s, false).await;
+            s.write_all(&first).await.unwrap();
+            read_message(&mut s, true).await;
+            s.write_all(&then).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            rest
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // Dropping the connection (with the result) lets the server read to its end. A proxy
+        // that answered (and now waits for more) is cut off after a second.
+        let login = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[]);
+        let result = match crate::timer::timeout(std::time::Duration::from_secs(1), login).await {
+            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+            Err(_) => Err("no verdict within a second".to_string()),
+        };
+        (result, server.await.unwrap())
+    }
+
+    const READY: &[u8] = b"Z\0\0\0\x05I";
+
+    #[tokio::test]
+    async fn a_server_that_starts_scram_must_prove_it_knows_the_password() {
+        let sasl = auth(10, b"SCRAM-SHA-256\0\0");
+        let (result, _) = against(sasl.clone(), [auth(0, b""), READY.to_vec()].concat()).await;
+        assert!(result.as_ref().is_err_and(|e| e.contains("without proving")), "{result:?}");
+        // Nor may it switch to a method that gives it the password or a replayable hash.
+        for code in [3, 5] {
+            let (result, sent) = against(sasl.clone(), auth(code, b"salt")).await;
+            assert!(result.as_ref().is_err_and(|e| e.contains("another method")), "{code}: {result:?}");
+            assert!(sent.is_empty(), "{code}: nothing more was sent: {sent:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn cleartext_is_answered_when_the_server_asks_for_it_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_message(&mut s, false).await;
+            s.write_all(&auth(3, b"")).await.unwrap();
+            let password = read_message(&mut s, true).await;
+            s.write_all(&[auth(0, b""), READY.to_vec()].concat()).await.unwrap();
+            password
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let up = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[]).await;
+        assert!(up.is_ok(), "{:?}", up.err());
+        assert_eq!(server.await.unwrap(), b"s3cret-pw\0");
     }
 }
