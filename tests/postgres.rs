@@ -831,6 +831,20 @@ fn tokio_postgres_masked_client() {
         let (a, b) = tokio::join!(client.query_one(&stmt, &[&1i32]), client.query_one(&stmt, &[&2i32]));
         assert_eq!(a.unwrap().get::<_, String>(2), "[REDACTED]");
         assert_eq!(b.unwrap().get::<_, String>(3), "nothing here");
+        // Numbers in binary format are read as the server would write them in text: a card
+        // number is caught in a bigint or a numeric column as in a text one.
+        let row = client
+            .query_one(
+                "SELECT 4111111111111111::int8 AS a, 4111111111111111.00::numeric AS b, 41111111::int8 AS c, \
+                 12.5::numeric AS d",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, Option<i64>>(0), None, "{row:?}");
+        assert_eq!(row.get::<_, RawValue>(1).0, None);
+        assert_eq!(row.get::<_, Option<i64>>(2), Some(41111111), "not a card");
+        assert!(row.get::<_, RawValue>(3).0.is_some(), "not a card");
         // Row-limited portal executions (PortalSuspended) inside a transaction.
         let mut tx_client = client;
         let tx = tx_client.transaction().await.unwrap();
@@ -842,6 +856,26 @@ fn tokio_postgres_masked_client() {
         tx.commit().await.unwrap();
     });
     println!("CLIENT-OK");
+}
+
+/// Any value, as the bytes the server sent (None for NULL).
+struct RawValue(Option<Vec<u8>>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for RawValue {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(Some(raw.to_vec())))
+    }
+
+    fn from_sql_null(_: &tokio_postgres::types::Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawValue(None))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
 }
 
 /// `tollgate approvals ...` as root from outside any enrolled cgroup.

@@ -450,10 +450,9 @@ fn find(kind: Kind, text: &[u8]) -> Vec<(usize, usize)> {
                 r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}",
             ))
         }
-        Kind::CreditCard => regex(&CARD, r"\b\d(?:[ -]?\d){12,18}\b")
+        Kind::CreditCard => regex(&CARD, r"\b\d+(?:[ -]\d+)*\b")
             .find_iter(text)
-            .filter(|m| luhn(m.as_bytes()))
-            .map(|m| (m.start(), m.end()))
+            .flat_map(|m| cards(m.as_bytes()).into_iter().map(move |(s, e)| (m.start() + s, m.start() + e)))
             .collect(),
         Kind::Ssn => regex(&SSN, r"\b(\d{3})-(\d{2})-(\d{4})\b")
             .captures_iter(text)
@@ -475,6 +474,45 @@ fn find(kind: Kind, text: &[u8]) -> Vec<(usize, usize)> {
             r"(?s)(?:\b(?:AKIA|ASIA)[0-9A-Z]{16}\b)|(?:\bgh[pousr]_[A-Za-z0-9]{30,}\b)|(?:\bgithub_pat_[A-Za-z0-9_]{30,})|(?:\bsk_(?:live|test)_[0-9A-Za-z]{16,})|(?:\bsk-[A-Za-z0-9_-]{20,})|(?:\bxox[abposr]-[A-Za-z0-9-]{10,})|(?:\bglpat-[A-Za-z0-9_-]{20,})|(?:\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})|(?:-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----)",
         )),
     }
+}
+
+/// Card numbers in a run of digit groups (`4111 1111 1111 1111 123`): the whole run, or else
+/// any stretch of whole groups, if it has 13-19 digits and passes the Luhn check; a run written
+/// without separators is one group. So a card written next to other numbers (a CVV, an amount)
+/// is still found, and a long number is not cut anywhere to make one.
+fn cards(run: &[u8]) -> Vec<(usize, usize)> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    for (i, &b) in run.iter().enumerate() {
+        if !b.is_ascii_digit() {
+            groups.push((start, i));
+            start = i + 1;
+        }
+    }
+    groups.push((start, run.len()));
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < groups.len() {
+        let mut digits = 0;
+        let mut best = None;
+        for (j, &(s, e)) in groups.iter().enumerate().skip(i) {
+            digits += e - s;
+            if digits > 19 {
+                break;
+            }
+            if digits >= 13 && luhn(&run[groups[i].0..e]) {
+                best = Some(j);
+            }
+        }
+        match best {
+            Some(j) => {
+                found.push((groups[i].0, groups[j].1));
+                i = j + 1;
+            }
+            None => i += 1,
+        }
+    }
+    found
 }
 
 /// The Luhn checksum over the digits of a candidate card number.
@@ -624,6 +662,10 @@ mod tests {
         // Luhn-valid card numbers, with or without separators; an invalid one stays.
         let (out, c) = masked(&m, "card 4111 1111 1111 1111, 4111-1111-1111-1112, 5500005555555559");
         assert_eq!(out, "card [REDACTED], 4111-1111-1111-1112, [REDACTED]");
+        assert_eq!(c.to_map(), [("credit_card".to_string(), 2)].into());
+        // Next to other numbers: a CVV, an amount before it. A long number is not cut to make one.
+        let (out, c) = masked(&m, "card 4111 1111 1111 1111 123, paid 2 4111111111111111; id 14111111111111111");
+        assert_eq!(out, "card [REDACTED] 123, paid 2 [REDACTED]; id 14111111111111111");
         assert_eq!(c.to_map(), [("credit_card".to_string(), 2)].into());
         let (out, _) = masked(&m, "ssn 123-45-6789 but not 000-12-3456 or 666-12-3456");
         assert_eq!(out, "ssn [REDACTED] but not 000-12-3456 or 666-12-3456");

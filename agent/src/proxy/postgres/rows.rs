@@ -261,11 +261,86 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
         }
         _ => {
             let mut found = Counts::default();
-            masker.detect(v, &mut found)?;
+            match col.binary.then(|| binary_number_text(col.type_oid, v)).flatten() {
+                // A card number in a bigint or numeric column is as much one in binary format.
+                Some(Ok(text)) => _ = masker.detect(text.as_bytes(), &mut found)?,
+                // Not what the server sends for its type: never relay what was not looked at.
+                Some(Err(())) => found.add(crate::mask::Kind::Column),
+                None => _ = masker.detect(v, &mut found)?,
+            }
             counts.merge(&found);
             Some(None)
         }
     }
+}
+
+/// The text the server would send in text format for a number sent in binary (`None`: not a
+/// number type), for the detectors to read; floats as plain decimals, which they read at least as
+/// well as the server's exponent form. `Err` for bytes that are not a value of the type.
+fn binary_number_text(oid: u32, v: &[u8]) -> Option<Result<String, ()>> {
+    let text = match oid {
+        21 => v.try_into().map(|b| i16::from_be_bytes(b).to_string()),
+        23 => v.try_into().map(|b| i32::from_be_bytes(b).to_string()),
+        20 => v.try_into().map(|b| i64::from_be_bytes(b).to_string()),
+        26 => v.try_into().map(|b| u32::from_be_bytes(b).to_string()),
+        700 => v.try_into().map(|b| f32::from_be_bytes(b).to_string()),
+        701 => v.try_into().map(|b| f64::from_be_bytes(b).to_string()),
+        NUMERIC => return Some(numeric_text(v)),
+        _ => return None,
+    };
+    Some(text.map_err(|_| ()))
+}
+
+const NUMERIC: u32 = 1700;
+
+/// Most decimal digits a binary numeric may have before or after its point for `numeric_text`.
+const MAX_NUMERIC_DIGITS: i32 = 1000;
+
+/// A numeric's binary format (digit count, weight, sign, display scale, then base-10000 digits,
+/// the first one's place being 10000^weight) as the server writes it in text.
+fn numeric_text(v: &[u8]) -> Result<String, ()> {
+    let mut r = Reader { b: v, what: "numeric" };
+    let mut word = || r.take(2).map(|w| u16::from_be_bytes([w[0], w[1]])).map_err(drop);
+    let (ndigits, weight, sign, dscale) = (word()?, word()? as i16 as i32, word()?, word()? as i32);
+    let digits: Vec<u16> = (0..ndigits).map(|_| word()).collect::<Result<_, _>>()?;
+    if !r.b.is_empty() || digits.iter().any(|&d| d > 9999) {
+        return Err(());
+    }
+    let negative = match sign {
+        0x0000 => false,
+        0x4000 => true,
+        0xC000 => return Ok("NaN".into()),
+        0xD000 => return Ok("Infinity".into()),
+        0xF000 => return Ok("-Infinity".into()),
+        _ => return Err(()),
+    };
+    if dscale > MAX_NUMERIC_DIGITS || weight.abs() * 4 > MAX_NUMERIC_DIGITS {
+        return Err(());
+    }
+    let digit = |i: i32| usize::try_from(i).ok().and_then(|i| digits.get(i)).copied().unwrap_or(0);
+    let mut out = String::new();
+    if negative {
+        out.push('-');
+    }
+    if weight < 0 {
+        out.push('0');
+    }
+    for i in 0..=weight {
+        let d = digit(i);
+        out.push_str(&if i == 0 { d.to_string() } else { format!("{d:04}") });
+    }
+    if dscale > 0 {
+        let mut fraction = String::new();
+        let mut i = weight + 1;
+        while (fraction.len() as i32) < dscale {
+            fraction.push_str(&format!("{:04}", digit(i)));
+            i += 1;
+        }
+        fraction.truncate(dscale as usize);
+        out.push('.');
+        out.push_str(&fraction);
+    }
+    Ok(out)
 }
 
 /// Masks each element of an array in PostgreSQL's text format (`{a,"b c",NULL}`, nested, maybe
@@ -690,6 +765,42 @@ mod tests {
     use super::*;
     use crate::mask::{Glob, Rule, Style, Target};
 
+    /// A numeric in binary format: weight, sign, display scale, base-10000 digits.
+    fn numeric(weight: i16, sign: u16, dscale: u16, digits: &[u16]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for w in [digits.len() as u16, weight as u16, sign, dscale].iter().chain(digits) {
+            v.extend(w.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn binary_numbers_read_as_the_server_writes_them() {
+        let text = |oid, v: &[u8]| binary_number_text(oid, v).expect("a number type");
+        assert_eq!(text(20, &4111111111111111i64.to_be_bytes()), Ok("4111111111111111".into()));
+        assert_eq!(text(23, &(-7i32).to_be_bytes()), Ok("-7".into()));
+        assert_eq!(text(21, &[0, 1, 2]), Err(()), "wrong size");
+        assert_eq!(text(701, &4111111111111111f64.to_be_bytes()), Ok("4111111111111111".into()));
+        assert_eq!(binary_number_text(25, b"x"), None);
+        let cases: [(Vec<u8>, &str); 8] = [
+            (numeric(3, 0, 0, &[4111, 1111, 1111, 1111]), "4111111111111111"),
+            (numeric(0, 0, 1, &[12, 5000]), "12.5"),
+            (numeric(0, 0x4000, 2, &[12, 5000]), "-12.50"),
+            (numeric(-1, 0, 7, &[1, 2340]), "0.0001234"),
+            (numeric(-2, 0, 8, &[1]), "0.00000001"),
+            (numeric(1, 0, 0, &[1]), "10000"),
+            (numeric(0, 0, 0, &[]), "0"),
+            (numeric(0, 0xC000, 0, &[]), "NaN"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(numeric_text(&v), Ok(want.to_string()));
+        }
+        assert_eq!(numeric_text(&numeric(0, 0, 0, &[10000])), Err(()), "a digit out of range");
+        assert_eq!(numeric_text(&numeric(0, 0x1234, 0, &[1])), Err(()), "an unknown sign");
+        assert_eq!(numeric_text(&numeric(0, 0, 0, &[1])[..9]), Err(()), "truncated");
+        assert_eq!(numeric_text(&numeric(i16::MAX, 0, 0, &[1])), Err(()), "too long to look at");
+    }
+
     fn masker() -> Masker {
         Masker::new(
             &[
@@ -794,7 +905,7 @@ mod tests {
         assert!(!quiet.active);
         assert!(mask_data_row(&data_row(&[Some(b"1"), Some(b"2")]), &quiet, &columns_only, &mut counts).is_err());
         // Nothing sensitive: the original is relayed as is.
-        let clean = data_row(&[Some(b"1"), None, Some(b"hello"), None, Some(b"x")]);
+        let clean = data_row(&[Some(&1i32.to_be_bytes()), None, Some(b"hello"), None, Some(b"x")]);
         assert_eq!(mask_data_row(&clean, &plan, &m, &mut counts).unwrap(), None);
         // A row that does not match its description is an error, not a guess.
         assert!(mask_data_row(&data_row(&[Some(b"1")]), &plan, &m, &mut counts).is_err());
