@@ -2,7 +2,7 @@
 //! text fields of ErrorResponse/NoticeResponse. Pure: bytes in, bytes out.
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::wire::WireError;
+use super::wire::{MAX_MESSAGE, WireError};
 use crate::{
     mask::{ColumnMask, Counts, Masker, REDACTED, Style},
     sql::{CopyFormat, CopyOut},
@@ -417,6 +417,11 @@ fn mask_text_array(v: &[u8], mut mask: impl FnMut(&[u8]) -> Option<Vec<u8>>) -> 
                         out.push(b'"');
                     }
                     None => out.extend_from_slice(&v[start..i]),
+                }
+                // Masked elements can be many times longer than short ones (`hash:` and 16 hex
+                // digits for `a`): a huge array would take that many times its memory.
+                if out.len() > MAX_MESSAGE {
+                    return Err(());
                 }
             }
         }
@@ -936,6 +941,9 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&got.unwrap().unwrap()), r#"{"say \"***********.com\"",plain}"#);
         assert_eq!(counts.to_map(), [("email".into(), 1)].into());
         assert_eq!(mask_text_array(b"{a,b}", |_| None), Ok(None));
+        // An array whose masked form would pass the largest message is refused (it becomes NULL).
+        let huge = [b"{".as_slice(), &b"a,".repeat(MAX_MESSAGE / 16), b"a}"].concat();
+        assert_eq!(mask_text_array(&huge, |_| Some(b"hash:0123456789abcdef".to_vec())), Err(()));
         for bad in [&b"{a"[..], b"a}", b"{\"a}", b"[1:2]", b"{a}}", b"{a}x"] {
             assert_eq!(mask_text_array(bad, redact), Err(()), "{}", String::from_utf8_lossy(bad));
         }

@@ -93,6 +93,44 @@ struct Copying {
     rows: u64,
 }
 
+/// Most portals, and most described statements, a session's tracker keeps; and most bytes of
+/// statement descriptions. A server drops portals at the end of their transaction and
+/// statements at a DEALLOCATE or DISCARD in SQL, unseen here, so a client could otherwise
+/// make a session keep every one it ever had. Past these, an old one (any) is forgotten: a
+/// later result that needed it fails closed, like any result the proxy cannot match.
+const MAX_TRACKED: usize = 4096;
+const MAX_DESCRIBED_BYTES: usize = 4 << 20;
+
+/// RowDescription bodies by statement name, and their total size.
+#[derive(Default)]
+struct Described {
+    map: HashMap<String, bytes::Bytes>,
+    bytes: usize,
+}
+
+impl Described {
+    fn get(&self, name: &str) -> Option<&bytes::Bytes> {
+        self.map.get(name)
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(old) = self.map.remove(name) {
+            self.bytes -= old.len();
+        }
+    }
+
+    /// Keeps `name`'s description, forgetting others while over the bounds.
+    fn insert(&mut self, name: String, desc: bytes::Bytes) {
+        self.remove(&name);
+        self.bytes += desc.len();
+        while self.map.len() >= MAX_TRACKED || self.bytes > MAX_DESCRIBED_BYTES {
+            let Some(old) = self.map.keys().next().cloned() else { break };
+            self.remove(&old);
+        }
+        self.map.insert(name, desc);
+    }
+}
+
 pub struct Tracker {
     masker: Arc<Masker>,
     ops: VecDeque<Op>,
@@ -100,7 +138,7 @@ pub struct Tracker {
     /// Portals bound to a `COPY ... TO STDOUT`.
     copies: HashMap<String, CopyOut>,
     /// RowDescription bodies of described statements (empty: the statement returns no rows).
-    statements: HashMap<String, bytes::Bytes>,
+    statements: Described,
     /// How the computed result columns of each portal bound are masked: its statement's text
     /// says what it reads.
     portal_computed: HashMap<String, Option<Style>>,
@@ -128,7 +166,7 @@ impl Tracker {
             ops: VecDeque::new(),
             portals: HashMap::new(),
             copies: HashMap::new(),
-            statements: HashMap::new(),
+            statements: Described::default(),
             portal_computed: HashMap::new(),
             current: None,
             copy: None,
@@ -179,6 +217,25 @@ impl Tracker {
         }
     }
 
+    /// Forgets other portals while `portal` would be one too many.
+    fn make_room(&mut self, portal: &str) {
+        while self.portal_computed.len() >= MAX_TRACKED && !self.portal_computed.contains_key(portal) {
+            let Some(old) = self.portal_computed.keys().next().cloned() else { break };
+            self.forget_portal(&old);
+        }
+        while self.portals.len() >= MAX_TRACKED && !self.portals.contains_key(portal) {
+            let Some(old) = self.portals.keys().next().cloned() else { break };
+            self.forget_portal(&old);
+        }
+    }
+
+    fn forget_portal(&mut self, name: &str) {
+        self.portals.remove(name);
+        self.copies.remove(name);
+        self.portal_computed.remove(name);
+        self.cursor_portals.remove(name);
+    }
+
     fn forget_cursors(&mut self, names: &Deallocates) {
         match names {
             Deallocates::None => {}
@@ -223,6 +280,7 @@ impl Tracker {
                         names => self.cursor_portals.insert(portal.clone(), names),
                     };
                     self.tainted |= hold && computed.is_some();
+                    self.make_room(&portal);
                     self.portal_computed.insert(portal.clone(), computed);
                     match self.statements.get(&statement) {
                         Some(desc) if !desc.is_empty() => {
@@ -239,12 +297,7 @@ impl Tracker {
                 Some(Op::Close { target: b'S', name }) => {
                     self.statements.remove(&name);
                 }
-                Some(Op::Close { name, .. }) => {
-                    self.portals.remove(&name);
-                    self.copies.remove(&name);
-                    self.portal_computed.remove(&name);
-                    self.cursor_portals.remove(&name);
-                }
+                Some(Op::Close { name, .. }) => self.forget_portal(&name),
                 _ => {}
             },
             b'T' => {
@@ -259,6 +312,7 @@ impl Tracker {
                 match self.ops.front() {
                     Some(Op::DescribePortal { .. }) => {
                         let Some(Op::DescribePortal { portal, hidden }) = self.ops.pop_front() else { unreachable!() };
+                        self.make_room(&portal);
                         self.portals.insert(portal, plan);
                         if hidden {
                             return Ok(None);
@@ -456,6 +510,48 @@ mod tests {
         assert!(t.ops.is_empty());
         // A data row nobody described is refused, not relayed unmasked.
         assert!(t.on_frame(data_row("x")).is_err());
+    }
+
+    #[test]
+    fn a_session_keeps_a_bounded_number_of_portals_and_statement_descriptions() {
+        let mut t = tracker();
+        for i in 0..MAX_TRACKED + 10 {
+            let (name, portal) = (format!("s{i}"), format!("p{i}"));
+            for op in [
+                Op::Parse { statement: name.clone() },
+                Op::DescribeStatement { statement: name.clone() },
+                Op::Bind {
+                    portal,
+                    statement: name,
+                    formats: vec![],
+                    copy: None,
+                    computed: None,
+                    cursors: Deallocates::None,
+                    hold: false,
+                },
+                Op::Sync,
+            ] {
+                t.push(op);
+            }
+            for f in
+                [frame(b'1', b""), frame(b't', b"\0\0"), row_description("email"), frame(b'2', b""), frame(b'Z', b"T")]
+            {
+                relay(&mut t, f);
+            }
+        }
+        assert_eq!(t.statements.map.len(), MAX_TRACKED);
+        assert!(t.portals.len() <= MAX_TRACKED && t.portal_computed.len() <= MAX_TRACKED);
+        let last = format!("s{}", MAX_TRACKED + 9);
+        assert!(t.statements.get(&last).is_some(), "the newest is kept");
+        assert!(t.portals.contains_key(&format!("p{}", MAX_TRACKED + 9)));
+        let bytes: usize = t.statements.map.values().map(|d| d.len()).sum();
+        assert_eq!(t.statements.bytes, bytes);
+        // Large descriptions are bounded by their size.
+        let big = Bytes::from(vec![0u8; MAX_DESCRIBED_BYTES / 3]);
+        for i in 0..5 {
+            t.statements.insert(format!("big{i}"), big.clone());
+        }
+        assert!(t.statements.bytes <= MAX_DESCRIBED_BYTES && t.statements.get("big4").is_some());
     }
 
     #[test]
