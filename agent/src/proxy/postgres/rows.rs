@@ -243,15 +243,17 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
         (TypeClass::Json, binary) => {
             // jsonb's binary format is a version byte, then the JSON text.
             let (prefix, text) = if binary && col.type_oid == JSONB { v.split_at_checked(1)? } else { (&v[..0], v) };
-            let masked = masker.apply(col.mask, text, counts)?;
             let mut out = prefix.to_vec();
             if whole {
+                let masked = masker.apply(col.mask, text, counts)?;
                 out.extend_from_slice(serde_json::to_string(&String::from_utf8_lossy(&masked)).ok()?.as_bytes());
-            } else if serde_json::from_slice::<serde::de::IgnoredAny>(&masked).is_ok() {
-                out.extend_from_slice(&masked);
             } else {
-                // A finding inside a JSON number or key made it invalid.
-                return Some(None);
+                let masked = detect_json(text, masker, counts)?;
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&masked).is_err() {
+                    // A finding inside a JSON number made it invalid.
+                    return Some(None);
+                }
+                out.extend_from_slice(&masked);
             }
             Some(Some(out))
         }
@@ -272,6 +274,54 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
             Some(None)
         }
     }
+}
+
+/// Runs the detectors over a JSON text: over each string decoded (an escape such as `\n` or
+/// `\u0040` would hide what follows it from the patterns), written back encoded if anything was
+/// found, and over what lies between strings (numbers). `None`: nothing found.
+fn detect_json(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut changed = false;
+    let between = |part: &[u8], out: &mut Vec<u8>, counts: &mut Counts| match masker.detect(part, counts) {
+        Some(masked) => {
+            out.extend_from_slice(&masked);
+            true
+        }
+        None => {
+            out.extend_from_slice(part);
+            false
+        }
+    };
+    let (mut at, mut i) = (0, 0);
+    while i < text.len() {
+        if text[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        changed |= between(&text[at..i], &mut out, counts);
+        let start = i;
+        i += 1;
+        while i < text.len() && text[i] != b'"' {
+            i += if text[i] == b'\\' { 2 } else { 1 };
+        }
+        i = (i + 1).min(text.len());
+        let token = &text[start..i];
+        match serde_json::from_slice::<String>(token) {
+            Ok(decoded) => match masker.detect(decoded.as_bytes(), counts) {
+                Some(masked) => {
+                    let encoded = serde_json::to_string(&String::from_utf8_lossy(&masked)).unwrap_or_default();
+                    out.extend_from_slice(encoded.as_bytes());
+                    changed = true;
+                }
+                None => out.extend_from_slice(token),
+            },
+            // Not a whole string (the server's own text, so not expected): looked at as it is.
+            Err(_) => changed |= between(token, &mut out, counts),
+        }
+        at = i;
+    }
+    changed |= between(&text[at..], &mut out, counts);
+    changed.then_some(out)
 }
 
 /// The text the server would send in text format for a number sent in binary (`None`: not a
@@ -818,6 +868,45 @@ mod tests {
             ],
             [1; 32],
         )
+    }
+
+    #[test]
+    fn json_strings_are_searched_decoded_and_written_back_encoded() {
+        let m = Masker::new(
+            &[Rule {
+                name: "d".into(),
+                target: Target::Detect(vec![
+                    crate::mask::Kind::Email,
+                    crate::mask::Kind::Phone,
+                    crate::mask::Kind::Ssn,
+                ]),
+                style: Style::Redact,
+            }],
+            [1; 32],
+        );
+        let run = |v: &[u8]| {
+            let mut counts = Counts::default();
+            let out = detect_json(v, &m, &mut counts).map(|o| String::from_utf8(o).unwrap());
+            (out, counts.total())
+        };
+        // An escaped newline right before a number, an escaped `@`: a pattern on the raw text
+        // finds neither.
+        let (out, n) = run(br#"{"note": "call me\n415-555-0123\nssn\n123-45-6789", "m": "a\u0040b.com", "k": 1}"#);
+        assert_eq!(
+            out.as_deref(),
+            Some(r#"{"note": "call me\n[REDACTED]\nssn\n[REDACTED]", "m": "[REDACTED]", "k": 1}"#)
+        );
+        assert_eq!(n, 3);
+        assert_eq!(run(br#"{"a": "plain \"quoted\" text", "b": [1, 2]}"#), (None, 0));
+        // Numbers between strings are searched too; a finding there leaves the JSON invalid, so
+        // the value becomes NULL.
+        assert!(run(br#"{"p": 4155550123, "q": "x"}"#).0.is_none(), "no separators: not a phone");
+        let plan = Plan::from_row_description(&row_description(&[("doc", JSONB, 1)]), &m, None).unwrap();
+        let row = data_row(&[Some(b"\x01[\"x\\n415-555-0123\"]")]);
+        let out = mask_data_row(&row, &plan, &m, &mut Counts::default()).unwrap().unwrap();
+        assert_eq!(out, data_row(&[Some(b"\x01[\"x\\n[REDACTED]\"]")]));
+        // A string cut short (not the server's output) is searched as it is.
+        assert_eq!(run(br#"["a@b.com"#).0.as_deref(), Some(r#"["[REDACTED]"#));
     }
 
     fn row_description(cols: &[(&str, u32, i16)]) -> Vec<u8> {
