@@ -46,7 +46,7 @@ spec:
       resources: [orders-db]
       rules:
         - {{ name: reads, match: {{ statements: [select, copy, transaction] }}, action: allow }}
-        - {{ name: people-writes, match: {{ statements: [insert], tables: [people] }}, action: allow }}
+        - {{ name: people-writes, match: {{ statements: [insert], tables: [people, parts] }}, action: allow }}
       masking:
         - {{ name: mail-column, columns: [email], style: partial }}
         - {{ columns: ["*ssn*", secret_num], style: redact }}
@@ -529,6 +529,14 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     let (_, err, _) = q("INSERT INTO people (id, email) VALUES (3, 'alice@example.com');");
     // (redacted whole whatever the column's style: DETAIL quotes a key or a row as one text).
     assert!(err.contains("DETAIL:  Key (email)=([REDACTED]) already exists.") && !err.contains("alice"), "{err}");
+    // ... and a row's partition key (an UPDATE of another column can make the server quote a
+    // stored one; this grant lets the bot insert only).
+    pg.direct(
+        "CREATE TABLE parts (region text, customer_ssn text) PARTITION BY RANGE (region, customer_ssn); \
+         CREATE TABLE parts_a PARTITION OF parts FOR VALUES FROM ('a', MINVALUE) TO ('b', MAXVALUE)",
+    );
+    let (_, err, _) = q("INSERT INTO parts VALUES ('zz', '321-54-9876');");
+    assert!(err.contains("(region, customer_ssn) = ([REDACTED])") && !err.contains("9876"), "{err}");
 
     // The trail counts masked values by kind, never the values.
     std::thread::sleep(std::time::Duration::from_millis(300));

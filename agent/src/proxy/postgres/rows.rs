@@ -791,28 +791,36 @@ pub fn mask_notice(
     Ok(changed.then(|| out.freeze()))
 }
 
+/// The values a DETAIL quotes, redacted where they may be a masked column's. Read as bytes: in
+/// a client encoding other than UTF-8 they need not be UTF-8.
 fn mask_detail_values(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<u8>> {
-    let s = std::str::from_utf8(text).ok()?;
-    // "Key (a, b)=(1, x@y.z) already exists." / "... is not present in table ..."
-    if let Some(rest) = s.strip_prefix("Key (")
-        && let Some((cols, after)) = rest.split_once(")=(")
-        && let Some(close) = after.rfind(')')
-    {
-        let masked = cols.split(", ").any(|c| {
-            masker.column(c.trim_matches('"')) != ColumnMask::Detect
-                && masker.column(c.trim_matches('"')) != ColumnMask::Keep
-        });
-        if masked {
-            counts.add(crate::mask::Kind::Column);
-            return Some(format!("Key ({cols})=({REDACTED}){}", &after[close + 1..]).into_bytes());
-        }
-    }
     // A NOT NULL or CHECK failure lists the whole row, without column names.
-    if s.starts_with("Failing row contains (") {
+    if text.starts_with(b"Failing row contains (") {
         counts.add(crate::mask::Kind::Column);
         return Some(format!("Failing row contains ({REDACTED}).").into_bytes());
     }
-    None
+    // "Key (a, b)=(1, x@y.z) already exists.", "Key (lower(email::text))=(...)", "Partition
+    // key of the failing row contains (a, b) = (1, x)."
+    let (sep, width) = [&b")=("[..], b") = ("]
+        .iter()
+        .find_map(|sep| text.windows(sep.len()).position(|w| w == *sep).map(|at| (at, sep.len())))?;
+    let open = text[..sep].iter().position(|&b| b == b'(')?;
+    let close = text.iter().rposition(|&b| b == b')').filter(|&c| c >= sep + width)?;
+    let cols = String::from_utf8_lossy(&text[open + 1..sep]);
+    // Every name in the list, also inside an expression (`lower(email::text)`).
+    let masked = cols
+        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$' || c == '"'))
+        .map(|name| name.trim_matches('"'))
+        .filter(|name| !name.is_empty())
+        .any(|name| !matches!(masker.column(name), ColumnMask::Detect | ColumnMask::Keep));
+    if !masked {
+        return None;
+    }
+    counts.add(crate::mask::Kind::Column);
+    let mut out = text[..sep + width].to_vec();
+    out.extend_from_slice(REDACTED.as_bytes());
+    out.extend_from_slice(&text[close..]);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -1108,6 +1116,42 @@ mod tests {
         let out = mask_notice(&body, &m, true, &mut counts).unwrap().unwrap();
         let expected = format!("SERROR\0C22P02\0M{WITHHELD}\0P7\0\0");
         assert_eq!(&out[..], expected.as_bytes());
+    }
+
+    #[test]
+    fn detail_values_of_masked_columns_are_redacted_in_every_shape_and_encoding() {
+        let m = masker();
+        let mut counts = Counts::default();
+        let mut detail =
+            |t: &[u8]| mask_detail_values(t, &m, &mut counts).map(|o| String::from_utf8_lossy(&o).into_owned());
+        let cases: [(&[u8], Option<&str>); 7] = [
+            (
+                b"Key (customer_ssn)=(123-45-6789) already exists.",
+                Some("Key (customer_ssn)=([REDACTED]) already exists."),
+            ),
+            (
+                b"Key (lower(customer_ssn::text))=(123-45-6789) already exists.",
+                Some("Key (lower(customer_ssn::text))=([REDACTED]) already exists."),
+            ),
+            (
+                b"Partition key of the failing row contains (region, customer_ssn) = (zz, 123-45-6789).",
+                Some("Partition key of the failing row contains (region, customer_ssn) = ([REDACTED])."),
+            ),
+            (
+                b"Key (\"ssn\", id)=(1, 2) is still referenced from table \"t\".",
+                Some("Key (\"ssn\", id)=([REDACTED]) is still referenced from table \"t\"."),
+            ),
+            // LATIN1 text (a client encoding that is not UTF-8).
+            (b"Failing row contains (1, null, Z\xfcrich).", Some("Failing row contains ([REDACTED]).")),
+            (
+                b"Key (customer_ssn)=(Z\xfcrich) already exists.",
+                Some("Key (customer_ssn)=([REDACTED]) already exists."),
+            ),
+            (b"Key (id)=(7) already exists.", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(detail(text).as_deref(), want, "{}", String::from_utf8_lossy(text));
+        }
     }
 
     #[test]
