@@ -368,11 +368,20 @@ impl Masker {
         }
         let mut found: Vec<(usize, usize, Kind, Style)> = Vec::new();
         for &(kind, style) in &self.detectors {
-            for (start, end) in find(kind, text) {
-                // Earlier detectors win where findings overlap (a card number is not a phone).
-                if !found.iter().any(|&(s, e, ..)| start < e && s < end) {
-                    found.push((start, end, kind, style));
-                }
+            for (mut start, mut end) in find(kind, text) {
+                // Earlier detectors win where findings overlap (a card number is not a phone),
+                // but what a later finding reaches past the earlier one is masked with it.
+                let mut first: Option<(Kind, Style)> = None;
+                found.retain(|&(s, e, k, st)| {
+                    let overlaps = start < e && s < end;
+                    if overlaps {
+                        (start, end) = (start.min(s), end.max(e));
+                        first.get_or_insert((k, st));
+                    }
+                    !overlaps
+                });
+                let (kind, style) = first.unwrap_or((kind, style));
+                found.push((start, end, kind, style));
             }
         }
         if found.is_empty() {
@@ -651,6 +660,18 @@ mod tests {
             style: Style::Redact,
         }]);
         assert_eq!(m.column("y"), ColumnMask::Keep);
+    }
+
+    #[test]
+    fn a_later_finding_that_overlaps_an_earlier_one_is_masked_with_it() {
+        let m = Masker::new(
+            &[Rule { name: "d".into(), target: Target::Detect(vec![Kind::Phone, Kind::Email]), style: Style::Redact }],
+            [1; 32],
+        );
+        // The phone ends inside the e-mail's local part: none of the address stays in clear.
+        let (out, c) = masked(&m, "call 415-555-0123.x@example.com now");
+        assert_eq!(out, "call [REDACTED] now");
+        assert_eq!(c.to_map(), [("phone".to_string(), 1)].into());
     }
 
     #[test]
