@@ -1057,10 +1057,57 @@ fn approval_holds_until_an_approver_decides() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not an approver"), "{out:?}");
+    // A uid that also runs a process in an enrolled cgroup may not decide from outside it: the
+    // caller may be something that process started (systemd-run --user, tmux, at).
+    let mut enrolled_sleeper = std::process::Command::new(common::BIN)
+        .args(["exec", "--cgroup", &env.cgroup("bot"), "--", "setpriv", "--reuid=65534", "--regid=65534"])
+        .args(["--clear-groups", "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::BIN, "approvals"])
+            .args(args)
+            .args(["--state-dir", &env.state_arg()])
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let out = loop {
+        let out = as_nobody(&["approve", &id]);
+        if String::from_utf8_lossy(&out.stderr).contains("runs processes in an enrolled cgroup")
+            || std::time::Instant::now() > deadline
+        {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = enrolled_sleeper.kill();
+    let _ = enrolled_sleeper.wait();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runs processes in an enrolled cgroup"), "{out:?}");
+    // Listing is refused as well, and every refused attempt is on the trail.
+    assert!(!as_nobody(&["list"]).status.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let refused: Vec<_> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "approval" && r["verdict"] == "refused")
+        .map(|r| (r["approver"].clone(), r["detail"].clone()))
+        .collect();
+    for (uid, what) in [(0, "approve"), (65534, "approve"), (65534, "list")] {
+        assert!(refused.contains(&(uid.into(), what.into())), "{uid} {what}: {refused:?}");
+    }
     let out = approvals(&env, &["approve", &id, "--reason", "ticket OPS-7"]);
     assert!(out.status.success(), "{out:?}");
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("DELETE 1"), "{out:?}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "1");
+
+    // A statement longer than an approver is shown in full is refused, not held.
+    let padded = format!("DELETE FROM orders WHERE id = 1 /* {} */ OR true", "x".repeat(17 << 10));
+    let out = spawn_psql(&env, &pg, &padded).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("deletes-need-approval") && err.contains("longer than an approver is shown"), "{err}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "1");
 
     // Held, then denied: the client gets the rule and the reason; nothing ran.
@@ -1112,14 +1159,12 @@ fn approval_holds_until_an_approver_decides() {
     // Every decision is on the trail with the approver and the statement it decided.
     std::thread::sleep(std::time::Duration::from_millis(300));
     let records = env.audit();
-    let decisions: Vec<&serde_json::Value> = records.iter().filter(|r| r["kind"] == "approval").collect();
+    // (The refused attempts were checked above.)
+    let decisions: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["kind"] == "approval" && r["verdict"] != "refused").collect();
     let verdicts: Vec<&str> = decisions.iter().filter_map(|r| r["verdict"].as_str()).collect();
-    assert_eq!(
-        verdicts,
-        ["refused", "refused", "approved", "denied", "cancelled", "timeout", "approved"],
-        "{decisions:?}"
-    );
-    let approved = decisions[2];
+    assert_eq!(verdicts, ["approved", "denied", "cancelled", "timeout", "approved"], "{decisions:?}");
+    let approved = decisions[0];
     assert_eq!((approved["approver"].as_u64(), approved["detail"].as_str()), (Some(0), Some("ticket OPS-7")));
     let stmt = records.iter().find(|r| r["seq"] == approved["refs"][0]).unwrap();
     assert_eq!(
@@ -1128,7 +1173,7 @@ fn approval_holds_until_an_approver_decides() {
     );
     // The outcome of an approved statement names the approval and its approver, in the simple
     // protocol and in the extended one (where the held Bind's result comes at the Sync).
-    for approval in [decisions[2], decisions[6]] {
+    for approval in [decisions[0], decisions[4]] {
         let result = records
             .iter()
             .find(|r| r["kind"] == "statement_result" && r["refs"] == approval["refs"])

@@ -167,6 +167,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Every proxied session takes two descriptors: the usual soft limit of 1024 would stop the
+/// agent at about 500 sessions (and a local user could use up the rest), long before the hard
+/// limit the system allows.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open file limit"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
@@ -182,6 +198,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { policy, state_dir, log_format, threads } => {
             init_logging(log_format);
+            raise_open_files();
             // Single-threaded runtimes only: a work-stealing scheduler costs CPU per wake-up
             // that a single thread does not pay; more cores are used by more loops
             // (`proxy::loops`). No time driver: its clock reads and wheel walk on every park
@@ -239,14 +256,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Client-controlled text shown to an approver: control characters (escape sequences, newlines)
 /// are printed escaped, so a statement cannot disguise itself on the terminal.
-fn printable(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
-}
-
 fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<ExitCode> {
     use tollgate::approval::{
         ApprovalId,
         control::{Command as Ctl, call},
+        printable,
     };
     let (cmd, json) = match command {
         ApprovalsCommand::List { json } => (Ctl::List, json),

@@ -23,8 +23,15 @@ use crate::{
 
 /// Longest request line accepted; a command is a few hundred bytes.
 const MAX_LINE: u64 = 64 << 10;
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A command is one line, sent at once: a client has this long to send it and read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REASON: usize = 1024;
+/// Most control connections open at once per non-root uid (anyone may connect): one local user
+/// cannot use up the agent's descriptors or lock approvers out. Root is not counted.
+const MAX_CLIENTS_PER_UID: usize = 8;
+/// Most refusals written to the trail per second, one record each; the rest are counted and
+/// the count goes in the next refusal written, so a flood cannot fill the disk.
+const MAX_REFUSALS_PER_SECOND: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -73,7 +80,39 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(l)
 }
 
+/// Open control connections per uid.
+#[derive(Default)]
+struct Clients(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// A counted connection; dropping it frees the slot.
+struct Slot(Arc<Clients>, u32);
+
+impl Clients {
+    fn enter(self: &Arc<Self>, uid: u32) -> Option<Slot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(uid).or_default();
+        if uid != 0 && *n >= MAX_CLIENTS_PER_UID {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), uid))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let clients = Arc::new(Clients::default());
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -86,11 +125,18 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
             },
             _ = stop.cancelled() => return,
         };
+        // A peer the kernel cannot name counts as one more connection of nobody's.
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let Some(slot) = clients.enter(uid) else {
+            warn!(uid, "too many control connections from one uid; one refused");
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::timer::timeout(CLIENT_TIMEOUT, handle(stream, &shared)).await {
                 warn!(error = %e, "control client timed out");
             }
+            drop(slot);
         });
     }
 }
@@ -121,7 +167,36 @@ fn peer_of(stream: &UnixStream, shared: &Shared) -> Option<Peer> {
             })
         }
     };
-    Some(Peer { uid: cred.uid(), gid: cred.gid(), groups, enrolled })
+    let uid_enrolled = cred.uid() != 0 && {
+        let view = shared.view();
+        uid_runs_enrolled(cred.uid(), &view.policy.cgroups())
+    };
+    Some(Peer { uid: cred.uid(), gid: cred.gid(), groups, enrolled, uid_enrolled })
+}
+
+/// Whether a process of `uid` (real, effective, saved or filesystem) runs in one of `cgroups`
+/// or below it. Unsure (no cgroup2 mount, too many cgroups to look at) counts as yes.
+fn uid_runs_enrolled(uid: u32, cgroups: &[&crate::policy::CgroupPath]) -> bool {
+    let Ok(mount) = crate::cgroup::cgroup2_mount() else { return true };
+    let mut dirs: Vec<PathBuf> = cgroups.iter().map(|c| mount.join(c.relative())).collect();
+    let mut looked = 0;
+    while let Some(dir) = dirs.pop() {
+        looked += 1;
+        if looked > 10_000 {
+            return true;
+        }
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let uids = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or_default();
+            if uids.split_whitespace().any(|u| u.parse() == Ok(uid)) {
+                return true;
+            }
+        }
+        let children = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        dirs.extend(children.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+    }
+    false
 }
 
 async fn handle(stream: UnixStream, shared: &Shared) {
@@ -140,22 +215,63 @@ async fn handle(stream: UnixStream, shared: &Shared) {
     let _ = w.write_all(&out).await;
 }
 
+/// Refusals written to the trail in the current second, and those not written one by one.
+struct RefusalLog {
+    second: u64,
+    written: u32,
+    unwritten: u64,
+}
+
+static REFUSALS: std::sync::Mutex<RefusalLog> =
+    std::sync::Mutex::new(RefusalLog { second: 0, written: 0, unwritten: 0 });
+
+/// An `approval` record with verdict `refused`: every refused attempt is on the trail, one
+/// record each up to MAX_REFUSALS_PER_SECOND, the rest counted in the next one written.
+fn audit_refusal(shared: &Shared, cmd: &Command, uid: Option<u32>, why: &str) {
+    warn!(uid, why, ?cmd, "approval command refused");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let unwritten = {
+        let mut log = REFUSALS.lock().unwrap_or_else(|e| e.into_inner());
+        if log.second != now {
+            (log.second, log.written) = (now, 0);
+        }
+        if log.written >= MAX_REFUSALS_PER_SECOND {
+            log.unwritten += 1;
+            return;
+        }
+        log.written += 1;
+        std::mem::take(&mut log.unwritten)
+    };
+    let mut r = Record::new(Kind::Approval);
+    if let Command::Approve { id, .. } | Command::Deny { id, .. } = cmd {
+        r.approval_id = Some(id.0);
+    }
+    r.approver = uid;
+    r.verdict = Some("refused".into());
+    r.error = Some(why.to_string());
+    r.detail = Some(match cmd {
+        Command::List => "list".to_string(),
+        Command::Approve { .. } => "approve".to_string(),
+        Command::Deny { .. } => "deny".to_string(),
+    });
+    if unwritten > 0 {
+        r.count = Some(unwritten);
+        r.detail =
+            r.detail.map(|d| format!("{d}; {unwritten} earlier refused attempts were too many to record one by one"));
+    }
+    shared.audit.append(r);
+}
+
 fn execute(cmd: Command, peer: Option<Peer>, shared: &Shared) -> Reply {
     let refuse = |msg: String| Reply { error: Some(msg), ..Default::default() };
     let Some(peer) = peer else {
-        return refuse("cannot identify the calling process".into());
+        let why = "cannot identify the calling process";
+        audit_refusal(shared, &cmd, None, why);
+        return refuse(why.into());
     };
     let approvers = shared.view().policy.approvers.clone();
     if let Err(refusal) = authorize(&peer, &approvers) {
-        warn!(uid = peer.uid, %refusal, ?cmd, "approval command refused");
-        if let Command::Approve { id, .. } | Command::Deny { id, .. } = &cmd {
-            let mut r = Record::new(Kind::Approval);
-            r.approval_id = Some(id.0);
-            r.approver = Some(peer.uid);
-            r.verdict = Some("refused".into());
-            r.error = Some(refusal.to_string());
-            shared.audit.append(r);
-        }
+        audit_refusal(shared, &cmd, Some(peer.uid), &refusal.to_string());
         return refuse(refusal.to_string());
     }
     if let Command::Approve { reason: Some(r), .. } | Command::Deny { reason: Some(r), .. } = &cmd
@@ -181,7 +297,18 @@ fn decide(shared: &Shared, id: ApprovalId, verdict: Verdict) -> Reply {
             info!(%id, decision = what, "approval decided");
             Reply { decided: Some(req), ..Default::default() }
         }
-        Err(e) => Reply { error: Some(e.to_string()), ..Default::default() },
+        Err(e) => {
+            // Deciding one's own request is the telling attempt: on the trail like the others.
+            if let super::DecideError::OwnUid(..) = e {
+                let cmd = if what == "approved" {
+                    Command::Approve { id, reason: None }
+                } else {
+                    Command::Deny { id, reason: None }
+                };
+                audit_refusal(shared, &cmd, by, &e.to_string());
+            }
+            Reply { error: Some(e.to_string()), ..Default::default() }
+        }
     }
 }
 

@@ -4,6 +4,7 @@ pub mod notify;
 
 use std::{
     collections::BTreeMap,
+    hash::{BuildHasher, RandomState},
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -15,7 +16,9 @@ use tokio::sync::oneshot;
 
 use crate::policy::Approvers;
 
-/// Approval request ids: unique within one agent run.
+/// Approval request ids: random, so an id seen before the agent restarted (in a list, a
+/// webhook, a chat message) does not name a new request, and a mistyped one hardly ever
+/// names another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ApprovalId(pub u64);
@@ -96,12 +99,14 @@ struct Entry {
 /// Held statements waiting for a decision.
 pub struct Approvals {
     pending: Mutex<BTreeMap<ApprovalId, Entry>>,
+    /// Ids are a counter hashed under this run's random keys.
     next: AtomicU64,
+    ids: RandomState,
 }
 
 impl Default for Approvals {
     fn default() -> Self {
-        Self { pending: Mutex::new(BTreeMap::new()), next: AtomicU64::new(1) }
+        Self { pending: Mutex::new(BTreeMap::new()), next: AtomicU64::new(1), ids: RandomState::new() }
     }
 }
 
@@ -110,6 +115,16 @@ pub struct Ticket<'a> {
     pub id: ApprovalId,
     pub rx: oneshot::Receiver<Verdict>,
     approvals: &'a Approvals,
+}
+
+impl Ticket<'_> {
+    /// Withdraws the request; a decision made before that is returned, so the approver who was
+    /// told it took effect and the audit trail agree.
+    pub fn withdraw(mut self) -> Option<Verdict> {
+        // A decision is sent under the lock, so after taking it there is one or none.
+        self.approvals.lock().remove(&self.id);
+        self.rx.try_recv().ok()
+    }
 }
 
 impl Drop for Ticket<'_> {
@@ -124,7 +139,13 @@ impl Approvals {
     }
 
     pub fn next_id(&self) -> ApprovalId {
-        ApprovalId(self.next.fetch_add(1, Ordering::Relaxed))
+        let pending = self.lock();
+        loop {
+            let id = self.ids.hash_one(self.next.fetch_add(1, Ordering::Relaxed)) as u32;
+            if id != 0 && !pending.contains_key(&ApprovalId(id.into())) {
+                return ApprovalId(id.into());
+            }
+        }
     }
 
     /// Queues a request (its id from `next_id`) until it is decided or the ticket is dropped.
@@ -151,9 +172,10 @@ impl Approvals {
             return Err(DecideError::OwnUid(id, uid));
         }
         let entry = pending.remove(&id).ok_or(DecideError::NotFound(id))?;
-        drop(pending);
-        // The session may have given up in the same instant; the decision is then moot.
+        // Sent under the lock (a oneshot send never blocks): a session withdrawing its request
+        // meanwhile finds either the request or this decision (`Ticket::withdraw`).
         let _ = entry.tx.send(verdict);
+        drop(pending);
         Ok(entry.request)
     }
 }
@@ -166,6 +188,9 @@ pub struct Peer {
     pub groups: Vec<u32>,
     /// It runs inside a cgroup the policy enrolls (or its cgroup could not be read).
     pub enrolled: bool,
+    /// Its uid also runs a process inside an enrolled cgroup: the caller may be something that
+    /// process started outside it (`systemd-run --user`, a terminal multiplexer, `at`).
+    pub uid_enrolled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,6 +199,11 @@ pub enum Refusal {
     Enrolled,
     #[error("uid {0} is not an approver (root and the policy's spec.approvers may decide)")]
     NotApprover(u32),
+    #[error(
+        "uid {0} runs processes in an enrolled cgroup, so this caller may have been started by one of them; \
+         decide as another approver or as root"
+    )]
+    UidEnrolled(u32),
 }
 
 /// Root or a listed uid/gid may decide, unless it runs under enforcement itself: an agent must
@@ -182,12 +212,29 @@ pub fn authorize(peer: &Peer, approvers: &Approvers) -> Result<(), Refusal> {
     if peer.enrolled {
         return Err(Refusal::Enrolled);
     }
+    // Root is not held to this: an enrolled process running as root could leave its cgroup
+    // anyway (README, "Just-in-time approval").
+    if peer.uid != 0 && peer.uid_enrolled {
+        return Err(Refusal::UidEnrolled(peer.uid));
+    }
     let by_group = std::iter::once(peer.gid).chain(peer.groups.iter().copied()).any(|g| approvers.gids.contains(&g));
     if peer.uid == 0 || approvers.uids.contains(&peer.uid) || by_group {
         Ok(())
     } else {
         Err(Refusal::NotApprover(peer.uid))
     }
+}
+
+/// Text an approver reads in a terminal: control characters, and the invisible ones that
+/// reorder or hide what follows them (bidirectional overrides, zero-width characters), escaped.
+pub fn printable(s: &str) -> String {
+    let invisible = |c: char| {
+        matches!(c, '\u{AD}' | '\u{61C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
+            || matches!(c, '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+    };
+    s.chars()
+        .map(|c| if c.is_control() || invisible(c) { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 #[cfg(test)]
@@ -227,6 +274,33 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_made_before_the_session_withdrew_is_the_one_it_records() {
+        let a = Approvals::default();
+        let id = a.next_id();
+        let t = a.submit(request(id));
+        // The session's timeout fired; before it withdrew, an approver decided.
+        a.decide(id, Verdict::Approved { by: 0, reason: None }, Some(0)).unwrap();
+        assert_eq!(t.withdraw(), Some(Verdict::Approved { by: 0, reason: None }));
+        let id = a.next_id();
+        let t = a.submit(request(id));
+        assert_eq!(t.withdraw(), None);
+        assert_eq!(a.decide(id, Verdict::Denied { by: 0, reason: None }, Some(0)), Err(DecideError::NotFound(id)));
+    }
+
+    #[test]
+    fn ids_are_not_a_sequence_and_never_repeat_a_pending_one() {
+        let a = Approvals::default();
+        let ids: Vec<_> = (0..1000).map(|_| a.next_id()).collect();
+        let b = Approvals::default();
+        assert_ne!(b.next_id(), ids[0], "another run starts elsewhere");
+        assert!(ids.windows(2).filter(|w| w[1].0 == w[0].0 + 1).count() < 5, "not consecutive");
+        let tickets: Vec<_> = ids.iter().take(100).map(|&id| a.submit(request(id))).collect();
+        for _ in 0..1000 {
+            assert!(!tickets.iter().any(|t| t.id == a.next_id()));
+        }
+    }
+
+    #[test]
     fn dropping_a_ticket_withdraws_the_request() {
         let a = Approvals::default();
         let id = a.next_id();
@@ -236,9 +310,23 @@ mod tests {
     }
 
     #[test]
+    fn what_an_approver_reads_shows_every_character_that_counts() {
+        assert_eq!(printable("DELETE FROM t\n"), "DELETE FROM t\\n");
+        // Right-to-left override and zero-width space: the terminal would show another text.
+        assert_eq!(printable("a\u{202E}b\u{200B}c"), "a\\u{202e}b\\u{200b}c");
+        assert_eq!(printable("plain é"), "plain é");
+    }
+
+    #[test]
     fn who_may_decide() {
         let approvers = Approvers { uids: vec![1000], gids: vec![50] };
-        let peer = |uid, gid, groups: &[u32], enrolled| Peer { uid, gid, groups: groups.to_vec(), enrolled };
+        let peer = |uid, gid, groups: &[u32], enrolled| Peer {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+            enrolled,
+            uid_enrolled: false,
+        };
         assert_eq!(authorize(&peer(0, 0, &[], false), &approvers), Ok(()));
         assert_eq!(authorize(&peer(1000, 1000, &[], false), &approvers), Ok(()));
         assert_eq!(authorize(&peer(1001, 50, &[], false), &approvers), Ok(()));
@@ -249,5 +337,8 @@ mod tests {
             Err(Refusal::Enrolled),
             "root inside an enrolled cgroup"
         );
+        let escaped = Peer { uid_enrolled: true, ..peer(1000, 1000, &[], false) };
+        assert_eq!(authorize(&escaped, &approvers), Err(Refusal::UidEnrolled(1000)), "its uid runs enrolled processes");
+        assert_eq!(authorize(&Peer { uid_enrolled: true, ..peer(0, 0, &[], false) }, &approvers), Ok(()));
     }
 }

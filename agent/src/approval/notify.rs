@@ -73,19 +73,25 @@ async fn exchange(
         .map_err(|source| NotifyError::Http { url: url.clone(), source })?;
     tokio::spawn(conn);
     let req = HttpRequest::post(hook.path.as_str())
-        .header(header::HOST, format!("{}:{}", hook.host, hook.port))
+        .header(header::HOST, host_header(&hook.host, hook.port))
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::USER_AGENT, concat!("tollgate/", env!("CARGO_PKG_VERSION")))
         .body(Full::new(Bytes::from(body)))
         .map_err(|source| NotifyError::Build { url: url.clone(), source })?;
     let resp = sender.send_request(req).await.map_err(|source| NotifyError::Http { url: url.clone(), source })?;
     let status = resp.status();
-    // Drain the answer so the connection closes cleanly; its content does not matter.
-    let _ = resp.into_body().collect().await;
+    // Drain the answer so the connection closes cleanly; its content does not matter, and
+    // a server that sends without end is not kept in memory.
+    let _ = http_body_util::Limited::new(resp.into_body(), 64 << 10).collect().await;
     if !status.is_success() {
         return Err(NotifyError::Status { url: url.clone(), status });
     }
     Ok(())
+}
+
+/// `Host: name:port`, an IPv6 address in brackets.
+fn host_header(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
 /// Fire and forget: a webhook that is down must not hold up, or fail, the statement's hold.
@@ -96,4 +102,16 @@ pub fn spawn(hook: Webhook, request: Request, mark: u32) {
             Err(e) => warn!(id = %request.id, error = %e, "approval webhook failed"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_headers_bracket_ipv6_addresses() {
+        assert_eq!(host_header("hooks.example", 443), "hooks.example:443");
+        assert_eq!(host_header("::1", 8080), "[::1]:8080");
+        assert_eq!(host_header("[::1]", 8080), "[::1]:8080");
+    }
 }

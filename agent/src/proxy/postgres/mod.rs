@@ -53,6 +53,9 @@ const READ_CHUNK: usize = 16 << 10;
 const CLASSIFICATION_CACHE: usize = 1024;
 /// Longest statement text kept in an audit record.
 const MAX_AUDITED_SQL: usize = 16 << 10;
+/// Most bytes of bound parameters a statement held for approval may carry: all of them are
+/// shown to the approver.
+const MAX_SHOWN_PARAMETERS: usize = 64 << 10;
 const SQLSTATE_DENIED: &str = "42501";
 const SQLSTATE_SYSTEM: &str = "58000";
 const SQLSTATE_PROTOCOL: &str = "08P01";
@@ -1488,6 +1491,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         runs: Option<&Prepared>,
     ) -> Result<Result<Option<Approved>, Refusal>, Stop> {
         let Some((rule, timeout)) = &runs.unwrap_or(p).hold else { return Ok(Ok(None)) };
+        // An approver decides on what is shown; what runs must be all of it.
+        let shown: usize = parameters.iter().flatten().map(String::len).sum();
+        if p.text.len() > MAX_AUDITED_SQL
+            || runs.is_some_and(|r| r.text.len() > MAX_AUDITED_SQL)
+            || shown > MAX_SHOWN_PARAMETERS
+        {
+            let message = format!(
+                "a statement held for approval is refused when it is longer than an approver is shown in full \
+                 ({} KiB of SQL, {} KiB of parameters)",
+                MAX_AUDITED_SQL >> 10,
+                MAX_SHOWN_PARAMETERS >> 10
+            );
+            return Ok(Err(Refusal { rule: rule.clone(), message: Some(message) }));
+        }
         let approvals = self.s.approvals;
         let id = approvals.next_id();
         let now = time::OffsetDateTime::now_utc();
@@ -1501,9 +1518,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             exe: self.base.exe.clone(),
             resource: self.base.resource.clone(),
             database: self.base.database.clone(),
-            statement: truncate(&p.text, MAX_AUDITED_SQL),
+            statement: p.text.to_string(),
             parameters,
-            runs: runs.map(|r| truncate(&r.text, MAX_AUDITED_SQL)),
+            runs: runs.map(|r| r.text.to_string()),
             rule: rule.clone(),
             requested_at: fmt(now),
             expires_at: fmt(now + *timeout),
@@ -1529,7 +1546,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
         };
         self.s.held.store(0, Ordering::Relaxed);
-        drop(ticket);
+        let verdict = match verdict {
+            // An approver may have decided in the same instant, and been told so.
+            Verdict::TimedOut | Verdict::Cancelled => ticket.withdraw().unwrap_or(verdict),
+            decided => decided,
+        };
         let mut r = self.base.clone();
         r.kind = Kind::Approval;
         r.refs = Some([p.seq].into_iter().chain(runs.map(|r| r.seq)).collect());
