@@ -1482,6 +1482,20 @@ fn protocol_tricks_fail_closed() {
     // ... and so is changing them later.
     let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "SET standard_conforming_strings = off"], ["X"]]));
     assert!(out.contains("42501") && out.contains("unparseable"), "{out}");
+    // A function the classifier cannot look into may still change them: the server says so,
+    // and the session ends before anything else is relayed.
+    pg.direct(
+        "CREATE FUNCTION flip() RETURNS text LANGUAGE sql \
+         AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$",
+    );
+    let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "SELECT flip()"], ["Q", "SELECT 'after'"]]));
+    assert!(out.contains("standard_conforming_strings = off") && out.contains("session ends"), "{out}");
+    assert!(!out.contains("after"), "{out}");
+    // ... or a setting of the role, from the start.
+    pg.direct("ALTER ROLE app SET standard_conforming_strings = off");
+    let out = raw(&env, &pg, none.clone(), serde_json::json!([["X"]]));
+    pg.direct("ALTER ROLE app RESET standard_conforming_strings");
+    assert!(out.contains("cannot log in") && out.contains("standard_conforming_strings = off"), "{out}");
     // A harmless set_config first must not let the same shape through for a lexer setting
     // (the classification cache once keyed both alike).
     let script = serde_json::json!([

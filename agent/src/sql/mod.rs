@@ -584,7 +584,9 @@ fn defaulted_names(body: &str) -> Option<BTreeSet<String>> {
         let text = body.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
         match token {
             Token::Declare => (declaring, depth, name) = (true, 0, None),
-            Token::BeginP => declaring = false,
+            // The block's BEGIN stands where a declaration would start; `begin` elsewhere is a
+            // word of an expression (`n int := 1 begin;`, `(SELECT 1 AS begin)`).
+            Token::BeginP if declaring && depth == 0 && name.is_none() => declaring = false,
             _ if !declaring => {}
             Token::SqlComment | Token::CComment => {}
             Token::Ascii59 if depth == 0 => name = None,
@@ -844,8 +846,9 @@ fn walk(v: &Value, c: &mut Classification) {
             "DiscardStmt" if child.get("target").and_then(Value::as_i64) == Some(1) => c.deallocates.add(None),
             _ => {}
         }
-        // SELECT ... INTO makes a table, as CREATE TABLE AS does (and reads, too).
-        if key == "SelectStmt" && child.get("into_clause").is_some_and(|i| !i.is_null()) {
+        // SELECT ... INTO makes a table, as CREATE TABLE AS does (and reads, too); also from
+        // the first arm of a UNION, which the tree holds under `larg`, not as a SelectStmt.
+        if key == "into_clause" && !child.is_null() {
             c.kinds.insert(Kind::Ddl);
         }
         if let Some(kind) = stmt_kind(key, child) {
@@ -928,6 +931,7 @@ mod tests {
         assert_eq!(kinds("DROP TABLE orders"), ["ddl"]);
         assert_eq!(kinds("SELECT * INTO orders_copy FROM orders"), ["select", "ddl"]);
         assert_eq!(kinds("SELECT 1 INTO TEMP t"), ["select", "ddl"]);
+        assert_eq!(kinds("SELECT * INTO loot FROM orders UNION SELECT * FROM orders"), ["select", "ddl"]);
         assert_eq!(kinds("CREATE INDEX i ON t (a)"), ["ddl"]);
         assert_eq!(kinds("ALTER TABLE t ADD COLUMN b int"), ["ddl"]);
         assert_eq!(kinds("TRUNCATE t"), ["truncate"]);
@@ -1018,6 +1022,12 @@ mod tests {
             ),
             ("DO $$ DECLARE n int; \"R\"\"x\" record = (SELECT o FROM orders o); BEGIN END $$", "record or composite"),
             ("DO $$ BEGIN DECLARE r record DEFAULT NULL; BEGIN END; END $$", "record or composite"),
+            // A word `begin` inside an earlier declaration is not the block's BEGIN.
+            (
+                "DO $$ DECLARE n int := (SELECT 1 AS begin); r record := ROW(set_config('a.b', 'c', false)); BEGIN END $$",
+                "record or composite",
+            ),
+            ("DO $$ DECLARE n int := 1 begin; r record := ROW(1); BEGIN END $$", "record or composite"),
             (&format!("DO $$ BEGIN {} END $$", "PERFORM 1; ".repeat(MAX_DO_STATEMENTS + 1)), "more than"),
         ] {
             let c = classify(sql);

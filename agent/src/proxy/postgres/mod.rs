@@ -149,6 +149,26 @@ const SAFE_ENCODINGS: [&str; 63] = [
     "eucjis2004",
 ];
 
+/// What is wrong with a ParameterStatus the server sends, if it says the server now reads SQL
+/// differently from the classifier: `standard_conforming_strings` off, or a client encoding
+/// whose characters can hold a quote or backslash byte. Statements are refused before they
+/// could change these, but a function the classifier cannot look into could; the session then
+/// ends at the server's word.
+fn lexing_setting(body: &[u8]) -> Option<String> {
+    let mut parts = body.split(|&b| b == 0);
+    let (name, value) = (parts.next()?, parts.next()?);
+    let (name, value) = (String::from_utf8_lossy(name), String::from_utf8_lossy(value));
+    let unsafe_ = if name.eq_ignore_ascii_case("standard_conforming_strings") {
+        !value.eq_ignore_ascii_case("on")
+    } else if name.eq_ignore_ascii_case("client_encoding") {
+        let norm: String = value.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+        !SAFE_ENCODINGS.contains(&norm.as_str())
+    } else {
+        false
+    };
+    unsafe_.then(|| format!("the server now has {name} = {value}, under which it reads SQL differently from the proxy"))
+}
+
 fn check_startup_params(params: &[(String, String)]) -> Result<(), String> {
     for (i, (k, v)) in params.iter().enumerate() {
         if !STARTUP_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(k)) {
@@ -350,6 +370,10 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         let mut up = upstream::login(stream, s.upstream, &s.credentials.user, &password, &params)
             .await
             .map_err(|e| e.to_string())?;
+        // Set for the role or database (ALTER ROLE ... SET), out of the client's reach.
+        if let Some(why) = up.parameters.iter().find_map(|f| lexing_setting(&f.body)) {
+            return Err(why);
+        }
         let masker = match &s.masker {
             Some(m) if m.has_column_rules() => {
                 let (origins, tables) = up.column_origins(s.upstream, m).await.map_err(|e| e.to_string())?;
@@ -868,6 +892,12 @@ async fn downstream(
                 let (mut pos, mut relayed) = (0, 0);
                 while let Some((tag, len)) = wire::peek(&buf[pos..]).map_err(std::io::Error::other)? {
                     let body = &buf[pos + 5..pos + len];
+                    if tag == b'S'
+                        && let Some(why) = lexing_setting(body)
+                    {
+                        out.extend_from_slice(&buf[relayed..pos]);
+                        return end_for_lexing(why, &mut out, &mut finished, &mut results, &mut client).await;
+                    }
                     let mut own = false;
                     if !pending.is_empty() {
                         let denial = denial_for(&mut pending, ready_seen + 1, (tag, body), tally.failed, stand_in);
@@ -910,6 +940,11 @@ async fn downstream(
                         true => None,
                         false => denial_for(&mut pending, ready_seen + 1, (tag, &buf[5..len]), tally.failed, stand_in),
                     };
+                    if tag == b'S'
+                        && let Some(why) = lexing_setting(&buf[5..len])
+                    {
+                        return end_for_lexing(why, &mut out, &mut finished, &mut results, &mut client).await;
+                    }
                     let relayed = if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
                         let row = tracker.write_data_row(&buf[5..len], &mut out);
@@ -991,6 +1026,24 @@ async fn downstream(
             },
         }
     }
+}
+
+/// Ends a session whose server reads SQL differently from the proxy now (`lexing_setting`):
+/// what went before goes out, then a fatal error saying why.
+async fn end_for_lexing(
+    why: String,
+    out: &mut BytesMut,
+    finished: &mut Vec<Tally>,
+    results: &mut Results,
+    client: &mut (impl AsyncWrite + Unpin),
+) -> std::io::Result<()> {
+    tracing::warn!(%why, "ending the session");
+    wire::fatal_response(SQLSTATE_PROTOCOL, &format!("tollgate: {why}; the session ends")).encode(out);
+    for t in finished.drain(..) {
+        results.record(t);
+    }
+    client.write_all(out).await?;
+    Err(std::io::Error::other(why))
 }
 
 /// The server side's view of a COPY FROM STDIN started by an extended-protocol Execute, whose
@@ -2628,6 +2681,16 @@ mod tests {
             t.see(tag, body.as_bytes());
         }
         assert_eq!((t.rows, t.commands), (4, 1));
+    }
+
+    #[test]
+    fn settings_the_server_reports_that_change_how_it_reads_sql() {
+        assert!(lexing_setting(b"standard_conforming_strings\0on\0").is_none());
+        assert!(lexing_setting(b"standard_conforming_strings\0off\0").is_some());
+        assert!(lexing_setting(b"client_encoding\0UTF8\0").is_none());
+        assert!(lexing_setting(b"client_encoding\0SJIS\0").is_some());
+        assert!(lexing_setting(b"TimeZone\0UTC\0").is_none());
+        assert!(lexing_setting(b"").is_none(), "not even a name");
     }
 
     #[test]
