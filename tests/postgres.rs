@@ -1482,6 +1482,11 @@ fn protocol_tricks_fail_closed() {
     // ... and so is changing them later.
     let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "SET standard_conforming_strings = off"], ["X"]]));
     assert!(out.contains("42501") && out.contains("unparseable"), "{out}");
+    // A text nested deeper than the parser can write out safely (it once aborted the agent):
+    // refused, and the session goes on.
+    let deep = format!("SELECT {}1", "1+".repeat(50_000));
+    let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", deep], ["Q", "SELECT 'still here'"], ["X"]]));
+    assert!(out.contains("42501") && out.contains("unparseable") && out.contains("still here"), "{out}");
     // A function the classifier cannot look into may still change them: the server says so,
     // and the session ends before anything else is relayed.
     pg.direct(

@@ -387,7 +387,64 @@ pub fn classify(sql: &str) -> Classification {
 /// nesting is the input's, and each level parses again.
 const MAX_DO_DEPTH: usize = 3;
 
+/// Most a text may nest (`nesting`) to be parsed. libpg_query writes its parse tree out
+/// recursively, with no limit of its own: `SELECT 1+1+...` with some thousands of terms
+/// overflows a thread's stack and aborts the agent. A tree nested this deep could not be read
+/// anyway (the decoder stops at 100 levels), so refusing it early loses nothing.
+const MAX_NESTING: usize = 1000;
+
+/// An upper bound of how deep a text's parse tree nests, from its tokens: brackets (`(`, `[`,
+/// CASE and PL/pgSQL's blocks, IF and LOOP, up to their END) each open a level, and within a
+/// level every token but names and constants may nest once more (`1+1+1` is a chain of
+/// operators), until a comma, semicolon, AND, OR, WHEN, THEN or ELSE starts a sibling. `None`
+/// when the text does not scan (then it does not parse either).
+fn nesting(sql: &str) -> Option<usize> {
+    use pg_query::protobuf::Token as T;
+    let scan = pg_query::scan(sql).ok()?;
+    // Per open level, the tokens that may nest in its current element; `sum` is their total.
+    let mut levels: Vec<usize> = vec![0];
+    let (mut sum, mut deepest, mut after_end) = (0usize, 0usize, false);
+    for t in &scan.tokens {
+        let token = T::try_from(t.token).ok()?;
+        let text = || sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?);
+        let opens_block = |t: T| {
+            matches!(t, T::IfP | T::Case) || (t == T::Ident && text().is_some_and(|w| w.eq_ignore_ascii_case("loop")))
+        };
+        match token {
+            // `END IF`, `END LOOP`, `END CASE` close one level, not two.
+            _ if after_end && opens_block(token) => {}
+            T::Ascii40 | T::Ascii91 | T::BeginP => levels.push(0),
+            _ if opens_block(token) => levels.push(0),
+            T::Ascii41 | T::Ascii93 | T::EndP => {
+                if levels.len() > 1 {
+                    sum -= levels.pop().unwrap_or(0);
+                }
+            }
+            T::Ascii44 | T::Ascii59 | T::And | T::Or | T::When | T::Then | T::Else => {
+                let current = levels.last_mut()?;
+                sum -= std::mem::take(current);
+            }
+            T::Ident | T::Uident | T::Sconst | T::Iconst | T::Fconst | T::Bconst | T::Xconst | T::Param => {}
+            T::SqlComment | T::CComment => {}
+            _ => {
+                *levels.last_mut()? += 1;
+                sum += 1;
+            }
+        }
+        after_end = token == T::EndP;
+        deepest = deepest.max(levels.len() + sum);
+    }
+    Some(deepest)
+}
+
 fn classify_nested(sql: &str, depth: usize) -> Classification {
+    if nesting(sql).is_some_and(|n| n > MAX_NESTING) {
+        return Classification {
+            kinds: [Kind::Unparseable].into(),
+            parse_error: Some(format!("the text nests more than {MAX_NESTING} levels deep; it is not looked into")),
+            ..Default::default()
+        };
+    }
     let parsed = match pg_query::parse(sql) {
         Ok(p) => p,
         Err(e) => {
@@ -485,6 +542,9 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
     let Some(text) = sql.get(start..end) else {
         return refuse(c, || "a DO block's text could not be found".into());
     };
+    if nesting(body).is_some_and(|n| n > MAX_NESTING) {
+        return refuse(c, || format!("a DO block that nests more than {MAX_NESTING} levels deep is not looked into"));
+    }
     // libpg_query leaks one byte (a strdup) per body that fails to compile: less than the
     // audit record of the refusal that follows.
     let function = match pg_query::parse_plpgsql(text) {
@@ -1188,6 +1248,48 @@ mod tests {
         assert_eq!(classify("FETCH c").cursors, Deallocates::None);
         assert!(classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").hold_cursor);
         assert!(!classify("DECLARE c CURSOR FOR SELECT 1").hold_cursor);
+    }
+
+    /// Classifies on a thread with the default 2 MiB stack, as a session's loop has.
+    fn classify_on_small_stack(sql: String) -> Classification {
+        std::thread::Builder::new().stack_size(2 << 20).spawn(move || classify(&sql)).unwrap().join().unwrap()
+    }
+
+    #[test]
+    fn texts_nested_too_deep_to_parse_safely_are_refused_before_parsing() {
+        // The first overflowed a 2 MiB stack in libpg_query before this check (the process
+        // aborted); the others nest the same way through other constructs.
+        for sql in [
+            format!("SELECT {}1", "1+".repeat(50_000)),
+            format!("SELECT {}1{}", "(SELECT ".repeat(3_000), ")".repeat(3_000)),
+            format!("SELECT 1 {}", "UNION SELECT 1 ".repeat(20_000)),
+            format!("SELECT {}1{}", "CASE WHEN true THEN ".repeat(20_000), " END".repeat(20_000)),
+            format!("DO $$ BEGIN {} NULL; {} END $$", "IF true THEN ".repeat(20_000), "END IF; ".repeat(20_000)),
+            format!("DO $$ BEGIN {} NULL; {} END $$", "LOOP ".repeat(20_000), "END LOOP; ".repeat(20_000)),
+        ] {
+            let c = classify_on_small_stack(sql);
+            assert!(c.kinds.contains(&Kind::Unparseable), "{c:?}");
+        }
+        // Long but flat texts are still looked into.
+        let flat = [
+            format!(
+                "SELECT * FROM orders WHERE {}",
+                (0..5_000).map(|i| format!("id = {i}")).collect::<Vec<_>>().join(" OR ")
+            ),
+            format!(
+                "INSERT INTO orders VALUES {}",
+                (0..5_000).map(|i| format!("({i}, 'x', {i}.5)")).collect::<Vec<_>>().join(", ")
+            ),
+            format!(
+                "SELECT CASE {} END",
+                (0..3_000).map(|i| format!("WHEN id = {i} THEN {i}")).collect::<Vec<_>>().join(" ")
+            ),
+            format!("DO $$ BEGIN {} END $$", "IF true THEN NULL; END IF; ".repeat(300)),
+        ];
+        for sql in flat {
+            let c = classify_on_small_stack(sql.clone());
+            assert!(!c.kinds.contains(&Kind::Unparseable), "{}: {:?}", &sql[..60], c.parse_error);
+        }
     }
 
     #[test]
