@@ -86,10 +86,50 @@ impl Rule {
     }
 }
 
+/// What of a query string an approve rule that matched it does not speak for: the kinds,
+/// tables and functions it does not list (`None`: nothing).
+fn beyond(r: &Rule, c: &Classification) -> Option<Classification> {
+    let kinds: std::collections::BTreeSet<Kind> = match r.statements.is_empty() {
+        true => Default::default(),
+        false => c.kinds.iter().filter(|k| !r.statements.contains(k)).copied().collect(),
+    };
+    if kinds.is_empty() {
+        return None;
+    }
+    let unlisted = |names: &std::collections::BTreeSet<String>, listed: &[String]| match listed.is_empty() {
+        true => Default::default(),
+        false => names.iter().filter(|n| !table_listed(listed, n)).cloned().collect(),
+    };
+    let where_missing = c.where_missing && kinds.iter().any(|k| matches!(k, Kind::Update | Kind::Delete));
+    Some(Classification {
+        tables: unlisted(&c.tables, &r.tables),
+        functions: unlisted(&c.functions, &r.functions),
+        kinds,
+        where_missing,
+        ..c.clone()
+    })
+}
+
 /// Judges one query string: first matching rule, else `default` (named `<grant>.default`).
 /// Text the grammar rejects is denied unless a rule names `unparseable`.
+///
+/// An approval speaks only for what its rule is about: a text that an approve rule matches
+/// for one part (a DELETE) is held only if every other part (the SELECT of its subquery, or a
+/// second statement) is allowed on its own; otherwise that part's verdict (a deny) stands.
+/// Text that does not parse is never held unless the rule names `unparseable`.
 pub fn decide(grant: &str, rules: &[Rule], default: Action, c: &Classification) -> Decision {
     if let Some(r) = rules.iter().find(|r| r.matches(c)) {
+        if let Action::Approve { .. } = r.action {
+            if c.kinds.contains(&Kind::Unparseable) && !r.statements.contains(&Kind::Unparseable) {
+                return Decision { action: Action::Deny, rule: "unparseable".into(), message: c.parse_error.clone() };
+            }
+            if let Some(rest) = beyond(r, c) {
+                let d = decide(grant, rules, default, &rest);
+                if d.action == Action::Deny {
+                    return d;
+                }
+            }
+        }
         return Decision { action: r.action, rule: r.name.clone(), message: r.message.clone() };
     }
     if c.kinds.contains(&Kind::Unparseable) {
@@ -203,6 +243,36 @@ mod tests {
             "g.default",
             "allow needs every call listed"
         );
+    }
+
+    #[test]
+    fn an_approval_speaks_only_for_what_its_rule_is_about() {
+        let hold = Action::Approve { timeout: DEFAULT_APPROVAL_TIMEOUT };
+        let rules = vec![
+            rule("no-ddl", &[Kind::Ddl], &[], false, Action::Deny),
+            rule("deletes-need-approval", &[Kind::Delete], &["orders"], false, hold),
+            rule("reads", &[Kind::Select], &[], false, Action::Allow),
+        ];
+        let judge = |sql: &str| {
+            let d = decide("g", &rules, Action::Deny, &classify(sql));
+            (d.action, d.rule)
+        };
+        let held = (hold, "deletes-need-approval".to_string());
+        assert_eq!(judge("DELETE FROM orders WHERE id = 1"), held);
+        // Its subquery's SELECT is allowed on its own, so the whole is held.
+        assert_eq!(judge("DELETE FROM orders WHERE id IN (SELECT id FROM orders WHERE total > 1)"), held);
+        assert_eq!(judge("DELETE FROM orders WHERE id = 1; SELECT 1"), held);
+        // A part nothing allows is denied, not held: an approver would be asked about it.
+        let (action, rule) = judge("DELETE FROM orders WHERE id = 1; COPY (SELECT 1) TO PROGRAM 'true'");
+        assert_eq!((action, rule.as_str()), (Action::Deny, "g.default"));
+        let (action, rule) = judge("DELETE FROM orders WHERE id = 1; UPDATE orders SET total = 0 WHERE id = 2");
+        assert_eq!((action, rule.as_str()), (Action::Deny, "g.default"));
+        // Kinds are not tied to tables: a DELETE of another table in the same text is held with
+        // it (the approver is shown the whole text).
+        assert_eq!(judge("DELETE FROM orders WHERE id = 1; DELETE FROM customers WHERE id = 2"), held);
+        // Nor is what cannot be parsed ever held along.
+        let (action, rule) = judge("DELETE FROM orders WHERE id = 1; DO $$ BEGIN EXECUTE 'DROP TABLE t'; END $$");
+        assert_eq!((action, rule.as_str()), (Action::Deny, "unparseable"));
     }
 
     #[test]
