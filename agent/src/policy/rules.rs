@@ -70,11 +70,14 @@ impl Rule {
         } else {
             c.kinds.iter().any(|k| self.statements.contains(k))
         };
+        // A function that runs SQL given as text (`query_to_xml('SELECT * FROM t', ...)`)
+        // reads tables the text does not name: any table, for every rule that lists some.
+        let any_table = c.reads.runs_sql;
         let tables_ok = self.tables.is_empty()
             || if all {
-                c.tables.iter().all(|t| table_listed(&self.tables, t))
+                !any_table && c.tables.iter().all(|t| table_listed(&self.tables, t))
             } else {
-                c.tables.iter().any(|t| table_listed(&self.tables, t))
+                any_table || c.tables.iter().any(|t| table_listed(&self.tables, t))
             };
         let functions_ok = self.functions.is_empty()
             || if all {
@@ -243,6 +246,19 @@ mod tests {
             "g.default",
             "allow needs every call listed"
         );
+    }
+
+    #[test]
+    fn sql_run_from_text_may_read_any_table() {
+        let rules = vec![
+            rule("no-secrets", &[], &["secrets"], false, Action::Deny),
+            rule("orders", &[Kind::Select], &["orders"], false, Action::Allow),
+        ];
+        let c = classify("SELECT query_to_xml('SELECT * FROM vault', true, false, '')");
+        assert_eq!(decide("g", &rules, Action::Allow, &c).rule, "no-secrets", "a deny rule listing tables");
+        let d = decide("g", &rules[1..], Action::Deny, &c);
+        assert_eq!((d.action, d.rule.as_str()), (Action::Deny, "g.default"), "an allow rule listing tables");
+        assert_eq!(decide("g", &rules[1..], Action::Deny, &classify("SELECT * FROM orders")).rule, "orders");
     }
 
     #[test]

@@ -870,6 +870,20 @@ fn walk(v: &Value, c: &mut Classification) {
                 c.functions.insert(name.join(".").to_lowercase());
             }
         }
+        // A call written as a field (PostgreSQL reads `x.f` as `f(x)` when `x` has no field
+        // `f`): `('/etc/passwd'::text).pg_read_file`, `(pid).pg_terminate_backend`,
+        // `s.path.lo_import`. Named as a function, whatever it turns out to be; a plain
+        // `table.column` is left alone (no function that takes a whole row does harm by name).
+        let field_names = match key {
+            "AIndirection" => child.get("indirection").and_then(Value::as_array).map(|i| &i[..]),
+            "ColumnRef" => {
+                child.get("fields").and_then(Value::as_array).filter(|f| f.len() >= 3).map(|f| &f[f.len() - 1..])
+            }
+            _ => None,
+        };
+        for name in field_names.unwrap_or_default().iter().filter_map(sval) {
+            c.functions.insert(name.to_lowercase());
+        }
         if let Some(why) = changes_lexing(key, child) {
             c.kinds.insert(Kind::Unparseable);
             c.parse_error.get_or_insert(why);
@@ -1290,6 +1304,18 @@ mod tests {
             let c = classify_on_small_stack(sql.clone());
             assert!(!c.kinds.contains(&Kind::Unparseable), "{}: {:?}", &sql[..60], c.parse_error);
         }
+    }
+
+    #[test]
+    fn calls_written_as_fields_are_named_as_functions() {
+        for (sql, f) in [
+            ("SELECT ('/etc/passwd'::text).pg_read_file", "pg_read_file"),
+            ("SELECT (pid).pg_terminate_backend FROM pg_stat_activity", "pg_terminate_backend"),
+            ("SELECT s.f.lo_import FROM (SELECT '/etc/x'::text f) s", "lo_import"),
+        ] {
+            assert!(classify(sql).functions.contains(f), "{sql}");
+        }
+        assert!(classify("SELECT o.id, o.total FROM orders o").functions.is_empty());
     }
 
     #[test]
