@@ -57,6 +57,13 @@ fn table_listed(listed: &[String], name: &str) -> bool {
     listed.iter().any(|l| l == name || l == last)
 }
 
+/// For deny and approve rules, also the other way round: `public.orders` listed matches a plain
+/// `orders`, which the search path may well resolve to it.
+fn may_be_listed(listed: &[String], name: &str) -> bool {
+    let last = |n: &str| n.rsplit('.').next().unwrap_or(n).to_string();
+    table_listed(listed, name) || (!name.contains('.') && listed.iter().any(|l| last(l) == name))
+}
+
 impl Rule {
     /// Deny and approve rules match if any part of the query matches; allow rules only if every
     /// part does, so an allowed kind never carries a forbidden one along
@@ -77,13 +84,13 @@ impl Rule {
             || if all {
                 !any_table && c.tables.iter().all(|t| table_listed(&self.tables, t))
             } else {
-                any_table || c.tables.iter().any(|t| table_listed(&self.tables, t))
+                any_table || c.tables.iter().any(|t| may_be_listed(&self.tables, t))
             };
         let functions_ok = self.functions.is_empty()
             || if all {
                 c.functions.iter().all(|f| table_listed(&self.functions, f))
             } else {
-                c.functions.iter().any(|f| table_listed(&self.functions, f))
+                c.functions.iter().any(|f| may_be_listed(&self.functions, f))
             };
         kinds_ok && tables_ok && functions_ok && (!self.where_missing || c.where_missing)
     }
@@ -246,6 +253,21 @@ mod tests {
             "g.default",
             "allow needs every call listed"
         );
+    }
+
+    #[test]
+    fn a_deny_rule_naming_a_schema_also_catches_the_plain_name() {
+        let rules = vec![
+            rule("no-public-orders", &[Kind::Delete], &["public.orders"], false, Action::Deny),
+            rule("writes", &[Kind::Delete], &["public.orders"], false, Action::Allow),
+        ];
+        let judge = |sql: &str| decide("g", &rules, Action::Allow, &classify(sql)).rule;
+        assert_eq!(judge("DELETE FROM orders WHERE id = 1"), "no-public-orders");
+        assert_eq!(judge("DELETE FROM public.orders WHERE id = 1"), "no-public-orders");
+        assert_eq!(judge("DELETE FROM archive.orders WHERE id = 1"), "g.default", "another schema's");
+        // An allow rule naming a schema does not allow the plain name: the search path decides.
+        let allow = decide("g", &rules[1..], Action::Deny, &classify("DELETE FROM orders WHERE id = 1"));
+        assert_eq!(allow.rule, "g.default");
     }
 
     #[test]
