@@ -37,7 +37,11 @@ impl Loops {
             // Built and run on its own thread: a runtime dropped inside another's context (here,
             // had the thread not started) panics.
             let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::Builder::new().name(format!("proxy-{i}")).spawn(move || {
+            // The SQL classifier runs here: libpg_query recurses as deep as a statement nests.
+            // `sql::classify` refuses texts nested past its bound; this leaves a wide margin
+            // (the main thread, which serves sessions with one loop, has the usual 8 MiB).
+            let thread = std::thread::Builder::new().name(format!("proxy-{i}")).stack_size(16 << 20);
+            thread.spawn(move || {
                 // Like the agent's own runtime, without a time driver (see `timer`).
                 match Builder::new_current_thread().enable_io().build() {
                     Ok(rt) => {

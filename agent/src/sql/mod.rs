@@ -396,13 +396,21 @@ const MAX_NESTING: usize = 1000;
 /// An upper bound of how deep a text's parse tree nests, from its tokens: brackets (`(`, `[`,
 /// CASE and PL/pgSQL's blocks, IF and LOOP, up to their END) each open a level, and within a
 /// level every token but names and constants may nest once more (`1+1+1` is a chain of
-/// operators), until a comma, semicolon, AND, OR, WHEN, THEN or ELSE starts a sibling. `None`
-/// when the text does not scan (then it does not parse either).
+/// operators), until a comma, semicolon, AND, OR, WHEN, THEN or ELSE starts a sibling. Set
+/// operations and joins chain across those (`SELECT 1, 2 UNION SELECT 1, 2 UNION ...` nests
+/// one level per UNION): they count until the level closes or a semicolon. `None` when the
+/// text does not scan (then it does not parse either).
 fn nesting(sql: &str) -> Option<usize> {
     use pg_query::protobuf::Token as T;
     let scan = pg_query::scan(sql).ok()?;
-    // Per open level, the tokens that may nest in its current element; `sum` is their total.
-    let mut levels: Vec<usize> = vec![0];
+    /// What may nest in one open level: in its current element, and across its elements.
+    #[derive(Default)]
+    struct Level {
+        element: usize,
+        chain: usize,
+    }
+    let mut levels: Vec<Level> = vec![Level::default()];
+    // The total of every level's counts.
     let (mut sum, mut deepest, mut after_end) = (0usize, 0usize, false);
     for t in &scan.tokens {
         let token = T::try_from(t.token).ok()?;
@@ -410,24 +418,30 @@ fn nesting(sql: &str) -> Option<usize> {
         let opens_block = |t: T| {
             matches!(t, T::IfP | T::Case) || (t == T::Ident && text().is_some_and(|w| w.eq_ignore_ascii_case("loop")))
         };
+        let level = levels.last_mut()?;
         match token {
             // `END IF`, `END LOOP`, `END CASE` close one level, not two.
             _ if after_end && opens_block(token) => {}
-            T::Ascii40 | T::Ascii91 | T::BeginP => levels.push(0),
-            _ if opens_block(token) => levels.push(0),
+            T::Ascii40 | T::Ascii91 | T::BeginP => levels.push(Level::default()),
+            _ if opens_block(token) => levels.push(Level::default()),
             T::Ascii41 | T::Ascii93 | T::EndP => {
                 if levels.len() > 1 {
-                    sum -= levels.pop().unwrap_or(0);
+                    let closed = levels.pop()?;
+                    sum -= closed.element + closed.chain;
                 }
             }
-            T::Ascii44 | T::Ascii59 | T::And | T::Or | T::When | T::Then | T::Else => {
-                let current = levels.last_mut()?;
-                sum -= std::mem::take(current);
+            T::Ascii59 => {
+                sum -= std::mem::take(&mut level.element) + std::mem::take(&mut level.chain);
+            }
+            T::Ascii44 | T::And | T::Or | T::When | T::Then | T::Else => sum -= std::mem::take(&mut level.element),
+            T::Union | T::Intersect | T::Except | T::Join => {
+                level.chain += 1;
+                sum += 1;
             }
             T::Ident | T::Uident | T::Sconst | T::Iconst | T::Fconst | T::Bconst | T::Xconst | T::Param => {}
             T::SqlComment | T::CComment => {}
             _ => {
-                *levels.last_mut()? += 1;
+                level.element += 1;
                 sum += 1;
             }
         }
@@ -1277,6 +1291,9 @@ mod tests {
             format!("SELECT {}1", "1+".repeat(50_000)),
             format!("SELECT {}1{}", "(SELECT ".repeat(3_000), ")".repeat(3_000)),
             format!("SELECT 1 {}", "UNION SELECT 1 ".repeat(20_000)),
+            format!("{}SELECT 1, 1", "SELECT 1, 1 UNION ".repeat(20_000)),
+            format!("{}SELECT 1 WHERE true", "SELECT 1 WHERE true AND true UNION ".repeat(20_000)),
+            format!("SELECT 1 FROM t {}", "JOIN t t1 ON true AND true ".repeat(20_000)),
             format!("SELECT {}1{}", "CASE WHEN true THEN ".repeat(20_000), " END".repeat(20_000)),
             format!("DO $$ BEGIN {} NULL; {} END $$", "IF true THEN ".repeat(20_000), "END IF; ".repeat(20_000)),
             format!("DO $$ BEGIN {} NULL; {} END $$", "LOOP ".repeat(20_000), "END LOOP; ".repeat(20_000)),

@@ -96,10 +96,12 @@ struct Copying {
 /// Most portals, and most described statements, a session's tracker keeps; and most bytes of
 /// statement descriptions. A server drops portals at the end of their transaction and
 /// statements at a DEALLOCATE or DISCARD in SQL, unseen here, so a client could otherwise
-/// make a session keep every one it ever had. Past these, an old one (any) is forgotten: a
-/// later result that needed it fails closed, like any result the proxy cannot match.
+/// make a session keep every one it ever had. Past these, an old one (any) is forgotten. The
+/// client side does not know which: a later execution of a forgotten statement that the client
+/// described (so no Describe of the portal was added) ends the session with a protocol error,
+/// as any result the proxy cannot mask does. README, "Masking", names the limits.
 const MAX_TRACKED: usize = 4096;
-const MAX_DESCRIBED_BYTES: usize = 4 << 20;
+const MAX_DESCRIBED_BYTES: usize = 16 << 20;
 
 /// RowDescription bodies by statement name, and their total size.
 #[derive(Default)]
