@@ -12,7 +12,7 @@ metadata: {{ name: {name} }}
 spec:
   unlisted: deny
   proxy: {{ listen: ["127.0.0.1:0", "[::1]:0"] }}
-  approvers: {{ uids: [0] }}
+  approvers: {{ uids: [0, 65533] }}
 {notify}
   identities:
     - {{ name: bot, cgroup: {cg}, groups: [agents] }}
@@ -1057,16 +1057,17 @@ fn approval_holds_until_an_approver_decides() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not an approver"), "{out:?}");
-    // A uid that also runs a process in an enrolled cgroup may not decide from outside it: the
-    // caller may be something that process started (systemd-run --user, tmux, at).
+    // An approver's uid (65533 here) that also runs a process in an enrolled cgroup may not
+    // decide from outside it: the caller may be something that process started (systemd-run
+    // --user, tmux, at).
     let mut enrolled_sleeper = std::process::Command::new(common::BIN)
-        .args(["exec", "--cgroup", &env.cgroup("bot"), "--", "setpriv", "--reuid=65534", "--regid=65534"])
+        .args(["exec", "--cgroup", &env.cgroup("bot"), "--", "setpriv", "--reuid=65533", "--regid=65533"])
         .args(["--clear-groups", "sleep", "30"])
         .spawn()
         .unwrap();
-    let as_nobody = |args: &[&str]| {
+    let as_approver = |args: &[&str]| {
         std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", common::BIN, "approvals"])
+            .args(["--reuid=65533", "--regid=65533", "--clear-groups", common::BIN, "approvals"])
             .args(args)
             .args(["--state-dir", &env.state_arg()])
             .output()
@@ -1074,7 +1075,7 @@ fn approval_holds_until_an_approver_decides() {
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let out = loop {
-        let out = as_nobody(&["approve", &id]);
+        let out = as_approver(&["approve", &id]);
         if String::from_utf8_lossy(&out.stderr).contains("runs processes in an enrolled cgroup")
             || std::time::Instant::now() > deadline
         {
@@ -1082,11 +1083,12 @@ fn approval_holds_until_an_approver_decides() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    let _ = enrolled_sleeper.kill();
-    let _ = enrolled_sleeper.wait();
     assert!(String::from_utf8_lossy(&out.stderr).contains("runs processes in an enrolled cgroup"), "{out:?}");
     // Listing is refused as well, and every refused attempt is on the trail.
-    assert!(!as_nobody(&["list"]).status.success());
+    let listed = as_approver(&["list"]);
+    let _ = enrolled_sleeper.kill();
+    let _ = enrolled_sleeper.wait();
+    assert!(!listed.status.success(), "{listed:?}");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let refused: Vec<_> = env
         .audit()
@@ -1094,7 +1096,7 @@ fn approval_holds_until_an_approver_decides() {
         .filter(|r| r["kind"] == "approval" && r["verdict"] == "refused")
         .map(|r| (r["approver"].clone(), r["detail"].clone()))
         .collect();
-    for (uid, what) in [(0, "approve"), (65534, "approve"), (65534, "list")] {
+    for (uid, what) in [(0, "approve"), (65534, "approve"), (65533, "approve"), (65533, "list")] {
         assert!(refused.contains(&(uid.into(), what.into())), "{uid} {what}: {refused:?}");
     }
     let out = approvals(&env, &["approve", &id, "--reason", "ticket OPS-7"]);
@@ -1109,6 +1111,9 @@ fn approval_holds_until_an_approver_decides() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("deletes-need-approval") && err.contains("longer than an approver is shown"), "{err}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "1");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let refusal = env.audit().into_iter().rfind(|r| r["kind"] == "approval").expect("an approval record");
+    assert_eq!((refusal["verdict"].as_str(), refusal["approver"].as_u64()), (Some("refused"), None), "{refusal}");
 
     // Held, then denied: the client gets the rule and the reason; nothing ran.
     let child = spawn_psql(&env, &pg, "DELETE FROM orders WHERE id = 1");

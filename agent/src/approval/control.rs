@@ -29,8 +29,9 @@ const MAX_REASON: usize = 1024;
 /// Most control connections open at once per non-root uid (anyone may connect): one local user
 /// cannot use up the agent's descriptors or lock approvers out. Root is not counted.
 const MAX_CLIENTS_PER_UID: usize = 8;
-/// Most refusals written to the trail per second, one record each; the rest are counted and
-/// the count goes in the next refusal written, so a flood cannot fill the disk.
+/// Most refusals written to the trail per second per calling uid, one record each; the rest are
+/// counted and the count goes in that uid's next refusal written, so a flood cannot fill the
+/// disk or hide another uid's attempt.
 const MAX_REFUSALS_PER_SECOND: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +129,8 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
         // A peer the kernel cannot name counts as one more connection of nobody's.
         let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
         let Some(slot) = clients.enter(uid) else {
-            warn!(uid, "too many control connections from one uid; one refused");
+            let why = format!("more than {MAX_CLIENTS_PER_UID} control connections at once from one uid");
+            audit_refusal(&shared, None, Some(uid), &why);
             continue;
         };
         let shared = shared.clone();
@@ -167,16 +169,13 @@ fn peer_of(stream: &UnixStream, shared: &Shared) -> Option<Peer> {
             })
         }
     };
-    let uid_enrolled = cred.uid() != 0 && {
-        let view = shared.view();
-        uid_runs_enrolled(cred.uid(), &view.policy.cgroups())
-    };
-    Some(Peer { uid: cred.uid(), gid: cred.gid(), groups, enrolled, uid_enrolled })
+    // Looked at later, only for a caller the other checks let through (`handle`).
+    Some(Peer { uid: cred.uid(), gid: cred.gid(), groups, enrolled, uid_enrolled: false })
 }
 
 /// Whether a process of `uid` (real, effective, saved or filesystem) runs in one of `cgroups`
 /// or below it. Unsure (no cgroup2 mount, too many cgroups to look at) counts as yes.
-fn uid_runs_enrolled(uid: u32, cgroups: &[&crate::policy::CgroupPath]) -> bool {
+fn uid_runs_enrolled(uid: u32, cgroups: &[crate::policy::CgroupPath]) -> bool {
     let Ok(mount) = crate::cgroup::cgroup2_mount() else { return true };
     let mut dirs: Vec<PathBuf> = cgroups.iter().map(|c| mount.join(c.relative())).collect();
     let mut looked = 0;
@@ -207,7 +206,21 @@ async fn handle(stream: UnixStream, shared: &Shared) {
         Err(e) => Reply { error: Some(format!("cannot read the request: {e}")), ..Default::default() },
         Ok(_) => match serde_json::from_str::<Command>(&line) {
             Err(e) => Reply { error: Some(format!("malformed request: {e}")), ..Default::default() },
-            Ok(cmd) => execute(cmd, peer, shared),
+            Ok(cmd) => {
+                let mut peer = peer;
+                // Reads /proc for every enrolled process: only for a non-root caller the other
+                // checks let through, and off the agent's event loop.
+                if let Some(p) = &mut peer
+                    && p.uid != 0
+                    && authorize(p, &shared.view().policy.approvers).is_ok()
+                {
+                    let uid = p.uid;
+                    let cgroups: Vec<_> = shared.view().policy.cgroups().into_iter().cloned().collect();
+                    let walk = tokio::task::spawn_blocking(move || uid_runs_enrolled(uid, &cgroups));
+                    p.uid_enrolled = walk.await.unwrap_or(true);
+                }
+                execute(cmd, peer, shared)
+            }
         },
     };
     let mut out = serde_json::to_vec(&reply).unwrap_or_default();
@@ -215,23 +228,31 @@ async fn handle(stream: UnixStream, shared: &Shared) {
     let _ = w.write_all(&out).await;
 }
 
-/// Refusals written to the trail in the current second, and those not written one by one.
+/// Per calling uid (`None`: unidentified): refusals written to the trail in the current second,
+/// and those not written one by one since the last one that was.
+#[derive(Default)]
 struct RefusalLog {
     second: u64,
     written: u32,
     unwritten: u64,
 }
 
-static REFUSALS: std::sync::Mutex<RefusalLog> =
-    std::sync::Mutex::new(RefusalLog { second: 0, written: 0, unwritten: 0 });
+static REFUSALS: std::sync::Mutex<Option<std::collections::HashMap<Option<u32>, RefusalLog>>> =
+    std::sync::Mutex::new(None);
 
 /// An `approval` record with verdict `refused`: every refused attempt is on the trail, one
-/// record each up to MAX_REFUSALS_PER_SECOND, the rest counted in the next one written.
-fn audit_refusal(shared: &Shared, cmd: &Command, uid: Option<u32>, why: &str) {
+/// record each up to MAX_REFUSALS_PER_SECOND per calling uid (so one uid's flood cannot hide
+/// another's attempt), the rest counted in that uid's next one.
+fn audit_refusal(shared: &Shared, cmd: Option<&Command>, uid: Option<u32>, why: &str) {
     warn!(uid, why, ?cmd, "approval command refused");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let unwritten = {
-        let mut log = REFUSALS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut logs = REFUSALS.lock().unwrap_or_else(|e| e.into_inner());
+        let logs = logs.get_or_insert_with(Default::default);
+        if logs.len() > 1024 {
+            logs.retain(|_, l| l.second == now || l.unwritten > 0);
+        }
+        let log = logs.entry(uid).or_default();
         if log.second != now {
             (log.second, log.written) = (now, 0);
         }
@@ -243,16 +264,18 @@ fn audit_refusal(shared: &Shared, cmd: &Command, uid: Option<u32>, why: &str) {
         std::mem::take(&mut log.unwritten)
     };
     let mut r = Record::new(Kind::Approval);
-    if let Command::Approve { id, .. } | Command::Deny { id, .. } = cmd {
+    if let Some(Command::Approve { id, .. } | Command::Deny { id, .. }) = cmd {
         r.approval_id = Some(id.0);
     }
     r.approver = uid;
     r.verdict = Some("refused".into());
     r.error = Some(why.to_string());
     r.detail = Some(match cmd {
-        Command::List => "list".to_string(),
-        Command::Approve { .. } => "approve".to_string(),
-        Command::Deny { .. } => "deny".to_string(),
+        Some(Command::List) => "list".to_string(),
+        Some(Command::Approve { .. }) => "approve".to_string(),
+        Some(Command::Deny { .. }) => "deny".to_string(),
+        // Turned away before it could say what it wanted.
+        None => "connect".to_string(),
     });
     if unwritten > 0 {
         r.count = Some(unwritten);
@@ -266,12 +289,12 @@ fn execute(cmd: Command, peer: Option<Peer>, shared: &Shared) -> Reply {
     let refuse = |msg: String| Reply { error: Some(msg), ..Default::default() };
     let Some(peer) = peer else {
         let why = "cannot identify the calling process";
-        audit_refusal(shared, &cmd, None, why);
+        audit_refusal(shared, Some(&cmd), None, why);
         return refuse(why.into());
     };
     let approvers = shared.view().policy.approvers.clone();
     if let Err(refusal) = authorize(&peer, &approvers) {
-        audit_refusal(shared, &cmd, Some(peer.uid), &refusal.to_string());
+        audit_refusal(shared, Some(&cmd), Some(peer.uid), &refusal.to_string());
         return refuse(refusal.to_string());
     }
     if let Command::Approve { reason: Some(r), .. } | Command::Deny { reason: Some(r), .. } = &cmd
@@ -305,7 +328,7 @@ fn decide(shared: &Shared, id: ApprovalId, verdict: Verdict) -> Reply {
                 } else {
                     Command::Deny { id, reason: None }
                 };
-                audit_refusal(shared, &cmd, by, &e.to_string());
+                audit_refusal(shared, Some(&cmd), by, &e.to_string());
             }
             Reply { error: Some(e.to_string()), ..Default::default() }
         }

@@ -108,7 +108,7 @@ fn beyond(r: &Rule, c: &Classification) -> Option<Classification> {
     }
     let unlisted = |names: &std::collections::BTreeSet<String>, listed: &[String]| match listed.is_empty() {
         true => Default::default(),
-        false => names.iter().filter(|n| !table_listed(listed, n)).cloned().collect(),
+        false => names.iter().filter(|n| !may_be_listed(listed, n)).cloned().collect(),
     };
     let where_missing = c.where_missing && kinds.iter().any(|k| matches!(k, Kind::Update | Kind::Delete));
     Some(Classification {

@@ -1556,6 +1556,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 MAX_AUDITED_SQL >> 10,
                 MAX_SHOWN_PARAMETERS >> 10
             );
+            // Its statement record says `approve`: the trail says why no approver was asked.
+            let mut r = self.base.clone();
+            r.kind = Kind::Approval;
+            r.refs = Some([p.seq].into_iter().chain(runs.map(|r| r.seq)).collect());
+            r.rule = Some(rule.clone());
+            r.verdict = Some("refused".into());
+            r.error = Some(message.clone());
+            self.s.audit.append_durable(r).await.map_err(Stop::Audit)?;
             return Ok(Err(Refusal { rule: rule.clone(), message: Some(message) }));
         }
         let approvals = self.s.approvals;
