@@ -14,7 +14,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::policy::Approvers;
+use crate::{
+    audit::{AuditLog, Record},
+    policy::Approvers,
+};
 
 /// Approval request ids: random, so an id seen before the agent restarted (in a list, a
 /// webhook, a chat message) does not name a new request, and a mistyped one hardly ever
@@ -115,12 +118,16 @@ pub struct Ticket<'a> {
     pub id: ApprovalId,
     pub rx: oneshot::Receiver<Verdict>,
     approvals: &'a Approvals,
+    /// Written if the ticket is dropped while its request is still pending: the session ended
+    /// (the agent stopped, or the server closed it) before anyone decided.
+    abandoned: Option<(AuditLog, Record)>,
 }
 
 impl Ticket<'_> {
     /// Withdraws the request; a decision made before that is returned, so the approver who was
-    /// told it took effect and the audit trail agree.
+    /// told it took effect and the audit trail agree. The caller records the outcome.
     pub fn withdraw(mut self) -> Option<Verdict> {
+        self.abandoned = None;
         // A decision is sent under the lock, so after taking it there is one or none.
         self.approvals.lock().remove(&self.id);
         self.rx.try_recv().ok()
@@ -129,7 +136,10 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.approvals.lock().remove(&self.id);
+        let pending = self.approvals.lock().remove(&self.id).is_some();
+        if let Some((audit, record)) = self.abandoned.take().filter(|_| pending) {
+            audit.append(record);
+        }
     }
 }
 
@@ -148,12 +158,13 @@ impl Approvals {
         }
     }
 
-    /// Queues a request (its id from `next_id`) until it is decided or the ticket is dropped.
-    pub fn submit(&self, request: Request) -> Ticket<'_> {
+    /// Queues a request (its id from `next_id`) until it is decided or the ticket is dropped;
+    /// `abandoned` is written to `audit` if the ticket is dropped undecided.
+    pub fn submit(&self, request: Request, abandoned: Option<(AuditLog, Record)>) -> Ticket<'_> {
         let (tx, rx) = oneshot::channel();
         let id = request.id;
         self.lock().insert(id, Entry { request, tx });
-        Ticket { id, rx, approvals: self }
+        Ticket { id, rx, approvals: self, abandoned }
     }
 
     pub fn list(&self) -> Vec<Request> {
@@ -263,7 +274,7 @@ mod tests {
     fn decisions_reach_the_waiting_ticket_once() {
         let a = Approvals::default();
         let id = a.next_id();
-        let mut t = a.submit(request(id));
+        let mut t = a.submit(request(id), None);
         assert_eq!(a.list().len(), 1);
         let yes = Verdict::Approved { by: 1000, reason: None };
         assert_eq!(a.decide(id, yes.clone(), Some(1000)), Err(DecideError::OwnUid(id, 1000)), "not its own uid");
@@ -277,12 +288,12 @@ mod tests {
     fn a_decision_made_before_the_session_withdrew_is_the_one_it_records() {
         let a = Approvals::default();
         let id = a.next_id();
-        let t = a.submit(request(id));
+        let t = a.submit(request(id), None);
         // The session's timeout fired; before it withdrew, an approver decided.
         a.decide(id, Verdict::Approved { by: 0, reason: None }, Some(0)).unwrap();
         assert_eq!(t.withdraw(), Some(Verdict::Approved { by: 0, reason: None }));
         let id = a.next_id();
-        let t = a.submit(request(id));
+        let t = a.submit(request(id), None);
         assert_eq!(t.withdraw(), None);
         assert_eq!(a.decide(id, Verdict::Denied { by: 0, reason: None }, Some(0)), Err(DecideError::NotFound(id)));
     }
@@ -294,17 +305,43 @@ mod tests {
         let b = Approvals::default();
         assert_ne!(b.next_id(), ids[0], "another run starts elsewhere");
         assert!(ids.windows(2).filter(|w| w[1].0 == w[0].0 + 1).count() < 5, "not consecutive");
-        let tickets: Vec<_> = ids.iter().take(100).map(|&id| a.submit(request(id))).collect();
+        let tickets: Vec<_> = ids.iter().take(100).map(|&id| a.submit(request(id), None)).collect();
         for _ in 0..1000 {
             assert!(!tickets.iter().any(|t| t.id == a.next_id()));
         }
     }
 
     #[test]
+    fn a_ticket_dropped_undecided_leaves_its_record_on_the_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (audit, writer) = AuditLog::open(dir.path()).unwrap();
+        let a = Approvals::default();
+        let record = |detail: &str| {
+            let mut r = Record::new(crate::audit::Kind::Approval);
+            r.verdict = Some("cancelled".into());
+            r.detail = Some(detail.into());
+            Some((audit.clone(), r))
+        };
+        // The session ended while held: its record is written.
+        drop(a.submit(request(a.next_id()), record("abandoned")));
+        // Decided, or withdrawn by the session (which writes its own): nothing more.
+        let id = a.next_id();
+        let t = a.submit(request(id), record("decided"));
+        a.decide(id, Verdict::Approved { by: 0, reason: None }, Some(0)).unwrap();
+        drop(t);
+        assert_eq!(a.submit(request(a.next_id()), record("withdrawn")).withdraw(), None);
+        drop(audit);
+        writer.join();
+        let trail = std::fs::read_to_string(crate::audit::trail_path(dir.path())).unwrap();
+        assert!(trail.contains("\"abandoned\""), "{trail}");
+        assert!(!trail.contains("\"decided\"") && !trail.contains("\"withdrawn\""), "{trail}");
+    }
+
+    #[test]
     fn dropping_a_ticket_withdraws_the_request() {
         let a = Approvals::default();
         let id = a.next_id();
-        drop(a.submit(request(id)));
+        drop(a.submit(request(id), None));
         assert!(a.list().is_empty());
         assert!(a.decide(id, Verdict::TimedOut, None).is_err());
     }

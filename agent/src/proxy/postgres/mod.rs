@@ -1586,7 +1586,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             requested_at: fmt(now),
             expires_at: fmt(now + *timeout),
         };
-        let mut ticket = approvals.submit(request.clone());
+        // Written should the session end while the statement is held.
+        let mut abandoned = self.base.clone();
+        abandoned.kind = Kind::Approval;
+        abandoned.refs = Some([p.seq].into_iter().chain(runs.map(|r| r.seq)).collect());
+        abandoned.approval_id = Some(id.0);
+        abandoned.rule = Some(rule.clone());
+        abandoned.verdict = Some(Verdict::Cancelled.as_str().into());
+        abandoned.detail = Some("the session ended while the statement was held".into());
+        let mut ticket = approvals.submit(request.clone(), Some((self.s.audit.clone(), abandoned)));
         self.s.held.store(id.0, Ordering::Relaxed);
         info!(session = self.s.id, %id, rule = %rule, "statement held for approval");
         if let Some(hook) = self.s.webhook {
