@@ -881,7 +881,13 @@ fn walk(v: &Value, c: &mut Classification) {
         if let Some(names) = call.and_then(|c| c.get("funcname")).and_then(Value::as_array) {
             let name: Vec<&str> = names.iter().filter_map(sval).collect();
             if !name.is_empty() {
-                c.functions.insert(name.join(".").to_lowercase());
+                let name = name.join(".").to_lowercase();
+                // `SELECT set_config('role', 'admin', false)` is `SET ROLE admin`: a rule about
+                // SET must see it.
+                if matches!(name.as_str(), "set_config" | "pg_catalog.set_config") {
+                    c.kinds.insert(Kind::Set);
+                }
+                c.functions.insert(name);
             }
         }
         // A call written as a field (PostgreSQL reads `x.f` as `f(x)` when `x` has no field
@@ -1183,6 +1189,12 @@ mod tests {
         let c = classify("CALL ops.purge(lower('x'))");
         let f: Vec<&str> = c.functions.iter().map(String::as_str).collect();
         assert_eq!(f, ["lower", "ops.purge"]);
+        // set_config is SET, wherever it is called.
+        for sql in
+            ["SELECT set_config('role', 'admin', false)", "SELECT 1 WHERE pg_catalog.set_config('a.b', 'c', true) > ''"]
+        {
+            assert!(classify(sql).kinds.contains(&Kind::Set), "{sql}");
+        }
     }
 
     #[test]
