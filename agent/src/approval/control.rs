@@ -302,14 +302,16 @@ fn execute(cmd: Command, peer: Option<Peer>, shared: &Shared) -> Reply {
     {
         return refuse(format!("the reason may be at most {MAX_REASON} bytes"));
     }
-    match cmd {
+    let by = peer.uid;
+    match &cmd {
         Command::List => Reply { pending: Some(shared.approvals.list()), ..Default::default() },
-        Command::Approve { id, reason } => decide(shared, id, Verdict::Approved { by: peer.uid, reason }),
-        Command::Deny { id, reason } => decide(shared, id, Verdict::Denied { by: peer.uid, reason }),
+        Command::Approve { id, reason: r } => decide(shared, &cmd, *id, Verdict::Approved { by, reason: r.clone() }),
+        Command::Deny { id, reason: r } => decide(shared, &cmd, *id, Verdict::Denied { by, reason: r.clone() }),
     }
 }
 
-fn decide(shared: &Shared, id: ApprovalId, verdict: Verdict) -> Reply {
+/// Carries out `cmd`, an Approve or Deny of request `id`, as `verdict`.
+fn decide(shared: &Shared, cmd: &Command, id: ApprovalId, verdict: Verdict) -> Reply {
     let what = verdict.as_str();
     let by = match &verdict {
         Verdict::Approved { by, .. } | Verdict::Denied { by, .. } => Some(*by),
@@ -323,12 +325,7 @@ fn decide(shared: &Shared, id: ApprovalId, verdict: Verdict) -> Reply {
         Err(e) => {
             // Deciding one's own request is the telling attempt: on the trail like the others.
             if let super::DecideError::OwnUid(..) = e {
-                let cmd = if what == "approved" {
-                    Command::Approve { id, reason: None }
-                } else {
-                    Command::Deny { id, reason: None }
-                };
-                audit_refusal(shared, Some(&cmd), by, &e.to_string());
+                audit_refusal(shared, Some(cmd), by, &e.to_string());
             }
             Reply { error: Some(e.to_string()), ..Default::default() }
         }

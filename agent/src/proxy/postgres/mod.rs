@@ -149,6 +149,12 @@ const SAFE_ENCODINGS: [&str; 63] = [
     "eucjis2004",
 ];
 
+/// Whether a client encoding, by any of the server's names for it, is one of SAFE_ENCODINGS.
+fn safe_encoding(name: &str) -> bool {
+    let norm: String = name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+    SAFE_ENCODINGS.contains(&norm.as_str())
+}
+
 /// What is wrong with a ParameterStatus the server sends, if it says the server now reads SQL
 /// differently from the classifier: `standard_conforming_strings` off, or a client encoding
 /// whose characters can hold a quote or backslash byte. Statements are refused before they
@@ -161,8 +167,7 @@ fn lexing_setting(body: &[u8]) -> Option<String> {
     let unsafe_ = if name.eq_ignore_ascii_case("standard_conforming_strings") {
         !value.eq_ignore_ascii_case("on")
     } else if name.eq_ignore_ascii_case("client_encoding") {
-        let norm: String = value.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
-        !SAFE_ENCODINGS.contains(&norm.as_str())
+        !safe_encoding(&value)
     } else {
         false
     };
@@ -178,8 +183,7 @@ fn check_startup_params(params: &[(String, String)]) -> Result<(), String> {
         if params[..i].iter().any(|(seen, _)| seen.eq_ignore_ascii_case(k)) {
             return Err(format!("startup parameter {k:?} is given twice"));
         }
-        let norm: String = v.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
-        if k.eq_ignore_ascii_case("client_encoding") && !SAFE_ENCODINGS.contains(&norm.as_str()) {
+        if k.eq_ignore_ascii_case("client_encoding") && !safe_encoding(v) {
             return Err(format!(
                 "client_encoding {v:?} is not supported through the proxy; use UTF8 (multibyte encodings other \
                  than UTF-8 and EUC are refused)"
