@@ -252,6 +252,24 @@ spec:
         assert_eq!(r.tls.upstream, UpstreamTls::VerifyFull { ca_file: "/etc/tollgate/ca.pem".into() });
         let g = &pol.grants[0];
         assert_eq!(g.rules[0].action, Action::Approve { timeout: std::time::Duration::from_secs(90) });
+        // Table names are read as the server reads them: unquoted folds, quoted stays.
+        let tables = |list: &str| {
+            p(&PG.replace("statements: [delete] }", &format!("statements: [delete], tables: {list} }}")))
+                .map(|pol| pol.grants[0].rules[0].tables.clone())
+        };
+        assert_eq!(
+            tables(r#"[Orders, public.ORDERS, '"Orders"', '"My ""Q"".x".Y', 'Ä']"#).unwrap(),
+            ["orders", "public.orders", "Orders", "My \"Q\".x.y", "Ä"]
+        );
+        for (bad, want) in [
+            (r#"['"Orders']"#, "not closed"),
+            (r#"['"a"b']"#, "must end at a dot"),
+            ("[public.]", "is not a relation name"),
+            (r#"['a b']"#, "quote a name"),
+        ] {
+            let e = tables(bad).unwrap_err().to_string();
+            assert!(e.contains("spec.grants[0].rules[0].match.tables[0]") && e.contains(want), "{bad}: {e}");
+        }
         let default = p(&PG.replace("action: approve, timeout: 90s", "action: approve")).unwrap();
         assert_eq!(default.grants[0].rules[0].action, Action::Approve { timeout: std::time::Duration::from_secs(300) });
         assert_eq!(g.masking[0].name, "bot-orders.masking[0]", "unnamed masking rules get a name");

@@ -364,6 +364,49 @@ fn check_name(location: &str, name: &str) -> Result<(), ValidationError> {
     }
 }
 
+/// A relation name as PostgreSQL reads it: each dot-separated part folded to lower case unless
+/// double-quoted (`Orders` is `orders`; `"Orders"` stays `Orders`; `""` inside quotes is `"`).
+fn fold_relation(name: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(name.len());
+    let mut chars = name.chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err(format!("{name:?}: a quoted name is not closed")),
+                }
+            }
+            if !matches!(chars.peek(), None | Some('.')) {
+                return Err(format!("{name:?}: a quoted name must end at a dot or the end"));
+            }
+        } else {
+            while let Some(&c) = chars.peek().filter(|&&c| c != '.') {
+                if c == '"' || c.is_whitespace() {
+                    return Err(format!("{name:?}: quote a name that has {c:?} in it, whole"));
+                }
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+        }
+        if part.is_empty() {
+            return Err(format!("{name:?} is not a relation name (or schema.name)"));
+        }
+        out.push_str(&part);
+        match chars.next() {
+            Some(_) => out.push('.'),
+            None => return Ok(out),
+        }
+    }
+}
+
 fn parse_listen(location: &str, s: &str) -> Result<SocketAddr, ValidationError> {
     let sa: SocketAddr = s.parse().map_err(|_| invalid(location, format!("{s:?} is not an ip:port or [v6]:port")))?;
     if !sa.ip().is_loopback() {
@@ -775,7 +818,13 @@ fn validate_rule(at: &str, r: &RuleSpec) -> Result<Rule, ValidationError> {
     Ok(Rule {
         name: r.name.clone(),
         statements,
-        tables: r.matcher.tables.iter().map(|t| t.to_lowercase()).collect(),
+        tables: r
+            .matcher
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(k, t)| fold_relation(t).map_err(|m| invalid(format!("{at}.match.tables[{k}]"), m)))
+            .collect::<Result<_, _>>()?,
         functions: r.matcher.functions.iter().map(|f| f.to_lowercase()).collect(),
         where_missing,
         action,

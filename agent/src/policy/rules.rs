@@ -32,7 +32,8 @@ pub struct Rule {
     pub name: String,
     /// Empty: any statement that parsed.
     pub statements: Vec<Kind>,
-    /// Empty: any table. Matched against the name as written or its last component.
+    /// Empty: any table. Matched against the name as written or its last component, as the
+    /// server reads names: `orders` and `Orders` are one table, `"Orders"` another.
     pub tables: Vec<String>,
     /// Empty: any functions. Matched against the name as written or its last component.
     pub functions: Vec<String>,
@@ -57,11 +58,17 @@ fn table_listed(listed: &[String], name: &str) -> bool {
     listed.iter().any(|l| l == name || l == last)
 }
 
-/// For deny and approve rules, also the other way round: `public.orders` listed matches a plain
-/// `orders`, which the search path may well resolve to it.
+/// For deny and approve rules, a name that may be one listed: also the other way round
+/// (`public.orders` listed matches a plain `orders`, which the search path may well resolve to
+/// it), and regardless of case (`"ORDERS"` is another table than `orders`, but one a rule
+/// about `orders` most likely means too).
 fn may_be_listed(listed: &[String], name: &str) -> bool {
-    let last = |n: &str| n.rsplit('.').next().unwrap_or(n).to_string();
-    table_listed(listed, name) || (!name.contains('.') && listed.iter().any(|l| last(l) == name))
+    let name = name.to_lowercase();
+    let last = |n: &str| n.rsplit('.').next().unwrap_or(n).to_lowercase();
+    listed.iter().any(|l| {
+        let l = l.to_lowercase();
+        l == name || l == last(&name) || (!name.contains('.') && last(&l) == name)
+    })
 }
 
 impl Rule {
@@ -268,6 +275,37 @@ mod tests {
         // An allow rule naming a schema does not allow the plain name: the search path decides.
         let allow = decide("g", &rules[1..], Action::Deny, &classify("DELETE FROM orders WHERE id = 1"));
         assert_eq!(allow.rule, "g.default");
+    }
+
+    #[test]
+    fn quoted_names_are_other_tables_to_allow_rules_but_not_to_deny_rules() {
+        let rules = vec![
+            rule("no-secrets", &[], &["secrets"], false, Action::Deny),
+            rule("orders", &[Kind::Select], &["orders", "Mixed"], false, Action::Allow),
+        ];
+        let judge = |sql: &str| decide("g", &rules, Action::Deny, &classify(sql)).rule;
+        assert_eq!(judge("SELECT * FROM orders, Orders, ORDERS"), "orders");
+        assert_eq!(judge(r#"SELECT * FROM "ORDERS""#), "g.default", "another table than orders");
+        assert_eq!(judge(r#"SELECT * FROM "Mixed""#), "orders");
+        assert_eq!(judge(r#"SELECT * FROM "SECRETS""#), "no-secrets", "a deny rule errs wide");
+        assert_eq!(judge(r#"SELECT * FROM "Public"."Secrets""#), "no-secrets");
+    }
+
+    #[test]
+    fn reads_do_not_cover_side_effects_or_hidden_writes() {
+        let judge = |sql: &str| verdict(sql).1;
+        assert_eq!(judge("SELECT setval('orders_id_seq', 1)"), "bot-orders.default");
+        assert_eq!(judge("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"), "bot-orders.default");
+        assert_eq!(judge("SELECT nextval('orders_id_seq')"), "reads");
+        assert_eq!(judge("DELETE FROM orders WHERE true"), "delete-needs-where");
+        assert_eq!(judge("MERGE INTO orders o USING fresh f ON true WHEN MATCHED THEN DELETE"), "delete-needs-where");
+        let inserts = [rule("inserts", &[Kind::Insert], &[], false, Action::Allow)];
+        let upsert = classify("INSERT INTO orders VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET total = 0");
+        assert_eq!(decide("g", &inserts, Action::Deny, &upsert).rule, "g.default", "an upsert also updates");
+        let merges = [rule("merges", &[Kind::Merge, Kind::Insert], &[], false, Action::Allow)];
+        let merge = |then: &str| classify(&format!("MERGE INTO t USING s ON t.id = s.id WHEN {then}"));
+        assert_eq!(decide("g", &merges, Action::Deny, &merge("NOT MATCHED THEN INSERT VALUES (1)")).rule, "merges");
+        assert_eq!(decide("g", &merges, Action::Deny, &merge("MATCHED THEN DELETE")).rule, "g.default");
     }
 
     #[test]

@@ -35,13 +35,17 @@ pub enum Kind {
     Show,
     Lock,
     Grant,
+    /// A call of a built-in function that changes something a read does not: a sequence
+    /// (`setval`), large objects, files on the server, other sessions (`pg_terminate_backend`),
+    /// the server's state, another database (`dblink_exec`). See [`SIDE_EFFECTS`].
+    SideEffect,
     /// Statements no other kind covers (VACUUM, LISTEN, ...).
     Other,
     /// Text the grammar rejects; denied unless a rule names this kind.
     Unparseable,
 }
 
-pub const ALL_KINDS: [Kind; 20] = [
+pub const ALL_KINDS: [Kind; 21] = [
     Kind::Select,
     Kind::Insert,
     Kind::Update,
@@ -60,6 +64,7 @@ pub const ALL_KINDS: [Kind; 20] = [
     Kind::Show,
     Kind::Lock,
     Kind::Grant,
+    Kind::SideEffect,
     Kind::Other,
     Kind::Unparseable,
 ];
@@ -85,6 +90,7 @@ impl Kind {
             Kind::Show => "show",
             Kind::Lock => "lock",
             Kind::Grant => "grant",
+            Kind::SideEffect => "side_effect",
             Kind::Other => "other",
             Kind::Unparseable => "unparseable",
         }
@@ -113,11 +119,13 @@ impl FromStr for Kind {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Classification {
     pub kinds: BTreeSet<Kind>,
-    /// Relation names as written, lower-cased (`orders`, `public.orders`).
+    /// Relation names as the server reads them: unquoted names folded to lower case, quoted
+    /// ones as written (`orders`, `public.orders`, `Orders` for `"Orders"`).
     pub tables: BTreeSet<String>,
     /// Functions called anywhere in it, as written, lower-cased (`pg_sleep`, `pg_catalog.lo_import`).
     pub functions: BTreeSet<String>,
-    /// Some UPDATE or DELETE in it has no WHERE clause.
+    /// Some UPDATE or DELETE in it (also a MERGE's) has no WHERE clause, or one that names no
+    /// column (`WHERE true`, `WHERE 1 = 1`): it changes every row.
     pub where_missing: bool,
     /// Number of top-level statements.
     pub statements: usize,
@@ -170,6 +178,86 @@ const RUNS_SQL_TEXT: [&str; 16] = [
     "database_to_xml_and_xmlschema",
     "ts_stat",
     "ts_rewrite",
+];
+
+/// Built-in functions (and those of common extensions) that change state: a rule about reads
+/// must not let them through as `select`. Matched on the last component of the name, in lower
+/// case, so a schema or quotes do not hide them. `nextval` is left out: applications call it
+/// to number rows, and it changes nothing a read-only user could not undo by ignoring it.
+pub const SIDE_EFFECTS: [&str; 64] = [
+    // Sequences.
+    "setval",
+    // Large objects (the `lo_import`/`lo_export` pair also touches the server's files).
+    "lo_import",
+    "lo_export",
+    "lo_unlink",
+    "lo_create",
+    "lo_creat",
+    "lo_from_bytea",
+    "lo_put",
+    "lo_truncate",
+    "lo_truncate64",
+    "lowrite",
+    // Files on the server (adminpack).
+    "pg_file_write",
+    "pg_file_rename",
+    "pg_file_unlink",
+    "pg_file_sync",
+    // Other sessions.
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_log_backend_memory_contexts",
+    // The server.
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_promote",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_wal_replay_pause",
+    "pg_wal_replay_resume",
+    "pg_import_system_collations",
+    "pg_stat_reset",
+    "pg_stat_reset_shared",
+    "pg_stat_reset_single_table_counters",
+    "pg_stat_reset_single_function_counters",
+    "pg_stat_reset_slru",
+    "pg_stat_reset_replication_slot",
+    "pg_stat_reset_subscription_stats",
+    "pg_stat_statements_reset",
+    // Replication slots and origins.
+    "pg_create_physical_replication_slot",
+    "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot",
+    "pg_copy_physical_replication_slot",
+    "pg_copy_logical_replication_slot",
+    "pg_replication_slot_advance",
+    "pg_logical_slot_get_changes",
+    "pg_logical_slot_get_binary_changes",
+    "pg_logical_emit_message",
+    "pg_replication_origin_create",
+    "pg_replication_origin_drop",
+    "pg_replication_origin_advance",
+    "pg_replication_origin_session_setup",
+    "pg_replication_origin_xact_setup",
+    // Other databases: dblink runs any SQL there, the same database included.
+    "dblink",
+    "dblink_exec",
+    "dblink_send_query",
+    "dblink_open",
+    "dblink_fetch",
+    "dblink_connect",
+    "dblink_connect_u",
+    // Notifications reach other sessions' clients.
+    "pg_notify",
+    // Session advisory locks outlive the statement and can stall other sessions.
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
 ];
 
 /// What a statement reads, as far as its text says: every column it names (the last part of
@@ -887,7 +975,7 @@ fn walk(v: &Value, c: &mut Classification) {
                 if matches!(name.as_str(), "set_config" | "pg_catalog.set_config") {
                     c.kinds.insert(Kind::Set);
                 }
-                c.functions.insert(name);
+                note_function(c, name);
             }
         }
         // A call written as a field (PostgreSQL reads `x.f` as `f(x)` when `x` has no field
@@ -902,7 +990,7 @@ fn walk(v: &Value, c: &mut Classification) {
             _ => None,
         };
         for name in field_names.unwrap_or_default().iter().filter_map(sval) {
-            c.functions.insert(name.to_lowercase());
+            note_function(c, name.to_lowercase());
         }
         if let Some(why) = changes_lexing(key, child) {
             c.kinds.insert(Kind::Unparseable);
@@ -947,9 +1035,16 @@ fn walk(v: &Value, c: &mut Classification) {
         }
         if let Some(kind) = stmt_kind(key, child) {
             c.kinds.insert(kind);
-            if matches!(kind, Kind::Update | Kind::Delete) && child.get("where_clause").is_none_or(Value::is_null) {
+            if matches!(kind, Kind::Update | Kind::Delete) && !restricts(child.get("where_clause")) {
                 c.where_missing = true;
             }
+        }
+        // INSERT ... ON CONFLICT DO UPDATE updates the rows it collides with.
+        if key == "on_conflict_clause" && child.get("action").and_then(Value::as_i64) == Some(ONCONFLICT_UPDATE) {
+            c.kinds.insert(Kind::Update);
+        }
+        if key == "MergeStmt" {
+            merge_actions(child, c);
         }
         if key == "relname"
             && let Some(name) = child.as_str()
@@ -958,9 +1053,55 @@ fn walk(v: &Value, c: &mut Classification) {
                 Some(s) if !s.is_empty() => format!("{s}.{name}"),
                 _ => name.to_string(),
             };
-            c.tables.insert(table.to_lowercase());
+            c.tables.insert(table);
         }
     });
+}
+
+/// ON CONFLICT DO UPDATE in the parse tree's OnConflictAction enum.
+const ONCONFLICT_UPDATE: i64 = 3;
+
+fn note_function(c: &mut Classification, name: String) {
+    if SIDE_EFFECTS.contains(&name.rsplit('.').next().unwrap_or(&name)) {
+        c.kinds.insert(Kind::SideEffect);
+    }
+    c.functions.insert(name);
+}
+
+/// Whether a WHERE clause (or a join condition) can pick rows: it names a column somewhere, or
+/// is `CURRENT OF` a cursor. `WHERE true`, `WHERE 1 = 1` and `WHERE $1` do not.
+fn restricts(clause: Option<&Value>) -> bool {
+    let Some(clause) = clause.filter(|c| !c.is_null()) else { return false };
+    let mut found = false;
+    visit(clause, |_, key, _| found |= matches!(key, "ColumnRef" | "CurrentOfExpr"));
+    found
+}
+
+/// A MERGE is also of the kinds of what its WHEN clauses do. An UPDATE or DELETE clause
+/// changes every row it reaches when neither its own condition nor (for rows matched with the
+/// source) the join condition names a column; one for rows `NOT MATCHED BY SOURCE` reaches
+/// every target row the source lacks, whatever the join condition.
+fn merge_actions(merge: &Value, c: &mut Classification) {
+    // CmdType and MergeMatchKind in the parse tree's enums.
+    const CMD_UPDATE: i64 = 3;
+    const CMD_INSERT: i64 = 4;
+    const CMD_DELETE: i64 = 5;
+    const MATCHED: i64 = 1;
+    let join = restricts(merge.get("join_condition"));
+    let clauses = merge.get("merge_when_clauses").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    for clause in clauses.iter().filter_map(|w| w.pointer("/node/MergeWhenClause")) {
+        let kind = match clause.get("command_type").and_then(Value::as_i64) {
+            Some(CMD_UPDATE) => Kind::Update,
+            Some(CMD_INSERT) => Kind::Insert,
+            Some(CMD_DELETE) => Kind::Delete,
+            _ => continue,
+        };
+        c.kinds.insert(kind);
+        let by_join = join && clause.get("match_kind").and_then(Value::as_i64) == Some(MATCHED);
+        if kind != Kind::Insert && !by_join && !restricts(clause.get("condition")) {
+            c.where_missing = true;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1139,9 +1280,79 @@ mod tests {
         assert!(!classify("DELETE FROM orders WHERE id = 1").where_missing);
         assert!(classify("UPDATE t SET a = 1").where_missing);
         assert!(classify("WITH x AS (UPDATE t SET a = 1 RETURNING 1) SELECT 1").where_missing);
+        // A WHERE that names no column picks every row.
+        for sql in [
+            "DELETE FROM t WHERE true",
+            "UPDATE t SET a = 1 WHERE 1 = 1",
+            "DELETE FROM t WHERE $1",
+            "DELETE FROM t WHERE now() > '2000-01-01'",
+        ] {
+            assert!(classify(sql).where_missing, "{sql}");
+        }
+        for sql in [
+            "UPDATE t SET a = 1 WHERE CURRENT OF c",
+            "DELETE FROM t WHERE id = $1",
+            "DELETE FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.id)",
+        ] {
+            assert!(!classify(sql).where_missing, "{sql}");
+        }
+        // Quoted names keep their case: "ORDERS" is not orders.
+        let c = classify(r#"SELECT * FROM "ORDERS", Foo, "Public"."X""#);
+        assert_eq!(c.tables.iter().map(String::as_str).collect::<Vec<_>>(), ["ORDERS", "Public.X", "foo"]);
         let c = classify("SELECT * FROM a JOIN b ON true WHERE a.id IN (SELECT id FROM c)");
         assert_eq!(c.tables.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(classify("SELECT 1; SELECT 2").statements, 2);
+    }
+
+    #[test]
+    fn upserts_and_merges_are_of_the_kinds_of_what_they_do() {
+        assert_eq!(kinds("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = 1"), ["insert", "update"]);
+        assert_eq!(kinds("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING"), ["insert"]);
+        let merge = "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.gone THEN DELETE \
+                     WHEN MATCHED THEN UPDATE SET a = s.a WHEN NOT MATCHED THEN INSERT VALUES (s.id) \
+                     WHEN MATCHED THEN DO NOTHING";
+        let c = classify(merge);
+        assert_eq!(c.kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(), ["insert", "update", "delete", "merge"]);
+        assert!(!c.where_missing, "the join condition picks the rows");
+        assert_eq!(
+            kinds("MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED THEN INSERT VALUES (1)"),
+            ["insert", "merge"]
+        );
+        // Every row: a join condition that names no column, or rows the source lacks.
+        for sql in [
+            "MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE",
+            "MERGE INTO t USING s ON 1 = 1 WHEN MATCHED AND true THEN UPDATE SET a = 1",
+            "MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE THEN DELETE",
+        ] {
+            assert!(classify(sql).where_missing, "{sql}");
+        }
+        assert!(!classify("MERGE INTO t USING s ON true WHEN MATCHED AND t.old THEN DELETE").where_missing);
+        assert!(
+            !classify("MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE AND t.old THEN DELETE")
+                .where_missing
+        );
+    }
+
+    #[test]
+    fn built_ins_that_change_state_are_side_effects() {
+        for sql in [
+            "SELECT setval('orders_id_seq', 1)",
+            "SELECT lo_unlink(16400)",
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_stat_activity",
+            "SELECT \"PG_CANCEL_BACKEND\"(1)",
+            "SELECT (pid).pg_terminate_backend FROM pg_stat_activity",
+            "SELECT * FROM dblink('dbname=orders', 'DELETE FROM orders RETURNING id') AS d(id int)",
+            "SELECT dblink_exec('dbname=orders', 'DROP TABLE orders')",
+            "SELECT pg_reload_conf()",
+            "WITH x AS (SELECT 1) SELECT pg_notify('jobs', 'run')",
+        ] {
+            assert!(classify(sql).kinds.contains(&Kind::SideEffect), "{sql}");
+        }
+        for sql in ["SELECT nextval('orders_id_seq')", "SELECT lower(name), pg_sleep(0) FROM t", "SELECT lo_get(16400)"]
+        {
+            assert!(!classify(sql).kinds.contains(&Kind::SideEffect), "{sql}");
+        }
+        assert_eq!("side_effect".parse::<Kind>(), Ok(Kind::SideEffect));
     }
 
     #[test]

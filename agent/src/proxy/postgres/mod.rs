@@ -204,6 +204,8 @@ pub struct BackendKey {
 #[derive(Clone)]
 struct CancelTarget {
     upstream: SocketAddr,
+    /// As the session's own connection is encrypted.
+    encryption: upstream::Encryption,
     real: BackendKey,
     /// The approval request the session waits on (0: none).
     held: Arc<AtomicU64>,
@@ -261,6 +263,20 @@ pub struct Outcome {
     pub statements: u64,
     pub denied: u64,
     pub error: Option<String>,
+}
+
+/// Why the proxy could not log in upstream.
+enum LoginError {
+    /// The server refused, and said why: the client may read that.
+    Server(String),
+    /// Everything else: the secret file, TLS, reaching the server, looking up columns.
+    Agent(String),
+}
+
+impl LoginError {
+    fn agent(e: impl ToString) -> Self {
+        LoginError::Agent(e.to_string())
+    }
 }
 
 /// Reads the password file; it must not be readable by group or others.
@@ -360,48 +376,64 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     base.db_user = Some(s.credentials.user.clone());
 
     let login = async {
-        let password = read_secret(&s.credentials.password_file)?;
-        let tls = s.authority.client_config(&s.resource.tls.upstream).map_err(|e| e.to_string())?;
-        let tcp = crate::proxy::tcp::connect_marked(s.upstream, s.mark).await.map_err(|e| e.to_string())?;
+        let password = read_secret(&s.credentials.password_file).map_err(LoginError::Agent)?;
+        let tls = s.authority.client_config(&s.resource.tls.upstream).map_err(LoginError::agent)?;
+        let encryption = match tls {
+            None => None,
+            Some(config) => Some((config, crate::tls::server_name(&s.resource.address).map_err(LoginError::agent)?)),
+        };
+        let tcp = crate::proxy::tcp::connect_marked(s.upstream, s.mark).await.map_err(LoginError::agent)?;
         let _ = tcp.set_nodelay(true);
-        let stream = match tls {
+        let stream = match encryption.clone() {
             None => Conn::Plain(tcp),
-            Some(config) => {
-                let name = crate::tls::server_name(&s.resource.address).map_err(|e| e.to_string())?;
-                upstream::start_tls(tcp, s.upstream, config, name).await.map_err(|e| e.to_string())?
+            Some((config, name)) => {
+                upstream::start_tls(tcp, s.upstream, config, name).await.map_err(LoginError::agent)?
             }
         };
-        let mut up = upstream::login(stream, s.upstream, &s.credentials.user, &password, &params)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut up = match upstream::login(stream, s.upstream, &s.credentials.user, &password, &params).await {
+            Ok(up) => up,
+            Err(upstream::UpstreamError::Refused(why)) => return Err(LoginError::Server(why)),
+            Err(e) => return Err(LoginError::agent(e)),
+        };
         // Set for the role or database (ALTER ROLE ... SET), out of the client's reach.
         if let Some(why) = up.parameters.iter().find_map(|f| lexing_setting(&f.body)) {
-            return Err(why);
+            return Err(LoginError::Server(why));
         }
         let masker = match &s.masker {
             Some(m) if m.has_column_rules() => {
-                let (origins, tables) = up.column_origins(s.upstream, m).await.map_err(|e| e.to_string())?;
+                let (origins, tables) = up.column_origins(s.upstream, m).await.map_err(LoginError::agent)?;
                 Some(Arc::new(m.with_origins(origins, tables)))
             }
             other => other.clone(),
         };
-        Ok::<_, String>((up, masker))
+        Ok::<_, LoginError>((up, masker, encryption))
     };
     let Some(login) = unless_stopped(stop, crate::timer::timeout(STARTUP_TIMEOUT, login)).await else {
         let msg = format!("tollgate: {STOPPING}");
         let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_SHUTDOWN, &msg)]).await;
         return Outcome { error: Some(STOPPING.into()), ..Default::default() };
     };
-    let (up, masker) = match login.unwrap_or_else(|_| Err("timed out".into())) {
+    let (up, masker, encryption) = match login.unwrap_or_else(|_| Err(LoginError::Agent("timed out".into()))) {
         Ok(up) => up,
         Err(e) => {
-            let msg = format!("tollgate: cannot log in to {}: {e}", s.upstream);
+            let resource = &s.resource.name;
+            // The agent's own trouble (its secret file, TLS, the server's address) is for the
+            // operator, not for the process it guards.
+            let told = match &e {
+                LoginError::Server(why) => why.as_str(),
+                LoginError::Agent(_) => "the agent's log says why",
+            };
+            let msg = format!("tollgate: cannot log in to resource {resource}: {told}");
             let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_CONNECTION, &msg)]).await;
-            return Outcome { error: Some(msg), ..Default::default() };
+            let why = match e {
+                LoginError::Server(why) | LoginError::Agent(why) => why,
+            };
+            return Outcome { error: Some(format!("cannot log in to {}: {why}", s.upstream)), ..Default::default() };
         }
     };
     let target = CancelTarget {
         upstream: s.upstream,
+        encryption,
         real: BackendKey { pid: up.backend_pid, key: up.backend_key },
         held: s.held.clone(),
     };
@@ -517,16 +549,20 @@ async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
         return Outcome::default();
     }
     let BackendKey { pid, key } = target.real;
-    let mut out = BytesMut::new();
-    postgres_protocol::message::frontend::cancel_request(pid, key, &mut out);
-    let connect = crate::timer::timeout(STARTUP_TIMEOUT, crate::proxy::tcp::connect_marked(target.upstream, s.mark));
-    match connect.await.unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut))) {
-        Ok(mut up) => {
-            let _ = up.write_all(&out).await;
-            info!(backend = pid, "forwarded a cancel request");
+    let tls = target.encryption.is_some();
+    let forward = async {
+        let tcp = crate::proxy::tcp::connect_marked(target.upstream, s.mark)
+            .await
+            .map_err(|source| upstream::UpstreamError::Io { addr: target.upstream, source })?;
+        upstream::cancel(tcp, target.upstream, target.encryption, pid, key).await
+    };
+    match crate::timer::timeout(STARTUP_TIMEOUT, forward).await {
+        Ok(Ok(())) => {
+            info!(backend = pid, tls, "forwarded a cancel request");
             Outcome::default()
         }
-        Err(e) => Outcome { error: Some(format!("cancel: {e}")), ..Default::default() },
+        Ok(Err(e)) => Outcome { error: Some(format!("cancel: {e}")), ..Default::default() },
+        Err(_) => Outcome { error: Some("cancel: timed out".into()), ..Default::default() },
     }
 }
 

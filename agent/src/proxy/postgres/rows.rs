@@ -526,7 +526,8 @@ pub fn statement_refusal(class: &crate::sql::Classification, masker: &Masker) ->
         return Some("a statement the proxy cannot parse cannot be masked".into());
     }
     let last = |name: &str| name.rsplit('.').next().unwrap_or(name).to_string();
-    if let Some(t) = class.tables.iter().map(|t| last(t)).find(|t| STATISTICS.contains(&t.as_str())) {
+    // Case-blind: a quoted "PG_STATS" is another relation, but one worth refusing too.
+    if let Some(t) = class.tables.iter().map(|t| last(t).to_lowercase()).find(|t| STATISTICS.contains(&t.as_str())) {
         return Some(format!("{t} holds sampled column values, which cannot be masked"));
     }
     if masker.computed(&class.tables, &class.reads, class.indirect).is_some()

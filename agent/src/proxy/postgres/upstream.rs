@@ -72,6 +72,31 @@ pub async fn start_tls(
     Ok(Conn::Client(Box::new(tls)))
 }
 
+/// How a server connection is encrypted: the client configuration and the name its certificate
+/// must carry. `None` where the resource's `tls` mode is `disable`.
+pub type Encryption = Option<(std::sync::Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>)>;
+
+/// Sends a CancelRequest for a backend on a fresh connection, encrypted as the session's own
+/// was: a key sent in clear would let anyone who reads it cancel that backend's queries.
+pub async fn cancel(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    encryption: Encryption,
+    pid: i32,
+    key: i32,
+) -> Result<(), UpstreamError> {
+    let io = |source| UpstreamError::Io { addr, source };
+    let mut stream = match encryption {
+        None => Conn::Plain(tcp),
+        Some((config, name)) => start_tls(tcp, addr, config, name).await?,
+    };
+    let mut out = BytesMut::new();
+    frontend::cancel_request(pid, key, &mut out);
+    stream.write_all(&out).await.map_err(io)?;
+    // Sends TLS's close_notify after the request; the server closes without an answer.
+    stream.shutdown().await.map_err(io)
+}
+
 /// A logged-in server connection, with what the server said during login.
 pub struct Upstream {
     pub stream: Conn,
@@ -416,5 +441,50 @@ mod tests {
         let up = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[]).await;
         assert!(up.is_ok(), "{:?}", up.err());
         assert_eq!(server.await.unwrap(), b"s3cret-pw\0");
+    }
+
+    /// A cancel is sent as the session's connection was: after SSLRequest and a TLS handshake
+    /// (checked against the agent's own CA here) when encrypted, in clear otherwise.
+    #[tokio::test]
+    async fn a_cancel_is_encrypted_when_the_session_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = crate::tls::Authority::load_or_create(dir.path()).unwrap();
+        let resource = crate::policy::Resource {
+            name: "db".into(),
+            protocol: crate::policy::Protocol::Postgres,
+            address: crate::policy::ResourceAddress::parse("127.0.0.1:5432").unwrap(),
+            credentials: None,
+            tls: Default::default(),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource).unwrap());
+        let verify = crate::policy::UpstreamTls::VerifyFull { ca_file: authority.ca_file.clone() };
+        let config = authority.client_config(&verify).unwrap().unwrap();
+        let name = crate::tls::server_name(&resource.address).unwrap();
+        let mut want = BytesMut::new();
+        frontend::cancel_request(42, 7, &mut want);
+        for encrypted in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let acceptor = acceptor.clone();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut first = [0u8; 8];
+                s.read_exact(&mut first).await.unwrap();
+                let mut rest = Vec::new();
+                if first[4..] == 80877103i32.to_be_bytes() {
+                    s.write_all(b"S").await.unwrap();
+                    let mut tls = acceptor.accept(s).await.unwrap();
+                    tls.read_to_end(&mut rest).await.unwrap();
+                    (true, rest)
+                } else {
+                    s.read_to_end(&mut rest).await.unwrap();
+                    (false, [&first[..], &rest].concat())
+                }
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let encryption = encrypted.then(|| (config.clone(), name.clone()));
+            cancel(tcp, addr, encryption, 42, 7).await.unwrap();
+            assert_eq!(server.await.unwrap(), (encrypted, want.to_vec()));
+        }
     }
 }
