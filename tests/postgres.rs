@@ -873,6 +873,18 @@ fn tokio_postgres_masked_client() {
         assert_eq!(row.get::<_, RawValue>(1).0, None);
         assert_eq!(row.get::<_, Option<i64>>(2), Some(41111111), "not a card");
         assert!(row.get::<_, RawValue>(3).0.is_some(), "not a card");
+        // ... and in an array of numbers.
+        let row = client
+            .query_one(
+                "SELECT ARRAY[7, 4111111111111111]::int8[] AS a, ARRAY[[1.5], [4111111111111111]]::numeric[] AS b, \
+                 ARRAY[7, NULL, 41111111]::int8[] AS c",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, Option<Vec<i64>>>(0), None, "{row:?}");
+        assert_eq!(row.get::<_, RawValue>(1).0, None);
+        assert_eq!(row.get::<_, Option<Vec<Option<i64>>>>(2), Some(vec![Some(7), None, Some(41111111)]));
         // Row-limited portal executions (PortalSuspended) inside a transaction.
         let mut tx_client = client;
         let tx = tx_client.transaction().await.unwrap();

@@ -406,14 +406,28 @@ impl Masker {
 }
 
 /// Keeps the last four characters; everything before becomes `*`, one per character.
-/// Works on the bytes: a character starts at every byte that is not a UTF-8 continuation byte.
+/// Characters are UTF-8 where the bytes are valid UTF-8 and single bytes elsewhere, so under a
+/// single-byte client encoding (LATIN1, whose bytes 0x80-0xBF are characters of their own, not
+/// continuations) a value still shows at most its last four characters' worth of bytes.
 fn partial(value: &[u8]) -> Vec<u8> {
-    let starts = |b: &u8| (b & 0xC0) != 0x80;
-    let n = value.iter().filter(|b| starts(b)).count();
+    // The start of each of the last four characters, in a ring, and how many there are.
+    let mut last = [0usize; 4];
+    let mut n = 0;
+    let mut at = 0;
+    let mut start = |i: usize| {
+        last[n % 4] = i;
+        n += 1;
+    };
+    for chunk in value.utf8_chunks() {
+        chunk.valid().char_indices().for_each(|(i, _)| start(at + i));
+        at += chunk.valid().len();
+        (at..at + chunk.invalid().len()).for_each(&mut start);
+        at += chunk.invalid().len();
+    }
     if n <= 4 {
         return vec![b'*'; n];
     }
-    let tail = value.iter().enumerate().rev().filter(|(_, b)| starts(b)).nth(3).map_or(0, |(i, _)| i);
+    let tail = last[n % 4];
     let mut out = Vec::with_capacity(n - 4 + value.len() - tail);
     out.resize(n - 4, b'*');
     out.extend_from_slice(&value[tail..]);
@@ -722,6 +736,10 @@ mod tests {
         assert_eq!(masked(&m, "4111111111111111").0, "************1111");
         assert_eq!(partial("abc".as_bytes()), b"***");
         assert_eq!(partial("ñandú-1234".as_bytes()), "******1234".as_bytes());
+        // LATIN1 bytes: 0xA1-0xBF are characters, not UTF-8 continuations.
+        assert_eq!(partial(b"\xa1\xa2\xa3\xa4\xa5\xa6"), b"**\xa3\xa4\xa5\xa6");
+        assert_eq!(partial(b"secret\xe9t\xe9"), b"*****t\xe9t\xe9");
+        assert_eq!(partial(b"abcdefgh\xa1\xa2\xa3"), b"*******h\xa1\xa2\xa3", "not efgh and three more");
         let h = detect_all(Style::Hash);
         let a = masked(&h, "alice@example.com").0;
         assert!(a.starts_with("hash:") && a.len() == 21, "{a}");

@@ -336,9 +336,62 @@ fn binary_number_text(oid: u32, v: &[u8]) -> Option<Result<String, ()>> {
         700 => v.try_into().map(|b| f32::from_be_bytes(b).to_string()),
         701 => v.try_into().map(|b| f64::from_be_bytes(b).to_string()),
         NUMERIC => return Some(numeric_text(v)),
-        _ => return None,
+        array => return number_array_element(array).map(|element| number_array_text(element, v)),
     };
     Some(text.map_err(|_| ()))
+}
+
+/// The element type of an array of numbers that `binary_number_text` reads.
+fn number_array_element(array: u32) -> Option<u32> {
+    Some(match array {
+        1005 => 21,
+        1007 => 23,
+        1016 => 20,
+        1028 => 26,
+        1021 => 700,
+        1022 => 701,
+        1231 => NUMERIC,
+        _ => return None,
+    })
+}
+
+/// An array of numbers in binary format (dimensions, flags, element type, each dimension's size
+/// and lower bound, then each element with its length or -1 for NULL) as `{1,2,NULL}`, flat
+/// whatever its dimensions: the detectors need only the numbers, each on its own.
+fn number_array_text(element: u32, v: &[u8]) -> Result<String, ()> {
+    let mut r = Reader { b: v, what: "array" };
+    let (ndim, _flags, oid) = (r.i32().map_err(drop)?, r.i32().map_err(drop)?, r.i32().map_err(drop)?);
+    // MAXDIM is 6; an empty array has no dimensions.
+    if !(0..=6).contains(&ndim) || oid as u32 != element {
+        return Err(());
+    }
+    let mut count: usize = if ndim == 0 { 0 } else { 1 };
+    for _ in 0..ndim {
+        let (size, _lower) = (r.i32().map_err(drop)?, r.i32().map_err(drop)?);
+        count = count.checked_mul(usize::try_from(size).map_err(drop)?).ok_or(())?;
+    }
+    // Each element takes at least its four-byte length: more than fit is not the server's.
+    if count > r.b.len() / 4 {
+        return Err(());
+    }
+    let mut out = String::from("{");
+    for i in 0..count {
+        if i > 0 {
+            out.push(',');
+        }
+        match r.i32().map_err(drop)? {
+            -1 => out.push_str("NULL"),
+            len => {
+                let bytes = r.take(usize::try_from(len).map_err(drop)?).map_err(drop)?;
+                out.push_str(&binary_number_text(element, bytes).ok_or(())??);
+            }
+        }
+    }
+    if !r.b.is_empty() {
+        return Err(());
+    }
+    out.push('}');
+    Ok(out)
 }
 
 const NUMERIC: u32 = 1700;
@@ -846,6 +899,48 @@ mod tests {
         assert_eq!(text(21, &[0, 1, 2]), Err(()), "wrong size");
         assert_eq!(text(701, &4111111111111111f64.to_be_bytes()), Ok("4111111111111111".into()));
         assert_eq!(binary_number_text(25, b"x"), None);
+        // Arrays of numbers: ndim, flags, element type, (size, lower bound) per dimension, elements.
+        let array = |element: u32, dims: &[i32], items: &[Option<&[u8]>]| {
+            let mut v = Vec::new();
+            for w in [dims.len() as i32, 1, element as i32] {
+                v.extend(w.to_be_bytes());
+            }
+            for d in dims {
+                v.extend(d.to_be_bytes());
+                v.extend(1i32.to_be_bytes());
+            }
+            for item in items {
+                match item {
+                    Some(b) => {
+                        v.extend((b.len() as i32).to_be_bytes());
+                        v.extend(*b);
+                    }
+                    None => v.extend((-1i32).to_be_bytes()),
+                }
+            }
+            v
+        };
+        let card = 4111111111111111i64.to_be_bytes();
+        let seven = 7i64.to_be_bytes();
+        let v = array(20, &[3], &[Some(&seven), None, Some(&card)]);
+        assert_eq!(text(1016, &v), Ok("{7,NULL,4111111111111111}".into()));
+        let v = array(
+            NUMERIC,
+            &[2, 1],
+            &[Some(&numeric(0, 0, 1, &[1, 5000])), Some(&numeric(3, 0, 0, &[4111, 1111, 1111, 1111]))],
+        );
+        assert_eq!(text(1231, &v), Ok("{1.5,4111111111111111}".into()), "two dimensions, flat");
+        assert_eq!(text(1016, &array(20, &[], &[])), Ok("{}".into()));
+        for bad in [
+            array(23, &[1], &[Some(&seven)]),                   // says int4, holds int8
+            array(20, &[2], &[Some(&seven)]),                   // fewer elements than said
+            array(20, &[1], &[Some(&seven), Some(&seven)]),     // more
+            array(20, &[0x4000_0000, 4], &[Some(&seven)]),      // sizes past anything sent
+            array(20, &[1, 1, 1, 1, 1, 1, 1], &[Some(&seven)]), // past MAXDIM
+            array(20, &[1], &[Some(&seven[..4])]),              // a short int8
+        ] {
+            assert_eq!(text(1016, &bad), Err(()), "{bad:?}");
+        }
         let cases: [(Vec<u8>, &str); 8] = [
             (numeric(3, 0, 0, &[4111, 1111, 1111, 1111]), "4111111111111111"),
             (numeric(0, 0, 1, &[12, 5000]), "12.5"),
