@@ -1368,6 +1368,7 @@ out = b""
 for m in script:
     t = m[0]
     if t == "P": out += msg("P", cstr(m[1]) + cstr(m[2]) + b"\0\0")
+    elif t == "Pmany": out += b"".join(msg("P", cstr(m[1] + str(i)) + cstr(m[3]) + b"\0\0") + msg("S", b"") for i in range(m[2]))
     elif t == "B": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0\0\0\0\0")
     elif t == "E": out += msg("E", cstr(m[1]) + struct.pack("!i", m[2] if len(m) > 2 else 0))
     elif t == "Q": out += msg("Q", cstr(m[1]))
@@ -1512,6 +1513,29 @@ fn protocol_tricks_fail_closed() {
         let tags: String = out.lines().filter_map(|l| l.chars().next()).collect();
         tags.split_once('Z').map(|(_, rest)| rest.to_string()).unwrap_or_default()
     };
+    // A session keeps at most 4,096 named statements: the next Parse is refused (nothing of
+    // its batch reaches the server) until the client closes one.
+    let script = serde_json::json!([
+        ["Pmany", "s", 4096, "SELECT 1"],
+        ["P", "extra", "SELECT 1"],
+        ["B", "", "s7"],
+        ["E", ""],
+        ["S"],
+        ["C", "s0"],
+        ["S"],
+        ["P", "extra", "SELECT 'fits'"],
+        ["B", "", "extra"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    let after = after_first_line(&out);
+    assert_eq!(after.matches("1Z").count(), 4096, "{}", &out[out.len().saturating_sub(2000)..]);
+    let tail: Vec<&str> = out.lines().skip_while(|l| !l.contains("too-many-prepared-statements")).collect();
+    assert!(tail.first().is_some_and(|l| l.starts_with("E 42501")), "{tail:?}");
+    assert_eq!(tail.iter().filter(|l| l.starts_with('D')).count(), 1, "only the last batch ran a statement: {tail:?}");
+    assert!(tail.iter().any(|l| l.contains("fits")), "{tail:?}");
     // Startup parameters that change how the server reads SQL are refused.
     let out =
         raw(&env, &pg, serde_json::json!({"options": "-c standard_conforming_strings=off"}), serde_json::json!([]));

@@ -1,6 +1,7 @@
 //! PostgreSQL proxy: terminates the client's login, logs in upstream with the resource's
 //! credential, and judges every statement before it is forwarded.
 pub mod rows;
+mod statements;
 pub mod track;
 mod upstream;
 pub mod wire;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::{
+    statements::Statements,
     track::{Op, Tracker},
     wire::{Frame, Startup},
 };
@@ -475,7 +477,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         buf: BytesMut::new(),
         to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
         syncs: 0,
-        prepared: HashMap::new(),
+        prepared: Statements::default(),
         described: Default::default(),
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
@@ -1219,14 +1221,14 @@ impl<'b> BatchView<'b> {
     }
 
     /// What `name` stands for, dropped or not.
-    fn get_any<'s>(&self, name: &str, session: &'s HashMap<String, Prepared>) -> Option<&'s Prepared>
+    fn get_any<'s>(&self, name: &str, session: &'s Statements) -> Option<&'s Prepared>
     where
         'b: 's,
     {
         self.parsed.get(name).copied().or_else(|| session.get(name))
     }
 
-    fn get<'s>(&self, name: &str, session: &'s HashMap<String, Prepared>) -> Option<&'s Prepared>
+    fn get<'s>(&self, name: &str, session: &'s Statements) -> Option<&'s Prepared>
     where
         'b: 's,
     {
@@ -1372,7 +1374,7 @@ struct ClientSide<'s, 'a, R> {
     to_down: ToDownstream,
     /// Sync points forwarded so far; injections are placed after this many answers.
     syncs: u64,
-    prepared: HashMap<String, Prepared>,
+    prepared: Statements,
     /// Statements the client described since their last Parse: the tracker knows their columns.
     described: HashSet<String>,
     /// Portals bound to a statement that deallocates (SQL DEALLOCATE, DISCARD ALL), which it
@@ -1970,6 +1972,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
     }
 
+    /// Waits until the server has answered every Close of a statement sent with a Sync.
+    async fn settle_closes(&mut self) {
+        loop {
+            self.settle();
+            let pending = self
+                .defined
+                .iter()
+                .find(|(_, defs, _)| defs.iter().any(|d| matches!(d, Def::Close { statement: Some(_) })));
+            match pending {
+                Some(&(point, _, _)) => self.completions.wait(point).await,
+                None => return,
+            }
+        }
+    }
+
     /// Applies the answers that are in: a Parse that did not take effect is undone, a Close
     /// that did forgets its statement, one that did not keeps it; portals re-bound or closed in
     /// a batch with no error no longer deallocate.
@@ -2049,6 +2066,19 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     rule: "duplicate-prepared-statement".into(),
                     message: Some(format!("prepared statement \"{name}\" already exists; Close it first")),
                 }));
+            }
+            if !name.is_empty() {
+                let full = |this: &Self| {
+                    let more = parsed.iter().filter(|(n, _)| !n.is_empty()).map(|(_, p)| p);
+                    this.prepared.full(more, text.len())
+                };
+                // A Close already sent may make room once the server has carried it out.
+                if full(self).is_some() {
+                    self.settle_closes().await;
+                }
+                if let Some(why) = full(self) {
+                    return Ok(Err(Refusal { rule: "too-many-prepared-statements".into(), message: Some(why) }));
+                }
             }
             self.outcome.statements += 1;
             match self.judge(text).await? {

@@ -97,10 +97,12 @@ struct Copying {
 /// statement descriptions. A server drops portals at the end of their transaction and
 /// statements at a DEALLOCATE or DISCARD in SQL, unseen here, so a client could otherwise
 /// make a session keep every one it ever had. Past these, an old one (any) is forgotten. The
-/// client side does not know which: a later execution of a forgotten statement that the client
+/// client side refuses a Parse past as many named statements, so only those dropped unseen
+/// (or very wide descriptions) get here, and it does not know which are forgotten: a later execution of a forgotten statement that the client
 /// described (so no Describe of the portal was added) ends the session with a protocol error,
 /// as any result the proxy cannot mask does. README, "Masking", names the limits.
-const MAX_TRACKED: usize = 4096;
+/// (Every named statement a session may have, and the unnamed one.)
+const MAX_TRACKED: usize = super::statements::MAX_STATEMENTS + 1;
 const MAX_DESCRIBED_BYTES: usize = 16 << 20;
 
 /// RowDescription bodies by statement name, and their total size.

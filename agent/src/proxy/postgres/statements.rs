@@ -1,0 +1,99 @@
+//! The statements a session parsed, by name, bounded in number and in bytes of text.
+use foldhash::{HashMap, HashMapExt};
+
+use super::Prepared;
+
+/// Most named statements a session may have (the masking tracker keeps the row shapes of as
+/// many, and of the unnamed one, so it need not forget one the client still uses); and most
+/// bytes of their texts. The server keeps them too, but the agent's memory serves every session.
+pub const MAX_STATEMENTS: usize = 4096;
+pub const MAX_STATEMENT_BYTES: usize = 64 << 20;
+
+pub struct Statements {
+    map: HashMap<String, Prepared>,
+    bytes: usize,
+}
+
+impl Default for Statements {
+    fn default() -> Self {
+        Statements { map: HashMap::new(), bytes: 0 }
+    }
+}
+
+impl Statements {
+    pub fn get(&self, name: &str) -> Option<&Prepared> {
+        self.map.get(name)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.map.keys()
+    }
+
+    pub fn insert(&mut self, name: String, p: Prepared) -> Option<Prepared> {
+        self.bytes += p.text.len();
+        let old = self.map.insert(name, p);
+        if let Some(old) = &old {
+            self.bytes -= old.text.len();
+        }
+        old
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Prepared> {
+        let old = self.map.remove(name);
+        if let Some(old) = &old {
+            self.bytes -= old.text.len();
+        }
+        old
+    }
+
+    /// Why these statements and `more` named ones (parsed in the batch at hand) leave no room
+    /// for another named one of `len` bytes of text, if they do not.
+    pub fn full<'a>(&self, more: impl Iterator<Item = &'a Prepared>, len: usize) -> Option<String> {
+        let named = self.map.len() - usize::from(self.map.contains_key(""));
+        let (count, bytes) = more.fold((named, self.bytes), |(c, b), p| (c + 1, b + p.text.len()));
+        if count >= MAX_STATEMENTS {
+            Some(format!("a session may keep at most {MAX_STATEMENTS} named prepared statements; Close some first"))
+        } else if bytes + len > MAX_STATEMENT_BYTES {
+            Some(format!(
+                "a session's prepared statements may hold at most {} MiB of text; Close some first",
+                MAX_STATEMENT_BYTES >> 20
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Prepared {
+        Prepared { seq: 1, class: Default::default(), text: text.into(), hold: None, computed: None }
+    }
+
+    #[test]
+    fn texts_are_counted_as_statements_come_and_go() {
+        let mut s = Statements::default();
+        s.insert("a".into(), p("SELECT 1"));
+        s.insert("a".into(), p("SELECT 22"));
+        s.insert("".into(), p("SELECT 333"));
+        assert_eq!(s.bytes, 9 + 10);
+        s.remove("a");
+        assert_eq!(s.bytes, 10);
+        // The unnamed statement is replaced, never added: it does not count.
+        for i in 0..MAX_STATEMENTS - 1 {
+            s.insert(format!("s{i}"), p("x"));
+        }
+        let more = [p("y")];
+        assert_eq!(s.full([].iter(), 1), None);
+        assert!(s.full(more.iter(), 1).is_some_and(|why| why.contains("4096 named")));
+        let big = MAX_STATEMENT_BYTES - s.bytes;
+        assert_eq!(s.full([].iter(), big), None);
+        assert!(s.full([].iter(), big + 1).is_some_and(|why| why.contains("64 MiB")));
+    }
+}
