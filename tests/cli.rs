@@ -146,3 +146,31 @@ fn approvals_without_a_running_agent_say_so() {
     let (ok, out, _) = tollgate(&["approvals", "--help"]);
     assert!(ok && out.contains("list") && out.contains("approve") && out.contains("deny"), "{out}");
 }
+
+#[test]
+fn explain_shows_what_the_rules_see_and_which_decides() {
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/postgres.yaml");
+    let policy = policy.to_str().unwrap();
+    let explain = |sql: &[&str]| tollgate(&[&["policy", "explain", policy, "--grant", "bot-orders"], sql].concat());
+    let (ok, out, err) = explain(&["SELECT pg_terminate_backend(1)", "DELETE FROM orders WHERE id = 3"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("kinds:         select, side_effect"), "{out}");
+    assert!(out.contains("decision:      deny by rule \"bot-orders.default\""), "{out}");
+    assert!(out.contains("decision:      approve by rule \"deletes-need-approval\", held up to 600 s"), "{out}");
+    let (ok, out, _) = explain(&["--json", "DELETE FROM orders WHERE true"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(ok && v["rule"] == "writes-need-where" && v["where_missing"] == true, "{out}");
+    // With no SQL argument, one query string comes from standard input.
+    let mut child = Command::new(BIN)
+        .args(["policy", "explain", policy, "--grant", "bot-orders", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"SELECT 1; SELEC").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["decision"].as_str(), v["rule"].as_str()), (Some("deny"), Some("unparseable")), "{v}");
+    let (ok, _, err) = tollgate(&["policy", "explain", policy, "--grant", "nope", "SELECT 1"]);
+    assert!(!ok && err.contains("no grant \"nope\"; its grants are: bot-orders"), "{err}");
+}

@@ -125,6 +125,25 @@ enum PolicyCommand {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Show how a grant's statement rules judge SQL: the kinds, tables and functions the
+    /// classifier finds, and the rule that decides (first match wins).
+    ///
+    /// Each argument is one query string, as a client would send it (it may hold several
+    /// statements); with none, one query string is read from standard input. Only the rules
+    /// are applied: refusals that depend on the server (masking of columns its catalog names,
+    /// statements it no longer has) show only in a running session.
+    Explain {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The grant whose rules apply.
+        #[arg(long, value_name = "NAME")]
+        grant: String,
+        /// Print one JSON object per query string.
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "SQL")]
+        sql: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,6 +252,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Policy { command: PolicyCommand::Explain { file, grant, json, sql } } => {
+            explain(&file, &grant, json, sql)
+        }
         Command::Audit { command: AuditCommand::Verify { state_dir } } => {
             match audit::verify(&StateDir::new(&state_dir).root) {
                 Ok(n) => {
@@ -331,6 +353,55 @@ fn exec(path: &str, command: &[String]) -> anyhow::Result<ExitCode> {
         .context("argument contains NUL")?;
     let err = nix::unistd::execvp(&args[0], &args).unwrap_err();
     bail!("cannot run {:?}: {err}", command[0])
+}
+
+fn explain(file: &Path, grant: &str, json: bool, mut texts: Vec<String>) -> anyhow::Result<ExitCode> {
+    let policy = policy::load(file)?;
+    let Some(g) = policy.grants.iter().find(|g| g.name == grant) else {
+        let names: Vec<&str> = policy.grants.iter().map(|g| g.name.as_str()).collect();
+        bail!("{}: no grant {grant:?}; its grants are: {}", file.display(), names.join(", "));
+    };
+    if texts.is_empty() {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading SQL from standard input")?;
+        texts.push(text);
+    }
+    for text in texts {
+        let c = tollgate::sql::classify(&text);
+        let d = policy::rules::decide(&g.name, &g.rules, g.default, &c);
+        let kinds: Vec<&str> = c.kinds.iter().map(|k| k.as_str()).collect();
+        if json {
+            let out = serde_json::json!({
+                "sql": text,
+                "kinds": kinds,
+                "tables": c.tables,
+                "functions": c.functions,
+                "where_missing": c.where_missing,
+                "parse_error": c.parse_error,
+                "decision": d.action.as_str(),
+                "rule": d.rule,
+                "message": d.message,
+            });
+            println!("{out}");
+            continue;
+        }
+        let list = |items: Vec<&str>| if items.is_empty() { "-".to_string() } else { items.join(", ") };
+        println!("{}", text.trim());
+        println!("  kinds:         {}", kinds.join(", "));
+        println!("  tables:        {}", list(c.tables.iter().map(String::as_str).collect()));
+        println!("  functions:     {}", list(c.functions.iter().map(String::as_str).collect()));
+        println!("  where missing: {}", if c.where_missing { "yes" } else { "no" });
+        if let Some(e) = &c.parse_error {
+            println!("  not parsed:    {e}");
+        }
+        let held = match d.action {
+            policy::rules::Action::Approve { timeout } => format!(", held up to {} s", timeout.as_secs()),
+            _ => String::new(),
+        };
+        let message = d.message.filter(|m| Some(m) != c.parse_error.as_ref()).map(|m| format!(": {m}"));
+        println!("  decision:      {} by rule \"{}\"{held}{}", d.action.as_str(), d.rule, message.unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(state_dir: &Path) -> anyhow::Result<ExitCode> {
