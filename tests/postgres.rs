@@ -1527,6 +1527,12 @@ fn protocol_tricks_fail_closed() {
         ["B", "", "extra"],
         ["E", ""],
         ["S"],
+        // A Close earlier in the same batch makes room too.
+        ["C", "s1"],
+        ["P", "extra2", "SELECT 'fits too'"],
+        ["B", "", "extra2"],
+        ["E", ""],
+        ["S"],
         ["X"]
     ]);
     let out = raw(&env, &pg, none.clone(), script);
@@ -1534,8 +1540,9 @@ fn protocol_tricks_fail_closed() {
     assert_eq!(after.matches("1Z").count(), 4096, "{}", &out[out.len().saturating_sub(2000)..]);
     let tail: Vec<&str> = out.lines().skip_while(|l| !l.contains("too-many-prepared-statements")).collect();
     assert!(tail.first().is_some_and(|l| l.starts_with("E 42501")), "{tail:?}");
-    assert_eq!(tail.iter().filter(|l| l.starts_with('D')).count(), 1, "only the last batch ran a statement: {tail:?}");
-    assert!(tail.iter().any(|l| l.contains("fits")), "{tail:?}");
+    assert_eq!(tail.iter().filter(|l| l.contains("too-many")).count(), 1, "{tail:?}");
+    assert_eq!(tail.iter().filter(|l| l.starts_with('D')).count(), 2, "the refused batch ran nothing: {tail:?}");
+    assert!(tail.iter().any(|l| l.contains("fits too")), "{tail:?}");
     // Startup parameters that change how the server reads SQL are refused.
     let out =
         raw(&env, &pg, serde_json::json!({"options": "-c standard_conforming_strings=off"}), serde_json::json!([]));

@@ -124,6 +124,11 @@ pub struct Classification {
     pub tables: BTreeSet<String>,
     /// Functions called anywhere in it, as written, lower-cased (`pg_sleep`, `pg_catalog.lo_import`).
     pub functions: BTreeSet<String>,
+    /// The last part of each two-part column reference (`x.f`), lower-cased: PostgreSQL reads
+    /// `x.f` as the call `f(x)` when `x` has no column `f`, as when `x` is a function's value
+    /// in FROM (`SELECT x.pg_read_file FROM unnest(...) x`). Deny and approve rules that list
+    /// functions match these too; allow rules do not need them listed.
+    pub maybe_functions: BTreeSet<String>,
     /// Some UPDATE or DELETE in it (also a MERGE's) has no WHERE clause, or one that names no
     /// column (`WHERE true`, `WHERE 1 = 1`): it changes every row.
     pub where_missing: bool,
@@ -178,6 +183,16 @@ const RUNS_SQL_TEXT: [&str; 16] = [
     "database_to_xml_and_xmlschema",
     "ts_stat",
     "ts_rewrite",
+];
+
+/// Built-in functions that run the query given as a text argument, and which argument it is:
+/// the query is classified as part of the statement.
+const RUNS_QUERY_TEXT: [(&str, usize); 5] = [
+    ("query_to_xml", 0),
+    ("query_to_xmlschema", 0),
+    ("query_to_xml_and_xmlschema", 0),
+    ("ts_stat", 0),
+    ("ts_rewrite", 1),
 ];
 
 /// Built-in functions (and those of common extensions) that change state: a rule about reads
@@ -573,6 +588,9 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
                 })
                 .count();
             c.reads = Reads::of(&tree);
+            for query in queries_run(&tree) {
+                look_into_query(query, depth, &mut c);
+            }
             for s in stmts {
                 if let Some(block) = s.pointer("/stmt/node/DoStmt") {
                     look_into_do(sql, s, block, depth, &mut c);
@@ -598,6 +616,29 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
         c.kinds.insert(Kind::Select);
     }
     c
+}
+
+/// Classifies a query a function runs from text as part of the statement: its kinds, tables
+/// and functions count as the statement's own.
+fn look_into_query(query: Result<String, String>, depth: usize, c: &mut Classification) {
+    let query = match query {
+        Ok(q) if depth < MAX_DO_DEPTH => q,
+        Ok(_) => {
+            return refuse(c, || {
+                format!("queries run from text nested more than {MAX_DO_DEPTH} deep are not looked into")
+            });
+        }
+        Err(why) => return refuse(c, || why),
+    };
+    let inner = classify_nested(&query, depth + 1);
+    if let Some(e) = inner.parse_error {
+        c.parse_error.get_or_insert_with(|| format!("in a query run from text: {e}"));
+    }
+    c.kinds.extend(inner.kinds);
+    c.tables.extend(inner.tables);
+    c.functions.extend(inner.functions);
+    c.maybe_functions.extend(inner.maybe_functions);
+    c.where_missing |= inner.where_missing;
 }
 
 /// Gives up on classifying: the text is treated as unparseable (denied unless a rule names it).
@@ -722,6 +763,7 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
         c.kinds.extend(inner.kinds);
         c.tables.extend(inner.tables);
         c.functions.extend(inner.functions);
+        c.maybe_functions.extend(inner.maybe_functions);
         c.where_missing |= inner.where_missing;
         c.ends_transaction |= inner.ends_transaction;
         c.reads.runs_sql |= inner.reads.runs_sql;
@@ -992,6 +1034,25 @@ fn walk(v: &Value, c: &mut Classification) {
         for name in field_names.unwrap_or_default().iter().filter_map(sval) {
             note_function(c, name.to_lowercase());
         }
+        // `x.f` is `f(x)` when `x` has no column `f`, which the text does not say: a function
+        // that changes state counts as called, and one that runs a query is not looked into.
+        let pair = (key == "ColumnRef").then(|| child.get("fields").and_then(Value::as_array)).flatten();
+        if let Some([_, name]) = pair.map(Vec::as_slice)
+            && let Some(name) = sval(name).map(str::to_lowercase)
+        {
+            if SIDE_EFFECTS.contains(&name.as_str()) {
+                c.kinds.insert(Kind::SideEffect);
+            }
+            c.maybe_functions.insert(name);
+        }
+        let called_as_field = field_names.into_iter().flatten().chain(pair.into_iter().flatten().skip(1));
+        if let Some(f) = called_as_field.filter_map(sval).find(|f| runs_query(f).is_some()) {
+            let f = f.to_lowercase();
+            c.kinds.insert(Kind::Unparseable);
+            c.parse_error.get_or_insert_with(|| {
+                format!("{f} written as a field runs a query not looked into; call it as {f}(...)")
+            });
+        }
         if let Some(why) = changes_lexing(key, child) {
             c.kinds.insert(Kind::Unparseable);
             c.parse_error.get_or_insert(why);
@@ -1056,6 +1117,39 @@ fn walk(v: &Value, c: &mut Classification) {
             c.tables.insert(table);
         }
     });
+}
+
+/// Which argument of function `name` (any case, any schema) is a query it runs, if it runs one.
+fn runs_query(name: &str) -> Option<usize> {
+    let last = name.rsplit('.').next().unwrap_or(name).to_lowercase();
+    RUNS_QUERY_TEXT.iter().find(|(f, _)| *f == last).map(|&(_, arg)| arg)
+}
+
+/// The queries that functions in the tree run from text (`query_to_xml('SELECT ...', ...)`):
+/// each a string literal, or `Err` naming the function whose query is not one.
+fn queries_run(tree: &Value) -> Vec<Result<String, String>> {
+    let mut out = Vec::new();
+    visit(tree, |_, key, child| {
+        let names = (key == "FuncCall").then(|| child.get("funcname").and_then(Value::as_array)).flatten();
+        let Some(name) = names.and_then(|n| n.last()).and_then(sval) else { return };
+        let Some(arg) = runs_query(name) else { return };
+        let args = child.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        // ts_rewrite(query, target, substitute) takes no query text; ts_rewrite(query, select) does.
+        if name.eq_ignore_ascii_case("ts_rewrite") && args.len() != 2 {
+            return;
+        }
+        let literal = args.get(arg).and_then(|a| {
+            let a = a.pointer("/node/TypeCast/arg").unwrap_or(a);
+            a.pointer("/node/AConst/val/Sval/sval").and_then(Value::as_str)
+        });
+        out.push(match literal {
+            Some(q) => Ok(q.to_string()),
+            None => {
+                Err(format!("{} runs a query that is not a string literal; it is not looked into", name.to_lowercase()))
+            }
+        });
+    });
+    out
 }
 
 /// ON CONFLICT DO UPDATE in the parse tree's OnConflictAction enum.
@@ -1430,6 +1524,45 @@ mod tests {
         assert!(!classify("SELECT set_config('application_name', 'x', false)").kinds.contains(&Kind::Unparseable));
         assert!(!classify("SET search_path = public").kinds.contains(&Kind::Unparseable));
         assert!(!classify("UPDATE settings SET v = 1 WHERE k = 'x'").kinds.contains(&Kind::Unparseable));
+    }
+
+    #[test]
+    fn queries_run_from_text_are_looked_into() {
+        let c =
+            classify("SELECT query_to_xml('SELECT pg_terminate_backend(pid) FROM pg_stat_activity', true, true, '')");
+        assert!(c.kinds.contains(&Kind::SideEffect) && c.functions.contains("pg_terminate_backend"), "{c:?}");
+        assert!(c.tables.contains("pg_stat_activity"));
+        let c = classify("SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, ''b''::tsquery FROM vault')::text");
+        assert!(c.tables.contains("vault") && !c.kinds.contains(&Kind::Unparseable), "{c:?}");
+        assert!(classify("SELECT ts_stat('DELETE FROM t RETURNING v')").kinds.contains(&Kind::Delete));
+        assert!(
+            !classify("SELECT ts_rewrite('a'::tsquery, 'b'::tsquery, 'c'::tsquery)").kinds.contains(&Kind::Unparseable)
+        );
+        for sql in [
+            "SELECT query_to_xml($1, true, true, '')",
+            "SELECT query_to_xml('SELECT ' || 'pg_reload_conf()', true, true, '')",
+            "SELECT query_to_xml('SELEC 1', true, true, '')",
+            "SELECT ('SELECT pg_reload_conf()'::text).ts_stat",
+            "SELECT x.ts_stat FROM unnest(ARRAY['SELECT pg_reload_conf()']) x",
+        ] {
+            assert!(classify(sql).kinds.contains(&Kind::Unparseable), "{sql}");
+        }
+        // The query is a literal the classifier reads: texts differing in it are not one shape.
+        assert_ne!(
+            shape("SELECT query_to_xml('SELECT 1', true, true, '')"),
+            shape("SELECT query_to_xml('SELECT pg_reload_conf()', true, true, '')")
+        );
+        assert_ne!(shape("SELECT TS_STAT('SELECT 1')"), shape("SELECT TS_STAT('SELECT 2')"));
+    }
+
+    #[test]
+    fn two_part_names_may_be_calls() {
+        let c = classify("SELECT x.pg_cancel_backend FROM unnest(ARRAY(SELECT pid FROM pg_stat_activity)) x");
+        assert!(c.kinds.contains(&Kind::SideEffect) && c.maybe_functions.contains("pg_cancel_backend"), "{c:?}");
+        let c = classify("SELECT o.id, o.Total FROM orders o");
+        assert_eq!(c.kinds.iter().collect::<Vec<_>>(), [&Kind::Select]);
+        assert_eq!(c.maybe_functions.iter().map(String::as_str).collect::<Vec<_>>(), ["id", "total"]);
+        assert!(c.functions.is_empty());
     }
 
     #[test]

@@ -2056,7 +2056,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             self.settle();
         }
         let mut parsed: Vec<(String, Prepared)> = Vec::new();
-        for f in batch.iter().filter(|f| f.tag == b'P') {
+        // Statements closed so far in the batch: room for as many new ones.
+        let mut closed: Vec<&str> = Vec::new();
+        for f in batch.iter().filter(|f| matches!(f.tag, b'P' | b'C')) {
+            if f.tag == b'C' {
+                if let Ok((b'S', name)) = wire::describe_target(&f.body) {
+                    closed.push(name);
+                }
+                continue;
+            }
             let (name, text) = wire::parse_message(&f.body)?;
             let name = name.to_string();
             // The server refuses to redefine a named statement; the proxy must not believe it
@@ -2070,7 +2078,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             if !name.is_empty() {
                 let full = |this: &Self| {
                     let more = parsed.iter().filter(|(n, _)| !n.is_empty()).map(|(_, p)| p);
-                    this.prepared.full(more, text.len())
+                    this.prepared.full(more, &closed, text.len())
                 };
                 // A Close already sent may make room once the server has carried it out.
                 if full(self).is_some() {

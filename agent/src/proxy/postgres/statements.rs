@@ -11,6 +11,7 @@ pub const MAX_STATEMENT_BYTES: usize = 64 << 20;
 
 pub struct Statements {
     map: HashMap<String, Prepared>,
+    /// Bytes of the named statements' texts (the unnamed one is replaced, never added).
     bytes: usize,
 }
 
@@ -34,9 +35,12 @@ impl Statements {
     }
 
     pub fn insert(&mut self, name: String, p: Prepared) -> Option<Prepared> {
-        self.bytes += p.text.len();
+        let named = !name.is_empty();
+        if named {
+            self.bytes += p.text.len();
+        }
         let old = self.map.insert(name, p);
-        if let Some(old) = &old {
+        if let Some(old) = old.as_ref().filter(|_| named) {
             self.bytes -= old.text.len();
         }
         old
@@ -44,17 +48,20 @@ impl Statements {
 
     pub fn remove(&mut self, name: &str) -> Option<Prepared> {
         let old = self.map.remove(name);
-        if let Some(old) = &old {
+        if let Some(old) = old.as_ref().filter(|_| !name.is_empty()) {
             self.bytes -= old.text.len();
         }
         old
     }
 
-    /// Why these statements and `more` named ones (parsed in the batch at hand) leave no room
-    /// for another named one of `len` bytes of text, if they do not.
-    pub fn full<'a>(&self, more: impl Iterator<Item = &'a Prepared>, len: usize) -> Option<String> {
+    /// Why these statements, with `more` named ones parsed and those named in `closed` closed
+    /// earlier in the batch at hand, leave no room for another named one of `len` bytes of
+    /// text, if they do not.
+    pub fn full<'a>(&self, more: impl Iterator<Item = &'a Prepared>, closed: &[&str], len: usize) -> Option<String> {
         let named = self.map.len() - usize::from(self.map.contains_key(""));
         let (count, bytes) = more.fold((named, self.bytes), |(c, b), p| (c + 1, b + p.text.len()));
+        let gone = closed.iter().filter(|n| !n.is_empty()).filter_map(|n| self.map.get(*n));
+        let (count, bytes) = gone.fold((count, bytes), |(c, b), p| (c - 1, b - p.text.len()));
         if count >= MAX_STATEMENTS {
             Some(format!("a session may keep at most {MAX_STATEMENTS} named prepared statements; Close some first"))
         } else if bytes + len > MAX_STATEMENT_BYTES {
@@ -82,18 +89,21 @@ mod tests {
         s.insert("a".into(), p("SELECT 1"));
         s.insert("a".into(), p("SELECT 22"));
         s.insert("".into(), p("SELECT 333"));
-        assert_eq!(s.bytes, 9 + 10);
+        assert_eq!(s.bytes, 9, "the unnamed statement's text does not count");
         s.remove("a");
-        assert_eq!(s.bytes, 10);
+        s.remove("");
+        assert_eq!(s.bytes, 0);
         // The unnamed statement is replaced, never added: it does not count.
         for i in 0..MAX_STATEMENTS - 1 {
             s.insert(format!("s{i}"), p("x"));
         }
         let more = [p("y")];
-        assert_eq!(s.full([].iter(), 1), None);
-        assert!(s.full(more.iter(), 1).is_some_and(|why| why.contains("4096 named")));
+        assert_eq!(s.full([].iter(), &[], 1), None);
+        assert!(s.full(more.iter(), &[], 1).is_some_and(|why| why.contains("4096 named")));
+        assert_eq!(s.full(more.iter(), &["s0"], 1), None, "closed earlier in the batch");
+        assert!(s.full(more.iter(), &["nope"], 1).is_some(), "closing what is not there frees nothing");
         let big = MAX_STATEMENT_BYTES - s.bytes;
-        assert_eq!(s.full([].iter(), big), None);
-        assert!(s.full([].iter(), big + 1).is_some_and(|why| why.contains("64 MiB")));
+        assert_eq!(s.full([].iter(), &[], big), None);
+        assert!(s.full([].iter(), &[], big + 1).is_some_and(|why| why.contains("64 MiB")));
     }
 }
