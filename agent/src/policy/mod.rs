@@ -258,14 +258,20 @@ spec:
                 .map(|pol| pol.grants[0].rules[0].tables.clone())
         };
         assert_eq!(
-            tables(r#"[Orders, public.ORDERS, '"Orders"', '"My ""Q"".x".Y', 'Ä']"#).unwrap(),
-            ["orders", "public.orders", "Orders", "My \"Q\".x.y", "Ä"]
+            tables(r#"[Orders, public.ORDERS, '"Orders"', '"My ""Q"".x".Y', 'Ä', '"my-table"', t_1$]"#).unwrap(),
+            ["orders", "public.orders", "Orders", "\"My \"\"Q\"\".x\".y", "Ä", "my-table", "t_1$"]
         );
+        // Cut to 63 bytes as the server cuts identifiers, on a character boundary.
+        let long = format!("{}é", "a".repeat(62));
+        assert_eq!(tables(&format!("[{long}x]")).unwrap(), ["a".repeat(62)]);
         for (bad, want) in [
             (r#"['"Orders']"#, "not closed"),
             (r#"['"a"b']"#, "must end at a dot"),
             ("[public.]", "is not a relation name"),
-            (r#"['a b']"#, "quote a name"),
+            (r#"['a b']"#, "quote the name"),
+            ("[my-table]", "quote the name"),
+            ("[1table]", "quote the name"),
+            ("[db.public.orders]", "name or schema.name"),
         ] {
             let e = tables(bad).unwrap_err().to_string();
             assert!(e.contains("spec.grants[0].rules[0].match.tables[0]") && e.contains(want), "{bad}: {e}");

@@ -364,10 +364,12 @@ fn check_name(location: &str, name: &str) -> Result<(), ValidationError> {
     }
 }
 
-/// A relation name as PostgreSQL reads it: each dot-separated part folded to lower case unless
-/// double-quoted (`Orders` is `orders`; `"Orders"` stays `Orders`; `""` inside quotes is `"`).
+/// A relation name as PostgreSQL reads it, in the form `Classification::tables` holds: each
+/// dot-separated part folded to lower case unless double-quoted (`Orders` is `orders`;
+/// `"Orders"` stays `Orders`; `""` inside quotes is `"`), cut to 63 bytes as the server cuts
+/// identifiers, `name` or `schema.name`.
 fn fold_relation(name: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(name.len());
+    let mut parts: Vec<String> = Vec::new();
     let mut chars = name.chars().peekable();
     loop {
         let mut part = String::new();
@@ -389,8 +391,10 @@ fn fold_relation(name: &str) -> Result<String, String> {
             }
         } else {
             while let Some(&c) = chars.peek().filter(|&&c| c != '.') {
-                if c == '"' || c.is_whitespace() {
-                    return Err(format!("{name:?}: quote a name that has {c:?} in it, whole"));
+                // What the server reads unquoted: letters, digits, `_` and `$`, not first.
+                let first = part.is_empty();
+                if !(c.is_alphabetic() || c == '_' || !first && (c.is_ascii_digit() || c == '$')) {
+                    return Err(format!("{name:?}: {c:?} is not part of a name unquoted; quote the name, whole"));
                 }
                 part.push(c.to_ascii_lowercase());
                 chars.next();
@@ -399,12 +403,20 @@ fn fold_relation(name: &str) -> Result<String, String> {
         if part.is_empty() {
             return Err(format!("{name:?} is not a relation name (or schema.name)"));
         }
-        out.push_str(&part);
-        match chars.next() {
-            Some(_) => out.push('.'),
-            None => return Ok(out),
+        let mut end = part.len().min(63);
+        while !part.is_char_boundary(end) {
+            end -= 1;
+        }
+        part.truncate(end);
+        parts.push(crate::sql::relation_part(&part).into_owned());
+        if chars.next().is_none() {
+            break;
         }
     }
+    if parts.len() > 2 {
+        return Err(format!("{name:?}: a table is named as name or schema.name (the database is the resource's)"));
+    }
+    Ok(parts.join("."))
 }
 
 fn parse_listen(location: &str, s: &str) -> Result<SocketAddr, ValidationError> {

@@ -1,5 +1,5 @@
 //! Statement rules: which query strings a grant allows. Pure; evaluated on a `Classification`.
-use crate::sql::{Classification, Kind};
+use crate::sql::{Classification, Kind, last_part};
 
 use std::time::Duration;
 
@@ -54,7 +54,7 @@ pub struct Decision {
 /// A relation or function name matches a listed one as written or by its last component
 /// (`orders` lists `public.orders`; `public.orders` lists only itself).
 fn table_listed(listed: &[String], name: &str) -> bool {
-    let last = name.rsplit('.').next().unwrap_or(name);
+    let last = last_part(name);
     listed.iter().any(|l| l == name || l == last)
 }
 
@@ -64,10 +64,10 @@ fn table_listed(listed: &[String], name: &str) -> bool {
 /// about `orders` most likely means too).
 fn may_be_listed(listed: &[String], name: &str) -> bool {
     let name = name.to_lowercase();
-    let last = |n: &str| n.rsplit('.').next().unwrap_or(n).to_lowercase();
+    let last = |n: &str| last_part(n).to_lowercase();
     listed.iter().any(|l| {
         let l = l.to_lowercase();
-        l == name || l == last(&name) || (!name.contains('.') && last(&l) == name)
+        l == name || l == last(&name) || (last_part(&name) == name && last(&l) == name)
     })
 }
 
@@ -292,6 +292,11 @@ mod tests {
         assert_eq!(judge(r#"SELECT * FROM "Mixed""#), "orders");
         assert_eq!(judge(r#"SELECT * FROM "SECRETS""#), "no-secrets", "a deny rule errs wide");
         assert_eq!(judge(r#"SELECT * FROM "Public"."Secrets""#), "no-secrets");
+        // A dot inside quotes is part of the name: "a.orders" is not orders.
+        assert_eq!(judge(r#"SELECT * FROM "a.orders""#), "g.default");
+        let dotted = [rule("no-dotted", &[], &["\"a.b\""], false, Action::Deny)];
+        let c = classify(r#"SELECT * FROM public."a.b""#);
+        assert_eq!(decide("g", &dotted, Action::Allow, &c).rule, "no-dotted");
     }
 
     #[test]

@@ -199,7 +199,7 @@ const RUNS_QUERY_TEXT: [(&str, usize); 5] = [
 /// must not let them through as `select`. Matched on the last component of the name, in lower
 /// case, so a schema or quotes do not hide them. `nextval` is left out: applications call it
 /// to number rows, and it changes nothing a read-only user could not undo by ignoring it.
-pub const SIDE_EFFECTS: [&str; 64] = [
+pub const SIDE_EFFECTS: [&str; 76] = [
     // Sequences.
     "setval",
     // Large objects (the `lo_import`/`lo_export` pair also touches the server's files).
@@ -243,6 +243,12 @@ pub const SIDE_EFFECTS: [&str; 64] = [
     "pg_stat_reset_replication_slot",
     "pg_stat_reset_subscription_stats",
     "pg_stat_statements_reset",
+    "pg_buffercache_evict",
+    // Planner statistics (PostgreSQL 18).
+    "pg_restore_relation_stats",
+    "pg_restore_attribute_stats",
+    "pg_clear_relation_stats",
+    "pg_clear_attribute_stats",
     // Replication slots and origins.
     "pg_create_physical_replication_slot",
     "pg_create_logical_replication_slot",
@@ -258,6 +264,7 @@ pub const SIDE_EFFECTS: [&str; 64] = [
     "pg_replication_origin_advance",
     "pg_replication_origin_session_setup",
     "pg_replication_origin_xact_setup",
+    "pg_sync_replication_slots",
     // Other databases: dblink runs any SQL there, the same database included.
     "dblink",
     "dblink_exec",
@@ -266,6 +273,15 @@ pub const SIDE_EFFECTS: [&str; 64] = [
     "dblink_fetch",
     "dblink_connect",
     "dblink_connect_u",
+    "dblink_cancel_query",
+    // SQL run later or elsewhere: pg_cron's jobs (by their last name, so `SET search_path`
+    // does not hide them; a function of your own of one of these names counts too), and
+    // pg_background's workers.
+    "schedule",
+    "schedule_in_database",
+    "unschedule",
+    "alter_job",
+    "pg_background_launch",
     // Notifications reach other sessions' clients.
     "pg_notify",
     // Session advisory locks outlive the statement and can stall other sessions.
@@ -1111,8 +1127,8 @@ fn walk(v: &Value, c: &mut Classification) {
             && let Some(name) = child.as_str()
         {
             let table = match map.get("schemaname").and_then(Value::as_str) {
-                Some(s) if !s.is_empty() => format!("{s}.{name}"),
-                _ => name.to_string(),
+                Some(s) if !s.is_empty() => format!("{}.{}", relation_part(s), relation_part(name)),
+                _ => relation_part(name).into_owned(),
             };
             c.tables.insert(table);
         }
@@ -1150,6 +1166,35 @@ fn queries_run(tree: &Value) -> Vec<Result<String, String>> {
         });
     });
     out
+}
+
+/// One part of a relation name as `Classification::tables` holds it: as the server has it, but
+/// double-quoted when it holds a dot or a quote, so that `"a.b"` is not schema `a`, table `b`.
+pub fn relation_part(part: &str) -> std::borrow::Cow<'_, str> {
+    if part.contains(['.', '"']) { format!("\"{}\"", part.replace('"', "\"\"")).into() } else { part.into() }
+}
+
+/// The last part of a name as `Classification::tables` holds it (`orders` of `public.orders`,
+/// `"a.b"` of `s."a.b"`).
+pub fn last_part(name: &str) -> &str {
+    if name.ends_with('"') {
+        // Back to the opening quote: an odd run of quotes before a dot or the start.
+        let b = name.as_bytes();
+        let mut i = b.len() - 1;
+        while i > 0 {
+            i -= 1;
+            if b[i] == b'"' {
+                let run = b[..=i].iter().rev().take_while(|&&c| c == b'"').count();
+                let start = i + 1 - run;
+                if run % 2 == 1 && (start == 0 || b[start - 1] == b'.') {
+                    return &name[start..];
+                }
+                i = start;
+            }
+        }
+        return name;
+    }
+    name.rsplit('.').next().unwrap_or(name)
 }
 
 /// ON CONFLICT DO UPDATE in the parse tree's OnConflictAction enum.
@@ -1390,9 +1435,23 @@ mod tests {
         ] {
             assert!(!classify(sql).where_missing, "{sql}");
         }
-        // Quoted names keep their case: "ORDERS" is not orders.
-        let c = classify(r#"SELECT * FROM "ORDERS", Foo, "Public"."X""#);
-        assert_eq!(c.tables.iter().map(String::as_str).collect::<Vec<_>>(), ["ORDERS", "Public.X", "foo"]);
+        // Quoted names keep their case: "ORDERS" is not orders; a dot or quote in a part keeps
+        // it quoted, so "a.b" is not table b of schema a.
+        let c = classify(r#"SELECT * FROM "ORDERS", Foo, "Public"."X", "a.b", s."x""y""#);
+        assert_eq!(
+            c.tables.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["\"a.b\"", "ORDERS", "Public.X", "foo", "s.\"x\"\"y\""]
+        );
+        for (name, last) in [
+            ("public.orders", "orders"),
+            ("orders", "orders"),
+            ("s.\"a.b\"", "\"a.b\""),
+            ("\"x\"\"y\"", "\"x\"\"y\""),
+            ("\"a.\"\"b\".c", "c"),
+            ("s.\"a\"\".b\"", "\"a\"\".b\""),
+        ] {
+            assert_eq!(last_part(name), last, "{name}");
+        }
         let c = classify("SELECT * FROM a JOIN b ON true WHERE a.id IN (SELECT id FROM c)");
         assert_eq!(c.tables.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(classify("SELECT 1; SELECT 2").statements, 2);
