@@ -498,6 +498,12 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     let rows: Vec<Vec<&str>> = out.lines().map(|l| l.split('|').collect()).collect();
     assert_eq!(rows[0][..3], ["1", "*************.com", "[REDACTED]"], "{out}");
     assert!(rows[0][3].starts_with("mail hash:") && rows[0][3].len() == "mail hash:".len() + 16, "{out}");
+    // `partial` keeps four characters of the client's encoding: `Ã©` five times is ten in
+    // LATIN1, though its bytes would be five UTF-8 characters.
+    pg.direct("CREATE TABLE latin (email text); INSERT INTO latin VALUES ('Ã©Ã©Ã©Ã©Ã©')");
+    let script = serde_json::json!([["Q", "SELECT email FROM latin"], ["X"]]);
+    let out = raw_as(&env, &pg, "masked", serde_json::json!({"client_encoding": "LATIN1"}), script);
+    assert!(out.contains(r"******\xc3\xa9\xc3\xa9'"), "{out}");
     assert!(rows[0][4].starts_with("hash:"), "card number: {out}");
     assert_eq!(rows[1], ["2", "", "", "nothing here", ""], "{out}");
     assert!(!out.contains("alice") && !out.contains("bob@") && !out.contains("6789") && !out.contains("4111"));

@@ -217,6 +217,20 @@ pub struct MaskedTable {
 }
 
 /// Masks values for one grant: its rules plus the agent's hashing key.
+/// How the client's text is made of characters, for `partial`, which keeps the last four.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Charset {
+    /// UTF-8 (and SQL_ASCII, whose bytes are whatever was stored): bytes that are not valid
+    /// UTF-8 count one character each.
+    #[default]
+    Utf8,
+    /// LATIN1, WIN1252, KOI8-R...: every byte is a character.
+    SingleByte,
+    /// EUC: a byte under 0x80 is a character; a character starting with 0x8E (SS2) or 0x8F
+    /// (SS3) takes `ss2` or `ss3` bytes, any other starting at 0x80 or above two.
+    Euc { ss2: usize, ss3: usize },
+}
+
 #[derive(Clone)]
 pub struct Masker {
     rules: Vec<Rule>,
@@ -225,6 +239,7 @@ pub struct Masker {
     key: [u8; 32],
     origins: Origins,
     tables: MaskedTables,
+    charset: Charset,
 }
 
 impl fmt::Debug for Masker {
@@ -246,13 +261,29 @@ impl Masker {
                 }
             }
         }
-        Masker { rules: rules.to_vec(), detectors, key, origins: Origins::new(), tables: MaskedTables::new() }
+        Masker {
+            rules: rules.to_vec(),
+            detectors,
+            key,
+            origins: Origins::new(),
+            tables: MaskedTables::new(),
+            charset: Charset::Utf8,
+        }
     }
 
     /// This masker, also masking results taken from the table columns in `origins`, and
     /// computed results of statements that read `tables`.
     pub fn with_origins(&self, origins: Origins, tables: MaskedTables) -> Masker {
         Masker { origins, tables, ..self.clone() }
+    }
+
+    pub fn charset(&self) -> Charset {
+        self.charset
+    }
+
+    /// The same masker for a client whose text is made of characters as `charset` says.
+    pub fn with_charset(&self, charset: Charset) -> Masker {
+        Masker { charset, ..self.clone() }
     }
 
     /// How the computed result columns (those the server does not trace to one table column)
@@ -339,7 +370,7 @@ impl Masker {
     pub fn whole(&self, style: Style, value: &[u8]) -> Vec<u8> {
         match style {
             Style::Redact => REDACTED.as_bytes().to_vec(),
-            Style::Partial => partial(value),
+            Style::Partial => partial(value, self.charset),
             Style::Hash => {
                 let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("hmac takes any key length");
                 mac.update(value);
@@ -405,11 +436,9 @@ impl Masker {
     }
 }
 
-/// Keeps the last four characters; everything before becomes `*`, one per character.
-/// Characters are UTF-8 where the bytes are valid UTF-8 and single bytes elsewhere, so under a
-/// single-byte client encoding (LATIN1, whose bytes 0x80-0xBF are characters of their own, not
-/// continuations) a value still shows at most its last four characters' worth of bytes.
-fn partial(value: &[u8]) -> Vec<u8> {
+/// Keeps the last four characters, as the client's encoding makes them; everything before
+/// becomes `*`, one per character.
+fn partial(value: &[u8], charset: Charset) -> Vec<u8> {
     // The start of each of the last four characters, in a ring, and how many there are.
     let mut last = [0usize; 4];
     let mut n = 0;
@@ -418,11 +447,27 @@ fn partial(value: &[u8]) -> Vec<u8> {
         last[n % 4] = i;
         n += 1;
     };
-    for chunk in value.utf8_chunks() {
-        chunk.valid().char_indices().for_each(|(i, _)| start(at + i));
-        at += chunk.valid().len();
-        (at..at + chunk.invalid().len()).for_each(&mut start);
-        at += chunk.invalid().len();
+    match charset {
+        Charset::Utf8 => {
+            for chunk in value.utf8_chunks() {
+                chunk.valid().char_indices().for_each(|(i, _)| start(at + i));
+                at += chunk.valid().len();
+                (at..at + chunk.invalid().len()).for_each(&mut start);
+                at += chunk.invalid().len();
+            }
+        }
+        Charset::SingleByte => (0..value.len()).for_each(start),
+        Charset::Euc { ss2, ss3 } => {
+            while at < value.len() {
+                start(at);
+                at += match value[at] {
+                    0..0x80 => 1,
+                    0x8E => ss2,
+                    0x8F => ss3,
+                    _ => 2,
+                };
+            }
+        }
     }
     if n <= 4 {
         return vec![b'*'; n];
@@ -734,12 +779,22 @@ mod tests {
     fn styles() {
         let m = detect_all(Style::Partial);
         assert_eq!(masked(&m, "4111111111111111").0, "************1111");
-        assert_eq!(partial("abc".as_bytes()), b"***");
-        assert_eq!(partial("ñandú-1234".as_bytes()), "******1234".as_bytes());
+        assert_eq!(partial("abc".as_bytes(), Charset::Utf8), b"***");
+        assert_eq!(partial("ñandú-1234".as_bytes(), Charset::Utf8), "******1234".as_bytes());
         // LATIN1 bytes: 0xA1-0xBF are characters, not UTF-8 continuations.
-        assert_eq!(partial(b"\xa1\xa2\xa3\xa4\xa5\xa6"), b"**\xa3\xa4\xa5\xa6");
-        assert_eq!(partial(b"secret\xe9t\xe9"), b"*****t\xe9t\xe9");
-        assert_eq!(partial(b"abcdefgh\xa1\xa2\xa3"), b"*******h\xa1\xa2\xa3", "not efgh and three more");
+        assert_eq!(partial(b"\xa1\xa2\xa3\xa4\xa5\xa6", Charset::Utf8), b"**\xa3\xa4\xa5\xa6");
+        assert_eq!(partial(b"secret\xe9t\xe9", Charset::Utf8), b"*****t\xe9t\xe9");
+        assert_eq!(partial(b"abcdefgh\xa1\xa2\xa3", Charset::Utf8), b"*******h\xa1\xa2\xa3", "not efgh and three more");
+        // In LATIN1 `Ã©` is two characters, though its bytes are UTF-8 for `é`.
+        assert_eq!(partial(b"\xc3\xa9\xc3\xa9\xc3\xa9", Charset::SingleByte), b"**\xc3\xa9\xc3\xa9");
+        assert_eq!(partial(b"\xc3\xa9\xc3\xa9\xc3\xa9", Charset::Utf8), b"***", "three UTF-8 characters");
+        // EUC-JP: two-byte kanji, SS2 kana (two bytes), SS3 (three).
+        let euc = Charset::Euc { ss2: 2, ss3: 3 };
+        assert_eq!(partial(b"ab\xb0\xa1\x8e\xb1\x8f\xb0\xa1c", euc), b"**\xb0\xa1\x8e\xb1\x8f\xb0\xa1c");
+        assert_eq!(partial(b"abcdef\x8f\xb0", euc), b"***def\x8f\xb0", "a character cut short counts");
+        // A masker told its client's charset applies it.
+        let m = Masker::new(&[], [0; 32]).with_charset(Charset::SingleByte);
+        assert_eq!(m.whole(Style::Partial, b"\xc3\xa9\xc3\xa9\xc3\xa9"), b"**\xc3\xa9\xc3\xa9");
         let h = detect_all(Style::Hash);
         let a = masked(&h, "alice@example.com").0;
         assert!(a.starts_with("hash:") && a.len() == 21, "{a}");

@@ -38,7 +38,7 @@ use super::conn::Conn;
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{Approved, AuditLog, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
-    mask::{Masker, Style},
+    mask::{Charset, Masker, Style},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
         rules::{Action, Decision},
@@ -155,6 +155,27 @@ const SAFE_ENCODINGS: [&str; 63] = [
 fn safe_encoding(name: &str) -> bool {
     let norm: String = name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
     SAFE_ENCODINGS.contains(&norm.as_str())
+}
+
+/// How text is made of characters under a client encoding, by any of the server's names for it
+/// (the multi-byte lengths are the server's `pg_*_mblen`).
+fn charset(encoding: &str) -> Charset {
+    let norm: String = encoding.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+    match norm.as_str() {
+        "utf8" | "unicode" | "sqlascii" => Charset::Utf8,
+        "eucjp" | "eucjis2004" | "euckr" => Charset::Euc { ss2: 2, ss3: 3 },
+        "euctw" => Charset::Euc { ss2: 4, ss3: 3 },
+        "euccn" => Charset::Euc { ss2: 2, ss3: 2 },
+        // The rest of SAFE_ENCODINGS; no other client encoding gets past login.
+        _ => Charset::SingleByte,
+    }
+}
+
+/// The client encoding's charset, if a ParameterStatus body reports the client encoding.
+pub(crate) fn reported_charset(body: &[u8]) -> Option<Charset> {
+    let mut parts = body.split(|&b| b == 0);
+    let (name, value) = (parts.next()?, parts.next()?);
+    name.eq_ignore_ascii_case(b"client_encoding").then(|| charset(&String::from_utf8_lossy(value)))
 }
 
 /// What is wrong with a ParameterStatus the server sends, if it says the server now reads SQL
@@ -457,7 +478,10 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let (ops_tx, masking) = match &masker {
         Some(m) => {
             let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some((Tracker::new(m.clone()), rx)))
+            // `partial` keeps the last four characters, as the client's encoding makes them.
+            let charset = up.parameters.iter().find_map(|f| reported_charset(&f.body)).unwrap_or_default();
+            let m = if charset == m.charset() { m.clone() } else { Arc::new(m.with_charset(charset)) };
+            (Some(tx), Some((Tracker::new(m), rx)))
         }
         None => (None, None),
     };

@@ -389,6 +389,14 @@ impl Tracker {
                 }
             }
             b'c' => self.copy = None,
+            // `SET client_encoding`: `partial` counts characters as the new encoding makes them.
+            b'S' => {
+                if let Some(charset) = super::reported_charset(&f.body)
+                    && charset != self.masker.charset()
+                {
+                    self.masker = Arc::new(self.masker.with_charset(charset));
+                }
+            }
             // NotificationResponse: pid, channel, payload; the payload may carry anything.
             b'A' => {
                 if let Some(body) = rows::mask_notification(&f.body, &self.masker, &mut self.counts)? {
@@ -490,6 +498,32 @@ mod tests {
 
     fn relay(t: &mut Tracker, f: Frame) -> Option<Frame> {
         t.on_frame(f).unwrap()
+    }
+
+    #[test]
+    fn partial_counts_characters_as_the_client_encoding_makes_them() {
+        let rules =
+            [Rule { name: "m".into(), target: Target::Columns(vec![Glob::new("email")]), style: Style::Partial }];
+        let mut t = Tracker::new(Arc::new(Masker::new(&rules, [0; 32])));
+        let row = |v: &[u8]| {
+            let mut b = BytesMut::new();
+            b.put_i16(1);
+            b.put_i32(v.len() as i32);
+            b.extend_from_slice(v);
+            frame(b'D', &b)
+        };
+        // `Ã©` five times in LATIN1: ten characters, whose bytes are also five UTF-8 `é`.
+        let value = b"\xc3\xa9".repeat(5);
+        for (encoding, want) in
+            [("LATIN1", &b"******\xc3\xa9\xc3\xa9"[..]), ("UTF8", &b"*\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"[..])]
+        {
+            assert!(relay(&mut t, frame(b'S', format!("client_encoding\0{encoding}\0").as_bytes())).is_some());
+            t.push(Op::Query { copies: Default::default(), computed: None, cursors: Deallocates::None, hold: false });
+            relay(&mut t, row_description("email"));
+            assert_eq!(relay(&mut t, row(&value)).unwrap(), row(want), "{encoding}");
+            relay(&mut t, frame(b'C', b"SELECT 1\0"));
+            relay(&mut t, frame(b'Z', b"I"));
+        }
     }
 
     #[test]
