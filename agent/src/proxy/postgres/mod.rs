@@ -290,7 +290,8 @@ pub struct Outcome {
 
 /// Why the proxy could not log in upstream.
 enum LoginError {
-    /// The server refused, and said why: the client may read that.
+    /// The server refused (its own words), or reported a setting the proxy refuses (the
+    /// proxy's words about it): the client may read either.
     Server(String),
     /// Everything else: the secret file, TLS, reaching the server, looking up columns.
     Agent(String),
