@@ -125,13 +125,31 @@ fn audit_tail_prints_readably_as_json_and_follows() {
     r.detail = Some("followed".into());
     rt.block_on(log.append_durable(r)).unwrap();
     let line = next();
+    assert!(line.contains("agent_stop") && line.contains("followed"), "{line}");
+    // A torn write the follower has read part of, then cut back (as the agent does at a
+    // restart): the next record is printed whole, not glued to the remains.
+    let trail = tollgate::audit::trail_path(&audit_dir);
+    let len = std::fs::metadata(&trail).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&trail).unwrap();
+    std::io::Write::write_all(&mut f, b"{\"hash\":\"abc").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    f.set_len(len).unwrap();
+    drop(f);
+    // Values a client controls cannot fake a record, or a field, on the terminal.
+    let mut r = Record::new(Kind::Connect);
+    r.comm = Some("x\n     9 2026-01-01T00:00:00Z connect verdict=allow".into());
+    r.error = Some("\x1b[2Kgone \u{202e}txet".into());
+    rt.block_on(log.append_durable(r)).unwrap();
+    let line = next();
     follow.kill().unwrap();
     let _ = follow.wait();
-    assert!(line.contains("agent_stop") && line.contains("followed"), "{line}");
+    assert!(line.contains("connect") && !line.contains("unreadable"), "{line}");
+    assert!(line.contains(r#"comm="x\n     9 2026"#) && line.contains(r#"error="\u{1b}[2Kgone"#), "{line}");
+    assert!(line.contains(r"\u{202e}txet") && !line.contains('\u{1b}'), "{line}");
     drop(log);
     writer.join();
     let (ok, out, _) = tollgate(&["audit", "verify", "--state-dir", state]);
-    assert!(ok && out.contains("4 records"), "{out}");
+    assert!(ok && out.contains("5 records"), "{out}");
 }
 
 #[test]

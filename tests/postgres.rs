@@ -123,6 +123,9 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
         return;
     }
     let (env, pg) = setup("pg-psql");
+    // The trail's head goes to the log, where a rewritten trail cannot reach it.
+    env.wait_log("audit trail continues from this record");
+    assert!(env.log().contains(&format!("seq=0 hash={}", "0".repeat(64))), "{}", env.log());
 
     // Wrong and missing passwords both work: the client is authenticated by its kernel identity.
     let (out, err, ok) = psql(&env, &pg, "bot:wrong", "SELECT count(*) FROM orders;");

@@ -236,17 +236,7 @@ pub fn authorize(peer: &Peer, approvers: &Approvers) -> Result<(), Refusal> {
     }
 }
 
-/// Text an approver reads in a terminal: control characters, and the invisible ones that
-/// reorder or hide what follows them (bidirectional overrides, zero-width characters), escaped.
-pub fn printable(s: &str) -> String {
-    let invisible = |c: char| {
-        matches!(c, '\u{AD}' | '\u{61C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
-            || matches!(c, '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
-    };
-    s.chars()
-        .map(|c| if c.is_control() || invisible(c) { c.escape_default().to_string() } else { c.to_string() })
-        .collect()
-}
+pub use crate::audit::printable;
 
 #[cfg(test)]
 mod tests {

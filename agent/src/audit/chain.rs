@@ -142,19 +142,48 @@ pub fn check_line(head: &Head, line_no: usize, line: &str) -> Result<(Entry, Hea
     Ok((entry, head))
 }
 
+/// Checks a trail line by line, from its first.
+pub struct Verifier {
+    head: Head,
+    lines: usize,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Verifier { head: Head::genesis(), lines: 0 }
+    }
+}
+
+impl Verifier {
+    /// Checks the next line (without its newline); `complete`: it ended with one.
+    pub fn line(&mut self, line: &str, complete: bool) -> Result<(), ChainError> {
+        self.lines += 1;
+        if !complete {
+            return Err(ChainError::Truncated { line: self.lines, after_seq: self.head.seq });
+        }
+        self.head = check_line(&self.head, self.lines, line)?.1;
+        Ok(())
+    }
+
+    /// The last record checked.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+}
+
 /// Verifies a whole trail held in memory; returns the final head.
 pub fn verify(text: &str) -> Result<Head, ChainError> {
-    let mut head = Head::genesis();
-    let complete = text.ends_with('\n') || text.is_empty();
-    let lines: Vec<&str> = text.split_terminator('\n').collect();
-    for (i, line) in lines.iter().enumerate() {
-        let line_no = i + 1;
-        if i + 1 == lines.len() && !complete {
-            return Err(ChainError::Truncated { line: line_no, after_seq: head.seq });
-        }
-        head = check_line(&head, line_no, line)?.1;
+    let mut v = Verifier::default();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (line, complete, next) = match rest.split_once('\n') {
+            Some((line, next)) => (line, true, next),
+            None => (rest, false, ""),
+        };
+        v.line(line, complete)?;
+        rest = next;
     }
-    Ok(head)
+    Ok(v.head)
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use std::{
 };
 
 pub use chain::ChainError;
-pub use record::{Approved, Entry, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord};
+pub use record::{
+    Approved, Entry, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord, printable,
+};
 pub use writer::{AuditError, AuditLog, Payload, WriterThread, now_rfc3339, trail_path};
 
 /// The audit directory inside a state dir.
@@ -27,12 +29,36 @@ pub enum VerifyError {
     Chain { path: PathBuf, source: ChainError },
 }
 
-/// Verifies the whole trail; returns the number of records.
+/// Longest line `verify` and `tail` read: far past any record the agent writes (a statement
+/// record holds at most 16 KiB of text), short of what would exhaust memory.
+const MAX_LINE: usize = 16 << 20;
+
+/// Reads one line (up to and with its newline) into `buf`; a line longer than MAX_LINE is an
+/// error. Returns the bytes read.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.clear();
+    let n = io::Read::take(&mut *reader, MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
+    if n > MAX_LINE {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a line longer than {MAX_LINE} bytes")));
+    }
+    Ok(n)
+}
+
+/// Verifies the whole trail, a line at a time; returns the number of records.
 pub fn verify(state_dir: &Path) -> Result<u64, VerifyError> {
     let path = trail_path(&dir(state_dir));
-    let text = fs::read(&path).map_err(|source| VerifyError::Io { path: path.clone(), source })?;
-    let text = String::from_utf8_lossy(&text);
-    chain::verify(&text).map(|h| h.seq).map_err(|source| VerifyError::Chain { path, source })
+    let io_err = |source| VerifyError::Io { path: path.clone(), source };
+    let mut reader = BufReader::new(fs::File::open(&path).map_err(io_err)?);
+    let mut verifier = chain::Verifier::default();
+    let mut line = Vec::new();
+    loop {
+        if read_line(&mut reader, &mut line).map_err(io_err)? == 0 {
+            return Ok(verifier.head().seq);
+        }
+        let complete = line.ends_with(b"\n");
+        let text = String::from_utf8_lossy(if complete { &line[..line.len() - 1] } else { &line });
+        verifier.line(&text, complete).map_err(|source| VerifyError::Chain { path: path.clone(), source })?;
+    }
 }
 
 /// Prints the last `last` records, then (with `follow`) new ones as they are written.
@@ -40,13 +66,12 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
     let path = trail_path(&dir(state_dir));
     let mut file = fs::File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     let mut reader = BufReader::new(&mut file);
-    let mut lines: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    let mut line = String::new();
+    let mut lines: std::collections::VecDeque<Vec<u8>> = std::collections::VecDeque::new();
+    let mut line = Vec::new();
     let mut pos = 0u64;
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 || !line.ends_with('\n') {
+        let n = read_line(&mut reader, &mut line)?;
+        if n == 0 || !line.ends_with(b"\n") {
             break;
         }
         pos += n as u64;
@@ -62,21 +87,28 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
     if !follow {
         return Ok(());
     }
-    let mut partial = String::new();
+    // A record's bytes read so far, when its write was still under way.
+    let mut partial: Vec<u8> = Vec::new();
     loop {
         std::thread::sleep(Duration::from_millis(200));
         drop(reader);
+        // The agent cuts a torn or failed write back (at a restart, after an error): what was
+        // read of it is gone, and the next record starts where the file now ends.
+        let len = file.metadata()?.len();
+        if len < pos {
+            partial.clear();
+            pos = len;
+        }
         file.seek(SeekFrom::Start(pos))?;
         reader = BufReader::new(&mut file);
         loop {
-            line.clear();
-            let n = reader.read_line(&mut line)?;
+            let n = read_line(&mut reader, &mut line)?;
             if n == 0 {
                 break;
             }
             pos += n as u64;
-            partial.push_str(&line);
-            if partial.ends_with('\n') {
+            partial.extend_from_slice(&line);
+            if partial.ends_with(b"\n") {
                 print_line(&partial, json, out)?;
                 partial.clear();
             }
@@ -85,11 +117,11 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
     }
 }
 
-fn print_line(line: &str, json: bool, out: &mut dyn io::Write) -> io::Result<()> {
+fn print_line(line: &[u8], json: bool, out: &mut dyn io::Write) -> io::Result<()> {
     if json {
-        return out.write_all(line.as_bytes());
+        return out.write_all(line);
     }
-    match serde_json::from_str::<Entry>(line) {
+    match serde_json::from_slice::<Entry>(line) {
         Ok(e) => writeln!(out, "{}", e.display()),
         Err(err) => writeln!(out, "(unreadable record: {err})"),
     }

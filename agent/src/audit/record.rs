@@ -399,8 +399,12 @@ impl Entry {
     pub fn display(&self) -> String {
         let r = &self.record;
         let mut s = format!("{:>6} {} {:<16}", self.seq, self.time, r.kind.as_str());
+        // Values come from clients (a process's name, a server's error quoting what a client
+        // wrote): escaped, and quoted where a space or `=` could fake another field.
         let mut field = |name: &str, v: Option<String>| {
             if let Some(v) = v {
+                let quote = v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '=' || c == '"');
+                let v = if quote { printable(&format!("{v:?}")) } else { printable(&v) };
                 s.push_str(&format!(" {name}={v}"));
             }
         };
@@ -415,7 +419,7 @@ impl Entry {
         field("db", r.database.clone());
         field("db_user", r.db_user.clone());
         field("kinds", r.statement_kinds.as_ref().map(|k| k.join(",")));
-        field("sql", r.statement.as_ref().map(|q| format!("{q:?}")));
+        field("sql", r.statement.clone());
         field("refs", r.refs.as_ref().map(|v| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")));
         field("verdict", r.verdict.clone());
         field("would_deny", r.would_deny.map(|v| v.to_string()));
@@ -443,6 +447,18 @@ impl Entry {
         );
         s
     }
+}
+
+/// Text someone reads in a terminal (an approver, `audit tail`): control characters, and the invisible ones that
+/// reorder or hide what follows them (bidirectional overrides, zero-width characters), escaped.
+pub fn printable(s: &str) -> String {
+    let invisible = |c: char| {
+        matches!(c, '\u{AD}' | '\u{61C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
+            || matches!(c, '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+    };
+    s.chars()
+        .map(|c| if c.is_control() || invisible(c) { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 #[cfg(test)]

@@ -88,6 +88,9 @@ struct Trail {
     /// Records of failed writes not yet reported in the trail, and why.
     lost: u64,
     last_error: String,
+    /// A failed write could not be cut back: what follows would be glued to its remains and
+    /// the chain broken for good, so nothing more is written (every appender gets an error).
+    stuck: Option<String>,
     /// The queue's records are swapped in here to be written, so neither allocates per round.
     spare: VecDeque<Msg>,
 }
@@ -216,6 +219,14 @@ impl Trail {
             return Ok(Waiters::default());
         }
         let t = self;
+        if let Some(why) = &t.stuck {
+            for m in items.drain(..) {
+                if let Some(Ack::Synced(a) | Ack::Written(a)) = m.ack {
+                    let _ = a.send(Err(AuditError::Write(why.clone())));
+                }
+            }
+            return Err(AuditError::Write(why.clone()));
+        }
         t.buf.clear();
         let start_head = t.head.clone();
         // One write, one time: the records of a round are written together.
@@ -258,7 +269,10 @@ impl Trail {
                 t.last_error = e.to_string();
                 tracing::error!(path = %t.path.display(), error = %e, lost = t.lost, "audit write failed");
                 t.head = start_head;
-                let _ = t.file.set_len(t.len);
+                if let Err(cut) = t.file.set_len(t.len) {
+                    tracing::error!(path = %t.path.display(), error = %cut, "cutting back a failed audit write failed: no more records are written");
+                    t.stuck = Some(format!("a failed write could not be cut back ({cut}); restart the agent"));
+                }
                 for (a, _) in synced.into_iter().chain(in_file) {
                     let _ = a.send(Err(AuditError::Write(e.to_string())));
                 }
@@ -370,6 +384,9 @@ impl AuditLog {
         // The file's directory entry must be durable too, or a crash can lose the whole trail.
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
         let (head, cut) = recover(&mut file, &path)?;
+        // The log (journald, syslog) keeps the head outside the file: a trail rewritten whole,
+        // which its own chain cannot show, no longer ends where the log says it did.
+        tracing::info!(path = %path.display(), seq = head.seq, hash = %head.hash.as_str(), "audit trail continues from this record");
         let len = file.metadata().map_err(path_err)?.len();
         // fdatasync runs on its own descriptor, outside the lock, while others write.
         let sync_file = file.try_clone().map_err(path_err)?;
@@ -381,6 +398,7 @@ impl AuditLog {
             buf: Vec::new(),
             lost: 0,
             last_error: String::new(),
+            stuck: None,
             spare: VecDeque::new(),
         };
         if cut > 0 {
@@ -501,6 +519,9 @@ fn run(shared: &Shared, sync_file: &File, path: &Path) {
                 break (write, sync);
             }
             if q.closed {
+                drop(q);
+                let head = shared.trail().head.clone();
+                tracing::info!(seq = head.seq, hash = %head.hash.as_str(), "audit trail closed at this record");
                 return;
             }
             let left =
