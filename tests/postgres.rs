@@ -1974,6 +1974,20 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "EZ12DCZC", "{out}");
     assert!(out.contains("42501") && out.contains("name-too-long"), "{out}");
+    // ... counting three bytes for each past ASCII: under LATIN1 the server reads `é` (two
+    // bytes) as `Ã©` and stores four, so these two 49-byte names would be one 63-byte name.
+    let latin = serde_json::json!({"client_encoding": "LATIN1"});
+    for name in [format!("{}A", "é".repeat(24)), "é".repeat(11)] {
+        let script = serde_json::json!([["P", name, "SELECT 1"], ["S"], ["X"]]);
+        let out = raw(&env, &pg, latin.clone(), script);
+        assert!(out.contains("name-too-long"), "{name}: {out}");
+    }
+    let out = raw(&env, &pg, latin.clone(), serde_json::json!([["P", "é".repeat(10), "SELECT 1"], ["S"], ["X"]]));
+    assert_eq!(after_first_line(&out), "1ZC", "{out}");
+    let prepare = |n: usize| serde_json::json!([["Q", format!("PREPARE \"{}\" AS SELECT 1", "é".repeat(n))], ["X"]]);
+    let out = raw(&env, &pg, latin.clone(), prepare(11));
+    assert!(out.contains("\"unparseable\""), "{out}");
+    assert!(raw(&env, &pg, latin, prepare(10)).contains("C PREPARE"));
     // During COPY FROM STDIN the server takes any other message as part of the COPY, which
     // would leave the proxy counting one answer too many: refused, and the session closed.
     let script = serde_json::json!([["Q", "COPY orders FROM STDIN"], ["Q", "SELECT 1"], ["X"]]);

@@ -607,6 +607,21 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
             for query in queries_run(&tree) {
                 look_into_query(query, depth, &mut c);
             }
+            // pg_query cuts long names as a UTF-8 server would; one converting from the client's
+            // encoding may cut them elsewhere.
+            let names = |d: &Deallocates| match d {
+                Deallocates::Names(n) => n.iter().cloned().collect::<Vec<_>>(),
+                _ => Vec::new(),
+            };
+            let mut all = names(&c.deallocates);
+            all.extend(names(&c.cursors));
+            all.extend(c.prepares.iter().chain(&c.executes).cloned());
+            if let Some(n) = all.iter().find(|n| !n.is_ascii() && name_may_be_cut(n)) {
+                let n = n.clone();
+                refuse(&mut c, || {
+                    format!("the name {n:?} may be cut short by the server (a non-ASCII byte counts three of its 63)")
+                });
+            }
             for s in stmts {
                 if let Some(block) = s.pointer("/stmt/node/DoStmt") {
                     look_into_do(sql, s, block, depth, &mut c);
@@ -1197,6 +1212,17 @@ pub fn last_part(name: &str) -> &str {
     name.rsplit('.').next().unwrap_or(name)
 }
 
+/// The server keeps the first 63 bytes of a name (NAMEDATALEN - 1).
+pub const MAX_NAME: usize = 63;
+
+/// Whether the server may keep `name` (a prepared statement's, a portal's, a cursor's) shorter
+/// than written, so that two names the proxy tells apart are one to the server. It cuts a name
+/// at 63 bytes after converting it to its own encoding, where a byte of a single-byte client
+/// encoding's may become up to three (`€` in WIN1252): a byte past ASCII counts three.
+pub fn name_may_be_cut(name: &str) -> bool {
+    name.bytes().map(|b| if b < 0x80 { 1 } else { 3 }).sum::<usize>() > MAX_NAME
+}
+
 /// ON CONFLICT DO UPDATE in the parse tree's OnConflictAction enum.
 const ONCONFLICT_UPDATE: i64 = 3;
 
@@ -1612,6 +1638,22 @@ mod tests {
             shape("SELECT query_to_xml('SELECT pg_reload_conf()', true, true, '')")
         );
         assert_ne!(shape("SELECT TS_STAT('SELECT 1')"), shape("SELECT TS_STAT('SELECT 2')"));
+    }
+
+    #[test]
+    fn names_the_server_may_cut_elsewhere_are_refused() {
+        assert!(!name_may_be_cut(&"a".repeat(63)) && name_may_be_cut(&"a".repeat(64)));
+        assert!(!name_may_be_cut(&"é".repeat(10)) && name_may_be_cut(&"é".repeat(11)), "three per byte past ASCII");
+        for sql in [
+            format!("PREPARE \"{}\" AS SELECT 1", "é".repeat(11)),
+            format!("EXECUTE \"{}\"", "é".repeat(11)),
+            format!("DEALLOCATE \"{}\"", "é".repeat(11)),
+            format!("DECLARE \"{}\" CURSOR FOR SELECT 1", "é".repeat(11)),
+        ] {
+            let c = classify(&sql);
+            assert!(c.parse_error.is_some_and(|e| e.contains("cut short")), "{sql}");
+        }
+        assert!(!classify(&format!("PREPARE {} AS SELECT 1", "a".repeat(80))).kinds.contains(&Kind::Unparseable));
     }
 
     #[test]

@@ -2085,7 +2085,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut closed: Vec<&str> = Vec::new();
         for f in batch.iter().filter(|f| matches!(f.tag, b'P' | b'C')) {
             if f.tag == b'C' {
-                if let Ok((b'S', name)) = wire::describe_target(&f.body) {
+                if let Ok((b'S', name)) = wire::describe_target(&f.body)
+                    && !closed.contains(&name)
+                {
                     closed.push(name);
                 }
                 continue;
@@ -2530,9 +2532,10 @@ fn executed_holds<'p>(
 
 /// PostgreSQL keys prepared statements and portals by their first 63 bytes (NAMEDATALEN - 1):
 /// two longer names that begin alike would be one name to the server and two to the proxy.
-const MAX_NAME: usize = 63;
+const MAX_NAME: usize = sql::MAX_NAME;
 
-/// The first statement or portal name in `batch` longer than the server keeps.
+/// The first statement or portal name in `batch` the server may keep shorter than sent
+/// (`sql::name_may_be_cut`).
 fn overlong_name(batch: &[Frame]) -> Result<Option<&str>, wire::WireError> {
     for f in batch {
         let names = match f.tag {
@@ -2545,7 +2548,7 @@ fn overlong_name(batch: &[Frame]) -> Result<Option<&str>, wire::WireError> {
             b'E' => [Some(wire::execute_portal(&f.body)?), None],
             _ => [None, None],
         };
-        if let Some(n) = names.into_iter().flatten().find(|n| n.len() > MAX_NAME) {
+        if let Some(n) = names.into_iter().flatten().find(|n| sql::name_may_be_cut(n)) {
             return Ok(Some(n));
         }
     }
