@@ -1959,6 +1959,19 @@ fn protocol_tricks_fail_closed() {
     // An EXECUTE of a statement the proxy did not see made is refused: its judgement is unknown.
     let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "EXECUTE nosuch"], ["X"]]));
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");
+    // An SQL PREPARE of a name the proxy believes a Parse made: the server refuses it unless it
+    // dropped that statement unseen, so the proxy no longer trusts its text.
+    let script = serde_json::json!([
+        ["P", "twice", "SELECT 1"],
+        ["S"],
+        ["Q", "PREPARE twice AS SELECT 2"],
+        ["B", "", "twice"],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("already exists") && out.contains("unknown-prepared-statement"), "{out}");
     // The server keeps the first 63 bytes of a name: longer ones are refused, since two of them
     // that begin alike would be one statement to the server and two to the proxy.
     let (long, longest) = ("a".repeat(64), "a".repeat(63));

@@ -682,7 +682,10 @@ impl Progress {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.copy_in.load(Ordering::SeqCst) == point {
+            // A COPY that started in this answer, or (after Syncs the server ignored during an
+            // earlier COPY of the same query were counted answered) in a later one.
+            let copy_in = self.copy_in.load(Ordering::SeqCst);
+            if copy_in != 0 && copy_in >= point {
                 break true;
             }
             if self.answered.load(Ordering::SeqCst) >= point {
@@ -1811,7 +1814,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     hold: p.class.hold_cursor,
                                 });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
-                                remember_prepared(&mut self.sql_prepared, &p);
+                                self.prepared_in_sql(&p);
                                 forward.push(frame);
                                 self.syncs += 1;
                                 if p.class.copy_in > 0 {
@@ -1995,6 +1998,17 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 None => return,
             }
         }
+    }
+
+    /// Notes the statements an SQL PREPARE in `p` makes. The server refuses a name it already
+    /// has, so one the proxy believes a Parse made is not what the proxy believes (the server
+    /// dropped it unseen): forgotten, so a Bind of it is refused rather than judged by the old
+    /// text.
+    fn prepared_in_sql(&mut self, p: &Prepared) {
+        for name in &p.class.prepares {
+            self.prepared.remove(name);
+        }
+        remember_prepared(&mut self.sql_prepared, p);
     }
 
     /// Waits until the server has answered every Close of a statement sent with a Sync.
@@ -2299,11 +2313,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     if let Some(p) = statement {
                         self.portals.bind(portal, p);
                     }
-                    if let Some(p) = statement
-                        && !p.class.prepares.is_empty()
-                    {
-                        remember_prepared(&mut self.sql_prepared, p);
+                    if let Some(p) = statement.filter(|p| !p.class.prepares.is_empty()).cloned() {
+                        self.prepared_in_sql(&p);
                     }
+                    let statement = self.prepared.get(stmt);
                     let copy_in = statement.is_some_and(|p| p.class.copy_in > 0);
                     if masking {
                         binds.push(Bound {
@@ -2669,6 +2682,20 @@ mod tests {
         wire::error_message(&f.body).unwrap_or_default()
     }
 
+    #[tokio::test]
+    async fn a_copy_started_past_the_point_waited_on_still_runs() {
+        let p = Progress::default();
+        // Syncs ignored during the first COPY of a query were counted answered: the second
+        // COPY of the same query seems to start in a later answer.
+        p.publish(5, Some(6));
+        assert!(p.copying(5).await);
+        p.publish(5, Some(5));
+        assert!(p.copying(5).await);
+        p.publish(5, None);
+        assert!(!p.copying(5).await);
+        p.publish(7, Some(4));
+        assert!(!p.copying(5).await, "a COPY of an earlier point");
+    }
     #[tokio::test]
     async fn a_denial_takes_the_place_of_the_error_its_stand_in_drew() {
         // Query 1, the stand-in of a refused statement, query 2: three answers in one read.
