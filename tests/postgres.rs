@@ -2017,6 +2017,20 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "EZC", "{out}");
     assert!(out.contains("42501") && out.contains("copy-at-flush"), "{out}");
+    // ... and so must an Execute of a COPY portal an earlier batch bound.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["P", "", "COPY orders FROM STDIN"],
+        ["B", "cp", ""],
+        ["S"],
+        ["E", "cp"],
+        ["H"],
+        ["S"],
+        ["Q", "ROLLBACK"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("copy-at-flush") && out.contains("C ROLLBACK") && !out.contains("TIMEOUT"), "{out}");
     // A COPY that never started (its error instead) leaves the next query alone.
     let script = serde_json::json!([["Q", "COPY orders (nosuchcolumn) FROM STDIN"], ["Q", "SELECT 1"], ["X"]]);
     let out = raw(&env, &pg, none, script);

@@ -2218,6 +2218,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'E' => {
                     let portal = wire::execute_portal(&f.body)?;
+                    // A portal an earlier batch bound to COPY FROM STDIN, executed at a Flush: the
+                    // client's next message would wait for an answer only its own Sync brings.
+                    if !ends_in_sync && !bound.contains(&portal) && self.copy_portals.contains_key(portal) {
+                        return Ok(Err(Refusal {
+                            rule: "copy-at-flush".into(),
+                            message: Some("send COPY ... FROM STDIN in a batch that ends with Sync".into()),
+                        }));
+                    }
                     if !bound_here.is_empty() || !self.dealloc_portals.is_empty() {
                         let bound = bound_here.get(portal).or_else(|| self.dealloc_portals.get(portal).map(|(_, d)| d));
                         if let Some(d) = bound {
