@@ -131,7 +131,7 @@ fn audit_tail_prints_readably_as_json_and_follows() {
     let trail = tollgate::audit::trail_path(&audit_dir);
     let len = std::fs::metadata(&trail).unwrap().len();
     let mut f = std::fs::OpenOptions::new().append(true).open(&trail).unwrap();
-    std::io::Write::write_all(&mut f, b"{\"hash\":\"abc").unwrap();
+    std::io::Write::write_all(&mut f, b"{\"torn\":").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     f.set_len(len).unwrap();
     drop(f);

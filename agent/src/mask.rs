@@ -220,11 +220,11 @@ pub struct MaskedTable {
 /// How the client's text is made of characters, for `partial`, which keeps the last four.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Charset {
-    /// UTF-8 (and SQL_ASCII, whose bytes are whatever was stored): bytes that are not valid
-    /// UTF-8 count one character each.
+    /// UTF-8: bytes that are not valid UTF-8 count one character each.
     #[default]
     Utf8,
-    /// LATIN1, WIN1252, KOI8-R...: every byte is a character.
+    /// LATIN1, WIN1252, KOI8-R... (and SQL_ASCII, bytes of whatever the server holds): every
+    /// byte is a character.
     SingleByte,
     /// EUC: a byte under 0x80 is a character; a character starting with 0x8E (SS2) or 0x8F
     /// (SS3) takes `ss2` or `ss3` bytes, any other starting at 0x80 or above two.
@@ -306,7 +306,8 @@ impl Masker {
             ColumnMask::Whole(style) => Some(style),
             _ => None,
         }));
-        let by_name = |t: &str| self.tables.get(t.rsplit('.').next().unwrap_or(t).to_lowercase().as_str());
+        // Names as `Classification::tables` holds them (`s."x.y"`), tables by the server's.
+        let by_name = |t: &str| self.tables.get(crate::sql::unquoted(crate::sql::last_part(t)).to_lowercase().as_str());
         let attribute_notation = reads.qualified.iter().any(|(q, f)| {
             let aliased = reads.aliases.get(q).into_iter().flatten();
             std::iter::once(q).chain(aliased).any(|t| by_name(t).is_some_and(|t| !t.columns.contains(f)))
@@ -697,6 +698,11 @@ mod tests {
             "v.row_to_json is a function of the row"
         );
         assert_eq!(m.computed(&tables, &reads(&["x"], false, &[("t", "x")]), false), None, "t is not masked");
+        // Names as the classifier holds them: a quote or dot in a name keeps it quoted.
+        let quoted = MaskedTables::from([("x\"y".into(), table(Style::Hash, &["ssn"]))]);
+        let q = m.with_origins(Origins::new(), quoted);
+        let whole = reads(&["t"], true, &[]);
+        assert_eq!(q.computed(&["s.\"x\"\"y\"".to_string()], &whole, false), Some(Style::Hash));
         assert_eq!(m.computed(&[], &reads(&[], false, &[]), true), Some(Style::Redact), "a FETCH: the strictest rule");
         assert_eq!(m.column_from("x", (0, 0), computed), ColumnMask::Whole(Style::Partial));
         assert_eq!(m.column_from("x", (16384, 0), computed), ColumnMask::Whole(Style::Partial), "a whole row");

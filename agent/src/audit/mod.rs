@@ -87,31 +87,22 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
     if !follow {
         return Ok(());
     }
-    // A record's bytes read so far, when its write was still under way.
-    let mut partial: Vec<u8> = Vec::new();
     loop {
         std::thread::sleep(Duration::from_millis(200));
         drop(reader);
-        // The agent cuts a torn or failed write back (at a restart, after an error): what was
-        // read of it is gone, and the next record starts where the file now ends.
+        // `pos` never passes a line still being written: it is read again, whole, next time,
+        // also when the agent cut it back (a torn write, at a restart) and wrote on from there.
         let len = file.metadata()?.len();
-        if len < pos {
-            partial.clear();
-            pos = len;
-        }
+        pos = pos.min(len);
         file.seek(SeekFrom::Start(pos))?;
         reader = BufReader::new(&mut file);
         loop {
             let n = read_line(&mut reader, &mut line)?;
-            if n == 0 {
+            if n == 0 || !line.ends_with(b"\n") {
                 break;
             }
             pos += n as u64;
-            partial.extend_from_slice(&line);
-            if partial.ends_with(b"\n") {
-                print_line(&partial, json, out)?;
-                partial.clear();
-            }
+            print_line(&line, json, out)?;
         }
         out.flush()?;
     }

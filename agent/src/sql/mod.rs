@@ -166,7 +166,7 @@ pub struct Classification {
 
 /// Built-in functions that run a query given as text, or dump whole tables: what they read is
 /// not in the statement's tree.
-const RUNS_SQL_TEXT: [&str; 16] = [
+const RUNS_SQL_TEXT: [&str; 21] = [
     "query_to_xml",
     "query_to_xmlschema",
     "query_to_xml_and_xmlschema",
@@ -183,16 +183,26 @@ const RUNS_SQL_TEXT: [&str; 16] = [
     "database_to_xml_and_xmlschema",
     "ts_stat",
     "ts_rewrite",
+    "crosstab",
+    "crosstab2",
+    "crosstab3",
+    "crosstab4",
+    "connectby",
 ];
 
-/// Built-in functions that run the query given as a text argument, and which argument it is:
-/// the query is classified as part of the statement.
-const RUNS_QUERY_TEXT: [(&str, usize); 5] = [
-    ("query_to_xml", 0),
-    ("query_to_xmlschema", 0),
-    ("query_to_xml_and_xmlschema", 0),
-    ("ts_stat", 0),
-    ("ts_rewrite", 1),
+/// Functions that run queries given as text arguments, and which arguments those are (as far
+/// as a call has them): each query is classified as part of the statement.
+const RUNS_QUERY_TEXT: [(&str, &[usize]); 9] = [
+    ("query_to_xml", &[0]),
+    ("query_to_xmlschema", &[0]),
+    ("query_to_xml_and_xmlschema", &[0]),
+    ("ts_stat", &[0]),
+    ("ts_rewrite", &[1]),
+    // tablefunc's: the source query, and the category query of the two-argument form.
+    ("crosstab", &[0, 1]),
+    ("crosstab2", &[0]),
+    ("crosstab3", &[0]),
+    ("crosstab4", &[0]),
 ];
 
 /// Built-in functions (and those of common extensions) that change state: a rule about reads
@@ -604,6 +614,9 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
                 })
                 .count();
             c.reads = Reads::of(&tree);
+            if qualified_calls(&tree, &c) {
+                c.kinds.insert(Kind::SideEffect);
+            }
             for query in queries_run(&tree) {
                 look_into_query(query, depth, &mut c);
             }
@@ -616,7 +629,10 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
             let mut all = names(&c.deallocates);
             all.extend(names(&c.cursors));
             all.extend(c.prepares.iter().chain(&c.executes).cloned());
-            if let Some(n) = all.iter().find(|n| !n.is_ascii() && name_may_be_cut(n)) {
+            // pg_query has cut names already: one of 60 bytes or more in a text that is not all
+            // ASCII may have lost what would have been cut elsewhere.
+            let cut = |n: &String| name_may_be_cut(n) || (!sql.is_ascii() && n.len() >= MAX_NAME - 3);
+            if let Some(n) = all.iter().find(|n| cut(n)) {
                 let n = n.clone();
                 refuse(&mut c, || {
                     format!("the name {n:?} may be cut short by the server (a non-ASCII byte counts three of its 63)")
@@ -1063,17 +1079,19 @@ fn walk(v: &Value, c: &mut Classification) {
             _ => None,
         };
         for name in field_names.unwrap_or_default().iter().filter_map(sval) {
-            note_function(c, name.to_lowercase());
+            // `s.x.f` may be schema s, table x, column f: whether f is a call that changes state
+            // is settled with the two-part names, once the statement's tables are known.
+            match key {
+                "AIndirection" => note_function(c, name.to_lowercase()),
+                _ => _ = c.functions.insert(name.to_lowercase()),
+            }
         }
         // `x.f` is `f(x)` when `x` has no column `f`, which the text does not say: a function
-        // that changes state counts as called, and one that runs a query is not looked into.
+        // that runs a query is not looked into (one that changes state: `qualified_calls`).
         let pair = (key == "ColumnRef").then(|| child.get("fields").and_then(Value::as_array)).flatten();
         if let Some([_, name]) = pair.map(Vec::as_slice)
             && let Some(name) = sval(name).map(str::to_lowercase)
         {
-            if SIDE_EFFECTS.contains(&name.as_str()) {
-                c.kinds.insert(Kind::SideEffect);
-            }
             c.maybe_functions.insert(name);
         }
         let called_as_field = field_names.into_iter().flatten().chain(pair.into_iter().flatten().skip(1));
@@ -1150,10 +1168,51 @@ fn walk(v: &Value, c: &mut Classification) {
     });
 }
 
-/// Which argument of function `name` (any case, any schema) is a query it runs, if it runs one.
-fn runs_query(name: &str) -> Option<usize> {
+/// Whether a qualified name `x.f` (or `s.x.f`) may be a call of a function `f` that changes
+/// state: PostgreSQL reads it as `f(x)` when `x` has no column `f`. That cannot be when `x` is
+/// only a table of the statement (`j.schedule` of `cron.job j`), so those are left alone; a
+/// function's value in FROM (`unnest(...) x`, or `unnest` itself unaliased) may be anything.
+fn qualified_calls(tree: &Value, c: &Classification) -> bool {
+    let mut functions_in_from: BTreeSet<String> = BTreeSet::new();
+    visit(tree, |_, key, child| {
+        if key != "RangeFunction" {
+            return;
+        }
+        match child.pointer("/alias/aliasname").and_then(Value::as_str) {
+            Some(alias) => _ = functions_in_from.insert(alias.to_lowercase()),
+            None => {
+                let name = child.pointer("/functions/0/node/List/items/0/node/FuncCall/funcname");
+                let last = name.and_then(Value::as_array).and_then(|n| n.last()).and_then(sval);
+                functions_in_from.extend(last.map(str::to_lowercase));
+            }
+        }
+    });
+    let tables: BTreeSet<String> =
+        c.tables.iter().map(|t| unquoted(last_part(t)).to_lowercase()).chain(c.reads.aliases.keys().cloned()).collect();
+    c.reads
+        .qualified
+        .iter()
+        .any(|(x, f)| SIDE_EFFECTS.contains(&f.as_str()) && (functions_in_from.contains(x) || !tables.contains(x)))
+}
+
+/// A part of a relation name as `Classification::tables` holds it, as the server has it (the
+/// quotes `relation_part` added taken off).
+pub fn unquoted(part: &str) -> std::borrow::Cow<'_, str> {
+    match part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+        Some(inner) if part.len() >= 2 => inner.replace("\"\"", "\"").into(),
+        _ => part.into(),
+    }
+}
+
+/// Which arguments of function `name` (any case, any schema) are queries it runs, if it runs
+/// any; `Some(&[])` for one that builds its query from its arguments (tablefunc's `connectby`
+/// splices them in unquoted), which is never looked into.
+fn runs_query(name: &str) -> Option<&'static [usize]> {
     let last = name.rsplit('.').next().unwrap_or(name).to_lowercase();
-    RUNS_QUERY_TEXT.iter().find(|(f, _)| *f == last).map(|&(_, arg)| arg)
+    if last == "connectby" {
+        return Some(&[]);
+    }
+    RUNS_QUERY_TEXT.iter().find(|(f, _)| *f == last).map(|&(_, args)| args)
 }
 
 /// The queries that functions in the tree run from text (`query_to_xml('SELECT ...', ...)`):
@@ -1163,22 +1222,24 @@ fn queries_run(tree: &Value) -> Vec<Result<String, String>> {
     visit(tree, |_, key, child| {
         let names = (key == "FuncCall").then(|| child.get("funcname").and_then(Value::as_array)).flatten();
         let Some(name) = names.and_then(|n| n.last()).and_then(sval) else { return };
-        let Some(arg) = runs_query(name) else { return };
-        let args = child.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-        // ts_rewrite(query, target, substitute) takes no query text; ts_rewrite(query, select) does.
-        if name.eq_ignore_ascii_case("ts_rewrite") && args.len() != 2 {
+        let Some(queries) = runs_query(name) else { return };
+        let name = name.to_lowercase();
+        if queries.is_empty() {
+            out.push(Err(format!("{name} builds a query from its arguments; it is not looked into")));
             return;
         }
-        let literal = args.get(arg).and_then(|a| {
-            let a = a.pointer("/node/TypeCast/arg").unwrap_or(a);
-            a.pointer("/node/AConst/val/Sval/sval").and_then(Value::as_str)
-        });
-        out.push(match literal {
-            Some(q) => Ok(q.to_string()),
-            None => {
-                Err(format!("{} runs a query that is not a string literal; it is not looked into", name.to_lowercase()))
-            }
-        });
+        let args = child.get("args").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        // ts_rewrite(query, target, substitute) takes no query text; ts_rewrite(query, select) does.
+        if name == "ts_rewrite" && args.len() != 2 {
+            return;
+        }
+        for arg in queries.iter().filter_map(|&i| args.get(i)) {
+            let arg = arg.pointer("/node/TypeCast/arg").unwrap_or(arg);
+            out.push(match arg.pointer("/node/AConst/val/Sval/sval").and_then(Value::as_str) {
+                Some(q) => Ok(q.to_string()),
+                None => Err(format!("{name} runs a query that is not a string literal; it is not looked into")),
+            });
+        }
     });
     out
 }
@@ -1638,6 +1699,22 @@ mod tests {
             shape("SELECT query_to_xml('SELECT pg_reload_conf()', true, true, '')")
         );
         assert_ne!(shape("SELECT TS_STAT('SELECT 1')"), shape("SELECT TS_STAT('SELECT 2')"));
+        // tablefunc: crosstab's queries are looked into; connectby's is built from its arguments.
+        let c = classify(
+            "SELECT * FROM crosstab('SELECT pg_terminate_backend(pid), 1, 1 FROM pg_stat_activity') t(a bool, b int, c int)",
+        );
+        assert!(c.kinds.contains(&Kind::SideEffect) && c.reads.runs_sql, "{c:?}");
+        assert!(
+            classify("SELECT * FROM crosstab('SELECT 1, 2, 3', 'DELETE FROM t RETURNING 1') t(a int, b int)")
+                .kinds
+                .contains(&Kind::Delete)
+        );
+        assert!(
+            classify("SELECT * FROM connectby('t', 'id', 'parent', '1', 0) AS c(id int, p int, l int)")
+                .kinds
+                .contains(&Kind::Unparseable)
+        );
+        assert_ne!(shape("SELECT * FROM crosstab('SELECT 1')"), shape("SELECT * FROM crosstab('SELECT 2')"));
     }
 
     #[test]
@@ -1654,12 +1731,30 @@ mod tests {
             assert!(c.parse_error.is_some_and(|e| e.contains("cut short")), "{sql}");
         }
         assert!(!classify(&format!("PREPARE {} AS SELECT 1", "a".repeat(80))).kinds.contains(&Kind::Unparseable));
+        // pg_query cut this one to its 61 ASCII bytes; a server converting from WIN1252 keeps more.
+        let c = classify(&format!("PREPARE \"{}€\" AS SELECT 1", "a".repeat(61)));
+        assert!(c.parse_error.is_some_and(|e| e.contains("cut short")));
     }
 
     #[test]
     fn two_part_names_may_be_calls() {
         let c = classify("SELECT x.pg_cancel_backend FROM unnest(ARRAY(SELECT pid FROM pg_stat_activity)) x");
         assert!(c.kinds.contains(&Kind::SideEffect) && c.maybe_functions.contains("pg_cancel_backend"), "{c:?}");
+        for sql in [
+            "SELECT unnest.pg_terminate_backend FROM unnest(ARRAY[1])",
+            "SELECT x.pg_terminate_backend FROM unnest(ARRAY[1]) x, (SELECT 1 FROM x) s",
+            "SELECT y.setval FROM t",
+        ] {
+            assert!(classify(sql).kinds.contains(&Kind::SideEffect), "{sql}");
+        }
+        // A column of a table of the statement, named like such a function, is a column.
+        for sql in [
+            "SELECT j.schedule FROM cron.job j",
+            "SELECT cron.job.schedule FROM cron.job",
+            "SELECT job.schedule FROM cron.job",
+        ] {
+            assert!(!classify(sql).kinds.contains(&Kind::SideEffect), "{sql}");
+        }
         let c = classify("SELECT o.id, o.Total FROM orders o");
         assert_eq!(c.kinds.iter().collect::<Vec<_>>(), [&Kind::Select]);
         assert_eq!(c.maybe_functions.iter().map(String::as_str).collect::<Vec<_>>(), ["id", "total"]);

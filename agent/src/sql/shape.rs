@@ -15,14 +15,15 @@
 use pg_query::protobuf::Token;
 
 /// Words whose literal arguments the classifier reads: COPY's options (FORMAT, DELIMITER,
-/// HEADER), `set_config`'s setting name, and the queries `query_to_xml...`, `ts_stat` and
-/// `ts_rewrite` run. A text that has any, in any case and anywhere (inside other words,
+/// HEADER), `set_config`'s setting name, and the queries `query_to_xml...`, `ts_stat`,
+/// `ts_rewrite` and `crosstab` run. A text that has any, in any case and anywhere (inside other words,
 /// strings and comments too), keeps all its literals.
 const COPY: &[u8] = b"copy";
 const SET_CONFIG: &[u8] = b"set_config";
 const QUERY_TO: &[u8] = b"query_to";
 const TS_STAT: &[u8] = b"ts_stat";
 const TS_REWRITE: &[u8] = b"ts_rewrite";
+const CROSSTAB: &[u8] = b"crosstab";
 
 /// Stands for a literal in a key.
 const LITERAL: char = '\u{1}';
@@ -46,7 +47,7 @@ fn literals_matter(sql: &str) -> bool {
     let at = |i: usize, w: &[u8]| b.get(i..i + w.len()).is_some_and(|x| x.eq_ignore_ascii_case(w));
     // One pass on the first letters: this runs on every simple-protocol query.
     (0..b.len()).any(|i| match b[i] | 0x20 {
-        b'c' => at(i, COPY),
+        b'c' => at(i, COPY) || at(i, CROSSTAB),
         b's' => at(i, SET_CONFIG),
         b'q' => at(i, QUERY_TO),
         b't' => at(i, TS_STAT) || at(i, TS_REWRITE),

@@ -162,11 +162,14 @@ fn safe_encoding(name: &str) -> bool {
 fn charset(encoding: &str) -> Charset {
     let norm: String = encoding.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
     match norm.as_str() {
-        "utf8" | "unicode" | "sqlascii" => Charset::Utf8,
+        "utf8" | "unicode" => Charset::Utf8,
+        // No conversion: bytes of whatever the server holds. A byte each never shows more than
+        // four characters of any encoding.
+        "sqlascii" => Charset::SingleByte,
         "eucjp" | "eucjis2004" | "euckr" => Charset::Euc { ss2: 2, ss3: 3 },
         "euctw" => Charset::Euc { ss2: 4, ss3: 3 },
         "euccn" => Charset::Euc { ss2: 2, ss3: 2 },
-        // The rest of SAFE_ENCODINGS; no other client encoding gets past login.
+        // The rest of SAFE_ENCODINGS: no other client encoding gets past login.
         _ => Charset::SingleByte,
     }
 }
@@ -2086,7 +2089,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             return Ok(Err(Refusal {
                 rule: "name-too-long".into(),
                 message: Some(format!(
-                    "statement and portal names may have at most {MAX_NAME} bytes (the server cuts \"{}...\" short)",
+                    "statement and portal names may have at most {MAX_NAME} bytes, a byte past ASCII counting \
+                     three (the server may cut \"{}...\" short)",
                     truncate(name, 20)
                 )),
             }));
@@ -2099,9 +2103,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let mut closed: Vec<&str> = Vec::new();
         for f in batch.iter().filter(|f| matches!(f.tag, b'P' | b'C')) {
             if f.tag == b'C' {
-                if let Ok((b'S', name)) = wire::describe_target(&f.body)
-                    && !closed.contains(&name)
-                {
+                if let Ok((b'S', name)) = wire::describe_target(&f.body) {
                     closed.push(name);
                 }
                 continue;
@@ -2220,7 +2222,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let portal = wire::execute_portal(&f.body)?;
                     // A portal an earlier batch bound to COPY FROM STDIN, executed at a Flush: the
                     // client's next message would wait for an answer only its own Sync brings.
-                    if !ends_in_sync && !bound.contains(&portal) && self.copy_portals.contains_key(portal) {
+                    let rebound = self.unbinding.iter().any(|(n, r)| n == portal && matches!(r, Registry::Copy));
+                    if !ends_in_sync && !bound.contains(&portal) && !rebound && self.copy_portals.contains_key(portal) {
                         return Ok(Err(Refusal {
                             rule: "copy-at-flush".into(),
                             message: Some("send COPY ... FROM STDIN in a batch that ends with Sync".into()),

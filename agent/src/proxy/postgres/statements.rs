@@ -60,8 +60,14 @@ impl Statements {
     pub fn full<'a>(&self, more: impl Iterator<Item = &'a Prepared>, closed: &[&str], len: usize) -> Option<String> {
         let named = self.map.len() - usize::from(self.map.contains_key(""));
         let (count, bytes) = more.fold((named, self.bytes), |(c, b), p| (c + 1, b + p.text.len()));
-        // `closed` names each statement once; saturating all the same, so no list can wrap it.
-        let gone = closed.iter().filter(|n| !n.is_empty()).filter_map(|n| self.map.get(*n));
+        // Each statement closed counts once, however often the batch names it.
+        let mut once: Vec<&str> = Vec::new();
+        for &n in closed {
+            if !n.is_empty() && !once.contains(&n) {
+                once.push(n);
+            }
+        }
+        let gone = once.iter().filter_map(|n| self.map.get(*n));
         let (count, bytes) =
             gone.fold((count, bytes), |(c, b), p| (c.saturating_sub(1), b.saturating_sub(p.text.len())));
         if count >= MAX_STATEMENTS {
@@ -104,8 +110,9 @@ mod tests {
         assert!(s.full(more.iter(), &[], 1).is_some_and(|why| why.contains("4096 named")));
         assert_eq!(s.full(more.iter(), &["s0"], 1), None, "closed earlier in the batch");
         assert!(s.full(more.iter(), &["nope"], 1).is_some(), "closing what is not there frees nothing");
-        let big = [p(&"z".repeat(MAX_STATEMENT_BYTES))];
-        assert!(s.full(big.iter(), &["s0", "s0"], 1).is_some(), "a name closed twice frees its text once");
+        let two = [p("y"), p("z")];
+        assert!(s.full(two.iter(), &["s0", "s0"], 1).is_some(), "a name closed twice frees its room once");
+        assert_eq!(s.full(two.iter(), &["s0", "s1"], 1), None);
         let big = MAX_STATEMENT_BYTES - s.bytes;
         assert_eq!(s.full([].iter(), &[], big), None);
         assert!(s.full([].iter(), &[], big + 1).is_some_and(|why| why.contains("64 MiB")));
