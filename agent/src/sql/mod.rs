@@ -677,15 +677,22 @@ fn look_into_query(query: Result<String, String>, depth: usize, c: &mut Classifi
         }
         Err(why) => return refuse(c, || why),
     };
-    let inner = classify_nested(&query, depth + 1);
+    merge(c, classify_nested(&query, depth + 1), "in a query run from text");
+}
+
+/// Counts what a text run inside the statement (a DO block's statement, a query run from text)
+/// does as the statement's own.
+fn merge(c: &mut Classification, inner: Classification, place: &str) {
     if let Some(e) = inner.parse_error {
-        c.parse_error.get_or_insert_with(|| format!("in a query run from text: {e}"));
+        c.parse_error.get_or_insert_with(|| format!("{place}: {e}"));
     }
     c.kinds.extend(inner.kinds);
     c.tables.extend(inner.tables);
     c.functions.extend(inner.functions);
     c.maybe_functions.extend(inner.maybe_functions);
     c.where_missing |= inner.where_missing;
+    c.ends_transaction |= inner.ends_transaction;
+    c.reads.runs_sql |= inner.reads.runs_sql;
 }
 
 /// Gives up on classifying: the text is treated as unparseable (denied unless a rule names it).
@@ -804,16 +811,7 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
                     .into()
             });
         }
-        if let Some(e) = inner.parse_error {
-            c.parse_error.get_or_insert_with(|| format!("in a DO block: {e}"));
-        }
-        c.kinds.extend(inner.kinds);
-        c.tables.extend(inner.tables);
-        c.functions.extend(inner.functions);
-        c.maybe_functions.extend(inner.maybe_functions);
-        c.where_missing |= inner.where_missing;
-        c.ends_transaction |= inner.ends_transaction;
-        c.reads.runs_sql |= inner.reads.runs_sql;
+        merge(c, inner, "in a DO block");
     }
     if let Some(why) = unknown {
         refuse(c, || why);
