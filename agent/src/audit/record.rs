@@ -84,6 +84,9 @@ pub struct Record {
     pub db_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement: Option<String>,
+    /// The statement's whole length in bytes, when `statement` is only its beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement_kinds: Option<Vec<String>>,
     /// Sequence numbers of the records this one completes.
@@ -150,6 +153,7 @@ impl Record {
             database: None,
             db_user: None,
             statement: None,
+            statement_bytes: None,
             statement_kinds: None,
             refs: None,
             hook: None,
@@ -347,6 +351,8 @@ pub struct StatementRecord {
     pub base: std::sync::Arc<StatementBase>,
     /// The statement text as audited (already cut to the audited length).
     pub statement: std::sync::Arc<str>,
+    /// The whole text's length in bytes, when `statement` was cut.
+    pub statement_bytes: Option<u64>,
     pub kinds: Vec<&'static str>,
     pub verdict: &'static str,
     /// Monitor mode let through what the rules would refuse.
@@ -361,6 +367,9 @@ impl StatementRecord {
         out.extend_from_slice(&self.base.head);
         out.extend_from_slice(b",\"statement\":");
         json_string(out, &self.statement);
+        if let Some(n) = self.statement_bytes {
+            out.extend_from_slice(format!(",\"statement_bytes\":{n}").as_bytes());
+        }
         out.extend_from_slice(b",\"statement_kinds\":[");
         for (i, k) in self.kinds.iter().enumerate() {
             if i > 0 {
@@ -420,6 +429,7 @@ impl Entry {
         field("db_user", r.db_user.clone());
         field("kinds", r.statement_kinds.as_ref().map(|k| k.join(",")));
         field("sql", r.statement.clone());
+        field("sql_bytes", r.statement_bytes.map(|n| n.to_string()));
         field("refs", r.refs.as_ref().map(|v| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")));
         field("verdict", r.verdict.clone());
         field("would_deny", r.would_deny.map(|v| v.to_string()));
@@ -595,14 +605,22 @@ mod tests {
         monitored.detail = Some("the session's own detail".into());
         for session in [full, monitored, Record::new(Kind::SessionStart)] {
             let base = std::sync::Arc::new(StatementBase::new(&session));
-            for (text, kinds, verdict, would_deny, detail) in [
-                ("SELECT 1", vec!["select"], "allow", false, None),
-                ("DELETE FROM t; DROP TABLE \"x\"\n\u{1}é…", vec!["delete", "ddl"], "deny", true, Some("no \"ddl\"")),
-                ("", vec![], "approve", false, Some("")),
+            for (text, bytes, kinds, verdict, would_deny, detail) in [
+                ("SELECT 1", None, vec!["select"], "allow", false, None),
+                (
+                    "DELETE FROM t; DROP TABLE \"x\"\n\u{1}é…",
+                    Some(70_000),
+                    vec!["delete", "ddl"],
+                    "deny",
+                    true,
+                    Some("no \"ddl\""),
+                ),
+                ("", None, vec![], "approve", false, Some("")),
             ] {
                 let o = StatementRecord {
                     base: base.clone(),
                     statement: text.into(),
+                    statement_bytes: bytes,
                     kinds: kinds.clone(),
                     verdict,
                     would_deny,
@@ -613,6 +631,7 @@ mod tests {
                 let mut r = session.clone();
                 r.kind = Kind::Statement;
                 r.statement = Some(text.into());
+                r.statement_bytes = bytes;
                 r.statement_kinds = Some(kinds.iter().map(|k| k.to_string()).collect());
                 r.verdict = Some(verdict.into());
                 r.rule = Some("no-ddl".into());

@@ -1552,6 +1552,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let monitored = d.action != Action::Allow && !self.s.enforce && d.rule != "masking";
         let r = StatementRecord {
             base: self.statement_base.clone(),
+            statement_bytes: (text.len() > MAX_AUDITED_SQL).then_some(text.len() as u64),
             statement: if text.len() <= MAX_AUDITED_SQL {
                 text.clone()
             } else {
