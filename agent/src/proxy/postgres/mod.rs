@@ -151,17 +151,21 @@ const SAFE_ENCODINGS: [&str; 63] = [
     "eucjis2004",
 ];
 
+/// An encoding's name as the server compares them: letters and digits only, lower case
+/// (`EUC_JP`, `euc-jp` and `eucjp` are one).
+fn encoding_key(name: &str) -> String {
+    name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase()
+}
+
 /// Whether a client encoding, by any of the server's names for it, is one of SAFE_ENCODINGS.
 fn safe_encoding(name: &str) -> bool {
-    let norm: String = name.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
-    SAFE_ENCODINGS.contains(&norm.as_str())
+    SAFE_ENCODINGS.contains(&encoding_key(name).as_str())
 }
 
 /// How text is made of characters under a client encoding, by any of the server's names for it
 /// (the multi-byte lengths are the server's `pg_*_mblen`).
 fn charset(encoding: &str) -> Charset {
-    let norm: String = encoding.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
-    match norm.as_str() {
+    match encoding_key(encoding).as_str() {
         "utf8" | "unicode" => Charset::Utf8,
         // No conversion: bytes of whatever the server holds. A byte each never shows more than
         // four characters of any encoding.
