@@ -320,21 +320,37 @@ fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
     // Kept as md5, so the md5 line makes the server ask for md5 (not SCRAM).
     assert_eq!(pg.direct("SELECT rolpassword LIKE 'md5%' FROM pg_authid WHERE rolname = 'md5user'"), "t");
     let app = format!("user: app, password_file: {}", pg.secret_file.display());
-    for (user, password, mode) in
-        [("md5user", "md5-pw", 0o600), ("pwuser", "clear-pw", 0o600), ("md5user", "md5-pw", 0o640)]
-    {
-        let secret = env.dir.path().join(format!("{user}.secret"));
+    // The password in the clear goes only where `credentials.auth` allows it (by default only
+    // to a server whose certificate is checked).
+    for (user, password, mode, auth, refusal) in [
+        ("md5user", "md5-pw", 0o600, "", None),
+        ("pwuser", "clear-pw", 0o600, "", Some("credentials.auth does not allow")),
+        ("pwuser", "clear-pw", 0o600, ", auth: [scram-sha-256, password]", None),
+        ("md5user", "md5-pw", 0o640, "", Some("must not be readable by group or others")),
+        ("md5user", "md5-pw", 0o600, "symlink", Some("is a symbolic link")),
+    ] {
+        let mut secret = env.dir.path().join(format!("{user}.secret"));
         std::fs::write(&secret, format!("{password}\n")).unwrap();
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-        let creds = format!("user: {user}, password_file: {}", secret.display());
+        let auth = if auth == "symlink" {
+            let link = env.dir.path().join(format!("{user}.link"));
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&secret, &link).unwrap();
+            secret = link;
+            ""
+        } else {
+            auth
+        };
+        let creds = format!("user: {user}, password_file: {}{auth}", secret.display());
         env.reload(&policy(&env, &pg, None).replace(&app, &creds));
         let (out, err, ok) = psql(&env, &pg, "bot:whatever", "SELECT current_user, count(*) FROM orders");
-        if mode == 0o600 {
-            assert!(ok && out == format!("{user}|2"), "{user}: {out} {err}");
-        } else {
-            // A secret others can read is not used. The client is not told where it is.
-            assert!(!ok && err.contains("the agent's log says why") && !err.contains(".secret"), "{err}");
-            env.wait_log("must not be readable by group or others");
+        match refusal {
+            None => assert!(ok && out == format!("{user}|2"), "{user}: {out} {err}"),
+            Some(why) => {
+                // Not logged in; the client is not told where the secret is, nor why.
+                assert!(!ok && err.contains("the agent's log says why") && !err.contains(".secret"), "{err}");
+                env.wait_log(why);
+            }
         }
     }
     // GSSENCRequest: declined with N, and the client logs in on the same connection.
@@ -344,6 +360,17 @@ fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.starts_with("G N\n") && text.contains("after gssenc'"), "{text}");
     assert!(text.ends_with("C SELECT 1\nZ I\nCLOSED\n"), "{text}");
+    // A client asking for protocol 3.2 with an option it would like (libpq 18's
+    // `max_protocol_version=latest`) hears that this is 3.0 without it, as from a server that
+    // knows no better, and goes on. Its BackendKeyData names its real backend.
+    let script = serde_json::json!([["Q", "SELECT pg_backend_pid()"], ["X"]]).to_string();
+    let out =
+        env.run_in("bot", &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), "{}", &script, "proto32"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.starts_with("v (0, 1) b'_pq_.test_option\\x00'\nR \n"), "{text}");
+    let key_pid = text.lines().find_map(|l| l.strip_prefix("K ")).expect("BackendKeyData");
+    let row = format!("D b'\\x00\\x01\\x00\\x00\\x00\\x{:02x}{key_pid}'", key_pid.len());
+    assert!(text.lines().any(|l| l == row), "the backend the key names ({row}): {text}");
 }
 
 #[test]
@@ -1047,6 +1074,39 @@ fn approval_webhook_over_https_checks_the_certificate() {
     let _ = sink.wait();
 }
 
+/// A reload that removes the webhook stops the POSTs of sessions that started before it: a
+/// pooled connection lives for days, and the URL may be why the webhook was removed.
+#[test]
+fn a_reload_that_removes_the_webhook_reaches_running_sessions() {
+    if !privileged("a_reload_that_removes_the_webhook_reaches_running_sessions") {
+        return;
+    }
+    let (url, posted) = webhook_sink();
+    let (env, pg) = setup_with("pg-hook-reload", Some(&url));
+    // One session: a read that takes a while, then a delete the policy holds.
+    let session = std::process::Command::new(common::BIN)
+        .args(["exec", "--cgroup", &env.cgroup("bot"), "--", "psql", "-X"])
+        .arg(format!("postgresql://bot@127.0.0.1:{}/postgres", pg.port))
+        .args(["-c", "SELECT pg_sleep(1.5)", "-c", "DELETE FROM orders WHERE id = 2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while pg.direct("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'") != "1" {
+        assert!(started.elapsed().as_secs() < 10, "the session never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    env.reload(&policy(&env, &pg, None));
+    let id = pending_one(&env)["id"].to_string();
+    assert!(
+        posted.recv_timeout(std::time::Duration::from_secs(1)).is_err(),
+        "the held statement went to the webhook the policy no longer names"
+    );
+    assert!(approvals(&env, &["deny", &id]).status.success());
+    assert!(!session.wait_with_output().unwrap().status.success());
+}
+
 /// A one-shot HTTP server that keeps the body of the first POST it gets.
 fn webhook_sink() -> (String, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader, Read, Write};
@@ -1324,6 +1384,8 @@ fn tls_to_the_client_and_to_the_server() {
     assert_eq!(psql("sslmode=require"), ("t|app".to_string(), String::new()));
     let verify = format!("sslmode=verify-full&sslrootcert={}", agent_ca.display());
     assert_eq!(psql(&verify), ("t|app".to_string(), String::new()), "the agent's certificate names the resource");
+    // SCRAM bound to the server's certificate: the server checked the proxy's hash of it.
+    env.wait_log("logged in upstream auth=scram-sha-256 channel_binding=true");
     assert_eq!(psql("sslmode=disable").0, "t|app", "a plain client still gets an encrypted upstream");
     // Checked against the wrong CA, the server is refused and the client told why.
     let wrong = format!("sslmode=verify-full&sslrootcert={}", server_ca.display());
@@ -1377,7 +1439,11 @@ if sys.argv[4:] == ["gssenc"]:
     s.sendall(struct.pack("!ii", 8, 80877104))
     print("G", s.recv(1).decode(), flush=True)
 params = b"user\0bot\0database\0postgres\0" + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in extra.items()) + b"\0"
-body = struct.pack("!i", 196608) + params
+version = 196608
+if sys.argv[4:] == ["proto32"]:
+    version = 196610
+    params = b"_pq_.test_option\0on\0" + params
+body = struct.pack("!i", version) + params
 s.sendall(struct.pack("!i", len(body) + 4) + body)
 def msg(tag, payload):
     return tag.encode() + struct.pack("!i", len(payload) + 4) + payload
@@ -1413,6 +1479,10 @@ while True:
             text = repr(payload)
         elif tag == "A":
             text = repr(payload[4:])
+        elif tag == "K":
+            text = str(struct.unpack("!i", payload[:4])[0])
+        elif tag == "v":
+            text = str(struct.unpack("!ii", payload[:8])) + " " + repr(payload[8:])
         print(tag, text, flush=True)
         if tag == "Z" and not sent:
             s.sendall(out); sent = True

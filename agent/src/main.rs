@@ -291,9 +291,14 @@ fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<Exit
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply = rt.block_on(call(state_dir, &cmd))?;
+    if reply.pending.is_none() && reply.decided.is_none() {
+        anyhow::bail!("the agent's answer says neither what is pending nor what was decided");
+    }
     if let Some(pending) = reply.pending {
         if json {
-            println!("{}", serde_json::to_string_pretty(&pending)?);
+            // JSON escapes control characters itself; bidi and zero-width ones are valid JSON
+            // text, so they are escaped here, as `\uXXXX`, to reach a terminal visibly.
+            println!("{}", ascii_json(&serde_json::to_string_pretty(&pending)?));
         } else if pending.is_empty() {
             println!("no pending approval requests");
         } else {
@@ -338,6 +343,24 @@ fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<Exit
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// JSON text with every character `printable` would escape written as a `\u` escape (two,
+/// as a surrogate pair, past U+FFFF): the same value to a JSON reader, visible on a terminal.
+fn ascii_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let mut one = [0u8; 4];
+        if tollgate::approval::printable(c.encode_utf8(&mut one)).len() == c.len_utf8() || c == '\n' {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    out
 }
 
 fn exec(path: &str, command: &[String]) -> anyhow::Result<ExitCode> {
@@ -461,4 +484,16 @@ fn uninstall(state_dir: &Path) -> anyhow::Result<ExitCode> {
         state.audit_dir().display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listed_json_shows_invisible_characters_as_escapes_of_the_same_value() {
+        let text = serde_json::to_string_pretty(&["a\u{202E}b", "tag\u{E0041}", "é"]).unwrap();
+        let shown = super::ascii_json(&text);
+        assert!(shown.contains("a\\u202eb") && shown.contains("tag\\udb40\\udc41") && shown.contains('é'), "{shown}");
+        let back: Vec<String> = serde_json::from_str(&shown).unwrap();
+        assert_eq!(back, ["a\u{202E}b", "tag\u{E0041}", "é"]);
+    }
 }

@@ -187,6 +187,30 @@ pub fn host_name(host: String) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.clone()).map_err(|_| TlsError::Name(host))
 }
 
+/// RFC 5929's `tls-server-end-point` data for SCRAM channel binding: the hash of the server's
+/// certificate, by the hash its signature uses (SHA-256 in place of MD5 and SHA-1). `None`
+/// where the signature names no such hash (Ed25519, RSA-PSS): PostgreSQL has none to compare
+/// with either.
+pub fn end_point_binding(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let hash = match parsed.signature_algorithm.algorithm.to_id_string().as_str() {
+        // md5WithRSA, sha1WithRSA, ecdsa-with-SHA1, dsa-with-sha1; then the SHA-256 ones.
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10040.4.3"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.3.2"
+        | "2.16.840.1.101.3.4.3.2" => sha2::Sha256::digest(cert).to_vec(),
+        "1.2.840.113549.1.1.14" | "1.2.840.10045.4.3.1" => sha2::Sha224::digest(cert).to_vec(),
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => sha2::Sha384::digest(cert).to_vec(),
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => sha2::Sha512::digest(cert).to_vec(),
+        _ => return None,
+    };
+    Some(hash)
+}
+
 /// `tls: require`: encrypted, but the server's certificate is not checked (libpq's
 /// `sslmode=require`). The handshake signature is still verified, so the peer holds the key of
 /// the certificate it shows.
@@ -256,5 +280,20 @@ mod tests {
         assert!(a.client_config(&missing).is_err());
         let ok = UpstreamTls::VerifyFull { ca_file: a.ca_file.clone() };
         assert!(a.client_config(&ok).unwrap().is_some());
+    }
+
+    #[test]
+    fn channel_binding_hashes_the_certificate_as_its_signature_does() {
+        use sha2::Digest;
+        let cert = |alg: &'static rcgen::SignatureAlgorithm| {
+            let key = KeyPair::generate_for(alg).unwrap();
+            CertificateParams::new(vec!["db".into()]).unwrap().self_signed(&key).unwrap().der().to_vec()
+        };
+        let p256 = cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(end_point_binding(&p256), Some(sha2::Sha256::digest(&p256).to_vec()));
+        let p384 = cert(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(end_point_binding(&p384), Some(sha2::Sha384::digest(&p384).to_vec()));
+        assert_eq!(end_point_binding(&cert(&rcgen::PKCS_ED25519)), None, "no hash to bind with");
+        assert_eq!(end_point_binding(b"not a certificate"), None);
     }
 }

@@ -29,10 +29,15 @@ const MAX_REASON: usize = 1024;
 /// Most control connections open at once per non-root uid (anyone may connect): one local user
 /// cannot use up the agent's descriptors or lock approvers out. Root is not counted.
 const MAX_CLIENTS_PER_UID: usize = 8;
+/// Most control connections open at once of all non-root uids together: a user with many
+/// uids (rootless containers map 65,536) cannot use up the descriptors the proxy needs.
+const MAX_CLIENTS: usize = 64;
 /// Most refusals written to the trail per second per calling uid, one record each; the rest are
 /// counted and the count goes in that uid's next refusal written, so a flood cannot fill the
 /// disk or hide another uid's attempt.
 const MAX_REFUSALS_PER_SECOND: u32 = 10;
+/// And of all uids together, so many uids cannot flood the trail either.
+const MAX_ALL_REFUSALS_PER_SECOND: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -42,6 +47,11 @@ pub enum ControlError {
     Connect { path: PathBuf, source: std::io::Error },
     #[error("the agent sent an unreadable answer: {0}")]
     Answer(String),
+    #[error(
+        "the agent closed the connection without answering (it allows {CLIENT_TIMEOUT:?} per command); \
+         a decision may or may not have been made: check `tollgate approvals list` or the audit trail"
+    )]
+    NoAnswer,
     #[error("{0}")]
     Refused(String),
 }
@@ -91,6 +101,9 @@ struct Slot(Arc<Clients>, u32);
 impl Clients {
     fn enter(self: &Arc<Self>, uid: u32) -> Option<Slot> {
         let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if uid != 0 && open.iter().filter(|(u, _)| **u != 0).map(|(_, n)| n).sum::<usize>() >= MAX_CLIENTS {
+            return None;
+        }
         let n = open.entry(uid).or_default();
         if uid != 0 && *n >= MAX_CLIENTS_PER_UID {
             return None;
@@ -242,7 +255,8 @@ static REFUSALS: std::sync::Mutex<Option<std::collections::HashMap<Option<u32>, 
 
 /// An `approval` record with verdict `refused`: every refused attempt is on the trail, one
 /// record each up to MAX_REFUSALS_PER_SECOND per calling uid (so one uid's flood cannot hide
-/// another's attempt), the rest counted in that uid's next one.
+/// another's attempt) and MAX_ALL_REFUSALS_PER_SECOND in all, the rest counted in that uid's
+/// next one.
 fn audit_refusal(shared: &Shared, cmd: Option<&Command>, uid: Option<u32>, why: &str) {
     warn!(uid, why, ?cmd, "approval command refused");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -252,11 +266,12 @@ fn audit_refusal(shared: &Shared, cmd: Option<&Command>, uid: Option<u32>, why: 
         if logs.len() > 1024 {
             logs.retain(|_, l| l.second == now || l.unwritten > 0);
         }
+        let all: u32 = logs.values().filter(|l| l.second == now).map(|l| l.written).sum();
         let log = logs.entry(uid).or_default();
         if log.second != now {
             (log.second, log.written) = (now, 0);
         }
-        if log.written >= MAX_REFUSALS_PER_SECOND {
+        if log.written >= MAX_REFUSALS_PER_SECOND || all >= MAX_ALL_REFUSALS_PER_SECOND {
             log.unwritten += 1;
             return;
         }
@@ -332,6 +347,10 @@ fn decide(shared: &Shared, cmd: &Command, id: ApprovalId, verdict: Verdict) -> R
     }
 }
 
+/// The longest reply a client reads: a list of every pending request at its longest, each
+/// control character escaped in six bytes.
+const MAX_REPLY: u64 = (super::MAX_PENDING as u64) * 6 * (100 << 10) + (1 << 20);
+
 /// Client side: sends one command and returns the agent's reply.
 pub async fn call(state_dir: &Path, cmd: &Command) -> Result<Reply, ControlError> {
     let path = socket_path(state_dir);
@@ -342,7 +361,10 @@ pub async fn call(state_dir: &Path, cmd: &Command) -> Result<Reply, ControlError
     let io = |source| ControlError::Io { path: path.clone(), source };
     s.write_all(&line).await.map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(s.take(16 << 20)).read_line(&mut answer).await.map_err(io)?;
+    BufReader::new(s.take(MAX_REPLY)).read_line(&mut answer).await.map_err(io)?;
+    if answer.is_empty() {
+        return Err(ControlError::NoAnswer);
+    }
     let reply: Reply = serde_json::from_str(&answer).map_err(|e| ControlError::Answer(e.to_string()))?;
     match reply.error {
         Some(e) => Err(ControlError::Refused(e)),
@@ -353,6 +375,18 @@ pub async fn call(state_dir: &Path, cmd: &Command) -> Result<Reply, ControlError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_connections_are_bounded_per_uid_and_in_all_but_roots() {
+        let clients = Arc::new(Clients::default());
+        let one: Vec<_> = (0..MAX_CLIENTS_PER_UID).map(|_| clients.enter(1000).unwrap()).collect();
+        assert!(clients.enter(1000).is_none(), "per uid");
+        let many: Vec<_> = (0..MAX_CLIENTS - one.len()).map(|i| clients.enter(100_000 + i as u32).unwrap()).collect();
+        assert!(clients.enter(200_000).is_none(), "in all");
+        assert!(clients.enter(0).is_some(), "root is never turned away");
+        drop(many);
+        assert!(clients.enter(200_000).is_some());
+    }
 
     #[test]
     fn commands_are_strict_json() {

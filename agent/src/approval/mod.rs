@@ -94,6 +94,20 @@ pub enum DecideError {
     OwnUid(ApprovalId, u32),
 }
 
+/// At most this many requests wait at once, and this many of one identity: a process that
+/// floods the queue must not bury the requests approvers need to see, nor make the list too
+/// long to read (a request shows up to 96 KiB of SQL and parameters).
+pub const MAX_PENDING: usize = 64;
+pub const MAX_PENDING_PER_IDENTITY: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueFull {
+    #[error("{MAX_PENDING_PER_IDENTITY} statements of this identity are waiting for approval already")]
+    Identity,
+    #[error("{MAX_PENDING} statements are waiting for approval on this host already")]
+    Agent,
+}
+
 struct Entry {
     request: Request,
     tx: oneshot::Sender<Verdict>,
@@ -137,9 +151,19 @@ impl Ticket<'_> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         let pending = self.approvals.lock().remove(&self.id).is_some();
-        if let Some((audit, record)) = self.abandoned.take().filter(|_| pending) {
-            audit.append(record);
+        let Some((audit, mut record)) = self.abandoned.take() else { return };
+        if !pending {
+            // Decided, but the session ended before it read the decision: the approver was
+            // told it took effect, so the trail says who decided, and that nothing ran.
+            let Ok(verdict) = self.rx.try_recv() else { return };
+            record.verdict = Some(verdict.as_str().into());
+            if let Verdict::Approved { by, reason } | Verdict::Denied { by, reason } = verdict {
+                record.approver = Some(by);
+                let reason = reason.map(|r| format!(" (reason: {r})")).unwrap_or_default();
+                record.detail = Some(format!("the session ended before the decision took effect{reason}"));
+            }
         }
+        audit.append(record);
     }
 }
 
@@ -159,12 +183,21 @@ impl Approvals {
     }
 
     /// Queues a request (its id from `next_id`) until it is decided or the ticket is dropped;
-    /// `abandoned` is written to `audit` if the ticket is dropped undecided.
-    pub fn submit(&self, request: Request, abandoned: Option<(AuditLog, Record)>) -> Ticket<'_> {
+    /// `abandoned` is written to `audit` if the ticket is dropped undecided. Refused when the
+    /// queue is full, for the requester's identity or for everyone.
+    pub fn submit(&self, request: Request, abandoned: Option<(AuditLog, Record)>) -> Result<Ticket<'_>, QueueFull> {
         let (tx, rx) = oneshot::channel();
         let id = request.id;
-        self.lock().insert(id, Entry { request, tx });
-        Ticket { id, rx, approvals: self, abandoned }
+        let mut pending = self.lock();
+        if pending.len() >= MAX_PENDING {
+            return Err(QueueFull::Agent);
+        }
+        if pending.values().filter(|e| e.request.identity == request.identity).count() >= MAX_PENDING_PER_IDENTITY {
+            return Err(QueueFull::Identity);
+        }
+        pending.insert(id, Entry { request, tx });
+        drop(pending);
+        Ok(Ticket { id, rx, approvals: self, abandoned })
     }
 
     pub fn list(&self) -> Vec<Request> {
@@ -264,7 +297,7 @@ mod tests {
     fn decisions_reach_the_waiting_ticket_once() {
         let a = Approvals::default();
         let id = a.next_id();
-        let mut t = a.submit(request(id), None);
+        let mut t = a.submit(request(id), None).unwrap();
         assert_eq!(a.list().len(), 1);
         let yes = Verdict::Approved { by: 1000, reason: None };
         assert_eq!(a.decide(id, yes.clone(), Some(1000)), Err(DecideError::OwnUid(id, 1000)), "not its own uid");
@@ -278,12 +311,12 @@ mod tests {
     fn a_decision_made_before_the_session_withdrew_is_the_one_it_records() {
         let a = Approvals::default();
         let id = a.next_id();
-        let t = a.submit(request(id), None);
+        let t = a.submit(request(id), None).unwrap();
         // The session's timeout fired; before it withdrew, an approver decided.
         a.decide(id, Verdict::Approved { by: 0, reason: None }, Some(0)).unwrap();
         assert_eq!(t.withdraw(), Some(Verdict::Approved { by: 0, reason: None }));
         let id = a.next_id();
-        let t = a.submit(request(id), None);
+        let t = a.submit(request(id), None).unwrap();
         assert_eq!(t.withdraw(), None);
         assert_eq!(a.decide(id, Verdict::Denied { by: 0, reason: None }, Some(0)), Err(DecideError::NotFound(id)));
     }
@@ -295,7 +328,12 @@ mod tests {
         let b = Approvals::default();
         assert_ne!(b.next_id(), ids[0], "another run starts elsewhere");
         assert!(ids.windows(2).filter(|w| w[1].0 == w[0].0 + 1).count() < 5, "not consecutive");
-        let tickets: Vec<_> = ids.iter().take(100).map(|&id| a.submit(request(id), None)).collect();
+        let tickets: Vec<_> = ids
+            .iter()
+            .take(MAX_PENDING)
+            .enumerate()
+            .map(|(i, &id)| a.submit(Request { identity: Some(format!("bot{i}")), ..request(id) }, None).unwrap())
+            .collect();
         for _ in 0..1000 {
             assert!(!tickets.iter().any(|t| t.id == a.next_id()));
         }
@@ -313,25 +351,50 @@ mod tests {
             Some((audit.clone(), r))
         };
         // The session ended while held: its record is written.
-        drop(a.submit(request(a.next_id()), record("abandoned")));
-        // Decided, or withdrawn by the session (which writes its own): nothing more.
+        drop(a.submit(request(a.next_id()), record("abandoned")).unwrap());
+        // Decided and read by the session (which writes its own record), or withdrawn by it:
+        // nothing more.
         let id = a.next_id();
-        let t = a.submit(request(id), record("decided"));
+        let mut t = a.submit(request(id), record("decided")).unwrap();
         a.decide(id, Verdict::Approved { by: 0, reason: None }, Some(0)).unwrap();
+        assert!(t.rx.try_recv().is_ok());
         drop(t);
-        assert_eq!(a.submit(request(a.next_id()), record("withdrawn")).withdraw(), None);
+        assert_eq!(a.submit(request(a.next_id()), record("withdrawn")).unwrap().withdraw(), None);
+        // Decided, but the session ended before reading it: who decided, and that nothing ran.
+        let id = a.next_id();
+        let t = a.submit(request(id), record("unread")).unwrap();
+        a.decide(id, Verdict::Denied { by: 1001, reason: Some("no".into()) }, Some(1001)).unwrap();
+        drop(t);
         drop(audit);
         writer.join();
         let trail = std::fs::read_to_string(crate::audit::trail_path(dir.path())).unwrap();
-        assert!(trail.contains("\"abandoned\""), "{trail}");
-        assert!(!trail.contains("\"decided\"") && !trail.contains("\"withdrawn\""), "{trail}");
+        let lines: Vec<serde_json::Value> = trail.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "{trail}");
+        assert_eq!(lines[0]["detail"], "abandoned");
+        assert_eq!(
+            (&lines[1]["verdict"], &lines[1]["approver"], &lines[1]["detail"]),
+            (&"denied".into(), &1001.into(), &"the session ended before the decision took effect (reason: no)".into())
+        );
+    }
+
+    #[test]
+    fn one_identity_cannot_fill_the_queue_nor_all_of_them_together_overflow_it() {
+        let a = Approvals::default();
+        let of = |who: String| Request { identity: Some(who), ..request(a.next_id()) };
+        let bots: Vec<_> = (0..MAX_PENDING_PER_IDENTITY).map(|_| a.submit(of("bot".into()), None).unwrap()).collect();
+        assert_eq!(a.submit(of("bot".into()), None).err(), Some(QueueFull::Identity));
+        let others: Vec<_> = (bots.len()..MAX_PENDING).map(|i| a.submit(of(format!("o{i}")), None).unwrap()).collect();
+        assert_eq!(a.submit(of("late".into()), None).err(), Some(QueueFull::Agent));
+        drop(bots);
+        assert!(a.submit(of("bot".into()), None).is_ok(), "room again once decided or withdrawn");
+        drop(others);
     }
 
     #[test]
     fn dropping_a_ticket_withdraws_the_request() {
         let a = Approvals::default();
         let id = a.next_id();
-        drop(a.submit(request(id), None));
+        drop(a.submit(request(id), None).unwrap());
         assert!(a.list().is_empty());
         assert!(a.decide(id, Verdict::TimedOut, None).is_err());
     }
@@ -342,6 +405,7 @@ mod tests {
         // Right-to-left override and zero-width space: the terminal would show another text.
         assert_eq!(printable("a\u{202E}b\u{200B}c"), "a\\u{202e}b\\u{200b}c");
         assert_eq!(printable("plain é"), "plain é");
+        assert_eq!(printable("a\u{2028}b\u{E0041}c\u{FE0F}"), "a\\u{2028}b\\u{e0041}c\\u{fe0f}");
     }
 
     #[test]

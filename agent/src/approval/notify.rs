@@ -31,9 +31,16 @@ pub enum NotifyError {
     Handshake { url: String, source: std::io::Error },
 }
 
+/// The webhook as logs and errors show it: without its path, where chat services put the
+/// secret that lets anyone post.
+fn shown(hook: &Webhook) -> String {
+    let scheme = if hook.ca_file.is_some() { "https" } else { "http" };
+    format!("{scheme}://{}/...", host_header(&hook.host, hook.port))
+}
+
 /// Sends one notification; the caller decides what a failure means (the request stays pending).
 pub async fn post(hook: &Webhook, request: &Request, mark: u32) -> Result<(), NotifyError> {
-    let url = hook.url.clone();
+    let url = shown(hook);
     let body = serde_json::to_vec(request).unwrap_or_default();
     let send = async {
         let addr = tokio::net::lookup_host((hook.host.as_str(), hook.port))
@@ -45,8 +52,13 @@ pub async fn post(hook: &Webhook, request: &Request, mark: u32) -> Result<(), No
             .await
             .map_err(|source| NotifyError::Connect { url: url.clone(), source })?;
         let Some(ca_file) = &hook.ca_file else { return exchange(stream, hook, body).await };
-        // Read for each request: notifications are rare, and a renewed bundle is picked up.
-        let config = crate::tls::verifying(ca_file).map_err(|source| NotifyError::Tls { url: url.clone(), source })?;
+        // Read for each request (notifications are rare, and a renewed bundle is picked up),
+        // off the loop that relays sessions: a system bundle is hundreds of certificates.
+        let ca_file = ca_file.clone();
+        let config = tokio::task::spawn_blocking(move || crate::tls::verifying(&ca_file))
+            .await
+            .map_err(|e| NotifyError::Connect { url: url.clone(), source: std::io::Error::other(e.to_string()) })?
+            .map_err(|source| NotifyError::Tls { url: url.clone(), source })?;
         let name =
             crate::tls::host_name(hook.host.clone()).map_err(|source| NotifyError::Tls { url: url.clone(), source })?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -67,7 +79,7 @@ async fn exchange(
     hook: &Webhook,
     body: Vec<u8>,
 ) -> Result<(), NotifyError> {
-    let url = &hook.url;
+    let url = &shown(hook);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|source| NotifyError::Http { url: url.clone(), source })?;
@@ -98,7 +110,7 @@ fn host_header(host: &str, port: u16) -> String {
 pub fn spawn(hook: Webhook, request: Request, mark: u32) {
     tokio::spawn(async move {
         match post(&hook, &request, mark).await {
-            Ok(()) => info!(id = %request.id, url = %hook.url, "approval request sent to the webhook"),
+            Ok(()) => info!(id = %request.id, webhook = %shown(&hook), "approval request sent to the webhook"),
             Err(e) => warn!(id = %request.id, error = %e, "approval webhook failed"),
         }
     });
@@ -113,5 +125,11 @@ mod tests {
         assert_eq!(host_header("hooks.example", 443), "hooks.example:443");
         assert_eq!(host_header("::1", 8080), "[::1]:8080");
         assert_eq!(host_header("[::1]", 8080), "[::1]:8080");
+    }
+
+    #[test]
+    fn logs_show_the_webhook_without_its_secret_path() {
+        let hook = |url: &str| crate::policy::Webhook::parse(url, None).unwrap();
+        assert_eq!(shown(&hook("http://hooks.example/T0/B1/s3cret")), "http://hooks.example:80/...");
     }
 }

@@ -465,6 +465,9 @@ pub fn printable(s: &str) -> String {
     let invisible = |c: char| {
         matches!(c, '\u{AD}' | '\u{61C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
             || matches!(c, '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+            // Line and paragraph separators, variation selectors, tag characters.
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{FE00}'..='\u{FE0F}' | '\u{E0000}'..='\u{E007F}')
+            || matches!(c, '\u{E0100}'..='\u{E01EF}')
     };
     s.chars()
         .map(|c| if c.is_control() || invisible(c) { c.escape_default().to_string() } else { c.to_string() })

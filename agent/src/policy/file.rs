@@ -101,6 +101,9 @@ pub struct ResourceSpec {
 pub struct CredentialsSpec {
     pub user: String,
     pub password_file: String,
+    /// How the server may check the credential: scram-sha-256, md5, password, none.
+    #[serde(default)]
+    pub auth: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,9 +6,9 @@ pub mod rules;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    API_VERSION, Access, Approvers, CgroupPath, Credentials, DEFAULT_LISTEN_PORT, Grant, Identity, Mode, Policy,
-    Protocol, Resource, ResourceAddress, StatementAudit, Tls, Unlisted, UpstreamTls, ValidationError, Webhook,
-    parse_duration,
+    API_VERSION, Access, Approvers, AuthMethod, AuthMethods, CgroupPath, Credentials, DEFAULT_LISTEN_PORT, Grant,
+    Identity, Mode, Policy, Protocol, Resource, ResourceAddress, StatementAudit, Tls, Unlisted, UpstreamTls,
+    ValidationError, Webhook, parse_duration,
 };
 
 /// Why a policy file was refused; every variant names the file.
@@ -250,6 +250,28 @@ spec:
         let r = &pol.resources[0];
         assert!(r.tls.accept_client);
         assert_eq!(r.tls.upstream, UpstreamTls::VerifyFull { ca_file: "/etc/tollgate/ca.pem".into() });
+        // The password in the clear only to a server whose certificate is checked, and never
+        // a login the server does not check, unless `credentials.auth` says so.
+        use crate::policy::AuthMethod::{Md5, None as NoAuth, Password, ScramSha256};
+        assert_eq!(r.credentials.as_ref().unwrap().auth.names(), "scram-sha-256, md5, password");
+        let auth = |tls: &str, auth: &str| {
+            let text = PG.replace("mode: verify-full, ca_file: /etc/tollgate/ca.pem", tls).replace(
+                "password_file: /etc/tollgate/orders-db }",
+                &format!("password_file: /etc/tollgate/orders-db{auth} }}"),
+            );
+            p(&text).map(|pol| pol.resources[0].credentials.clone().unwrap().auth)
+        };
+        let require = auth("mode: require", "").unwrap();
+        assert!(
+            require.allows(ScramSha256) && require.allows(Md5) && !require.allows(Password) && !require.allows(NoAuth)
+        );
+        assert_eq!(auth("mode: disable", "").unwrap(), require);
+        let listed = auth("mode: disable", ", auth: [password, none]").unwrap();
+        assert!(listed.allows(Password) && listed.allows(NoAuth) && !listed.allows(ScramSha256));
+        for (list, want) in [("[]", "at least one"), ("[md5, md5]", "listed twice"), ("[scram]", "unknown method")] {
+            let e = auth("mode: disable", &format!(", auth: {list}")).unwrap_err().to_string();
+            assert!(e.contains("spec.resources[0].credentials.auth") && e.contains(want), "{list}: {e}");
+        }
         let g = &pol.grants[0];
         assert_eq!(g.rules[0].action, Action::Approve { timeout: std::time::Duration::from_secs(90) });
         // Table names are read as the server reads them: unquoted folds, quoted stays.

@@ -186,6 +186,68 @@ pub enum UpstreamTls {
 pub struct Credentials {
     pub user: String,
     pub password_file: std::path::PathBuf,
+    /// The ways the server may check it; the login fails on any other.
+    pub auth: AuthMethods,
+}
+
+/// A way the server checks the proxy's credential at login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ScramSha256,
+    Md5,
+    /// The password itself, in the clear inside whatever the connection's TLS is.
+    Password,
+    /// The server let the proxy in without checking anything (`trust`).
+    None,
+}
+
+impl AuthMethod {
+    pub const ALL: [AuthMethod; 4] = [AuthMethod::ScramSha256, AuthMethod::Md5, AuthMethod::Password, AuthMethod::None];
+
+    /// As libpq's `require_auth` and the policy file name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMethod::ScramSha256 => "scram-sha-256",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::Password => "password",
+            AuthMethod::None => "none",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// The set of `AuthMethod`s a resource allows (`credentials.auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthMethods(u8);
+
+impl AuthMethods {
+    /// Without `credentials.auth`: SCRAM and md5, and the password in the clear only to a
+    /// server whose certificate is checked (`verify-full`). A server posing as the real one
+    /// could otherwise ask for the password and keep it; nor may it skip the check (`none`),
+    /// which would let it read every statement as if logged in.
+    pub fn default_for(tls: &UpstreamTls) -> Self {
+        let mut m = AuthMethods::of(&[AuthMethod::ScramSha256, AuthMethod::Md5]);
+        if matches!(tls, UpstreamTls::VerifyFull { .. }) {
+            m.0 |= AuthMethod::Password.bit();
+        }
+        m
+    }
+
+    pub fn of(methods: &[AuthMethod]) -> Self {
+        AuthMethods(methods.iter().fold(0, |acc, m| acc | m.bit()))
+    }
+
+    pub fn allows(self, m: AuthMethod) -> bool {
+        self.0 & m.bit() != 0
+    }
+
+    /// The allowed methods' names, comma-separated, for messages.
+    pub fn names(self) -> String {
+        AuthMethod::ALL.iter().filter(|m| self.allows(**m)).map(|m| m.name()).collect::<Vec<_>>().join(", ")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -575,27 +637,6 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
                 return Err(invalid(format!("{at}.protocol"), format!("unknown protocol {other:?}; expected tcp")));
             }
         };
-        let credentials = match (protocol, &s.credentials) {
-            (Protocol::Postgres, Some(c)) => {
-                if c.user.is_empty() {
-                    return Err(invalid(format!("{at}.credentials.user"), "must not be empty"));
-                }
-                if !c.password_file.starts_with('/') {
-                    return Err(invalid(format!("{at}.credentials.password_file"), "must be an absolute path"));
-                }
-                Some(Credentials { user: c.user.clone(), password_file: c.password_file.clone().into() })
-            }
-            (Protocol::Postgres, None) => {
-                return Err(invalid(
-                    format!("{at}.credentials"),
-                    "a postgres resource needs credentials: { user, password_file }",
-                ));
-            }
-            (Protocol::Tcp, Some(_)) => {
-                return Err(invalid(format!("{at}.credentials"), "only postgres resources take credentials"));
-            }
-            (Protocol::Tcp, None) => None,
-        };
         let tls = match &s.tls {
             None => Tls::default(),
             Some(_) if protocol != Protocol::Postgres => {
@@ -638,6 +679,31 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
                 Tls { upstream, accept_client }
             }
         };
+        let credentials = match (protocol, &s.credentials) {
+            (Protocol::Postgres, Some(c)) => {
+                if c.user.is_empty() {
+                    return Err(invalid(format!("{at}.credentials.user"), "must not be empty"));
+                }
+                if !c.password_file.starts_with('/') {
+                    return Err(invalid(format!("{at}.credentials.password_file"), "must be an absolute path"));
+                }
+                let auth = match &c.auth {
+                    None => AuthMethods::default_for(&tls.upstream),
+                    Some(names) => auth_methods(names).map_err(|m| invalid(format!("{at}.credentials.auth"), m))?,
+                };
+                Some(Credentials { user: c.user.clone(), password_file: c.password_file.clone().into(), auth })
+            }
+            (Protocol::Postgres, None) => {
+                return Err(invalid(
+                    format!("{at}.credentials"),
+                    "a postgres resource needs credentials: { user, password_file }",
+                ));
+            }
+            (Protocol::Tcp, Some(_)) => {
+                return Err(invalid(format!("{at}.credentials"), "only postgres resources take credentials"));
+            }
+            (Protocol::Tcp, None) => None,
+        };
         let address = ResourceAddress::parse(&s.address).map_err(|m| invalid(format!("{at}.address"), m))?;
         if let Some(other) = addrs.insert(address.to_string(), s.name.clone()) {
             return Err(invalid(format!("{at}.address"), format!("{address} is already resource {other:?}")));
@@ -645,6 +711,24 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
         out.push(Resource { name: s.name.clone(), protocol, address, credentials, tls });
     }
     Ok(out)
+}
+
+/// `credentials.auth`: known names, each once, at least one.
+fn auth_methods(names: &[String]) -> Result<AuthMethods, String> {
+    let mut methods = Vec::new();
+    for n in names {
+        let Some(m) = AuthMethod::ALL.into_iter().find(|m| m.name() == n) else {
+            return Err(format!("unknown method {n:?}; expected scram-sha-256, md5, password or none"));
+        };
+        if methods.contains(&m) {
+            return Err(format!("{n} is listed twice"));
+        }
+        methods.push(m);
+    }
+    if methods.is_empty() {
+        return Err("must name at least one method".into());
+    }
+    Ok(AuthMethods::of(&methods))
 }
 
 fn validate_grants(

@@ -208,6 +208,7 @@ async fn handle(
             let grant = policy.grant(&rule).unwrap_or(&no_rules);
             let mut session_base = base_for_statements(&end);
             session_base.kind = Kind::Statement;
+            let webhook = || shared.view().policy.webhook.clone();
             let pg = postgres::Session {
                 id: session,
                 audit: &shared.audit,
@@ -219,7 +220,7 @@ async fn handle(
                 mark: agent_common::AGENT_MARK,
                 enforce: policy.mode == Mode::Enforce,
                 approvals: &shared.approvals,
-                webhook: policy.webhook.as_ref(),
+                webhook: &webhook,
                 masker: (!grant.masking.is_empty())
                     .then(|| Arc::new(crate::mask::Masker::new(&grant.masking, shared.mask_key))),
                 held: Default::default(),
@@ -228,7 +229,8 @@ async fn handle(
                 statement_audit: policy.statement_audit,
             };
             let outcome = postgres::serve(client, pg, &stop).await;
-            end.detail = Some(format!("{} statements, {} denied", outcome.statements, outcome.denied));
+            let login = outcome.upstream_auth.as_deref().map(|a| format!("upstream login {a}; ")).unwrap_or_default();
+            end.detail = Some(format!("{login}{} statements, {} denied", outcome.statements, outcome.denied));
             end.duration_ms = Some(started.elapsed().as_millis() as u64);
             end.error = outcome.error.clone();
             info!(statements = outcome.statements, denied = outcome.denied, error = ?outcome.error, "session end");

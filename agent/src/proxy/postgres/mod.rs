@@ -239,28 +239,67 @@ struct CancelTarget {
     real: BackendKey,
     /// The approval request the session waits on (0: none).
     held: Arc<AtomicU64>,
+    /// Only a process of the same identity may cancel the session's statements.
+    identity: Option<String>,
 }
 
-/// Fake backend keys handed to clients, mapped to the real server's, for CancelRequest.
+impl CancelTarget {
+    /// Another identity's process must not stop this session's statements, key or not.
+    fn may_cancel(&self, from: &Option<String>) -> Result<(), String> {
+        if &self.identity == from {
+            return Ok(());
+        }
+        let of = |i: &Option<String>| i.clone().unwrap_or_else(|| "none".into());
+        Err(format!(
+            "cancel request refused: the session belongs to identity {}, the request came from {}",
+            of(&self.identity),
+            of(from)
+        ))
+    }
+}
+
+/// Backend keys handed to clients, mapped to the real server's, for CancelRequest. A client
+/// gets its backend's real pid (what `pg_backend_pid()` and notifications show it) and a
+/// secret key of the agent's, so the server's own key never leaves the agent.
 #[derive(Default)]
 pub struct CancelKeys(Mutex<HashMap<BackendKey, CancelTarget>>);
 
+/// A key issued to a session; the mapping goes when the session does, however it ends.
+struct IssuedKey<'a> {
+    keys: &'a CancelKeys,
+    key: BackendKey,
+}
+
+impl Drop for IssuedKey<'_> {
+    fn drop(&mut self) {
+        self.keys.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+    }
+}
+
 impl CancelKeys {
-    fn issue(&self, session: u64, target: CancelTarget) -> BackendKey {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(session);
-        let fake = BackendKey { pid: (session & 0x7fff_ffff) as i32, key: h.finish() as i32 };
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(fake, target);
-        fake
+    fn issue(&self, target: CancelTarget) -> IssuedKey<'_> {
+        let random = rustls::crypto::ring::default_provider().secure_random;
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let mut key = [0u8; 4];
+            if random.fill(&mut key).is_err() {
+                // No system randomness: a key from the hasher's per-process seed instead.
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_usize(map.len());
+                key = (h.finish() as u32).to_ne_bytes();
+            }
+            let fake = BackendKey { pid: target.real.pid, key: i32::from_ne_bytes(key) };
+            // Two servers may have backends of the same pid: never replace another's entry.
+            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(fake) {
+                e.insert(target);
+                return IssuedKey { keys: self, key: fake };
+            }
+        }
     }
 
     fn get(&self, fake: BackendKey) -> Option<CancelTarget> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&fake).cloned()
-    }
-
-    fn forget(&self, fake: BackendKey) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&fake);
     }
 }
 
@@ -278,7 +317,8 @@ pub struct Session<'a> {
     /// False in monitor mode: denials are recorded (`would_deny`) but statements go through.
     pub enforce: bool,
     pub approvals: &'a Approvals,
-    pub webhook: Option<&'a Webhook>,
+    /// The webhook the policy names now (a reload may change or remove it mid-session).
+    pub webhook: &'a (dyn Fn() -> Option<Webhook> + Sync),
     /// Present when the grant masks results.
     pub masker: Option<Arc<Masker>>,
     /// The approval request this session waits on (0: none), for CancelRequest.
@@ -293,6 +333,8 @@ pub struct Outcome {
     pub statements: u64,
     pub denied: u64,
     pub error: Option<String>,
+    /// How the server checked the proxy's credential, once logged in.
+    pub upstream_auth: Option<String>,
 }
 
 /// Why the proxy could not log in upstream.
@@ -310,13 +352,37 @@ impl LoginError {
     }
 }
 
-/// Reads the password file; it must not be readable by group or others.
+/// Reads the password file: a regular file (not through a symlink), owned by root or the
+/// agent's user, not readable by group or others; checked on the handle it is read from.
 fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::{
+        io::Read,
+        os::unix::fs::{MetadataExt, OpenOptionsExt},
+    };
+    let at = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::ELOOP) => format!("{}: is a symbolic link; name the file itself", path.display()),
+                _ => at(e),
+            },
+        )?;
+    let meta = f.metadata().map_err(at)?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    if meta.uid() != 0 && meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(format!(
+            "{}: owned by uid {}; must be owned by root or the agent's user",
+            path.display(),
+            meta.uid()
+        ));
+    }
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(format!("{}: must not be readable by group or others (chmod 600)", path.display()));
     }
-    let s = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut s = String::new();
+    f.read_to_string(&mut s).map_err(at)?;
     Ok(s.trim_end_matches(['\n', '\r']).to_string())
 }
 
@@ -390,9 +456,13 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         }
         Err(_) => return Outcome { error: Some("startup timed out".into()), ..Default::default() },
     };
-    let params = match startup {
-        Startup::Cancel { pid, key } => return cancel(&s, BackendKey { pid, key }).await,
-        Startup::Startup { params } => params,
+    let (params, negotiate) = match startup {
+        Startup::Cancel { pid, key } => return cancel(&s, BackendKey { pid, key }, stop).await,
+        // A newer 3.x or protocol options: the client learns that this is 3.0 without them,
+        // as from a server that knows no better, and goes on.
+        Startup::Startup { params, minor, options } => {
+            (params, (minor > 0 || !options.is_empty()).then(|| wire::negotiate_protocol_version(&options)))
+        }
         Startup::Ssl | Startup::GssEnc => unreachable!("answered in read_startup"),
     };
     if let Err(e) = check_startup_params(&params) {
@@ -421,7 +491,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
                 upstream::start_tls(tcp, s.upstream, config, name).await.map_err(LoginError::agent)?
             }
         };
-        let mut up = match upstream::login(stream, s.upstream, &s.credentials.user, &password, &params).await {
+        let login = upstream::login(stream, s.upstream, &s.credentials.user, &password, &params, s.credentials.auth);
+        let mut up = match login.await {
             Ok(up) => up,
             Err(upstream::UpstreamError::Refused(why)) => return Err(LoginError::Server(why)),
             Err(e) => return Err(LoginError::agent(e)),
@@ -467,15 +538,18 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         encryption,
         real: BackendKey { pid: up.backend_pid, key: up.backend_key },
         held: s.held.clone(),
+        identity: base.identity.clone(),
     };
-    let fake = s.cancel.issue(s.id, target);
+    info!(auth = %up.auth.name(), channel_binding = up.channel_binding, "logged in upstream");
+    let upstream_auth = format!("{}{}", up.auth.name(), if up.channel_binding { " with channel binding" } else { "" });
+    let fake = s.cancel.issue(target);
     // The client's own password (if any) is never asked for: its kernel identity is its login.
-    let mut hello = vec![wire::auth_ok()];
+    let mut hello: Vec<Frame> = negotiate.into_iter().collect();
+    hello.push(wire::auth_ok());
     hello.extend(up.parameters.iter().cloned());
-    hello.push(wire::backend_key_data(fake.pid, fake.key));
+    hello.push(wire::backend_key_data(fake.key.pid, fake.key.key));
     hello.push(wire::ready_for_query(b'I'));
     if let Err(e) = send(&mut client, &hello).await {
-        s.cancel.forget(fake);
         return Outcome { error: Some(e.to_string()), ..Default::default() };
     }
 
@@ -528,7 +602,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         copy_from: None,
         copy_ins_left: 0,
         copy_portals: HashMap::new(),
-        outcome: Outcome::default(),
+        outcome: Outcome { upstream_auth: Some(upstream_auth), ..Default::default() },
     };
     let mut down = down;
     let mut down_done = false;
@@ -555,7 +629,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     if !down_done && crate::timer::timeout(Duration::from_secs(1), &mut down).await.is_err() {
         down.abort();
     }
-    s.cancel.forget(fake);
+    drop(fake);
     outcome
 }
 
@@ -571,10 +645,13 @@ async fn unless_stopped<T>(stop: &CancellationToken, work: impl Future<Output = 
     }
 }
 
-async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
+async fn cancel(s: &Session<'_>, fake: BackendKey, stop: &CancellationToken) -> Outcome {
     let Some(target) = s.cancel.get(fake) else {
         return Outcome { error: Some("cancel request with an unknown key".into()), ..Default::default() };
     };
+    if let Err(error) = target.may_cancel(&s.base.identity) {
+        return Outcome { error: Some(error), ..Default::default() };
+    }
     let held = target.held.load(Ordering::Relaxed);
     if held != 0 {
         // The statement never reached the server: cancelling it means withdrawing the request.
@@ -590,7 +667,10 @@ async fn cancel(s: &Session<'_>, fake: BackendKey) -> Outcome {
             .map_err(|source| upstream::UpstreamError::Io { addr: target.upstream, source })?;
         upstream::cancel(tcp, target.upstream, target.encryption, pid, key).await
     };
-    match crate::timer::timeout(STARTUP_TIMEOUT, forward).await {
+    let Some(forwarded) = unless_stopped(stop, crate::timer::timeout(STARTUP_TIMEOUT, forward)).await else {
+        return Outcome { error: Some(STOPPING.into()), ..Default::default() };
+    };
+    match forwarded {
         Ok(Ok(())) => {
             info!(backend = pid, tls, "forwarded a cancel request");
             Outcome::default()
@@ -1634,15 +1714,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 MAX_AUDITED_SQL >> 10,
                 MAX_SHOWN_PARAMETERS >> 10
             );
-            // Its statement record says `approve`: the trail says why no approver was asked.
-            let mut r = self.base.clone();
-            r.kind = Kind::Approval;
-            r.refs = Some([p.seq].into_iter().chain(runs.map(|r| r.seq)).collect());
-            r.rule = Some(rule.clone());
-            r.verdict = Some("refused".into());
-            r.error = Some(message.clone());
-            self.s.audit.append_durable(r).await.map_err(Stop::Audit)?;
-            return Ok(Err(Refusal { rule: rule.clone(), message: Some(message) }));
+            return self.refuse_hold(p, runs, rule, message).await;
         }
         let approvals = self.s.approvals;
         let id = approvals.next_id();
@@ -1672,11 +1744,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         abandoned.rule = Some(rule.clone());
         abandoned.verdict = Some(Verdict::Cancelled.as_str().into());
         abandoned.detail = Some("the session ended while the statement was held".into());
-        let mut ticket = approvals.submit(request.clone(), Some((self.s.audit.clone(), abandoned)));
+        let mut ticket = match approvals.submit(request.clone(), Some((self.s.audit.clone(), abandoned))) {
+            Ok(t) => t,
+            Err(full) => return self.refuse_hold(p, runs, rule, format!("not held: {full}")).await,
+        };
         self.s.held.store(id.0, Ordering::Relaxed);
         info!(session = self.s.id, %id, rule = %rule, "statement held for approval");
-        if let Some(hook) = self.s.webhook {
-            notify::spawn(hook.clone(), request, self.s.mark);
+        if let Some(hook) = (self.s.webhook)() {
+            notify::spawn(hook, request, self.s.mark);
         }
         let deadline = crate::timer::sleep(*timeout);
         tokio::pin!(deadline);
@@ -1722,6 +1797,25 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             Verdict::Cancelled => format!("approval request {id} was cancelled"),
         };
         Ok(Err(Refusal { rule: rule.clone(), message: Some(message) }))
+    }
+
+    /// Refuses to hold a statement its rule would hold. Its statement record says `approve`:
+    /// the trail says why no approver was asked.
+    async fn refuse_hold<T>(
+        &mut self,
+        p: &Prepared,
+        runs: Option<&Prepared>,
+        rule: &str,
+        message: String,
+    ) -> Result<Result<T, Refusal>, Stop> {
+        let mut r = self.base.clone();
+        r.kind = Kind::Approval;
+        r.refs = Some([p.seq].into_iter().chain(runs.map(|r| r.seq)).collect());
+        r.rule = Some(rule.to_string());
+        r.verdict = Some("refused".into());
+        r.error = Some(message.clone());
+        self.s.audit.append_durable(r).await.map_err(Stop::Audit)?;
+        Ok(Err(Refusal { rule: rule.to_string(), message: Some(message) }))
     }
 
     /// Relays the client's messages to the server until the client ends the session (`Ok`), or
@@ -2598,6 +2692,32 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancel_keys_carry_the_real_pid_a_key_of_the_agents_and_go_with_their_session() {
+        let keys = CancelKeys::default();
+        let target = |pid| CancelTarget {
+            upstream: "127.0.0.1:5432".parse().unwrap(),
+            encryption: None,
+            real: BackendKey { pid, key: 7 },
+            held: Default::default(),
+            identity: Some("bot".into()),
+        };
+        // Two servers' backends of one pid: two keys, neither replacing the other.
+        let (a, b) = (keys.issue(target(4242)), keys.issue(target(4242)));
+        assert_eq!((a.key.pid, b.key.pid), (4242, 4242), "what pg_backend_pid() and notifications show");
+        assert_ne!(a.key.key, b.key.key);
+        assert_eq!(keys.get(a.key).map(|t| t.real), Some(BackendKey { pid: 4242, key: 7 }));
+        let gone = a.key;
+        drop(a);
+        assert!(keys.get(gone).is_none(), "the mapping goes with the session");
+        assert!(keys.get(b.key).is_some());
+        let t = target(1);
+        assert!(t.may_cancel(&Some("bot".into())).is_ok());
+        let e = t.may_cancel(&Some("other".into())).unwrap_err();
+        assert!(e.contains("belongs to identity bot, the request came from other"), "{e}");
+        assert!(t.may_cancel(&None).is_err());
+    }
 
     /// Runs `downstream` with the client side having forwarded what `ops` say (announced when
     /// masking); in each stage it queues that stage's notes, then the server sends that

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::wire::{self, Frame};
 use crate::{
     mask::{ColumnMask, MaskedTable, MaskedTables, Masker, Origins, Style},
+    policy::{AuthMethod, AuthMethods},
     proxy::conn::Conn,
 };
 
@@ -28,6 +29,8 @@ pub enum UpstreamError {
     Refused(String),
     #[error("upstream asked for unsupported authentication (code {0})")]
     UnsupportedAuth(i32),
+    #[error("upstream asked for {asked}, which the resource's credentials.auth does not allow (it allows {allowed})")]
+    MethodRefused { asked: &'static str, allowed: String },
     #[error("upstream SCRAM exchange failed: {0}")]
     Scram(String),
     #[error("upstream closed the connection during login")]
@@ -108,6 +111,9 @@ pub struct Upstream {
     pub backend_key: i32,
     /// Bytes read past the login's ReadyForQuery (normally none).
     pub leftover: BytesMut,
+    /// How the server checked the credential, and whether SCRAM was bound to the TLS channel.
+    pub auth: AuthMethod,
+    pub channel_binding: bool,
 }
 
 async fn next_frame(s: &mut Conn, buf: &mut BytesMut, addr: SocketAddr) -> Result<Frame, UpstreamError> {
@@ -127,8 +133,20 @@ pub async fn login(
     user: &str,
     password: &str,
     params: &[(String, String)],
+    allowed: AuthMethods,
 ) -> Result<Upstream, UpstreamError> {
     let io = |source| UpstreamError::Io { addr, source };
+    let allow = |m: AuthMethod, asked: &'static str| {
+        if allowed.allows(m) { Ok(()) } else { Err(UpstreamError::MethodRefused { asked, allowed: allowed.names() }) }
+    };
+    // SCRAM over TLS binds itself to the server's certificate: someone who terminates TLS in
+    // between and relays the exchange to the real server fails it.
+    let binding = match &stream {
+        Conn::Client(tls) => {
+            tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::tls::end_point_binding(c))
+        }
+        _ => None,
+    };
     let mut out = BytesMut::new();
     let mut startup: Vec<(&str, &str)> = vec![("user", user)];
     for (k, v) in params {
@@ -143,6 +161,8 @@ pub async fn login(
 
     let mut buf = BytesMut::new();
     let mut sasl = Sasl::NotStarted;
+    let mut method = None;
+    let mut channel_binding = false;
     let mut parameters = Vec::new();
     let (mut backend_pid, mut backend_key) = (0, 0);
     loop {
@@ -163,37 +183,78 @@ pub async fn login(
                             "the server accepted the login without proving it knows the password".into(),
                         ));
                     }
-                    0 => continue,
+                    0 => {
+                        if method.is_none() {
+                            allow(AuthMethod::None, "no authentication (the server did not check the password)")?;
+                            method = Some(AuthMethod::None);
+                        }
+                        continue;
+                    }
                     // Nor may it fall back to a weaker method once SCRAM started.
                     3 | 5 | 10 if !matches!(sasl, Sasl::NotStarted) => {
                         return Err(UpstreamError::Scram(format!(
                             "the server asked for another method (code {code}) during SCRAM"
                         )));
                     }
-                    3 => frontend::password_message(password.as_bytes(), &mut out).map_err(io)?,
+                    3 => {
+                        allow(AuthMethod::Password, "the password in the clear (password)")?;
+                        method = Some(AuthMethod::Password);
+                        frontend::password_message(password.as_bytes(), &mut out).map_err(io)?
+                    }
                     5 => {
+                        allow(AuthMethod::Md5, "md5")?;
                         if body.len() < 4 {
                             return Err(wire::WireError::Malformed { what: "AuthenticationMD5", detail: "salt" }.into());
                         }
+                        method = Some(AuthMethod::Md5);
                         let salt = [body[0], body[1], body[2], body[3]];
                         let hash = md5_hash(user.as_bytes(), password.as_bytes(), salt);
                         frontend::password_message(hash.as_bytes(), &mut out).map_err(io)?;
                     }
                     10 => {
+                        allow(AuthMethod::ScramSha256, "SCRAM-SHA-256")?;
                         let mechanisms: Vec<&[u8]> = body.split(|&b| b == 0).collect();
-                        if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
+                        let plus = mechanisms.contains(&sasl::SCRAM_SHA_256_PLUS.as_bytes());
+                        if !plus && !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
                             return Err(UpstreamError::UnsupportedAuth(code));
                         }
-                        let s = sasl::ScramSha256::new(password.as_bytes(), sasl::ChannelBinding::unsupported());
-                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out).map_err(io)?;
+                        // Over TLS without the server offering binding: say the proxy could
+                        // bind ("y"), so a server that does offer it sees its offer was removed.
+                        let (mechanism, binding) = match binding.clone() {
+                            Some(hash) if plus => {
+                                (sasl::SCRAM_SHA_256_PLUS, sasl::ChannelBinding::tls_server_end_point(hash))
+                            }
+                            Some(_) => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()),
+                            None => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                        };
+                        if mechanism == sasl::SCRAM_SHA_256_PLUS {
+                            channel_binding = true;
+                        } else if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
+                            return Err(UpstreamError::Scram(
+                                "the server offers only SCRAM with channel binding, which this connection cannot do"
+                                    .into(),
+                            ));
+                        }
+                        method = Some(AuthMethod::ScramSha256);
+                        let s = sasl::ScramSha256::new(password.as_bytes(), binding);
+                        frontend::sasl_initial_response(mechanism, s.message(), &mut out).map_err(io)?;
                         sasl = Sasl::Running(s);
                     }
                     11 => {
-                        let Sasl::Running(s) = &mut sasl else {
+                        let Sasl::Running(mut s) = std::mem::replace(&mut sasl, Sasl::NotStarted) else {
                             return Err(UpstreamError::Scram("SASLContinue out of turn".into()));
                         };
-                        s.update(&body).map_err(|e| UpstreamError::Scram(e.to_string()))?;
+                        // Salting the password takes the server's iteration count of hashes
+                        // (milliseconds): not on the loop that relays other sessions.
+                        let (s, r) = tokio::task::spawn_blocking(move || {
+                            let r = s.update(&body);
+                            (s, r)
+                        })
+                        .await
+                        .map_err(|e| UpstreamError::Scram(e.to_string()))?;
+                        r.map_err(|e| UpstreamError::Scram(e.to_string()))?;
                         frontend::sasl_response(s.message(), &mut out).map_err(io)?;
+                        sasl = Sasl::Running(s);
                     }
                     12 => {
                         let Sasl::Running(s) = &mut sasl else {
@@ -215,7 +276,20 @@ pub async fn login(
             b'S' => parameters.push(f),
             b'K' => (backend_pid, backend_key) = wire::backend_key(&f.body)?,
             b'Z' => {
-                return Ok(Upstream { stream, parameters, backend_pid, backend_key, leftover: buf });
+                let Some(auth) = method else {
+                    return Err(
+                        wire::WireError::Malformed { what: "login", detail: "ready before authentication" }.into()
+                    );
+                };
+                return Ok(Upstream {
+                    stream,
+                    parameters,
+                    backend_pid,
+                    backend_key,
+                    leftover: buf,
+                    auth,
+                    channel_binding,
+                });
             }
             // NoticeResponse and anything else during login is informational.
             _ => {}
@@ -404,7 +478,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         // Dropping the connection (with the result) lets the server read to its end. A proxy
         // that answered (and now waits for more) is cut off after a second.
-        let login = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[]);
+        let login = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], every_method());
         let result = match crate::timer::timeout(std::time::Duration::from_secs(1), login).await {
             Ok(r) => r.map(drop).map_err(|e| e.to_string()),
             Err(_) => Err("no verdict within a second".to_string()),
@@ -440,9 +514,94 @@ mod tests {
             password
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let up = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[]).await;
-        assert!(up.is_ok(), "{:?}", up.err());
+        let up = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], every_method()).await;
+        assert!(up.is_ok_and(|up| up.auth == AuthMethod::Password), "logged in with the password");
         assert_eq!(server.await.unwrap(), b"s3cret-pw\0");
+    }
+
+    fn every_method() -> AuthMethods {
+        AuthMethods::of(&AuthMethod::ALL)
+    }
+
+    /// A server that asks for a method `credentials.auth` leaves out gets nothing: not the
+    /// password, not a hash of it, not a statement after a login it did not check.
+    #[tokio::test]
+    async fn a_method_the_resource_does_not_allow_ends_the_login_before_anything_is_sent() {
+        let scram_only = AuthMethods::of(&[AuthMethod::ScramSha256]);
+        for (first, want) in [
+            (auth(3, b""), "the password in the clear"),
+            (auth(5, b"salt"), "md5"),
+            ([auth(0, b""), READY.to_vec()].concat(), "no authentication"),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                read_message(&mut s, false).await;
+                s.write_all(&first).await.unwrap();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+                rest
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let e = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], scram_only).await.err().unwrap();
+            let e = e.to_string();
+            assert!(e.contains(want) && e.contains("it allows scram-sha-256"), "{e}");
+            assert!(server.await.unwrap().is_empty(), "{want}: nothing was sent");
+        }
+    }
+
+    /// Over TLS, SCRAM is bound to the server's certificate (`p=tls-server-end-point`) when
+    /// the server offers SCRAM-SHA-256-PLUS, and says it could have been (`y`) when not.
+    #[tokio::test]
+    async fn scram_over_tls_binds_itself_to_the_servers_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = crate::tls::Authority::load_or_create(dir.path()).unwrap();
+        let resource = crate::policy::Resource {
+            name: "db".into(),
+            protocol: crate::policy::Protocol::Postgres,
+            address: crate::policy::ResourceAddress::parse("127.0.0.1:5432").unwrap(),
+            credentials: None,
+            tls: Default::default(),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource).unwrap());
+        let config = authority.client_config(&crate::policy::UpstreamTls::Require).unwrap().unwrap();
+        let name = crate::tls::server_name(&resource.address).unwrap();
+        for (offer, want) in [
+            (&b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"[..], &b"SCRAM-SHA-256-PLUS\0"[..]),
+            (b"SCRAM-SHA-256\0\0", b"SCRAM-SHA-256\0"),
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let acceptor = acceptor.clone();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                s.read_exact(&mut [0u8; 8]).await.unwrap();
+                s.write_all(b"S").await.unwrap();
+                let mut tls = acceptor.accept(s).await.unwrap();
+                let len = tls.read_u32().await.unwrap() as usize;
+                tls.read_exact(&mut vec![0; len - 4]).await.unwrap();
+                tls.write_all(&auth(10, offer)).await.unwrap();
+                tls.read_u8().await.unwrap();
+                let len = tls.read_i32().await.unwrap() as usize;
+                let mut initial = vec![0; len - 4];
+                tls.read_exact(&mut initial).await.unwrap();
+                initial
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let stream = start_tls(tcp, addr, config.clone(), name.clone()).await.unwrap();
+            let login = login(stream, addr, "app", "s3cret-pw", &[], every_method());
+            let _ = crate::timer::timeout(std::time::Duration::from_secs(2), login).await;
+            let initial = server.await.unwrap();
+            assert!(initial.starts_with(want), "{:?}", String::from_utf8_lossy(&initial));
+            // After the mechanism: the length of the client-first message, then its GS2 header.
+            let first = &initial[want.len() + 4..];
+            if want.starts_with(b"SCRAM-SHA-256-PLUS") {
+                assert!(first.starts_with(b"p=tls-server-end-point,,"), "{:?}", String::from_utf8_lossy(first));
+            } else {
+                assert!(first.starts_with(b"y,,"), "{:?}", String::from_utf8_lossy(first));
+            }
+        }
     }
 
     /// A cancel is sent as the session's connection was: after SSLRequest and a TLS handshake

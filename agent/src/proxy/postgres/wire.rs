@@ -30,14 +30,22 @@ pub enum WireError {
 pub enum Startup {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, key: i32 },
-    Startup { params: Vec<(String, String)> },
+    Cancel {
+        pid: i32,
+        key: i32,
+    },
+    /// Protocol 3.`minor`; `params` without the `_pq_.` protocol options, which are in `options`.
+    Startup {
+        params: Vec<(String, String)>,
+        minor: u16,
+        options: Vec<String>,
+    },
 }
 
 impl Startup {
     pub fn param(&self, name: &str) -> Option<&str> {
         match self {
-            Startup::Startup { params } => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
+            Startup::Startup { params, .. } => params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()),
             _ => None,
         }
     }
@@ -76,7 +84,9 @@ pub fn parse_startup(body: &[u8]) -> Result<Startup, WireError> {
                 key: i32::from_be_bytes(rest[4..8].try_into().unwrap()),
             })
         }
-        PROTOCOL_3 => {
+        // Any 3.x: the proxy answers a newer minor version with NegotiateProtocolVersion, as a
+        // server does, and speaks 3.0.
+        v if v >> 16 == 3 => {
             if rest.last() != Some(&0) {
                 return Err(bad("unterminated parameter list"));
             }
@@ -91,7 +101,9 @@ pub fn parse_startup(body: &[u8]) -> Result<Startup, WireError> {
                 let s = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| bad("parameter is not UTF-8"));
                 params.push((s(key)?, s(value)?));
             }
-            Ok(Startup::Startup { params })
+            let (options, params): (Vec<_>, Vec<_>) = params.into_iter().partition(|(k, _)| k.starts_with("_pq_."));
+            let options = options.into_iter().map(|(k, _)| k).collect();
+            Ok(Startup::Startup { params, minor: (v & 0xffff) as u16, options })
         }
         v => Err(WireError::Version(v >> 16, v & 0xffff)),
     }
@@ -296,6 +308,19 @@ pub fn auth_ok() -> Frame {
     frame(b'R', b)
 }
 
+/// NegotiateProtocolVersion: the newest minor version the proxy speaks (3.0), and the
+/// protocol options it does not know (all of them).
+pub fn negotiate_protocol_version(options: &[String]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i32(0);
+    b.put_i32(options.len() as i32);
+    for o in options {
+        b.extend_from_slice(o.as_bytes());
+        b.put_u8(0);
+    }
+    frame(b'v', b)
+}
+
 pub fn backend_key_data(pid: i32, key: i32) -> Frame {
     let mut b = BytesMut::new();
     b.put_i32(pid);
@@ -375,6 +400,14 @@ mod tests {
         assert_eq!(parse_startup(&c).unwrap(), Startup::Cancel { pid: 7, key: 9 });
         assert!(parse_startup(&PROTOCOL_3.to_be_bytes()).is_err(), "missing terminator");
         assert!(matches!(parse_startup(&131072i32.to_be_bytes()), Err(WireError::Version(2, 0))));
+        assert!(matches!(parse_startup(&(4i32 << 16).to_be_bytes()), Err(WireError::Version(4, 0))));
+        // A newer 3.x, with protocol options: read, to be answered with 3.0.
+        let mut body = (PROTOCOL_3 + 2).to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0bot\0_pq_.x\0on\0\0");
+        let want =
+            Startup::Startup { params: vec![("user".into(), "bot".into())], minor: 2, options: vec!["_pq_.x".into()] };
+        assert_eq!(parse_startup(&body).unwrap(), want);
+        assert_eq!(&negotiate_protocol_version(&["_pq_.x".into()]).body[..], b"\0\0\0\0\0\0\0\x01_pq_.x\0");
         assert!(startup_len(100_000i32.to_be_bytes()).is_err());
         assert!(startup_len(3i32.to_be_bytes()).is_err());
     }
