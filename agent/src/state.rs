@@ -22,10 +22,34 @@ pub enum StateError {
     Locked(PathBuf),
     #[error("{path}: unreadable state file: {source}")]
     Status { path: PathBuf, source: serde_json::Error },
+    #[error(
+        "{path}: {why}; the state directory and every directory above it must be owned by root or the agent's \
+         user and writable by no one else (a sticky directory such as /tmp excepted)"
+    )]
+    Unsafe { path: PathBuf, why: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
     move |source| StateError::Io { path: path.to_owned(), source }
+}
+
+/// Refuses a state directory someone other than root or `uid` could tamper with: its owner,
+/// or anyone who may write to it or a directory above it, could replace the control socket
+/// (and answer approvers), the mask key or the trail.
+fn check_owners(dir: &Path, uid: u32) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    for d in dir.ancestors() {
+        let meta = fs::metadata(d).map_err(io_err(d))?;
+        let unsafe_dir = |why: String| Err(StateError::Unsafe { path: d.to_owned(), why });
+        if meta.uid() != 0 && meta.uid() != uid {
+            return unsafe_dir(format!("owned by uid {}", meta.uid()));
+        }
+        let sticky = meta.mode() & 0o1000 != 0;
+        if meta.mode() & 0o022 != 0 && !(sticky && d != dir) {
+            return unsafe_dir(format!("writable by group or others (mode {:o})", meta.mode() & 0o7777));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -43,10 +67,12 @@ impl StateDir {
 
     /// Creates the directory. Mode 0711: approvers who are not root must reach the control
     /// socket inside, but may not list the directory; the trail has its own 0700 directory.
+    /// Directories it creates above it are 0755, so approvers can reach it too.
     pub fn create(root: &Path) -> Result<Self, StateError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(io_err(root))?;
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(root).map_err(io_err(root))?;
         let root = fs::canonicalize(root).map_err(io_err(root))?;
+        check_owners(&root, nix::unistd::geteuid().as_raw())?;
         fs::set_permissions(&root, fs::Permissions::from_mode(0o711)).map_err(io_err(&root))?;
         Ok(Self { root })
     }
@@ -203,6 +229,35 @@ pub struct Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_dir_others_could_tamper_with_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let ok = base.path().join("ok");
+        StateDir::create(&ok).unwrap();
+        assert_eq!(fs::metadata(&ok).unwrap().permissions().mode() & 0o777, 0o711);
+        // Under a sticky, world-writable directory (like /tmp): fine.
+        let sticky = base.path().join("sticky");
+        fs::create_dir(&sticky).unwrap();
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+        StateDir::create(&sticky.join("state")).unwrap();
+        // Under a group-writable one, or one that someone else owns: refused.
+        let open = base.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o775)).unwrap();
+        let e = StateDir::create(&open.join("state")).unwrap_err().to_string();
+        assert!(e.contains("writable by group or others (mode 775)") && e.contains("/open:"), "{e}");
+        let theirs = base.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        // (Only root can give a directory away; the tests run as root.)
+        if me == 0 {
+            nix::unistd::chown(&theirs, Some(65534.into()), None).unwrap();
+            let e = check_owners(&theirs, me).unwrap_err().to_string();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
+    }
 
     #[test]
     fn pin_dirs_differ_per_state_dir_and_lock_is_exclusive() {

@@ -51,6 +51,16 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_BATCH: usize = 10_000;
 /// Bytes a session reads at once (at least), per direction.
 const READ_CHUNK: usize = 16 << 10;
+/// A drained buffer bigger than this is let go: one big message (a 60 MiB query, a wide row)
+/// must not keep its size for the rest of a session that may idle for days.
+const KEEP_CAPACITY: usize = 64 << 10;
+
+/// Lets go of the memory of a drained buffer past KEEP_CAPACITY.
+fn trim(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+        *buf = BytesMut::new();
+    }
+}
 /// Distinct statement shapes whose classification a session keeps.
 const CLASSIFICATION_CACHE: usize = 1024;
 /// Longest statement text kept in an audit record.
@@ -654,10 +664,11 @@ async fn cancel(s: &Session<'_>, fake: BackendKey, stop: &CancellationToken) -> 
     }
     let held = target.held.load(Ordering::Relaxed);
     if held != 0 {
-        // The statement never reached the server: cancelling it means withdrawing the request.
+        // The held statement never reached the server: cancelling it means withdrawing the
+        // request. The server gets the cancel too, for what the client pipelined before it
+        // (a backend with nothing running ignores it).
         let _ = s.approvals.decide(crate::approval::ApprovalId(held), Verdict::Cancelled, None);
         info!(approval = held, "cancel request withdrew a held statement");
-        return Outcome::default();
     }
     let BackendKey { pid, key } = target.real;
     let tls = target.encryption.is_some();
@@ -1149,12 +1160,14 @@ async fn downstream(
         if !out.is_empty() {
             client.write_all(&out).await?;
             out.clear();
+            trim(&mut out);
         }
         // Recorded once the answer is on its way: the audit queue's lock stays off the path
         // between server and client.
         for t in finished.drain(..) {
             results.record(t);
         }
+        trim(&mut buf);
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
         buf.reserve(READ_CHUNK);
         // Notes are taken at the top of the loop whichever branch wakes it, so the order of the
@@ -1598,6 +1611,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             if let Some(f) = wire::decode(&mut self.buf)? {
                 return Ok(Some(f));
             }
+            trim(&mut self.buf);
             self.buf.reserve(READ_CHUNK);
             if self.client.read_buf(&mut self.buf).await.map_err(Stop::Client)? == 0 {
                 return Ok(None);
@@ -2023,6 +2037,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 up.write_all(&wbuf).await.map_err(Stop::Server)?;
                 wbuf.clear();
+                trim(&mut wbuf);
+                // Frame lists that held a batch of thousands shrink back too.
+                if forward.capacity() > 1024 {
+                    forward.shrink_to(64);
+                }
+                if batch.is_empty() && batch.capacity() > 1024 {
+                    batch.shrink_to(64);
+                }
             }
         }
     }
@@ -2692,6 +2714,21 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drained_buffer_lets_go_of_a_big_messages_memory() {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        trim(&mut buf);
+        assert_eq!(buf.capacity(), READ_CHUNK, "a usual buffer is kept");
+        buf.extend_from_slice(&vec![0u8; 8 << 20]);
+        let message = buf.split();
+        trim(&mut buf);
+        assert_eq!(buf.capacity(), 0, "the rest of the big allocation is let go");
+        drop(message);
+        let mut full = BytesMut::from(&[1u8; 100_000][..]);
+        trim(&mut full);
+        assert_eq!(full.len(), 100_000, "nothing unread is dropped");
+    }
 
     #[test]
     fn cancel_keys_carry_the_real_pid_a_key_of_the_agents_and_go_with_their_session() {
