@@ -1358,6 +1358,34 @@ spec:
     )
 }
 
+/// A client that starts TLS directly (PostgreSQL 17's `sslnegotiation=direct`): port, CA file
+/// and ALPN protocol (empty: none) in argv; prints what the server side answers to a query.
+const DIRECT_TLS_CLIENT: &str = r#"
+import socket, ssl, struct, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+if sys.argv[3]:
+    ctx.set_alpn_protocols([sys.argv[3]])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="127.0.0.1")
+body = struct.pack("!i", 196608) + b"user\0bot\0database\0postgres\0\0"
+s.sendall(struct.pack("!i", len(body) + 4) + body)
+buf, sent = b"", False
+while True:
+    d = s.recv(65536)
+    if not d:
+        print("CLOSED"); break
+    buf += d
+    while len(buf) >= 5 and len(buf) >= 1 + struct.unpack("!i", buf[1:5])[0]:
+        n = struct.unpack("!i", buf[1:5])[0]
+        tag, payload, buf = buf[:1].decode(), buf[5:1 + n], buf[1 + n:]
+        if tag in "EDC":
+            print(tag, payload.replace(b"\0", b" ").decode(errors="replace"), flush=True)
+        if tag == "Z":
+            if sent:
+                sys.exit(0)
+            q = b"SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()\0"
+            s.sendall(b"Q" + struct.pack("!i", len(q) + 4) + q); sent = True
+"#;
+
 #[test]
 fn tls_to_the_client_and_to_the_server() {
     if !privileged("tls_to_the_client_and_to_the_server") {
@@ -1386,6 +1414,18 @@ fn tls_to_the_client_and_to_the_server() {
     assert_eq!(psql(&verify), ("t|app".to_string(), String::new()), "the agent's certificate names the resource");
     // SCRAM bound to the server's certificate: the server checked the proxy's hash of it.
     env.wait_log("logged in upstream auth=scram-sha-256 channel_binding=true");
+    // TLS started directly (no SSLRequest), with the "postgresql" ALPN protocol: served; without
+    // it, told why over the TLS connection.
+    let direct = |alpn: &str| {
+        let ca = agent_ca.to_str().unwrap();
+        let out = env.run_in("bot", &["/usr/bin/python3", "-c", DIRECT_TLS_CLIENT, &pg.port.to_string(), ca, alpn]);
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let text = direct("postgresql");
+    assert!(text.lines().any(|l| l.starts_with("D ") && l.ends_with('t')), "pg_stat_ssl.ssl upstream: {text}");
+    assert!(text.contains("C SELECT 1"), "{text}");
+    let text = direct("");
+    assert!(text.contains("must ask for the \"postgresql\" protocol (ALPN)") && text.contains("CLOSED"), "{text}");
     assert_eq!(psql("sslmode=disable").0, "t|app", "a plain client still gets an encrypted upstream");
     // Checked against the wrong CA, the server is refused and the client told why.
     let wrong = format!("sslmode=verify-full&sslrootcert={}", server_ca.display());

@@ -131,13 +131,15 @@ impl Authority {
         params.distinguished_name.push(DnType::CommonName, name.clone());
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        let config = ServerConfig::builder_with_provider(provider())
+        let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(
                 vec![cert.der().clone()],
                 PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| TlsError::Name(e.to_string()))?,
             )?;
+        // As PostgreSQL 17: clients that name a protocol (libpq 17 does) must name this one.
+        config.alpn_protocols = vec![POSTGRES_ALPN.to_vec()];
         let config = Arc::new(config);
         cache.insert(name, config.clone());
         Ok(config)
@@ -186,6 +188,10 @@ pub fn server_name(address: &ResourceAddress) -> Result<ServerName<'static>, Tls
 pub fn host_name(host: String) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.clone()).map_err(|_| TlsError::Name(host))
 }
+
+/// The ALPN protocol id of PostgreSQL, which a client starting TLS directly (PostgreSQL 17's
+/// `sslnegotiation=direct`) must ask for.
+pub const POSTGRES_ALPN: &[u8] = b"postgresql";
 
 /// RFC 5929's `tls-server-end-point` data for SCRAM channel binding: the hash of the server's
 /// certificate, by the hash its signature uses (SHA-256 in place of MD5 and SHA-1). `None`

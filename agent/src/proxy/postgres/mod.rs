@@ -417,6 +417,26 @@ async fn read_startup_packet(client: &mut Conn) -> Result<Startup, String> {
 /// certificate for the resource's name) when the resource says so, and declined otherwise;
 /// GSS encryption is always declined. On error, the stream is handed back when it still works.
 async fn read_startup(mut client: Conn, s: &Session<'_>) -> Result<(Conn, Startup), (Option<Conn>, String)> {
+    // PostgreSQL 17's direct TLS: a handshake record (0x16) where a startup's length would be.
+    if let Conn::Plain(tcp) = &client {
+        let mut first = [0u8; 1];
+        if tcp.peek(&mut first).await.is_ok_and(|n| n == 1) && first[0] == 0x16 {
+            let Conn::Plain(tcp) = client else { unreachable!("matched above") };
+            if !s.resource.tls.accept_client {
+                // A TLS client cannot read a plain error: the log and the trail say why.
+                return Err((
+                    None,
+                    "the client started TLS directly, and the resource does not accept client TLS".into(),
+                ));
+            }
+            client = accept_tls(tcp, s).await.map_err(|e| (None, e))?;
+            let Conn::Server(tls) = &client else { unreachable!("accepted above") };
+            if tls.get_ref().1.alpn_protocol() != Some(crate::tls::POSTGRES_ALPN) {
+                let e = "a client that starts TLS directly must ask for the \"postgresql\" protocol (ALPN)";
+                return Err((Some(client), e.into()));
+            }
+        }
+    }
     loop {
         let packet = match read_startup_packet(&mut client).await {
             Ok(p) => p,
@@ -435,15 +455,17 @@ async fn read_startup(mut client: Conn, s: &Session<'_>) -> Result<(Conn, Startu
         }
         if answer == b"S" {
             let Conn::Plain(tcp) = client else { unreachable!("plain until TLS is accepted") };
-            let config = match s.authority.server_config(s.resource) {
-                Ok(c) => c,
-                Err(e) => return Err((None, e.to_string())),
-            };
-            match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
-                Ok(tls) => client = Conn::Server(Box::new(tls)),
-                Err(e) => return Err((None, format!("client TLS handshake: {e}"))),
-            }
+            client = accept_tls(tcp, s).await.map_err(|e| (None, e))?;
         }
+    }
+}
+
+/// Terminates the client's TLS with the agent's certificate for the resource.
+async fn accept_tls(tcp: TcpStream, s: &Session<'_>) -> Result<Conn, String> {
+    let config = s.authority.server_config(s.resource).map_err(|e| e.to_string())?;
+    match tokio_rustls::TlsAcceptor::from(config).accept(tcp).await {
+        Ok(tls) => Ok(Conn::Server(Box::new(tls))),
+        Err(e) => Err(format!("client TLS handshake: {e}")),
     }
 }
 
