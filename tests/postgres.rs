@@ -360,6 +360,17 @@ fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.starts_with("G N\n") && text.contains("after gssenc'"), "{text}");
     assert!(text.ends_with("C SELECT 1\nZ I\nCLOSED\n"), "{text}");
+    // A resource that names its databases serves those only.
+    let only = |dbs: &str| {
+        policy(&env, &pg, None)
+            .replace("      credentials: {", &format!("      databases: {dbs}\n      credentials: {{"))
+    };
+    env.reload(&only("[orders, other]"));
+    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT 1");
+    assert!(!ok && out.is_empty(), "{out} {err}");
+    assert!(err.contains("resource orders-db serves the databases \"orders\", \"other\", not \"postgres\""), "{err}");
+    env.reload(&only("[postgres]"));
+    assert_eq!(psql(&env, &pg, "bot", "SELECT 1").0, "1");
     // A client asking for protocol 3.2 with an option it would like (libpq 18's
     // `max_protocol_version=latest`) hears that this is 3.0 without it, as from a server that
     // knows no better, and goes on. Its BackendKeyData names its real backend.

@@ -273,6 +273,7 @@ mod tests {
             address: ResourceAddress::parse(addr).unwrap(),
             credentials: None,
             tls: Default::default(),
+            databases: None,
         };
         a.server_config(&res("127.0.0.1:5432")).unwrap();
         a.server_config(&res("orders-db.internal:5432")).unwrap();

@@ -94,6 +94,9 @@ pub struct ResourceSpec {
     pub credentials: Option<CredentialsSpec>,
     #[serde(default)]
     pub tls: Option<TlsSpec>,
+    /// Postgres: the databases sessions may open (default: any the credential can).
+    #[serde(default)]
+    pub databases: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -249,6 +249,9 @@ spec:
         assert_eq!(w.unwrap().webhook.unwrap().ca_file, Some("/etc/tollgate/hooks-ca.pem".into()));
         let r = &pol.resources[0];
         assert!(r.tls.accept_client);
+        assert_eq!(r.databases, None, "any database unless the resource names them");
+        let named = p(&PG.replace("      tls:", "      databases: [orders, Orders]\n      tls:")).unwrap();
+        assert_eq!(named.resources[0].databases, Some(vec!["orders".to_string(), "Orders".to_string()]));
         assert_eq!(r.tls.upstream, UpstreamTls::VerifyFull { ca_file: "/etc/tollgate/ca.pem".into() });
         // The password in the clear only to a server whose certificate is checked, and never
         // a login the server does not check, unless `credentials.auth` says so.
@@ -327,6 +330,8 @@ spec:
             ),
             (PG.replace("mode: verify-full", "mode: verify-ca"), "unknown tls mode"),
             (PG.replace("client: accept", "client: maybe"), "spec.resources[0].tls.client"),
+            (PG.replace("      tls:", "      databases: []\n      tls:"), "spec.resources[0].databases"),
+            (PG.replace("      tls:", "      databases: [\"\"]\n      tls:"), "is not a database name"),
             (PG.replace("http://127.0.0.1:9000/hooks", "ftp://hooks.example/x"), "must start with http:// or https://"),
             (PG.replace("/hooks\" }", "/hooks\", ca_file: /x.pem }"), "ca_file applies only to https"),
             (

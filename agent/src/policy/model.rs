@@ -161,6 +161,8 @@ pub struct Resource {
     /// How the proxy logs in upstream (`postgres` resources).
     pub credentials: Option<Credentials>,
     pub tls: Tls,
+    /// `postgres`: the only databases a session may open; `None`: any the credential reaches.
+    pub databases: Option<Vec<String>>,
 }
 
 /// TLS on both legs of a `postgres` resource.
@@ -708,7 +710,25 @@ fn validate_resources(specs: &[ResourceSpec]) -> Result<Vec<Resource>, Validatio
         if let Some(other) = addrs.insert(address.to_string(), s.name.clone()) {
             return Err(invalid(format!("{at}.address"), format!("{address} is already resource {other:?}")));
         }
-        out.push(Resource { name: s.name.clone(), protocol, address, credentials, tls });
+        let databases = match (&s.databases, protocol) {
+            (None, _) => None,
+            (Some(_), Protocol::Tcp) => {
+                return Err(invalid(format!("{at}.databases"), "only postgres resources take databases"));
+            }
+            (Some(list), Protocol::Postgres) => {
+                if list.is_empty() {
+                    return Err(invalid(format!("{at}.databases"), "must name at least one database (or be left out)"));
+                }
+                if let Some(bad) = list.iter().find(|d| d.is_empty() || d.len() > 63 || d.contains('\0')) {
+                    return Err(invalid(
+                        format!("{at}.databases"),
+                        format!("{bad:?} is not a database name (1 to 63 bytes, as the server names them)"),
+                    ));
+                }
+                Some(list.clone())
+            }
+        };
+        out.push(Resource { name: s.name.clone(), protocol, address, credentials, tls, databases });
     }
     Ok(out)
 }

@@ -503,9 +503,21 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         return Outcome { error: Some(msg), ..Default::default() };
     }
     let database = params.iter().find(|(k, _)| k == "database").map(|(_, v)| v.clone());
-    let mut base = s.base.clone();
     // The server's default database is named after the user it logs in, which is ours.
-    base.database = Some(database.unwrap_or_else(|| s.credentials.user.clone()));
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| s.credentials.user.clone());
+    if let Some(allowed) = &s.resource.databases
+        && !allowed.contains(&database)
+    {
+        let msg = format!(
+            "tollgate: resource {} serves the databases {}, not {database:?}",
+            s.resource.name,
+            allowed.iter().map(|d| format!("{d:?}")).collect::<Vec<_>>().join(", ")
+        );
+        let _ = send(&mut client, &[wire::fatal_response(SQLSTATE_REJECTED, &msg)]).await;
+        return Outcome { error: Some(msg), ..Default::default() };
+    }
+    let mut base = s.base.clone();
+    base.database = Some(database);
     base.db_user = Some(s.credentials.user.clone());
 
     let login = async {

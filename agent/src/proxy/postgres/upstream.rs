@@ -563,6 +563,7 @@ mod tests {
             address: crate::policy::ResourceAddress::parse("127.0.0.1:5432").unwrap(),
             credentials: None,
             tls: Default::default(),
+            databases: None,
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource).unwrap());
         let config = authority.client_config(&crate::policy::UpstreamTls::Require).unwrap().unwrap();
@@ -616,6 +617,7 @@ mod tests {
             address: crate::policy::ResourceAddress::parse("127.0.0.1:5432").unwrap(),
             credentials: None,
             tls: Default::default(),
+            databases: None,
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource).unwrap());
         let verify = crate::policy::UpstreamTls::VerifyFull { ca_file: authority.ca_file.clone() };
