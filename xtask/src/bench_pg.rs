@@ -24,6 +24,9 @@ struct Rig {
     /// The `--baseline` agent's binary and state directory.
     baseline: Option<(PathBuf, PathBuf)>,
     cgroup_dir: PathBuf,
+    /// The agents' state dirs live here: the server's directory belongs to `postgres`, and an
+    /// agent refuses a state dir another user could tamper with.
+    _states: tempfile::TempDir,
     pg: TempPostgres,
 }
 
@@ -297,12 +300,14 @@ pub fn postgres(o: Options) -> anyhow::Result<()> {
     let pg = TempPostgres::start(0)?;
     let (pg_port, password, d) = (pg.port, pg.password.clone(), pg.dir.path().to_path_buf());
     let pg_user = nix::unistd::User::from_name("postgres")?.context("user postgres")?;
+    let states = tempfile::Builder::new().prefix("tollgate-bench-pg-").tempdir()?;
     let mut rig = Rig {
         children: Vec::new(),
         bin: bin.clone(),
-        state: d.join("state"),
-        baseline: baseline.clone().map(|b| (b, d.join("state-base"))),
+        state: states.path().join("state"),
+        baseline: baseline.clone().map(|b| (b, states.path().join("state-base"))),
         cgroup_dir: cgroup2_mount()?.join(&root_name),
+        _states: states,
         pg,
     };
     let port_s = pg_port.to_string();
