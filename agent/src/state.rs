@@ -35,17 +35,23 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
 
 /// Refuses a state directory someone other than root or `uid` could tamper with: its owner,
 /// or anyone who may write to it or a directory above it, could replace the control socket
-/// (and answer approvers), the mask key or the trail.
-fn check_owners(dir: &Path, uid: u32) -> Result<(), StateError> {
+/// (and answer approvers), the mask key or the trail. `as_given`: each part of the path as
+/// written, before it exists, symlinks included (owned by root or `uid`, or they could point
+/// anywhere); otherwise the resolved path, each part of which must exist.
+fn check_owners(dir: &Path, uid: u32, as_given: bool) -> Result<(), StateError> {
     use std::os::unix::fs::MetadataExt;
     for d in dir.ancestors() {
-        let meta = fs::metadata(d).map_err(io_err(d))?;
+        let meta = match if as_given { fs::symlink_metadata(d) } else { fs::metadata(d) } {
+            Ok(m) => m,
+            Err(e) if as_given && e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(StateError::Io { path: d.to_owned(), source: e }),
+        };
         let unsafe_dir = |why: String| Err(StateError::Unsafe { path: d.to_owned(), why });
         if meta.uid() != 0 && meta.uid() != uid {
             return unsafe_dir(format!("owned by uid {}", meta.uid()));
         }
         let sticky = meta.mode() & 0o1000 != 0;
-        if meta.mode() & 0o022 != 0 && !(sticky && d != dir) {
+        if !meta.file_type().is_symlink() && meta.mode() & 0o022 != 0 && !(sticky && d != dir) {
             return unsafe_dir(format!("writable by group or others (mode {:o})", meta.mode() & 0o7777));
         }
     }
@@ -70,9 +76,12 @@ impl StateDir {
     /// Directories it creates above it are 0755, so approvers can reach it too.
     pub fn create(root: &Path) -> Result<Self, StateError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let uid = nix::unistd::geteuid().as_raw();
+        // Before anything is created through a path someone else controls.
+        check_owners(&std::path::absolute(root).map_err(io_err(root))?, uid, true)?;
         fs::DirBuilder::new().recursive(true).mode(0o755).create(root).map_err(io_err(root))?;
         let root = fs::canonicalize(root).map_err(io_err(root))?;
-        check_owners(&root, nix::unistd::geteuid().as_raw())?;
+        check_owners(&root, uid, false)?;
         fs::set_permissions(&root, fs::Permissions::from_mode(0o711)).map_err(io_err(&root))?;
         Ok(Self { root })
     }
@@ -254,8 +263,23 @@ mod tests {
         // (Only root can give a directory away; the tests run as root.)
         if me == 0 {
             nix::unistd::chown(&theirs, Some(65534.into()), None).unwrap();
-            let e = check_owners(&theirs, me).unwrap_err().to_string();
+            let e = check_owners(&theirs, me, false).unwrap_err().to_string();
             assert!(e.contains("owned by uid 65534"), "{e}");
+            // A symlink under /tmp-like directories, someone else's, pointing at a directory
+            // of root's: refused before anything is created or changed through it.
+            let link = sticky.join("link");
+            std::os::unix::fs::symlink(&ok, &link).unwrap();
+            nix::unistd::fchownat(
+                nix::fcntl::AT_FDCWD,
+                &link,
+                Some(65534.into()),
+                None,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .unwrap();
+            let e = StateDir::create(&link.join("state")).unwrap_err().to_string();
+            assert!(e.contains("/link:") && e.contains("owned by uid 65534"), "{e}");
+            assert!(!ok.join("state").exists(), "nothing was created through it");
         }
     }
 

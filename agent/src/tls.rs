@@ -189,6 +189,14 @@ pub fn host_name(host: String) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.clone()).map_err(|_| TlsError::Name(host))
 }
 
+/// Fills `buf` from the system's random source, through the TLS provider's generator (a
+/// secret the agent hands out, like a cancel key). The generator fails only where the kernel
+/// has no randomness to give, which the agent does not run without (its hash maps' keys
+/// need it too).
+pub fn fill_random(buf: &mut [u8]) {
+    provider().secure_random.fill(buf).expect("the system's random source");
+}
+
 /// The ALPN protocol id of PostgreSQL, which a client starting TLS directly (PostgreSQL 17's
 /// `sslnegotiation=direct`) must ask for.
 pub const POSTGRES_ALPN: &[u8] = b"postgresql";

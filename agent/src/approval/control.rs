@@ -30,7 +30,8 @@ const MAX_REASON: usize = 1024;
 /// cannot use up the agent's descriptors or lock approvers out. Root is not counted.
 const MAX_CLIENTS_PER_UID: usize = 8;
 /// Most control connections open at once of all non-root uids together: a user with many
-/// uids (rootless containers map 65,536) cannot use up the descriptors the proxy needs.
+/// uids (rootless containers map 65,536) cannot use up the descriptors the proxy needs. The
+/// policy's approvers are not counted, so such a user cannot lock them out either.
 const MAX_CLIENTS: usize = 64;
 /// Most refusals written to the trail per second per calling uid, one record each; the rest are
 /// counted and the count goes in that uid's next refusal written, so a flood cannot fill the
@@ -99,9 +100,11 @@ struct Clients(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
 struct Slot(Arc<Clients>, u32);
 
 impl Clients {
-    fn enter(self: &Arc<Self>, uid: u32) -> Option<Slot> {
+    /// `approver`: named by the policy (by uid or primary gid), so not held to MAX_CLIENTS.
+    fn enter(self: &Arc<Self>, uid: u32, approver: bool) -> Option<Slot> {
         let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if uid != 0 && open.iter().filter(|(u, _)| **u != 0).map(|(_, n)| n).sum::<usize>() >= MAX_CLIENTS {
+        if uid != 0 && !approver && open.iter().filter(|(u, _)| **u != 0).map(|(_, n)| n).sum::<usize>() >= MAX_CLIENTS
+        {
             return None;
         }
         let n = open.entry(uid).or_default();
@@ -140,9 +143,17 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: Cancellati
             _ = stop.cancelled() => return,
         };
         // A peer the kernel cannot name counts as one more connection of nobody's.
-        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
-        let Some(slot) = clients.enter(uid) else {
-            let why = format!("more than {MAX_CLIENTS_PER_UID} control connections at once from one uid");
+        let (uid, gid) = stream.peer_cred().map_or((u32::MAX, u32::MAX), |c| (c.uid(), c.gid()));
+        let approver = {
+            let view = shared.view();
+            let a = &view.policy.approvers;
+            a.uids.contains(&uid) || a.gids.contains(&gid)
+        };
+        let Some(slot) = clients.enter(uid, approver) else {
+            let why = format!(
+                "too many control connections at once (at most {MAX_CLIENTS_PER_UID} per uid, {MAX_CLIENTS} of all \
+                 non-root uids but approvers)"
+            );
             audit_refusal(&shared, None, Some(uid), &why);
             continue;
         };
@@ -250,6 +261,9 @@ struct RefusalLog {
     unwritten: u64,
 }
 
+/// Refused attempts not recorded because all uids together were over their budget.
+static UNWRITTEN_ANY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 static REFUSALS: std::sync::Mutex<Option<std::collections::HashMap<Option<u32>, RefusalLog>>> =
     std::sync::Mutex::new(None);
 
@@ -271,13 +285,20 @@ fn audit_refusal(shared: &Shared, cmd: Option<&Command>, uid: Option<u32>, why: 
         if log.second != now {
             (log.second, log.written) = (now, 0);
         }
-        if log.written >= MAX_REFUSALS_PER_SECOND || all >= MAX_ALL_REFUSALS_PER_SECOND {
+        if log.written >= MAX_REFUSALS_PER_SECOND {
             log.unwritten += 1;
+            return;
+        }
+        // Over the budget of all uids: counted for whoever is recorded next, so an attempt of
+        // a uid that does not try again is not lost from the trail.
+        if all >= MAX_ALL_REFUSALS_PER_SECOND {
+            UNWRITTEN_ANY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
         log.written += 1;
         std::mem::take(&mut log.unwritten)
     };
+    let unwritten_any = UNWRITTEN_ANY.swap(0, std::sync::atomic::Ordering::Relaxed);
     let mut r = Record::new(Kind::Approval);
     if let Some(Command::Approve { id, .. } | Command::Deny { id, .. }) = cmd {
         r.approval_id = Some(id.0);
@@ -296,6 +317,13 @@ fn audit_refusal(shared: &Shared, cmd: Option<&Command>, uid: Option<u32>, why: 
         r.count = Some(unwritten);
         r.detail =
             r.detail.map(|d| format!("{d}; {unwritten} earlier refused attempts were too many to record one by one"));
+    }
+    if unwritten_any > 0 {
+        r.detail = r.detail.map(|d| {
+            format!(
+                "{d}; {unwritten_any} more refused attempts, of any uid, came when too many came at once to record each"
+            )
+        });
     }
     shared.audit.append(r);
 }
@@ -379,13 +407,15 @@ mod tests {
     #[test]
     fn control_connections_are_bounded_per_uid_and_in_all_but_roots() {
         let clients = Arc::new(Clients::default());
-        let one: Vec<_> = (0..MAX_CLIENTS_PER_UID).map(|_| clients.enter(1000).unwrap()).collect();
-        assert!(clients.enter(1000).is_none(), "per uid");
-        let many: Vec<_> = (0..MAX_CLIENTS - one.len()).map(|i| clients.enter(100_000 + i as u32).unwrap()).collect();
-        assert!(clients.enter(200_000).is_none(), "in all");
-        assert!(clients.enter(0).is_some(), "root is never turned away");
+        let one: Vec<_> = (0..MAX_CLIENTS_PER_UID).map(|_| clients.enter(1000, false).unwrap()).collect();
+        assert!(clients.enter(1000, false).is_none(), "per uid");
+        let many: Vec<_> =
+            (0..MAX_CLIENTS - one.len()).map(|i| clients.enter(100_000 + i as u32, false).unwrap()).collect();
+        assert!(clients.enter(200_000, false).is_none(), "in all");
+        assert!(clients.enter(0, false).is_some(), "root is never turned away");
+        assert!(clients.enter(2000, true).is_some(), "nor an approver");
         drop(many);
-        assert!(clients.enter(200_000).is_some());
+        assert!(clients.enter(200_000, false).is_some());
     }
 
     #[test]

@@ -113,6 +113,9 @@ struct Queue {
     written: u64,
     /// The writer sleeps with nothing to do and no deadline: the next record must wake it.
     idle: bool,
+    /// When the writer, asleep, wakes by itself (to sync): the first record of a round wakes
+    /// it if that is later than the record's LAZY.
+    wakes_at: Option<Instant>,
     closed: bool,
 }
 
@@ -415,6 +418,7 @@ impl AuditLog {
             unsynced_since: None,
             written: trail.head.seq,
             idle: false,
+            wakes_at: None,
             closed: false,
         };
         let shared = Arc::new(Shared {
@@ -441,13 +445,18 @@ impl AuditLog {
             return Err(AuditError::Closed);
         }
         st.items.push_back(m);
-        st.since.get_or_insert_with(Instant::now);
+        // A writer with records pending wakes on its own deadline; only an idle one, one that
+        // would sleep past this round's LAZY (waiting to sync), or someone waiting for
+        // fdatasync costs the appender a wake-up (which would otherwise land on the hot path).
+        let mut late = false;
+        if st.since.is_none() {
+            let now = Instant::now();
+            st.since = Some(now);
+            late = st.wakes_at.is_some_and(|t| t > now + LAZY);
+        }
         st.urgent |= urgent;
         st.awaited |= awaited;
-        // A writer with work pending wakes on its own deadline; only an idle one, or someone
-        // waiting for fdatasync, costs the appender a wake-up (which would otherwise land on
-        // the hot path).
-        let wake = urgent || std::mem::take(&mut st.idle);
+        let wake = urgent || late || std::mem::take(&mut st.idle);
         drop(st);
         if wake {
             self.shared.wake.notify_one();
@@ -534,7 +543,12 @@ fn run(shared: &Shared, sync_file: &File, path: &Path) {
                     q.idle = true;
                     shared.wake.wait(q).unwrap_or_else(|e| e.into_inner())
                 }
-                Some(wait) => shared.wake.wait_timeout(q, wait).unwrap_or_else(|e| e.into_inner()).0,
+                Some(wait) => {
+                    q.wakes_at = Some(now + wait);
+                    let mut q = shared.wake.wait_timeout(q, wait).unwrap_or_else(|e| e.into_inner()).0;
+                    q.wakes_at = None;
+                    q
+                }
             };
         };
         drop(q);
@@ -761,6 +775,12 @@ mod tests {
         std::thread::sleep(LAZY * 4);
         let text = fs::read_to_string(trail_path(dir.path())).unwrap();
         assert_eq!(text.lines().count(), 1, "written within LAZY, not held until the next record");
+        // The writer now sleeps until it is due to sync; a record meanwhile must not wait that
+        // long to reach the file.
+        log.append(Record::new(Kind::AgentStart));
+        std::thread::sleep(LAZY * 4);
+        let text = fs::read_to_string(trail_path(dir.path())).unwrap();
+        assert_eq!(text.lines().count(), 2, "written within LAZY, not at the next sync");
         std::thread::sleep(SYNC_LAZY * 2);
         assert!(log.shared.queue().unsynced_since.is_none(), "synced within SYNC_LAZY");
         // Many lazy records from several threads arrive in one piece, in order per thread.
@@ -780,9 +800,9 @@ mod tests {
         drop(log);
         thread.join();
         let text = fs::read_to_string(trail_path(dir.path())).unwrap();
-        assert_eq!(chain::verify(&text).unwrap().seq, 2001);
+        assert_eq!(chain::verify(&text).unwrap().seq, 2002);
         let mut last = [None::<u64>; 4];
-        for l in text.lines().skip(1) {
+        for l in text.lines().skip(2) {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             let t = v["pid"].as_u64().unwrap() as usize;
             let n = v["count"].as_u64().unwrap();

@@ -256,7 +256,7 @@ struct CancelTarget {
 impl CancelTarget {
     /// Another identity's process must not stop this session's statements, key or not.
     fn may_cancel(&self, from: &Option<String>) -> Result<(), String> {
-        if &self.identity == from {
+        if self.identity.is_some() && &self.identity == from {
             return Ok(());
         }
         let of = |i: &Option<String>| i.clone().unwrap_or_else(|| "none".into());
@@ -288,17 +288,10 @@ impl Drop for IssuedKey<'_> {
 
 impl CancelKeys {
     fn issue(&self, target: CancelTarget) -> IssuedKey<'_> {
-        let random = rustls::crypto::ring::default_provider().secure_random;
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let mut key = [0u8; 4];
-            if random.fill(&mut key).is_err() {
-                // No system randomness: a key from the hasher's per-process seed instead.
-                use std::hash::{BuildHasher, Hasher};
-                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                h.write_usize(map.len());
-                key = (h.finish() as u32).to_ne_bytes();
-            }
+            crate::tls::fill_random(&mut key);
             let fake = BackendKey { pid: target.real.pid, key: i32::from_ne_bytes(key) };
             // Two servers may have backends of the same pid: never replace another's entry.
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(fake) {
@@ -535,7 +528,9 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
                 upstream::start_tls(tcp, s.upstream, config, name).await.map_err(LoginError::agent)?
             }
         };
-        let login = upstream::login(stream, s.upstream, &s.credentials.user, &password, &params, s.credentials.auth);
+        let unverified = s.resource.tls.upstream == crate::policy::UpstreamTls::Require;
+        let (user, auth) = (&s.credentials.user, s.credentials.auth);
+        let login = upstream::login(stream, s.upstream, user, &password, &params, auth, unverified);
         let mut up = match login.await {
             Ok(up) => up,
             Err(upstream::UpstreamError::Refused(why)) => return Err(LoginError::Server(why)),
@@ -696,32 +691,33 @@ async fn cancel(s: &Session<'_>, fake: BackendKey, stop: &CancellationToken) -> 
     if let Err(error) = target.may_cancel(&s.base.identity) {
         return Outcome { error: Some(error), ..Default::default() };
     }
-    let held = target.held.load(Ordering::Relaxed);
-    if held != 0 {
-        // The held statement never reached the server: cancelling it means withdrawing the
-        // request. The server gets the cancel too, for what the client pipelined before it
-        // (a backend with nothing running ignores it).
-        let _ = s.approvals.decide(crate::approval::ApprovalId(held), Verdict::Cancelled, None);
-        info!(approval = held, "cancel request withdrew a held statement");
-    }
     let BackendKey { pid, key } = target.real;
     let tls = target.encryption.is_some();
     let forward = async {
         let tcp = crate::proxy::tcp::connect_marked(target.upstream, s.mark)
             .await
             .map_err(|source| upstream::UpstreamError::Io { addr: target.upstream, source })?;
-        upstream::cancel(tcp, target.upstream, target.encryption, pid, key).await
+        upstream::cancel(tcp, target.upstream, target.encryption.clone(), pid, key).await
     };
-    let Some(forwarded) = unless_stopped(stop, crate::timer::timeout(STARTUP_TIMEOUT, forward)).await else {
-        return Outcome { error: Some(STOPPING.into()), ..Default::default() };
-    };
+    // The server gets the cancel first, also when a held statement is withdrawn below: for
+    // what the client pipelined before it (a backend with nothing running ignores it), and
+    // before the withdrawal lets the client go on, so it does not land on the next statement.
+    let forwarded = unless_stopped(stop, crate::timer::timeout(STARTUP_TIMEOUT, forward)).await;
+    let held = target.held.load(Ordering::Relaxed);
+    if held != 0 {
+        // The held statement never reached the server: cancelling it means withdrawing the
+        // request.
+        let _ = s.approvals.decide(crate::approval::ApprovalId(held), Verdict::Cancelled, None);
+        info!(approval = held, "cancel request withdrew a held statement");
+    }
     match forwarded {
-        Ok(Ok(())) => {
+        None => Outcome { error: Some(STOPPING.into()), ..Default::default() },
+        Some(Ok(Ok(()))) => {
             info!(backend = pid, tls, "forwarded a cancel request");
             Outcome::default()
         }
-        Ok(Err(e)) => Outcome { error: Some(format!("cancel: {e}")), ..Default::default() },
-        Err(_) => Outcome { error: Some("cancel: timed out".into()), ..Default::default() },
+        Some(Ok(Err(e))) => Outcome { error: Some(format!("cancel: {e}")), ..Default::default() },
+        Some(Err(_)) => Outcome { error: Some("cancel: timed out".into()), ..Default::default() },
     }
 }
 
@@ -2788,6 +2784,8 @@ mod tests {
         let e = t.may_cancel(&Some("other".into())).unwrap_err();
         assert!(e.contains("belongs to identity bot, the request came from other"), "{e}");
         assert!(t.may_cancel(&None).is_err());
+        let anonymous = CancelTarget { identity: None, ..target(1) };
+        assert!(anonymous.may_cancel(&None).is_err(), "two unnamed sessions are not the same identity");
     }
 
     /// Runs `downstream` with the client side having forwarded what `ops` say (announced when

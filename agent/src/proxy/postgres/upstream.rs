@@ -134,13 +134,16 @@ pub async fn login(
     password: &str,
     params: &[(String, String)],
     allowed: AuthMethods,
+    unverified: bool,
 ) -> Result<Upstream, UpstreamError> {
     let io = |source| UpstreamError::Io { addr, source };
     let allow = |m: AuthMethod, asked: &'static str| {
         if allowed.allows(m) { Ok(()) } else { Err(UpstreamError::MethodRefused { asked, allowed: allowed.names() }) }
     };
     // SCRAM over TLS binds itself to the server's certificate: someone who terminates TLS in
-    // between and relays the exchange to the real server fails it.
+    // between and relays the exchange to the real server fails it. `unverified`: the
+    // certificate is not checked (`tls: require`), so binding is all that shows a relay.
+    let tls = matches!(stream, Conn::Client(_));
     let binding = match &stream {
         Conn::Client(tls) => {
             tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::tls::end_point_binding(c))
@@ -212,11 +215,21 @@ pub async fn login(
                         frontend::password_message(hash.as_bytes(), &mut out).map_err(io)?;
                     }
                     10 => {
-                        allow(AuthMethod::ScramSha256, "SCRAM-SHA-256")?;
                         let mechanisms: Vec<&[u8]> = body.split(|&b| b == 0).collect();
                         let plus = mechanisms.contains(&sasl::SCRAM_SHA_256_PLUS.as_bytes());
                         if !plus && !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
                             return Err(UpstreamError::UnsupportedAuth(code));
+                        }
+                        allow(AuthMethod::ScramSha256, "SCRAM-SHA-256")?;
+                        // Without a hash to bind with, a relay presenting such a certificate
+                        // could not be told from the server.
+                        if tls && unverified && binding.is_none() {
+                            return Err(UpstreamError::Scram(
+                                "the server's certificate names no hash to bind SCRAM to its TLS channel (an \
+                                 Ed25519 or RSA-PSS signature), and with tls: require nothing else shows that no \
+                                 one relays the login; use tls: verify-full"
+                                    .into(),
+                            ));
                         }
                         // Over TLS without the server offering binding: say the proxy could
                         // bind ("y"), so a server that does offer it sees its offer was removed.
@@ -478,7 +491,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         // Dropping the connection (with the result) lets the server read to its end. A proxy
         // that answered (and now waits for more) is cut off after a second.
-        let login = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], every_method());
+        let login = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], every_method(), false);
         let result = match crate::timer::timeout(std::time::Duration::from_secs(1), login).await {
             Ok(r) => r.map(drop).map_err(|e| e.to_string()),
             Err(_) => Err("no verdict within a second".to_string()),
@@ -514,7 +527,7 @@ mod tests {
             password
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let up = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], every_method()).await;
+        let up = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], every_method(), false).await;
         assert!(up.is_ok_and(|up| up.auth == AuthMethod::Password), "logged in with the password");
         assert_eq!(server.await.unwrap(), b"s3cret-pw\0");
     }
@@ -544,7 +557,7 @@ mod tests {
                 rest
             });
             let tcp = TcpStream::connect(addr).await.unwrap();
-            let e = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], scram_only).await.err().unwrap();
+            let e = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], scram_only, false).await.err().unwrap();
             let e = e.to_string();
             assert!(e.contains(want) && e.contains("it allows scram-sha-256"), "{e}");
             assert!(server.await.unwrap().is_empty(), "{want}: nothing was sent");
@@ -557,43 +570,13 @@ mod tests {
     async fn scram_over_tls_binds_itself_to_the_servers_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let authority = crate::tls::Authority::load_or_create(dir.path()).unwrap();
-        let resource = crate::policy::Resource {
-            name: "db".into(),
-            protocol: crate::policy::Protocol::Postgres,
-            address: crate::policy::ResourceAddress::parse("127.0.0.1:5432").unwrap(),
-            credentials: None,
-            tls: Default::default(),
-            databases: None,
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource).unwrap());
-        let config = authority.client_config(&crate::policy::UpstreamTls::Require).unwrap().unwrap();
-        let name = crate::tls::server_name(&resource.address).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource()).unwrap());
         for (offer, want) in [
             (&b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"[..], &b"SCRAM-SHA-256-PLUS\0"[..]),
             (b"SCRAM-SHA-256\0\0", b"SCRAM-SHA-256\0"),
         ] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let acceptor = acceptor.clone();
-            let server = tokio::spawn(async move {
-                let (mut s, _) = listener.accept().await.unwrap();
-                s.read_exact(&mut [0u8; 8]).await.unwrap();
-                s.write_all(b"S").await.unwrap();
-                let mut tls = acceptor.accept(s).await.unwrap();
-                let len = tls.read_u32().await.unwrap() as usize;
-                tls.read_exact(&mut vec![0; len - 4]).await.unwrap();
-                tls.write_all(&auth(10, offer)).await.unwrap();
-                tls.read_u8().await.unwrap();
-                let len = tls.read_i32().await.unwrap() as usize;
-                let mut initial = vec![0; len - 4];
-                tls.read_exact(&mut initial).await.unwrap();
-                initial
-            });
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let stream = start_tls(tcp, addr, config.clone(), name.clone()).await.unwrap();
-            let login = login(stream, addr, "app", "s3cret-pw", &[], every_method());
-            let _ = crate::timer::timeout(std::time::Duration::from_secs(2), login).await;
-            let initial = server.await.unwrap();
+            let (result, initial) = scram_over_tls(acceptor.clone(), offer).await;
+            assert!(result.is_err(), "the test server stops after the first message");
             assert!(initial.starts_with(want), "{:?}", String::from_utf8_lossy(&initial));
             // After the mechanism: the length of the client-first message, then its GS2 header.
             let first = &initial[want.len() + 4..];
@@ -603,6 +586,67 @@ mod tests {
                 assert!(first.starts_with(b"y,,"), "{:?}", String::from_utf8_lossy(first));
             }
         }
+        // A certificate signed with Ed25519 names no hash to bind with: under `tls: require`
+        // (no certificate check), such a relay could not be told from the server.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["db".into()]).unwrap().self_signed(&key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let (result, initial) = scram_over_tls(std::sync::Arc::new(config).into(), b"SCRAM-SHA-256-PLUS\0\0").await;
+        assert!(result.is_err_and(|e| e.contains("names no hash to bind")), "refused");
+        assert!(initial.is_empty(), "nothing of the password was sent");
+    }
+
+    fn resource() -> crate::policy::Resource {
+        crate::policy::Resource {
+            name: "db".into(),
+            protocol: crate::policy::Protocol::Postgres,
+            address: crate::policy::ResourceAddress::parse("127.0.0.1:5432").unwrap(),
+            credentials: None,
+            tls: Default::default(),
+            databases: None,
+        }
+    }
+
+    /// A TLS server (`tls: require` on the proxy's side) that offers `mechanisms` for SASL: the
+    /// login's result and the proxy's SASLInitialResponse body (empty if it sent none).
+    async fn scram_over_tls(
+        acceptor: tokio_rustls::TlsAcceptor,
+        mechanisms: &'static [u8],
+    ) -> (Result<(), String>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = crate::tls::Authority::load_or_create(dir.path()).unwrap();
+        let config = authority.client_config(&crate::policy::UpstreamTls::Require).unwrap().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.read_exact(&mut [0u8; 8]).await.unwrap();
+            s.write_all(b"S").await.unwrap();
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let len = tls.read_u32().await.unwrap() as usize;
+            tls.read_exact(&mut vec![0; len - 4]).await.unwrap();
+            tls.write_all(&auth(10, mechanisms)).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+            rest.get(5..).map(<[u8]>::to_vec).unwrap_or_default()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = crate::tls::server_name(&resource().address).unwrap();
+        let stream = start_tls(tcp, addr, config, name).await.unwrap();
+        let login = login(stream, addr, "app", "s3cret-pw", &[], every_method(), true);
+        let result = match crate::timer::timeout(std::time::Duration::from_secs(1), login).await {
+            Ok(r) => r.map(drop).map_err(|e| e.to_string()),
+            Err(_) => Err("no verdict within a second".to_string()),
+        };
+        (result, server.await.unwrap())
     }
 
     /// A cancel is sent as the session's connection was: after SSLRequest and a TLS handshake

@@ -308,11 +308,11 @@ pub fn auth_ok() -> Frame {
     frame(b'R', b)
 }
 
-/// NegotiateProtocolVersion: the newest minor version the proxy speaks (3.0), and the
-/// protocol options it does not know (all of them).
+/// NegotiateProtocolVersion: the newest version the proxy speaks (3.0, as the whole protocol
+/// number, as the server sends it), and the protocol options it does not know (all of them).
 pub fn negotiate_protocol_version(options: &[String]) -> Frame {
     let mut b = BytesMut::new();
-    b.put_i32(0);
+    b.put_i32(PROTOCOL_3);
     b.put_i32(options.len() as i32);
     for o in options {
         b.extend_from_slice(o.as_bytes());
@@ -407,7 +407,7 @@ mod tests {
         let want =
             Startup::Startup { params: vec![("user".into(), "bot".into())], minor: 2, options: vec!["_pq_.x".into()] };
         assert_eq!(parse_startup(&body).unwrap(), want);
-        assert_eq!(&negotiate_protocol_version(&["_pq_.x".into()]).body[..], b"\0\0\0\0\0\0\0\x01_pq_.x\0");
+        assert_eq!(&negotiate_protocol_version(&["_pq_.x".into()]).body[..], b"\0\x03\0\0\0\0\0\x01_pq_.x\0");
         assert!(startup_len(100_000i32.to_be_bytes()).is_err());
         assert!(startup_len(3i32.to_be_bytes()).is_err());
     }
