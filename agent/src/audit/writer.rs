@@ -505,11 +505,11 @@ impl AuditLog {
 const LAZY: Duration = Duration::from_millis(10);
 
 /// Longest a written record nobody waits for stays unsynced. Syncing every LAZY round cost
-/// about 8 % of the agent's CPU at a few thousand statements a second, and every 200 ms still
-/// 5 % of the throughput with written statement records, whose appends stall on the page the
-/// sync writes back (BENCHMARKS.md); a durable append syncs everything written before it
-/// anyway.
-const SYNC_LAZY: Duration = Duration::from_secs(1);
+/// about 8 % of the agent's CPU at a few thousand statements a second (BENCHMARKS.md); a
+/// durable append syncs everything written before it anyway. Each sync can stall appends to
+/// the page it writes back; syncing every second instead did not measurably pay (BENCHMARKS.md,
+/// fourteenth session).
+const SYNC_LAZY: Duration = Duration::from_millis(200);
 
 /// Most rounds `write_queued` writes for others before it hands over to the writer thread.
 const MAX_ROUNDS: u32 = 4;

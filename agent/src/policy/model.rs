@@ -296,7 +296,7 @@ pub enum StatementAudit {
     /// On disk (fdatasync, group commit): survives the host crashing.
     #[default]
     Durable,
-    /// Written to the trail file: survives the agent dying; on disk within about a second.
+    /// Written to the trail file: survives the agent dying; on disk within about 200 ms.
     Written,
 }
 
