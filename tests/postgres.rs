@@ -423,6 +423,15 @@ fn cancel_request_reaches_the_right_backend() {
     assert!(err.contains("canceling statement due to user request"), "{err}");
 }
 
+/// Waits (up to 10 s) until one statement `LIKE` the pattern runs on the server.
+fn wait_running(pg: &Postgres, like: &str) {
+    let started = std::time::Instant::now();
+    while pg.direct(&format!("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '{like}'")) != "1" {
+        assert!(started.elapsed().as_secs() < 10, "{like} never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Runs `SELECT pg_sleep(20)` with psql as `bot`, interrupts psql once the server runs it, and
 /// returns psql's stderr (within 15 s, or the cancel did not take effect).
 fn interrupted_sleep(env: &Env, pg: &Postgres, url: &str) -> String {
@@ -435,10 +444,7 @@ fn interrupted_sleep(env: &Env, pg: &Postgres, url: &str) -> String {
     let started = std::time::Instant::now();
     // Wait until the statement is running on the server, then interrupt psql (exec made the
     // child psql itself), which sends a CancelRequest on a new, also redirected, connection.
-    while pg.direct("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'") != "1" {
-        assert!(started.elapsed().as_secs() < 10, "statement never started");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_running(pg, "SELECT pg_sleep%");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(started.elapsed().as_secs() < 15, "cancel did not take effect");
@@ -1103,11 +1109,7 @@ fn a_reload_that_removes_the_webhook_reaches_running_sessions() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    while pg.direct("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'") != "1" {
-        assert!(started.elapsed().as_secs() < 10, "the session never started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_running(&pg, "SELECT pg_sleep%");
     env.reload(&policy(&env, &pg, None));
     let id = pending_one(&env)["id"].to_string();
     assert!(

@@ -476,14 +476,26 @@ mod tests {
     /// startup with `first`, reads the client's reply, then sends `then`. The login's result,
     /// and everything the proxy sent after its first reply.
     async fn against(first: Vec<u8>, then: Vec<u8>) -> (Result<(), String>, Vec<u8>) {
+        against_with(first, Some(then), every_method()).await
+    }
+
+    /// `against`, with the methods the resource allows; without `then`, the server reads
+    /// nothing in between and the result is everything the proxy sent after the startup.
+    async fn against_with(
+        first: Vec<u8>,
+        then: Option<Vec<u8>>,
+        allowed: AuthMethods,
+    ) -> (Result<(), String>, Vec<u8>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             read_message(&mut s, false).await;
             s.write_all(&first).await.unwrap();
-            read_message(&mut s, true).await;
-            s.write_all(&then).await.unwrap();
+            if let Some(then) = then {
+                read_message(&mut s, true).await;
+                s.write_all(&then).await.unwrap();
+            }
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest).await;
             rest
@@ -491,7 +503,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         // Dropping the connection (with the result) lets the server read to its end. A proxy
         // that answered (and now waits for more) is cut off after a second.
-        let login = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], every_method(), false);
+        let login = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], allowed, false);
         let result = match crate::timer::timeout(std::time::Duration::from_secs(1), login).await {
             Ok(r) => r.map(drop).map_err(|e| e.to_string()),
             Err(_) => Err("no verdict within a second".to_string()),
@@ -546,21 +558,10 @@ mod tests {
             (auth(5, b"salt"), "md5"),
             ([auth(0, b""), READY.to_vec()].concat(), "no authentication"),
         ] {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let server = tokio::spawn(async move {
-                let (mut s, _) = listener.accept().await.unwrap();
-                read_message(&mut s, false).await;
-                s.write_all(&first).await.unwrap();
-                let mut rest = Vec::new();
-                let _ = s.read_to_end(&mut rest).await;
-                rest
-            });
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let e = login(Conn::Plain(tcp), addr, "app", "s3cret-pw", &[], scram_only, false).await.err().unwrap();
-            let e = e.to_string();
+            let (result, sent) = against_with(first, None, scram_only).await;
+            let e = result.unwrap_err();
             assert!(e.contains(want) && e.contains("it allows scram-sha-256"), "{e}");
-            assert!(server.await.unwrap().is_empty(), "{want}: nothing was sent");
+            assert!(sent.is_empty(), "{want}: nothing was sent");
         }
     }
 
@@ -655,14 +656,7 @@ mod tests {
     async fn a_cancel_is_encrypted_when_the_session_was() {
         let dir = tempfile::tempdir().unwrap();
         let authority = crate::tls::Authority::load_or_create(dir.path()).unwrap();
-        let resource = crate::policy::Resource {
-            name: "db".into(),
-            protocol: crate::policy::Protocol::Postgres,
-            address: crate::policy::ResourceAddress::parse("127.0.0.1:5432").unwrap(),
-            credentials: None,
-            tls: Default::default(),
-            databases: None,
-        };
+        let resource = resource();
         let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource).unwrap());
         let verify = crate::policy::UpstreamTls::VerifyFull { ca_file: authority.ca_file.clone() };
         let config = authority.client_config(&verify).unwrap().unwrap();
