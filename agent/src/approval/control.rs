@@ -320,9 +320,7 @@ fn audit_refusal(shared: &Shared, cmd: Option<&Command>, uid: Option<u32>, why: 
     }
     if unwritten_any > 0 {
         r.detail = r.detail.map(|d| {
-            format!(
-                "{d}; {unwritten_any} more refused attempts, of any uid, came when too many came at once to record each"
-            )
+            format!("{d}; {unwritten_any} refused attempts of any uid came too many at once to record one by one")
         });
     }
     shared.audit.append(r);

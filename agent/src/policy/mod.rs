@@ -334,6 +334,7 @@ spec:
             (PG.replace("      tls:", "      databases: [\"\"]\n      tls:"), "is not a database name"),
             (PG.replace("http://127.0.0.1:9000/hooks", "ftp://hooks.example/x"), "must start with http:// or https://"),
             (PG.replace("/hooks\" }", "/hooks\", ca_file: /x.pem }"), "ca_file applies only to https"),
+            (PG.replace("9000/hooks", "9000/T0/s3cret path"), "\"http://127.0.0.1:9000/...\": the path must not"),
             (
                 PG.replace("protocol: postgres", "protocol: tcp")
                     .replace("      credentials: { user: app, password_file: /etc/tollgate/orders-db }\n", "")

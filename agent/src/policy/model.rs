@@ -317,13 +317,20 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn parse(url: &str, ca_file: Option<&Path>) -> Result<Webhook, String> {
+        // Errors (which reach logs and the trail's policy_rejected records) show no path: chat
+        // services put the secret that lets anyone post there.
+        let shown = match url.find("://") {
+            Some(i) => url[i + 3..].find('/').map_or(url, |j| &url[..i + 3 + j]),
+            None => url.split('/').next().unwrap_or_default(),
+        };
+        let url_shown = if shown.len() < url.len() { format!("{shown}/...") } else { shown.to_string() };
         let (rest, default_port, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
             (Some(rest), _) => (rest, 80, false),
             (_, Some(rest)) => (rest, 443, true),
-            _ => return Err(format!("webhook {url:?} must start with http:// or https://")),
+            _ => return Err(format!("webhook {url_shown:?} must start with http:// or https://")),
         };
         if ca_file.is_some() && !tls {
-            return Err(format!("ca_file applies only to https webhooks, not {url:?}"));
+            return Err(format!("ca_file applies only to https webhooks, not {url_shown:?}"));
         }
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -331,13 +338,13 @@ impl Webhook {
         };
         let addr = ResourceAddress::parse(authority)
             .or_else(|_| ResourceAddress::parse(&format!("{authority}:{default_port}")))
-            .map_err(|m| format!("webhook {url:?}: {m}"))?;
+            .map_err(|m| format!("webhook {url_shown:?}: {m}"))?;
         let (host, port) = match addr {
             ResourceAddress::Socket(sa) => (sa.ip().to_string(), sa.port()),
             ResourceAddress::Host { host, port } => (host, port),
         };
         if path.chars().any(|c| c.is_ascii_control() || c == ' ') {
-            return Err(format!("webhook {url:?}: the path must not contain spaces or control characters"));
+            return Err(format!("webhook {url_shown:?}: the path must not contain spaces or control characters"));
         }
         let ca_file = tls.then(|| ca_file.map_or_else(|| PathBuf::from(SYSTEM_CA_FILE), Path::to_path_buf));
         Ok(Webhook { url: url.to_string(), host, port, path: path.to_string(), ca_file })

@@ -61,6 +61,7 @@ fn trim(buf: &mut BytesMut) {
         *buf = BytesMut::new();
     }
 }
+
 /// Distinct statement shapes whose classification a session keeps.
 const CLASSIFICATION_CACHE: usize = 1024;
 /// Longest statement text kept in an audit record.
