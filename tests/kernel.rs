@@ -340,7 +340,7 @@ fn two_agents_side_by_side_and_audit_verify_catches_an_edit() {
     let bad = e1.tollgate(&["audit", "verify", "--state-dir", &e1.state_arg()]);
     assert!(!bad.status.success());
     let msg = String::from_utf8_lossy(&bad.stderr);
-    assert!(msg.contains("was altered"), "{msg}");
+    assert!(msg.contains("was altered") && msg.contains("1 break; checked to the end"), "{msg}");
 }
 
 #[test]

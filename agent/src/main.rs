@@ -257,12 +257,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Audit { command: AuditCommand::Verify { state_dir } } => {
             match audit::verify(&StateDir::new(&state_dir).root) {
-                Ok(n) => {
-                    println!("audit trail intact: {n} records");
+                Ok(r) if r.breaks.is_empty() => {
+                    println!("audit trail intact: {} records", r.last_seq);
                     Ok(ExitCode::SUCCESS)
                 }
+                Ok(r) => {
+                    for b in &r.breaks {
+                        eprintln!("audit trail NOT intact: {b}");
+                    }
+                    let n = r.breaks.len() as u64 + r.more_breaks;
+                    let more =
+                        if r.more_breaks > 0 { format!(" ({} not listed)", r.more_breaks) } else { String::new() };
+                    let breaks = if n == 1 { "break" } else { "breaks" };
+                    eprintln!("{n} {breaks}{more}; checked to the end, last record seq {}", r.last_seq);
+                    Ok(ExitCode::FAILURE)
+                }
                 Err(e) => {
-                    eprintln!("audit trail NOT intact: {e}");
+                    eprintln!("audit trail cannot be checked: {e}");
                     Ok(ExitCode::FAILURE)
                 }
             }

@@ -25,8 +25,6 @@ pub fn dir(state_dir: &Path) -> PathBuf {
 pub enum VerifyError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: {source}")]
-    Chain { path: PathBuf, source: ChainError },
 }
 
 /// Longest line `verify` and `tail` read: far past any record the agent writes (a statement
@@ -44,20 +42,40 @@ fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<usize> 
     Ok(n)
 }
 
-/// Verifies the whole trail, a line at a time; returns the number of records.
-pub fn verify(state_dir: &Path) -> Result<u64, VerifyError> {
+/// What `verify` found: the last record's sequence number, and every break on the way (the
+/// first MAX_BREAKS of them; `more_breaks` counts the rest).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub last_seq: u64,
+    pub breaks: Vec<ChainError>,
+    pub more_breaks: u64,
+}
+
+/// Breaks listed one by one; a trail rewritten throughout is not listed line by line.
+const MAX_BREAKS: usize = 1000;
+
+/// Verifies the whole trail, a line at a time, to its end.
+pub fn verify(state_dir: &Path) -> Result<Report, VerifyError> {
     let path = trail_path(&dir(state_dir));
     let io_err = |source| VerifyError::Io { path: path.clone(), source };
     let mut reader = BufReader::new(fs::File::open(&path).map_err(io_err)?);
     let mut verifier = chain::Verifier::default();
+    let mut report = Report::default();
     let mut line = Vec::new();
     loop {
         if read_line(&mut reader, &mut line).map_err(io_err)? == 0 {
-            return Ok(verifier.head().seq);
+            report.last_seq = verifier.head().seq;
+            return Ok(report);
         }
         let complete = line.ends_with(b"\n");
         let text = String::from_utf8_lossy(if complete { &line[..line.len() - 1] } else { &line });
-        verifier.line(&text, complete).map_err(|source| VerifyError::Chain { path: path.clone(), source })?;
+        if let Err(e) = verifier.line(&text, complete) {
+            if report.breaks.len() < MAX_BREAKS {
+                report.breaks.push(e);
+            } else {
+                report.more_breaks += 1;
+            }
+        }
     }
 }
 
