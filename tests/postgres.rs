@@ -379,7 +379,8 @@ fn upstream_logins_by_md5_and_cleartext_and_gss_encryption_declined() {
         env.run_in("bot", &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), "{}", &script, "proto32"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.starts_with("v (196608, 1) b'_pq_.test_option\\x00'\nR \n"), "3.0, as a server says it: {text}");
-    let key_pid = text.lines().find_map(|l| l.strip_prefix("K ")).expect("BackendKeyData");
+    let key = text.lines().find_map(|l| l.strip_prefix("K ")).expect("BackendKeyData");
+    let key_pid = key.split(' ').next().unwrap();
     let row = format!("D b'\\x00\\x01\\x00\\x00\\x00\\x{:02x}{key_pid}'", key_pid.len());
     assert!(text.lines().any(|l| l == row), "the backend the key names ({row}): {text}");
 }
@@ -1456,6 +1457,10 @@ fn tls_to_the_client_and_to_the_server() {
     // `require` encrypts without checking; `disable` meets the server's `hostnossl ... reject`.
     env.reload(&tls_policy(&env, &pg, "{ mode: require }"));
     assert_eq!(psql("sslmode=disable").0, "t|app");
+    // Client TLS declined: a client that starts TLS directly is disconnected, the log says why.
+    let text = direct("postgresql");
+    assert!(!text.lines().any(|l| l.starts_with("D ")), "{text}");
+    env.wait_log("the client started TLS directly, and the resource does not accept client TLS");
     // A CancelRequest goes to the server encrypted too (the backend key is a credential).
     let err = interrupted_sleep(&env, &pg, &format!("postgresql://bot@127.0.0.1:{}/postgres?sslmode=disable", pg.port));
     assert!(err.contains("canceling statement due to user request"), "{err}");
@@ -1488,6 +1493,10 @@ const RAW_CLIENT: &str = r#"
 import socket, struct, sys, json
 port, extra, script = int(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 s = socket.create_connection(("127.0.0.1", port))
+if sys.argv[4:5] == ["cancel"]:
+    s.sendall(struct.pack("!iiii", 16, 80877102, int(sys.argv[5]), int(sys.argv[6])))
+    print("CLOSED" if not s.recv(1) else "DATA", flush=True)
+    sys.exit(0)
 if sys.argv[4:] == ["gssenc"]:
     s.sendall(struct.pack("!ii", 8, 80877104))
     print("G", s.recv(1).decode(), flush=True)
@@ -1533,7 +1542,7 @@ while True:
         elif tag == "A":
             text = repr(payload[4:])
         elif tag == "K":
-            text = str(struct.unpack("!i", payload[:4])[0])
+            text = "%d %d" % struct.unpack("!ii", payload[:8])
         elif tag == "v":
             text = str(struct.unpack("!ii", payload[:8])) + " " + repr(payload[8:])
         print(tag, text, flush=True)
@@ -1569,6 +1578,45 @@ fn raw_as(env: &Env, pg: &Postgres, sub: &str, extra: serde_json::Value, script:
         &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), &extra.to_string(), &script.to_string()],
     );
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A CancelRequest with a session's key, from a process of another identity, is refused: the
+/// key is a secret, but not the only check. The same identity's cancel goes through.
+#[test]
+fn a_cancel_from_another_identity_is_refused() {
+    if !privileged("a_cancel_from_another_identity_is_refused") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Read};
+    let (env, pg) = setup("pg-cancel-identity");
+    let port = pg.port.to_string();
+    for (canceller, cancelled) in [("admin", false), ("bot", true)] {
+        // Under a second: after Terminate the agent gives the answers a second to arrive.
+        let script = serde_json::json!([["Q", "SELECT pg_sleep(0.9)"], ["X"]]).to_string();
+        let mut sleeper = env.spawn_in("bot", &["/usr/bin/python3", "-c", RAW_CLIENT, &port, "{}", &script]);
+        let mut out = BufReader::new(sleeper.stdout.take().unwrap());
+        let key = loop {
+            let mut line = String::new();
+            assert!(out.read_line(&mut line).unwrap() > 0, "no BackendKeyData");
+            if let Some(k) = line.strip_prefix("K ") {
+                break k.trim().to_string();
+            }
+        };
+        let (pid, key) = key.split_once(' ').unwrap();
+        wait_running(&pg, "SELECT pg_sleep%");
+        let sent =
+            env.run_in(canceller, &["/usr/bin/python3", "-c", RAW_CLIENT, &port, "{}", "[]", "cancel", pid, key]);
+        assert!(String::from_utf8_lossy(&sent.stdout).contains("CLOSED"), "{sent:?}");
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        let _ = sleeper.wait();
+        if cancelled {
+            assert!(rest.contains("57014"), "the same identity cancels: {rest}");
+        } else {
+            assert!(rest.contains("C SELECT 1") && !rest.contains("57014"), "not cancelled: {rest}");
+            env.wait_log("cancel request refused: the session belongs to identity bot, the request came from admin");
+        }
+    }
 }
 
 #[test]
