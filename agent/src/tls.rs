@@ -194,7 +194,10 @@ pub fn host_name(host: String) -> Result<ServerName<'static>, TlsError> {
 /// has no randomness to give, which the agent does not run without (its hash maps' keys
 /// need it too).
 pub fn fill_random(buf: &mut [u8]) {
-    provider().secure_random.fill(buf).expect("the system's random source");
+    // The generator alone, once: not a whole provider (its suites and algorithms) per call.
+    static RANDOM: std::sync::LazyLock<&'static dyn rustls::crypto::SecureRandom> =
+        std::sync::LazyLock::new(|| rustls::crypto::ring::default_provider().secure_random);
+    RANDOM.fill(buf).expect("the system's random source");
 }
 
 /// The ALPN protocol id of PostgreSQL, which a client starting TLS directly (PostgreSQL 17's
