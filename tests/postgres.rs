@@ -1522,6 +1522,7 @@ for m in script:
     elif t == "C": out += msg("C", b"S" + cstr(m[1]))
     elif t == "D": out += msg("D", m[1].encode() + cstr(m[2]))
     elif t == "bytes": out += bytes.fromhex(m[1])
+    elif t == "dmany": out += msg("d", b"x" * m[1]) * m[2]
     else: out += msg(t, b"")
 buf = b""
 s.settimeout(5)
@@ -1617,6 +1618,35 @@ fn a_cancel_from_another_identity_is_refused() {
             env.wait_log("cancel request refused: the session belongs to identity bot, the request came from admin");
         }
     }
+}
+
+/// A client that pipelines as much as the proxy buffers (64 MiB) behind a held statement, then
+/// leaves: its close waits behind the unread data, yet the request is withdrawn within seconds,
+/// not at the rule's timeout (60 s). (Of a client that sent more than the socket buffers also
+/// hold, TCP delivers no close at all until the proxy reads on: the timeout ends that one.)
+#[test]
+fn a_held_session_notices_its_client_leaving_behind_a_full_buffer() {
+    if !privileged("a_held_session_notices_its_client_leaving_behind_a_full_buffer") {
+        return;
+    }
+    let (env, pg) = setup("pg-held-flood");
+    let started = std::time::Instant::now();
+    // 64 CopyData messages of 1 MiB after the held DELETE; the client then waits 5 s for an
+    // answer and exits.
+    let script = serde_json::json!([["Q", "DELETE FROM orders WHERE id = 1"], ["dmany", 1 << 20, 64]]);
+    let out = raw(&env, &pg, serde_json::json!({}), script);
+    assert!(!out.contains("C DELETE"), "{out}");
+    let cancelled = loop {
+        let approval = env.audit().into_iter().find(|r| r["kind"] == "approval");
+        if let Some(r) = approval {
+            break r;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "no approval record: {out}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(cancelled["verdict"], "cancelled", "{cancelled}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert_eq!(pg.direct("SELECT count(*) FROM orders WHERE id = 1"), "1", "nothing ran");
 }
 
 #[test]

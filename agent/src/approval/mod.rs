@@ -116,7 +116,7 @@ struct Entry {
 /// Held statements waiting for a decision.
 pub struct Approvals {
     pending: Mutex<BTreeMap<ApprovalId, Entry>>,
-    /// Ids are a counter hashed under this run's random keys.
+    /// Ids are a counter permuted under this run's random keys.
     next: AtomicU64,
     ids: RandomState,
 }
@@ -175,11 +175,24 @@ impl Approvals {
     pub fn next_id(&self) -> ApprovalId {
         let pending = self.lock();
         loop {
-            let id = self.ids.hash_one(self.next.fetch_add(1, Ordering::Relaxed)) as u32;
+            let id = self.permute(self.next.fetch_add(1, Ordering::Relaxed) as u32);
+            // The pending check matters only once the counter wraps, after 2^32 requests.
             if id != 0 && !pending.contains_key(&ApprovalId(id.into())) {
                 return ApprovalId(id.into());
             }
         }
+    }
+
+    /// A permutation of the 32-bit numbers keyed by this run's random keys (a four-round
+    /// Feistel network): unlike a hash, it never gives two requests of one run the same id, so
+    /// an id from an old list or message cannot name a later request of the same run.
+    fn permute(&self, n: u32) -> u32 {
+        let (mut left, mut right) = ((n >> 16) as u16, n as u16);
+        for round in 0..4u8 {
+            let f = self.ids.hash_one((round, right)) as u16;
+            (left, right) = (right, left ^ f);
+        }
+        (u32::from(left) << 16) | u32::from(right)
     }
 
     /// Queues a request (its id from `next_id`) until it is decided or the ticket is dropped;
@@ -337,6 +350,18 @@ mod tests {
         for _ in 0..1000 {
             assert!(!tickets.iter().any(|t| t.id == a.next_id()));
         }
+    }
+
+    #[test]
+    fn ids_of_one_run_never_repeat() {
+        let a = Approvals::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200_000 {
+            let id = a.next_id();
+            assert_ne!(id.0, 0);
+            assert!(seen.insert(id), "{id} given twice");
+        }
+        // A random 32-bit id per request would repeat one within 200,000 with near certainty.
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A proxied connection, plain or TLS on either side, as one stream type.
 use std::{
     io,
+    os::fd::{AsRawFd, RawFd},
     pin::Pin,
     task::{Context, Poll},
 };
@@ -26,6 +27,15 @@ impl Conn {
         !matches!(self, Conn::Plain(_))
     }
 
+    /// The TCP socket under any TLS, for `peer_closed`.
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Conn::Plain(s) => s.as_raw_fd(),
+            Conn::Server(s) => s.get_ref().0.as_raw_fd(),
+            Conn::Client(s) => s.get_ref().0.as_raw_fd(),
+        }
+    }
+
     /// Independent read and write halves; plain TCP splits without a lock.
     pub fn split(self) -> (ReadHalf, WriteHalf) {
         match self {
@@ -39,6 +49,16 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether the peer of socket `fd` has shut down its side (its FIN arrived), also while data it
+/// sent before is still unread: a reader that has stopped reading learns of it only this way.
+pub fn peer_closed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one pollfd that lives across the call, and no wait. A number that no longer
+    // names the socket is answered with POLLNVAL, never touched memory.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 impl AsyncRead for Conn {

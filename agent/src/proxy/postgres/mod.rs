@@ -9,7 +9,7 @@ pub mod wire;
 use std::{
     collections::VecDeque,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
+    os::{fd::RawFd, unix::fs::PermissionsExt},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -34,7 +34,7 @@ use self::{
     track::{Op, Tracker},
     wire::{Frame, Startup},
 };
-use super::conn::Conn;
+use super::conn::{self, Conn};
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{Approved, AuditLog, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
@@ -47,6 +47,10 @@ use crate::{
 };
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a held session whose client sent more than it buffers asks whether the client
+/// has gone.
+const PEER_LOOK: Duration = Duration::from_secs(1);
+
 /// Most extended-protocol messages held back waiting for their Sync or Flush.
 const MAX_BATCH: usize = 10_000;
 /// Bytes a session reads at once (at least), per direction.
@@ -593,6 +597,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         return Outcome { error: Some(e.to_string()), ..Default::default() };
     }
 
+    let client_fd = client.fd();
     let (client_r, client_w) = client.split();
     let (up_r, up_w) = up.stream.split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
@@ -620,6 +625,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         base: &base,
         statement_base: Arc::new(StatementBase::new(&base)),
         client: client_r,
+        client_fd,
         buf: BytesMut::new(),
         to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
         syncs: 0,
@@ -1529,6 +1535,8 @@ struct ClientSide<'s, 'a, R> {
     /// The session's part of every statement record, serialised once.
     statement_base: Arc<StatementBase>,
     client: R,
+    /// `client`'s socket, to notice it closing while `buf` is too full to read on.
+    client_fd: RawFd,
     buf: BytesMut,
     to_down: ToDownstream,
     /// Sync points forwarded so far; injections are placed after this many answers.
@@ -1800,15 +1808,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         let deadline = crate::timer::sleep(*timeout);
         tokio::pin!(deadline);
+        let mut look = crate::timer::interval(PEER_LOOK);
         let verdict = loop {
+            let full = self.buf.len() >= wire::MAX_MESSAGE;
             tokio::select! {
                 v = &mut ticket.rx => break v.unwrap_or(Verdict::Cancelled),
                 _ = &mut deadline => break Verdict::TimedOut,
                 // Keep reading so a client that gives up is noticed; what it sends meanwhile
                 // waits in the buffer, bounded.
-                n = self.client.read_buf(&mut self.buf), if self.buf.len() < wire::MAX_MESSAGE => match n {
+                n = self.client.read_buf(&mut self.buf), if !full => match n {
                     Ok(0) | Err(_) => break Verdict::Cancelled,
                     Ok(_) => {}
+                },
+                // Past the bound its FIN sits behind unread data: ask the socket instead.
+                _ = look.tick(), if full => if conn::peer_closed(self.client_fd) {
+                    break Verdict::Cancelled;
                 },
             }
         };
