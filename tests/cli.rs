@@ -78,6 +78,54 @@ fn verify_reports_a_missing_trail() {
     assert!(err.contains("trail.jsonl"), "{err}");
 }
 
+/// A trail rotated by the agent, its oldest segments removed as `keep` asks, verifies as one
+/// chain from where it now starts; one whose oldest remaining segment is removed by hand does not.
+#[test]
+fn verify_checks_a_rotated_trail_as_one_chain() {
+    use tollgate::audit::{AuditLog, Kind, Record, Rotation};
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let audit_dir = tollgate::audit::dir(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (log, writer) = AuditLog::open(&audit_dir).unwrap();
+    log.set_rotation(Rotation { size: 2000, keep: 2 });
+    // The writer looks at the size at most once a second: records until the third rotation.
+    let segments = || {
+        let mut names: Vec<String> = std::fs::read_dir(&audit_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("trail-"))
+            .collect();
+        names.sort_by_key(|n| n.trim_start_matches("trail-").trim_end_matches(".jsonl").parse::<u64>().unwrap());
+        names
+    };
+    let started = std::time::Instant::now();
+    let removed = loop {
+        let mut r = Record::new(Kind::Connect);
+        r.detail = Some("x".repeat(500));
+        rt.block_on(log.append_durable(r)).unwrap();
+        let trail = std::fs::read_to_string(tollgate::audit::trail_path(&audit_dir)).unwrap();
+        if let Some(line) = trail.lines().find(|l| l.contains("\"removed_through\"")) {
+            break line.to_string();
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "no segment was removed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    drop(log);
+    writer.join();
+    assert!(removed.contains("spec.audit.rotate.keep is 2"), "{removed}");
+    let kept = segments();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    let (ok, out, err) = tollgate(&["audit", "verify", "--state-dir", state]);
+    assert!(ok && out.contains("(3 files; records before") && out.contains("were removed by rotation"), "{out}{err}");
+
+    std::fs::remove_file(audit_dir.join(&kept[0])).unwrap();
+    let (ok, _, err) = tollgate(&["audit", "verify", "--state-dir", state]);
+    assert!(!ok && err.contains(&format!("{}: the trail starts at record seq", kept[1])), "{err}");
+    assert!(err.contains("no audit_rotated record says they were removed"), "{err}");
+}
+
 #[test]
 fn audit_tail_prints_readably_as_json_and_follows() {
     use std::io::{BufRead, BufReader};
@@ -149,7 +197,7 @@ fn audit_tail_prints_readably_as_json_and_follows() {
     drop(log);
     writer.join();
     let (ok, out, _) = tollgate(&["audit", "verify", "--state-dir", state]);
-    assert!(ok && out.contains("5 records"), "{out}");
+    assert!(ok && out.contains("5 records (1 file)"), "{out}");
 }
 
 #[test]

@@ -247,6 +247,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     kernel::ensure_bpffs()?;
     let mount = cgroup::cgroup2_mount()?;
     let (audit_log, audit_thread) = AuditLog::open(&state.audit_dir())?;
+    audit_log.set_rotation(policy.trail_rotation);
 
     // Listen first: the kernel is told where the proxy is only once it is there.
     let mut listeners = Vec::new();
@@ -336,6 +337,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
                 match agent.reload() {
                     Ok(v) => {
                         info!(policy = %v.policy.name, "policy reloaded");
+                        audit_log.set_rotation(v.policy.trail_rotation);
                         audit_log.append(policy_record(Kind::PolicyLoad, &agent.options.policy_file, Some(&v.policy.name), None));
                     }
                     Err(e) => {

@@ -148,7 +148,8 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain; exit non-zero naming the first bad record.
+    /// Check the hash chain across the rotated segments and the live file; exit non-zero
+    /// naming every bad record.
     Verify {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
@@ -258,7 +259,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { command: AuditCommand::Verify { state_dir } } => {
             match audit::verify(&StateDir::new(&state_dir).root) {
                 Ok(r) if r.breaks.is_empty() => {
-                    println!("audit trail intact: {} records", r.last_seq);
+                    let files = if r.files == 1 { "1 file".to_string() } else { format!("{} files", r.files) };
+                    match r.first_seq {
+                        0 | 1 => println!("audit trail intact: {} records ({files})", r.last_seq),
+                        // Older segments were removed, as the trail itself records.
+                        first => println!(
+                            "audit trail intact: records {first}..={} ({files}; records before {first} were removed \
+                             by rotation)",
+                            r.last_seq
+                        ),
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Ok(r) => {

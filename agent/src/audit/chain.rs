@@ -105,6 +105,12 @@ pub enum ChainError {
     OutOfOrder { line: usize, seq: u64, expected: u64 },
     #[error("truncated tail: the last line (line {line}) is incomplete after record seq {after_seq}")]
     Truncated { line: usize, after_seq: u64 },
+    #[error(
+        "the trail starts at record seq {first}: records 1..={} are gone, and no audit_rotated record says \
+         they were removed",
+        first - 1
+    )]
+    Unexplained { first: u64 },
 }
 
 /// Splits a sealed line into its claimed hash and its body (with the opening brace restored).
@@ -157,19 +163,35 @@ impl Default for Verifier {
 }
 
 impl Verifier {
+    /// A verifier for a trail whose first line is `first`: one that starts after seq 1 (its
+    /// oldest segments were removed) is taken to link to what its first record names; whether
+    /// that removal was recorded is for the caller to check.
+    pub fn starting_at(first: &str) -> Self {
+        let start = split(first)
+            .and_then(|(_, body)| serde_json::from_str::<Entry>(&body).ok())
+            .filter(|e| e.seq > 1)
+            .and_then(|e| Some(Head { seq: e.seq - 1, hash: Hash::parse(&e.prev)? }));
+        Verifier { head: start.unwrap_or_else(Head::genesis), ..Verifier::default() }
+    }
+
+    /// The lines that follow come from another file: line numbers count from 1 again.
+    pub fn next_file(&mut self) {
+        self.lines = 0;
+    }
+
     /// Checks the next line (without its newline); `complete`: it ended with one. After a
     /// break the lines that follow are checked against the broken one where it can be read,
     /// so every break is found and each is reported once.
-    pub fn line(&mut self, line: &str, complete: bool) -> Result<(), ChainError> {
+    pub fn line(&mut self, line: &str, complete: bool) -> Result<Entry, ChainError> {
         self.lines += 1;
         if !complete {
             return Err(ChainError::Truncated { line: self.lines, after_seq: self.head.seq });
         }
         let resync = std::mem::take(&mut self.resync);
         let e = match check_line(&self.head, self.lines, line) {
-            Ok((_, head)) => {
+            Ok((entry, head)) => {
                 self.head = head;
-                return Ok(());
+                return Ok(entry);
             }
             Err(e) => e,
         };
@@ -187,7 +209,7 @@ impl Verifier {
         if resync
             && matches!(e, ChainError::BrokenLink { .. } | ChainError::Missing { .. } | ChainError::OutOfOrder { .. })
         {
-            return Ok(());
+            return Ok(entry);
         }
         Err(e)
     }

@@ -20,6 +20,9 @@ pub enum Kind {
     EventsDropped,
     /// The trail's tail was incomplete at start-up (crash mid-write) and was cut back.
     AuditRecovered,
+    /// The live trail file reached its size and was moved aside as a segment; older segments
+    /// may have been removed (`removed_through`).
+    AuditRotated,
     /// A SQL statement (or extended-protocol batch member), judged before it is forwarded.
     Statement,
     /// What the server answered for forwarded statements (`refs` names their records).
@@ -41,6 +44,7 @@ impl Kind {
             Kind::AgentStop => "agent_stop",
             Kind::EventsDropped => "events_dropped",
             Kind::AuditRecovered => "audit_recovered",
+            Kind::AuditRotated => "audit_rotated",
             Kind::Statement => "statement",
             Kind::StatementResult => "statement_result",
             Kind::Approval => "approval",
@@ -132,6 +136,11 @@ pub struct Record {
     /// Values masked in a result, by kind (never the values themselves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masked: Option<std::collections::BTreeMap<String, u64>>,
+    /// `audit_rotated`: the records up to this seq were removed from the host (the oldest
+    /// segments, as `spec.audit.rotate.keep` asks). `audit verify` accepts a trail that starts
+    /// after seq 1 only where such a record says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_through: Option<u64>,
 }
 
 impl Record {
@@ -174,6 +183,7 @@ impl Record {
             approver: None,
             approvals: None,
             masked: None,
+            removed_through: None,
         }
     }
 }
@@ -455,6 +465,7 @@ impl Entry {
             "masked",
             r.masked.as_ref().map(|m| m.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(",")),
         );
+        field("removed_through", r.removed_through.map(|v| v.to_string()));
         s
     }
 }

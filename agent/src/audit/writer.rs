@@ -18,10 +18,24 @@ use tokio::sync::oneshot;
 
 use super::{
     chain::{self, Head},
+    files::{self, trail_path},
     record::{Kind, Record, ResultRecord, StatementRecord},
 };
 
-pub const TRAIL_FILE: &str = "trail.jsonl";
+/// When the live trail file is moved aside as a segment, and how many segments stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// The live file is rotated once it holds this many bytes.
+    pub size: u64,
+    /// Segments kept on the host; the oldest beyond this are removed. 0: all are kept.
+    pub keep: usize,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation { size: 1 << 30, keep: 0 }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -80,8 +94,12 @@ struct Msg {
 /// The trail file and the end of its chain, as far as it has been written.
 struct Trail {
     file: File,
+    dir: PathBuf,
     path: PathBuf,
     head: Head,
+    /// The seq of the live file's first record (of the next one, while it is empty): its name
+    /// once it is rotated.
+    first_seq: u64,
     /// File length after the last successful write: a failed write is cut back to it.
     len: u64,
     buf: Vec<u8>,
@@ -128,6 +146,7 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     trail: Mutex<Trail>,
+    rotation: Mutex<Rotation>,
     /// Runs in `write_queued` between taking the queue and letting go of `trail`, as an
     /// appender on another thread may.
     #[cfg(test)]
@@ -285,6 +304,85 @@ impl Trail {
     }
 }
 
+impl Trail {
+    /// Moves the live file aside as the segment `trail-FIRST_SEQ.jsonl` once it holds
+    /// `rotation.size` bytes, and starts a new one with an `audit_rotated` record; then removes
+    /// the oldest segments beyond `rotation.keep`, after a record saying so is on disk. Returns
+    /// the new file for syncing. Runs on the writer thread: a rotation syncs (the old file
+    /// before it is moved, the new one and the directory after).
+    fn rotate(&mut self, rotation: Rotation) -> Result<Option<File>, AuditError> {
+        if self.len < rotation.size || self.stuck.is_some() {
+            return Ok(None);
+        }
+        let path_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| AuditError::Io { path, source }
+        };
+        let dir_err = path_err(&self.dir);
+        // The segment is complete on disk before anything starts after it.
+        self.file.sync_data().map_err(path_err(&self.path))?;
+        let segment = files::segment_path(&self.dir, self.first_seq);
+        if segment.exists() {
+            return Err(AuditError::Io {
+                path: segment,
+                source: io::Error::new(io::ErrorKind::AlreadyExists, "a segment of that name exists already"),
+            });
+        }
+        fs::rename(&self.path, &segment).map_err(path_err(&self.path))?;
+        let file = match OpenOptions::new().create_new(true).read(true).append(true).open(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Back to the old file, so records keep a place to go.
+                let _ = fs::rename(&segment, &self.path);
+                return Err(AuditError::Io { path: self.path.clone(), source: e });
+            }
+        };
+        let sync_file = file.try_clone().map_err(path_err(&self.path))?;
+        self.file = file;
+        self.len = 0;
+        let last = self.head.seq;
+        let first = std::mem::replace(&mut self.first_seq, last + 1);
+        let mut r = Record::new(Kind::AuditRotated);
+        r.detail = Some(format!(
+            "{} bytes reached: records {first}..={last} are in {}",
+            rotation.size,
+            segment.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let mut records = vec![r];
+        let segments = files::segments(&self.dir).map_err(path_err(&self.dir))?;
+        let remove = match rotation.keep {
+            0 => 0,
+            keep => segments.len().saturating_sub(keep),
+        };
+        if remove > 0 {
+            let through = segments[remove].first_seq - 1;
+            let names: Vec<String> = segments[..remove]
+                .iter()
+                .map(|s| s.path.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                .collect();
+            let mut r = Record::new(Kind::AuditRotated);
+            r.removed_through = Some(through);
+            r.detail = Some(format!(
+                "removing {} (records up to {through}): spec.audit.rotate.keep is {}",
+                names.join(", "),
+                rotation.keep
+            ));
+            records.push(r);
+        }
+        let mut items = records.into_iter().map(|r| Msg { payload: r.into(), ack: None }).collect();
+        self.write(&mut items)?;
+        self.file.sync_data().map_err(path_err(&self.path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(dir_err)?;
+        for seg in &segments[..remove] {
+            if let Err(e) = fs::remove_file(&seg.path) {
+                tracing::error!(path = %seg.path.display(), error = %e, "removing an old audit segment failed");
+            }
+        }
+        tracing::info!(segment = %segment.display(), first, last, removed = remove, "audit trail rotated");
+        Ok(Some(sync_file))
+    }
+}
+
 /// Durable and written waiters of one write, with the sequence numbers of their records.
 type Waiters = (Vec<(Reply, u64)>, Vec<(Reply, u64)>);
 
@@ -314,19 +412,14 @@ impl WriterThread {
     }
 }
 
-pub fn trail_path(dir: &Path) -> PathBuf {
-    dir.join(TRAIL_FILE)
-}
-
 pub fn now_rfc3339() -> String {
     OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
 }
 
-/// Reads the chain head from the end of the trail, cutting back an incomplete last line
-/// (left by a crash mid-write). Returns the head and how many bytes were cut.
-fn recover(file: &mut File, path: &Path) -> Result<(Head, u64), AuditError> {
-    let io_err = |source| AuditError::Io { path: path.to_owned(), source };
-    let len = file.metadata().map_err(io_err)?.len();
+/// Where the last complete line of `file` ends (0: there is none), and that line without its
+/// newline.
+fn last_line(file: &mut File) -> io::Result<(u64, Option<Vec<u8>>)> {
+    let len = file.metadata()?.len();
     // Scan backwards in chunks for the last two newlines: the end of the last complete record
     // and the start of it.
     const CHUNK: u64 = 64 << 10;
@@ -335,8 +428,8 @@ fn recover(file: &mut File, path: &Path) -> Result<(Head, u64), AuditError> {
     while end > 0 && newlines.len() < 2 {
         let start = end.saturating_sub(CHUNK);
         let mut buf = vec![0u8; (end - start) as usize];
-        file.seek(SeekFrom::Start(start)).map_err(io_err)?;
-        file.read_exact(&mut buf).map_err(io_err)?;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
         for (i, b) in buf.iter().enumerate().rev() {
             if *b == b'\n' {
                 newlines.push(start + i as u64);
@@ -347,23 +440,50 @@ fn recover(file: &mut File, path: &Path) -> Result<(Head, u64), AuditError> {
         }
         end = start;
     }
-    let complete_end = newlines.first().map_or(0, |&n| n + 1);
+    let Some(&last_newline) = newlines.first() else { return Ok((0, None)) };
+    let line_start = newlines.get(1).map_or(0, |&n| n + 1);
+    let mut last = vec![0u8; (last_newline - line_start) as usize];
+    file.seek(SeekFrom::Start(line_start))?;
+    file.read_exact(&mut last)?;
+    Ok((last_newline + 1, Some(last)))
+}
+
+/// Reads the chain head from the end of the live file, cutting back an incomplete last line
+/// (left by a crash mid-write). Returns the head (None: the file holds no record) and how many
+/// bytes were cut.
+fn recover(file: &mut File, path: &Path) -> Result<(Option<Head>, u64), AuditError> {
+    let io_err = |source| AuditError::Io { path: path.to_owned(), source };
+    let len = file.metadata().map_err(io_err)?.len();
+    let (complete_end, last) = last_line(file).map_err(io_err)?;
     let cut = len - complete_end;
     if cut > 0 {
         file.set_len(complete_end).map_err(io_err)?;
         file.sync_data().map_err(io_err)?;
     }
-    if complete_end == 0 {
-        return Ok((Head::genesis(), cut));
-    }
-    let line_start = newlines.get(1).map_or(0, |&n| n + 1);
-    let mut last = vec![0u8; (complete_end - 1 - line_start) as usize];
-    file.seek(SeekFrom::Start(line_start)).map_err(io_err)?;
-    file.read_exact(&mut last).map_err(io_err)?;
+    let Some(last) = last else { return Ok((None, cut)) };
     // Trust the last line's own hash and seq here: `audit verify` checks the whole chain.
     let head =
         last_head(&String::from_utf8_lossy(&last)).ok_or_else(|| AuditError::Unlinkable { path: path.to_owned() })?;
-    Ok((head, cut))
+    Ok((Some(head), cut))
+}
+
+/// The head at the end of a rotated segment (None: it holds no record).
+fn segment_head(path: &Path) -> Result<Option<Head>, AuditError> {
+    let io_err = |source| AuditError::Io { path: path.to_owned(), source };
+    let (_, last) = last_line(&mut File::open(path).map_err(io_err)?).map_err(io_err)?;
+    let Some(last) = last else { return Ok(None) };
+    let head =
+        last_head(&String::from_utf8_lossy(&last)).ok_or_else(|| AuditError::Unlinkable { path: path.to_owned() })?;
+    Ok(Some(head))
+}
+
+/// The seq of the first record in `file`, if it can be read.
+fn first_seq(file: &mut File) -> Option<u64> {
+    use io::BufRead;
+    file.seek(SeekFrom::Start(0)).ok()?;
+    let mut line = Vec::new();
+    io::BufReader::new(io::Read::take(&mut *file, 16 << 20)).read_until(b'\n', &mut line).ok()?;
+    last_head(&String::from_utf8_lossy(&line)).map(|h| h.seq)
 }
 
 fn last_head(line: &str) -> Option<Head> {
@@ -387,16 +507,33 @@ impl AuditLog {
         // The file's directory entry must be durable too, or a crash can lose the whole trail.
         File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
         let (head, cut) = recover(&mut file, &path)?;
+        let len = file.metadata().map_err(path_err)?.len();
+        let (head, first_seq) = match head {
+            // An empty live file (a rotation, then a crash before its first record): the
+            // chain goes on from the newest segment.
+            None => {
+                let newest = files::segments(dir).map_err(io_err)?.pop();
+                let head = match newest {
+                    Some(seg) => segment_head(&seg.path)?.unwrap_or_else(Head::genesis),
+                    None => Head::genesis(),
+                };
+                let next = head.seq + 1;
+                (head, next)
+            }
+            // Unreadable, it is named after its last record: still after every older segment.
+            Some(head) => (head.clone(), first_seq(&mut file).unwrap_or(head.seq)),
+        };
         // The log (journald, syslog) keeps the head outside the file: a trail rewritten whole,
         // which its own chain cannot show, no longer ends where the log says it did.
         tracing::info!(path = %path.display(), seq = head.seq, hash = %head.hash.as_str(), "audit trail continues from this record");
-        let len = file.metadata().map_err(path_err)?.len();
         // fdatasync runs on its own descriptor, outside the lock, while others write.
         let sync_file = file.try_clone().map_err(path_err)?;
         let mut trail = Trail {
             file,
+            dir: dir.to_owned(),
             path: path.clone(),
             head,
+            first_seq,
             len,
             buf: Vec::new(),
             lost: 0,
@@ -425,13 +562,14 @@ impl AuditLog {
             queue: Mutex::new(queue),
             wake: Condvar::new(),
             trail: Mutex::new(trail),
+            rotation: Mutex::new(Rotation::default()),
             #[cfg(test)]
             mid_write: Mutex::new(None),
         });
         let rx = shared.clone();
         let handle = thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run(&rx, &sync_file, &path))
+            .spawn(move || run(&rx, sync_file, &path))
             .map_err(io_err)?;
         let closer = Arc::new(Closer(shared.clone()));
         Ok((AuditLog { shared, _closer: closer }, WriterThread(handle)))
@@ -479,6 +617,12 @@ impl AuditLog {
         }
     }
 
+    /// Sets when the live file is rotated and how many segments are kept; the writer applies it
+    /// at its next sync.
+    pub fn set_rotation(&self, rotation: Rotation) {
+        *self.shared.rotation.lock().unwrap_or_else(|e| e.into_inner()) = rotation;
+    }
+
     /// Appends a record and returns once it is on disk; yields its sequence number.
     pub async fn append_durable(&self, record: impl Into<Payload>) -> Result<u64, AuditError> {
         let (ack, done) = oneshot::channel();
@@ -517,7 +661,8 @@ const MAX_ROUNDS: u32 = 4;
 /// The writer thread: writes queued records at once when someone waits for them to be on
 /// disk or a holder handed them over, within LAZY otherwise, and syncs with one fdatasync everything written before it began (group commit):
 /// at once for waiters, within SYNC_LAZY otherwise.
-fn run(shared: &Shared, sync_file: &File, path: &Path) {
+fn run(shared: &Shared, mut sync_file: File, path: &Path) {
+    let mut rotate_after = Instant::now();
     loop {
         let mut q = shared.queue();
         let (write, sync) = loop {
@@ -581,10 +726,35 @@ fn run(shared: &Shared, sync_file: &File, path: &Path) {
                 let mut q = shared.queue();
                 q.items.push_back(Msg { payload: r.into(), ack: None });
                 q.since.get_or_insert_with(Instant::now);
+                continue;
             }
         }
+        let now = Instant::now();
+        if now < rotate_after {
+            continue;
+        }
+        rotate_after = now + ROTATE_CHECK;
+        let rotation = *shared.rotation.lock().unwrap_or_else(|e| e.into_inner());
+        let mut trail = shared.trail();
+        match trail.rotate(rotation) {
+            Ok(Some(file)) => sync_file = file,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "audit trail rotation failed; the live file grows on, tried again in a minute");
+                rotate_after = Instant::now() + ROTATE_RETRY;
+            }
+        }
+        // Appenders that found the trail taken meanwhile left their records to its holder.
+        shared.write_queued(trail);
     }
 }
+
+/// How often, at most, the writer looks whether the live file is due for rotation (after a
+/// sync): in durable mode it syncs thousands of times a second.
+const ROTATE_CHECK: Duration = if cfg!(test) { Duration::ZERO } else { Duration::from_secs(1) };
+
+/// How long after a failed rotation the writer tries again.
+const ROTATE_RETRY: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

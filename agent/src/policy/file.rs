@@ -46,6 +46,27 @@ pub struct AuditSpec {
     /// forwarded.
     #[serde(default)]
     pub statements: Option<String>,
+    /// When the live trail file is moved aside as a segment, and how many segments stay.
+    #[serde(default)]
+    pub rotate: Option<RotateSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSpec {
+    /// `256MiB`, `1GiB`, or a number of bytes.
+    #[serde(default)]
+    pub size: Option<SizeSpec>,
+    /// Segments kept; 0 (the default) keeps them all.
+    #[serde(default)]
+    pub keep: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeSpec {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]

@@ -235,6 +235,24 @@ spec:
         assert_eq!(pol.statement_audit, StatementAudit::Durable, "durable unless the policy says otherwise");
         let written = p(&PG.replace("  approvers:", "  audit: { statements: written }\n  approvers:")).unwrap();
         assert_eq!(written.statement_audit, StatementAudit::Written);
+        assert_eq!(pol.trail_rotation, crate::audit::Rotation { size: 1 << 30, keep: 0 }, "1 GiB, all kept");
+        let rotate =
+            |spec: &str| p(&PG.replace("  approvers:", &format!("  audit: {{ rotate: {spec} }}\n  approvers:")));
+        assert_eq!(
+            rotate("{ size: 256MiB, keep: 8 }").unwrap().trail_rotation,
+            crate::audit::Rotation { size: 256 << 20, keep: 8 }
+        );
+        assert_eq!(rotate("{ size: 65536 }").unwrap().trail_rotation.size, 65536);
+        for (bad, want) in [
+            ("{ size: 1GB }", "not a size such as"),
+            ("{ size: 1KiB }", "between 64KiB and 1PiB"),
+            ("{ size: 99999999999GiB }", "not a size such as"),
+            ("{ keep: -1 }", "spec.audit"),
+            ("{ every: 1d }", "unknown field"),
+        ] {
+            let e = rotate(bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: expected {want:?} in {e:?}");
+        }
         assert_eq!(
             pol.webhook.as_ref().map(|w| (w.host.as_str(), w.port, w.path.as_str())),
             Some(("127.0.0.1", 9000, "/hooks"))

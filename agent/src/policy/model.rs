@@ -10,7 +10,7 @@ use std::{
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{
-    file::{GrantSpec, IdentitySpec, MaskingSpec, PolicyFile, ResourceSpec, RuleSpec},
+    file::{GrantSpec, IdentitySpec, MaskingSpec, PolicyFile, ResourceSpec, RuleSpec, SizeSpec},
     rules::{Action, DEFAULT_APPROVAL_TIMEOUT, Rule},
 };
 use crate::sql::Kind;
@@ -288,6 +288,7 @@ pub struct Policy {
     /// Where pending approval requests are POSTed as JSON.
     pub webhook: Option<Webhook>,
     pub statement_audit: StatementAudit,
+    pub trail_rotation: crate::audit::Rotation,
 }
 
 /// How far a statement's audit record gets before the statement is forwarded.
@@ -568,6 +569,19 @@ impl TryFrom<PolicyFile> for Policy {
                 ));
             }
         };
+        let trail_rotation = match spec.audit.as_ref().and_then(|a| a.rotate.as_ref()) {
+            None => crate::audit::Rotation::default(),
+            Some(r) => {
+                let default = crate::audit::Rotation::default();
+                let size = match &r.size {
+                    None => Ok(default.size),
+                    Some(SizeSpec::Bytes(n)) => check_size(*n),
+                    Some(SizeSpec::Text(t)) => parse_size(t).and_then(check_size),
+                }
+                .map_err(|m| invalid("spec.audit.rotate.size", m))?;
+                crate::audit::Rotation { size, keep: r.keep.unwrap_or(default.keep) }
+            }
+        };
         Ok(Policy {
             name: f.metadata.name,
             mode,
@@ -579,6 +593,7 @@ impl TryFrom<PolicyFile> for Policy {
             approvers,
             webhook,
             statement_audit,
+            trail_rotation,
         })
     }
 }
@@ -863,6 +878,31 @@ fn parse_action(location: &str, a: &str) -> Result<Action, ValidationError> {
         "deny" => Ok(Action::Deny),
         "approve" => Ok(Action::Approve { timeout: DEFAULT_APPROVAL_TIMEOUT }),
         other => Err(invalid(location, format!("unknown action {other:?}; expected allow, deny or approve"))),
+    }
+}
+
+/// `64KiB`, `256MiB`, `1GiB`: a whole number and a binary unit.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(unit_at);
+    let bad = || format!("{s:?} is not a size such as 64KiB, 256MiB or 1GiB");
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let shift = match unit {
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Segment sizes a trail can rotate at: not so small that it rotates many times a second under
+/// load, and a number of bytes a file can hold.
+fn check_size(n: u64) -> Result<u64, String> {
+    if (64 << 10..=1 << 50).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} bytes: a segment size must be between 64KiB and 1PiB"))
     }
 }
 
