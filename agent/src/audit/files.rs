@@ -45,17 +45,6 @@ pub fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
     Ok(out)
 }
 
-/// Every file of the trail in the order its records were written: the segments, then the live
-/// file if there is one.
-pub fn in_order(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = segments(dir)?.into_iter().map(|s| s.path).collect();
-    let live = trail_path(dir);
-    if live.exists() {
-        files.push(live);
-    }
-    Ok(files)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,16 +61,16 @@ mod tests {
     }
 
     #[test]
-    fn files_come_oldest_first_and_the_live_one_last() {
+    fn segments_come_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         for name in ["trail-100.jsonl", "trail-9.jsonl", "trail.jsonl", "notes.txt", "trail-1.jsonl"] {
             fs::write(dir.path().join(name), "").unwrap();
         }
-        let names: Vec<String> = in_order(dir.path())
+        let names: Vec<String> = segments(dir.path())
             .unwrap()
             .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .map(|s| s.path.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["trail-1.jsonl", "trail-9.jsonl", "trail-100.jsonl", "trail.jsonl"]);
+        assert_eq!(names, ["trail-1.jsonl", "trail-9.jsonl", "trail-100.jsonl"]);
     }
 }

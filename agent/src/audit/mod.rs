@@ -87,16 +87,63 @@ fn file_name(path: &Path) -> String {
     path.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
+/// Every file of the trail, in order, opened: the live file first, then the segments, so a
+/// rotation meanwhile (which moves names, not what an open file holds) cannot leave a gap: the
+/// live file, renamed into a segment, is not read twice, and what is written after it was
+/// opened is not read. A segment removed between listing and opening (by `keep`) makes it list
+/// them again.
+fn open_all(dir: &Path) -> Result<Vec<(PathBuf, fs::File)>, VerifyError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VerifyError::Io { path, source }
+    };
+    let live_path = trail_path(dir);
+    let live = open_if_there(&live_path).map_err(err(&live_path))?;
+    let (live_ino, live_first) = match &live {
+        Some(f) => {
+            let mut first = Vec::new();
+            read_line(&mut BufReader::new(f), &mut first).map_err(err(&live_path))?;
+            // Read again from the start by `verify`.
+            let mut at: &fs::File = f;
+            at.seek(SeekFrom::Start(0)).map_err(err(&live_path))?;
+            (Some(ino(f).map_err(err(&live_path))?), seq_of(&first))
+        }
+        None => (None, None),
+    };
+    let mut attempts = 0;
+    'list: loop {
+        attempts += 1;
+        let segments = match files::segments(dir) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(err(dir)(e)),
+        };
+        let mut opened = Vec::with_capacity(segments.len() + 1);
+        for seg in segments {
+            // Rotated out of the live file after it was opened.
+            if live_first.is_some_and(|first| seg.first_seq >= first) {
+                continue;
+            }
+            match fs::File::open(&seg.path) {
+                Ok(f) if Some(ino(&f).map_err(err(&seg.path))?) == live_ino => {}
+                Ok(f) => opened.push((seg.path, f)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => continue 'list,
+                Err(e) => return Err(err(&seg.path)(e)),
+            }
+        }
+        if let Some(f) = live {
+            opened.push((live_path, f));
+        }
+        return Ok(opened);
+    }
+}
+
 /// Verifies the whole trail, its rotated segments and then the live file, a line at a time,
 /// to its end, as one chain. A trail that starts after seq 1 must say, in an `audit_rotated`
 /// record, that the records before were removed.
 pub fn verify(state_dir: &Path) -> Result<Report, VerifyError> {
     let dir = dir(state_dir);
-    let files = match files::in_order(&dir) {
-        Ok(files) => files,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(source) => return Err(VerifyError::Io { path: dir.clone(), source }),
-    };
+    let files = open_all(&dir)?;
     if files.is_empty() {
         let source = io::Error::new(io::ErrorKind::NotFound, "no audit trail here");
         return Err(VerifyError::Io { path: trail_path(&dir), source });
@@ -105,9 +152,9 @@ pub fn verify(state_dir: &Path) -> Result<Report, VerifyError> {
     let mut report = Report { files: files.len(), ..Report::default() };
     let mut removed_through = 0u64;
     let mut line = Vec::new();
-    for path in &files {
+    for (path, file) in &files {
         let io_err = |source| VerifyError::Io { path: path.clone(), source };
-        let mut reader = BufReader::new(fs::File::open(path).map_err(io_err)?);
+        let mut reader = BufReader::new(file);
         let name = file_name(path);
         if let Some(v) = &mut verifier {
             v.next_file();
@@ -132,14 +179,19 @@ pub fn verify(state_dir: &Path) -> Result<Report, VerifyError> {
     }
     report.last_seq = verifier.as_ref().map_or(0, |v| v.head().seq);
     if report.first_seq > 1 && removed_through < report.first_seq - 1 {
-        report.push(&file_name(&files[0]), ChainError::Unexplained { first: report.first_seq });
+        report.push(&file_name(&files[0].0), ChainError::Unexplained { first: report.first_seq });
     }
     Ok(report)
 }
 
-/// Reads `file` from where it stands to its last complete line, keeping the last `keep` lines
-/// in `lines`; returns how many bytes it read up to the end of that line.
-fn read_complete(file: &mut fs::File, keep: usize, lines: &mut VecDeque<Vec<u8>>) -> io::Result<u64> {
+/// Reads `file` from where it stands to its last complete line, keeping in `lines` the last
+/// `keep` of those `take` accepts; returns how many bytes it read up to the end of that line.
+fn read_complete(
+    file: &mut fs::File,
+    keep: usize,
+    take: impl Fn(&[u8]) -> bool,
+    lines: &mut VecDeque<Vec<u8>>,
+) -> io::Result<u64> {
     let mut reader = BufReader::new(file);
     let mut line = Vec::new();
     let mut read = 0u64;
@@ -149,9 +201,33 @@ fn read_complete(file: &mut fs::File, keep: usize, lines: &mut VecDeque<Vec<u8>>
             return Ok(read);
         }
         read += n as u64;
-        lines.push_back(std::mem::take(&mut line));
-        if lines.len() > keep {
-            lines.pop_front();
+        if take(&line) {
+            lines.push_back(std::mem::take(&mut line));
+            if lines.len() > keep {
+                lines.pop_front();
+            }
+        }
+    }
+}
+
+/// Prints the complete lines `file` holds from where it stands whose seq is `next_seq` or later
+/// (and any without a readable seq: shown, never hidden), a line at a time, moving `next_seq`
+/// past them; returns how many bytes it read up to the end of the last complete line.
+fn show_new(file: &mut fs::File, next_seq: &mut u64, json: bool, out: &mut dyn io::Write) -> io::Result<u64> {
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    let mut read = 0u64;
+    loop {
+        let n = read_line(&mut reader, &mut line)?;
+        if n == 0 || !line.ends_with(b"\n") {
+            out.flush()?;
+            return Ok(read);
+        }
+        read += n as u64;
+        let seq = seq_of(&line);
+        if seq.is_none_or(|s| s >= *next_seq) {
+            print_line(&line, json, out)?;
+            *next_seq = seq.map_or(*next_seq, |s| s.saturating_add(1));
         }
     }
 }
@@ -160,41 +236,64 @@ fn open(path: &Path) -> io::Result<fs::File> {
     fs::File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
+/// `path` opened; None if it is gone (a segment removed, or the live file between its rename
+/// and its successor's creation).
+fn open_if_there(path: &Path) -> io::Result<Option<fs::File>> {
+    match open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn ino(file: &fs::File) -> io::Result<u64> {
+    Ok(file.metadata()?.ino())
+}
+
 /// Prints the last `last` records (from older segments too, where the live file holds fewer),
 /// then, with `follow`, new ones as they are written, across rotations.
 pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut dyn io::Write) -> io::Result<()> {
     let dir = dir(state_dir);
     let path = trail_path(&dir);
     let mut file = open(&path)?;
+    // At least the last record: following starts after it.
+    let want = last.max(1);
     let mut lines = VecDeque::new();
-    let mut pos = read_complete(&mut file, last, &mut lines)?;
-    if lines.len() < last {
+    let mut pos = read_complete(&mut file, want, |_| true, &mut lines)?;
+    if lines.len() < want {
+        let live = ino(&file)?;
         for seg in files::segments(&dir)?.iter().rev() {
+            let Some(mut f) = open_if_there(&seg.path)? else { continue };
+            // A rotation since the live file was read lists it (and what followed) here too.
+            if ino(&f)? == live {
+                continue;
+            }
+            let oldest = lines.front().and_then(|l| seq_of(l));
             let mut older = VecDeque::new();
-            read_complete(&mut open(&seg.path)?, last - lines.len(), &mut older)?;
+            let before = |l: &[u8]| oldest.is_none_or(|o| seq_of(l).is_some_and(|s| s < o));
+            read_complete(&mut f, want - lines.len(), before, &mut older)?;
             older.append(&mut lines);
             lines = older;
-            if lines.len() >= last {
+            if lines.len() >= want {
                 break;
             }
         }
     }
-    for l in &lines {
+    let mut next_seq = lines.back().and_then(|l| seq_of(l)).map_or(0, |s| s.saturating_add(1));
+    for l in lines.iter().skip(lines.len().saturating_sub(last)) {
         print_line(l, json, out)?;
     }
     out.flush()?;
     if !follow {
         return Ok(());
     }
-    // The first record not yet printed (0: none printed yet).
-    let mut next_seq = lines.back().and_then(|l| seq_of(l)).map_or(0, |s| s + 1);
     loop {
         std::thread::sleep(Duration::from_millis(200));
         // Once the live file has been moved aside nothing more is written to it: what it got
         // before is read, then what came after it, in segments rotated out since the last
         // look and in the new live file.
         let rotated = match fs::metadata(&path) {
-            Ok(m) => m.ino() != file.metadata()?.ino(),
+            Ok(m) => m.ino() != ino(&file)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(e),
         };
@@ -203,40 +302,48 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
         let len = file.metadata()?.len();
         pos = pos.min(len);
         file.seek(SeekFrom::Start(pos))?;
-        let mut new = VecDeque::new();
-        pos += read_complete(&mut file, usize::MAX, &mut new)?;
-        show(new, &mut next_seq, json, out)?;
-        if !rotated {
-            continue;
+        pos += show_new(&mut file, &mut next_seq, json, out)?;
+        if rotated && let Some((live, at)) = catch_up(&dir, ino(&file)?, &mut next_seq, json, out)? {
+            (file, pos) = (live, at);
         }
-        let segments = files::segments(&dir)?;
-        for (i, seg) in segments.iter().enumerate() {
-            // Skipped unread when the next segment starts at or before what is still to show.
-            if segments.get(i + 1).is_some_and(|next| next.first_seq <= next_seq) {
-                continue;
-            }
-            let mut new = VecDeque::new();
-            read_complete(&mut open(&seg.path)?, usize::MAX, &mut new)?;
-            show(new, &mut next_seq, json, out)?;
-        }
-        file = open(&path)?;
-        let mut new = VecDeque::new();
-        pos = read_complete(&mut file, usize::MAX, &mut new)?;
-        show(new, &mut next_seq, json, out)?;
     }
 }
 
-/// Prints the lines from `next_seq` on, and moves it past them.
-fn show(lines: VecDeque<Vec<u8>>, next_seq: &mut u64, json: bool, out: &mut dyn io::Write) -> io::Result<()> {
-    for l in lines {
-        let seq = seq_of(&l);
-        // Lines without a readable seq are shown, never hidden.
-        if seq.is_none_or(|s| s >= *next_seq) {
-            print_line(&l, json, out)?;
-            *next_seq = seq.map_or(*next_seq, |s| s + 1);
+/// After a rotation: prints what the segments rotated out since the file `done` (read to its
+/// end) hold, then the new live file, which it returns with the bytes read. A rotation between
+/// listing the segments and opening the live file leaves a segment unlisted: the live file then
+/// starts past `next_seq`, and the segments are listed again. None: no live file yet.
+fn catch_up(
+    dir: &Path,
+    done: u64,
+    next_seq: &mut u64,
+    json: bool,
+    out: &mut dyn io::Write,
+) -> io::Result<Option<(fs::File, u64)>> {
+    for attempt in 0.. {
+        let segments = files::segments(dir)?;
+        for (i, seg) in segments.iter().enumerate() {
+            // Skipped unread when the next segment starts at or before what is still to show.
+            if segments.get(i + 1).is_some_and(|next| next.first_seq <= *next_seq) {
+                continue;
+            }
+            let Some(mut f) = open_if_there(&seg.path)? else { continue };
+            if ino(&f)? != done {
+                show_new(&mut f, next_seq, json, out)?;
+            }
         }
+        let Some(mut live) = open_if_there(&trail_path(dir))? else { return Ok(None) };
+        let mut first = Vec::new();
+        read_line(&mut BufReader::new(&mut live), &mut first)?;
+        let starts = seq_of(&first);
+        if attempt < 2 && *next_seq > 0 && starts.is_some_and(|s| s > *next_seq) {
+            continue;
+        }
+        live.seek(SeekFrom::Start(0))?;
+        let at = show_new(&mut live, next_seq, json, out)?;
+        return Ok(Some((live, at)));
     }
-    out.flush()
+    Ok(None)
 }
 
 /// A line's `seq`, if it has one that can be read.
@@ -303,6 +410,16 @@ mod tests {
         // The last records come from as many files as they are in, in order.
         assert_eq!(seqs(state.path(), 12), (last - 11..=last).collect::<Vec<_>>());
         assert_eq!(seqs(state.path(), 10_000), (1..=last).collect::<Vec<_>>());
+
+        // As `verify` sees a rotation that happens after it opened the live file: the same
+        // file under a segment's name too. It is read once.
+        let first = seq_of(live.lines().next().unwrap().as_bytes()).unwrap();
+        let link = files::segment_path(&audit, first);
+        fs::hard_link(trail_path(&audit), &link).unwrap();
+        let report = verify(state.path()).unwrap();
+        assert!(report.breaks.is_empty() && report.last_seq == last, "{:?}", report.breaks);
+        assert_eq!(seqs(state.path(), 10_000), (1..=last).collect::<Vec<_>>(), "tail reads it once too");
+        fs::remove_file(link).unwrap();
 
         // The next run goes on with the chain.
         let (log, thread) = AuditLog::open(&audit).unwrap();
@@ -396,7 +513,9 @@ mod tests {
     async fn tail_follows_the_trail_across_rotations() {
         let state = tempfile::tempdir().unwrap();
         rotated_trail(state.path(), 1000, 0, 3).await;
-        // With the rotation's own record: the follower starts after what is there.
+        assert_eq!(files::segments(&dir(state.path())).unwrap().len(), 1, "rotated once before following");
+        // With the rotation's own record: the follower starts after what is there, and shows
+        // none of it again when the next rotation sends it back to the segments.
         let before = verify(state.path()).unwrap().last_seq;
         let path = state.path().to_owned();
         let (tx, rx) = std::sync::mpsc::channel();

@@ -307,10 +307,11 @@ impl Trail {
 impl Trail {
     /// Moves the live file aside as the segment `trail-FIRST_SEQ.jsonl` once it holds
     /// `rotation.size` bytes, and starts a new one with an `audit_rotated` record; then removes
-    /// the oldest segments beyond `rotation.keep`, after a record saying so is on disk. Returns
-    /// the new file for syncing. Runs on the writer thread: a rotation syncs (the old file
-    /// before it is moved, the new one and the directory after).
-    fn rotate(&mut self, rotation: Rotation) -> Result<Option<File>, AuditError> {
+    /// the oldest segments beyond `rotation.keep` once a record saying so is on disk. Returns
+    /// the new file for syncing: once there is one, also when what follows fails (which is
+    /// logged), since from then on records go to it. Runs on the writer thread: a rotation
+    /// syncs (the old file before it is moved, the new one and the directory after).
+    fn rotate(&mut self, rotation: Rotation) -> Result<Option<Rotated>, AuditError> {
         if self.len < rotation.size || self.stuck.is_some() {
             return Ok(None);
         }
@@ -329,15 +330,17 @@ impl Trail {
             });
         }
         fs::rename(&self.path, &segment).map_err(path_err(&self.path))?;
-        let file = match OpenOptions::new().create_new(true).read(true).append(true).open(&self.path) {
-            Ok(f) => f,
-            Err(e) => {
-                // Back to the old file, so records keep a place to go.
-                let _ = fs::rename(&segment, &self.path);
-                return Err(AuditError::Io { path: self.path.clone(), source: e });
+        let back = |e: io::Error, created: bool| {
+            // Back to the old file, so records keep a place to go.
+            if created {
+                let _ = fs::remove_file(&self.path);
             }
+            let _ = fs::rename(&segment, &self.path);
+            AuditError::Io { path: self.path.clone(), source: e }
         };
-        let sync_file = file.try_clone().map_err(path_err(&self.path))?;
+        let file =
+            OpenOptions::new().create_new(true).read(true).append(true).open(&self.path).map_err(|e| back(e, false))?;
+        let sync_file = file.try_clone().map_err(|e| back(e, true))?;
         self.file = file;
         self.len = 0;
         let last = self.head.seq;
@@ -349,7 +352,10 @@ impl Trail {
             segment.file_name().unwrap_or_default().to_string_lossy()
         ));
         let mut records = vec![r];
-        let segments = files::segments(&self.dir).map_err(path_err(&self.dir))?;
+        let segments = files::segments(&self.dir).unwrap_or_else(|e| {
+            tracing::error!(dir = %self.dir.display(), error = %e, "listing audit segments failed: none removed");
+            Vec::new()
+        });
         let remove = match rotation.keep {
             0 => 0,
             keep => segments.len().saturating_sub(keep),
@@ -370,16 +376,39 @@ impl Trail {
             records.push(r);
         }
         let mut items = records.into_iter().map(|r| Msg { payload: r.into(), ack: None }).collect();
-        self.write(&mut items)?;
-        self.file.sync_data().map_err(path_err(&self.path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(dir_err)?;
-        for seg in &segments[..remove] {
-            if let Err(e) = fs::remove_file(&seg.path) {
-                tracing::error!(path = %seg.path.display(), error = %e, "removing an old audit segment failed");
+        // The new file's name is on disk before any record in it is reported so, and no
+        // segment goes before the record of its removal is on disk.
+        let durable = self
+            .write(&mut items)
+            .and_then(|_| self.file.sync_data().map_err(path_err(&self.path)))
+            .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()).map_err(dir_err));
+        tracing::info!(segment = %segment.display(), first, last, "audit trail rotated");
+        if let Err(e) = durable {
+            tracing::error!(error = %e, "starting a new audit file: its first records may not be on disk; no segment removed");
+            return Ok(Some(Rotated { sync_file, remove: Vec::new() }));
+        }
+        let remove = segments.into_iter().take(remove).map(|s| s.path).collect();
+        Ok(Some(Rotated { sync_file, remove }))
+    }
+}
+
+/// A rotation's new live file (for syncing) and the segments to remove, oldest first.
+struct Rotated {
+    sync_file: File,
+    remove: Vec<PathBuf>,
+}
+
+/// Removes old segments oldest first, outside the trail's lock (large files take a while); stops
+/// at the first that cannot go, so what is left is still one chain from its start.
+fn remove_segments(paths: &[PathBuf]) {
+    for path in paths {
+        match fs::remove_file(path) {
+            Ok(()) => tracing::info!(path = %path.display(), "old audit segment removed"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "removing an old audit segment failed; newer ones are kept");
+                return;
             }
         }
-        tracing::info!(segment = %segment.display(), first, last, removed = remove, "audit trail rotated");
-        Ok(Some(sync_file))
     }
 }
 
@@ -736,8 +765,9 @@ fn run(shared: &Shared, mut sync_file: File, path: &Path) {
         rotate_after = now + ROTATE_CHECK;
         let rotation = *shared.rotation.lock().unwrap_or_else(|e| e.into_inner());
         let mut trail = shared.trail();
+        let mut remove = Vec::new();
         match trail.rotate(rotation) {
-            Ok(Some(file)) => sync_file = file,
+            Ok(Some(rotated)) => (sync_file, remove) = (rotated.sync_file, rotated.remove),
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, "audit trail rotation failed; the live file grows on, tried again in a minute");
@@ -746,6 +776,7 @@ fn run(shared: &Shared, mut sync_file: File, path: &Path) {
         }
         // Appenders that found the trail taken meanwhile left their records to its holder.
         shared.write_queued(trail);
+        remove_segments(&remove);
     }
 }
 
