@@ -1,5 +1,11 @@
 //! Response masking: column-name rules and content detectors applied to single values. Pure.
-use std::{borrow::Cow, collections::HashMap, fmt, str::FromStr, sync::OnceLock};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    fmt,
+    str::FromStr,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use hmac::{Hmac, Mac};
 use regex::bytes::{Regex, RegexBuilder};
@@ -237,10 +243,25 @@ pub struct Masker {
     /// Detectors in use and the style each applies, in rule order (first rule naming one wins).
     detectors: Vec<(Kind, Style)>,
     key: [u8; 32],
-    origins: Origins,
-    tables: MaskedTables,
+    origins: Arc<Origins>,
+    tables: Arc<MaskedTables>,
     charset: Charset,
+    /// Shared by every masker made from this one (`with_origins`, `with_charset`).
+    catalogs: Arc<Catalogs>,
 }
+
+/// What the server's catalog said (`with_origins`), by database, for the sessions of one grant:
+/// a session that reads the same as the last one shares its copy, since a catalog can name
+/// 100,000 columns and every masking session keeps one.
+#[derive(Default)]
+struct Catalogs(Mutex<HashMap<String, Catalog>>);
+
+/// One database's masked columns and the tables that have them, as sessions share them.
+type Catalog = (Arc<Origins>, Arc<MaskedTables>);
+
+/// Databases whose catalog `Catalogs` keeps; past that it starts over (the names come from
+/// clients).
+const MAX_CATALOGS: usize = 16;
 
 impl fmt::Debug for Masker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -265,15 +286,30 @@ impl Masker {
             rules: rules.to_vec(),
             detectors,
             key,
-            origins: Origins::new(),
-            tables: MaskedTables::new(),
+            origins: Default::default(),
+            tables: Default::default(),
             charset: Charset::Utf8,
+            catalogs: Default::default(),
         }
     }
 
     /// This masker, also masking results taken from the table columns in `origins`, and
-    /// computed results of statements that read `tables`.
-    pub fn with_origins(&self, origins: Origins, tables: MaskedTables) -> Masker {
+    /// computed results of statements that read `tables`, as `database`'s catalog says: the
+    /// same copy as an earlier session's that found the same there.
+    pub fn with_origins(&self, database: &str, origins: Origins, tables: MaskedTables) -> Masker {
+        let mut known = self.catalogs.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (origins, tables) = match known.get(database) {
+            Some((o, t)) if **o == origins && **t == tables => (o.clone(), t.clone()),
+            _ => {
+                if known.len() >= MAX_CATALOGS && !known.contains_key(database) {
+                    known.clear();
+                }
+                let new = (Arc::new(origins), Arc::new(tables));
+                known.insert(database.to_owned(), new.clone());
+                new
+            }
+        };
+        drop(known);
         Masker { origins, tables, ..self.clone() }
     }
 
@@ -652,6 +688,37 @@ mod tests {
     }
 
     #[test]
+    fn sessions_that_read_the_same_catalog_share_one_copy() {
+        let m = masker(vec![Rule {
+            name: "a".into(),
+            target: Target::Columns(vec![Glob::new("ssn")]),
+            style: Style::Redact,
+        }]);
+        let catalog = |attnum: i16| {
+            let columns = ["id", "ssn"].iter().map(|c| c.to_string()).collect();
+            let tables = MaskedTables::from([("vault".into(), MaskedTable { style: Style::Redact, columns })]);
+            (Origins::from([((16384, attnum), Style::Redact)]), tables)
+        };
+        let session = |db: &str, attnum| {
+            let (o, t) = catalog(attnum);
+            m.with_origins(db, o, t)
+        };
+        let shared = |a: &Masker, b: &Masker| Arc::ptr_eq(&a.origins, &b.origins) && Arc::ptr_eq(&a.tables, &b.tables);
+        let (a, b) = (session("orders", 2), session("orders", 2));
+        assert!(shared(&a, &b));
+        assert!(shared(&a, &b.with_charset(Charset::SingleByte)), "whatever the client's charset");
+        assert!(!shared(&a, &session("archive", 2)), "another database has its own");
+        let changed = session("orders", 3);
+        assert!(!shared(&a, &changed) && changed.origins.contains_key(&(16384, 3)), "the schema changed");
+        assert!(shared(&changed, &session("orders", 3)), "and later sessions share the new one");
+        // Client-chosen database names cannot make it keep catalogs without end.
+        for i in 0..100 {
+            session(&format!("db{i}"), 2);
+        }
+        assert!(m.catalogs.0.lock().unwrap().len() <= MAX_CATALOGS);
+    }
+
+    #[test]
     fn a_result_column_is_masked_by_its_name_or_its_source() {
         let m = masker(vec![
             Rule { name: "a".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact },
@@ -663,7 +730,7 @@ mod tests {
             ("vault".into(), table(Style::Partial, &["id", "ssn"])),
             ("people".into(), table(Style::Hash, &["email"])),
         ]);
-        let m = m.with_origins(Origins::from([((16384, 3), Style::Partial)]), tables);
+        let m = m.with_origins("db", Origins::from([((16384, 3), Style::Partial)]), tables);
         assert_eq!(m.column_from("x", (16384, 3), None), ColumnMask::Whole(Style::Partial), "an alias of ssn");
         assert_eq!(m.column_from("ssn", (16384, 3), None), ColumnMask::Whole(Style::Redact), "the name's rule first");
         assert_eq!(m.column_from("x", (16384, 2), None), ColumnMask::Detect);
@@ -700,7 +767,7 @@ mod tests {
         assert_eq!(m.computed(&tables, &reads(&["x"], false, &[("t", "x")]), false), None, "t is not masked");
         // Names as the classifier holds them: a quote or dot in a name keeps it quoted.
         let quoted = MaskedTables::from([("x\"y".into(), table(Style::Hash, &["ssn"]))]);
-        let q = m.with_origins(Origins::new(), quoted);
+        let q = m.with_origins("db", Origins::new(), quoted);
         let whole = reads(&["t"], true, &[]);
         assert_eq!(q.computed(&["s.\"x\"\"y\"".to_string()], &whole, false), Some(Style::Hash));
         assert_eq!(m.computed(&[], &reads(&[], false, &[]), true), Some(Style::Redact), "a FETCH: the strictest rule");

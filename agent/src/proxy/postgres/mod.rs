@@ -515,7 +515,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         return Outcome { error: Some(msg), ..Default::default() };
     }
     let mut base = s.base.clone();
-    base.database = Some(database);
+    base.database = Some(database.clone());
     base.db_user = Some(s.credentials.user.clone());
 
     let login = async {
@@ -548,7 +548,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         let masker = match &s.masker {
             Some(m) if m.has_column_rules() => {
                 let (origins, tables) = up.column_origins(s.upstream, m).await.map_err(LoginError::agent)?;
-                Some(Arc::new(m.with_origins(origins, tables)))
+                Some(Arc::new(m.with_origins(&database, origins, tables)))
             }
             other => other.clone(),
         };

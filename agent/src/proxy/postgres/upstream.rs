@@ -310,7 +310,8 @@ pub async fn login(
     }
 }
 
-/// At most this many columns may the tables with masked columns have: each session keeps them.
+/// At most this many columns may the tables with masked columns have: sessions keep them (one
+/// copy for those that find the same, `Masker::with_origins`).
 const MAX_ORIGINS: usize = 100_000;
 
 /// The catalog query behind `column_origins`: every live column of the user tables, views,
