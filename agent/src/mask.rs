@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     fmt,
     str::FromStr,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, Weak},
 };
 
 use hmac::{Hmac, Mac};
@@ -251,13 +251,20 @@ pub struct Masker {
 }
 
 /// What the server's catalog said (`with_origins`), by database, for the sessions of one grant:
-/// a session that reads the same as the last one shares its copy, since a catalog can name
-/// 100,000 columns and every masking session keeps one.
+/// a session that reads the same as one still running shares its copy, since a catalog can name
+/// 100,000 columns and every masking session keeps one. Held weakly: a catalog goes with its
+/// last session.
 #[derive(Default)]
 struct Catalogs(Mutex<HashMap<String, Catalog>>);
 
+impl Catalogs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Catalog>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// One database's masked columns and the tables that have them, as sessions share them.
-type Catalog = (Arc<Origins>, Arc<MaskedTables>);
+type Catalog = (Weak<Origins>, Weak<MaskedTables>);
 
 /// Databases whose catalog `Catalogs` keeps; past that it starts over (the names come from
 /// clients).
@@ -297,20 +304,27 @@ impl Masker {
     /// computed results of statements that read `tables`, as `database`'s catalog says: the
     /// same copy as an earlier session's that found the same there.
     pub fn with_origins(&self, database: &str, origins: Origins, tables: MaskedTables) -> Masker {
-        let mut known = self.catalogs.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (origins, tables) = match known.get(database) {
-            Some((o, t)) if **o == origins && **t == tables => (o.clone(), t.clone()),
+        let cached = self.catalogs.lock().get(database).and_then(|(o, t)| Some((o.upgrade()?, t.upgrade()?)));
+        // Compared outside the lock: other logins of the grant need not wait for it.
+        let (origins, tables) = match cached {
+            Some((o, t)) if *o == origins && *t == tables => (o, t),
             _ => {
+                let new = (Arc::new(origins), Arc::new(tables));
+                let mut known = self.catalogs.lock();
+                known.retain(|_, (o, _)| o.strong_count() > 0);
                 if known.len() >= MAX_CATALOGS && !known.contains_key(database) {
                     known.clear();
                 }
-                let new = (Arc::new(origins), Arc::new(tables));
-                known.insert(database.to_owned(), new.clone());
+                known.insert(database.to_owned(), (Arc::downgrade(&new.0), Arc::downgrade(&new.1)));
                 new
             }
         };
-        drop(known);
         Masker { origins, tables, ..self.clone() }
+    }
+
+    /// The rules it was made from.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
     }
 
     pub fn charset(&self) -> Charset {
@@ -711,11 +725,16 @@ mod tests {
         let changed = session("orders", 3);
         assert!(!shared(&a, &changed) && changed.origins.contains_key(&(16384, 3)), "the schema changed");
         assert!(shared(&changed, &session("orders", 3)), "and later sessions share the new one");
+        // A catalog goes with the last session that holds it.
+        let held = |db: &str| m.catalogs.lock().get(db).is_some_and(|(o, _)| o.strong_count() > 0);
+        drop((a, b));
+        assert!(!held("archive") && held("orders"), "`changed` still holds orders");
+        drop(changed);
+        assert!(!held("orders"));
         // Client-chosen database names cannot make it keep catalogs without end.
-        for i in 0..100 {
-            session(&format!("db{i}"), 2);
-        }
-        assert!(m.catalogs.0.lock().unwrap().len() <= MAX_CATALOGS);
+        let sessions: Vec<Masker> = (0..100).map(|i| session(&format!("db{i}"), 2)).collect();
+        assert!(m.catalogs.lock().len() <= MAX_CATALOGS);
+        drop(sessions);
     }
 
     #[test]

@@ -90,29 +90,31 @@ fn file_name(path: &Path) -> String {
 /// Every file of the trail, in order, opened: the live file first, then the segments, so a
 /// rotation meanwhile (which moves names, not what an open file holds) cannot leave a gap: the
 /// live file, renamed into a segment, is not read twice, and what is written after it was
-/// opened is not read. A segment removed between listing and opening (by `keep`) makes it list
-/// them again.
+/// opened is not read. A segment removed between listing and opening (by `keep`), or a
+/// rotation before the segments were listed (whose removal record would be in a file not
+/// read), makes it start again.
 fn open_all(dir: &Path) -> Result<Vec<(PathBuf, fs::File)>, VerifyError> {
     let err = |path: &Path| {
         let path = path.to_owned();
         move |source| VerifyError::Io { path, source }
     };
     let live_path = trail_path(dir);
-    let live = open_if_there(&live_path).map_err(err(&live_path))?;
-    let (live_ino, live_first) = match &live {
-        Some(f) => {
-            let mut first = Vec::new();
-            read_line(&mut BufReader::new(f), &mut first).map_err(err(&live_path))?;
-            // Read again from the start by `verify`.
-            let mut at: &fs::File = f;
-            at.seek(SeekFrom::Start(0)).map_err(err(&live_path))?;
-            (Some(ino(f).map_err(err(&live_path))?), seq_of(&first))
-        }
-        None => (None, None),
-    };
     let mut attempts = 0;
-    'list: loop {
+    'again: loop {
         attempts += 1;
+        let retry = attempts < 3;
+        let live = open_if_there(&live_path).map_err(err(&live_path))?;
+        let (live_ino, live_first) = match &live {
+            Some(f) => {
+                let mut first = Vec::new();
+                read_line(&mut BufReader::new(f), &mut first).map_err(err(&live_path))?;
+                // Read again from the start by `verify`.
+                let mut at: &fs::File = f;
+                at.seek(SeekFrom::Start(0)).map_err(err(&live_path))?;
+                (Some(ino(f).map_err(err(&live_path))?), seq_of(&first))
+            }
+            None => (None, None),
+        };
         let segments = match files::segments(dir) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -127,9 +129,13 @@ fn open_all(dir: &Path) -> Result<Vec<(PathBuf, fs::File)>, VerifyError> {
             match fs::File::open(&seg.path) {
                 Ok(f) if Some(ino(&f).map_err(err(&seg.path))?) == live_ino => {}
                 Ok(f) => opened.push((seg.path, f)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 3 => continue 'list,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && retry => continue 'again,
                 Err(e) => return Err(err(&seg.path)(e)),
             }
+        }
+        let now = fs::metadata(&live_path).ok().map(|m| m.ino());
+        if retry && now != live_ino {
+            continue 'again;
         }
         if let Some(f) = live {
             opened.push((live_path, f));
@@ -255,7 +261,14 @@ fn ino(file: &fs::File) -> io::Result<u64> {
 pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut dyn io::Write) -> io::Result<()> {
     let dir = dir(state_dir);
     let path = trail_path(&dir);
-    let mut file = open(&path)?;
+    // Between a rotation's rename and its new file there is, for a moment, no live file.
+    let mut file = match open_if_there(&path)? {
+        Some(f) => f,
+        None => {
+            std::thread::sleep(Duration::from_millis(100));
+            open(&path)?
+        }
+    };
     // At least the last record: following starts after it.
     let want = last.max(1);
     let mut lines = VecDeque::new();
@@ -268,9 +281,9 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
             if ino(&f)? == live {
                 continue;
             }
-            let oldest = lines.front().and_then(|l| seq_of(l));
+            let oldest = lines.iter().find_map(|l| seq_of(l));
             let mut older = VecDeque::new();
-            let before = |l: &[u8]| oldest.is_none_or(|o| seq_of(l).is_some_and(|s| s < o));
+            let before = |l: &[u8]| oldest.is_none_or(|o| seq_of(l).is_none_or(|s| s < o));
             read_complete(&mut f, want - lines.len(), before, &mut older)?;
             older.append(&mut lines);
             lines = older;
@@ -279,7 +292,7 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
             }
         }
     }
-    let mut next_seq = lines.back().and_then(|l| seq_of(l)).map_or(0, |s| s.saturating_add(1));
+    let mut next_seq = lines.iter().rev().find_map(|l| seq_of(l)).map_or(0, |s| s.saturating_add(1));
     for l in lines.iter().skip(lines.len().saturating_sub(last)) {
         print_line(l, json, out)?;
     }

@@ -6,6 +6,7 @@ pub mod postgres;
 pub mod tcp;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
@@ -25,6 +26,7 @@ use crate::{
     identity::Attribution,
     ids::View,
     kernel::{Origins, event, plan::boot_ns},
+    mask::Masker,
     policy::{Access, Grant, Mode, Protocol},
 };
 
@@ -32,6 +34,30 @@ use crate::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Oldest kernel hand-over record the proxy accepts.
 const MAX_RECORD_AGE: Duration = Duration::from_secs(30);
+
+/// Each grant's masker, shared by its sessions (with the catalogs they read,
+/// `Masker::with_origins`) while the grant's masking rules stay as they are.
+#[derive(Default)]
+struct Maskers(Mutex<HashMap<String, Arc<Masker>>>);
+
+impl Maskers {
+    /// The masker of `grant` (None: it masks nothing): the one its sessions have had, unless a
+    /// reload changed its rules.
+    fn of(&self, grant: &Grant, key: [u8; 32]) -> Option<Arc<Masker>> {
+        if grant.masking.is_empty() {
+            return None;
+        }
+        let mut maskers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = maskers.get(&grant.name).filter(|m| m.rules() == grant.masking.as_slice()) {
+            return Some(m.clone());
+        }
+        // Maskers no session holds (of grants a reload removed or changed) go at the next change.
+        maskers.retain(|_, m| Arc::strong_count(m) > 1);
+        let m = Arc::new(Masker::new(&grant.masking, key));
+        maskers.insert(grant.name.clone(), m.clone());
+        Some(m)
+    }
+}
 
 /// What every connection handler needs.
 pub struct Shared {
@@ -42,6 +68,7 @@ pub struct Shared {
     pub approvals: Approvals,
     /// Keys the `hash` masking style, so hashed values stay equal across sessions and restarts.
     mask_key: [u8; 32],
+    maskers: Maskers,
     /// The agent's CA for client-side TLS, and cached TLS configurations.
     pub tls: crate::tls::Authority,
     next_session: AtomicU64,
@@ -62,9 +89,14 @@ impl Shared {
             cancel: postgres::CancelKeys::default(),
             approvals: Approvals::default(),
             mask_key,
+            maskers: Default::default(),
             tls,
             next_session: AtomicU64::new(1),
         }
+    }
+
+    pub fn masker(&self, grant: &Grant) -> Option<Arc<Masker>> {
+        self.maskers.of(grant, self.mask_key)
     }
 
     /// The policy in force with its ids.
@@ -221,8 +253,7 @@ async fn handle(
                 enforce: policy.mode == Mode::Enforce,
                 approvals: &shared.approvals,
                 webhook: &webhook,
-                masker: (!grant.masking.is_empty())
-                    .then(|| Arc::new(crate::mask::Masker::new(&grant.masking, shared.mask_key))),
+                masker: shared.masker(grant),
                 held: Default::default(),
                 resource: res,
                 authority: &shared.tls,
@@ -267,4 +298,38 @@ fn reject(shared: &Shared, mut r: Record, reason: &str, rule: Option<String>) {
     }
     warn!(reason, "session refused");
     shared.audit.append(r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::{Glob, Rule, Style, Target};
+
+    fn grant(name: &str, style: Style) -> Grant {
+        Grant {
+            name: name.into(),
+            identities: Vec::new(),
+            resources: Vec::new(),
+            expires: None,
+            rules: Vec::new(),
+            default: crate::policy::rules::Action::Allow,
+            masking: vec![Rule { name: "m".into(), target: Target::Columns(vec![Glob::new("email")]), style }],
+        }
+    }
+
+    /// Sessions share their grant's masker, and so the catalogs it keeps; a reload that changes
+    /// the rules gets a new one.
+    #[test]
+    fn sessions_of_a_grant_share_its_masker_until_its_rules_change() {
+        let maskers = Maskers::default();
+        let key = [7; 32];
+        let first = maskers.of(&grant("g", Style::Hash), key).unwrap();
+        assert!(Arc::ptr_eq(&first, &maskers.of(&grant("g", Style::Hash), key).unwrap()));
+        assert!(!Arc::ptr_eq(&first, &maskers.of(&grant("other", Style::Hash), key).unwrap()));
+        let changed = maskers.of(&grant("g", Style::Redact), key).unwrap();
+        assert!(!Arc::ptr_eq(&first, &changed) && changed.rules()[0].style == Style::Redact);
+        let mut unmasked = grant("g", Style::Hash);
+        unmasked.masking.clear();
+        assert!(maskers.of(&unmasked, key).is_none());
+    }
 }
