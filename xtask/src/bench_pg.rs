@@ -93,7 +93,7 @@ fn idle_sessions(bin: &Path, cgroup: &str, port: &str, n: usize) -> anyhow::Resu
 /// over 128 sessions, and what the second 64 added. The first sessions on each event loop also
 /// set up what the loop keeps (its allocator arena, buffers it reuses); the average includes
 /// that, the second figure does not, but it moves with the heap's growth in steps.
-fn idle_memory(bin: &Path, cgroup: &str, port: &str, agent_pid: u32) -> anyhow::Result<String> {
+fn idle_memory(bin: &Path, cgroup: &str, port: &str, agent_pid: u32, label: &str) -> anyhow::Result<String> {
     let stop = |mut c: Child| {
         let _ = c.kill();
         let _ = c.wait();
@@ -113,12 +113,25 @@ fn idle_memory(bin: &Path, cgroup: &str, port: &str, agent_pid: u32) -> anyhow::
     stop(first);
     let (with_first, with_both) = measured?;
     Ok(format!(
-        "\nagent memory (fresh agent): {before} KiB resident, {with_first} KiB with {n} idle logged-in sessions, \
+        "\n{label}: {before} KiB resident, {with_first} KiB with {n} idle logged-in sessions, \
          {with_both} KiB with {}: {:.1} KiB per idle connection (the second {n} added {:.1} each)",
         2 * n,
         (with_both as f64 - before as f64) / (2 * n) as f64,
         (with_both as f64 - with_first as f64) / n as f64
     ))
+}
+
+/// A schema whose every table has a column the masked grant's rules name (`email`): each
+/// masked session's catalog lookup returns WIDE_TABLES × WIDE_COLUMNS column names.
+const WIDE_TABLES: usize = 500;
+const WIDE_COLUMNS: usize = 20;
+fn wide_schema() -> String {
+    format!(
+        "CREATE SCHEMA wide; DO $$ BEGIN FOR t IN 1..{WIDE_TABLES} LOOP \
+         EXECUTE format('CREATE TABLE wide.t%s (email text, %s)', t, \
+         (SELECT string_agg(format('column_number_%s int', c), ', ') FROM generate_series(2, {WIDE_COLUMNS}) c)); \
+         END LOOP; END $$"
+    )
 }
 
 /// Resident memory of a process, from /proc.
@@ -442,7 +455,20 @@ spec:
     let like_base = if baseline_statements == "written" { 2 } else { 1 };
     // Agent memory per idle connection, measured on the fresh agent: after the cells its heap
     // has room freed by their sessions, which idle sessions would reuse without growing.
-    let memory = if pgbench_only { None } else { Some(idle_memory(&bin, &cgroup, &port_s, agent_pid)?) };
+    let memory = if pgbench_only {
+        None
+    } else {
+        let plain = idle_memory(&bin, &cgroup, &port_s, agent_pid, "agent memory (fresh agent)")?;
+        // Masked sessions each look up the columns of every table with a masked column at
+        // login: with a wide schema that answer is large, and sessions share one copy of it.
+        rig.pg.sql(&wide_schema())?;
+        let label = format!(
+            "agent memory, masked sessions ({WIDE_TABLES} tables of {WIDE_COLUMNS} columns, each with an email column)"
+        );
+        let masked = idle_memory(&bin, &masked_cgroup, &port_s, agent_pid, &label);
+        rig.pg.sql("DROP SCHEMA wide CASCADE")?;
+        Some(plain + &masked?)
+    };
     // Switches the agent between durable and written statement records (SIGHUP reload; new
     // sessions take the policy in force when they start).
     let statements = |mode: &str| -> anyhow::Result<()> {
