@@ -7,7 +7,7 @@ mod writer;
 use std::{
     collections::VecDeque,
     fs,
-    io::{self, BufRead, BufReader, Seek, SeekFrom},
+    io::{self, BufRead, BufReader, Read, Seek, SeekFrom},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::Duration,
@@ -190,30 +190,59 @@ pub fn verify(state_dir: &Path) -> Result<Report, VerifyError> {
     Ok(report)
 }
 
-/// Reads `file` from where it stands to its last complete line, keeping in `lines` the last
-/// `keep` of those `take` accepts; returns how many bytes it read up to the end of that line.
-fn read_complete(
-    file: &mut fs::File,
-    keep: usize,
-    take: impl Fn(&[u8]) -> bool,
-    lines: &mut VecDeque<Vec<u8>>,
-) -> io::Result<u64> {
-    let mut reader = BufReader::new(file);
-    let mut line = Vec::new();
-    let mut read = 0u64;
-    loop {
-        let n = read_line(&mut reader, &mut line)?;
-        if n == 0 || !line.ends_with(b"\n") {
-            return Ok(read);
-        }
-        read += n as u64;
+/// The last `keep` complete lines of `file` that `take` accepts, read backwards from its end
+/// (a segment or live file can be a GiB), and where its last complete line ends.
+fn last_lines(file: &mut fs::File, keep: usize, take: impl Fn(&[u8]) -> bool) -> io::Result<(VecDeque<Vec<u8>>, u64)> {
+    const CHUNK: u64 = 64 << 10;
+    let mut lines = VecDeque::new();
+    let mut pos = file.metadata()?.len();
+    // Where the last complete line ends; bytes after it are a line still being written.
+    let mut complete_end = None;
+    // The start of the line being assembled, from the chunks read so far.
+    let mut acc: Vec<u8> = Vec::new();
+    let emit = |line: Vec<u8>, lines: &mut VecDeque<Vec<u8>>| {
         if take(&line) {
-            lines.push_back(std::mem::take(&mut line));
-            if lines.len() > keep {
-                lines.pop_front();
+            lines.push_front(line);
+        }
+        lines.len() >= keep
+    };
+    while pos > 0 && lines.len() < keep {
+        let start = pos.saturating_sub(CHUNK);
+        let mut buf = vec![0u8; (pos - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        pos = start;
+        let mut seg_end = buf.len();
+        for i in (0..buf.len()).rev() {
+            if buf[i] != b'\n' {
+                continue;
             }
+            if complete_end.is_none() {
+                complete_end = Some(start + i as u64 + 1);
+            } else {
+                let mut line = buf[i + 1..seg_end].to_vec();
+                line.append(&mut acc);
+                if emit(line, &mut lines) {
+                    return Ok((lines, complete_end.unwrap_or(0)));
+                }
+            }
+            acc.clear();
+            seg_end = i + 1;
+        }
+        if complete_end.is_some() {
+            let mut head = buf[..seg_end].to_vec();
+            head.append(&mut acc);
+            acc = head;
+        }
+        if acc.len() > MAX_LINE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a line longer than {MAX_LINE} bytes")));
         }
     }
+    // The file's first line.
+    if pos == 0 && !acc.is_empty() && lines.len() < keep {
+        emit(acc, &mut lines);
+    }
+    Ok((lines, complete_end.unwrap_or(0)))
 }
 
 /// Prints the complete lines `file` holds from where it stands whose seq is `next_seq` or later
@@ -271,8 +300,7 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
     };
     // At least the last record: following starts after it.
     let want = last.max(1);
-    let mut lines = VecDeque::new();
-    let mut pos = read_complete(&mut file, want, |_| true, &mut lines)?;
+    let (mut lines, mut pos) = last_lines(&mut file, want, |_| true)?;
     if lines.len() < want {
         let live = ino(&file)?;
         for seg in files::segments(&dir)?.iter().rev() {
@@ -282,9 +310,8 @@ pub fn tail(state_dir: &Path, last: usize, follow: bool, json: bool, out: &mut d
                 continue;
             }
             let oldest = lines.iter().find_map(|l| seq_of(l));
-            let mut older = VecDeque::new();
             let before = |l: &[u8]| oldest.is_none_or(|o| seq_of(l).is_none_or(|s| s < o));
-            read_complete(&mut f, want - lines.len(), before, &mut older)?;
+            let (mut older, _) = last_lines(&mut f, want - lines.len(), before)?;
             older.append(&mut lines);
             lines = older;
             if lines.len() >= want {
@@ -491,6 +518,24 @@ mod tests {
         let report = verify(state.path()).unwrap();
         assert!(report.breaks.is_empty(), "{:?}", report.breaks);
         assert_eq!(report.last_seq, last + 1);
+    }
+
+    #[test]
+    fn last_lines_are_read_backwards_across_chunks_without_the_line_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let long = |c: char| format!("{}\n", c.to_string().repeat(100_000));
+        let text = format!("a\n{}b\n{}c\nincomplete", long('x'), long('y'));
+        fs::write(&path, &text).unwrap();
+        let mut f = fs::File::open(&path).unwrap();
+        let (lines, end) = last_lines(&mut f, 10, |_| true).unwrap();
+        let lines: Vec<String> = lines.into_iter().map(|l| String::from_utf8(l).unwrap()).collect();
+        assert_eq!(lines, ["a\n".to_string(), long('x'), "b\n".into(), long('y'), "c\n".into()]);
+        assert_eq!(end, (text.len() - "incomplete".len()) as u64);
+        let (lines, _) = last_lines(&mut f, 2, |l| l.len() > 2).unwrap();
+        assert_eq!(lines, [long('x').into_bytes(), long('y').into_bytes()], "only those taken count");
+        fs::write(&path, "no newline yet").unwrap();
+        assert_eq!(last_lines(&mut fs::File::open(&path).unwrap(), 5, |_| true).unwrap(), (VecDeque::new(), 0));
     }
 
     /// Collects the seqs of the lines it is given until an `agent_stop` record, then fails,
