@@ -5,9 +5,8 @@ pub mod record;
 mod writer;
 
 use std::{
-    collections::VecDeque,
     fs,
-    io::{self, BufRead, BufReader, Read, Seek, SeekFrom},
+    io::{self, BufReader, Seek, SeekFrom},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::Duration,
@@ -15,6 +14,7 @@ use std::{
 
 pub use chain::ChainError;
 pub use files::trail_path;
+use files::{first_seq, last_lines, read_line, seq_of};
 pub use record::{
     Approved, Entry, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord, printable,
 };
@@ -29,21 +29,6 @@ pub fn dir(state_dir: &Path) -> PathBuf {
 pub enum VerifyError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-}
-
-/// Longest line `verify` and `tail` read: far past any record the agent writes (a statement
-/// record holds at most 16 KiB of text), short of what would exhaust memory.
-const MAX_LINE: usize = 16 << 20;
-
-/// Reads one line (up to and with its newline) into `buf`; a line longer than MAX_LINE is an
-/// error. Returns the bytes read.
-fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<usize> {
-    buf.clear();
-    let n = io::Read::take(&mut *reader, MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
-    if n > MAX_LINE {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a line longer than {MAX_LINE} bytes")));
-    }
-    Ok(n)
 }
 
 /// A break in the chain, and the file it is in.
@@ -105,14 +90,7 @@ fn open_all(dir: &Path) -> Result<Vec<(PathBuf, fs::File)>, VerifyError> {
         let retry = attempts < 3;
         let live = open_if_there(&live_path).map_err(err(&live_path))?;
         let (live_ino, live_first) = match &live {
-            Some(f) => {
-                let mut first = Vec::new();
-                read_line(&mut BufReader::new(f), &mut first).map_err(err(&live_path))?;
-                // Read again from the start by `verify`.
-                let mut at: &fs::File = f;
-                at.seek(SeekFrom::Start(0)).map_err(err(&live_path))?;
-                (Some(ino(f).map_err(err(&live_path))?), seq_of(&first))
-            }
+            Some(f) => (Some(ino(f).map_err(err(&live_path))?), first_seq(f).map_err(err(&live_path))?),
             None => (None, None),
         };
         let segments = match files::segments(dir) {
@@ -188,61 +166,6 @@ pub fn verify(state_dir: &Path) -> Result<Report, VerifyError> {
         report.push(&file_name(&files[0].0), ChainError::Unexplained { first: report.first_seq });
     }
     Ok(report)
-}
-
-/// The last `keep` complete lines of `file` that `take` accepts, read backwards from its end
-/// (a segment or live file can be a GiB), and where its last complete line ends.
-fn last_lines(file: &mut fs::File, keep: usize, take: impl Fn(&[u8]) -> bool) -> io::Result<(VecDeque<Vec<u8>>, u64)> {
-    const CHUNK: u64 = 64 << 10;
-    let mut lines = VecDeque::new();
-    let mut pos = file.metadata()?.len();
-    // Where the last complete line ends; bytes after it are a line still being written.
-    let mut complete_end = None;
-    // The start of the line being assembled, from the chunks read so far.
-    let mut acc: Vec<u8> = Vec::new();
-    let emit = |line: Vec<u8>, lines: &mut VecDeque<Vec<u8>>| {
-        if take(&line) {
-            lines.push_front(line);
-        }
-        lines.len() >= keep
-    };
-    while pos > 0 && lines.len() < keep {
-        let start = pos.saturating_sub(CHUNK);
-        let mut buf = vec![0u8; (pos - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut buf)?;
-        pos = start;
-        let mut seg_end = buf.len();
-        for i in (0..buf.len()).rev() {
-            if buf[i] != b'\n' {
-                continue;
-            }
-            if complete_end.is_none() {
-                complete_end = Some(start + i as u64 + 1);
-            } else {
-                let mut line = buf[i + 1..seg_end].to_vec();
-                line.append(&mut acc);
-                if emit(line, &mut lines) {
-                    return Ok((lines, complete_end.unwrap_or(0)));
-                }
-            }
-            acc.clear();
-            seg_end = i + 1;
-        }
-        if complete_end.is_some() {
-            let mut head = buf[..seg_end].to_vec();
-            head.append(&mut acc);
-            acc = head;
-        }
-        if acc.len() > MAX_LINE {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a line longer than {MAX_LINE} bytes")));
-        }
-    }
-    // The file's first line.
-    if pos == 0 && !acc.is_empty() && lines.len() < keep {
-        emit(acc, &mut lines);
-    }
-    Ok((lines, complete_end.unwrap_or(0)))
 }
 
 /// Prints the complete lines `file` holds from where it stands whose seq is `next_seq` or later
@@ -373,26 +296,13 @@ fn catch_up(
             }
         }
         let Some(mut live) = open_if_there(&trail_path(dir))? else { return Ok(None) };
-        let mut first = Vec::new();
-        read_line(&mut BufReader::new(&mut live), &mut first)?;
-        let starts = seq_of(&first);
-        if attempt < 2 && *next_seq > 0 && starts.is_some_and(|s| s > *next_seq) {
+        if attempt < 2 && *next_seq > 0 && first_seq(&live)?.is_some_and(|s| s > *next_seq) {
             continue;
         }
-        live.seek(SeekFrom::Start(0))?;
         let at = show_new(&mut live, next_seq, json, out)?;
         return Ok(Some((live, at)));
     }
     Ok(None)
-}
-
-/// A line's `seq`, if it has one that can be read.
-fn seq_of(line: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Seq {
-        seq: u64,
-    }
-    serde_json::from_slice::<Seq>(line).ok().map(|s| s.seq)
 }
 
 fn print_line(line: &[u8], json: bool, out: &mut dyn io::Write) -> io::Result<()> {
@@ -518,24 +428,6 @@ mod tests {
         let report = verify(state.path()).unwrap();
         assert!(report.breaks.is_empty(), "{:?}", report.breaks);
         assert_eq!(report.last_seq, last + 1);
-    }
-
-    #[test]
-    fn last_lines_are_read_backwards_across_chunks_without_the_line_being_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let long = |c: char| format!("{}\n", c.to_string().repeat(100_000));
-        let text = format!("a\n{}b\n{}c\nincomplete", long('x'), long('y'));
-        fs::write(&path, &text).unwrap();
-        let mut f = fs::File::open(&path).unwrap();
-        let (lines, end) = last_lines(&mut f, 10, |_| true).unwrap();
-        let lines: Vec<String> = lines.into_iter().map(|l| String::from_utf8(l).unwrap()).collect();
-        assert_eq!(lines, ["a\n".to_string(), long('x'), "b\n".into(), long('y'), "c\n".into()]);
-        assert_eq!(end, (text.len() - "incomplete".len()) as u64);
-        let (lines, _) = last_lines(&mut f, 2, |l| l.len() > 2).unwrap();
-        assert_eq!(lines, [long('x').into_bytes(), long('y').into_bytes()], "only those taken count");
-        fs::write(&path, "no newline yet").unwrap();
-        assert_eq!(last_lines(&mut fs::File::open(&path).unwrap(), 5, |_| true).unwrap(), (VecDeque::new(), 0));
     }
 
     /// Collects the seqs of the lines it is given until an `agent_stop` record, then fails,

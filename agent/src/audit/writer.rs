@@ -2,7 +2,7 @@
 //! writes the queue in rounds and group-commits it with fdatasync.
 use std::{
     fs::{self, File, OpenOptions},
-    io::{self, Read, Seek, SeekFrom, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -445,45 +445,14 @@ pub fn now_rfc3339() -> String {
     OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
 }
 
-/// Where the last complete line of `file` ends (0: there is none), and that line without its
-/// newline.
-fn last_line(file: &mut File) -> io::Result<(u64, Option<Vec<u8>>)> {
-    let len = file.metadata()?.len();
-    // Scan backwards in chunks for the last two newlines: the end of the last complete record
-    // and the start of it.
-    const CHUNK: u64 = 64 << 10;
-    let mut newlines: Vec<u64> = Vec::new();
-    let mut end = len;
-    while end > 0 && newlines.len() < 2 {
-        let start = end.saturating_sub(CHUNK);
-        let mut buf = vec![0u8; (end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut buf)?;
-        for (i, b) in buf.iter().enumerate().rev() {
-            if *b == b'\n' {
-                newlines.push(start + i as u64);
-                if newlines.len() == 2 {
-                    break;
-                }
-            }
-        }
-        end = start;
-    }
-    let Some(&last_newline) = newlines.first() else { return Ok((0, None)) };
-    let line_start = newlines.get(1).map_or(0, |&n| n + 1);
-    let mut last = vec![0u8; (last_newline - line_start) as usize];
-    file.seek(SeekFrom::Start(line_start))?;
-    file.read_exact(&mut last)?;
-    Ok((last_newline + 1, Some(last)))
-}
-
 /// Reads the chain head from the end of the live file, cutting back an incomplete last line
 /// (left by a crash mid-write). Returns the head (None: the file holds no record) and how many
 /// bytes were cut.
 fn recover(file: &mut File, path: &Path) -> Result<(Option<Head>, u64), AuditError> {
     let io_err = |source| AuditError::Io { path: path.to_owned(), source };
     let len = file.metadata().map_err(io_err)?.len();
-    let (complete_end, last) = last_line(file).map_err(io_err)?;
+    let (mut last, complete_end) = files::last_lines(file, 1, |_| true).map_err(io_err)?;
+    let last = last.pop_back();
     let cut = len - complete_end;
     if cut > 0 {
         file.set_len(complete_end).map_err(io_err)?;
@@ -499,20 +468,11 @@ fn recover(file: &mut File, path: &Path) -> Result<(Option<Head>, u64), AuditErr
 /// The head at the end of a rotated segment (None: it holds no record).
 fn segment_head(path: &Path) -> Result<Option<Head>, AuditError> {
     let io_err = |source| AuditError::Io { path: path.to_owned(), source };
-    let (_, last) = last_line(&mut File::open(path).map_err(io_err)?).map_err(io_err)?;
-    let Some(last) = last else { return Ok(None) };
+    let (mut last, _) = files::last_lines(&mut File::open(path).map_err(io_err)?, 1, |_| true).map_err(io_err)?;
+    let Some(last) = last.pop_back() else { return Ok(None) };
     let head =
         last_head(&String::from_utf8_lossy(&last)).ok_or_else(|| AuditError::Unlinkable { path: path.to_owned() })?;
     Ok(Some(head))
-}
-
-/// The seq of the first record in `file`, if it can be read.
-fn first_seq(file: &mut File) -> Option<u64> {
-    use io::BufRead;
-    file.seek(SeekFrom::Start(0)).ok()?;
-    let mut line = Vec::new();
-    io::BufReader::new(io::Read::take(&mut *file, 16 << 20)).read_until(b'\n', &mut line).ok()?;
-    last_head(&String::from_utf8_lossy(&line)).map(|h| h.seq)
 }
 
 fn last_head(line: &str) -> Option<Head> {
@@ -550,7 +510,7 @@ impl AuditLog {
                 (head, next)
             }
             // Unreadable, it is named after its last record: still after every older segment.
-            Some(head) => (head.clone(), first_seq(&mut file).unwrap_or(head.seq)),
+            Some(head) => (head.clone(), files::first_seq(&file).ok().flatten().unwrap_or(head.seq)),
         };
         // The log (journald, syslog) keeps the head outside the file: a trail rewritten whole,
         // which its own chain cannot show, no longer ends where the log says it did.
