@@ -302,7 +302,7 @@ impl Masker {
 
     /// This masker, also masking results taken from the table columns in `origins`, and
     /// computed results of statements that read `tables`, as `database`'s catalog says: the
-    /// same copy as an earlier session's that found the same there.
+    /// same copy as a running session's that found the same there.
     pub fn with_origins(&self, database: &str, origins: Origins, tables: MaskedTables) -> Masker {
         let cached = self.catalogs.lock().get(database).and_then(|(o, t)| Some((o.upgrade()?, t.upgrade()?)));
         // Compared outside the lock: other logins of the grant need not wait for it.
