@@ -134,14 +134,30 @@ pub fn seq_of(line: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Seq>(line).ok().map(|s| s.seq)
 }
 
-/// The seq of `file`'s first record, if it can be read; leaves the file at its start.
+/// How many lines `first_seq` reads past unreadable ones before it gives up.
+const FIRST_SCAN: usize = 1000;
+
+/// The seq of `file`'s first record; leaves the file at its start. Unreadable lines before it
+/// (a damaged start, which `verify` reports) are counted back from the first readable one, so a
+/// segment named by this starts where its records do. None if the first FIRST_SCAN lines hold
+/// no readable record.
 pub fn first_seq(file: &fs::File) -> io::Result<Option<u64>> {
     let mut line = Vec::new();
     let mut at = file;
     at.seek(SeekFrom::Start(0))?;
-    read_line(&mut BufReader::new(at), &mut line)?;
+    let mut reader = BufReader::new(at);
+    let mut found = None;
+    for skipped in 0..FIRST_SCAN as u64 {
+        if read_line(&mut reader, &mut line)? == 0 {
+            break;
+        }
+        if let Some(seq) = seq_of(&line) {
+            found = Some(seq.saturating_sub(skipped).max(1));
+            break;
+        }
+    }
     at.seek(SeekFrom::Start(0))?;
-    Ok(seq_of(&line))
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -171,6 +187,24 @@ mod tests {
             .map(|s| s.path.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["trail-1.jsonl", "trail-9.jsonl", "trail-100.jsonl"]);
+    }
+
+    #[test]
+    fn the_first_seq_is_counted_back_past_unreadable_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let first = |text: &str| {
+            fs::write(&path, text).unwrap();
+            let f = fs::File::open(&path).unwrap();
+            let seq = first_seq(&f).unwrap();
+            assert_eq!((&f).stream_position().unwrap(), 0, "left at the start");
+            seq
+        };
+        assert_eq!(first("{\"seq\":41}\n{\"seq\":42}\n"), Some(41));
+        assert_eq!(first("garbage\n{\"seq\":41\n{\"seq\":42}\n{\"seq\":43}\n"), Some(40));
+        assert_eq!(first("x\ny\n{\"seq\":2}\n"), Some(1), "never before the first record");
+        assert_eq!(first(""), None);
+        assert_eq!(first(&"x\n".repeat(FIRST_SCAN + 1)), None);
     }
 
     #[test]

@@ -430,6 +430,24 @@ mod tests {
         assert_eq!(report.last_seq, last + 1);
     }
 
+    #[tokio::test]
+    async fn a_live_file_with_a_damaged_first_line_is_rotated_under_its_first_seq() {
+        let state = tempfile::tempdir().unwrap();
+        rotated_trail(state.path(), 1000, 0, 10).await;
+        let audit = dir(state.path());
+        let live = trail_path(&audit);
+        let text = fs::read_to_string(&live).unwrap();
+        let first = seq_of(text.lines().next().unwrap().as_bytes()).unwrap();
+        let damaged = text.replacen("{", "#", 1);
+        fs::write(&live, &damaged).unwrap();
+        rotated_trail(state.path(), 1000, 0, 10).await;
+        let names: Vec<u64> = files::segments(&audit).unwrap().iter().map(|s| s.first_seq).collect();
+        assert!(names.contains(&first), "the damaged file is named after its first record {first}: {names:?}");
+        let report = verify(state.path()).unwrap();
+        assert_eq!(report.breaks.len(), 1, "only the damage: {:?}", report.breaks);
+        assert_eq!(report.breaks[0].file, files::segment_path(&audit, first).file_name().unwrap().to_string_lossy());
+    }
+
     /// Collects the seqs of the lines it is given until an `agent_stop` record, then fails,
     /// which ends `tail --follow`.
     #[derive(Default)]
