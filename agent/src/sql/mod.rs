@@ -31,8 +31,13 @@ pub enum Kind {
     Prepare,
     Execute,
     Transaction,
+    /// PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED: a transaction kept past the
+    /// session (with its locks), or one prepared by another session made permanent or undone.
+    TwoPhase,
     Set,
     Show,
+    /// LOCK, and a SELECT that locks the rows it reads (`FOR UPDATE`, `FOR SHARE`...): both
+    /// hold others off until the transaction ends.
     Lock,
     Grant,
     /// A call of a built-in function that changes something a read does not: a sequence
@@ -45,7 +50,7 @@ pub enum Kind {
     Unparseable,
 }
 
-pub const ALL_KINDS: [Kind; 21] = [
+pub const ALL_KINDS: [Kind; 22] = [
     Kind::Select,
     Kind::Insert,
     Kind::Update,
@@ -60,6 +65,7 @@ pub const ALL_KINDS: [Kind; 21] = [
     Kind::Prepare,
     Kind::Execute,
     Kind::Transaction,
+    Kind::TwoPhase,
     Kind::Set,
     Kind::Show,
     Kind::Lock,
@@ -86,6 +92,7 @@ impl Kind {
             Kind::Prepare => "prepare",
             Kind::Execute => "execute",
             Kind::Transaction => "transaction",
+            Kind::TwoPhase => "two_phase",
             Kind::Set => "set",
             Kind::Show => "show",
             Kind::Lock => "lock",
@@ -166,7 +173,7 @@ pub struct Classification {
 
 /// Built-in functions that run a query given as text, or dump whole tables: what they read is
 /// not in the statement's tree.
-const RUNS_SQL_TEXT: [&str; 21] = [
+const RUNS_SQL_TEXT: [&str; 22] = [
     "query_to_xml",
     "query_to_xmlschema",
     "query_to_xml_and_xmlschema",
@@ -188,6 +195,7 @@ const RUNS_SQL_TEXT: [&str; 21] = [
     "crosstab3",
     "crosstab4",
     "connectby",
+    "xpath_table",
 ];
 
 /// Functions that run queries given as text arguments, and which arguments those are (as far
@@ -209,7 +217,7 @@ const RUNS_QUERY_TEXT: [(&str, &[usize]); 9] = [
 /// must not let them through as `select`. Matched on the last component of the name, in lower
 /// case, so a schema or quotes do not hide them. `nextval` is left out: applications call it
 /// to number rows, and it changes nothing a read-only user could not undo by ignoring it.
-pub const SIDE_EFFECTS: [&str; 76] = [
+pub const SIDE_EFFECTS: [&str; 89] = [
     // Sequences.
     "setval",
     // Large objects (the `lo_import`/`lo_export` pair also touches the server's files).
@@ -294,11 +302,29 @@ pub const SIDE_EFFECTS: [&str; 76] = [
     "pg_background_launch",
     // Notifications reach other sessions' clients.
     "pg_notify",
-    // Session advisory locks outlive the statement and can stall other sessions.
+    // Advisory locks stall other sessions: session locks past the statement, transaction
+    // locks to its end.
     "pg_advisory_lock",
     "pg_advisory_lock_shared",
     "pg_try_advisory_lock",
     "pg_try_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    // Index maintenance (BRIN summaries, a GIN index's pending list).
+    "brin_summarize_new_values",
+    "brin_summarize_range",
+    "brin_desummarize_range",
+    "gin_clean_pending_list",
+    // Table surgery (pg_surgery, pg_visibility): rows removed or frozen by hand, a visibility map
+    // cleared.
+    "heap_force_kill",
+    "heap_force_freeze",
+    "pg_truncate_visibility_map",
+    // adminpack's old names of server controls.
+    "pg_rotate_logfile_old",
+    "pg_logfile_rotate",
 ];
 
 /// What a statement reads, as far as its text says: every column it names (the last part of
@@ -475,6 +501,8 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
         "DoStmt" => Kind::Do,
         "PrepareStmt" => Kind::Prepare,
         "ExecuteStmt" | "DeallocateStmt" => Kind::Execute,
+        // TRANS_STMT_PREPARE, _COMMIT_PREPARED and _ROLLBACK_PREPARED in the parse tree's enum.
+        "TransactionStmt" if matches!(body.get("kind").and_then(Value::as_i64), Some(8..=10)) => Kind::TwoPhase,
         "TransactionStmt" => Kind::Transaction,
         "VariableSetStmt" | "DiscardStmt" => Kind::Set,
         "VariableShowStmt" => Kind::Show,
@@ -1081,7 +1109,7 @@ fn walk(v: &Value, c: &mut Classification) {
             // is settled with the two-part names, once the statement's tables are known.
             match key {
                 "AIndirection" => note_function(c, name.to_lowercase()),
-                _ => _ = c.functions.insert(name.to_lowercase()),
+                _ => insert_function(&mut c.functions, name.to_lowercase()),
             }
         }
         // `x.f` is `f(x)` when `x` has no column `f`, which the text does not say: a function
@@ -1090,7 +1118,7 @@ fn walk(v: &Value, c: &mut Classification) {
         if let Some([_, name]) = pair.map(Vec::as_slice)
             && let Some(name) = sval(name).map(str::to_lowercase)
         {
-            c.maybe_functions.insert(name);
+            insert_function(&mut c.maybe_functions, name);
         }
         let called_as_field = field_names.into_iter().flatten().chain(pair.into_iter().flatten().skip(1));
         if let Some(f) = called_as_field.filter_map(sval).find(|f| runs_query(f).is_some()) {
@@ -1140,6 +1168,10 @@ fn walk(v: &Value, c: &mut Classification) {
         // the first arm of a UNION, which the tree holds under `larg`, not as a SelectStmt.
         if key == "into_clause" && !child.is_null() {
             c.kinds.insert(Kind::Ddl);
+        }
+        // SELECT ... FOR UPDATE / FOR SHARE: row locks, held to the end of the transaction.
+        if key == "locking_clause" && child.as_array().is_some_and(|l| !l.is_empty()) {
+            c.kinds.insert(Kind::Lock);
         }
         if let Some(kind) = stmt_kind(key, child) {
             c.kinds.insert(kind);
@@ -1204,10 +1236,11 @@ pub fn unquoted(part: &str) -> std::borrow::Cow<'_, str> {
 
 /// Which arguments of function `name` (any case, any schema) are queries it runs, if it runs
 /// any; `Some(&[])` for one that builds its query from its arguments (tablefunc's `connectby`
-/// splices them in unquoted), which is never looked into.
+/// and xml2's `xpath_table` splice them in unquoted), which is never looked into.
 fn runs_query(name: &str) -> Option<&'static [usize]> {
     let last = name.rsplit('.').next().unwrap_or(name).to_lowercase();
-    if last == "connectby" {
+    // xml2's xpath_table splices its arguments into a query it runs, several statements at once.
+    if matches!(last.as_str(), "connectby" | "xpath_table") {
         return Some(&[]);
     }
     RUNS_QUERY_TEXT.iter().find(|(f, _)| *f == last).map(|&(_, args)| args)
@@ -1289,7 +1322,32 @@ fn note_function(c: &mut Classification, name: String) {
     if SIDE_EFFECTS.contains(&name.rsplit('.').next().unwrap_or(&name)) {
         c.kinds.insert(Kind::SideEffect);
     }
-    c.functions.insert(name);
+    insert_function(&mut c.functions, name);
+}
+
+/// Built-in functions that do what another does under its name, and that name: a rule listing
+/// `pg_read_file` means its old twin too, and `pg_ls_dir` the functions that list one directory.
+const FUNCTION_TWINS: [(&str, &str); 10] = [
+    ("pg_read_file_old", "pg_read_file"),
+    ("pg_file_read", "pg_read_file"),
+    ("pg_logdir_ls", "pg_ls_dir"),
+    ("pg_ls_logdir", "pg_ls_dir"),
+    ("pg_ls_waldir", "pg_ls_dir"),
+    ("pg_ls_tmpdir", "pg_ls_dir"),
+    ("pg_ls_archive_statusdir", "pg_ls_dir"),
+    ("pg_ls_replslotdir", "pg_ls_dir"),
+    ("pg_ls_logicalsnapdir", "pg_ls_dir"),
+    ("pg_ls_logicalmapdir", "pg_ls_dir"),
+];
+
+/// Adds a called function's name (lower-cased, as written) and, for a twin, the name it stands
+/// for, with the same schema.
+fn insert_function(set: &mut BTreeSet<String>, name: String) {
+    let (schema, last) = name.rsplit_once('.').map_or(("", name.as_str()), |(s, l)| (s, l));
+    if let Some((_, canonical)) = FUNCTION_TWINS.iter().find(|(twin, _)| *twin == last) {
+        set.insert(if schema.is_empty() { canonical.to_string() } else { format!("{schema}.{canonical}") });
+    }
+    set.insert(name);
 }
 
 /// Whether a WHERE clause (or a join condition) can pick rows: it names a column somewhere, or
@@ -1583,9 +1641,24 @@ mod tests {
             "SELECT dblink_exec('dbname=orders', 'DROP TABLE orders')",
             "SELECT pg_reload_conf()",
             "WITH x AS (SELECT 1) SELECT pg_notify('jobs', 'run')",
+            "BEGIN; SELECT pg_advisory_xact_lock(1)",
+            "SELECT brin_summarize_new_values('acc_brin')",
+            "SELECT brin_desummarize_range('acc_brin', 0)",
+            "SELECT gin_clean_pending_list('idx')",
+            "SELECT heap_force_kill('accounts'::regclass, ARRAY['(0,4)']::tid[])",
+            "SELECT public.heap_force_freeze('accounts'::regclass, ARRAY['(0,4)']::tid[])",
+            "SELECT pg_truncate_visibility_map('accounts')",
+            "SELECT pg_rotate_logfile_old()",
         ] {
             assert!(classify(sql).kinds.contains(&Kind::SideEffect), "{sql}");
         }
+        // Built-ins under another name count as the function a rule would list.
+        let c = classify("SELECT pg_read_file_old('/etc/hostname', 0, 100)");
+        assert!(c.functions.contains("pg_read_file") && c.functions.contains("pg_read_file_old"), "{c:?}");
+        let c = classify("SELECT * FROM pg_catalog.pg_ls_waldir()");
+        assert!(c.functions.contains("pg_catalog.pg_ls_dir"), "{c:?}");
+        let c = classify("SELECT x.pg_read_file_old FROM unnest(ARRAY['/etc/hostname']) x");
+        assert!(c.maybe_functions.contains("pg_read_file"), "{c:?}");
         for sql in ["SELECT nextval('orders_id_seq')", "SELECT lower(name), pg_sleep(0) FROM t", "SELECT lo_get(16400)"]
         {
             assert!(!classify(sql).kinds.contains(&Kind::SideEffect), "{sql}");
@@ -1713,6 +1786,38 @@ mod tests {
                 .contains(&Kind::Unparseable)
         );
         assert_ne!(shape("SELECT * FROM crosstab('SELECT 1')"), shape("SELECT * FROM crosstab('SELECT 2')"));
+        // xml2's xpath_table pastes its arguments into the query it runs (several statements).
+        for sql in [
+            "SELECT * FROM xpath_table('id', 'customer', 'orders', '/a', 'true; DELETE FROM accounts; SELECT 1, ''<a/>''') \
+             AS t(id int, a text)",
+            "SELECT * FROM public.XPATH_TABLE('id', 'doc', 'docs', '/a', 'true') AS t(id int, a text)",
+        ] {
+            let c = classify(sql);
+            assert!(c.kinds.contains(&Kind::Unparseable) && c.reads.runs_sql, "{sql}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn two_phase_commit_and_row_locks_are_kinds_of_their_own() {
+        for sql in ["PREPARE TRANSACTION 'x'", "COMMIT PREPARED 'x'", "ROLLBACK PREPARED 'x'"] {
+            let c = classify(sql);
+            assert_eq!(c.kinds, BTreeSet::from([Kind::TwoPhase]), "{sql}");
+        }
+        assert_eq!("two_phase".parse::<Kind>(), Ok(Kind::TwoPhase));
+        for sql in [
+            "SELECT id FROM accounts FOR UPDATE",
+            "SELECT id FROM accounts WHERE id = 1 FOR NO KEY UPDATE NOWAIT",
+            "SELECT id FROM accounts FOR SHARE SKIP LOCKED",
+            "SELECT id FROM accounts FOR KEY SHARE OF accounts",
+            "SELECT * FROM (SELECT id FROM accounts FOR UPDATE) s",
+            "WITH l AS (SELECT id FROM accounts FOR UPDATE) SELECT count(*) FROM l",
+        ] {
+            let c = classify(sql);
+            assert!(c.kinds.contains(&Kind::Lock) && c.kinds.contains(&Kind::Select), "{sql}: {c:?}");
+        }
+        for sql in ["SELECT id FROM accounts", "COMMIT", "BEGIN", "SELECT 'FOR UPDATE'"] {
+            assert!(!classify(sql).kinds.contains(&Kind::Lock), "{sql}");
+        }
     }
 
     #[test]
