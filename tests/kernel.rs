@@ -182,6 +182,14 @@ fn udp_to_resources_unlisted_and_ungranted_are_denied() {
     let (out, _, _) =
         env.python_in("bot", &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", other.addr.port())));
     assert_eq!(out, "ERR EPERM");
+    // TCP Fast Open connects from sendto; the kernel runs the same connect hook.
+    for (what, port) in [("ungranted", secret.addr.port()), ("unlisted", other.addr.port())] {
+        let (out, err, _) = env.python_in(
+            "bot",
+            &py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {port}), socket.SOCK_STREAM, 'fastopen')")),
+        );
+        assert_eq!(out, "ERR EPERM", "fast open to the {what} destination: {err}");
+    }
     assert_eq!(secret.connections() + other.connections() + web.connections(), 0);
 
     let udp = env.wait_audit("udp deny", |r| r["l4"] == "udp" && r["hook"] == "sendmsg4");

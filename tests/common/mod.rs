@@ -392,6 +392,10 @@ def attempt(family, addr, kind=socket.SOCK_STREAM, op="connect"):
                 print("OK", peer, local, data.decode().split("\r\n\r\n")[-1].strip())
             else:
                 print("OK", peer)
+        elif op == "fastopen":
+            # TCP Fast Open: sendto connects, with the data in the SYN.
+            s.sendto(b"x", socket.MSG_FASTOPEN, addr)
+            print("OK sent")
         else:
             s.sendto(b"x", addr)
             print("OK sent")
