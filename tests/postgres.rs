@@ -18,6 +18,7 @@ spec:
     - {{ name: bot, cgroup: {cg}, groups: [agents] }}
     - {{ name: masked, cgroup: {masked_cg} }}
     - {{ name: admin, cgroup: {admin_cg} }}
+    - {{ name: reader, cgroup: {reader_cg} }}
   resources:
     - name: orders-db
       protocol: postgres
@@ -41,6 +42,12 @@ spec:
         - {{ name: scripts, match: {{ statements: [do, select, update], tables: [orders] }}, action: allow }}
       default: deny
     - {{ name: admin-all, to: [identity:admin], resources: [orders-db] }}
+    - name: reader-reads
+      to: [identity:reader]
+      resources: [orders-db]
+      read_only: true
+      rules:
+        - {{ name: reads, match: {{ statements: [select, transaction, set, show] }}, action: allow }}
     - name: masked-reads
       to: [identity:masked]
       resources: [orders-db]
@@ -56,6 +63,7 @@ spec:
         cg = env.cgroup("bot"),
         masked_cg = env.cgroup("masked"),
         admin_cg = env.cgroup("admin"),
+        reader_cg = env.cgroup("reader"),
         notify = webhook.map(|u| format!("  notify: {{ webhook: \"{u}\" }}")).unwrap_or_default(),
         addr = pg.addr(),
         secret = pg.secret_file.display(),
@@ -253,6 +261,37 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert!(client_env.status.success() && !String::from_utf8_lossy(&client_env.stdout).contains(&pg.password));
     let verify = env.tollgate(&["audit", "verify", "--state-dir", &env.state_arg()]);
     assert!(verify.status.success(), "{verify:?}");
+}
+
+#[test]
+fn a_read_only_grant_has_the_server_refuse_writes_hidden_in_functions() {
+    if !privileged("a_read_only_grant_has_the_server_refuse_writes_hidden_in_functions") {
+        return;
+    }
+    let (env, pg) = setup("pg-read-only");
+    // A function whose body writes: the rules see only a SELECT calling it.
+    pg.direct("CREATE FUNCTION purge() RETURNS int LANGUAGE plpgsql AS $$ BEGIN DELETE FROM archive; RETURN 1; END $$");
+    let reader = |sql: &str| psql_as(&env, &pg, "reader", "app:wrong", sql);
+    let (out, err, _) = reader("SHOW default_transaction_read_only;\nSELECT purge();\nSELECT count(*) FROM archive;");
+    assert_eq!(out, "on\n1", "{err}");
+    assert!(err.contains("cannot execute DELETE in a read-only transaction"), "{err}");
+    for sql in [
+        "SET default_transaction_read_only = off;",
+        "BEGIN READ WRITE;",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE;",
+        "SELECT set_config('default_transaction_read_only', 'off', false);",
+    ] {
+        let (out, err, _) = reader(sql);
+        assert!(out.is_empty() && err.contains("denied by rule \"read-only\""), "{sql}: {out} {err}");
+    }
+    let (out, err, _) = reader("BEGIN READ ONLY;\nSELECT count(*) FROM orders;\nCOMMIT;");
+    assert_eq!(out, "BEGIN\n2\nCOMMIT", "{err}");
+    let refused = env.wait_audit("read-only refusal", |r| r["kind"] == "statement" && r["rule"] == "read-only");
+    assert_eq!(refused["verdict"], "deny");
+    // The same call from a grant that is not read-only deletes.
+    let (out, err, _) = psql(&env, &pg, "app:wrong", "SELECT purge();");
+    assert_eq!(out, "1", "{err}");
+    assert_eq!(pg.direct("SELECT count(*) FROM archive").trim(), "0");
 }
 
 #[test]

@@ -412,7 +412,7 @@ fn explain(file: &Path, grant: &str, json: bool, mut texts: Vec<String>) -> anyh
     }
     for text in texts {
         let c = tollgate::sql::classify(&text);
-        let d = policy::rules::decide(&g.name, &g.rules, g.default, &c);
+        let d = policy::rules::judge(g, &c);
         let kinds: Vec<&str> = c.kinds.iter().map(|k| k.as_str()).collect();
         if json {
             let out = serde_json::json!({

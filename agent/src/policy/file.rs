@@ -155,6 +155,8 @@ pub struct GrantSpec {
     pub default: Option<String>,
     #[serde(default)]
     pub masking: Vec<MaskingSpec>,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Deserialize)]

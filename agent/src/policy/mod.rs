@@ -225,6 +225,43 @@ spec:
 "#;
 
     #[test]
+    fn read_only_grants_validate_and_refuse_turning_it_off() {
+        use crate::policy::rules::{Action, READ_ONLY_RULE, judge};
+        assert!(!p(PG).unwrap().grants[0].read_only, "not unless the grant says so");
+        let read_only = PG.replace(
+            "      resources: [orders-db]\n      rules:",
+            "      resources: [orders-db]\n      read_only: true\n      rules:",
+        );
+        let e = err(&read_only);
+        assert!(
+            e.contains("spec.grants[0].rules[0]") && e.contains("\"hold-deletes\" lets delete statements through"),
+            "{e}"
+        );
+        let pol = p(&read_only.replace("action: approve, timeout: 90s", "action: deny")).unwrap();
+        let g = &pol.grants[0];
+        assert!(g.read_only);
+        let verdict = |sql: &str| {
+            let d = judge(g, &crate::sql::classify(sql));
+            (d.action, d.rule)
+        };
+        assert_eq!(verdict("SELECT 1"), (Action::Allow, "reads".to_string()));
+        assert_eq!(verdict("SELECT 1; BEGIN READ WRITE"), (Action::Deny, "bot-orders.default".to_string()));
+        let mut allow_all = g.clone();
+        allow_all.rules.clear();
+        allow_all.default = Action::Allow;
+        for sql in [
+            "BEGIN READ WRITE",
+            "SET default_transaction_read_only = off",
+            "SELECT set_config('transaction_read_only', 'off', true)",
+        ] {
+            let d = judge(&allow_all, &crate::sql::classify(sql));
+            assert_eq!((d.action, d.rule.as_str()), (Action::Deny, READ_ONLY_RULE), "{sql}");
+        }
+        allow_all.read_only = false;
+        assert_eq!(judge(&allow_all, &crate::sql::classify("BEGIN READ WRITE")).action, Action::Allow);
+    }
+
+    #[test]
     fn postgres_features_validate() {
         use crate::{
             mask::{Kind, Style, Target},
@@ -361,6 +398,7 @@ spec:
             ),
             (PG.replace("approvers: { uids: [0, 1000], gids: [27] }", "approvers: { users: [root] }"), "unknown field"),
             (PG.replace("  approvers:", "  audit: { statements: fast }\n  approvers:"), "spec.audit.statements"),
+            (PG.replace("      rules:", "      read_only: yes please\n      rules:"), "spec.grants[0].read_only"),
         ];
         for (text, want) in cases {
             let e = err(&text);

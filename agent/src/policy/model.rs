@@ -266,7 +266,17 @@ pub struct Grant {
     pub default: Action,
     /// Response masking, in order.
     pub masking: Vec<crate::mask::Rule>,
+    /// PostgreSQL sessions log in with `default_transaction_read_only` on, so the server itself
+    /// refuses writes, also those hidden in functions; statements that would turn it off are
+    /// refused by the proxy (rule `read-only`).
+    pub read_only: bool,
 }
+
+/// Statement kinds the server refuses in a read-only transaction (writes to tables other than
+/// temporary ones, schema and privilege changes): a read-only grant's rules may not let them
+/// through.
+const READ_ONLY_REFUSES: [Kind; 7] =
+    [Kind::Insert, Kind::Update, Kind::Delete, Kind::Merge, Kind::Truncate, Kind::Ddl, Kind::Grant];
 
 /// Who may decide approvals besides root.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -856,18 +866,45 @@ fn validate_grants(
             .enumerate()
             .map(|(j, m)| validate_masking(&format!("{at}.masking[{j}]"), &s.name, j, m))
             .collect::<Result<Vec<_>, _>>()?;
-        if (!masking.is_empty() || !rules.is_empty())
+        if (!masking.is_empty() || !rules.is_empty() || s.read_only)
             && let Some(&k) = res.iter().find(|&&k| resources[k].protocol != Protocol::Postgres)
         {
             return Err(invalid(
                 format!("{at}.resources"),
                 format!(
-                    "{:?} is a {} resource; statement rules and masking apply only to postgres resources",
+                    "{:?} is a {} resource; statement rules, masking and read_only apply only to postgres resources",
                     resources[k].name, resources[k].protocol
                 ),
             ));
         }
-        out.push(Grant { name: s.name.clone(), identities: ids, resources: res, expires, rules, default, masking });
+        if s.read_only {
+            let writes = |kinds: &[Kind]| kinds.iter().copied().find(|k| READ_ONLY_REFUSES.contains(k));
+            let lets_through = |a: Action| a != Action::Deny;
+            if let Some((j, r, k)) = rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| lets_through(r.action))
+                .find_map(|(j, r)| writes(&r.statements).map(|k| (j, r, k)))
+            {
+                return Err(invalid(
+                    format!("{at}.rules[{j}]"),
+                    format!(
+                        "rule {:?} lets {k} statements through, but the grant is read_only: the server would refuse them",
+                        r.name
+                    ),
+                ));
+            }
+        }
+        out.push(Grant {
+            name: s.name.clone(),
+            identities: ids,
+            resources: res,
+            expires,
+            rules,
+            default,
+            masking,
+            read_only: s.read_only,
+        });
     }
     Ok(out)
 }

@@ -127,6 +127,27 @@ fn beyond(r: &Rule, c: &Classification) -> Option<Classification> {
     })
 }
 
+/// The rule name on refusals of text that could make a read-only grant's session read-write.
+pub const READ_ONLY_RULE: &str = "read-only";
+
+/// Judges one query string for a grant: its rules (`decide`), then, for a read-only grant, the
+/// refusal of text that could turn its sessions read-write, which no rule can allow.
+pub fn judge(grant: &super::Grant, c: &Classification) -> Decision {
+    let d = decide(&grant.name, &grant.rules, grant.default, c);
+    if grant.read_only && c.read_write && d.action != Action::Deny {
+        return Decision {
+            action: Action::Deny,
+            rule: READ_ONLY_RULE.into(),
+            message: Some(
+                "the grant is read-only: its sessions may not change default_transaction_read_only or \
+                 transaction_read_only, or start a READ WRITE transaction"
+                    .into(),
+            ),
+        };
+    }
+    d
+}
+
 /// Judges one query string: first matching rule, else `default` (named `<grant>.default`).
 /// Text the grammar rejects is denied unless a rule names `unparseable`.
 ///

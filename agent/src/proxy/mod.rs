@@ -236,6 +236,7 @@ async fn handle(
                 rules: Vec::new(),
                 default: crate::policy::rules::Action::Allow,
                 masking: Vec::new(),
+                read_only: false,
             };
             let grant = policy.grant(&rule).unwrap_or(&no_rules);
             let mut session_base = base_for_statements(&end);
@@ -314,6 +315,7 @@ mod tests {
             rules: Vec::new(),
             default: crate::policy::rules::Action::Allow,
             masking: vec![Rule { name: "m".into(), target: Target::Columns(vec![Glob::new("email")]), style }],
+            read_only: false,
         }
     }
 

@@ -169,6 +169,10 @@ pub struct Classification {
     pub ends_transaction: bool,
     /// The columns it names anywhere, and whether it reads whole rows.
     pub reads: Reads,
+    /// It may make the session or a transaction read-write: it sets `default_transaction_read_only`
+    /// or `transaction_read_only` (SET, `set_config`), or asks for `READ WRITE` (`BEGIN`, `SET
+    /// TRANSACTION`, `SET SESSION CHARACTERISTICS`).
+    pub read_write: bool,
 }
 
 /// Built-in functions that run a query given as text, or dump whole tables: what they read is
@@ -721,6 +725,7 @@ fn merge(c: &mut Classification, inner: Classification, place: &str) {
     c.where_missing |= inner.where_missing;
     c.ends_transaction |= inner.ends_transaction;
     c.reads.runs_sql |= inner.reads.runs_sql;
+    c.read_write |= inner.read_write;
 }
 
 /// Gives up on classifying: the text is treated as unparseable (denied unless a rule names it).
@@ -1055,6 +1060,35 @@ fn changes_lexing(key: &str, node: &Value) -> Option<String> {
     }
 }
 
+/// The settings that make sessions and transactions read-only.
+const READ_ONLY_SETTINGS: [&str; 2] = ["default_transaction_read_only", "transaction_read_only"];
+
+/// Whether a node may make the session or a transaction read-write: a SET (or RESET) of a
+/// read-only setting, whatever the value (`'on'` and `'off'` are literals a shape does not
+/// keep); a `set_config` of one; or a transaction mode that is not `READ ONLY` (`BEGIN READ
+/// WRITE`, `SET TRANSACTION READ WRITE`, `SET SESSION CHARACTERISTICS AS TRANSACTION READ
+/// WRITE`, which the tree holds as a `transaction_read_only` option of 0).
+fn makes_read_write(key: &str, node: &Value) -> bool {
+    let read_only_setting = |name: &str| READ_ONLY_SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(name));
+    match key {
+        "VariableSetStmt" => node.get("name").and_then(Value::as_str).is_some_and(read_only_setting),
+        "FuncCall" => {
+            let names = node.get("funcname").and_then(Value::as_array);
+            let is_set_config =
+                names.and_then(|n| n.last()).and_then(sval).is_some_and(|f| f.eq_ignore_ascii_case("set_config"));
+            let first = node.get("args").and_then(Value::as_array).and_then(|a| a.first());
+            let setting = first.and_then(|a| a.pointer("/node/AConst/val/Sval/sval")).and_then(Value::as_str);
+            // A computed setting name is refused anyway (`changes_lexing`).
+            is_set_config && setting.is_some_and(read_only_setting)
+        }
+        "DefElem" => {
+            node.get("defname").and_then(Value::as_str) == Some("transaction_read_only")
+                && node.pointer("/arg/node/AConst/val/Ival/ival").and_then(Value::as_i64) != Some(1)
+        }
+        _ => false,
+    }
+}
+
 /// Calls `f` with every entry (object, key, value) of a JSON tree, parents before children.
 /// An explicit stack: the tree can be deep, and recursion depth must not depend on input.
 fn visit<'a>(root: &'a Value, mut f: impl FnMut(&'a serde_json::Map<String, Value>, &'a str, &'a Value)) {
@@ -1169,6 +1203,7 @@ fn walk(v: &Value, c: &mut Classification) {
         if key == "into_clause" && !child.is_null() {
             c.kinds.insert(Kind::Ddl);
         }
+        c.read_write |= makes_read_write(key, child);
         // SELECT ... FOR UPDATE / FOR SHARE: row locks, held to the end of the transaction.
         if key == "locking_clause" && child.as_array().is_some_and(|l| !l.is_empty()) {
             c.kinds.insert(Kind::Lock);
@@ -1794,6 +1829,39 @@ mod tests {
         ] {
             let c = classify(sql);
             assert!(c.kinds.contains(&Kind::Unparseable) && c.reads.runs_sql, "{sql}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn what_may_make_a_session_read_write_is_flagged() {
+        for sql in [
+            "SET default_transaction_read_only = off",
+            "SET SESSION default_transaction_read_only TO 'on'",
+            "SET LOCAL transaction_read_only = false",
+            "RESET default_transaction_read_only",
+            "SELECT set_config('default_transaction_read_only', 'off', false)",
+            "SELECT 1 WHERE pg_catalog.SET_CONFIG('Transaction_Read_Only', 'off', true) IS NULL",
+            "BEGIN READ WRITE",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+            "SET TRANSACTION READ WRITE",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "DO $$ BEGIN PERFORM set_config('default_transaction_read_only', 'off', false); END $$",
+        ] {
+            assert!(classify(sql).read_write, "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "BEGIN READ ONLY",
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+            "SET TRANSACTION READ ONLY",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET statement_timeout = 0",
+            "SELECT set_config('application_name', 'x', false)",
+            "RESET ALL",
+            "DISCARD ALL",
+            "SELECT 'default_transaction_read_only'",
+        ] {
+            assert!(!classify(sql).read_write, "{sql}");
         }
     }
 

@@ -535,6 +535,12 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         };
         let unverified = s.resource.tls.upstream == crate::policy::UpstreamTls::Require;
         let (user, auth) = (&s.credentials.user, s.credentials.auth);
+        // Set at login, where the server ranks it above the role's and database's own settings;
+        // the client cannot send it (`STARTUP_PARAMS`) and statements that change it are refused.
+        let mut params = params.clone();
+        if s.grant.read_only && s.enforce {
+            params.push(("default_transaction_read_only".into(), "on".into()));
+        }
         let login = upstream::login(stream, s.upstream, user, &password, &params, auth, unverified);
         let mut up = match login.await {
             Ok(up) => up,
@@ -1676,8 +1682,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             },
             None => Arc::new(sql::classify(&text)),
         };
-        let g = self.s.grant;
-        let mut d = crate::policy::rules::decide(&g.name, &g.rules, g.default, &class);
+        let mut d = crate::policy::rules::judge(self.s.grant, &class);
         // In monitor mode a masking refusal stands even where the rules deny too.
         if (d.action != Action::Deny || !self.s.enforce)
             && let Some(m) = &self.masker
