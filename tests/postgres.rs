@@ -271,6 +271,8 @@ fn a_read_only_grant_has_the_server_refuse_writes_hidden_in_functions() {
     let (env, pg) = setup("pg-read-only");
     // A function whose body writes: the rules see only a SELECT calling it.
     pg.direct("CREATE FUNCTION purge() RETURNS int LANGUAGE plpgsql AS $$ BEGIN DELETE FROM archive; RETURN 1; END $$");
+    // What the role's own settings say gives way to the login's.
+    pg.direct("ALTER ROLE app SET default_transaction_read_only = off");
     let reader = |sql: &str| psql_as(&env, &pg, "reader", "app:wrong", sql);
     let (out, err, _) = reader("SHOW default_transaction_read_only;\nSELECT purge();\nSELECT count(*) FROM archive;");
     assert_eq!(out, "on\n1", "{err}");
