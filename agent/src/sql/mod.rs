@@ -1237,8 +1237,12 @@ fn walk(v: &Value, c: &mut Classification) {
 /// state: PostgreSQL reads it as `f(x)` when `x` has no column `f`. That cannot be when `x` is
 /// only a table of the statement (`j.schedule` of `cron.job j`), so those are left alone; a
 /// function's value in FROM (`unnest(...) x`, or `unnest` itself unaliased) may be anything.
+/// An unaliased FROM item that is not one plain function call (`COALESCE(...)`, `CAST(...)`,
+/// `ROWS FROM (a(), b())`) gets a name the server derives (`coalesce`, a type's name...), which
+/// may also be a table's alias elsewhere in the statement: then no `x` is left alone.
 fn qualified_calls(tree: &Value, c: &Classification) -> bool {
     let mut functions_in_from: BTreeSet<String> = BTreeSet::new();
+    let mut unnamed = false;
     visit(tree, |_, key, child| {
         if key != "RangeFunction" {
             return;
@@ -1246,18 +1250,21 @@ fn qualified_calls(tree: &Value, c: &Classification) -> bool {
         match child.pointer("/alias/aliasname").and_then(Value::as_str) {
             Some(alias) => _ = functions_in_from.insert(alias.to_lowercase()),
             None => {
+                let one = child.get("functions").and_then(Value::as_array).is_some_and(|f| f.len() == 1);
                 let name = child.pointer("/functions/0/node/List/items/0/node/FuncCall/funcname");
                 let last = name.and_then(Value::as_array).and_then(|n| n.last()).and_then(sval);
-                functions_in_from.extend(last.map(str::to_lowercase));
+                match last {
+                    Some(last) if one => _ = functions_in_from.insert(last.to_lowercase()),
+                    _ => unnamed = true,
+                }
             }
         }
     });
     let tables: BTreeSet<String> =
         c.tables.iter().map(|t| unquoted(last_part(t)).to_lowercase()).chain(c.reads.aliases.keys().cloned()).collect();
-    c.reads
-        .qualified
-        .iter()
-        .any(|(x, f)| SIDE_EFFECTS.contains(&f.as_str()) && (functions_in_from.contains(x) || !tables.contains(x)))
+    c.reads.qualified.iter().any(|(x, f)| {
+        SIDE_EFFECTS.contains(&f.as_str()) && (unnamed || functions_in_from.contains(x) || !tables.contains(x))
+    })
 }
 
 /// A part of a relation name as `Classification::tables` holds it, as the server has it (the
@@ -1687,6 +1694,17 @@ mod tests {
         ] {
             assert!(classify(sql).kinds.contains(&Kind::SideEffect), "{sql}");
         }
+        // A FROM item's derived name (`coalesce`) that is also a table's alias elsewhere.
+        let w = "LEFT JOIN (SELECT FROM orders AS \"coalesce\" LIMIT 0) s ON true";
+        for sql in [
+            format!("SELECT \"coalesce\".lo_create FROM COALESCE(777001::oid) {w}"),
+            format!("SELECT \"coalesce\".lo_unlink FROM COALESCE(16402::oid) {w}"),
+            format!("SELECT \"nullif\".lo_unlink FROM NULLIF(16402::oid, 0) LEFT JOIN orders \"nullif\" ON true"),
+            format!("SELECT o.lo_unlink FROM CAST(16402 AS oid) LEFT JOIN orders o ON true"),
+        ] {
+            assert!(classify(&sql).kinds.contains(&Kind::SideEffect), "{sql}");
+        }
+        assert!(!classify("SELECT j.schedule FROM cron.job j, unnest(ARRAY[1]) u").kinds.contains(&Kind::SideEffect));
         // Built-ins under another name count as the function a rule would list.
         let c = classify("SELECT pg_read_file_old('/etc/hostname', 0, 100)");
         assert!(c.functions.contains("pg_read_file") && c.functions.contains("pg_read_file_old"), "{c:?}");
