@@ -1699,8 +1699,8 @@ mod tests {
         for sql in [
             format!("SELECT \"coalesce\".lo_create FROM COALESCE(777001::oid) {w}"),
             format!("SELECT \"coalesce\".lo_unlink FROM COALESCE(16402::oid) {w}"),
-            format!("SELECT \"nullif\".lo_unlink FROM NULLIF(16402::oid, 0) LEFT JOIN orders \"nullif\" ON true"),
-            format!("SELECT o.lo_unlink FROM CAST(16402 AS oid) LEFT JOIN orders o ON true"),
+            "SELECT \"nullif\".lo_unlink FROM NULLIF(16402::oid, 0) LEFT JOIN orders \"nullif\" ON true".to_string(),
+            "SELECT o.lo_unlink FROM CAST(16402 AS oid) LEFT JOIN orders o ON true".to_string(),
         ] {
             assert!(classify(&sql).kinds.contains(&Kind::SideEffect), "{sql}");
         }
