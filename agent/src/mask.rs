@@ -169,9 +169,29 @@ pub enum ColumnMask {
     Whole(Style),
     /// Content detectors look inside each value.
     Detect,
+    /// Content detectors look inside each value and redact what they find, whatever their
+    /// rule's style: the value may be text the client chose (see `Masker::column_from`).
+    DetectStrict,
     /// Nothing to do.
     Keep,
 }
+
+impl ColumnMask {
+    /// The mask for a value that is not one stored in a user table's column: a hash of it, or
+    /// its last characters, would answer a client's guesses (`SELECT 'guess'` hashed as the
+    /// stored value is) or show any part it likes (`substr(email, 5, 4)` under `partial`).
+    pub fn strict(self) -> ColumnMask {
+        match self {
+            ColumnMask::Whole(_) => ColumnMask::Whole(Style::Redact),
+            ColumnMask::Detect | ColumnMask::DetectStrict => ColumnMask::DetectStrict,
+            ColumnMask::Keep => ColumnMask::Keep,
+        }
+    }
+}
+
+/// FirstNormalObjectId: objects with smaller OIDs are the system's catalogs and views, whose
+/// columns hold text any client can put there (`pg_stat_activity.query`, `pg_settings`).
+const FIRST_USER_OID: u32 = 16384;
 
 /// Masked-value counts by kind, for audit records.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -405,16 +425,20 @@ impl Masker {
 
     /// `column` for a result column the server says comes from table `origin.0`'s attribute
     /// `origin.1` (0, 0 for a computed value; attribute 0 for a whole row): masked if its name
-    /// or its source's is, or, computed, as `computed` (see `Masker::computed`) says.
+    /// or its source's is, or, computed, as `computed` (see `Masker::computed`) says. Only
+    /// values stored in a user table's column keep their rule's style; any other is redacted
+    /// (`ColumnMask::strict`).
     pub fn column_from(&self, name: &str, origin: (u32, i16), computed: Option<Style>) -> ColumnMask {
-        match self.column(name) {
+        let mask = match self.column(name) {
             ColumnMask::Whole(style) => ColumnMask::Whole(style),
             other => match (self.origins.get(&origin), computed) {
                 (Some(&style), _) => ColumnMask::Whole(style),
                 (None, Some(style)) if origin.1 <= 0 => ColumnMask::Whole(style),
                 (None, _) => other,
             },
-        }
+        };
+        let stored = origin.0 >= FIRST_USER_OID && origin.1 > 0;
+        if stored { mask } else { mask.strict() }
     }
 
     /// The masked form of a whole value.
@@ -440,11 +464,24 @@ impl Masker {
                 Some(self.whole(style, value))
             }
             ColumnMask::Detect => self.detect(value, counts).map(Cow::into_owned),
+            ColumnMask::DetectStrict => self.detect_strict(value, counts).map(Cow::into_owned),
         }
     }
 
-    /// Runs the content detectors over free text, masking each finding in place.
+    /// Runs the content detectors over free text, masking each finding in place in its rule's
+    /// style.
     pub fn detect<'a>(&self, text: &'a [u8], counts: &mut Counts) -> Option<Cow<'a, [u8]>> {
+        self.detect_as(text, counts, false)
+    }
+
+    /// `detect`, with every finding redacted: for text the client may have chosen (a computed
+    /// value, an error message, a notification), where a hash would answer its guesses.
+    pub fn detect_strict<'a>(&self, text: &'a [u8], counts: &mut Counts) -> Option<Cow<'a, [u8]>> {
+        self.detect_as(text, counts, true)
+    }
+
+    /// `detect_strict` if `strict`, else `detect`.
+    pub fn detect_as<'a>(&self, text: &'a [u8], counts: &mut Counts, strict: bool) -> Option<Cow<'a, [u8]>> {
         if self.detectors.is_empty() || !maybe_sensitive(text) {
             return None;
         }
@@ -478,7 +515,7 @@ impl Masker {
         let mut at = 0;
         for (start, end, kind, style) in found {
             out.extend_from_slice(&text[at..start]);
-            out.extend_from_slice(&self.whole(style, &text[start..end]));
+            out.extend_from_slice(&self.whole(if strict { Style::Redact } else { style }, &text[start..end]));
             counts.add(kind);
             at = end;
         }
@@ -753,7 +790,10 @@ mod tests {
         assert_eq!(m.column_from("x", (16384, 3), None), ColumnMask::Whole(Style::Partial), "an alias of ssn");
         assert_eq!(m.column_from("ssn", (16384, 3), None), ColumnMask::Whole(Style::Redact), "the name's rule first");
         assert_eq!(m.column_from("x", (16384, 2), None), ColumnMask::Detect);
-        assert_eq!(m.column_from("x", (0, 0), None), ColumnMask::Detect, "an expression of unmasked tables");
+        // Values not stored in a user table's column may be text the client chose: redacted.
+        assert_eq!(m.column_from("x", (0, 0), None), ColumnMask::DetectStrict, "an expression of unmasked tables");
+        assert_eq!(m.column_from("query", (12000, 20), None), ColumnMask::DetectStrict, "a system view's column");
+        assert_eq!(m.column_from("ssn", (0, 0), None), ColumnMask::Whole(Style::Redact), "a computed value named ssn");
         // Computed values of a statement naming a masked column or reading whole rows of a
         // table with masked columns may be made of them.
         let reads = |cols: &[&str], whole_rows, qualified: &[(&str, &str)]| crate::sql::Reads {
@@ -790,8 +830,10 @@ mod tests {
         let whole = reads(&["t"], true, &[]);
         assert_eq!(q.computed(&["s.\"x\"\"y\"".to_string()], &whole, false), Some(Style::Hash));
         assert_eq!(m.computed(&[], &reads(&[], false, &[]), true), Some(Style::Redact), "a FETCH: the strictest rule");
-        assert_eq!(m.column_from("x", (0, 0), computed), ColumnMask::Whole(Style::Partial));
-        assert_eq!(m.column_from("x", (16384, 0), computed), ColumnMask::Whole(Style::Partial), "a whole row");
+        // Computed and whole-row values are redacted, not shown in part or hashed: `substr(ssn,
+        // 5, 4)` under `partial` would show any four characters the client picks.
+        assert_eq!(m.column_from("x", (0, 0), computed), ColumnMask::Whole(Style::Redact));
+        assert_eq!(m.column_from("x", (16384, 0), computed), ColumnMask::Whole(Style::Redact), "a whole row");
         assert_eq!(m.column_from("x", (16384, 2), computed), ColumnMask::Detect, "a column not masked");
     }
 

@@ -42,6 +42,8 @@ pub struct Plan {
     cols: Vec<Col>,
     /// Some column needs looking at; otherwise rows are relayed untouched.
     active: bool,
+    /// How detectors treat values past the known columns (`Detect` or `DetectStrict`).
+    rest: ColumnMask,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +110,7 @@ impl Plan {
             return Err(malformed("RowDescription", "trailing bytes"));
         }
         let active = cols.iter().any(|c| c.mask != ColumnMask::Keep);
-        Ok(Plan { cols, active })
+        Ok(Plan { cols, active, rest: ColumnMask::DetectStrict })
     }
 
     /// The plan of a portal bound from a statement whose RowDescription (from a statement
@@ -132,19 +134,24 @@ impl Plan {
     }
 
     /// A plan for COPY rows: by position when the column names are known, else detectors only.
+    /// The rows of `COPY (query)` are not traced to stored values: masked strictly.
     pub fn for_copy(copy: &CopyOut, masker: &Masker) -> Plan {
+        let by_query = |m: ColumnMask| if copy.query { m.strict() } else { m };
         let cols: Vec<Col> = match &copy.columns {
-            Some(names) => names.iter().map(|n| Col { mask: masker.column(n), binary: false, type_oid: 25 }).collect(),
+            Some(names) => {
+                names.iter().map(|n| Col { mask: by_query(masker.column(n)), binary: false, type_oid: 25 }).collect()
+            }
             None => Vec::new(),
         };
         let active = masker.has_detectors() || cols.iter().any(|c| c.mask != ColumnMask::Keep);
-        Plan { cols, active }
+        let rest = by_query(ColumnMask::Detect);
+        Plan { cols, active, rest }
     }
 
     fn col(&self, i: usize, masker: &Masker) -> ColumnMask {
         match self.cols.get(i) {
             Some(c) => c.mask,
-            None if masker.has_detectors() => ColumnMask::Detect,
+            None if masker.has_detectors() => self.rest,
             None => ColumnMask::Keep,
         }
     }
@@ -248,7 +255,7 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
                 let masked = masker.apply(col.mask, text, counts)?;
                 out.extend_from_slice(serde_json::to_string(&String::from_utf8_lossy(&masked)).ok()?.as_bytes());
             } else {
-                let masked = detect_json(text, masker, counts)?;
+                let masked = detect_json(text, masker, col.mask == ColumnMask::DetectStrict, counts)?;
                 if serde_json::from_slice::<serde::de::IgnoredAny>(&masked).is_err() {
                     // A finding inside a JSON number made it invalid.
                     return Some(None);
@@ -279,10 +286,11 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
 /// Runs the detectors over a JSON text: over each string decoded (an escape such as `\n` or
 /// `\u0040` would hide what follows it from the patterns), written back encoded if anything was
 /// found, and over what lies between strings (numbers). `None`: nothing found.
-fn detect_json(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<u8>> {
+fn detect_json(text: &[u8], masker: &Masker, strict: bool, counts: &mut Counts) -> Option<Vec<u8>> {
+    let detect = |part: &'_ [u8], counts: &mut Counts| masker.detect_as(part, counts, strict).map(|m| m.into_owned());
     let mut out = Vec::with_capacity(text.len());
     let mut changed = false;
-    let between = |part: &[u8], out: &mut Vec<u8>, counts: &mut Counts| match masker.detect(part, counts) {
+    let between = |part: &[u8], out: &mut Vec<u8>, counts: &mut Counts| match detect(part, counts) {
         Some(masked) => {
             out.extend_from_slice(&masked);
             true
@@ -307,7 +315,7 @@ fn detect_json(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<
         i = (i + 1).min(text.len());
         let token = &text[start..i];
         match serde_json::from_slice::<String>(token) {
-            Ok(decoded) => match masker.detect(decoded.as_bytes(), counts) {
+            Ok(decoded) => match detect(decoded.as_bytes(), counts) {
                 Some(masked) => {
                     let encoded = serde_json::to_string(&String::from_utf8_lossy(&masked)).unwrap_or_default();
                     out.extend_from_slice(encoded.as_bytes());
@@ -778,7 +786,8 @@ pub fn mask_notification(body: &Bytes, masker: &Masker, counts: &mut Counts) -> 
     let pid = r.take(4)?;
     let channel = r.cstr()?;
     let payload = r.cstr()?;
-    let Some(masked) = masker.detect(payload, counts) else { return Ok(None) };
+    // The payload is whatever a session chose to send (`pg_notify('c', 'guess')`).
+    let Some(masked) = masker.detect_strict(payload, counts) else { return Ok(None) };
     let mut out = BytesMut::with_capacity(body.len() + 16);
     out.extend_from_slice(pid);
     out.extend_from_slice(channel);
@@ -829,7 +838,8 @@ pub fn mask_notice(
         }
         // Message, detail, hint, context, internal query; also the table/column/constraint names.
         if matches!(code, b'M' | b'D' | b'H' | b'W' | b'q' | b'd')
-            && let Some(v) = masker.detect(value.as_deref().unwrap_or(text), counts)
+            // Messages quote what the client sent (`'guess'::int`): findings are redacted.
+            && let Some(v) = masker.detect_strict(value.as_deref().unwrap_or(text), counts)
         {
             value = Some(v.into_owned());
         }
@@ -990,7 +1000,7 @@ mod tests {
         );
         let run = |v: &[u8]| {
             let mut counts = Counts::default();
-            let out = detect_json(v, &m, &mut counts).map(|o| String::from_utf8(o).unwrap());
+            let out = detect_json(v, &m, false, &mut counts).map(|o| String::from_utf8(o).unwrap());
             (out, counts.total())
         };
         // An escaped newline right before a number, an escaped `@`: a pattern on the raw text
@@ -1013,14 +1023,16 @@ mod tests {
         assert_eq!(run(br#"["a@b.com"#).0.as_deref(), Some(r#"["[REDACTED]"#));
     }
 
+    /// Columns stored in a user table (OID 16400, attributes 1, 2...), whose values keep their
+    /// rule's style.
     fn row_description(cols: &[(&str, u32, i16)]) -> Vec<u8> {
         let mut b = BytesMut::new();
         b.put_i16(cols.len() as i16);
-        for (name, oid, format) in cols {
+        for (i, (name, oid, format)) in cols.iter().enumerate() {
             b.extend_from_slice(name.as_bytes());
             b.put_u8(0);
-            b.put_u32(0);
-            b.put_i16(0);
+            b.put_u32(16400);
+            b.put_i16(i as i16 + 1);
             b.put_u32(*oid);
             b.put_i16(-1);
             b.put_i32(-1);
@@ -1205,7 +1217,8 @@ mod tests {
         let mut b = BytesMut::new();
         b.extend_from_slice(b"Minvalid input: \"joe@example.org\"\0\0");
         let out = mask_notice(&b.freeze(), &m, false, &mut counts).unwrap().unwrap();
-        assert_eq!(&out[..], b"Minvalid input: \"***********.org\"\0\0");
+        // Redacted, not in the detector's style: messages quote what the client sent.
+        assert_eq!(&out[..], b"Minvalid input: \"[REDACTED]\"\0\0");
         assert!(mask_notice(&Bytes::from_static(b"Mno terminator"), &m, false, &mut counts).is_err());
         // A statement computing from masked values: its texts may quote them, or not.
         let body = Bytes::from_static(b"SERROR\0C22P02\0Mbad \"\"topsecret\"\0Dd\0Hh\0WPL/pgSQL\0P7\0\0");
@@ -1256,7 +1269,8 @@ mod tests {
         let mut counts = Counts::default();
         let body = Bytes::from_static(b"\0\0\x30\x39orders\0mail joe@example.org now\0");
         let out = mask_notification(&body, &m, &mut counts).unwrap().unwrap();
-        assert_eq!(&out[..], b"\0\0\x30\x39orders\0mail ***********.org now\0");
+        // Redacted, not in the detector's style: a session chose the payload.
+        assert_eq!(&out[..], b"\0\0\x30\x39orders\0mail [REDACTED] now\0");
         assert_eq!(counts.to_map(), [("email".into(), 1)].into());
         assert_eq!(mask_notification(&Bytes::from_static(b"\0\0\0\x01c\0nothing\0"), &m, &mut counts), Ok(None));
         assert!(mask_notification(&Bytes::from_static(b"\0\0\0\x01c\0no end"), &m, &mut counts).is_err());

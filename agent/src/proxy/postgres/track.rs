@@ -468,13 +468,14 @@ mod tests {
         Frame { tag, body: Bytes::copy_from_slice(body) }
     }
 
+    /// One text column stored in a user table.
     fn row_description(name: &str) -> Frame {
         let mut b = BytesMut::new();
         b.put_i16(1);
         b.extend_from_slice(name.as_bytes());
         b.put_u8(0);
-        b.put_u32(0);
-        b.put_i16(0);
+        b.put_u32(16400);
+        b.put_i16(1);
         b.put_u32(25);
         b.put_i16(-1);
         b.put_i32(-1);
