@@ -2246,20 +2246,30 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "EZ12DCZC", "{out}");
     assert!(out.contains("42501") && out.contains("name-too-long"), "{out}");
-    // ... counting three bytes for each past ASCII: under LATIN1 the server reads `é` (two
-    // bytes) as `Ã©` and stores four, so these two 49-byte names would be one 63-byte name.
-    let latin = serde_json::json!({"client_encoding": "LATIN1"});
-    for name in [format!("{}A", "é".repeat(24)), "é".repeat(11)] {
-        let script = serde_json::json!([["P", name, "SELECT 1"], ["S"], ["X"]]);
-        let out = raw(&env, &pg, latin.clone(), script);
-        assert!(out.contains("name-too-long"), "{name}: {out}");
-    }
-    let out = raw(&env, &pg, latin.clone(), serde_json::json!([["P", "é".repeat(10), "SELECT 1"], ["S"], ["X"]]));
+    // ... counting three bytes for each past ASCII, as some server encodings take them (`é` is
+    // three bytes in EUC_JP).
+    let parse = |name: &str| serde_json::json!([["P", name, "SELECT 1"], ["S"], ["X"]]);
+    assert!(raw(&env, &pg, none.clone(), parse(&"é".repeat(22))).contains("name-too-long"));
+    let out = raw(&env, &pg, none.clone(), parse(&"é".repeat(10)));
     assert_eq!(after_first_line(&out), "1ZC", "{out}");
     let prepare = |n: usize| serde_json::json!([["Q", format!("PREPARE \"{}\" AS SELECT 1", "é".repeat(n))], ["X"]]);
-    let out = raw(&env, &pg, latin.clone(), prepare(11));
-    assert!(out.contains("\"unparseable\""), "{out}");
-    assert!(raw(&env, &pg, latin, prepare(10)).contains("C PREPARE"));
+    assert!(raw(&env, &pg, none.clone(), prepare(11)).contains("\"unparseable\""));
+    assert!(raw(&env, &pg, none.clone(), prepare(10)).contains("C PREPARE"));
+    // Under a client encoding other than UTF8, names must be ASCII: the server converts them,
+    // and some conversions make one name of two. In EUC_JIS_2004 these bytes are `æ̀` as one
+    // character; written as `æ` and a combining grave, the server's name would be the same.
+    let euc = serde_json::json!({"client_encoding": "EUC_JIS_2004"});
+    let precomposed = String::from_utf8(vec![0xe1, 0xa1, 0xab, 0xc4, 0xa1, 0xe1, 0xa1, 0xa1]).unwrap();
+    for (encoding, name) in
+        [(euc.clone(), precomposed.as_str()), (serde_json::json!({"client_encoding": "LATIN1"}), "é")]
+    {
+        let out = raw(&env, &pg, encoding.clone(), parse(name));
+        assert!(out.contains("42501") && out.contains("name-encoding"), "{name}: {out}");
+        let declare = serde_json::json!([["Q", format!("BEGIN; DECLARE \"{name}\" CURSOR FOR SELECT 1")], ["X"]]);
+        assert!(raw(&env, &pg, encoding, declare).contains("name-encoding"), "{name}");
+    }
+    let out = raw(&env, &pg, euc, parse("ascii_only"));
+    assert_eq!(after_first_line(&out), "1ZC", "{out}");
     // During COPY FROM STDIN the server takes any other message as part of the COPY, which
     // would leave the proxy counting one answer too many: refused, and the session closed.
     let script = serde_json::json!([["Q", "COPY orders FROM STDIN"], ["Q", "SELECT 1"], ["X"]]);

@@ -175,6 +175,23 @@ pub struct Classification {
     pub read_write: bool,
 }
 
+impl Classification {
+    /// The prepared statement and cursor names it uses (PREPARE, EXECUTE, DEALLOCATE, DECLARE,
+    /// CLOSE).
+    pub fn names(&self) -> Vec<&str> {
+        fn listed(d: &Deallocates) -> Vec<&str> {
+            match d {
+                Deallocates::Names(n) => n.iter().map(String::as_str).collect(),
+                _ => Vec::new(),
+            }
+        }
+        let mut all = listed(&self.deallocates);
+        all.extend(listed(&self.cursors));
+        all.extend(self.prepares.iter().chain(&self.executes).map(String::as_str));
+        all
+    }
+}
+
 /// Built-in functions that run a query given as text, or dump whole tables: what they read is
 /// not in the statement's tree.
 const RUNS_SQL_TEXT: [&str; 22] = [
@@ -653,19 +670,12 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
                 look_into_query(query, depth, &mut c);
             }
             // pg_query cuts long names as a UTF-8 server would; one converting from the client's
-            // encoding may cut them elsewhere.
-            let names = |d: &Deallocates| match d {
-                Deallocates::Names(n) => n.iter().cloned().collect::<Vec<_>>(),
-                _ => Vec::new(),
-            };
-            let mut all = names(&c.deallocates);
-            all.extend(names(&c.cursors));
-            all.extend(c.prepares.iter().chain(&c.executes).cloned());
-            // pg_query has cut names already: one of 60 bytes or more in a text that is not all
-            // ASCII may have lost what would have been cut elsewhere.
-            let cut = |n: &String| name_may_be_cut(n) || (!sql.is_ascii() && n.len() >= MAX_NAME - 3);
-            if let Some(n) = all.iter().find(|n| cut(n)) {
-                let n = n.clone();
+            // encoding may cut them elsewhere. pg_query has cut names already: one of 60 bytes or
+            // more in a text that is not all ASCII may have lost what would have been cut
+            // elsewhere.
+            let cut = |n: &&str| name_may_be_cut(n) || (!sql.is_ascii() && n.len() >= MAX_NAME - 3);
+            if let Some(n) = c.names().into_iter().find(cut) {
+                let n = n.to_string();
                 refuse(&mut c, || {
                     format!("the name {n:?} may be cut short by the server (a non-ASCII byte counts three of its 63)")
                 });

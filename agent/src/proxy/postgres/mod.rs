@@ -219,6 +219,24 @@ fn lexing_setting(body: &[u8]) -> Option<String> {
     unsafe_.then(|| format!("the server now has {name} = {value}, under which it reads SQL differently from the proxy"))
 }
 
+/// What is wrong with a ParameterStatus the server sends during a session: what
+/// `lexing_setting` finds, or any new client encoding. Statements cannot change it through the
+/// proxy, so a function did; names, texts and masking follow the encoding the session logged
+/// in with.
+fn session_setting(body: &[u8]) -> Option<String> {
+    lexing_setting(body).or_else(|| {
+        let mut parts = body.split(|&b| b == 0);
+        let (name, value) = (parts.next()?, parts.next()?);
+        name.eq_ignore_ascii_case(b"client_encoding").then(|| {
+            format!(
+                "the server now has client_encoding = {}, set by a function; the proxy reads names and text in the \
+                 encoding the session logged in with",
+                String::from_utf8_lossy(value)
+            )
+        })
+    })
+}
+
 fn check_startup_params(params: &[(String, String)]) -> Result<(), String> {
     for (i, (k, v)) in params.iter().enumerate() {
         if !STARTUP_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(k)) {
@@ -608,11 +626,11 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let (up_r, up_w) = up.stream.split();
     let (inject_tx, inject_rx) = mpsc::unbounded_channel();
     let (expect_tx, expect_rx) = mpsc::unbounded_channel();
+    let charset = up.parameters.iter().find_map(|f| reported_charset(&f.body)).unwrap_or_default();
     let (ops_tx, masking) = match &masker {
         Some(m) => {
             let (tx, rx) = mpsc::unbounded_channel();
             // `partial` keeps the last four characters, as the client's encoding makes them.
-            let charset = up.parameters.iter().find_map(|f| reported_charset(&f.body)).unwrap_or_default();
             let m = if charset == m.charset() { m.clone() } else { Arc::new(m.with_charset(charset)) };
             (Some(tx), Some((Tracker::new(m), rx)))
         }
@@ -628,6 +646,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let mut side = ClientSide {
         s: &s,
         masker,
+        ascii_names: charset != Charset::Utf8,
         base: &base,
         statement_base: Arc::new(StatementBase::new(&base)),
         client: client_r,
@@ -1104,7 +1123,7 @@ async fn downstream(
                 while let Some((tag, len)) = wire::peek(&buf[pos..]).map_err(std::io::Error::other)? {
                     let body = &buf[pos + 5..pos + len];
                     if tag == b'S'
-                        && let Some(why) = lexing_setting(body)
+                        && let Some(why) = session_setting(body)
                     {
                         out.extend_from_slice(&buf[relayed..pos]);
                         return end_for_lexing(why, &mut out, &mut finished, &mut results, &mut client).await;
@@ -1152,7 +1171,7 @@ async fn downstream(
                         false => denial_for(&mut pending, ready_seen + 1, (tag, &buf[5..len]), tally.failed, stand_in),
                     };
                     if tag == b'S'
-                        && let Some(why) = lexing_setting(&buf[5..len])
+                        && let Some(why) = session_setting(&buf[5..len])
                     {
                         return end_for_lexing(why, &mut out, &mut finished, &mut results, &mut client).await;
                     }
@@ -1535,6 +1554,11 @@ struct Refusal {
 /// Client -> server state of one session.
 struct ClientSide<'s, 'a, R> {
     s: &'s Session<'a>,
+    /// The client encoding is not UTF-8: statement, portal and cursor names must be ASCII. The
+    /// server converts names from the client's encoding, and some conversions make one name of
+    /// two (EUC_JIS_2004 has characters both precomposed and as base and combining mark): the
+    /// proxy would track and judge one statement while the server ran the other.
+    ascii_names: bool,
     /// The session's masker (`Session::masker` with what the server's catalog said).
     masker: Option<Arc<Masker>>,
     base: &'s Record,
@@ -1683,6 +1707,16 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             None => Arc::new(sql::classify(&text)),
         };
         let mut d = crate::policy::rules::judge(self.s.grant, &class);
+        if self.ascii_names
+            && d.action != Action::Deny
+            && let Some(name) = class.names().into_iter().find(|n| !n.is_ascii())
+        {
+            d = Decision {
+                action: Action::Deny,
+                rule: NAME_ENCODING.into(),
+                message: Some(name_encoding_message(name)),
+            };
+        }
         // In monitor mode a masking refusal stands even where the rules deny too.
         if (d.action != Action::Deny || !self.s.enforce)
             && let Some(m) = &self.masker
@@ -1691,7 +1725,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             d = Decision { action: Action::Deny, rule: "masking".into(), message: Some(why) };
         }
         // Masking is not relaxed in monitor mode, so neither are the refusals that keep it whole.
-        let monitored = d.action != Action::Allow && !self.s.enforce && d.rule != "masking";
+        let monitored = d.action != Action::Allow && !self.s.enforce && d.rule != "masking" && d.rule != NAME_ENCODING;
         let r = StatementRecord {
             base: self.statement_base.clone(),
             statement_bytes: (text.len() > MAX_AUDITED_SQL).then_some(text.len() as u64),
@@ -2256,6 +2290,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 wire::bind_result_formats(&f.body)?;
             }
         }
+        if self.ascii_names
+            && let Some(name) = non_ascii_name(batch)?
+        {
+            return Ok(Err(Refusal { rule: NAME_ENCODING.into(), message: Some(name_encoding_message(name)) }));
+        }
         if let Some(name) = overlong_name(batch)? {
             return Ok(Err(Refusal {
                 rule: "name-too-long".into(),
@@ -2729,9 +2768,31 @@ fn executed_holds<'p>(
 /// two longer names that begin alike would be one name to the server and two to the proxy.
 const MAX_NAME: usize = sql::MAX_NAME;
 
+/// The rule refusing names past ASCII under a client encoding other than UTF-8.
+const NAME_ENCODING: &str = "name-encoding";
+
+fn name_encoding_message(name: &str) -> String {
+    format!(
+        "statement, portal and cursor names must be ASCII unless the client encoding is UTF8: the server \
+         converts \"{}\" from the client's encoding, which may make one name of two",
+        truncate(name, 20)
+    )
+}
+
+/// The first statement or portal name in `batch` past ASCII.
+fn non_ascii_name(batch: &[Frame]) -> Result<Option<&str>, wire::WireError> {
+    first_name(batch, |n| !n.is_ascii())
+}
+
 /// The first statement or portal name in `batch` the server may keep shorter than sent
 /// (`sql::name_may_be_cut`).
 fn overlong_name(batch: &[Frame]) -> Result<Option<&str>, wire::WireError> {
+    first_name(batch, sql::name_may_be_cut)
+}
+
+/// The first statement or portal name in `batch` (Parse, Bind, Describe, Close, Execute) that
+/// `pick` picks.
+fn first_name(batch: &[Frame], pick: impl Fn(&str) -> bool) -> Result<Option<&str>, wire::WireError> {
     for f in batch {
         let names = match f.tag {
             b'P' => [Some(wire::parse_message(&f.body)?.0), None],
@@ -2743,7 +2804,7 @@ fn overlong_name(batch: &[Frame]) -> Result<Option<&str>, wire::WireError> {
             b'E' => [Some(wire::execute_portal(&f.body)?), None],
             _ => [None, None],
         };
-        if let Some(n) = names.into_iter().flatten().find(|n| sql::name_may_be_cut(n)) {
+        if let Some(n) = names.into_iter().flatten().find(|n| pick(n)) {
             return Ok(Some(n));
         }
     }
@@ -3065,6 +3126,10 @@ mod tests {
         assert!(lexing_setting(b"client_encoding\0SJIS\0").is_some());
         assert!(lexing_setting(b"TimeZone\0UTC\0").is_none());
         assert!(lexing_setting(b"").is_none(), "not even a name");
+        // During a session any new client encoding ends it: only a function can have set it.
+        assert!(session_setting(b"client_encoding\0LATIN1\0").is_some());
+        assert!(session_setting(b"standard_conforming_strings\0off\0").is_some());
+        assert!(session_setting(b"DateStyle\0ISO, MDY\0").is_none());
     }
 
     #[test]
