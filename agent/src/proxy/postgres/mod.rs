@@ -219,6 +219,15 @@ fn lexing_setting(body: &[u8]) -> Option<String> {
     unsafe_.then(|| format!("the server now has {name} = {value}, under which it reads SQL differently from the proxy"))
 }
 
+/// Whether a ParameterStatus body reports a server encoding into which UTF-8 names go as they
+/// are (UTF8, or SQL_ASCII, which converts nothing).
+fn unconverted_server(body: &[u8]) -> bool {
+    let mut parts = body.split(|&b| b == 0);
+    let (Some(name), Some(value)) = (parts.next(), parts.next()) else { return false };
+    name.eq_ignore_ascii_case(b"server_encoding")
+        && (value.eq_ignore_ascii_case(b"UTF8") || value.eq_ignore_ascii_case(b"SQL_ASCII"))
+}
+
 /// What is wrong with a ParameterStatus the server sends during a session: what
 /// `lexing_setting` finds, or any new client encoding. Statements cannot change it through the
 /// proxy, so a function did; names, texts and masking follow the encoding the session logged
@@ -646,7 +655,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let mut side = ClientSide {
         s: &s,
         masker,
-        ascii_names: charset != Charset::Utf8,
+        ascii_names: charset != Charset::Utf8 || !up.parameters.iter().any(|f| unconverted_server(&f.body)),
         base: &base,
         statement_base: Arc::new(StatementBase::new(&base)),
         client: client_r,
@@ -1554,10 +1563,11 @@ struct Refusal {
 /// Client -> server state of one session.
 struct ClientSide<'s, 'a, R> {
     s: &'s Session<'a>,
-    /// The client encoding is not UTF-8: statement, portal and cursor names must be ASCII. The
-    /// server converts names from the client's encoding, and some conversions make one name of
-    /// two (EUC_JIS_2004 has characters both precomposed and as base and combining mark): the
-    /// proxy would track and judge one statement while the server ran the other.
+    /// The client or the server encoding is not UTF-8: statement, portal and cursor names must
+    /// be ASCII. The server converts names from the client's encoding to its own, and some
+    /// conversions make one name of two (EUC_JIS_2004 has characters both precomposed and as
+    /// base and combining mark): the proxy would track and judge one statement while the server
+    /// ran the other.
     ascii_names: bool,
     /// The session's masker (`Session::masker` with what the server's catalog said).
     masker: Option<Arc<Masker>>,
@@ -2773,8 +2783,8 @@ const NAME_ENCODING: &str = "name-encoding";
 
 fn name_encoding_message(name: &str) -> String {
     format!(
-        "statement, portal and cursor names must be ASCII unless the client encoding is UTF8: the server \
-         converts \"{}\" from the client's encoding, which may make one name of two",
+        "statement, portal and cursor names must be ASCII unless the client and server encodings are UTF8: \
+         the server converts \"{}\" from the client's encoding to its own, which may make one name of two",
         truncate(name, 20)
     )
 }
@@ -3130,6 +3140,8 @@ mod tests {
         assert!(session_setting(b"client_encoding\0LATIN1\0").is_some());
         assert!(session_setting(b"standard_conforming_strings\0off\0").is_some());
         assert!(session_setting(b"DateStyle\0ISO, MDY\0").is_none());
+        assert!(unconverted_server(b"server_encoding\0UTF8\0") && unconverted_server(b"server_encoding\0SQL_ASCII\0"));
+        assert!(!unconverted_server(b"server_encoding\0EUC_JP\0") && !unconverted_server(b"client_encoding\0UTF8\0"));
     }
 
     #[test]
