@@ -35,7 +35,7 @@ spec:
         - {{ name: reads, match: {{ statements: [select, transaction, set, show, execute, prepare] }}, action: allow }}
         - {{ name: deletes-need-approval, match: {{ statements: [delete], tables: [orders] }}, action: approve, timeout: 60s }}
         - {{ name: archive-approval, match: {{ statements: [delete], tables: [archive] }}, action: approve, timeout: 2s }}
-        - {{ name: loads, match: {{ statements: [copy], tables: [orders] }}, action: allow }}
+        - {{ name: loads, match: {{ statements: [copy, insert], tables: [orders] }}, action: allow }}
         - name: writes
           match: {{ statements: [insert, update, delete], tables: [orders, pgbench_accounts, pgbench_tellers, pgbench_branches, pgbench_history] }}
           action: allow

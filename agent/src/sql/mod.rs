@@ -1224,6 +1224,11 @@ fn walk(v: &Value, c: &mut Classification) {
                 c.where_missing = true;
             }
         }
+        // COPY ... FROM (STDIN, a file, a program) inserts rows: a rule for `copy` alone, meant
+        // for exports, does not let it load a table.
+        if key == "CopyStmt" && child.get("is_from").and_then(Value::as_bool) == Some(true) {
+            c.kinds.insert(Kind::Insert);
+        }
         // INSERT ... ON CONFLICT DO UPDATE updates the rows it collides with.
         if key == "on_conflict_clause" && child.get("action").and_then(Value::as_i64) == Some(ONCONFLICT_UPDATE) {
             c.kinds.insert(Kind::Update);
@@ -1520,7 +1525,7 @@ mod tests {
         assert_eq!(kinds("PREPARE p AS UPDATE t SET a = 1"), ["update", "prepare"]);
         assert_eq!(kinds("EXECUTE p"), ["execute"]);
         assert_eq!(kinds("COPY (SELECT * FROM t) TO STDOUT"), ["select", "copy"]);
-        assert_eq!(kinds("COPY t FROM PROGRAM 'curl x'"), ["copy_program"]);
+        assert_eq!(kinds("COPY t FROM PROGRAM 'curl x'"), ["insert", "copy_program"]);
         assert_eq!(kinds("DECLARE c CURSOR FOR SELECT * FROM t"), ["select"]);
         assert_eq!(kinds("CREATE TABLE x AS SELECT * FROM t"), ["select", "ddl"]);
         assert_eq!(kinds("SELECT 1; DROP TABLE t"), ["select", "ddl"]);
@@ -1890,6 +1895,18 @@ mod tests {
             "SELECT 'default_transaction_read_only'",
         ] {
             assert!(!classify(sql).read_write, "{sql}");
+        }
+    }
+
+    #[test]
+    fn copy_from_is_also_an_insert() {
+        for sql in
+            ["COPY orders FROM STDIN", "COPY orders (id) FROM '/tmp/x' WITH (FORMAT csv)", "COPY t FROM PROGRAM 'x'"]
+        {
+            assert!(classify(sql).kinds.contains(&Kind::Insert), "{sql}");
+        }
+        for sql in ["COPY orders TO STDOUT", "COPY (SELECT 1) TO STDOUT"] {
+            assert!(!classify(sql).kinds.contains(&Kind::Insert), "{sql}");
         }
     }
 
