@@ -193,10 +193,15 @@ fn charset(encoding: &str) -> Charset {
     }
 }
 
+/// A ParameterStatus body's name and value.
+fn parameter(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut parts = body.split(|&b| b == 0);
+    Some((parts.next()?, parts.next()?))
+}
+
 /// The client encoding's charset, if a ParameterStatus body reports the client encoding.
 pub(crate) fn reported_charset(body: &[u8]) -> Option<Charset> {
-    let mut parts = body.split(|&b| b == 0);
-    let (name, value) = (parts.next()?, parts.next()?);
+    let (name, value) = parameter(body)?;
     name.eq_ignore_ascii_case(b"client_encoding").then(|| charset(&String::from_utf8_lossy(value)))
 }
 
@@ -206,8 +211,7 @@ pub(crate) fn reported_charset(body: &[u8]) -> Option<Charset> {
 /// could change these, but a function the classifier cannot look into could; the session then
 /// ends at the server's word.
 fn lexing_setting(body: &[u8]) -> Option<String> {
-    let mut parts = body.split(|&b| b == 0);
-    let (name, value) = (parts.next()?, parts.next()?);
+    let (name, value) = parameter(body)?;
     let (name, value) = (String::from_utf8_lossy(name), String::from_utf8_lossy(value));
     let unsafe_ = if name.eq_ignore_ascii_case("standard_conforming_strings") {
         !value.eq_ignore_ascii_case("on")
@@ -222,8 +226,7 @@ fn lexing_setting(body: &[u8]) -> Option<String> {
 /// Whether a ParameterStatus body reports a server encoding into which UTF-8 names go as they
 /// are (UTF8, or SQL_ASCII, which converts nothing).
 fn unconverted_server(body: &[u8]) -> bool {
-    let mut parts = body.split(|&b| b == 0);
-    let (Some(name), Some(value)) = (parts.next(), parts.next()) else { return false };
+    let Some((name, value)) = parameter(body) else { return false };
     name.eq_ignore_ascii_case(b"server_encoding")
         && (value.eq_ignore_ascii_case(b"UTF8") || value.eq_ignore_ascii_case(b"SQL_ASCII"))
 }
@@ -234,8 +237,7 @@ fn unconverted_server(body: &[u8]) -> bool {
 /// in with.
 fn session_setting(body: &[u8]) -> Option<String> {
     lexing_setting(body).or_else(|| {
-        let mut parts = body.split(|&b| b == 0);
-        let (name, value) = (parts.next()?, parts.next()?);
+        let (name, value) = parameter(body)?;
         name.eq_ignore_ascii_case(b"client_encoding").then(|| {
             format!(
                 "the server now has client_encoding = {}, set by a function; the proxy reads names and text in the \
@@ -2778,7 +2780,7 @@ fn executed_holds<'p>(
 /// two longer names that begin alike would be one name to the server and two to the proxy.
 const MAX_NAME: usize = sql::MAX_NAME;
 
-/// The rule refusing names past ASCII under a client encoding other than UTF-8.
+/// The rule refusing names past ASCII unless the client and server encodings are UTF-8.
 const NAME_ENCODING: &str = "name-encoding";
 
 fn name_encoding_message(name: &str) -> String {
