@@ -362,6 +362,9 @@ impl Masker {
     /// whole rows (`t.*`, `row_to_json(t)`, `t.f` for a function `f`), of the masked columns
     /// of the `tables` it reads. `indirect`: it returns rows of a query written elsewhere
     /// (FETCH, EXECUTE, `query_to_xml`), which may read anything: the strictest column rule's.
+    /// `column_from` redacts every value not stored in a user table's column, so for result
+    /// columns only whether this is `Some` matters now; the style is kept for its callers'
+    /// tests and would matter again only if computed values were ever shown in part.
     pub fn computed<'a>(
         &self,
         tables: impl IntoIterator<Item = &'a String>,
