@@ -356,39 +356,31 @@ impl Masker {
         Masker { charset, ..self.clone() }
     }
 
-    /// How the computed result columns (those the server does not trace to one table column)
-    /// of a statement are masked, since their values may be made of masked ones: whole, in the
-    /// strictest style of the column rules of the masked columns it names, and, if it reads
-    /// whole rows (`t.*`, `row_to_json(t)`, `t.f` for a function `f`), of the masked columns
-    /// of the `tables` it reads. `indirect`: it returns rows of a query written elsewhere
-    /// (FETCH, EXECUTE, `query_to_xml`), which may read anything: the strictest column rule's.
-    /// `column_from` redacts every value not stored in a user table's column, so for result
-    /// columns only whether this is `Some` matters now; the style is kept for its callers'
-    /// tests and would matter again only if computed values were ever shown in part.
+    /// Whether the computed result columns (those the server does not trace to one table
+    /// column) of a statement may be made of masked values, and so are redacted whole: it names
+    /// a masked column, or reads whole rows (`t.*`, `row_to_json(t)`, `t.f` for a function `f`)
+    /// of a table with masked columns. `indirect`: it returns rows of a query written elsewhere
+    /// (FETCH, EXECUTE, `query_to_xml`), which may read anything, masked wherever a column rule
+    /// exists.
     pub fn computed<'a>(
         &self,
         tables: impl IntoIterator<Item = &'a String>,
         reads: &crate::sql::Reads,
         indirect: bool,
-    ) -> Option<Style> {
-        let mut styles: Vec<Style> = Vec::new();
-        if indirect || reads.runs_sql {
-            styles.extend(self.rules.iter().filter(|r| matches!(r.target, Target::Columns(_))).map(|r| r.style));
+    ) -> bool {
+        if (indirect || reads.runs_sql) && self.has_column_rules() {
+            return true;
         }
-        styles.extend(reads.columns.iter().filter_map(|c| match self.column(c) {
-            ColumnMask::Whole(style) => Some(style),
-            _ => None,
-        }));
+        if reads.columns.iter().any(|c| matches!(self.column(c), ColumnMask::Whole(_))) {
+            return true;
+        }
         // Names as `Classification::tables` holds them (`s."x.y"`), tables by the server's.
         let by_name = |t: &str| self.tables.get(crate::sql::unquoted(crate::sql::last_part(t)).to_lowercase().as_str());
         let attribute_notation = reads.qualified.iter().any(|(q, f)| {
             let aliased = reads.aliases.get(q).into_iter().flatten();
             std::iter::once(q).chain(aliased).any(|t| by_name(t).is_some_and(|t| !t.columns.contains(f)))
         });
-        if reads.whole_rows || attribute_notation {
-            styles.extend(tables.into_iter().filter_map(|t| by_name(t)).map(|t| t.style));
-        }
-        styles.into_iter().max_by_key(|s| s.strictness())
+        (reads.whole_rows || attribute_notation) && tables.into_iter().any(|t| by_name(t).is_some())
     }
 
     /// The `LIKE` patterns (see `Glob::like`) of every column rule's ASCII globs.
@@ -428,16 +420,16 @@ impl Masker {
 
     /// `column` for a result column the server says comes from table `origin.0`'s attribute
     /// `origin.1` (0, 0 for a computed value; attribute 0 for a whole row): masked if its name
-    /// or its source's is, or, computed, as `computed` (see `Masker::computed`) says. Only
-    /// values stored in a user table's column keep their rule's style; any other is redacted
+    /// or its source's is, or, computed, if `computed` (see `Masker::computed`). Only values
+    /// stored in a user table's column keep their rule's style; any other is redacted
     /// (`ColumnMask::strict`).
-    pub fn column_from(&self, name: &str, origin: (u32, i16), computed: Option<Style>) -> ColumnMask {
+    pub fn column_from(&self, name: &str, origin: (u32, i16), computed: bool) -> ColumnMask {
         let mask = match self.column(name) {
             ColumnMask::Whole(style) => ColumnMask::Whole(style),
-            other => match (self.origins.get(&origin), computed) {
-                (Some(&style), _) => ColumnMask::Whole(style),
-                (None, Some(style)) if origin.1 <= 0 => ColumnMask::Whole(style),
-                (None, _) => other,
+            other => match self.origins.get(&origin) {
+                Some(&style) => ColumnMask::Whole(style),
+                None if computed && origin.1 <= 0 => ColumnMask::Whole(Style::Redact),
+                None => other,
             },
         };
         let stored = origin.0 >= FIRST_USER_OID && origin.1 > 0;
@@ -790,13 +782,13 @@ mod tests {
             ("people".into(), table(Style::Hash, &["email"])),
         ]);
         let m = m.with_origins("db", Origins::from([((16384, 3), Style::Partial)]), tables);
-        assert_eq!(m.column_from("x", (16384, 3), None), ColumnMask::Whole(Style::Partial), "an alias of ssn");
-        assert_eq!(m.column_from("ssn", (16384, 3), None), ColumnMask::Whole(Style::Redact), "the name's rule first");
-        assert_eq!(m.column_from("x", (16384, 2), None), ColumnMask::Detect);
+        assert_eq!(m.column_from("x", (16384, 3), false), ColumnMask::Whole(Style::Partial), "an alias of ssn");
+        assert_eq!(m.column_from("ssn", (16384, 3), false), ColumnMask::Whole(Style::Redact), "the name's rule first");
+        assert_eq!(m.column_from("x", (16384, 2), false), ColumnMask::Detect);
         // Values not stored in a user table's column may be text the client chose: redacted.
-        assert_eq!(m.column_from("x", (0, 0), None), ColumnMask::DetectStrict, "an expression of unmasked tables");
-        assert_eq!(m.column_from("query", (12000, 20), None), ColumnMask::DetectStrict, "a system view's column");
-        assert_eq!(m.column_from("ssn", (0, 0), None), ColumnMask::Whole(Style::Redact), "a computed value named ssn");
+        assert_eq!(m.column_from("x", (0, 0), false), ColumnMask::DetectStrict, "an expression of unmasked tables");
+        assert_eq!(m.column_from("query", (12000, 20), false), ColumnMask::DetectStrict, "a system view's column");
+        assert_eq!(m.column_from("ssn", (0, 0), false), ColumnMask::Whole(Style::Redact), "a computed value named ssn");
         // Computed values of a statement naming a masked column or reading whole rows of a
         // table with masked columns may be made of them.
         let reads = |cols: &[&str], whole_rows, qualified: &[(&str, &str)]| crate::sql::Reads {
@@ -807,32 +799,23 @@ mod tests {
             runs_sql: false,
         };
         let tables = ["public.Vault".to_string(), "t".to_string()];
-        assert_eq!(m.computed(&tables, &reads(&["id", "SSN"], false, &[]), false), Some(Style::Redact), "ssn's rule");
-        assert_eq!(
-            m.computed(&["t".to_string()], &reads(&["ssn"], false, &[]), false),
-            Some(Style::Redact),
-            "any table"
-        );
+        assert!(m.computed(&tables, &reads(&["id", "SSN"], false, &[]), false), "ssn's rule");
+        assert!(m.computed(&["t".to_string()], &reads(&["ssn"], false, &[]), false), "any table");
         let computed = m.computed(&tables, &reads(&["id"], true, &[]), false);
-        assert_eq!(computed, Some(Style::Partial), "a whole row of vault");
-        assert_eq!(
-            m.computed(&tables, &reads(&["id"], false, &[]), false),
-            None,
-            "count(*), id + 1: nothing masked read"
-        );
-        assert_eq!(m.computed(&tables, &reads(&["id"], false, &[("v", "id")]), false), None, "v.id is a column");
-        assert_eq!(
+        assert!(computed, "a whole row of vault");
+        assert!(!m.computed(&tables, &reads(&["id"], false, &[]), false), "count(*), id + 1: nothing masked read");
+        assert!(!m.computed(&tables, &reads(&["id"], false, &[("v", "id")]), false), "v.id is a column");
+        assert!(
             m.computed(&tables, &reads(&["row_to_json"], false, &[("v", "row_to_json")]), false),
-            Some(Style::Partial),
             "v.row_to_json is a function of the row"
         );
-        assert_eq!(m.computed(&tables, &reads(&["x"], false, &[("t", "x")]), false), None, "t is not masked");
+        assert!(!m.computed(&tables, &reads(&["x"], false, &[("t", "x")]), false), "t is not masked");
         // Names as the classifier holds them: a quote or dot in a name keeps it quoted.
         let quoted = MaskedTables::from([("x\"y".into(), table(Style::Hash, &["ssn"]))]);
         let q = m.with_origins("db", Origins::new(), quoted);
         let whole = reads(&["t"], true, &[]);
-        assert_eq!(q.computed(&["s.\"x\"\"y\"".to_string()], &whole, false), Some(Style::Hash));
-        assert_eq!(m.computed(&[], &reads(&[], false, &[]), true), Some(Style::Redact), "a FETCH: the strictest rule");
+        assert!(q.computed(&["s.\"x\"\"y\"".to_string()], &whole, false));
+        assert!(m.computed(&[], &reads(&[], false, &[]), true), "a FETCH: may read any masked column");
         // Computed and whole-row values are redacted, not shown in part or hashed: `substr(ssn,
         // 5, 4)` under `partial` would show any four characters the client picks.
         assert_eq!(m.column_from("x", (0, 0), computed), ColumnMask::Whole(Style::Redact));

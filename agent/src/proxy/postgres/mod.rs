@@ -38,7 +38,7 @@ use super::conn::{self, Conn};
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{Approved, AuditLog, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
-    mask::{Charset, Masker, Style},
+    mask::{Charset, Masker},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
         rules::{Action, Decision},
@@ -1460,8 +1460,8 @@ struct Bound {
     copy_out: Option<sql::CopyOut>,
     /// Its columns were fixed when the statement was parsed (`Classification::plain`).
     plain: bool,
-    /// How its computed result columns are masked (`Masker::computed`).
-    computed: Option<Style>,
+    /// Whether its computed result columns are redacted (`Masker::computed`).
+    computed: bool,
     /// Cursors it declares or closes (an unknown statement may close all).
     cursors: sql::Deallocates,
     /// It declares a WITH HOLD cursor (an unknown statement may).
@@ -1477,9 +1477,9 @@ struct Prepared {
     text: Arc<str>,
     /// Executions wait for approval under this rule.
     hold: Option<(String, Duration)>,
-    /// How its computed result columns are masked (`Masker::computed`), worked out once here
+    /// Whether its computed result columns are redacted (`Masker::computed`), worked out once here
     /// rather than at every Bind of it.
-    computed: Option<Style>,
+    computed: bool,
 }
 
 /// The `statement` record of what each portal was last bound to, so that a result of a portal
@@ -1670,10 +1670,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
     }
 
-    /// How the computed result columns of a statement are masked; `None` for a statement the
-    /// proxy does not know, which may read anything.
-    fn computed(&self, class: Option<&sql::Classification>) -> Option<Style> {
-        let m = self.masker.as_ref()?;
+    /// Whether the computed result columns of a statement are redacted; `class` is `None` for
+    /// a statement the proxy does not know, which may read anything.
+    fn computed(&self, class: Option<&sql::Classification>) -> bool {
+        let Some(m) = self.masker.as_ref() else { return false };
         match class {
             Some(c) => m.computed(&c.tables, &c.reads, c.indirect),
             None => m.computed([], &sql::Reads::default(), true),
@@ -2659,7 +2659,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             bound_here.insert(portal.to_string(), bound);
                             (copy, computed, cursors, hold)
                         }
-                        None => (None, None, sql::Deallocates::None, false),
+                        None => (None, false, sql::Deallocates::None, false),
                     };
                     self.op(Op::Bind {
                         portal: portal.to_string(),
@@ -2959,7 +2959,7 @@ mod tests {
         (0..n)
             .map(|_| Op::Query {
                 copies: VecDeque::new(),
-                computed: None,
+                computed: false,
                 cursors: sql::Deallocates::None,
                 hold: false,
             })

@@ -4,7 +4,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::wire::{MAX_MESSAGE, WireError};
 use crate::{
-    mask::{ColumnMask, Counts, Masker, REDACTED, Style},
+    mask::{ColumnMask, Counts, Masker, REDACTED},
     sql::{CopyFormat, CopyOut},
 };
 
@@ -89,9 +89,9 @@ impl<'a> Reader<'a> {
 }
 
 impl Plan {
-    /// Builds the plan from a RowDescription ('T') body; `computed`: how the statement's
-    /// computed columns are masked (`Masker::computed`).
-    pub fn from_row_description(body: &[u8], masker: &Masker, computed: Option<Style>) -> Result<Plan, WireError> {
+    /// Builds the plan from a RowDescription ('T') body; `computed`: whether the statement's
+    /// computed columns are redacted (`Masker::computed`).
+    pub fn from_row_description(body: &[u8], masker: &Masker, computed: bool) -> Result<Plan, WireError> {
         let mut r = Reader { b: body, what: "RowDescription" };
         let n = r.i16()?;
         if n < 0 {
@@ -119,7 +119,7 @@ impl Plan {
         description: &[u8],
         formats: &[i16],
         masker: &Masker,
-        computed: Option<Style>,
+        computed: bool,
     ) -> Result<Plan, WireError> {
         let mut plan = Plan::from_row_description(description, masker, computed)?;
         for (i, c) in plan.cols.iter_mut().enumerate() {
@@ -591,7 +591,7 @@ pub fn statement_refusal(class: &crate::sql::Classification, masker: &Masker) ->
     if let Some(t) = class.tables.iter().map(|t| last(t).to_lowercase()).find(|t| STATISTICS.contains(&t.as_str())) {
         return Some(format!("{t} holds sampled column values, which cannot be masked"));
     }
-    if masker.computed(&class.tables, &class.reads, class.indirect).is_some()
+    if masker.computed(&class.tables, &class.reads, class.indirect)
         && let Some(f) = class.functions.iter().map(|f| last(f)).find(|f| STASHES.contains(&f.as_str()))
     {
         return Some(format!("{f} could keep values of masked columns where a later statement reads them unmasked"));
@@ -606,7 +606,7 @@ fn copy_refusal(copy: &CopyOut, masker: &Masker) -> Option<String> {
     if let Some(opt) = &copy.unusual {
         return Some(format!("COPY option {} is not supported while results are masked", opt.to_uppercase()));
     }
-    if copy.query && masker.computed(&copy.tables, &copy.reads, false).is_some() {
+    if copy.query && masker.computed(&copy.tables, &copy.reads, false) {
         return Some(
             "COPY (query) TO STDOUT that reads masked columns or whole rows cannot be masked column by column; use COPY table (a, b) TO STDOUT, or the query itself".into(),
         );
@@ -1015,7 +1015,7 @@ mod tests {
         // Numbers between strings are searched too; a finding there leaves the JSON invalid, so
         // the value becomes NULL.
         assert!(run(br#"{"p": 4155550123, "q": "x"}"#).0.is_none(), "no separators: not a phone");
-        let plan = Plan::from_row_description(&row_description(&[("doc", JSONB, 1)]), &m, None).unwrap();
+        let plan = Plan::from_row_description(&row_description(&[("doc", JSONB, 1)]), &m, false).unwrap();
         let row = data_row(&[Some(b"\x01[\"x\\n415-555-0123\"]")]);
         let out = mask_data_row(&row, &plan, &m, &mut Counts::default()).unwrap().unwrap();
         assert_eq!(out, data_row(&[Some(b"\x01[\"x\\n[REDACTED]\"]")]));
@@ -1081,7 +1081,7 @@ mod tests {
                 ("n", 25, 0),
             ]),
             &m,
-            None,
+            false,
         )
         .unwrap();
         let mut counts = Counts::default();
@@ -1101,7 +1101,7 @@ mod tests {
             None,
         ]);
         // jsonb in binary: a wholly masked value becomes a JSON string after the version byte.
-        let json = Plan::from_row_description(&row_description(&[("ssn", JSONB, 1)]), &m, None).unwrap();
+        let json = Plan::from_row_description(&row_description(&[("ssn", JSONB, 1)]), &m, false).unwrap();
         let j = mask_data_row(&data_row(&[Some(b"\x01{\"a\": 1}")]), &json, &m, &mut Counts::default());
         assert_eq!(j.unwrap().unwrap(), data_row(&[Some(b"\x01\"[REDACTED]\"")]));
         assert_eq!(out, expected);
@@ -1111,7 +1111,7 @@ mod tests {
             &[Rule { name: "c".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact }],
             [1; 32],
         );
-        let quiet = Plan::from_row_description(&row_description(&[("id", 23, 1)]), &columns_only, None).unwrap();
+        let quiet = Plan::from_row_description(&row_description(&[("id", 23, 1)]), &columns_only, false).unwrap();
         assert!(!quiet.active);
         assert!(mask_data_row(&data_row(&[Some(b"1"), Some(b"2")]), &quiet, &columns_only, &mut counts).is_err());
         // Nothing sensitive: the original is relayed as is.
@@ -1153,7 +1153,7 @@ mod tests {
             assert_eq!(mask_text_array(bad, redact), Err(()), "{}", String::from_utf8_lossy(bad));
         }
         // In a DataRow: a text[] column named like a masked one keeps its shape.
-        let plan = Plan::from_row_description(&row_description(&[("ssns", 1009, 0)]), &m, None).unwrap();
+        let plan = Plan::from_row_description(&row_description(&[("ssns", 1009, 0)]), &m, false).unwrap();
         let out = mask_data_row(&data_row(&[Some(b"{1,NULL}")]), &plan, &m, &mut Counts::default());
         assert_eq!(out.unwrap().unwrap(), data_row(&[Some(br#"{"[REDACTED]",NULL}"#)]));
     }

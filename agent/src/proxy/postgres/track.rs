@@ -11,7 +11,7 @@ use super::{
     wire::{Frame, WireError},
 };
 use crate::{
-    mask::{Counts, Masker, Style},
+    mask::{Counts, Masker},
     sql::{CopyFormat, CopyOut, Deallocates},
 };
 
@@ -30,8 +30,8 @@ pub enum Op {
         formats: Vec<i16>,
         /// The `COPY ... TO STDOUT` the statement is, as it stood at this Bind.
         copy: Option<CopyOut>,
-        /// How the statement's computed result columns are masked (`Masker::computed`).
-        computed: Option<Style>,
+        /// Whether the statement's computed result columns are redacted (`Masker::computed`).
+        computed: bool,
         /// Cursors the statement declares or closes (`Classification::cursors`).
         cursors: Deallocates,
         /// It declares a WITH HOLD cursor (`Classification::hold_cursor`).
@@ -57,7 +57,7 @@ pub enum Op {
     /// A simple query; its `COPY ... TO STDOUT` statements in order.
     Query {
         copies: VecDeque<CopyOut>,
-        computed: Option<Style>,
+        computed: bool,
         cursors: Deallocates,
         hold: bool,
     },
@@ -72,7 +72,7 @@ impl Op {
             statement: statement.into(),
             formats,
             copy: None,
-            computed: None,
+            computed: false,
             cursors: Deallocates::None,
             hold: false,
         }
@@ -145,9 +145,9 @@ pub struct Tracker {
     statements: Described,
     /// How the computed result columns of each portal bound are masked: its statement's text
     /// says what it reads.
-    portal_computed: HashMap<String, Option<Style>>,
+    portal_computed: HashMap<String, bool>,
     /// ... and of a portal it did not see bound (a cursor the client declared in SQL).
-    unknown: Option<Style>,
+    unknown: bool,
     /// Portals whose Execute declares or closes cursors, and which.
     cursor_portals: HashMap<String, Deallocates>,
     /// A WITH HOLD cursor that may compute from masked values was declared in this
@@ -259,7 +259,7 @@ impl Tracker {
     }
 
     pub fn on_frame(&mut self, mut f: Frame) -> Result<Option<Frame>, TrackError> {
-        if let Some(Op::Query { computed: Some(_), hold: true, .. }) = self.ops.front() {
+        if let Some(Op::Query { computed: true, hold: true, .. }) = self.ops.front() {
             self.tainted = true;
         }
         match f.tag {
@@ -283,7 +283,7 @@ impl Tracker {
                         Deallocates::None => self.cursor_portals.remove(&portal),
                         names => self.cursor_portals.insert(portal.clone(), names),
                     };
-                    self.tainted |= hold && computed.is_some();
+                    self.tainted |= hold && computed;
                     self.make_room(&portal);
                     self.portal_computed.insert(portal.clone(), computed);
                     match self.statements.get(&statement) {
@@ -310,7 +310,7 @@ impl Tracker {
                         self.portal_computed.get(portal).copied().unwrap_or(self.unknown)
                     }
                     Some(Op::Query { computed, .. }) => *computed,
-                    _ => None,
+                    _ => false,
                 };
                 let plan = Arc::new(Plan::from_row_description(&f.body, &self.masker, computed)?);
                 match self.ops.front() {
@@ -409,13 +409,13 @@ impl Tracker {
                 let computed = match self.ops.front() {
                     Some(Op::Query { computed, .. } | Op::Bind { computed, .. }) => *computed,
                     Some(Op::Execute { portal }) => self.portal_computed.get(portal).copied().unwrap_or(self.unknown),
-                    _ => None,
+                    _ => false,
                 };
                 if let Some(Op::Execute { portal }) = self.ops.front() {
                     let portal = portal.clone();
                     self.executed(&portal);
                 }
-                let withheld = computed.is_some() || self.tainted;
+                let withheld = computed || self.tainted;
                 if let Some(body) = rows::mask_notice(&f.body, &self.masker, withheld, &mut self.counts)? {
                     f.body = body;
                 }
@@ -519,7 +519,7 @@ mod tests {
             [("LATIN1", &b"******\xc3\xa9\xc3\xa9"[..]), ("UTF8", &b"*\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9"[..])]
         {
             assert!(relay(&mut t, frame(b'S', format!("client_encoding\0{encoding}\0").as_bytes())).is_some());
-            t.push(Op::Query { copies: Default::default(), computed: None, cursors: Deallocates::None, hold: false });
+            t.push(Op::Query { copies: Default::default(), computed: false, cursors: Deallocates::None, hold: false });
             relay(&mut t, row_description("email"));
             assert_eq!(relay(&mut t, row(&value)).unwrap(), row(want), "{encoding}");
             relay(&mut t, frame(b'C', b"SELECT 1\0"));
@@ -564,7 +564,7 @@ mod tests {
                     statement: name,
                     formats: vec![],
                     copy: None,
-                    computed: None,
+                    computed: false,
                     cursors: Deallocates::None,
                     hold: false,
                 },
@@ -654,7 +654,7 @@ mod tests {
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
-            Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None, hold: false },
+            Op::Query { copies: VecDeque::new(), computed: false, cursors: Deallocates::None, hold: false },
         ] {
             t.push(op);
         }
@@ -662,7 +662,7 @@ mod tests {
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
         assert_eq!(
             t.ops.front(),
-            Some(&Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None, hold: false })
+            Some(&Op::Query { copies: VecDeque::new(), computed: false, cursors: Deallocates::None, hold: false })
         );
         assert!(relay(&mut t, row_description("note")).is_some());
         assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("a@b.c"));
@@ -677,13 +677,13 @@ mod tests {
     fn copy_out_rows_are_masked_and_unexpected_copies_refused() {
         let mut t = tracker();
         let spec = crate::sql::classify("COPY t (id, email) TO STDOUT").copy_out.remove(0);
-        t.push(Op::Query { copies: [spec].into(), computed: None, cursors: Deallocates::None, hold: false });
+        t.push(Op::Query { copies: [spec].into(), computed: false, cursors: Deallocates::None, hold: false });
         assert!(relay(&mut t, frame(b'H', &[0, 0, 2, 0, 0, 0, 0])).is_some());
         assert_eq!(relay(&mut t, frame(b'd', b"1\tx@y.z\n")).unwrap(), frame(b'd', b"1\t[REDACTED]\n"));
         assert!(relay(&mut t, frame(b'c', b"")).is_some());
         assert!(relay(&mut t, frame(b'C', b"COPY 1\0")).is_some());
         assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        t.push(Op::Query { copies: VecDeque::new(), computed: None, cursors: Deallocates::None, hold: false });
+        t.push(Op::Query { copies: VecDeque::new(), computed: false, cursors: Deallocates::None, hold: false });
         assert!(t.on_frame(frame(b'H', &[0, 0, 0])).is_err());
     }
 }
