@@ -143,7 +143,7 @@ pub struct Tracker {
     copies: HashMap<String, CopyOut>,
     /// RowDescription bodies of described statements (empty: the statement returns no rows).
     statements: Described,
-    /// How the computed result columns of each portal bound are masked: its statement's text
+    /// Whether the computed result columns of each portal bound are redacted: its statement's text
     /// says what it reads.
     portal_computed: HashMap<String, bool>,
     /// ... and of a portal it did not see bound (a cursor the client declared in SQL).
