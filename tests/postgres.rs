@@ -297,6 +297,28 @@ fn a_read_only_grant_has_the_server_refuse_writes_hidden_in_functions() {
 }
 
 #[test]
+fn a_socket_file_of_a_local_server_is_named_in_the_log() {
+    if !privileged("a_socket_file_of_a_local_server_is_named_in_the_log") {
+        return;
+    }
+    let (env, pg) = setup("pg-unix-socket");
+    assert!(!env.log().contains("also accepts connections on this Unix socket"), "{}", env.log());
+    // Where a Debian or upstream build would put the server's socket (the harness's server
+    // keeps its own in a temporary directory).
+    let path = std::path::PathBuf::from(format!("/tmp/.s.PGSQL.{}", pg.addr().port()));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    env.reload(&policy(&env, &pg, None));
+    let log = env.log();
+    let _ = std::fs::remove_file(&path);
+    drop(listener);
+    assert!(
+        log.lines().any(|l| l.contains("also accepts connections on this Unix socket") && l.contains(&*path.to_string_lossy())),
+        "{log}"
+    );
+}
+
+#[test]
 fn shutdown_does_not_wait_for_sessions_still_logging_in() {
     if !privileged("shutdown_does_not_wait_for_sessions_still_logging_in") {
         return;

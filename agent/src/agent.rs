@@ -1,7 +1,7 @@
 //! `tollgate run`: wires policy, kernel, proxy and audit together and handles signals.
 use std::{
     collections::HashMap,
-    net::{SocketAddr, ToSocketAddrs},
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -26,7 +26,7 @@ use crate::{
         self, Counters, Kernel, Origins, Pins, event,
         plan::{self, Clock, Inputs, ProxyAddrs},
     },
-    policy::{self, CgroupPath, Mode, Policy, ResourceAddress},
+    policy::{self, CgroupPath, Mode, Policy, Protocol, ResourceAddress},
     proxy::{self, Shared},
     state::{Reported, StateDir, Status},
 };
@@ -97,6 +97,44 @@ fn resolve(policy: &Policy) -> Result<Vec<Vec<SocketAddr>>, AgentError> {
         .collect()
 }
 
+/// Where PostgreSQL builds put their Unix sockets by default (Debian's and upstream's).
+const PG_SOCKET_DIRS: [&str; 3] = ["/var/run/postgresql", "/run/postgresql", "/tmp"];
+
+/// Socket files through which a PostgreSQL resource on this host can also be reached. The
+/// agent cannot refuse Unix connects here (README, "Known limits"), so it names them.
+fn unix_sockets_around(policy: &Policy, resolved: &[Vec<SocketAddr>]) -> Vec<(String, PathBuf)> {
+    use std::os::unix::fs::FileTypeExt;
+    let local: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|i| {
+                let a = i.address?;
+                a.as_sockaddr_in()
+                    .map(|a| IpAddr::V4(a.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (r, addrs) in policy.resources.iter().zip(resolved) {
+        if r.protocol != Protocol::Postgres {
+            continue;
+        }
+        let mut ports: Vec<u16> =
+            addrs.iter().filter(|a| a.ip().is_loopback() || local.contains(&a.ip())).map(|a| a.port()).collect();
+        ports.dedup();
+        for port in ports {
+            for dir in PG_SOCKET_DIRS {
+                let path = Path::new(dir).join(format!(".s.PGSQL.{port}"));
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                    out.push((r.name.clone(), path));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Creates missing identity cgroups and returns their ids.
 fn cgroup_ids(mount: &Path, policy: &Policy) -> Result<HashMap<CgroupPath, (CgroupId, Cgroup)>, AgentError> {
     let mut out = HashMap::new();
@@ -150,6 +188,13 @@ impl Agent {
         });
         for (addr, first, second) in &plan.conflicts {
             warn!(%addr, first, second, "two resources resolve to the same address; the first wins");
+        }
+        for (resource, path) in unix_sockets_around(policy, &resolved) {
+            warn!(
+                resource,
+                path = %path.display(),
+                "the server also accepts connections on this Unix socket, which enrolled processes can reach around the proxy; keep it out of their reach (README, Known limits)"
+            );
         }
         self.kernel.sync(&plan)?;
         for (id, cg) in cgroups.values() {
