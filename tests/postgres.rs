@@ -1585,6 +1585,8 @@ out = b""
 for m in script:
     t = m[0]
     if t == "P": out += msg("P", cstr(m[1]) + cstr(m[2]) + b"\0\0")
+    elif t == "Ptypes": out += msg("P", cstr(m[1]) + cstr(m[2]) + struct.pack("!H", m[3]) + struct.pack("!I", m[4]) * m[3])
+    elif t == "Bnulls": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0" + struct.pack("!H", m[3]) + b"\xff\xff\xff\xff" * m[3] + struct.pack("!H", len(m[4])) + b"".join(struct.pack("!h", c) for c in m[4]))
     elif t == "Pmany": out += b"".join(msg("P", cstr(m[1] + str(i)) + cstr(m[3]) + b"\0\0") + msg("S", b"") for i in range(m[2]))
     elif t == "B": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0\0\0\0\0")
     elif t == "E": out += msg("E", cstr(m[1]) + struct.pack("!i", m[2] if len(m) > 2 else 0))
@@ -1828,6 +1830,21 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     let after = after_first_line(&out);
     assert_eq!(after.matches("1Z").count(), 4096, "{}", &out[out.len().saturating_sub(2000)..]);
+
+    // A Bind's counts are unsigned, as the server reads them. Read as signed, 32,768 NULL
+    // parameters were none, the proxy took their bytes for the result formats, and a binary
+    // number (a card number in an int8) was run past the text detectors and left in clear.
+    let script = serde_json::json!([
+        ["Ptypes", "", "SELECT 4111111111111111::int8 AS n WHERE $1::int4 IS NULL", 32768, 23],
+        ["D", "S", ""],
+        ["Bnulls", "", "", 32768, [1]],
+        ["E", ""],
+        ["S"],
+        ["X"]
+    ]);
+    let bound = raw_as(&env, &pg, "masked", none.clone(), script);
+    let row = bound.lines().find(|l| l.starts_with("D ")).unwrap_or_else(|| panic!("no row: {bound}"));
+    assert_eq!(row, r"D b'\x00\x01\xff\xff\xff\xff'", "the card number in binary is masked (NULL): {bound}");
     let tail: Vec<&str> = out.lines().skip_while(|l| !l.contains("too-many-prepared-statements")).collect();
     assert!(tail.first().is_some_and(|l| l.starts_with("E 42501")), "{tail:?}");
     assert_eq!(tail.iter().filter(|l| l.contains("too-many")).count(), 1, "{tail:?}");

@@ -2295,12 +2295,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// batch), and only then does each execution a rule holds wait for approval, so nobody is
     /// asked to approve a batch that is refused anyway.
     async fn judge_batch(&mut self, batch: &[Frame], ends_in_sync: bool) -> Result<Result<Judged, Refusal>, Stop> {
-        if self.to_down.ops.is_some() {
-            // Read again when the batch is announced to the masking tracker, after it is audited
-            // and approved: a Bind that cannot be read must be refused before.
-            for f in batch.iter().filter(|f| f.tag == b'B') {
-                wire::bind_result_formats(&f.body)?;
-            }
+        // Every Bind is read whole, as the server will read it, before anything of the batch
+        // is judged: its parameters are shown to approvers and its result formats decide how
+        // rows are masked, so the proxy must see the same ones the server uses.
+        for f in batch.iter().filter(|f| f.tag == b'B') {
+            wire::bind(&f.body)?;
         }
         if self.ascii_names
             && let Some(name) = non_ascii_name(batch)?

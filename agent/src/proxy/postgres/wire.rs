@@ -178,69 +178,124 @@ pub fn bind_names(body: &[u8]) -> Result<(&str, &str), WireError> {
     Ok((portal, cstr(rest, "Bind")?.0))
 }
 
+/// A Bind ('B') read as the server reads it (`exec_bind_message`): every count is an unsigned
+/// 16-bit number, a parameter length is -1 (NULL) or at least 0, format codes are 0 or 1, and
+/// nothing follows the result formats. Reading a count the server reads otherwise, or
+/// stopping short of the end, would give the proxy other parameters and formats than the
+/// server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    /// Parameter format codes, two bytes each (none: all text; one: all the same).
+    formats: &'a [u8],
+    /// The parameters: `nparams` length-prefixed values.
+    params: &'a [u8],
+    nparams: usize,
+    /// Result-column format codes, two bytes each.
+    results: &'a [u8],
+}
+
+pub fn bind(body: &[u8]) -> Result<Bind<'_>, WireError> {
+    let bad = |detail| WireError::Malformed { what: "Bind", detail };
+    let (portal, rest) = cstr(body, "Bind")?;
+    let (statement, mut rest) = cstr(rest, "Bind")?;
+    let take = |r: &mut &'_ [u8], n: usize| -> Result<usize, WireError> {
+        if r.len() < n {
+            return Err(bad("truncated"));
+        }
+        *r = &r[n..];
+        Ok(n)
+    };
+    let count = |r: &mut &[u8]| -> Result<usize, WireError> {
+        let b = r.get(..2).ok_or(bad("truncated"))?;
+        let n = u16::from_be_bytes([b[0], b[1]]) as usize;
+        *r = &r[2..];
+        Ok(n)
+    };
+    let codes = |r: &mut &'_ [u8]| -> Result<(), WireError> {
+        let n = count(r)?;
+        let c = r.get(..2 * n).ok_or(bad("truncated"))?;
+        if c.chunks_exact(2).any(|f| f != [0, 0] && f != [0, 1]) {
+            return Err(bad("a format code other than 0 (text) or 1 (binary)"));
+        }
+        *r = &r[2 * n..];
+        Ok(())
+    };
+    let formats_at = rest;
+    codes(&mut rest)?;
+    let formats = &formats_at[2..formats_at.len() - rest.len()];
+    let nparams = count(&mut rest)?;
+    if formats.len() > 2 && formats.len() != 2 * nparams {
+        return Err(bad("parameter format codes do not match the parameters"));
+    }
+    let params_at = rest;
+    for _ in 0..nparams {
+        let h = rest.get(..4).ok_or(bad("truncated"))?;
+        let len = i32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        rest = &rest[4..];
+        match len {
+            -1 => {}
+            len if len < 0 => return Err(bad("a negative parameter length")),
+            len => {
+                take(&mut rest, len as usize)?;
+            }
+        }
+    }
+    let params = &params_at[..params_at.len() - rest.len()];
+    let results_at = rest;
+    codes(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(bad("bytes after the result formats"));
+    }
+    let results = &results_at[2..];
+    Ok(Bind { portal, statement, formats, params, nparams, results })
+}
+
+impl<'a> Bind<'a> {
+    /// The parameter values, `None` for NULL, with whether each is in binary format.
+    pub fn params(&self) -> impl Iterator<Item = (Option<&'a [u8]>, bool)> + '_ {
+        let mut rest = self.params;
+        (0..self.nparams).map(move |i| {
+            // Lengths were checked by `bind`.
+            let len = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            rest = &rest[4..];
+            let value = (len >= 0).then(|| {
+                let (v, t) = rest.split_at(len as usize);
+                rest = t;
+                v
+            });
+            let code = match self.formats.len() / 2 {
+                0 => 0,
+                1 => self.formats[1],
+                _ => self.formats[2 * i + 1],
+            };
+            (value, code == 1)
+        })
+    }
+
+    /// The result-column format codes (none: all text; one: all the same).
+    pub fn result_formats(&self) -> Vec<i16> {
+        self.results.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]])).collect()
+    }
+}
+
 /// A Bind's parameter values as an approver reads them: text as is, binary as `\x` hex.
 pub fn bind_parameters(body: &[u8]) -> Result<Vec<Option<String>>, WireError> {
-    let bad = |detail| WireError::Malformed { what: "Bind", detail };
-    let (_, rest) = cstr(body, "Bind")?;
-    let (_, mut rest) = cstr(rest, "Bind")?;
-    let i16_at = |r: &mut &[u8]| -> Result<i16, WireError> {
-        let (h, t) = r.split_at_checked(2).ok_or(bad("truncated"))?;
-        *r = t;
-        Ok(i16::from_be_bytes([h[0], h[1]]))
-    };
-    let nformats = i16_at(&mut rest)?;
-    let mut formats = Vec::new();
-    for _ in 0..nformats.max(0) {
-        formats.push(i16_at(&mut rest)?);
-    }
-    let nparams = i16_at(&mut rest)?;
-    let mut out = Vec::new();
-    for i in 0..nparams.max(0) as usize {
-        let (h, t) = rest.split_at_checked(4).ok_or(bad("truncated"))?;
-        let len = i32::from_be_bytes(h.try_into().expect("four bytes"));
-        rest = t;
-        if len < 0 {
-            out.push(None);
-            continue;
-        }
-        let (v, t) = rest.split_at_checked(len as usize).ok_or(bad("truncated"))?;
-        rest = t;
-        let binary = match formats.len() {
-            0 => false,
-            1 => formats[0] == 1,
-            _ => formats.get(i).copied() == Some(1),
-        };
-        out.push(Some(match (binary, std::str::from_utf8(v)) {
-            (false, Ok(s)) => s.to_string(),
-            _ => format!("\\x{}", hex::encode(v)),
-        }));
-    }
-    Ok(out)
+    Ok(bind(body)?
+        .params()
+        .map(|(value, binary)| {
+            value.map(|v| match (binary, std::str::from_utf8(v)) {
+                (false, Ok(s)) => s.to_string(),
+                _ => format!("\\x{}", hex::encode(v)),
+            })
+        })
+        .collect())
 }
 
 /// The result-column format codes a Bind asks for (none: all text; one: all the same).
 pub fn bind_result_formats(body: &[u8]) -> Result<Vec<i16>, WireError> {
-    let bad = |detail| WireError::Malformed { what: "Bind", detail };
-    let (_, rest) = cstr(body, "Bind")?;
-    let (_, mut rest) = cstr(rest, "Bind")?;
-    let mut take = |n: usize| -> Result<&[u8], WireError> {
-        let (h, t) = rest.split_at_checked(n).ok_or(bad("truncated"))?;
-        rest = t;
-        Ok(h)
-    };
-    let i16_of = |b: &[u8]| i16::from_be_bytes([b[0], b[1]]);
-    let nformats = i16_of(take(2)?).max(0) as usize;
-    take(2 * nformats)?;
-    let nparams = i16_of(take(2)?).max(0);
-    for _ in 0..nparams {
-        let len = i32::from_be_bytes(take(4)?.try_into().expect("four bytes"));
-        if len > 0 {
-            take(len as usize)?;
-        }
-    }
-    let nresults = i16_of(take(2)?).max(0) as usize;
-    let codes = take(2 * nresults)?;
-    Ok(codes.chunks_exact(2).map(i16_of).collect())
+    Ok(bind(body)?.result_formats())
 }
 
 /// What a Describe ('D') asks about: `b'S'` statement or `b'P'` portal, and its name.
@@ -452,6 +507,44 @@ mod tests {
         assert_eq!(bind_result_formats(bind), Ok(vec![]));
         assert_eq!(bind_result_formats(b"\0s\0\0\0\0\0\0\x02\0\x01\0\0"), Ok(vec![1, 0]));
         assert!(bind_result_formats(b"\0s\0\0\0\0\0\0\x02\0\x01").is_err());
+        // Binary parameters, one format for all.
+        assert_eq!(bind_parameters(b"\0s\0\0\x01\0\x01\0\x01\0\0\0\x02\x01\x02\0\0"), Ok(vec![Some("\\x0102".into())]));
+    }
+
+    /// Counts are unsigned, as the server reads them: 32,768 parameters are not 0 (which would
+    /// let the rest of the message pass for other parameters and formats).
+    #[test]
+    fn bind_counts_and_ends_as_the_server_reads_them() {
+        let mut b = b"\0s\0".to_vec();
+        b.extend([0, 0, 0x80, 0]);
+        for i in 0..0x8000 {
+            if i == 0 {
+                b.extend([0, 0, 0, 2, b'4', b'8']);
+            } else {
+                b.extend((-1i32).to_be_bytes());
+            }
+        }
+        b.extend([0, 1, 0, 1]);
+        let params = bind_parameters(&b).unwrap();
+        assert_eq!(params.len(), 0x8000);
+        assert_eq!(params[0].as_deref(), Some("48"));
+        assert_eq!(bind_result_formats(&b), Ok(vec![1]));
+        // Whatever follows the result formats, the server refuses the message; so does the proxy.
+        let mut trailing = b.clone();
+        trailing.extend([0, 0]);
+        assert!(bind(&trailing).is_err());
+        for (body, why) in [
+            (&b"\0s\0\0\0\0\x01\xff\xff\xff\xfe\0\0"[..], "a length below -1"),
+            (b"\0s\0\0\x02\0\0\0\0\0\x01\xff\xff\xff\xff\0\0", "two format codes for one parameter"),
+            (b"\0s\0\0\x01\0\x02\0\x01\xff\xff\xff\xff\0\0", "format code 2"),
+            (b"\0s\0\0\0\0\0\0\x01\0\x03", "result format code 3"),
+            (b"\0s\0\x80\0", "32,768 format codes that are not there"),
+        ] {
+            assert!(bind(body).is_err(), "{why}");
+        }
+        let ok = bind(b"p\0s\0\0\0\0\x01\xff\xff\xff\xff\0\0").unwrap();
+        assert_eq!((ok.portal, ok.statement), ("p", "s"));
+        assert_eq!(ok.params().collect::<Vec<_>>(), [(None, false)]);
         assert_eq!(describe_target(b"Pcur\0"), Ok((b'P', "cur")));
         assert_eq!(execute_portal(b"cur\0\0\0\0\0"), Ok("cur"));
         assert!(bind_names(b"p").is_err());
