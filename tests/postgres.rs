@@ -203,7 +203,7 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     assert!(err.contains("does not exist"), "{err}");
     let (out, err, ok) = psql(&env, &pg, "bot", "SELECT pg_sleep(0.2), id FROM orders ORDER BY id;");
     assert!(ok && out.lines().count() == 2, "{out} {err}");
-    let long = format!("SELECT 'long' /* {} */;", "x".repeat(20_000));
+    let long = format!("SELECT 'long' /* {} */, count(*) FROM orders;", "x".repeat(20_000));
     let (_, err, ok) = psql(&env, &pg, "bot", &long);
     assert!(ok, "{err}");
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -222,12 +222,17 @@ fn psql_works_unchanged_with_any_password_and_guardrails_hold() {
     // Who sent it, from the kernel: psql's pid and executable.
     assert!(drop["pid"].as_u64().is_some_and(|p| p > 1), "{drop}");
     assert!(drop["exe"].as_str().is_some_and(|e| e.ends_with("/psql")), "{drop}");
-    // A statement longer than 16 KiB is recorded by its beginning, with its whole length.
+    // A statement longer than 16 KiB is recorded by its beginning, with its whole length and
+    // digest, and the tables and functions all of it names (here only past the cut).
     let cut = records
         .iter()
         .find(|r| r["statement"].as_str().is_some_and(|t| t.starts_with("SELECT 'long'")))
         .expect("statement record for the long SELECT");
     assert_eq!(cut["statement_bytes"].as_u64(), Some(long.len() as u64));
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(long.as_bytes()));
+    assert_eq!(cut["statement_sha256"].as_str(), Some(digest.as_str()), "{cut}");
+    assert_eq!(cut["statement_tables"], serde_json::json!(["orders"]));
+    assert_eq!(cut["statement_functions"], serde_json::json!(["count"]));
     assert!(cut["statement"].as_str().is_some_and(|t| t.len() <= 16 * 1024 + 3 && t.ends_with('…')));
     let read = records.iter().find(|r| r["kind"] == "statement" && r["verdict"] == "allow").unwrap();
     assert_eq!(read["rule"], "reads");

@@ -16,7 +16,7 @@ pub use chain::ChainError;
 pub use files::trail_path;
 use files::{first_seq, last_lines, read_line, seq_of};
 pub use record::{
-    Approved, Entry, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord, printable,
+    Approved, Cut, Entry, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord, printable,
 };
 pub use writer::{AuditError, AuditLog, Payload, Rotation, WriterThread, now_rfc3339};
 

@@ -91,6 +91,15 @@ pub struct Record {
     /// The statement's whole length in bytes, when `statement` is only its beginning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement_bytes: Option<u64>,
+    /// SHA-256 of the whole statement, when `statement` is only its beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_sha256: Option<String>,
+    /// The tables and the functions the whole statement names, when `statement` is only its
+    /// beginning (what it does may lie past the cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_tables: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_functions: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub statement_kinds: Option<Vec<String>>,
     /// Sequence numbers of the records this one completes.
@@ -163,6 +172,9 @@ impl Record {
             db_user: None,
             statement: None,
             statement_bytes: None,
+            statement_sha256: None,
+            statement_tables: None,
+            statement_functions: None,
             statement_kinds: None,
             refs: None,
             hook: None,
@@ -361,8 +373,8 @@ pub struct StatementRecord {
     pub base: std::sync::Arc<StatementBase>,
     /// The statement text as audited (already cut to the audited length).
     pub statement: std::sync::Arc<str>,
-    /// The whole text's length in bytes, when `statement` was cut.
-    pub statement_bytes: Option<u64>,
+    /// What the record says of a text too long to be audited whole.
+    pub cut: Option<Box<Cut>>,
     pub kinds: Vec<&'static str>,
     pub verdict: &'static str,
     /// Monitor mode let through what the rules would refuse.
@@ -371,23 +383,59 @@ pub struct StatementRecord {
     pub detail: Option<String>,
 }
 
+/// A statement text cut for the trail: its length and digest, and the names in all of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub bytes: u64,
+    pub sha256: String,
+    pub tables: Vec<String>,
+    pub functions: Vec<String>,
+}
+
+impl Cut {
+    pub fn of<'a>(
+        text: &str,
+        tables: impl IntoIterator<Item = &'a String>,
+        functions: impl IntoIterator<Item = &'a String>,
+    ) -> Self {
+        use sha2::{Digest, Sha256};
+        Cut {
+            bytes: text.len() as u64,
+            sha256: hex::encode(Sha256::digest(text.as_bytes())),
+            tables: tables.into_iter().cloned().collect(),
+            functions: functions.into_iter().cloned().collect(),
+        }
+    }
+}
+
+fn json_strings(out: &mut Vec<u8>, items: &[impl AsRef<str>]) {
+    out.push(b'[');
+    for (i, k) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_string(out, k.as_ref());
+    }
+    out.push(b']');
+}
+
 impl StatementRecord {
     /// Writes the record's JSON object, fields in `Record`'s order.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.base.head);
         out.extend_from_slice(b",\"statement\":");
         json_string(out, &self.statement);
-        if let Some(n) = self.statement_bytes {
-            out.extend_from_slice(format!(",\"statement_bytes\":{n}").as_bytes());
+        if let Some(cut) = &self.cut {
+            out.extend_from_slice(format!(",\"statement_bytes\":{},\"statement_sha256\":", cut.bytes).as_bytes());
+            json_string(out, &cut.sha256);
+            out.extend_from_slice(b",\"statement_tables\":");
+            json_strings(out, &cut.tables);
+            out.extend_from_slice(b",\"statement_functions\":");
+            json_strings(out, &cut.functions);
         }
-        out.extend_from_slice(b",\"statement_kinds\":[");
-        for (i, k) in self.kinds.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json_string(out, k);
-        }
-        out.extend_from_slice(b"],\"verdict\":");
+        out.extend_from_slice(b",\"statement_kinds\":");
+        json_strings(out, &self.kinds);
+        out.extend_from_slice(b",\"verdict\":");
         json_string(out, self.verdict);
         if self.would_deny || self.base.would_deny {
             out.extend_from_slice(b",\"would_deny\":true");
@@ -440,6 +488,9 @@ impl Entry {
         field("kinds", r.statement_kinds.as_ref().map(|k| k.join(",")));
         field("sql", r.statement.clone());
         field("sql_bytes", r.statement_bytes.map(|n| n.to_string()));
+        field("sql_sha256", r.statement_sha256.clone());
+        field("sql_tables", r.statement_tables.as_ref().map(|t| t.join(",")));
+        field("sql_functions", r.statement_functions.as_ref().map(|f| f.join(",")));
         field("refs", r.refs.as_ref().map(|v| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",")));
         field("verdict", r.verdict.clone());
         field("would_deny", r.would_deny.map(|v| v.to_string()));
@@ -619,11 +670,13 @@ mod tests {
         monitored.detail = Some("the session's own detail".into());
         for session in [full, monitored, Record::new(Kind::SessionStart)] {
             let base = std::sync::Arc::new(StatementBase::new(&session));
-            for (text, bytes, kinds, verdict, would_deny, detail) in [
+            let long = format!("SELECT 1 /* {} */, purge()", "a".repeat(100));
+            let cut = Cut::of(&long, &["\"T\"".to_string()], &["purge".to_string(), "s.\"f\"".to_string()]);
+            for (text, cut, kinds, verdict, would_deny, detail) in [
                 ("SELECT 1", None, vec!["select"], "allow", false, None),
                 (
                     "DELETE FROM t; DROP TABLE \"x\"\n\u{1}é…",
-                    Some(70_000),
+                    Some(cut),
                     vec!["delete", "ddl"],
                     "deny",
                     true,
@@ -634,7 +687,7 @@ mod tests {
                 let o = StatementRecord {
                     base: base.clone(),
                     statement: text.into(),
-                    statement_bytes: bytes,
+                    cut: cut.clone().map(Box::new),
                     kinds: kinds.clone(),
                     verdict,
                     would_deny,
@@ -645,7 +698,12 @@ mod tests {
                 let mut r = session.clone();
                 r.kind = Kind::Statement;
                 r.statement = Some(text.into());
-                r.statement_bytes = bytes;
+                if let Some(c) = &cut {
+                    r.statement_bytes = Some(c.bytes);
+                    r.statement_sha256 = Some(c.sha256.clone());
+                    r.statement_tables = Some(c.tables.clone());
+                    r.statement_functions = Some(c.functions.clone());
+                }
                 r.statement_kinds = Some(kinds.iter().map(|k| k.to_string()).collect());
                 r.verdict = Some(verdict.into());
                 r.rule = Some("no-ddl".into());

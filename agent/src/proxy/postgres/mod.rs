@@ -37,7 +37,7 @@ use self::{
 use super::conn::{self, Conn};
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
-    audit::{Approved, AuditLog, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
+    audit::{Approved, AuditLog, Cut, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
     mask::{Charset, Masker},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
@@ -1740,7 +1740,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         let monitored = d.action != Action::Allow && !self.s.enforce && d.rule != "masking" && d.rule != NAME_ENCODING;
         let r = StatementRecord {
             base: self.statement_base.clone(),
-            statement_bytes: (text.len() > MAX_AUDITED_SQL).then_some(text.len() as u64),
+            // What lies past the cut is still accounted for: the digest ties the record to the
+            // client's text, and the names say what it touched.
+            cut: (text.len() > MAX_AUDITED_SQL).then(|| Box::new(Cut::of(&text, &class.tables, &class.functions))),
             statement: if text.len() <= MAX_AUDITED_SQL {
                 text.clone()
             } else {
