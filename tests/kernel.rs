@@ -98,6 +98,20 @@ fn curl_is_redirected_through_the_proxy_and_audited() {
     assert!(server.peers.lock().unwrap().iter().any(|p| p.port() == my_port));
     assert_eq!(env.audit().iter().filter(|r| r["kind"] == "connect").count(), 1);
 
+    // curl ran as root: its records say it could undo its own enforcement, and the log says so.
+    let held = start["privileges"].as_array().cloned().unwrap_or_default();
+    assert!(held.contains(&"uid 0".into()) && held.contains(&"CAP_NET_ADMIN".into()), "{start}");
+    env.wait_log("holds privileges that let it undo its own enforcement");
+    // Under another uid, without those capabilities, nothing is said.
+    let call = py(&format!("attempt(socket.AF_INET, ('127.0.0.1', {}))", server.addr.port()));
+    let out = env.run_in(
+        "bot",
+        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", &call],
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK"), "{out:?}");
+    let nobody = env.wait_audit("nobody's session", |r| r["kind"] == "session_start" && r["uid"] == 65534);
+    assert!(nobody["privileges"].is_null(), "{nobody}");
+
     let status = env.tollgate(&["status", "--state-dir", &env.state_arg()]);
     assert!(status.status.success(), "{status:?}");
     assert!(String::from_utf8_lossy(&status.stdout).contains("enforcing"));

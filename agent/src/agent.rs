@@ -433,35 +433,61 @@ async fn read_events(rb: RingBuf<MapData>, shared: Arc<Shared>, stop: Cancellati
     };
     let poll = Duration::from_millis(agent_common::EVENTS_POLL_MS);
     let mut procs = ProcCache::default();
+    let mut warned = Warned::default();
     loop {
         // The kernel wakes us only once a batch is pending; the timeout drains stragglers.
         match crate::timer::timeout(poll, fd.readable_mut()).await {
             Ok(Ok(mut guard)) => {
-                drain(guard.get_inner_mut(), &shared, &mut procs);
+                drain(guard.get_inner_mut(), &shared, &mut procs, &mut warned);
                 guard.clear_ready();
             }
             Ok(Err(e)) => {
                 error!(error = %e, "event ring buffer poll failed");
                 return;
             }
-            Err(_) => drain(fd.get_mut(), &shared, &mut procs),
+            Err(_) => drain(fd.get_mut(), &shared, &mut procs, &mut warned),
         }
         if stop.is_cancelled() {
             // Drain what is left so the trail has every attempt up to the stop.
-            drain(fd.get_mut(), &shared, &mut procs);
+            drain(fd.get_mut(), &shared, &mut procs, &mut warned);
             return;
         }
     }
 }
 
-fn drain(rb: &mut RingBuf<MapData>, shared: &Shared, procs: &mut ProcCache) {
+/// Enrolled processes already reported for holding privileges that undo enforcement, by
+/// identity, uid and executable (bounded: past the bound, the records still say it).
+#[derive(Default)]
+struct Warned(std::collections::HashSet<(Option<String>, Option<u32>, Option<String>)>);
+
+impl Warned {
+    fn note(&mut self, r: &Record) {
+        let Some(privileges) = &r.privileges else { return };
+        if self.0.len() >= 1024 || !self.0.insert((r.identity.clone(), r.uid, r.exe.clone())) {
+            return;
+        }
+        warn!(
+            identity = r.identity.as_deref().unwrap_or("-"),
+            uid = r.uid,
+            exe = r.exe.as_deref().unwrap_or("-"),
+            privileges = %privileges.join(", "),
+            "an enrolled process holds privileges that let it undo its own enforcement; run agents under their own non-root users without these capabilities"
+        );
+    }
+}
+
+fn drain(rb: &mut RingBuf<MapData>, shared: &Shared, procs: &mut ProcCache, warned: &mut Warned) {
     let mut view = None;
     let mut clock = None;
     while let Some(item) = rb.next() {
         let view = view.get_or_insert_with(|| shared.view());
         let clock = clock.get_or_insert_with(Clock::now);
         match event::decode(&item) {
-            Ok(ev) => shared.audit.append(connect_record(&ev, view, clock, procs)),
+            Ok(ev) => {
+                let r = connect_record(&ev, view, clock, procs);
+                warned.note(&r);
+                shared.audit.append(r);
+            }
             Err(e) => error!(error = %e, "malformed kernel event"),
         }
     }

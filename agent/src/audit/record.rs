@@ -75,6 +75,11 @@ pub struct Record {
     pub exe: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// What the enrolled process holds that lets it undo its own enforcement (`uid 0`: it may
+    /// leave its cgroup; `CAP_NET_ADMIN`: it may set the proxy's socket mark; `CAP_SYS_ADMIN`,
+    /// `CAP_BPF`: it may change the programs and their maps). Absent when it holds none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileges: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,6 +170,7 @@ impl Record {
             comm: None,
             exe: None,
             cgroup: None,
+            privileges: None,
             destination: None,
             resource: None,
             l4: None,
