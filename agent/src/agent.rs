@@ -122,6 +122,7 @@ fn unix_sockets_around(policy: &Policy, resolved: &[Vec<SocketAddr>]) -> Vec<(St
         }
         let mut ports: Vec<u16> =
             addrs.iter().filter(|a| a.ip().is_loopback() || local.contains(&a.ip())).map(|a| a.port()).collect();
+        ports.sort_unstable();
         ports.dedup();
         for port in ports {
             for dir in PG_SOCKET_DIRS {

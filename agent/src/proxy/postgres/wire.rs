@@ -200,12 +200,9 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, WireError> {
     let bad = |detail| WireError::Malformed { what: "Bind", detail };
     let (portal, rest) = cstr(body, "Bind")?;
     let (statement, mut rest) = cstr(rest, "Bind")?;
-    let take = |r: &mut &'_ [u8], n: usize| -> Result<usize, WireError> {
-        if r.len() < n {
-            return Err(bad("truncated"));
-        }
-        *r = &r[n..];
-        Ok(n)
+    let skip = |r: &mut &'_ [u8], n: usize| -> Result<(), WireError> {
+        *r = r.get(n..).ok_or(bad("truncated"))?;
+        Ok(())
     };
     let count = |r: &mut &[u8]| -> Result<usize, WireError> {
         let b = r.get(..2).ok_or(bad("truncated"))?;
@@ -237,9 +234,7 @@ pub fn bind(body: &[u8]) -> Result<Bind<'_>, WireError> {
         match len {
             -1 => {}
             len if len < 0 => return Err(bad("a negative parameter length")),
-            len => {
-                take(&mut rest, len as usize)?;
-            }
+            len => skip(&mut rest, len as usize)?,
         }
     }
     let params = &params_at[..params_at.len() - rest.len()];
