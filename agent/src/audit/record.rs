@@ -486,6 +486,7 @@ impl Entry {
         field("uid", r.uid.map(|v| v.to_string()));
         field("comm", r.comm.clone());
         field("exe", r.exe.clone());
+        field("privileges", r.privileges.as_ref().map(|p| p.join(",")));
         field("dst", r.destination.clone());
         field("resource", r.resource.clone());
         field("l4", r.l4.clone());
@@ -642,6 +643,19 @@ mod tests {
             Some(vec![Approved { approval_id: 3, approver: 0 }, Approved { approval_id: 4, approver: 1001 }]);
         let e = Entry { seq: 9, time: "2026-11-27T00:00:00Z".into(), prev: String::new(), record };
         assert!(e.display().ends_with(" approved=3:by-uid-0,4:by-uid-1001"), "{}", e.display());
+    }
+
+    #[test]
+    fn a_line_shows_privileges_and_what_a_cut_statement_names() {
+        let mut record = Record::new(Kind::Statement);
+        record.exe = Some("/usr/bin/psql".into());
+        record.privileges = Some(vec!["uid 0".into(), "CAP_NET_ADMIN".into()]);
+        record.statement_sha256 = Some("ab".repeat(32));
+        record.statement_functions = Some(vec!["purge".into(), "count".into()]);
+        let e = Entry { seq: 9, time: "2026-11-27T00:00:00Z".into(), prev: String::new(), record };
+        let line = e.display();
+        assert!(line.contains(r#" exe=/usr/bin/psql privileges="uid 0,CAP_NET_ADMIN""#), "{line}");
+        assert!(line.contains(&format!(" sql_sha256={} sql_functions=purge,count", "ab".repeat(32))), "{line}");
     }
 
     #[test]
