@@ -28,11 +28,11 @@ fuzz_target!(|data: &[u8]| {
     // The first byte picks the requests the frames answer.
     for i in 0..8 {
         if (ops >> i) & 1 == 0 {
-            t.push(Op::Query { copies: copy.iter().cloned().collect(), computed: None, cursors: sql::Deallocates::None, hold: false });
+            t.push(Op::Query { copies: copy.iter().cloned().collect(), computed: false, cursors: sql::Deallocates::None, hold: false });
         } else {
             let copy = copy.first().cloned();
             // Computed columns masked too: the path a statement reading masked columns takes.
-            let computed = Some(Style::Partial);
+            let computed = true;
             t.push(Op::Bind { portal: String::new(), statement: String::new(), formats: formats.clone(), copy, computed, cursors: sql::Deallocates::None, hold: false });
             t.push(Op::Execute { portal: String::new() });
         }
