@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
             b'B' => {
                 drop(wire::bind_names(&f.body));
                 drop(wire::bind_parameters(&f.body));
-                drop(wire::bind_result_formats(&f.body));
+                drop(wire::bind(&f.body).map(|b| b.result_formats()));
             }
             b'D' | b'C' => drop(wire::describe_target(&f.body)),
             b'Z' => drop(wire::ready_status(&f.body)),

@@ -2651,8 +2651,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     self.op(Op::Parse { statement: name.to_string() });
                 }
                 b'B' => {
-                    let (portal, stmt) = wire::bind_names(&f.body)?;
-                    let formats = wire::bind_result_formats(&f.body)?;
+                    let bind = wire::bind(&f.body)?;
+                    let (portal, stmt, formats) = (bind.portal, bind.statement, bind.result_formats());
                     let (copy, computed, cursors, hold) = match binds.next() {
                         Some(mut bound) => {
                             let copy = bound.copy_out.take();

@@ -288,11 +288,6 @@ pub fn bind_parameters(body: &[u8]) -> Result<Vec<Option<String>>, WireError> {
         .collect())
 }
 
-/// The result-column format codes a Bind asks for (none: all text; one: all the same).
-pub fn bind_result_formats(body: &[u8]) -> Result<Vec<i16>, WireError> {
-    Ok(bind(body)?.result_formats())
-}
-
 /// What a Describe ('D') asks about: `b'S'` statement or `b'P'` portal, and its name.
 pub fn describe_target(body: &[u8]) -> Result<(u8, &str), WireError> {
     let (&kind, rest) = body.split_first().ok_or(WireError::Malformed { what: "Describe", detail: "empty" })?;
@@ -496,12 +491,12 @@ mod tests {
         assert_eq!(backend_key(&[0, 0, 0, 1, 0, 0, 0, 2]), Ok((1, 2)));
         assert_eq!(bind_names(b"\0s1\0\0\0"), Ok(("", "s1")));
         assert_eq!(bind_names(b"p\0s1\0\0\0"), Ok(("p", "s1")));
-        let bind = b"\0s\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\0";
-        assert_eq!(bind_parameters(bind), Ok(vec![Some("42".into()), None]));
+        let two = b"\0s\0\0\x01\0\0\0\x02\0\0\0\x0242\xff\xff\xff\xff\0\0";
+        assert_eq!(bind_parameters(two), Ok(vec![Some("42".into()), None]));
         assert!(bind_parameters(b"\0s\0\0\0\0\x01\0\0\0\x09ab").is_err());
-        assert_eq!(bind_result_formats(bind), Ok(vec![]));
-        assert_eq!(bind_result_formats(b"\0s\0\0\0\0\0\0\x02\0\x01\0\0"), Ok(vec![1, 0]));
-        assert!(bind_result_formats(b"\0s\0\0\0\0\0\0\x02\0\x01").is_err());
+        assert_eq!(bind(two).map(|b| b.result_formats()), Ok(vec![]));
+        assert_eq!(bind(b"\0s\0\0\0\0\0\0\x02\0\x01\0\0").map(|b| b.result_formats()), Ok(vec![1, 0]));
+        assert!(bind(b"\0s\0\0\0\0\0\0\x02\0\x01").is_err());
         // Binary parameters, one format for all.
         assert_eq!(bind_parameters(b"\0s\0\0\x01\0\x01\0\x01\0\0\0\x02\x01\x02\0\0"), Ok(vec![Some("\\x0102".into())]));
     }
@@ -523,7 +518,7 @@ mod tests {
         let params = bind_parameters(&b).unwrap();
         assert_eq!(params.len(), 0x8000);
         assert_eq!(params[0].as_deref(), Some("48"));
-        assert_eq!(bind_result_formats(&b), Ok(vec![1]));
+        assert_eq!(bind(&b).map(|b| b.result_formats()), Ok(vec![1]));
         // Whatever follows the result formats, the server refuses the message; so does the proxy.
         let mut trailing = b.clone();
         trailing.extend([0, 0]);
