@@ -16,8 +16,9 @@ use tollgate::{
 fuzz_target!(|data: &[u8]| {
     let [ops, format, rest @ ..] = data else { return };
     let (ops, rest) = (*ops, rest);
-    // The second byte picks text or binary results for the extended-protocol requests.
-    let formats = if format & 1 == 1 { vec![1] } else { vec![] };
+    // The second byte: whether the extended-protocol requests describe their statement first
+    // (its answer is relayed, not used for the portal).
+    let describe = format & 1 == 1;
     let rules = [
         Rule { name: "c".into(), target: Target::Columns(vec![Glob::new("*a*")]), style: Style::Partial },
         Rule { name: "d".into(), target: Target::Detect(DETECTORS.to_vec()), style: Style::Hash },
@@ -33,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
             let copy = copy.first().cloned();
             // Computed columns masked too: the path a statement reading masked columns takes.
             let computed = true;
-            t.push(Op::Bind { portal: String::new(), statement: String::new(), formats: formats.clone(), copy, computed, cursors: sql::Deallocates::None, hold: false });
+            if describe {
+                t.push(Op::DescribeStatement);
+            }
+            t.push(Op::Bind { portal: String::new(), copy, computed, cursors: sql::Deallocates::None, hold: false });
             t.push(Op::Execute { portal: String::new() });
         }
         if (ops >> i) & 3 == 3 {

@@ -153,10 +153,6 @@ pub struct Classification {
     pub prepares: BTreeSet<String>,
     /// How many `COPY ... FROM STDIN` it has: the server takes only COPY data during each.
     pub copy_in: usize,
-    /// Every statement in it is a plain SELECT, INSERT, UPDATE, DELETE or MERGE, whose result
-    /// columns the server fixes when it parses it (a FETCH's or an EXECUTE's follow what they
-    /// name when they run).
-    pub plain: bool,
     /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE.
     pub indirect: bool,
     /// Cursors it declares or closes (`All`: CLOSE ALL). Cursors are portals too: what the
@@ -686,13 +682,6 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
                 }
             }
             c.indirect = !c.executes.is_empty() || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some());
-            c.plain = stmts.iter().all(|s| {
-                s.pointer("/stmt/node").and_then(Value::as_object).is_some_and(|node| {
-                    node.keys().all(|k| {
-                        matches!(k.as_str(), "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt")
-                    })
-                })
-            });
         }
         Err(e) => {
             c.kinds.insert(Kind::Unparseable);
@@ -1461,15 +1450,9 @@ mod tests {
     }
 
     #[test]
-    fn plain_statements_fix_their_columns() {
-        assert!(classify("SELECT email FROM t").plain);
-        assert!(classify("WITH x AS (SELECT 1) SELECT * FROM x; UPDATE t SET a = 1 RETURNING *").plain);
-        assert!(!classify("FETCH ALL FROM c").plain);
-        assert!(!classify("EXECUTE s").plain);
+    fn fetch_and_execute_return_rows_written_elsewhere() {
         assert!(classify("FETCH ALL FROM c").indirect && classify("EXPLAIN ANALYZE EXECUTE s").indirect);
         assert!(!classify("SELECT 1").indirect);
-        assert!(!classify("SELECT 1; SHOW work_mem").plain);
-        assert!(!classify("SELEC 1").plain);
     }
 
     #[test]

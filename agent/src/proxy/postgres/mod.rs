@@ -31,14 +31,14 @@ use tracing::{info, warn};
 
 use self::{
     statements::Statements,
-    track::{Op, Tracker},
+    track::{Op, TrackError, Tracker},
     wire::{Frame, Startup},
 };
 use super::conn::{self, Conn};
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{Approved, AuditLog, Cut, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
-    mask::{Charset, Masker},
+    mask::{Charset, Counts, Masker},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
         rules::{Action, Decision},
@@ -55,6 +55,9 @@ const PEER_LOOK: Duration = Duration::from_secs(1);
 const MAX_BATCH: usize = 10_000;
 /// Bytes a session reads at once (at least), per direction.
 const READ_CHUNK: usize = 16 << 10;
+/// A DataRow longer than this is masked on a blocking thread (`downstream`). Rows this large
+/// are rare, and the hand-off costs a thread wake-up each.
+const MASK_ELSEWHERE: usize = 256 << 10;
 /// A drained buffer bigger than this is let go: one big message (a 60 MiB query, a wide row)
 /// must not keep its size for the rest of a session that may idle for days.
 const KEEP_CAPACITY: usize = 64 << 10;
@@ -666,7 +669,6 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
         syncs: 0,
         prepared: Statements::default(),
-        described: Default::default(),
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
         portals: Portals::default(),
@@ -1186,7 +1188,29 @@ async fn downstream(
                     {
                         return end_for_lexing(why, &mut out, &mut finished, &mut results, &mut client).await;
                     }
-                    let relayed = if tag == b'D' {
+                    let relayed = if tag == b'D' && len > MASK_ELSEWHERE {
+                        // Masking a large row (up to 64 MiB of values the client chose) can take
+                        // seconds: on a thread of its own, not this loop's, whose other sessions
+                        // wait for it otherwise.
+                        let row = buf.split_to(len).freeze();
+                        tally.see(b'D', &[]);
+                        match tracker.row_plan() {
+                            Ok(plan) => {
+                                let masker = tracker.masker();
+                                let (done, counts, masked) = tokio::task::spawn_blocking(move || {
+                                    let (mut counts, mut out) = (Counts::default(), BytesMut::new());
+                                    let done = rows::write_data_row(&row[5..], &plan, &masker, &mut counts, &mut out);
+                                    (done, counts, out)
+                                })
+                                .await
+                                .map_err(std::io::Error::other)?;
+                                tracker.masked_elsewhere(&counts);
+                                out.extend_from_slice(&masked);
+                                done.map(|()| None).map_err(TrackError::from)
+                            }
+                            Err(e) => Err(e),
+                        }
+                    } else if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
                         let row = tracker.write_data_row(&buf[5..len], &mut out);
                         buf.advance(len);
@@ -1455,11 +1479,8 @@ enum Registry {
 
 /// What a Bind made a portal from, as its statement stood at that Bind (masking).
 struct Bound {
-    statement: String,
     /// The `COPY ... TO STDOUT` an Execute of it runs (handed on to the tracker).
     copy_out: Option<sql::CopyOut>,
-    /// Its columns were fixed when the statement was parsed (`Classification::plain`).
-    plain: bool,
     /// Whether its computed result columns are redacted (`Masker::computed`).
     computed: bool,
     /// Cursors it declares or closes (an unknown statement may close all).
@@ -1584,8 +1605,6 @@ struct ClientSide<'s, 'a, R> {
     /// Sync points forwarded so far; injections are placed after this many answers.
     syncs: u64,
     prepared: Statements,
-    /// Statements the client described since their last Parse: the tracker knows their columns.
-    described: HashSet<String>,
     /// Portals bound to a statement that deallocates (SQL DEALLOCATE, DISCARD ALL), which it
     /// does when they are executed.
     dealloc_portals: HashMap<String, (u64, sql::Deallocates)>,
@@ -1658,7 +1677,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.outcome.denied += 1;
         let frame = deny_frame(r);
         let _ = self.to_down.inject.send(Note::Inject(Inject::Denial { point: self.syncs + 1, frame }));
-        self.op(Op::Parse { statement: self.both.stand_in.0.clone() });
         forward.push(self.both.stand_in.parse());
         match end {
             Some(sync) => {
@@ -1985,8 +2003,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'Q' => {
                     let text = wire::query_text(&frame.body)?;
                     self.outcome.statements += 1;
-                    // SQL PREPARE/DEALLOCATE can redefine statements behind the proxy's back.
-                    self.described.clear();
                     // A simple query runs in the unnamed portal, and may end the transaction
                     // (which drops every portal) or declare cursors (which are portals).
                     self.portals.forget_all();
@@ -2194,7 +2210,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
             }
         }
-        self.described.retain(|name| !gone(name));
     }
 
     /// Whether the server still has statement `name`. One the client closed is gone once the
@@ -2522,7 +2537,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         Ok((b'S', name)) => {
                             // The name may be parsed again once the server has done it.
                             let statement = self.prepared.get(name).map(|p| (name.to_string(), p.seq));
-                            self.described.remove(name);
                             self.defining.push(Def::Close { statement });
                         }
                         Ok((_, portal)) => {
@@ -2554,9 +2568,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let copy_in = statement.is_some_and(|p| p.class.copy_in > 0);
                     if masking {
                         binds.push(Bound {
-                            statement: stmt.to_string(),
                             copy_out: statement.and_then(|p| p.class.copy_out.first().cloned()),
-                            plain: statement.is_some_and(|p| p.class.plain),
                             computed: match statement {
                                 Some(p) => p.computed,
                                 None => self.computed(None),
@@ -2632,7 +2644,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     /// Moves a batch to `forward`, announcing to the masking tracker what the server will
     /// answer; each Execute is preceded by a Describe of its portal unless the client just sent
-    /// one, or described the plain statement the portal was bound from in this batch.
+    /// one. A statement's own Describe is no substitute: the server analyses a statement again
+    /// when `search_path` or a table it reads changes, and may then read other tables' columns
+    /// under the same names and types.
     fn announce_batch(
         &mut self,
         batch: &mut Vec<Frame>,
@@ -2641,62 +2655,28 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     ) -> Result<(), Stop> {
         let mut binds = binds.into_iter();
         let mut described: Option<String> = None;
-        // Portals bound in this batch: nothing can redefine them before its Execute.
-        let mut bound_here: HashMap<String, Bound> = HashMap::new();
         for f in batch.drain(..) {
             match f.tag {
-                b'P' => {
-                    let name = wire::parse_message(&f.body)?.0;
-                    self.described.remove(name);
-                    self.op(Op::Parse { statement: name.to_string() });
-                }
                 b'B' => {
-                    let bind = wire::bind(&f.body)?;
-                    let (portal, stmt, formats) = (bind.portal, bind.statement, bind.result_formats());
-                    let (copy, computed, cursors, hold) = match binds.next() {
-                        Some(mut bound) => {
-                            let copy = bound.copy_out.take();
-                            let (computed, cursors, hold) = (bound.computed, bound.cursors.clone(), bound.hold);
-                            bound_here.insert(portal.to_string(), bound);
-                            (copy, computed, cursors, hold)
-                        }
-                        None => (None, false, sql::Deallocates::None, false),
-                    };
-                    self.op(Op::Bind {
-                        portal: portal.to_string(),
-                        statement: stmt.to_string(),
-                        formats,
-                        copy,
-                        computed,
-                        cursors,
-                        hold,
+                    let portal = wire::bind_names(&f.body)?.0.to_string();
+                    let Bound { copy_out: copy, computed, cursors, hold } = binds.next().unwrap_or(Bound {
+                        copy_out: None,
+                        computed: false,
+                        cursors: sql::Deallocates::None,
+                        hold: false,
                     });
+                    self.op(Op::Bind { portal, copy, computed, cursors, hold });
                 }
                 b'D' => match wire::describe_target(&f.body)? {
                     (b'P', portal) => {
                         described = Some(portal.to_string());
                         self.op(Op::DescribePortal { portal: portal.to_string(), hidden: false });
                     }
-                    (_, stmt) => {
-                        self.described.insert(stmt.to_string());
-                        self.op(Op::DescribeStatement { statement: stmt.to_string() });
-                    }
+                    (_, _) => self.op(Op::DescribeStatement),
                 },
                 b'E' => {
                     let portal = wire::execute_portal(&f.body)?.to_string();
-                    // The server is asked for the portal's columns only when neither the client
-                    // just did, nor it described the statement the portal was bound from and
-                    // that statement's columns were fixed when it was parsed.
-                    let from_statement =
-                        bound_here.get(&portal).is_some_and(|b| b.plain && self.described.contains(&b.statement));
-                    // Cursors it declares or closes are other portals after it: not bound here.
-                    // (What a portal bound in an earlier batch does is not known here.)
-                    match bound_here.get(&portal).map(|b| b.cursors.clone()) {
-                        Some(sql::Deallocates::Names(names)) => bound_here.retain(|p, _| !names.contains(p)),
-                        Some(sql::Deallocates::None) => {}
-                        Some(sql::Deallocates::All) | None => bound_here.clear(),
-                    }
-                    if described.as_deref() != Some(portal.as_str()) && !from_statement {
+                    if described.as_deref() != Some(portal.as_str()) {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
                     }
@@ -2704,9 +2684,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'C' => {
                     let (target, name) = wire::describe_target(&f.body)?;
-                    if target == b'P' {
-                        bound_here.remove(name);
-                    }
                     self.op(Op::Close { target, name: name.to_string() });
                 }
                 _ => {}
@@ -3003,7 +2980,7 @@ mod tests {
         error(&mut server, &format!("syntax error at or near \"{STAND_IN}\""));
         answer(&mut server, b"SELECT 2\0");
         let mut ops = queries(1);
-        ops.extend([Op::Parse { statement: STAND_IN.into() }, Op::Sync]);
+        ops.push(Op::Sync);
         ops.extend(queries(1));
         for masked in [false, true] {
             let got = relay_frames(masked, ops.clone(), vec![denial(2)], &server, true).await;
@@ -3019,12 +2996,7 @@ mod tests {
         // Work sent at a Flush failed; the stand-in after it, in the same batch, was skipped.
         let mut server = BytesMut::new();
         error(&mut server, "division by zero");
-        let ops = vec![
-            Op::bind("", vec![]),
-            Op::Execute { portal: String::new() },
-            Op::Parse { statement: STAND_IN.into() },
-            Op::Sync,
-        ];
+        let ops = vec![Op::bind(), Op::Execute { portal: String::new() }, Op::Sync];
         for masked in [false, true] {
             let got = relay_frames(masked, ops.clone(), vec![denial(1)], &server, true).await;
             let tags: Vec<u8> = got.iter().map(|f| f.tag).collect();
@@ -3037,12 +3009,7 @@ mod tests {
     async fn a_denial_queued_after_the_error_that_made_the_server_skip_its_stand_in_is_dropped() {
         // Work sent at a Flush fails, and its error goes out, while the client side still judges
         // the batch after it; then the refusal is queued, and the server's ReadyForQuery comes.
-        let ops = vec![
-            Op::bind("", vec![]),
-            Op::Execute { portal: String::new() },
-            Op::Parse { statement: STAND_IN.into() },
-            Op::Sync,
-        ];
+        let ops = vec![Op::bind(), Op::Execute { portal: String::new() }, Op::Sync];
         let mut failed = BytesMut::new();
         wire::error_response("22012", "division by zero", None, None).encode(&mut failed);
         let mut ready = BytesMut::new();
@@ -3073,7 +3040,7 @@ mod tests {
     async fn syncs_sent_during_a_copy_from_stdin_are_not_waited_for() {
         // Bind/Execute/Sync of a COPY FROM STDIN (point 1), CopyData, CopyDone, Sync (point 2);
         // then a statement refused. The server ignores the first Sync: one ReadyForQuery.
-        let ops = vec![Op::bind("", vec![]), Op::Execute { portal: String::new() }, Op::Sync, Op::Sync];
+        let ops = vec![Op::bind(), Op::Execute { portal: String::new() }, Op::Sync, Op::Sync];
         let mut server = BytesMut::new();
         Frame { tag: b'2', body: bytes::Bytes::new() }.encode(&mut server);
         Frame { tag: b'G', body: bytes::Bytes::from_static(&[0, 0, 1, 0, 0]) }.encode(&mut server);
@@ -3087,7 +3054,7 @@ mod tests {
         // the client never sees) is still matched to its own answers.
         let mut more = ops.clone();
         more.extend([
-            Op::bind("", vec![]),
+            Op::bind(),
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,

@@ -51,6 +51,10 @@ struct Col {
     mask: ColumnMask,
     binary: bool,
     type_oid: u32,
+    /// Masked whole, and not a stored value: the client wrote what computes it, so every
+    /// value, NULL too, is sent alike (`constant_value`). A NULL left as it is would answer
+    /// a question per value (`CASE WHEN <test on a masked value> THEN 'x' END`).
+    constant: bool,
 }
 
 fn malformed(what: &'static str, detail: &'static str) -> WireError {
@@ -104,7 +108,9 @@ impl Plan {
             let type_oid = r.i32()? as u32;
             r.take(6)?; // type size, type modifier
             let format = r.i16()?;
-            cols.push(Col { mask: masker.column_from(&name, origin, computed), binary: format == 1, type_oid });
+            let mask = masker.column_from(&name, origin, computed);
+            let constant = matches!(mask, ColumnMask::Whole(_)) && !crate::mask::stored(origin);
+            cols.push(Col { mask, binary: format == 1, type_oid, constant });
         }
         if !r.b.is_empty() {
             return Err(malformed("RowDescription", "trailing bytes"));
@@ -113,34 +119,15 @@ impl Plan {
         Ok(Plan { cols, active, rest: ColumnMask::DetectStrict })
     }
 
-    /// The plan of a portal bound from a statement whose RowDescription (from a statement
-    /// Describe, which always says text format) is known, with the Bind's result formats.
-    pub fn from_statement(
-        description: &[u8],
-        formats: &[i16],
-        masker: &Masker,
-        computed: bool,
-    ) -> Result<Plan, WireError> {
-        let mut plan = Plan::from_row_description(description, masker, computed)?;
-        for (i, c) in plan.cols.iter_mut().enumerate() {
-            let f = match formats {
-                [] => 0,
-                [one] => *one,
-                many => *many.get(i).ok_or(malformed("Bind", "fewer result formats than columns"))?,
-            };
-            c.binary = f == 1;
-        }
-        Ok(plan)
-    }
-
     /// A plan for COPY rows: by position when the column names are known, else detectors only.
     /// The rows of `COPY (query)` are not traced to stored values: masked strictly.
     pub fn for_copy(copy: &CopyOut, masker: &Masker) -> Plan {
         let by_query = |m: ColumnMask| if copy.query { m.strict() } else { m };
         let cols: Vec<Col> = match &copy.columns {
-            Some(names) => {
-                names.iter().map(|n| Col { mask: by_query(masker.column(n)), binary: false, type_oid: 25 }).collect()
-            }
+            Some(names) => names
+                .iter()
+                .map(|n| Col { mask: by_query(masker.column(n)), binary: false, type_oid: 25, constant: false })
+                .collect(),
             None => Vec::new(),
         };
         let active = masker.has_detectors() || cols.iter().any(|c| c.mask != ColumnMask::Keep);
@@ -206,8 +193,12 @@ fn write_row(
         if len < -1 {
             return Err(malformed("DataRow", "negative value length"));
         }
-        let Some(v) = (if len == -1 { None } else { Some(r.take(len as usize)?) }) else { continue };
-        let Some(new) = mask_value(*col, v, masker, counts) else { continue };
+        let new = if len == -1 {
+            col.constant.then(|| constant_value(*col))
+        } else {
+            mask_value(*col, r.take(len as usize)?, masker, counts)
+        };
+        let Some(new) = new else { continue };
         out.extend_from_slice(&body[run..start]);
         run = body.len() - r.b.len();
         match new {
@@ -234,6 +225,10 @@ fn write_row(
 fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Option<Vec<u8>>> {
     if col.mask == ColumnMask::Keep {
         return None;
+    }
+    if col.constant {
+        counts.add(crate::mask::Kind::Column);
+        return Some(constant_value(col));
     }
     let whole = matches!(col.mask, ColumnMask::Whole(_));
     let class = type_class(col.type_oid);
@@ -280,6 +275,22 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
             counts.merge(&found);
             Some(None)
         }
+    }
+}
+
+/// What every value of a `constant` column becomes: `[REDACTED]` for strings (text and binary
+/// format) and user-defined types in text format, the JSON string `"[REDACTED]"` for json and
+/// jsonb, NULL for any other type (arrays included: their shape would show which elements
+/// were NULL).
+fn constant_value(col: Col) -> Option<Vec<u8>> {
+    match (type_class(col.type_oid), col.binary) {
+        (TypeClass::Str, _) | (TypeClass::UserDefined, false) => Some(crate::mask::REDACTED.as_bytes().to_vec()),
+        (TypeClass::Json, binary) => {
+            let mut out = if binary && col.type_oid == JSONB { vec![1] } else { Vec::new() };
+            out.extend_from_slice(format!("\"{}\"", crate::mask::REDACTED).as_bytes());
+            Some(out)
+        }
+        _ => None,
     }
 }
 
@@ -1122,6 +1133,38 @@ mod tests {
         let mut bad = row.to_vec();
         bad.truncate(bad.len() - 3);
         assert!(mask_data_row(&Bytes::from(bad), &plan, &m, &mut counts).is_err());
+    }
+
+    #[test]
+    fn computed_values_masked_whole_are_all_sent_alike_null_too() {
+        // `SELECT CASE WHEN get_bit(...) = 1 THEN 'x' END ... FROM people`: whether a value is
+        // NULL would be one bit of a masked value per cell.
+        let m = masker();
+        let mut b = BytesMut::new();
+        b.put_i16(4);
+        for (name, oid, format) in [("x", 25, 0), ("j", JSONB, 1), ("n", 23, 1), ("a", 1009, 0)] {
+            b.extend_from_slice(name.as_bytes());
+            b.put_u8(0);
+            b.put_u32(0);
+            b.put_i16(0);
+            b.put_u32(oid);
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(format);
+        }
+        let plan = Plan::from_row_description(&b, &m, true).unwrap();
+        let alike = data_row(&[Some(REDACTED.as_bytes()), Some(b"\x01\"[REDACTED]\""), None, None]);
+        let mut counts = Counts::default();
+        for row in [
+            data_row(&[Some(b"x"), Some(b"\x01{}"), Some(&1i32.to_be_bytes()), Some(b"{x,NULL}")]),
+            data_row(&[None, None, None, None]),
+        ] {
+            assert_eq!(mask_data_row(&row, &plan, &m, &mut counts).unwrap().unwrap(), alike);
+        }
+        assert_eq!(counts.to_map(), [("column".into(), 4)].into(), "the values, not the NULLs");
+        // A stored column masked whole keeps its NULLs: they are the data's, not the client's.
+        let stored = Plan::from_row_description(&row_description(&[("customer_ssn", 25, 0)]), &m, true).unwrap();
+        assert_eq!(mask_data_row(&data_row(&[None]), &stored, &m, &mut counts).unwrap(), None);
     }
 
     #[test]

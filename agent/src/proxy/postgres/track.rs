@@ -18,16 +18,10 @@ use crate::{
 /// A forwarded client message that the server will answer, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Once it completes, what the statement's name described before is stale.
-    Parse {
-        statement: String,
-    },
-    /// A Bind: once it completes, the portal's plan follows from its statement's description
-    /// (if the client had it described) and the result formats it asks for.
+    /// A Bind: once it completes, the portal's old plan is stale; a Describe of the portal
+    /// (the client's, or one the proxy adds before each Execute) gives the new one.
     Bind {
         portal: String,
-        statement: String,
-        formats: Vec<i16>,
         /// The `COPY ... TO STDOUT` the statement is, as it stood at this Bind.
         copy: Option<CopyOut>,
         /// Whether the statement's computed result columns are redacted (`Masker::computed`).
@@ -42,9 +36,9 @@ pub enum Op {
         target: u8,
         name: String,
     },
-    DescribeStatement {
-        statement: String,
-    },
+    /// Its RowDescription is relayed, not kept: the server may analyse the statement again
+    /// before a portal of it runs (README, "Masking").
+    DescribeStatement,
     /// `hidden`: the proxy added it to learn the portal's row shape; its answer is dropped.
     DescribePortal {
         portal: String,
@@ -65,17 +59,9 @@ pub enum Op {
 
 #[cfg(test)]
 impl Op {
-    /// A Bind of `statement` to the unnamed portal, with nothing else to tell.
-    pub fn bind(statement: &str, formats: Vec<i16>) -> Op {
-        Op::Bind {
-            portal: String::new(),
-            statement: statement.into(),
-            formats,
-            copy: None,
-            computed: false,
-            cursors: Deallocates::None,
-            hold: false,
-        }
+    /// A Bind to the unnamed portal, with nothing else to tell.
+    pub fn bind() -> Op {
+        Op::Bind { portal: String::new(), copy: None, computed: false, cursors: Deallocates::None, hold: false }
     }
 }
 
@@ -93,47 +79,13 @@ struct Copying {
     rows: u64,
 }
 
-/// Most portals, and most described statements, a session's tracker keeps; and most bytes of
-/// statement descriptions. A server drops portals at the end of their transaction and
-/// statements at a DEALLOCATE or DISCARD in SQL, unseen here, so a client could otherwise
-/// make a session keep every one it ever had. Past these, an old one (any) is forgotten. The
-/// client side refuses a Parse past as many named statements, so only those dropped unseen
-/// (or very wide descriptions) get here, and it does not know which are forgotten: a later execution of a forgotten statement that the client
-/// described (so no Describe of the portal was added) ends the session with a protocol error,
-/// as any result the proxy cannot mask does. README, "Masking", names the limits.
-/// (Every named statement a session may have, and the unnamed one.)
+/// Most portals a session's tracker keeps. A server drops portals at the end of their
+/// transaction, and cursors (which are portals too) at a CLOSE in SQL the tracker may not
+/// follow, so a client could otherwise make a session keep every one it ever had. Past this,
+/// an old one (any) is forgotten: its next Execute is described again (the proxy adds a
+/// Describe before every Execute), and its computed columns are masked as an unknown
+/// statement's.
 const MAX_TRACKED: usize = super::statements::MAX_STATEMENTS + 1;
-const MAX_DESCRIBED_BYTES: usize = 16 << 20;
-
-/// RowDescription bodies by statement name, and their total size.
-#[derive(Default)]
-struct Described {
-    map: HashMap<String, bytes::Bytes>,
-    bytes: usize,
-}
-
-impl Described {
-    fn get(&self, name: &str) -> Option<&bytes::Bytes> {
-        self.map.get(name)
-    }
-
-    fn remove(&mut self, name: &str) {
-        if let Some(old) = self.map.remove(name) {
-            self.bytes -= old.len();
-        }
-    }
-
-    /// Keeps `name`'s description, forgetting others while over the bounds.
-    fn insert(&mut self, name: String, desc: bytes::Bytes) {
-        self.remove(&name);
-        self.bytes += desc.len();
-        while self.map.len() >= MAX_TRACKED || self.bytes > MAX_DESCRIBED_BYTES {
-            let Some(old) = self.map.keys().next().cloned() else { break };
-            self.remove(&old);
-        }
-        self.map.insert(name, desc);
-    }
-}
 
 pub struct Tracker {
     masker: Arc<Masker>,
@@ -141,8 +93,6 @@ pub struct Tracker {
     portals: HashMap<String, Arc<Plan>>,
     /// Portals bound to a `COPY ... TO STDOUT`.
     copies: HashMap<String, CopyOut>,
-    /// RowDescription bodies of described statements (empty: the statement returns no rows).
-    statements: Described,
     /// Whether the computed result columns of each portal bound are redacted: its statement's text
     /// says what it reads.
     portal_computed: HashMap<String, bool>,
@@ -170,7 +120,6 @@ impl Tracker {
             ops: VecDeque::new(),
             portals: HashMap::new(),
             copies: HashMap::new(),
-            statements: Described::default(),
             portal_computed: HashMap::new(),
             current: None,
             copy: None,
@@ -205,13 +154,27 @@ impl Tracker {
     /// belongs to; `out` is untouched on error. The relay's path for rows: `on_frame` would
     /// split each row into a frame of its own.
     pub fn write_data_row(&mut self, body: &[u8], out: &mut BytesMut) -> Result<(), TrackError> {
+        let plan = self.row_plan()?;
+        Ok(rows::write_data_row(body, &plan, &self.masker, &mut self.counts, out)?)
+    }
+
+    /// What masks the next DataRow, to do it elsewhere (`Tracker::masked_elsewhere`).
+    pub fn row_plan(&self) -> Result<Arc<Plan>, TrackError> {
         let plan = match self.ops.front() {
             Some(Op::Execute { portal, .. }) => self.portals.get(portal),
             Some(Op::Query { .. }) => self.current.as_ref(),
             _ => None,
         };
-        let plan = plan.ok_or(TrackError::Unexpected("a data row"))?;
-        Ok(rows::write_data_row(body, plan, &self.masker, &mut self.counts, out)?)
+        plan.cloned().ok_or(TrackError::Unexpected("a data row"))
+    }
+
+    pub fn masker(&self) -> Arc<Masker> {
+        self.masker.clone()
+    }
+
+    /// Counts values masked in a row that was masked elsewhere.
+    pub fn masked_elsewhere(&mut self, counts: &Counts) {
+        self.counts.merge(counts);
     }
 
     /// The Execute of `portal` ended: the cursors it declared or closed are other portals now.
@@ -263,15 +226,10 @@ impl Tracker {
             self.tainted = true;
         }
         match f.tag {
-            b'1' => {
-                if let Some(Op::Parse { statement }) = self.pop_if(|o| matches!(o, Op::Parse { .. })) {
-                    self.statements.remove(&statement);
-                }
-            }
-            // ParameterDescription comes first in the answer to a statement Describe.
-            b't' => {}
+            // ParseComplete; ParameterDescription, first in the answer to a statement Describe.
+            b'1' | b't' => {}
             b'2' => {
-                if let Some(Op::Bind { portal, statement, formats, copy, computed, cursors, hold }) =
+                if let Some(Op::Bind { portal, copy, computed, cursors, hold }) =
                     self.pop_if(|o| matches!(o, Op::Bind { .. }))
                 {
                     // Only a Bind the server carried out changes what the portal is.
@@ -286,24 +244,18 @@ impl Tracker {
                     self.tainted |= hold && computed;
                     self.make_room(&portal);
                     self.portal_computed.insert(portal.clone(), computed);
-                    match self.statements.get(&statement) {
-                        Some(desc) if !desc.is_empty() => {
-                            let plan = Plan::from_statement(desc, &formats, &self.masker, computed)?;
-                            self.portals.insert(portal, Arc::new(plan));
-                        }
-                        _ => {
-                            self.portals.remove(&portal);
-                        }
-                    }
+                    self.portals.remove(&portal);
                 }
             }
-            b'3' => match self.pop_if(|o| matches!(o, Op::Close { .. })) {
-                Some(Op::Close { target: b'S', name }) => {
-                    self.statements.remove(&name);
+            b'3' => {
+                if let Some(Op::Close { target: b'P', name }) = self.pop_if(|o| matches!(o, Op::Close { .. })) {
+                    self.forget_portal(&name);
                 }
-                Some(Op::Close { name, .. }) => self.forget_portal(&name),
-                _ => {}
-            },
+            }
+            // A statement's row shape: relayed as it is, not kept (see `Op::DescribeStatement`).
+            b'T' | b'n' if self.ops.front() == Some(&Op::DescribeStatement) => {
+                self.ops.pop_front();
+            }
             b'T' => {
                 let computed = match self.ops.front() {
                     Some(Op::DescribePortal { portal, .. }) => {
@@ -322,27 +274,19 @@ impl Tracker {
                             return Ok(None);
                         }
                     }
-                    Some(Op::DescribeStatement { .. }) => {
-                        let Some(Op::DescribeStatement { statement }) = self.ops.pop_front() else { unreachable!() };
-                        self.statements.insert(statement, f.body.clone());
-                    }
                     _ => self.current = Some(plan),
                 }
             }
-            b'n' => match self.ops.front() {
-                Some(Op::DescribePortal { .. }) => {
-                    let Some(Op::DescribePortal { portal, hidden }) = self.ops.pop_front() else { unreachable!() };
+            b'n' => {
+                if let Some(Op::DescribePortal { portal, hidden }) =
+                    self.pop_if(|o| matches!(o, Op::DescribePortal { .. }))
+                {
                     self.portals.remove(&portal);
                     if hidden {
                         return Ok(None);
                     }
                 }
-                Some(Op::DescribeStatement { .. }) => {
-                    let Some(Op::DescribeStatement { statement }) = self.ops.pop_front() else { unreachable!() };
-                    self.statements.insert(statement, bytes::Bytes::new());
-                }
-                _ => {}
-            },
+            }
             b'D' => {
                 let mut out = BytesMut::with_capacity(f.body.len() + 5);
                 self.write_data_row(&f.body, &mut out)?;
@@ -531,8 +475,7 @@ mod tests {
     fn extended_protocol_uses_the_portal_plan_and_hides_added_describes() {
         let mut t = tracker();
         for op in [
-            Op::Parse { statement: String::new() },
-            Op::bind("", vec![]),
+            Op::bind(),
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
@@ -552,105 +495,50 @@ mod tests {
     }
 
     #[test]
-    fn a_session_keeps_a_bounded_number_of_portals_and_statement_descriptions() {
+    fn a_session_keeps_a_bounded_number_of_portals() {
         let mut t = tracker();
         for i in 0..MAX_TRACKED + 10 {
-            let (name, portal) = (format!("s{i}"), format!("p{i}"));
+            let portal = format!("p{i}");
             for op in [
-                Op::Parse { statement: name.clone() },
-                Op::DescribeStatement { statement: name.clone() },
                 Op::Bind {
-                    portal,
-                    statement: name,
-                    formats: vec![],
+                    portal: portal.clone(),
                     copy: None,
                     computed: false,
                     cursors: Deallocates::None,
                     hold: false,
                 },
+                Op::DescribePortal { portal, hidden: true },
                 Op::Sync,
             ] {
                 t.push(op);
             }
-            for f in
-                [frame(b'1', b""), frame(b't', b"\0\0"), row_description("email"), frame(b'2', b""), frame(b'Z', b"T")]
-            {
+            for f in [frame(b'2', b""), row_description("email"), frame(b'Z', b"T")] {
                 relay(&mut t, f);
             }
         }
-        assert_eq!(t.statements.map.len(), MAX_TRACKED);
         assert!(t.portals.len() <= MAX_TRACKED && t.portal_computed.len() <= MAX_TRACKED);
-        let last = format!("s{}", MAX_TRACKED + 9);
-        assert!(t.statements.get(&last).is_some(), "the newest is kept");
-        assert!(t.portals.contains_key(&format!("p{}", MAX_TRACKED + 9)));
-        let bytes: usize = t.statements.map.values().map(|d| d.len()).sum();
-        assert_eq!(t.statements.bytes, bytes);
-        // Large descriptions are bounded by their size.
-        let big = Bytes::from(vec![0u8; MAX_DESCRIBED_BYTES / 3]);
-        for i in 0..5 {
-            t.statements.insert(format!("big{i}"), big.clone());
-        }
-        assert!(t.statements.bytes <= MAX_DESCRIBED_BYTES && t.statements.get("big4").is_some());
+        assert!(t.portals.contains_key(&format!("p{}", MAX_TRACKED + 9)), "the newest is kept");
     }
 
     #[test]
-    fn a_described_statement_gives_its_portals_a_plan_without_asking_again() {
+    fn a_statement_description_gives_its_portals_no_plan() {
+        // The server may analyse the statement again before the portal runs (another
+        // search_path): only a Describe of the portal says what its rows are.
         let mut t = tracker();
-        for op in [
-            Op::Parse { statement: "s1".into() },
-            Op::DescribeStatement { statement: "s1".into() },
-            Op::Sync,
-            Op::bind("s1", vec![0]),
-            Op::Execute { portal: String::new() },
-            Op::Sync,
-        ] {
+        for op in [Op::DescribeStatement, Op::Sync, Op::bind(), Op::Execute { portal: String::new() }, Op::Sync] {
             t.push(op);
         }
-        for f in [frame(b'1', b""), frame(b't', b"\0\0")] {
-            assert!(relay(&mut t, f).is_some());
+        for f in [frame(b't', b"\0\0"), row_description("email"), frame(b'Z', b"I"), frame(b'2', b"")] {
+            assert!(relay(&mut t, f).is_some(), "the client's own Describe is answered");
         }
-        assert!(relay(&mut t, row_description("email")).is_some(), "the client's own Describe is answered");
-        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        assert!(relay(&mut t, frame(b'2', b"")).is_some());
-        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"));
-        assert!(relay(&mut t, frame(b'C', b"SELECT 1\0")).is_some());
-        assert!(relay(&mut t, frame(b'Z', b"I")).is_some());
-        assert!(t.ops.is_empty());
-    }
-
-    #[test]
-    fn a_statement_parsed_or_closed_again_loses_its_description() {
-        for again in [Op::Parse { statement: "s1".into() }, Op::Close { target: b'S', name: "s1".into() }] {
-            let mut t = tracker();
-            for op in [
-                Op::DescribeStatement { statement: "s1".into() },
-                Op::Sync,
-                again.clone(),
-                Op::Sync,
-                Op::bind("s1", vec![0]),
-                Op::Execute { portal: String::new() },
-                Op::Sync,
-            ] {
-                t.push(op);
-            }
-            for f in [frame(b't', b"\0\0"), row_description("email"), frame(b'Z', b"I")] {
-                assert!(relay(&mut t, f).is_some());
-            }
-            let done = if matches!(again, Op::Parse { .. }) { b'1' } else { b'3' };
-            for f in [frame(done, b""), frame(b'Z', b"I"), frame(b'2', b"")] {
-                assert!(relay(&mut t, f).is_some());
-            }
-            // Its old row shape (one email column) must not be used: no plan, no relay.
-            assert!(t.on_frame(data_row("a@b.c")).is_err(), "{again:?}");
-        }
+        assert!(t.on_frame(data_row("a@b.c")).is_err(), "no plan, no relay");
     }
 
     #[test]
     fn errors_skip_to_sync_and_simple_queries_use_their_row_description() {
         let mut t = tracker();
         for op in [
-            Op::Parse { statement: String::new() },
-            Op::bind("", vec![]),
+            Op::bind(),
             Op::DescribePortal { portal: String::new(), hidden: true },
             Op::Execute { portal: String::new() },
             Op::Sync,
