@@ -859,6 +859,27 @@ fn masking_follows_a_column_under_another_name() {
     ]);
     let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
     assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
+    // A portal of a FETCH makes all its rows at its first Execute. Resumed after its cursor's
+    // name was declared again, a Describe would tell the columns of the new cursor: the rows
+    // keep the plan of the first run. And the proxy describes no portal that ran: describing a
+    // FETCH portal whose cursor was closed crashes PostgreSQL 15 (every session, not only this).
+    let script = in_transaction(serde_json::json!([
+        ["Q", "DECLARE c CURSOR FOR SELECT secret_num || '' AS t FROM vault, generate_series(1, 3)"],
+        ["P", "f", "FETCH ALL FROM c"],
+        ["B", "p", "f"],
+        ["E", "p", 1],
+        ["S"],
+        ["Q", "CLOSE c; DECLARE c CURSOR FOR SELECT note AS t FROM people"],
+        ["E", "p", 0],
+        ["S"],
+        ["Q", "CLOSE c"],
+        ["E", "p", 0],
+        ["S"]
+    ]));
+    let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
+    assert_eq!(out.matches("[REDACTED]").count(), 3, "{out}");
+    assert!(!out.contains("topsecret") && out.contains("C COMMIT"), "{out}");
+    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // Whole rows through attribute notation, SQL run from text: masked as computed (json
     // becomes a JSON string, xml, like any type that is not text or json, NULL).
     for (sql, masked) in [

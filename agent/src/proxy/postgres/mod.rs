@@ -31,14 +31,14 @@ use tracing::{info, warn};
 
 use self::{
     statements::Statements,
-    track::{Op, TrackError, Tracker},
+    track::{Op, Tracker},
     wire::{Frame, Startup},
 };
 use super::conn::{self, Conn};
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{Approved, AuditLog, Cut, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
-    mask::{Charset, Counts, Masker},
+    mask::{Charset, Masker},
     policy::{
         Credentials, Grant, Resource, StatementAudit, Webhook,
         rules::{Action, Decision},
@@ -55,8 +55,8 @@ const PEER_LOOK: Duration = Duration::from_secs(1);
 const MAX_BATCH: usize = 10_000;
 /// Bytes a session reads at once (at least), per direction.
 const READ_CHUNK: usize = 16 << 10;
-/// A DataRow longer than this is masked on a blocking thread (`downstream`). Rows this large
-/// are rare, and the hand-off costs a thread wake-up each.
+/// A server message longer than this is masked on a blocking thread (`downstream`). Messages
+/// this large are rare, and the hand-off costs a thread wake-up each.
 const MASK_ELSEWHERE: usize = 256 << 10;
 /// A drained buffer bigger than this is let go: one big message (a 60 MiB query, a wide row)
 /// must not keep its size for the rest of a session that may idle for days.
@@ -672,6 +672,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
         portals: Portals::default(),
+        run_portals: HashSet::new(),
+        portal_cursors: HashMap::new(),
         sql_prepared: HashMap::new(),
         unsynced_refs: Refs::new(),
         unsynced_approvals: Vec::new(),
@@ -1188,28 +1190,30 @@ async fn downstream(
                     {
                         return end_for_lexing(why, &mut out, &mut finished, &mut results, &mut client).await;
                     }
-                    let relayed = if tag == b'D' && len > MASK_ELSEWHERE {
-                        // Masking a large row (up to 64 MiB of values the client chose) can take
-                        // seconds: on a thread of its own, not this loop's, whose other sessions
-                        // wait for it otherwise.
-                        let row = buf.split_to(len).freeze();
-                        tally.see(b'D', &[]);
-                        match tracker.row_plan() {
-                            Ok(plan) => {
-                                let masker = tracker.masker();
-                                let (done, counts, masked) = tokio::task::spawn_blocking(move || {
-                                    let (mut counts, mut out) = (Counts::default(), BytesMut::new());
-                                    let done = rows::write_data_row(&row[5..], &plan, &masker, &mut counts, &mut out);
-                                    (done, counts, out)
-                                })
-                                .await
-                                .map_err(std::io::Error::other)?;
-                                tracker.masked_elsewhere(&counts);
-                                out.extend_from_slice(&masked);
-                                done.map(|()| None).map_err(TrackError::from)
-                            }
-                            Err(e) => Err(e),
+                    let relayed = if len > MASK_ELSEWHERE {
+                        // Masking a large message (a row, COPY data or an error of up to 64 MiB
+                        // the client chose) can take seconds: on a thread of its own, not this
+                        // loop's, whose other sessions would wait for it. The tracker goes
+                        // with it and comes back.
+                        let frame = Frame { tag, body: buf.split_to(len).freeze().slice(5..) };
+                        if tag == b'D' {
+                            tally.see(b'D', &[]);
                         }
+                        let stand_in = Tracker::new(tracker.masker());
+                        let mut t = std::mem::replace(tracker, stand_in);
+                        let (t, relayed, masked) = tokio::task::spawn_blocking(move || {
+                            let mut rows = BytesMut::new();
+                            let relayed = match frame.tag {
+                                b'D' => t.write_data_row(&frame.body, &mut rows).map(|()| None),
+                                _ => t.on_frame(frame),
+                            };
+                            (t, relayed, rows)
+                        })
+                        .await
+                        .map_err(std::io::Error::other)?;
+                        *tracker = t;
+                        out.extend_from_slice(&masked);
+                        relayed
                     } else if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
                         let row = tracker.write_data_row(&buf[5..len], &mut out);
@@ -1625,6 +1629,11 @@ struct ClientSide<'s, 'a, R> {
     forgotten: HashMap<String, Prepared>,
     /// The statement record of what each portal was last bound to.
     portals: Portals,
+    /// Masking: portals executed since their Bind, which get no more Describes (the tracker
+    /// keeps the plan of their first Execute, `Tracker::run`); and the cursors each bound
+    /// portal's statement declares or closes, which are other portals once it ran.
+    run_portals: HashSet<String>,
+    portal_cursors: HashMap<String, sql::Deallocates>,
     /// Statements made with SQL PREPARE (as far as the proxy saw them forwarded), with the
     /// judgement of the text that made them: its approval rule holds each EXECUTE.
     sql_prepared: HashMap<String, Prepared>,
@@ -2044,6 +2053,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     hold: p.class.hold_cursor,
                                 });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
+                                self.cursors_changed(&p.class.cursors);
                                 self.prepared_in_sql(&p);
                                 forward.push(frame);
                                 self.syncs += 1;
@@ -2642,11 +2652,25 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         Ok(())
     }
 
+    /// Cursors a statement declares or closes are other portals once it ran: described again.
+    fn cursors_changed(&mut self, cursors: &sql::Deallocates) {
+        match cursors {
+            sql::Deallocates::None => {}
+            sql::Deallocates::Names(names) => {
+                for n in names {
+                    self.run_portals.remove(n);
+                }
+            }
+            sql::Deallocates::All => self.run_portals.clear(),
+        }
+    }
+
     /// Moves a batch to `forward`, announcing to the masking tracker what the server will
-    /// answer; each Execute is preceded by a Describe of its portal unless the client just sent
-    /// one. A statement's own Describe is no substitute: the server analyses a statement again
-    /// when `search_path` or a table it reads changes, and may then read other tables' columns
-    /// under the same names and types.
+    /// answer. The first Execute of a portal after its Bind is preceded by a Describe of it,
+    /// unless the client just sent one; later ones (a portal resumed after a row limit) are not
+    /// (`ClientSide::run_portals`). A statement's own Describe is no substitute: the server
+    /// analyses a statement again when `search_path` or a table it reads changes, and may then
+    /// read other tables' columns under the same names and types.
     fn announce_batch(
         &mut self,
         batch: &mut Vec<Frame>,
@@ -2665,6 +2689,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         cursors: sql::Deallocates::None,
                         hold: false,
                     });
+                    self.run_portals.remove(&portal);
+                    if self.portal_cursors.len() >= MAX_RUN_PORTALS {
+                        self.portal_cursors.clear();
+                    }
+                    self.portal_cursors.insert(portal.clone(), cursors.clone());
                     self.op(Op::Bind { portal, copy, computed, cursors, hold });
                 }
                 b'D' => match wire::describe_target(&f.body)? {
@@ -2676,14 +2705,28 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 },
                 b'E' => {
                     let portal = wire::execute_portal(&f.body)?.to_string();
-                    if described.as_deref() != Some(portal.as_str()) {
+                    // A portal that ran is not described again: its rows may have been made at
+                    // its first Execute (a FETCH), and the server crashes describing a FETCH
+                    // portal whose cursor was closed since (PostgreSQL 15.18).
+                    if described.as_deref() != Some(portal.as_str()) && !self.run_portals.contains(&portal) {
                         forward.push(wire::describe_portal(&portal));
                         self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
+                    }
+                    if self.run_portals.len() >= MAX_RUN_PORTALS {
+                        self.run_portals.clear();
+                    }
+                    self.run_portals.insert(portal.clone());
+                    if let Some(cursors) = self.portal_cursors.get(&portal).cloned() {
+                        self.cursors_changed(&cursors);
                     }
                     self.op(Op::Execute { portal });
                 }
                 b'C' => {
                     let (target, name) = wire::describe_target(&f.body)?;
+                    if target == b'P' {
+                        self.run_portals.remove(name);
+                        self.portal_cursors.remove(name);
+                    }
                     self.op(Op::Close { target, name: name.to_string() });
                 }
                 _ => {}
@@ -2696,6 +2739,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         Ok(())
     }
 }
+
+/// Most portals a masking session remembers as run (`ClientSide::run_portals`); past that it
+/// forgets them all, and describes them again.
+const MAX_RUN_PORTALS: usize = 4097;
 
 /// Forgotten statements kept for SQL EXECUTE's holds (see `ClientSide::forgotten`), and
 /// statements made by SQL PREPARE the proxy keeps; a name that does not fit is unknown to SQL

@@ -4,7 +4,7 @@ use std::{collections::VecDeque, sync::Arc};
 
 use bytes::BytesMut;
 // See the `postgres` module: per-session maps keyed by the client's own names.
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use super::{
     rows::{self, Plan},
@@ -82,9 +82,9 @@ struct Copying {
 /// Most portals a session's tracker keeps. A server drops portals at the end of their
 /// transaction, and cursors (which are portals too) at a CLOSE in SQL the tracker may not
 /// follow, so a client could otherwise make a session keep every one it ever had. Past this,
-/// an old one (any) is forgotten: its next Execute is described again (the proxy adds a
-/// Describe before every Execute), and its computed columns are masked as an unknown
-/// statement's.
+/// an old one (any) is forgotten. Its computed columns are then masked as an unknown
+/// statement's; if it had run, its rows have no plan until it is bound again (the client side
+/// describes no portal that ran), which ends the session as any result the proxy cannot mask.
 const MAX_TRACKED: usize = super::statements::MAX_STATEMENTS + 1;
 
 pub struct Tracker {
@@ -96,6 +96,12 @@ pub struct Tracker {
     /// Whether the computed result columns of each portal bound are redacted: its statement's text
     /// says what it reads.
     portal_computed: HashMap<String, bool>,
+    /// Portals executed since their Bind: they keep the plan of their first Execute. A portal
+    /// of a query has one plan from its Bind on, but one of a FETCH or an SQL EXECUTE makes all
+    /// its rows at its first Execute, from what that cursor or prepared statement was then,
+    /// and a Describe later says where the columns of what the name is *now* come from. (The
+    /// client side adds no Describe before a later Execute of such a portal.)
+    run: HashSet<String>,
     /// ... and of a portal it did not see bound (a cursor the client declared in SQL).
     unknown: bool,
     /// Portals whose Execute declares or closes cursors, and which.
@@ -121,6 +127,7 @@ impl Tracker {
             portals: HashMap::new(),
             copies: HashMap::new(),
             portal_computed: HashMap::new(),
+            run: HashSet::new(),
             current: None,
             copy: None,
             counts: Counts::default(),
@@ -154,27 +161,17 @@ impl Tracker {
     /// belongs to; `out` is untouched on error. The relay's path for rows: `on_frame` would
     /// split each row into a frame of its own.
     pub fn write_data_row(&mut self, body: &[u8], out: &mut BytesMut) -> Result<(), TrackError> {
-        let plan = self.row_plan()?;
-        Ok(rows::write_data_row(body, &plan, &self.masker, &mut self.counts, out)?)
-    }
-
-    /// What masks the next DataRow, to do it elsewhere (`Tracker::masked_elsewhere`).
-    pub fn row_plan(&self) -> Result<Arc<Plan>, TrackError> {
         let plan = match self.ops.front() {
             Some(Op::Execute { portal, .. }) => self.portals.get(portal),
             Some(Op::Query { .. }) => self.current.as_ref(),
             _ => None,
         };
-        plan.cloned().ok_or(TrackError::Unexpected("a data row"))
+        let plan = plan.ok_or(TrackError::Unexpected("a data row"))?;
+        Ok(rows::write_data_row(body, plan, &self.masker, &mut self.counts, out)?)
     }
 
     pub fn masker(&self) -> Arc<Masker> {
         self.masker.clone()
-    }
-
-    /// Counts values masked in a row that was masked elsewhere.
-    pub fn masked_elsewhere(&mut self, counts: &Counts) {
-        self.counts.merge(counts);
     }
 
     /// The Execute of `portal` ended: the cursors it declared or closed are other portals now.
@@ -201,6 +198,7 @@ impl Tracker {
         self.copies.remove(name);
         self.portal_computed.remove(name);
         self.cursor_portals.remove(name);
+        self.run.remove(name);
     }
 
     fn forget_cursors(&mut self, names: &Deallocates) {
@@ -211,12 +209,14 @@ impl Tracker {
                     self.portals.remove(n);
                     self.copies.remove(n);
                     self.portal_computed.remove(n);
+                    self.run.remove(n);
                 }
             }
             Deallocates::All => {
                 self.portals.clear();
                 self.copies.clear();
                 self.portal_computed.clear();
+                self.run.clear();
             }
         }
     }
@@ -244,6 +244,7 @@ impl Tracker {
                     self.tainted |= hold && computed;
                     self.make_room(&portal);
                     self.portal_computed.insert(portal.clone(), computed);
+                    self.run.remove(&portal);
                     self.portals.remove(&portal);
                 }
             }
@@ -255,6 +256,12 @@ impl Tracker {
             // A statement's row shape: relayed as it is, not kept (see `Op::DescribeStatement`).
             b'T' | b'n' if self.ops.front() == Some(&Op::DescribeStatement) => {
                 self.ops.pop_front();
+            }
+            // A portal that has run keeps the plan of its first Execute (see `Tracker::run`).
+            b'T' | b'n' if matches!(self.ops.front(), Some(Op::DescribePortal { portal, .. }) if self.run.contains(portal)) => {
+                if let Some(Op::DescribePortal { hidden: true, .. }) = self.ops.pop_front() {
+                    return Ok(None);
+                }
             }
             b'T' => {
                 let computed = match self.ops.front() {
@@ -294,7 +301,10 @@ impl Tracker {
             }
             b'C' | b's' | b'I' => {
                 match self.pop_if(|o| matches!(o, Op::Execute { .. })) {
-                    Some(Op::Execute { portal }) => self.executed(&portal),
+                    Some(Op::Execute { portal }) => {
+                        self.executed(&portal);
+                        self.run.insert(portal);
+                    }
                     _ => self.current = None,
                 }
                 self.copy = None;
@@ -382,6 +392,7 @@ impl Tracker {
                     self.copies.clear();
                     self.portal_computed.clear();
                     self.cursor_portals.clear();
+                    self.run.clear();
                     self.tainted = false;
                 }
                 while let Some(op) = self.ops.pop_front() {
@@ -518,6 +529,48 @@ mod tests {
         }
         assert!(t.portals.len() <= MAX_TRACKED && t.portal_computed.len() <= MAX_TRACKED);
         assert!(t.portals.contains_key(&format!("p{}", MAX_TRACKED + 9)), "the newest is kept");
+    }
+
+    #[test]
+    fn a_portal_that_ran_keeps_the_plan_of_its_first_execute() {
+        // A FETCH portal resumed after its cursor's name was declared again: the rows were made
+        // at the first Execute, a Describe now tells the new cursor's columns.
+        let mut t = tracker();
+        let first = [
+            Op::bind(),
+            Op::DescribePortal { portal: String::new(), hidden: true },
+            Op::Execute { portal: String::new() },
+            Op::Sync,
+        ];
+        let resumed = [
+            Op::DescribePortal { portal: String::new(), hidden: false },
+            Op::Execute { portal: String::new() },
+            Op::Sync,
+        ];
+        for op in first.into_iter().chain(resumed) {
+            t.push(op);
+        }
+        for f in [frame(b'2', b""), row_description("email")] {
+            relay(&mut t, f);
+        }
+        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"));
+        for f in [frame(b's', b""), frame(b'Z', b"T")] {
+            relay(&mut t, f);
+        }
+        assert!(relay(&mut t, row_description("note")).is_some(), "the client's own Describe is answered");
+        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"), "by the first plan");
+        // Bound again, it is another portal.
+        for f in [frame(b'C', b"FETCH 1\0"), frame(b'Z', b"T")] {
+            relay(&mut t, f);
+        }
+        for op in [Op::bind(), Op::DescribePortal { portal: String::new(), hidden: true }] {
+            t.push(op);
+        }
+        for f in [frame(b'2', b""), row_description("note")] {
+            relay(&mut t, f);
+        }
+        t.push(Op::Execute { portal: String::new() });
+        assert_eq!(relay(&mut t, data_row("x")).unwrap(), data_row("x"));
     }
 
     #[test]
