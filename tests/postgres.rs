@@ -860,9 +860,10 @@ fn masking_follows_a_column_under_another_name() {
     let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
     assert!(out.contains("[REDACTED]") && !out.contains("topsecret"), "{out}");
     // A portal of a FETCH makes all its rows at its first Execute. Resumed after its cursor's
-    // name was declared again, a Describe would tell the columns of the new cursor: the rows
-    // keep the plan of the first run. And the proxy describes no portal that ran: describing a
-    // FETCH portal whose cursor was closed crashes PostgreSQL 15 (every session, not only this).
+    // name was declared again, a Describe would tell the columns of the new cursor: a resumed
+    // one has every value masked whole. And the proxy describes such a portal only right after
+    // its Bind: describing a FETCH portal whose cursor was closed crashes PostgreSQL 15 (every
+    // session, not only this one).
     let script = in_transaction(serde_json::json!([
         ["Q", "DECLARE c CURSOR FOR SELECT secret_num || '' AS t FROM vault, generate_series(1, 3)"],
         ["P", "f", "FETCH ALL FROM c"],
@@ -880,6 +881,22 @@ fn masking_follows_a_column_under_another_name() {
     assert_eq!(out.matches("[REDACTED]").count(), 3, "{out}");
     assert!(!out.contains("topsecret") && out.contains("C COMMIT"), "{out}");
     assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
+    // Other portals are described before every Execute: a WITH HOLD cursor read on after its
+    // transaction ended, or a cursor a function opened under the name of a portal that ran.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        ["Q", "DECLARE h CURSOR WITH HOLD FOR SELECT secret_num AS s FROM vault, generate_series(1, 2)"],
+        ["E", "h", 1],
+        ["S"],
+        ["Q", "COMMIT"],
+        ["E", "h", 1],
+        ["S"],
+        ["Q", "CLOSE h"],
+        ["X"]
+    ]);
+    let out = raw_as(&env, &pg, "masked", serde_json::json!({}), script);
+    assert!(out.matches("[REDACTED]").count() == 2 && out.contains("C CLOSE CURSOR"), "{out}");
+    assert!(!out.contains("topsecret") && !out.contains("08P01"), "{out}");
     // Whole rows through attribute notation, SQL run from text: masked as computed (json
     // becomes a JSON string, xml, like any type that is not text or json, NULL).
     for (sql, masked) in [

@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
                 t.push(Op::DescribeStatement);
             }
             t.push(Op::Bind { portal: String::new(), copy, computed, cursors: sql::Deallocates::None, hold: false });
-            t.push(Op::Execute { portal: String::new() });
+            t.push(Op::Execute { portal: String::new(), constant: false });
         }
         if (ops >> i) & 3 == 3 {
             t.push(Op::DescribePortal { portal: String::new(), hidden: true });

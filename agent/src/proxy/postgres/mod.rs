@@ -672,8 +672,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
         portals: Portals::default(),
-        run_portals: HashSet::new(),
-        portal_cursors: HashMap::new(),
+        indirect_portals: HashSet::new(),
         sql_prepared: HashMap::new(),
         unsynced_refs: Refs::new(),
         unsynced_approvals: Vec::new(),
@@ -1491,6 +1490,9 @@ struct Bound {
     cursors: sql::Deallocates,
     /// It declares a WITH HOLD cursor (an unknown statement may).
     hold: bool,
+    /// It returns rows of a query written elsewhere (`Classification::indirect`; an unknown
+    /// statement may).
+    indirect: bool,
 }
 
 /// A judged statement text, remembered per prepared-statement name.
@@ -1629,11 +1631,9 @@ struct ClientSide<'s, 'a, R> {
     forgotten: HashMap<String, Prepared>,
     /// The statement record of what each portal was last bound to.
     portals: Portals,
-    /// Masking: portals executed since their Bind, which get no more Describes (the tracker
-    /// keeps the plan of their first Execute, `Tracker::run`); and the cursors each bound
-    /// portal's statement declares or closes, which are other portals once it ran.
-    run_portals: HashSet<String>,
-    portal_cursors: HashMap<String, sql::Deallocates>,
+    /// Masking: portals bound to a FETCH or an SQL EXECUTE (or a statement the proxy does not
+    /// know), as `announce_batch` treats them.
+    indirect_portals: HashSet<String>,
     /// Statements made with SQL PREPARE (as far as the proxy saw them forwarded), with the
     /// judgement of the text that made them: its approval rule holds each EXECUTE.
     sql_prepared: HashMap<String, Prepared>,
@@ -2053,7 +2053,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     hold: p.class.hold_cursor,
                                 });
                                 self.deallocate(&p.class.deallocates, &HashSet::new());
-                                self.cursors_changed(&p.class.cursors);
                                 self.prepared_in_sql(&p);
                                 forward.push(frame);
                                 self.syncs += 1;
@@ -2585,6 +2584,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             },
                             cursors: statement.map_or(sql::Deallocates::All, |p| p.class.cursors.clone()),
                             hold: statement.is_none_or(|p| p.class.hold_cursor),
+                            indirect: statement.is_none_or(|p| p.class.indirect),
                         });
                     }
                     if copy_in {
@@ -2652,25 +2652,18 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         Ok(())
     }
 
-    /// Cursors a statement declares or closes are other portals once it ran: described again.
-    fn cursors_changed(&mut self, cursors: &sql::Deallocates) {
-        match cursors {
-            sql::Deallocates::None => {}
-            sql::Deallocates::Names(names) => {
-                for n in names {
-                    self.run_portals.remove(n);
-                }
-            }
-            sql::Deallocates::All => self.run_portals.clear(),
-        }
-    }
-
     /// Moves a batch to `forward`, announcing to the masking tracker what the server will
-    /// answer. The first Execute of a portal after its Bind is preceded by a Describe of it,
-    /// unless the client just sent one; later ones (a portal resumed after a row limit) are not
-    /// (`ClientSide::run_portals`). A statement's own Describe is no substitute: the server
-    /// analyses a statement again when `search_path` or a table it reads changes, and may then
-    /// read other tables' columns under the same names and types.
+    /// answer. Each Execute is preceded by a Describe of its portal unless the client just sent
+    /// one (a statement's own Describe is no substitute: the server analyses a statement again
+    /// when `search_path` or a table it reads changes, and may then read other tables' columns
+    /// under the same names and types). A portal of a FETCH or an SQL EXECUTE is different: it
+    /// makes all its rows at its first Execute, from what that cursor or statement name is
+    /// then, while a Describe of it looks the name up again, and describing one whose cursor
+    /// was closed crashes the server (PostgreSQL 15.18). Such a portal is described right
+    /// after its Bind, when its cursor is still there, and never again; only an Execute right
+    /// after that (the client's own Describe may come between) has its rows masked by that
+    /// plan, any later one (a resumed portal, one executed in a later batch) has every value
+    /// masked whole.
     fn announce_batch(
         &mut self,
         batch: &mut Vec<Frame>,
@@ -2679,25 +2672,44 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     ) -> Result<(), Stop> {
         let mut binds = binds.into_iter();
         let mut described: Option<String> = None;
+        // A FETCH or EXECUTE portal bound and described by the last messages, nothing run since.
+        let mut fresh: Option<String> = None;
         for f in batch.drain(..) {
+            let mut after: Option<Frame> = None;
+            let mut keep_fresh = false;
             match f.tag {
                 b'B' => {
                     let portal = wire::bind_names(&f.body)?.0.to_string();
-                    let Bound { copy_out: copy, computed, cursors, hold } = binds.next().unwrap_or(Bound {
+                    let Bound { copy_out: copy, computed, cursors, hold, indirect } = binds.next().unwrap_or(Bound {
                         copy_out: None,
                         computed: false,
                         cursors: sql::Deallocates::None,
                         hold: false,
+                        indirect: true,
                     });
-                    self.run_portals.remove(&portal);
-                    if self.portal_cursors.len() >= MAX_RUN_PORTALS {
-                        self.portal_cursors.clear();
+                    self.op(Op::Bind { portal: portal.clone(), copy, computed, cursors, hold });
+                    if indirect {
+                        if self.indirect_portals.len() >= MAX_INDIRECT_PORTALS
+                            && !self.indirect_portals.contains(&portal)
+                        {
+                            let msg = format!(
+                                "tollgate: more than {MAX_INDIRECT_PORTALS} portals of FETCH or EXECUTE statements \
+                                 bound in a masking session (close them)"
+                            );
+                            return Err(self.fail(&msg));
+                        }
+                        self.indirect_portals.insert(portal.clone());
+                        after = Some(wire::describe_portal(&portal));
+                        self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
+                        fresh = Some(portal);
+                        keep_fresh = true;
+                    } else {
+                        self.indirect_portals.remove(&portal);
                     }
-                    self.portal_cursors.insert(portal.clone(), cursors.clone());
-                    self.op(Op::Bind { portal, copy, computed, cursors, hold });
                 }
                 b'D' => match wire::describe_target(&f.body)? {
                     (b'P', portal) => {
+                        keep_fresh = fresh.as_deref() == Some(portal);
                         described = Some(portal.to_string());
                         self.op(Op::DescribePortal { portal: portal.to_string(), hidden: false });
                     }
@@ -2705,27 +2717,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 },
                 b'E' => {
                     let portal = wire::execute_portal(&f.body)?.to_string();
-                    // A portal that ran is not described again: its rows may have been made at
-                    // its first Execute (a FETCH), and the server crashes describing a FETCH
-                    // portal whose cursor was closed since (PostgreSQL 15.18).
-                    if described.as_deref() != Some(portal.as_str()) && !self.run_portals.contains(&portal) {
-                        forward.push(wire::describe_portal(&portal));
-                        self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
-                    }
-                    if self.run_portals.len() >= MAX_RUN_PORTALS {
-                        self.run_portals.clear();
-                    }
-                    self.run_portals.insert(portal.clone());
-                    if let Some(cursors) = self.portal_cursors.get(&portal).cloned() {
-                        self.cursors_changed(&cursors);
-                    }
-                    self.op(Op::Execute { portal });
+                    let constant = if self.indirect_portals.contains(&portal) {
+                        fresh.as_deref() != Some(portal.as_str())
+                    } else {
+                        if described.as_deref() != Some(portal.as_str()) {
+                            forward.push(wire::describe_portal(&portal));
+                            self.op(Op::DescribePortal { portal: portal.clone(), hidden: true });
+                        }
+                        false
+                    };
+                    self.op(Op::Execute { portal, constant });
                 }
                 b'C' => {
                     let (target, name) = wire::describe_target(&f.body)?;
                     if target == b'P' {
-                        self.run_portals.remove(name);
-                        self.portal_cursors.remove(name);
+                        self.indirect_portals.remove(name);
                     }
                     self.op(Op::Close { target, name: name.to_string() });
                 }
@@ -2734,15 +2740,19 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             if f.tag != b'D' {
                 described = None;
             }
+            if !keep_fresh {
+                fresh = None;
+            }
             forward.push(f);
+            forward.extend(after);
         }
         Ok(())
     }
 }
 
-/// Most portals a masking session remembers as run (`ClientSide::run_portals`); past that it
-/// forgets them all, and describes them again.
-const MAX_RUN_PORTALS: usize = 4097;
+/// Most portals of FETCH or EXECUTE statements a masking session may have bound and not
+/// closed (`ClientSide::indirect_portals`): forgetting one would let a Describe of it through.
+const MAX_INDIRECT_PORTALS: usize = 4097;
 
 /// Forgotten statements kept for SQL EXECUTE's holds (see `ClientSide::forgotten`), and
 /// statements made by SQL PREPARE the proxy keeps; a name that does not fit is unknown to SQL
@@ -3043,7 +3053,7 @@ mod tests {
         // Work sent at a Flush failed; the stand-in after it, in the same batch, was skipped.
         let mut server = BytesMut::new();
         error(&mut server, "division by zero");
-        let ops = vec![Op::bind(), Op::Execute { portal: String::new() }, Op::Sync];
+        let ops = vec![Op::bind(), Op::Execute { portal: String::new(), constant: false }, Op::Sync];
         for masked in [false, true] {
             let got = relay_frames(masked, ops.clone(), vec![denial(1)], &server, true).await;
             let tags: Vec<u8> = got.iter().map(|f| f.tag).collect();
@@ -3056,7 +3066,7 @@ mod tests {
     async fn a_denial_queued_after_the_error_that_made_the_server_skip_its_stand_in_is_dropped() {
         // Work sent at a Flush fails, and its error goes out, while the client side still judges
         // the batch after it; then the refusal is queued, and the server's ReadyForQuery comes.
-        let ops = vec![Op::bind(), Op::Execute { portal: String::new() }, Op::Sync];
+        let ops = vec![Op::bind(), Op::Execute { portal: String::new(), constant: false }, Op::Sync];
         let mut failed = BytesMut::new();
         wire::error_response("22012", "division by zero", None, None).encode(&mut failed);
         let mut ready = BytesMut::new();
@@ -3087,7 +3097,7 @@ mod tests {
     async fn syncs_sent_during_a_copy_from_stdin_are_not_waited_for() {
         // Bind/Execute/Sync of a COPY FROM STDIN (point 1), CopyData, CopyDone, Sync (point 2);
         // then a statement refused. The server ignores the first Sync: one ReadyForQuery.
-        let ops = vec![Op::bind(), Op::Execute { portal: String::new() }, Op::Sync, Op::Sync];
+        let ops = vec![Op::bind(), Op::Execute { portal: String::new(), constant: false }, Op::Sync, Op::Sync];
         let mut server = BytesMut::new();
         Frame { tag: b'2', body: bytes::Bytes::new() }.encode(&mut server);
         Frame { tag: b'G', body: bytes::Bytes::from_static(&[0, 0, 1, 0, 0]) }.encode(&mut server);
@@ -3103,7 +3113,7 @@ mod tests {
         more.extend([
             Op::bind(),
             Op::DescribePortal { portal: String::new(), hidden: true },
-            Op::Execute { portal: String::new() },
+            Op::Execute { portal: String::new(), constant: false },
             Op::Sync,
         ]);
         let mut then = server.clone();

@@ -147,15 +147,19 @@ impl Plan {
 /// Writes the DataRow ('D') frame whose body is `body` to `out`, its values masked by `plan`.
 /// Masked rows go straight into the output: no row is copied twice or allocated on its own.
 /// On error `out` is left as it was, so nothing of a row that could not be masked is sent.
+/// `constant`: every column is masked as a `constant` one, whatever the plan says of it (the
+/// rows may come from another query than the one the plan was learned from; only the number
+/// of columns and their types are the portal's own).
 pub fn write_data_row(
     body: &[u8],
     plan: &Plan,
+    constant: bool,
     masker: &Masker,
     counts: &mut Counts,
     out: &mut BytesMut,
 ) -> Result<(), WireError> {
     let mark = out.len();
-    let written = write_row(body, plan, masker, counts, out);
+    let written = write_row(body, plan, constant, masker, counts, out);
     if written.is_err() {
         out.truncate(mark);
     }
@@ -165,6 +169,7 @@ pub fn write_data_row(
 fn write_row(
     body: &[u8],
     plan: &Plan,
+    all_constant: bool,
     masker: &Masker,
     counts: &mut Counts,
     out: &mut BytesMut,
@@ -178,7 +183,7 @@ fn write_row(
     let frame = out.len();
     out.reserve(body.len() + 5);
     out.put_u8(b'D');
-    if !plan.active {
+    if !plan.active && !all_constant {
         out.put_i32(body.len() as i32 + 4);
         out.extend_from_slice(body);
         return Ok(());
@@ -193,10 +198,18 @@ fn write_row(
         if len < -1 {
             return Err(malformed("DataRow", "negative value length"));
         }
-        let new = if len == -1 {
-            col.constant.then(|| constant_value(*col))
-        } else {
-            mask_value(*col, r.take(len as usize)?, masker, counts)
+        let constant = col.constant || all_constant;
+        let new = match len {
+            -1 => constant.then(|| constant_value(*col)),
+            len => {
+                let v = r.take(len as usize)?;
+                if constant {
+                    counts.add(crate::mask::Kind::Column);
+                    Some(constant_value(*col))
+                } else {
+                    mask_value(*col, v, masker, counts)
+                }
+            }
         };
         let Some(new) = new else { continue };
         out.extend_from_slice(&body[run..start]);
@@ -225,10 +238,6 @@ fn write_row(
 fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Option<Vec<u8>>> {
     if col.mask == ColumnMask::Keep {
         return None;
-    }
-    if col.constant {
-        counts.add(crate::mask::Kind::Column);
-        return Some(constant_value(col));
     }
     let whole = matches!(col.mask, ColumnMask::Whole(_));
     let class = type_class(col.type_oid);
@@ -1055,7 +1064,7 @@ mod tests {
     /// The masked body of `row`, or `None` when it went out unchanged.
     fn mask_data_row(row: &Bytes, plan: &Plan, m: &Masker, counts: &mut Counts) -> Result<Option<Bytes>, WireError> {
         let mut out = BytesMut::from(&b"before"[..]);
-        let written = write_data_row(row, plan, m, counts, &mut out);
+        let written = write_data_row(row, plan, false, m, counts, &mut out);
         if written.is_err() {
             assert_eq!(&out[..], b"before", "nothing of a failed row is left in the output");
         }

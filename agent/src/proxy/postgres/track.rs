@@ -4,7 +4,7 @@ use std::{collections::VecDeque, sync::Arc};
 
 use bytes::BytesMut;
 // See the `postgres` module: per-session maps keyed by the client's own names.
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use foldhash::{HashMap, HashMapExt};
 
 use super::{
     rows::{self, Plan},
@@ -46,6 +46,10 @@ pub enum Op {
     },
     Execute {
         portal: String,
+        /// Every value is masked whole (`rows::write_data_row`): the portal's rows may not be
+        /// what its plan was learned from (a FETCH or SQL EXECUTE portal resumed, or run in a
+        /// later batch than its Bind).
+        constant: bool,
     },
     Sync,
     /// A simple query; its `COPY ... TO STDOUT` statements in order.
@@ -82,9 +86,10 @@ struct Copying {
 /// Most portals a session's tracker keeps. A server drops portals at the end of their
 /// transaction, and cursors (which are portals too) at a CLOSE in SQL the tracker may not
 /// follow, so a client could otherwise make a session keep every one it ever had. Past this,
-/// an old one (any) is forgotten. Its computed columns are then masked as an unknown
-/// statement's; if it had run, its rows have no plan until it is bound again (the client side
-/// describes no portal that ran), which ends the session as any result the proxy cannot mask.
+/// an old one (any) is forgotten: its computed columns are then masked as an unknown
+/// statement's, and a FETCH or EXECUTE portal's rows have no plan until it is bound again
+/// (the client side describes such a portal only after its Bind), which ends the session as
+/// any result the proxy cannot mask does.
 const MAX_TRACKED: usize = super::statements::MAX_STATEMENTS + 1;
 
 pub struct Tracker {
@@ -96,12 +101,6 @@ pub struct Tracker {
     /// Whether the computed result columns of each portal bound are redacted: its statement's text
     /// says what it reads.
     portal_computed: HashMap<String, bool>,
-    /// Portals executed since their Bind: they keep the plan of their first Execute. A portal
-    /// of a query has one plan from its Bind on, but one of a FETCH or an SQL EXECUTE makes all
-    /// its rows at its first Execute, from what that cursor or prepared statement was then,
-    /// and a Describe later says where the columns of what the name is *now* come from. (The
-    /// client side adds no Describe before a later Execute of such a portal.)
-    run: HashSet<String>,
     /// ... and of a portal it did not see bound (a cursor the client declared in SQL).
     unknown: bool,
     /// Portals whose Execute declares or closes cursors, and which.
@@ -127,7 +126,6 @@ impl Tracker {
             portals: HashMap::new(),
             copies: HashMap::new(),
             portal_computed: HashMap::new(),
-            run: HashSet::new(),
             current: None,
             copy: None,
             counts: Counts::default(),
@@ -161,13 +159,13 @@ impl Tracker {
     /// belongs to; `out` is untouched on error. The relay's path for rows: `on_frame` would
     /// split each row into a frame of its own.
     pub fn write_data_row(&mut self, body: &[u8], out: &mut BytesMut) -> Result<(), TrackError> {
-        let plan = match self.ops.front() {
-            Some(Op::Execute { portal, .. }) => self.portals.get(portal),
-            Some(Op::Query { .. }) => self.current.as_ref(),
-            _ => None,
+        let (plan, constant) = match self.ops.front() {
+            Some(Op::Execute { portal, constant }) => (self.portals.get(portal), *constant),
+            Some(Op::Query { .. }) => (self.current.as_ref(), false),
+            _ => (None, false),
         };
         let plan = plan.ok_or(TrackError::Unexpected("a data row"))?;
-        Ok(rows::write_data_row(body, plan, &self.masker, &mut self.counts, out)?)
+        Ok(rows::write_data_row(body, plan, constant, &self.masker, &mut self.counts, out)?)
     }
 
     pub fn masker(&self) -> Arc<Masker> {
@@ -198,7 +196,6 @@ impl Tracker {
         self.copies.remove(name);
         self.portal_computed.remove(name);
         self.cursor_portals.remove(name);
-        self.run.remove(name);
     }
 
     fn forget_cursors(&mut self, names: &Deallocates) {
@@ -209,14 +206,12 @@ impl Tracker {
                     self.portals.remove(n);
                     self.copies.remove(n);
                     self.portal_computed.remove(n);
-                    self.run.remove(n);
                 }
             }
             Deallocates::All => {
                 self.portals.clear();
                 self.copies.clear();
                 self.portal_computed.clear();
-                self.run.clear();
             }
         }
     }
@@ -244,7 +239,6 @@ impl Tracker {
                     self.tainted |= hold && computed;
                     self.make_room(&portal);
                     self.portal_computed.insert(portal.clone(), computed);
-                    self.run.remove(&portal);
                     self.portals.remove(&portal);
                 }
             }
@@ -256,12 +250,6 @@ impl Tracker {
             // A statement's row shape: relayed as it is, not kept (see `Op::DescribeStatement`).
             b'T' | b'n' if self.ops.front() == Some(&Op::DescribeStatement) => {
                 self.ops.pop_front();
-            }
-            // A portal that has run keeps the plan of its first Execute (see `Tracker::run`).
-            b'T' | b'n' if matches!(self.ops.front(), Some(Op::DescribePortal { portal, .. }) if self.run.contains(portal)) => {
-                if let Some(Op::DescribePortal { hidden: true, .. }) = self.ops.pop_front() {
-                    return Ok(None);
-                }
             }
             b'T' => {
                 let computed = match self.ops.front() {
@@ -301,10 +289,7 @@ impl Tracker {
             }
             b'C' | b's' | b'I' => {
                 match self.pop_if(|o| matches!(o, Op::Execute { .. })) {
-                    Some(Op::Execute { portal }) => {
-                        self.executed(&portal);
-                        self.run.insert(portal);
-                    }
+                    Some(Op::Execute { portal, .. }) => self.executed(&portal),
                     _ => self.current = None,
                 }
                 self.copy = None;
@@ -312,7 +297,7 @@ impl Tracker {
             b'H' => {
                 let spec = match self.ops.front_mut() {
                     Some(Op::Query { copies, .. }) => copies.pop_front(),
-                    Some(Op::Execute { portal }) => self.copies.get(portal).cloned(),
+                    Some(Op::Execute { portal, .. }) => self.copies.get(portal).cloned(),
                     _ => None,
                 };
                 let spec = spec.ok_or(TrackError::Unexpected("a COPY it did not see coming"))?;
@@ -362,10 +347,12 @@ impl Tracker {
                 // (`invalid input syntax for type integer: "..."`).
                 let computed = match self.ops.front() {
                     Some(Op::Query { computed, .. } | Op::Bind { computed, .. }) => *computed,
-                    Some(Op::Execute { portal }) => self.portal_computed.get(portal).copied().unwrap_or(self.unknown),
+                    Some(Op::Execute { portal, .. }) => {
+                        self.portal_computed.get(portal).copied().unwrap_or(self.unknown)
+                    }
                     _ => false,
                 };
-                if let Some(Op::Execute { portal }) = self.ops.front() {
+                if let Some(Op::Execute { portal, .. }) = self.ops.front() {
                     let portal = portal.clone();
                     self.executed(&portal);
                 }
@@ -392,7 +379,6 @@ impl Tracker {
                     self.copies.clear();
                     self.portal_computed.clear();
                     self.cursor_portals.clear();
-                    self.run.clear();
                     self.tainted = false;
                 }
                 while let Some(op) = self.ops.pop_front() {
@@ -488,7 +474,7 @@ mod tests {
         for op in [
             Op::bind(),
             Op::DescribePortal { portal: String::new(), hidden: true },
-            Op::Execute { portal: String::new() },
+            Op::Execute { portal: String::new(), constant: false },
             Op::Sync,
         ] {
             t.push(op);
@@ -532,45 +518,27 @@ mod tests {
     }
 
     #[test]
-    fn a_portal_that_ran_keeps_the_plan_of_its_first_execute() {
-        // A FETCH portal resumed after its cursor's name was declared again: the rows were made
-        // at the first Execute, a Describe now tells the new cursor's columns.
+    fn a_constant_execute_masks_every_value_whole() {
+        // A FETCH portal resumed: its plan may belong to other rows; the types are its own.
         let mut t = tracker();
-        let first = [
+        for op in [
             Op::bind(),
             Op::DescribePortal { portal: String::new(), hidden: true },
-            Op::Execute { portal: String::new() },
+            Op::Execute { portal: String::new(), constant: true },
             Op::Sync,
-        ];
-        let resumed = [
-            Op::DescribePortal { portal: String::new(), hidden: false },
-            Op::Execute { portal: String::new() },
-            Op::Sync,
-        ];
-        for op in first.into_iter().chain(resumed) {
-            t.push(op);
-        }
-        for f in [frame(b'2', b""), row_description("email")] {
-            relay(&mut t, f);
-        }
-        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"));
-        for f in [frame(b's', b""), frame(b'Z', b"T")] {
-            relay(&mut t, f);
-        }
-        assert!(relay(&mut t, row_description("note")).is_some(), "the client's own Describe is answered");
-        assert_eq!(relay(&mut t, data_row("a@b.c")).unwrap(), data_row("[REDACTED]"), "by the first plan");
-        // Bound again, it is another portal.
-        for f in [frame(b'C', b"FETCH 1\0"), frame(b'Z', b"T")] {
-            relay(&mut t, f);
-        }
-        for op in [Op::bind(), Op::DescribePortal { portal: String::new(), hidden: true }] {
+        ] {
             t.push(op);
         }
         for f in [frame(b'2', b""), row_description("note")] {
             relay(&mut t, f);
         }
-        t.push(Op::Execute { portal: String::new() });
-        assert_eq!(relay(&mut t, data_row("x")).unwrap(), data_row("x"));
+        assert_eq!(relay(&mut t, data_row("plain")).unwrap(), data_row("[REDACTED]"));
+        let mut null = BytesMut::new();
+        null.put_i16(1);
+        null.put_i32(-1);
+        let null = frame(b'D', &null);
+        assert_eq!(relay(&mut t, null).unwrap(), data_row("[REDACTED]"), "NULL too");
+        assert_eq!(t.take_counts().total(), 1);
     }
 
     #[test]
@@ -578,7 +546,13 @@ mod tests {
         // The server may analyse the statement again before the portal runs (another
         // search_path): only a Describe of the portal says what its rows are.
         let mut t = tracker();
-        for op in [Op::DescribeStatement, Op::Sync, Op::bind(), Op::Execute { portal: String::new() }, Op::Sync] {
+        for op in [
+            Op::DescribeStatement,
+            Op::Sync,
+            Op::bind(),
+            Op::Execute { portal: String::new(), constant: false },
+            Op::Sync,
+        ] {
             t.push(op);
         }
         for f in [frame(b't', b"\0\0"), row_description("email"), frame(b'Z', b"I"), frame(b'2', b"")] {
@@ -593,7 +567,7 @@ mod tests {
         for op in [
             Op::bind(),
             Op::DescribePortal { portal: String::new(), hidden: true },
-            Op::Execute { portal: String::new() },
+            Op::Execute { portal: String::new(), constant: false },
             Op::Sync,
             Op::Query { copies: VecDeque::new(), computed: false, cursors: Deallocates::None, hold: false },
         ] {
