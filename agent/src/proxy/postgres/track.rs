@@ -19,7 +19,7 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// A Bind: once it completes, the portal's old plan is stale; a Describe of the portal
-    /// (the client's, or one the proxy adds before each Execute) gives the new one.
+    /// (the client's, or one the proxy adds, see `ClientSide::announce_batch`) gives the new one.
     Bind {
         portal: String,
         /// The `COPY ... TO STDOUT` the statement is, as it stood at this Bind.
