@@ -633,6 +633,14 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     assert!(rows[0][4].starts_with("hash:"), "card number: {out}");
     assert_eq!(rows[1], ["2", "", "", "nothing here", ""], "{out}");
     assert!(!out.contains("alice") && !out.contains("bob@") && !out.contains("6789") && !out.contains("4111"));
+    // Messages over 256 KiB are masked on a thread of their own: rows and COPY data come back
+    // masked and in order, and the results after them are masked as their own.
+    let (out, err, ok) = q("SELECT repeat('a@b.co ', 40000) AS x, 1 AS n; SELECT email FROM people WHERE id = 1;");
+    assert!(ok && !out.contains("a@b.co") && out.contains("[REDACTED]"), "{err}");
+    assert!(out.ends_with("|1\n*************.com"), "{}", &out[out.len().saturating_sub(200)..]);
+    let (out, err, ok) =
+        q("COPY (SELECT repeat('a@b.co ', 40000) AS x, 2 AS n) TO STDOUT; SELECT email FROM people WHERE id = 1;");
+    assert!(ok && !out.contains("a@b.co") && out.ends_with("\t2\n*************.com"), "{err}");
     // A value computed from a masked column is redacted whole: in `partial` style a sliding
     // `substr` would show all of it, four characters at a time.
     let (out, _, _) = q("SELECT email || '' AS x, substr(email, 1, 8) AS email FROM people WHERE id = 1;");
