@@ -286,6 +286,11 @@ fn policy_record(kind: Kind, policy_file: &Path, name: Option<&str>, error: Opti
 }
 
 pub async fn run(options: RunOptions) -> Result<(), AgentError> {
+    // Before anything is logged: a SIGHUP sent as soon as "ready" shows would otherwise find
+    // the default action (exit) in place; one sent during start-up is taken once ready.
+    // SIGTERM and SIGINT keep theirs until then, so a start that waits can be stopped.
+    let sig = |k| signal(k).map_err(|source| AgentError::Io { what: "installing signal handlers", source });
+    let mut hup = sig(SignalKind::hangup())?;
     let threads = options.threads;
     let policy = policy::load(&options.policy_file)?;
     let state = StateDir::create(&options.state_dir)?;
@@ -373,8 +378,6 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         "ready: enforcement active"
     );
 
-    let sig = |k| signal(k).map_err(|source| AgentError::Io { what: "installing signal handlers", source });
-    let mut hup = sig(SignalKind::hangup())?;
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
     loop {
