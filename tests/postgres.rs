@@ -1645,7 +1645,8 @@ fn tls_to_the_client_and_to_the_server() {
 }
 
 /// A raw PostgreSQL v3 client in Python: logs in with the given extra startup parameters, sends
-/// the given messages, prints the server's message types and texts. With a fourth argument
+/// the given messages, prints the server's message types and texts. A `["wait"]` step holds
+/// what follows until the server is next idle (ReadyForQuery `I`). With a fourth argument
 /// `gssenc` it first asks for GSS encryption and prints the answer (`G N`).
 const RAW_CLIENT: &str = r#"
 import socket, struct, sys, json
@@ -1669,10 +1670,12 @@ def msg(tag, payload):
     return tag.encode() + struct.pack("!i", len(payload) + 4) + payload
 def cstr(x):
     return x.encode() + b"\0"
-out = b""
+parts = [b""]
 for m in script:
     t = m[0]
-    if t == "P": out += msg("P", cstr(m[1]) + cstr(m[2]) + b"\0\0")
+    out = b""
+    if t == "wait": parts.append(b"")
+    elif t == "P": out += msg("P", cstr(m[1]) + cstr(m[2]) + b"\0\0")
     elif t == "Ptypes": out += msg("P", cstr(m[1]) + cstr(m[2]) + struct.pack("!H", m[3]) + struct.pack("!I", m[4]) * m[3])
     elif t == "Bnulls": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0" + struct.pack("!H", m[3]) + b"\xff\xff\xff\xff" * m[3] + struct.pack("!H", len(m[4])) + b"".join(struct.pack("!h", c) for c in m[4]))
     elif t == "Pmany": out += b"".join(msg("P", cstr(m[1] + str(i)) + cstr(m[3]) + b"\0\0") + msg("S", b"") for i in range(m[2]))
@@ -1684,6 +1687,7 @@ for m in script:
     elif t == "bytes": out += bytes.fromhex(m[1])
     elif t == "dmany": out += msg("d", b"x" * m[1]) * m[2]
     else: out += msg(t, b"")
+    parts[-1] += out
 buf = b""
 s.settimeout(5)
 sent = False
@@ -1707,8 +1711,8 @@ while True:
         elif tag == "v":
             text = str(struct.unpack("!ii", payload[:8])) + " " + repr(payload[8:])
         print(tag, text, flush=True)
-        if tag == "Z" and not sent:
-            s.sendall(out); sent = True
+        if tag == "Z" and parts and (not sent or payload == b"I"):
+            s.sendall(parts.pop(0)); sent = True
     try:
         d = s.recv(65536)
     except socket.timeout:
@@ -1739,6 +1743,96 @@ fn raw_as(env: &Env, pg: &Postgres, sub: &str, extra: serde_json::Value, script:
         &["/usr/bin/python3", "-c", RAW_CLIENT, &pg.port.to_string(), &extra.to_string(), &script.to_string()],
     );
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// PostgreSQL 15.18 crashes (every backend restarts) when a FETCH statement, or a portal
+/// bound to one, is described after its cursor was closed. The proxy lets such a Describe
+/// through only right after the Parse or Bind, when the cursor is the one they found.
+#[test]
+fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
+    if !privileged("a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there") {
+        return;
+    }
+    let (env, pg) = setup("pg-fetch-describe");
+    let none = serde_json::json!({});
+    let declare = serde_json::json!(["Q", "DECLARE c CURSOR FOR SELECT 1 AS a, 'x' AS b"]);
+    let refused = |out: &str| out.contains("42501") && out.contains("fetch-describe");
+    // A statement parsed while the cursor was there, described after it was closed.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["S"],
+        ["Q", "CLOSE c"],
+        ["D", "S", "f"],
+        ["S"],
+        ["Q", "ROLLBACK"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(refused(&out), "{out}");
+    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
+    // A portal bound while the cursor was there, described after it was closed.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["B", "p", "f"],
+        ["E", "p"],
+        ["S"],
+        ["Q", "CLOSE c"],
+        ["D", "P", "p"],
+        ["S"],
+        ["Q", "ROLLBACK"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(refused(&out), "{out}");
+    assert!(out.contains("C ROLLBACK") && !out.contains("57P"), "the session goes on: {out}");
+    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
+    // Right after the Parse or the Bind (a Flush between, a FETCH's Bind between): answered.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["D", "S", "f"],
+        ["B", "", "f"],
+        ["H"],
+        ["D", "S", "f"],
+        ["D", "P", ""],
+        ["E", ""],
+        ["S"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(!refused(&out) && out.matches("\nT ").count() == 3 && out.contains("C FETCH 1"), "{out}");
+    // A Describe after an Execute, or a portal of another statement: answered as before.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "s", "SELECT 2 AS n"],
+        ["B", "q", "s"],
+        ["E", "q"],
+        ["D", "P", "q"],
+        ["D", "S", "s"],
+        ["S"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(!refused(&out) && out.matches("\nT ").count() == 2, "{out}");
+    // A portal bound to a FETCH in a transaction that has ended is gone: its name is free.
+    let script = serde_json::json!([
+        ["Q", "BEGIN"],
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["B", "p", "f"],
+        ["S"],
+        ["Q", "COMMIT"],
+        ["wait"],
+        ["Q", "BEGIN"],
+        ["P", "s", "SELECT 2 AS n"],
+        ["B", "p", "s"],
+        ["E", "p"],
+        ["D", "P", "p"],
+        ["S"],
+        ["Q", "COMMIT"],
+        ["X"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(!refused(&out) && out.contains("C COMMIT"), "{out}");
+    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
 }
 
 /// A CancelRequest with a session's key, from a process of another identity, is refused: the

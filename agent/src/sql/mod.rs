@@ -155,6 +155,9 @@ pub struct Classification {
     pub copy_in: usize,
     /// It returns rows of a query written elsewhere: a FETCH from a cursor, an EXECUTE.
     pub indirect: bool,
+    /// It is a FETCH (not a MOVE). The server answers a Describe of it, or of a portal bound
+    /// from it, from its cursor, and PostgreSQL 15.18 crashes when that cursor is gone.
+    pub fetch: bool,
     /// Cursors it declares or closes (`All`: CLOSE ALL). Cursors are portals too: what the
     /// proxy knew of portals of those names is stale once it ran.
     pub cursors: Deallocates,
@@ -681,7 +684,9 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
                     look_into_do(sql, s, block, depth, &mut c);
                 }
             }
-            c.indirect = !c.executes.is_empty() || stmts.iter().any(|s| s.pointer("/stmt/node/FetchStmt").is_some());
+            let fetches = || stmts.iter().filter_map(|s| s.pointer("/stmt/node/FetchStmt"));
+            c.indirect = !c.executes.is_empty() || fetches().next().is_some();
+            c.fetch = fetches().any(|f| f.get("ismove").and_then(Value::as_bool) != Some(true));
         }
         Err(e) => {
             c.kinds.insert(Kind::Unparseable);
@@ -1453,6 +1458,9 @@ mod tests {
     fn fetch_and_execute_return_rows_written_elsewhere() {
         assert!(classify("FETCH ALL FROM c").indirect && classify("EXPLAIN ANALYZE EXECUTE s").indirect);
         assert!(!classify("SELECT 1").indirect);
+        assert!(classify("FETCH 2 FROM c").fetch && classify("fetch all in c").fetch);
+        assert!(!classify("MOVE 2 IN c").fetch && classify("MOVE 2 IN c").indirect);
+        assert!(!classify("SELECT 1").fetch && !classify("EXECUTE s").fetch);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! PostgreSQL proxy: terminates the client's login, logs in upstream with the resource's
 //! credential, and judges every statement before it is forwarded.
+mod fetches;
 pub mod rows;
 mod statements;
 pub mod track;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::{
+    fetches::Fetches,
     statements::Statements,
     track::{Op, Tracker},
     wire::{Frame, Startup},
@@ -673,6 +675,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         forgotten: HashMap::new(),
         portals: Portals::default(),
         indirect_portals: HashSet::new(),
+        fetches: Fetches::default(),
         sql_prepared: HashMap::new(),
         unsynced_refs: Refs::new(),
         unsynced_approvals: Vec::new(),
@@ -830,6 +833,9 @@ struct Both {
 struct Progress {
     /// Sync points answered.
     answered: AtomicU64,
+    /// The last sync point answered outside a transaction (ReadyForQuery `I`): the server has
+    /// dropped every portal bound up to it.
+    idle: AtomicU64,
     /// The sync point whose answer started the COPY FROM STDIN now running (0: none).
     copy_in: AtomicU64,
     /// The client side waits for a change: only then does the server side notify.
@@ -840,8 +846,9 @@ struct Progress {
 impl Progress {
     /// Called before the answers counted go out: the client may send its next message as soon
     /// as it has them.
-    fn publish(&self, answered: u64, copy_in: Option<u64>) {
+    fn publish(&self, answered: u64, idle: u64, copy_in: Option<u64>) {
         self.answered.store(answered, Ordering::SeqCst);
+        self.idle.store(idle, Ordering::SeqCst);
         self.copy_in.store(copy_in.unwrap_or(0), Ordering::SeqCst);
         if self.waiting.load(Ordering::SeqCst) {
             self.changed.notify_waiters();
@@ -1106,6 +1113,8 @@ async fn downstream(
 ) -> std::io::Result<()> {
     let (stand_in, progress) = (&both.stand_in, &both.progress);
     let mut ready_seen = 0u64;
+    // The last of those answered outside a transaction.
+    let mut idle = 0u64;
     let mut tally = Tally::default();
     let mut pending: VecDeque<Inject> = VecDeque::new();
     let mut out = BytesMut::new();
@@ -1161,6 +1170,9 @@ async fn downstream(
                     if tag == b'Z' {
                         finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
+                        if body.first() == Some(&b'I') {
+                            idle = ready_seen;
+                        }
                     }
                     // After a ReadyForQuery, or a CopyInResponse that voided Syncs.
                     if pending.front().is_some_and(|i| i.after() <= ready_seen) {
@@ -1169,7 +1181,7 @@ async fn downstream(
                         flush_injections(&mut pending, ready_seen, &mut out);
                     }
                 }
-                progress.publish(ready_seen, copy.started_at);
+                progress.publish(ready_seen, idle, copy.started_at);
                 if out.is_empty() {
                     client.write_all(&buf[..pos]).await?;
                 } else {
@@ -1251,10 +1263,13 @@ async fn downstream(
                         tally.masked = tracker.take_counts();
                         finished.push(std::mem::take(&mut tally));
                         ready_seen += 1;
+                        if f.body.first() == Some(&b'I') {
+                            idle = ready_seen;
+                        }
                     }
                     flush_injections(&mut pending, ready_seen, &mut out);
                 }
-                progress.publish(ready_seen, copy.started_at);
+                progress.publish(ready_seen, idle, copy.started_at);
             }
         }
         if !out.is_empty() {
@@ -1575,6 +1590,7 @@ struct Judged {
     approvals: Vec<Approved>,
     /// The statements its Parses define, in order.
     parsed: Vec<(String, Prepared)>,
+    fetches: fetches::Changes,
 }
 
 /// The verdict on one statement text.
@@ -1634,6 +1650,8 @@ struct ClientSide<'s, 'a, R> {
     /// Masking: portals bound to a FETCH or an SQL EXECUTE (or a statement the proxy does not
     /// know), as `announce_batch` treats them.
     indirect_portals: HashSet<String>,
+    /// FETCH statements and portals, and which of them may be described.
+    fetches: Fetches,
     /// Statements made with SQL PREPARE (as far as the proxy saw them forwarded), with the
     /// judgement of the text that made them: its approval rule holds each EXECUTE.
     sql_prepared: HashMap<String, Prepared>,
@@ -1684,6 +1702,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// Flush and the rest of it is skipped (by the caller) up to the client's Sync.
     fn refuse(&mut self, r: &Refusal, end: Option<Frame>, forward: &mut Vec<Frame>) {
         self.outcome.denied += 1;
+        self.fetches.reset();
         let frame = deny_frame(r);
         let _ = self.to_down.inject.send(Note::Inject(Inject::Denial { point: self.syncs + 1, frame }));
         forward.push(self.both.stand_in.parse());
@@ -2056,6 +2075,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 self.prepared_in_sql(&p);
                                 forward.push(frame);
                                 self.syncs += 1;
+                                self.fetches.reset();
                                 if p.class.copy_in > 0 {
                                     (self.copy_from, self.copy_ins_left) = (Some(self.syncs), p.class.copy_in);
                                 }
@@ -2094,7 +2114,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let is_sync = frame.tag == b'S';
                     batch_bytes = 0;
                     match self.judge_batch(&batch, is_sync).await? {
-                        Ok(Judged { mut refs, mut approvals, parsed }) => {
+                        Ok(Judged { mut refs, mut approvals, parsed, fetches }) => {
                             // A Flush alone leaves the server where it was.
                             let work = !batch.is_empty();
                             if batch.iter().any(|f| f.tag == b'E') {
@@ -2102,6 +2122,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             }
                             self.forward_batch(&mut batch, parsed, &mut forward)?;
                             forward.push(frame);
+                            self.fetches.commit(fetches, self.syncs + 1);
                             // Statements forwarded at a Flush are carried out by the next Sync.
                             self.unsynced_refs.append(&mut refs);
                             self.unsynced_approvals.append(&mut approvals);
@@ -2190,6 +2211,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         self.op(Op::Sync);
         self.syncs += 1;
         self.unsynced = false;
+        self.fetches.reset();
     }
 
     /// Forgets the named statements a DEALLOCATE or DISCARD ALL on its way to the server drops,
@@ -2387,8 +2409,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         if !self.defined.is_empty() {
             // A statement parsed or closed in a batch whose answer is not in yet may not be what
             // the proxy believes (its Parse or Close skipped after an error): its Binds wait.
-            for f in batch.iter().filter(|f| f.tag == b'B') {
-                let (_, stmt) = wire::bind_names(&f.body)?;
+            // So do Describes of statements: whether one is a FETCH decides whether it may go.
+            for f in batch.iter().filter(|f| matches!(f.tag, b'B' | b'D')) {
+                let stmt = match f.tag {
+                    b'B' => wire::bind_names(&f.body)?.1,
+                    _ => match wire::describe_target(&f.body)? {
+                        (b'S', name) => name,
+                        _ => continue,
+                    },
+                };
                 if !parsed.iter().any(|(n, _)| n == stmt) {
                     self.settle_name(stmt).await;
                 }
@@ -2405,13 +2434,26 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         // Portals bound in this batch, with what they deallocate: an Execute of one runs that
         // binding (or nothing, if the Bind failed), whatever an earlier batch bound.
         let mut bound_here: HashMap<&str, sql::Deallocates> = HashMap::new();
+        let idle = self.both.progress.idle.load(Ordering::SeqCst);
+        self.fetches.prune(idle);
+        let mut fetches = self.fetches.batch(idle);
+        let fetch_refusal = |message| Refusal { rule: FETCH_DESCRIBE.into(), message: Some(message) };
         for f in batch {
             match f.tag {
                 b'P' => {
                     if let Some((n, p)) = parses.next() {
                         view.parse(n, p);
+                        fetches.parse(n, p.class.fetch);
                     }
                 }
+                b'D' => {
+                    let (target, name) = wire::describe_target(&f.body)?;
+                    let statement_fetch = || view.get(name, &self.prepared).is_some_and(|p| p.class.fetch);
+                    if let Err(why) = fetches.describe(target, name, statement_fetch) {
+                        return Ok(Err(fetch_refusal(why)));
+                    }
+                }
+                b'C' => fetches.run(),
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body)?;
                     let known = view.get(stmt, &self.prepared);
@@ -2428,6 +2470,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     };
                     refs.push(p.seq);
                     bound.push(portal);
+                    if let Err(why) = fetches.bind(portal, p.class.fetch) {
+                        return Ok(Err(fetch_refusal(why)));
+                    }
                     // Its Sync would be taken into the COPY: the proxy could not count answers.
                     if p.class.copy_in > 0 && !ends_in_sync {
                         return Ok(Err(Refusal {
@@ -2466,6 +2511,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                 }
                 b'E' => {
+                    fetches.run();
                     let portal = wire::execute_portal(&f.body)?;
                     // A portal an earlier batch bound to COPY FROM STDIN, executed at a Flush: the
                     // client's next message would wait for an answer only its own Sync brings.
@@ -2500,6 +2546,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         refs.sort_unstable();
         refs.dedup();
+        let fetches = fetches.changes();
         let mut approvals = Vec::new();
         for (p, params, executed) in holds {
             match self.hold_all(&p, params, executed).await? {
@@ -2507,7 +2554,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 Err(r) => return Ok(Err(r)),
             }
         }
-        Ok(Ok(Judged { refs, approvals, parsed }))
+        Ok(Ok(Judged { refs, approvals, parsed, fetches }))
     }
 
     /// Moves an approved batch to `forward`, noting what it changes: the statements it parses
@@ -2817,6 +2864,8 @@ const MAX_NAME: usize = sql::MAX_NAME;
 
 /// The rule refusing names past ASCII unless the client and server encodings are UTF-8.
 const NAME_ENCODING: &str = "name-encoding";
+/// A Describe of a FETCH statement or portal that could crash the server (`fetches`).
+const FETCH_DESCRIBE: &str = "fetch-describe";
 
 fn name_encoding_message(name: &str) -> String {
     format!(
@@ -3020,13 +3069,13 @@ mod tests {
         let p = Progress::default();
         // Syncs ignored during the first COPY of a query were counted answered: the second
         // COPY of the same query seems to start in a later answer.
-        p.publish(5, Some(6));
+        p.publish(5, 0, Some(6));
         assert!(p.copying(5).await);
-        p.publish(5, Some(5));
+        p.publish(5, 0, Some(5));
         assert!(p.copying(5).await);
-        p.publish(5, None);
+        p.publish(5, 0, None);
         assert!(!p.copying(5).await);
-        p.publish(7, Some(4));
+        p.publish(7, 0, Some(4));
         assert!(!p.copying(5).await, "a COPY of an earlier point");
     }
     #[tokio::test]
