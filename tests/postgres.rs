@@ -1832,6 +1832,25 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
     ]);
     let out = raw(&env, &pg, none.clone(), script);
     assert!(!refused(&out) && out.contains("C COMMIT"), "{out}");
+    // Under masking the proxy describes portals itself. A Bind of a portal's name again fails
+    // while it is open, and a savepoint brings the old portal back into use: it is still a
+    // FETCH, so it is not described again, and its rows are masked whole.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["B", "p", "f"],
+        ["S"],
+        ["Q", "SAVEPOINT s"],
+        ["P", "s", "SELECT 2 AS n"],
+        ["B", "p", "s"],
+        ["S"],
+        ["Q", "ROLLBACK TO s"],
+        ["Q", "CLOSE c"],
+        ["E", "p"],
+        ["S"]
+    ]));
+    let out = raw_as(&env, &pg, "masked", none.clone(), script);
+    assert!(out.contains("42P03") && out.contains("34000") && out.contains("C ROLLBACK"), "{out}");
     assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
 }
 

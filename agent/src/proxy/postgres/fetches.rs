@@ -6,6 +6,13 @@
 //! Parse or Bind with nothing between that could close a cursor finds the cursor the Parse or
 //! Bind found (if there was none, the server answers NoData, harmlessly). Any other Describe
 //! of them is refused.
+//!
+//! Which portals are bound to a FETCH is known for sure only within a batch: after an error
+//! the server skips the rest of it, so a message after a Bind runs only if the Bind did. A
+//! Bind in an earlier batch may have failed (a named portal cannot be bound again before it
+//! is closed) and left the old portal in place, which `ROLLBACK TO SAVEPOINT` brings back into
+//! use: a name once bound to a FETCH counts as one until the server has ended the
+//! transaction.
 use foldhash::HashMap;
 
 /// Most portals bound to FETCH statements that the server may still hold in a session.
@@ -33,22 +40,37 @@ pub struct Batch<'a> {
     /// The last sync point the server answered outside a transaction.
     idle: u64,
     fresh: Vec<(u8, String)>,
-    /// Portals the batch binds to a FETCH statement.
-    bound: Vec<String>,
+    /// Portals the batch binds, and whether to a FETCH statement: the last Bind of each. Other
+    /// statements' portals only if the session may hold a FETCH portal of that name (the
+    /// unnamed portal, which most clients bind for every statement, takes no allocation).
+    binds: Vec<(String, bool)>,
 }
 
 impl Fetches {
     /// A batch to judge; `idle` is the last sync point answered outside a transaction.
     pub fn batch(&self, idle: u64) -> Batch<'_> {
-        Batch { session: self, idle, fresh: self.fresh.clone(), bound: Vec::new() }
+        Batch { session: self, idle, fresh: self.fresh.clone(), binds: Vec::new() }
+    }
+
+    /// Whether the server may hold a portal of this name that the client bound to a FETCH
+    /// statement (`idle` as for `batch`).
+    pub fn holds(&self, portal: &str, idle: u64) -> bool {
+        !self.portals.is_empty() && self.portals.get(portal).is_some_and(|p| *p > idle)
+    }
+
+    /// Whether any portal bound to a FETCH is remembered.
+    pub fn any(&self) -> bool {
+        !self.portals.is_empty()
     }
 
     /// The batch went to the server; `point` is its sync point (that of the next Sync, for a
     /// batch sent at a Flush).
     pub fn commit(&mut self, changes: Changes, point: u64) {
         self.fresh = changes.fresh;
-        for portal in changes.bound {
-            self.portals.insert(portal, point);
+        for (portal, fetch) in changes.binds {
+            if fetch {
+                self.portals.insert(portal, point);
+            }
         }
     }
 
@@ -71,7 +93,7 @@ impl Fetches {
 #[derive(Default)]
 pub struct Changes {
     fresh: Vec<(u8, String)>,
-    bound: Vec<String>,
+    binds: Vec<(String, bool)>,
 }
 
 impl Batch<'_> {
@@ -85,14 +107,21 @@ impl Batch<'_> {
 
     /// A Bind of a statement that is a FETCH or not; `Err` says why it is refused.
     pub fn bind(&mut self, portal: &str, fetch: bool) -> Result<(), String> {
+        let at = self.binds.iter().position(|(n, _)| n == portal);
         if !fetch {
             // Planning the statement may call functions, which may close cursors.
             self.fresh.clear();
+            match at {
+                Some(i) => self.binds[i].1 = false,
+                None if self.session.portals.contains_key(portal) => self.binds.push((portal.to_string(), false)),
+                None => {}
+            }
             return Ok(());
         }
         // `Fetches::prune` ran before the batch: at most the live portals, or fewer than half.
         let held = self.session.portals.len() - usize::from(self.session.portals.contains_key(portal));
-        if !self.bound.iter().any(|n| n == portal) && held + self.bound.len() >= MAX_FETCH_PORTALS {
+        let new = self.binds.iter().filter(|(n, f)| *f && !self.session.portals.contains_key(n)).count();
+        if at.is_none() && held + new >= MAX_FETCH_PORTALS {
             return Err(format!(
                 "a session may hold at most {MAX_FETCH_PORTALS} portals bound to FETCH statements; end the \
                  transaction first"
@@ -100,8 +129,9 @@ impl Batch<'_> {
         }
         self.fresh.retain(|(t, n)| !(*t == PORTAL && n == portal));
         self.fresh.push((PORTAL, portal.to_string()));
-        if !self.bound.iter().any(|n| n == portal) {
-            self.bound.push(portal.to_string());
+        match at {
+            Some(i) => self.binds[i].1 = true,
+            None => self.binds.push((portal.to_string(), true)),
         }
         Ok(())
     }
@@ -118,9 +148,10 @@ impl Batch<'_> {
             return Ok(());
         }
         let fetch = match target {
-            PORTAL => {
-                self.bound.iter().any(|n| n == name) || self.session.portals.get(name).is_some_and(|p| *p > self.idle)
-            }
+            PORTAL => match self.binds.iter().find(|(n, _)| n == name) {
+                Some((_, fetch)) => *fetch,
+                None => self.session.holds(name, self.idle),
+            },
             _ => statement_fetch(),
         };
         if !fetch {
@@ -135,7 +166,7 @@ impl Batch<'_> {
     }
 
     pub fn changes(self) -> Changes {
-        Changes { fresh: self.fresh, bound: self.bound }
+        Changes { fresh: self.fresh, binds: self.binds }
     }
 }
 
@@ -161,14 +192,24 @@ mod tests {
         assert!(b.describe(STATEMENT, "f", || true).is_err());
         assert!(b.describe(STATEMENT, "g", not_fetch).is_ok(), "other statements are not looked at");
         assert!(b.describe(PORTAL, "q", not_fetch).is_ok(), "nor other portals");
+        b.bind("p", false).unwrap();
+        assert!(b.describe(PORTAL, "p", not_fetch).is_ok(), "bound again: it runs only if that Bind did");
+        b.bind("p", true).unwrap();
+        b.run();
         let changes = b.changes();
         f.commit(changes, 1);
         // A later batch, before the server was idle: the portal may still be there.
-        let b = f.batch(0);
+        let mut b = f.batch(0);
         assert!(b.describe(PORTAL, "p", not_fetch).is_err());
+        assert!(f.holds("p", 0) && !f.holds("q", 0));
+        b.bind("p", false).unwrap();
+        assert!(b.describe(PORTAL, "p", not_fetch).is_ok());
+        f.commit(b.changes(), 2);
+        let b = f.batch(0);
+        assert!(b.describe(PORTAL, "p", not_fetch).is_err(), "that Bind may have failed, leaving the old portal");
         // Once the server answered point 1 outside a transaction, the portal is gone.
         let b = f.batch(1);
-        assert!(b.describe(PORTAL, "p", not_fetch).is_ok());
+        assert!(b.describe(PORTAL, "p", not_fetch).is_ok() && !f.holds("p", 1));
     }
 
     #[test]

@@ -2719,6 +2719,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     ) -> Result<(), Stop> {
         let mut binds = binds.into_iter();
         let mut described: Option<String> = None;
+        // Portals bound earlier in the batch: an Execute of one runs only if its Bind did, so it
+        // is what that Bind made. Kept only while some portal bound to a FETCH may be open.
+        let mut bound: Vec<String> = Vec::new();
+        let idle = self.both.progress.idle.load(Ordering::SeqCst);
         // A FETCH or EXECUTE portal bound and described by the last messages, nothing run since.
         let mut fresh: Option<String> = None;
         for f in batch.drain(..) {
@@ -2734,6 +2738,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         hold: false,
                         indirect: true,
                     });
+                    if self.fetches.any() {
+                        bound.push(portal.clone());
+                    }
                     self.op(Op::Bind { portal: portal.clone(), copy, computed, cursors, hold });
                     if indirect {
                         if self.indirect_portals.len() >= MAX_INDIRECT_PORTALS
@@ -2764,7 +2771,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 },
                 b'E' => {
                     let portal = wire::execute_portal(&f.body)?.to_string();
-                    let constant = if self.indirect_portals.contains(&portal) {
+                    // A portal an earlier batch bound to a FETCH may still be there under this
+                    // name (see `fetches`): never described again, lest its cursor be gone.
+                    let fetch = !bound.contains(&portal) && self.fetches.holds(&portal, idle);
+                    let constant = if fetch || self.indirect_portals.contains(&portal) {
                         fresh.as_deref() != Some(portal.as_str())
                     } else {
                         if described.as_deref() != Some(portal.as_str()) {
