@@ -1832,6 +1832,39 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
     ]);
     let out = raw(&env, &pg, none.clone(), script);
     assert!(!refused(&out) && out.contains("C COMMIT"), "{out}");
+    // A named FETCH statement the proxy forgot when it forwarded a DISCARD ALL, which the
+    // server refused inside a transaction block: it may still be there (red team B).
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "n", "FETCH ALL FROM c"],
+        ["S"],
+        ["Q", "DISCARD ALL"],
+        ["Q", "ROLLBACK"],
+        ["D", "S", "n"],
+        ["S"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("25001") && refused(&out), "{out}");
+    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
+    // SQL EXECUTE of a named FETCH statement: described with the description the FETCH had
+    // when it was parsed, which crashes the server once the cursor is gone, even right after
+    // the Bind. Refused while the session has a named FETCH statement.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["P", "e", "EXECUTE f"],
+        ["S"],
+        ["Q", "CLOSE c"],
+        ["B", "p", "e"],
+        ["D", "P", "p"],
+        ["S"],
+        ["Q", "ROLLBACK"],
+        ["D", "S", "e"],
+        ["S"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(out.matches("fetch-describe").count(), 2, "{out}");
+    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // Under masking the proxy describes portals itself. A Bind of a portal's name again fails
     // while it is open, and a savepoint brings the old portal back into use: it is still a
     // FETCH, so it is not described again, and its rows are masked whole.

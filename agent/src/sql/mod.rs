@@ -570,14 +570,20 @@ const MAX_DO_DEPTH: usize = 3;
 /// anyway (the decoder stops at 100 levels), so refusing it early loses nothing.
 const MAX_NESTING: usize = 1000;
 
+/// Most tokens a text may have to be parsed. The parse tree takes about 2 KiB of the agent's
+/// memory and 25 µs per token of a dense text (`SELECT 1,1,1,...`): this bounds one
+/// classification at about 100 MB and a second or so. A bulk INSERT of 5,000 rows of four
+/// values is about this long; larger loads belong in COPY.
+pub const MAX_TOKENS: usize = 50_000;
+
 /// An upper bound of how deep a text's parse tree nests, from its tokens: brackets (`(`, `[`,
 /// CASE and PL/pgSQL's blocks, IF and LOOP, up to their END) each open a level, and within a
 /// level every token but names and constants may nest once more (`1+1+1` is a chain of
 /// operators), until a comma, semicolon, AND, OR, WHEN, THEN or ELSE starts a sibling. Set
 /// operations and joins chain across those (`SELECT 1, 2 UNION SELECT 1, 2 UNION ...` nests
 /// one level per UNION): they count until the level closes or a semicolon. `None` when the
-/// text does not scan (then it does not parse either).
-fn nesting(sql: &str) -> Option<usize> {
+/// text does not scan (then it does not parse either). With it, the number of tokens.
+fn nesting(sql: &str) -> Option<(usize, usize)> {
     use pg_query::protobuf::Token as T;
     let scan = pg_query::scan(sql).ok()?;
     /// What may nest in one open level: in its current element, and across its elements.
@@ -625,16 +631,23 @@ fn nesting(sql: &str) -> Option<usize> {
         after_end = token == T::EndP;
         deepest = deepest.max(levels.len() + sum);
     }
-    Some(deepest)
+    Some((deepest, scan.tokens.len()))
+}
+
+/// Why a text is too big to parse (`nesting`), if it is; `what` names it.
+fn too_big(sql: &str, what: &str) -> Option<String> {
+    match nesting(sql)? {
+        (n, _) if n > MAX_NESTING => {
+            Some(format!("{what} nests more than {MAX_NESTING} levels deep; it is not looked into"))
+        }
+        (_, t) if t > MAX_TOKENS => Some(format!("{what} has more than {MAX_TOKENS} tokens; it is not looked into")),
+        _ => None,
+    }
 }
 
 fn classify_nested(sql: &str, depth: usize) -> Classification {
-    if nesting(sql).is_some_and(|n| n > MAX_NESTING) {
-        return Classification {
-            kinds: [Kind::Unparseable].into(),
-            parse_error: Some(format!("the text nests more than {MAX_NESTING} levels deep; it is not looked into")),
-            ..Default::default()
-        };
+    if let Some(why) = too_big(sql, "the text") {
+        return Classification { kinds: [Kind::Unparseable].into(), parse_error: Some(why), ..Default::default() };
     }
     let parsed = match pg_query::parse(sql) {
         Ok(p) => p,
@@ -776,8 +789,8 @@ fn look_into_do(sql: &str, raw: &Value, block: &Value, depth: usize, c: &mut Cla
     let Some(text) = sql.get(start..end) else {
         return refuse(c, || "a DO block's text could not be found".into());
     };
-    if nesting(body).is_some_and(|n| n > MAX_NESTING) {
-        return refuse(c, || format!("a DO block that nests more than {MAX_NESTING} levels deep is not looked into"));
+    if let Some(why) = too_big(body, "a DO block") {
+        return refuse(c, || why);
     }
     // libpg_query leaks one byte (a strdup) per body that fails to compile: less than the
     // audit record of the refusal that follows.
@@ -1652,6 +1665,8 @@ mod tests {
     fn upserts_and_merges_are_of_the_kinds_of_what_they_do() {
         assert_eq!(kinds("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = 1"), ["insert", "update"]);
         assert_eq!(kinds("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING"), ["insert"]);
+        // Its conflict target restricts it, as a join condition does a MERGE's (README).
+        assert!(!classify("INSERT INTO t SELECT * FROM t ON CONFLICT (id) DO UPDATE SET a = 1").where_missing);
         let merge = "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED AND s.gone THEN DELETE \
                      WHEN MATCHED THEN UPDATE SET a = s.a WHEN NOT MATCHED THEN INSERT VALUES (s.id) \
                      WHEN MATCHED THEN DO NOTHING";
@@ -2080,6 +2095,20 @@ mod tests {
             let c = classify_on_small_stack(sql.clone());
             assert!(!c.kinds.contains(&Kind::Unparseable), "{}: {:?}", &sql[..60], c.parse_error);
         }
+    }
+
+    #[test]
+    fn texts_too_long_to_parse_cheaply_are_refused_before_parsing() {
+        let elements = MAX_TOKENS / 2 + 1;
+        for sql in [
+            format!("SELECT {}", vec!["1"; elements].join(",")),
+            format!("DO $$ BEGIN PERFORM {}; END $$", vec!["1"; elements].join(",")),
+        ] {
+            let c = classify(&sql);
+            assert!(c.kinds.contains(&Kind::Unparseable), "{c:?}");
+            assert!(c.parse_error.as_deref().is_some_and(|e| e.contains("50000 tokens")), "{:?}", c.parse_error);
+        }
+        assert!(!classify(&format!("SELECT {}", vec!["1"; elements - 3].join(","))).kinds.contains(&Kind::Unparseable));
     }
 
     #[test]

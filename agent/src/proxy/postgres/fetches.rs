@@ -7,27 +7,60 @@
 //! Bind found (if there was none, the server answers NoData, harmlessly). Any other Describe
 //! of them is refused.
 //!
-//! Which portals are bound to a FETCH is known for sure only within a batch: after an error
-//! the server skips the rest of it, so a message after a Bind runs only if the Bind did. A
-//! Bind in an earlier batch may have failed (a named portal cannot be bound again before it
-//! is closed) and left the old portal in place, which `ROLLBACK TO SAVEPOINT` brings back into
-//! use: a name once bound to a FETCH counts as one until the server has ended the
-//! transaction.
+//! An SQL `EXECUTE f` of a named FETCH statement is worse: its Parse and Bind take the
+//! description `f` had when it was parsed, without looking at the cursor, so describing it
+//! crashes the server as soon as the cursor is gone, however soon. While the session may have
+//! a named FETCH statement, nothing that runs SQL EXECUTE is described.
+//!
+//! Which portals are bound to what is known for sure only within a batch: after an error the
+//! server skips the rest of it, so a message after a Bind runs only if the Bind did. A Bind in
+//! an earlier batch may have failed (a named portal cannot be bound again before it is
+//! closed) and left the old portal in place, which `ROLLBACK TO SAVEPOINT` brings back into
+//! use: a name once bound to a FETCH or an EXECUTE counts as one until the server has ended
+//! the transaction. Likewise a named FETCH statement counts as there until a Close of it is
+//! known to have been carried out (an SQL `DEALLOCATE` or `DISCARD ALL` may fail).
 use foldhash::HashMap;
 
-/// Most portals bound to FETCH statements that the server may still hold in a session.
+use crate::sql::Classification;
+
+/// Most portals bound to FETCH or EXECUTE statements that the server may still hold in a
+/// session, and most named FETCH statements.
 pub const MAX_FETCH_PORTALS: usize = 4096;
+pub const MAX_FETCH_STATEMENTS: usize = 4096;
 
 /// What a Describe targets, as in the protocol.
 const STATEMENT: u8 = b'S';
 const PORTAL: u8 = b'P';
 
+/// What a statement or a portal runs, as far as describing it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runs {
+    Fetch,
+    /// An SQL EXECUTE (of any statement: the name may be parsed as a FETCH later).
+    Execute,
+    Other,
+}
+
+impl Runs {
+    pub fn of(c: &Classification) -> Runs {
+        if c.fetch {
+            Runs::Fetch
+        } else if !c.executes.is_empty() {
+            Runs::Execute
+        } else {
+            Runs::Other
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Fetches {
-    /// Portals the client bound to a FETCH statement, with the sync point of the Bind. The
-    /// server drops every portal the client binds when its transaction ends, so one bound at
-    /// or before a point answered outside a transaction is gone.
-    portals: HashMap<String, u64>,
+    /// Portals the client bound to a FETCH or an EXECUTE, with the sync point of the Bind.
+    /// The server drops every portal the client binds when its transaction ends, so one bound
+    /// at or before a point answered outside a transaction is gone.
+    portals: HashMap<String, (u64, Runs)>,
+    /// Named FETCH statements the client parsed, with the sync point of the Parse.
+    statements: HashMap<String, u64>,
     /// FETCH statements parsed and portals bound to one by the latest messages, with nothing
     /// sent since that could have closed a cursor: a Describe of these is safe.
     fresh: Vec<(u8, String)>,
@@ -40,25 +73,35 @@ pub struct Batch<'a> {
     /// The last sync point the server answered outside a transaction.
     idle: u64,
     fresh: Vec<(u8, String)>,
-    /// Portals the batch binds, and whether to a FETCH statement: the last Bind of each. Other
-    /// statements' portals only if the session may hold a FETCH portal of that name (the
-    /// unnamed portal, which most clients bind for every statement, takes no allocation).
-    binds: Vec<(String, bool)>,
+    /// Portals the batch binds, and to what: the last Bind of each. Those of other statements
+    /// only if the session may hold a portal of that name (the unnamed portal, which most
+    /// clients bind for every statement, takes no allocation).
+    binds: Vec<(String, Runs)>,
+    /// Named FETCH statements the batch parses.
+    parsed: Vec<String>,
+}
+
+/// What a judged batch changes (`Fetches::commit`).
+#[derive(Default)]
+pub struct Changes {
+    fresh: Vec<(u8, String)>,
+    binds: Vec<(String, Runs)>,
+    parsed: Vec<String>,
 }
 
 impl Fetches {
     /// A batch to judge; `idle` is the last sync point answered outside a transaction.
     pub fn batch(&self, idle: u64) -> Batch<'_> {
-        Batch { session: self, idle, fresh: self.fresh.clone(), binds: Vec::new() }
+        Batch { session: self, idle, fresh: self.fresh.clone(), binds: Vec::new(), parsed: Vec::new() }
     }
 
-    /// Whether the server may hold a portal of this name that the client bound to a FETCH
-    /// statement (`idle` as for `batch`).
+    /// Whether the server may hold a portal of this name that the client bound to a FETCH or
+    /// an EXECUTE (`idle` as for `batch`).
     pub fn holds(&self, portal: &str, idle: u64) -> bool {
-        !self.portals.is_empty() && self.portals.get(portal).is_some_and(|p| *p > idle)
+        !self.portals.is_empty() && self.portals.get(portal).is_some_and(|(p, _)| *p > idle)
     }
 
-    /// Whether any portal bound to a FETCH is remembered.
+    /// Whether any such portal is remembered.
     pub fn any(&self) -> bool {
         !self.portals.is_empty()
     }
@@ -67,10 +110,21 @@ impl Fetches {
     /// batch sent at a Flush).
     pub fn commit(&mut self, changes: Changes, point: u64) {
         self.fresh = changes.fresh;
-        for (portal, fetch) in changes.binds {
-            if fetch {
-                self.portals.insert(portal, point);
+        for (portal, runs) in changes.binds {
+            if runs != Runs::Other {
+                self.portals.insert(portal, (point, runs));
             }
+        }
+        for name in changes.parsed {
+            self.statements.insert(name, point);
+        }
+    }
+
+    /// The server carried out a Close of statement `name` sent with sync point `point`: a
+    /// FETCH parsed under that name in an earlier batch is gone.
+    pub fn closed(&mut self, name: &str, point: u64) {
+        if self.statements.get(name).is_some_and(|p| *p < point) {
+            self.statements.remove(name);
         }
     }
 
@@ -84,54 +138,71 @@ impl Fetches {
     /// take room, so that their room counts again.
     pub fn prune(&mut self, idle: u64) {
         if self.portals.len() >= MAX_FETCH_PORTALS / 2 {
-            self.portals.retain(|_, p| *p > idle);
+            self.portals.retain(|_, (p, _)| *p > idle);
         }
     }
-}
-
-/// What a judged batch changes (`Fetches::commit`).
-#[derive(Default)]
-pub struct Changes {
-    fresh: Vec<(u8, String)>,
-    binds: Vec<(String, bool)>,
 }
 
 impl Batch<'_> {
-    /// A Parse: it runs nothing of the client's, so what was fresh stays fresh.
-    pub fn parse(&mut self, name: &str, fetch: bool) {
-        if fetch {
-            self.fresh.retain(|(t, n)| !(*t == STATEMENT && n == name));
-            self.fresh.push((STATEMENT, name.to_string()));
-        }
+    /// Whether the session may have a named FETCH statement at this point of the batch.
+    fn named_fetch(&self) -> bool {
+        !self.session.statements.is_empty() || !self.parsed.is_empty()
     }
 
-    /// A Bind of a statement that is a FETCH or not; `Err` says why it is refused.
-    pub fn bind(&mut self, portal: &str, fetch: bool) -> Result<(), String> {
-        let at = self.binds.iter().position(|(n, _)| n == portal);
-        if !fetch {
-            // Planning the statement may call functions, which may close cursors.
-            self.fresh.clear();
-            match at {
-                Some(i) => self.binds[i].1 = false,
-                None if self.session.portals.contains_key(portal) => self.binds.push((portal.to_string(), false)),
-                None => {}
-            }
+    /// A Parse: it runs nothing of the client's, so what was fresh stays fresh. `Err` says why
+    /// it is refused.
+    pub fn parse(&mut self, name: &str, runs: Runs) -> Result<(), String> {
+        if runs != Runs::Fetch {
             return Ok(());
         }
-        // `Fetches::prune` ran before the batch: at most the live portals, or fewer than half.
-        let held = self.session.portals.len() - usize::from(self.session.portals.contains_key(portal));
-        let new = self.binds.iter().filter(|(n, f)| *f && !self.session.portals.contains_key(n)).count();
-        if at.is_none() && held + new >= MAX_FETCH_PORTALS {
+        if !name.is_empty() && !self.parsed.iter().any(|n| n == name) {
+            if self.session.statements.len() + self.parsed.len() >= MAX_FETCH_STATEMENTS {
+                return Err(format!(
+                    "a session may have at most {MAX_FETCH_STATEMENTS} named FETCH statements; Close some first"
+                ));
+            }
+            self.parsed.push(name.to_string());
+        }
+        self.fresh.retain(|(t, n)| !(*t == STATEMENT && n == name));
+        self.fresh.push((STATEMENT, name.to_string()));
+        Ok(())
+    }
+
+    /// A Bind of a statement that runs `runs`; `describes`: the proxy describes the portal
+    /// itself (masking). `Err` says why it is refused.
+    pub fn bind(&mut self, portal: &str, runs: Runs, describes: bool) -> Result<(), String> {
+        if runs == Runs::Execute && describes && self.named_fetch() {
             return Err(format!(
-                "a session may hold at most {MAX_FETCH_PORTALS} portals bound to FETCH statements; end the \
-                 transaction first"
+                "while the session has a named FETCH statement, a portal of an SQL EXECUTE cannot be described \
+                 for masking ({CRASH}); Close the FETCH statement or parse it unnamed"
             ));
         }
-        self.fresh.retain(|(t, n)| !(*t == PORTAL && n == portal));
-        self.fresh.push((PORTAL, portal.to_string()));
+        let at = self.binds.iter().position(|(n, _)| n == portal);
+        if runs != Runs::Fetch {
+            // Planning the statement may call functions, which may close cursors.
+            self.fresh.clear();
+        }
+        if runs != Runs::Other && at.is_none() {
+            // `Fetches::prune` ran before the batch: at most the live portals, or fewer than half.
+            let held = self.session.portals.len() - usize::from(self.session.portals.contains_key(portal));
+            let new = self.binds.iter().filter(|(n, r)| *r != Runs::Other && !self.session.portals.contains_key(n));
+            if held + new.count() >= MAX_FETCH_PORTALS {
+                return Err(format!(
+                    "a session may hold at most {MAX_FETCH_PORTALS} portals bound to FETCH or EXECUTE statements; \
+                     end the transaction first"
+                ));
+            }
+        }
         match at {
-            Some(i) => self.binds[i].1 = true,
-            None => self.binds.push((portal.to_string(), true)),
+            Some(i) => self.binds[i].1 = runs,
+            None if runs != Runs::Other || self.session.portals.contains_key(portal) => {
+                self.binds.push((portal.to_string(), runs))
+            }
+            None => {}
+        }
+        if runs == Runs::Fetch {
+            self.fresh.retain(|(t, n)| !(*t == PORTAL && n == portal));
+            self.fresh.push((PORTAL, portal.to_string()));
         }
         Ok(())
     }
@@ -141,113 +212,160 @@ impl Batch<'_> {
         self.fresh.clear();
     }
 
-    /// A Describe of statement or portal `name` (`target` b'S' or b'P'); `statement_fetch`
-    /// says whether the statement of that name is a FETCH. `Err` says why it is refused.
-    pub fn describe(&self, target: u8, name: &str, statement_fetch: impl FnOnce() -> bool) -> Result<(), String> {
-        if self.fresh.iter().any(|(t, n)| *t == target && n == name) {
-            return Ok(());
-        }
-        let fetch = match target {
+    /// A Describe of statement or portal `name` (`target` b'S' or b'P'); `statement`: what the
+    /// statement of that name runs, if the session knows it. `Err` says why it is refused.
+    pub fn describe(&self, target: u8, name: &str, statement: impl FnOnce() -> Option<Runs>) -> Result<(), String> {
+        let runs = match target {
             PORTAL => match self.binds.iter().find(|(n, _)| n == name) {
-                Some((_, fetch)) => *fetch,
-                None => self.session.holds(name, self.idle),
+                Some((_, runs)) => *runs,
+                None if self.session.holds(name, self.idle) => self.session.portals[name].1,
+                None => Runs::Other,
             },
-            _ => statement_fetch(),
+            _ => match statement() {
+                // Parsed as a FETCH before, and perhaps not gone (a DEALLOCATE may have failed).
+                _ if self.session.statements.contains_key(name) => Runs::Fetch,
+                Some(runs) => runs,
+                None => Runs::Other,
+            },
         };
-        if !fetch {
-            return Ok(());
+        let fresh = || self.fresh.iter().any(|(t, n)| *t == target && n == name);
+        let what = if target == PORTAL { "a portal bound to" } else { "a statement that is" };
+        match runs {
+            Runs::Fetch if !fresh() => Err(format!(
+                "{what} a FETCH may be described only right after its Parse or Bind, with nothing run in between \
+                 ({CRASH}); describe it with the Bind that makes the portal"
+            )),
+            Runs::Execute if self.named_fetch() => Err(format!(
+                "{what} an SQL EXECUTE may not be described while the session has a named FETCH statement \
+                 ({CRASH}); Close the FETCH statement or parse it unnamed"
+            )),
+            _ => Ok(()),
         }
-        let what = if target == PORTAL { "a portal bound to a FETCH statement" } else { "a FETCH statement" };
-        Err(format!(
-            "{what} may be described only right after its Parse or Bind, with nothing run in between \
-             (PostgreSQL 15 crashes describing one whose cursor has been closed); describe it with the Bind \
-             that makes the portal"
-        ))
     }
 
     pub fn changes(self) -> Changes {
-        Changes { fresh: self.fresh, binds: self.binds }
+        Changes { fresh: self.fresh, binds: self.binds, parsed: self.parsed }
     }
 }
+
+/// Why, in refusals.
+const CRASH: &str = "PostgreSQL 15 crashes describing one whose cursor has been closed";
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn not_fetch() -> bool {
-        false
+    const FETCH: Option<Runs> = Some(Runs::Fetch);
+
+    fn unknown() -> Option<Runs> {
+        None
     }
 
     #[test]
     fn a_fetch_portal_is_described_only_right_after_its_bind() {
         let mut f = Fetches::default();
         let mut b = f.batch(0);
-        b.parse("f", true);
-        assert!(b.describe(STATEMENT, "f", || true).is_ok(), "right after its Parse");
-        b.bind("p", true).unwrap();
-        assert!(b.describe(STATEMENT, "f", || true).is_ok(), "a FETCH's Bind runs nothing");
-        assert!(b.describe(PORTAL, "p", not_fetch).is_ok());
+        b.parse("", Runs::Fetch).unwrap();
+        assert!(b.describe(STATEMENT, "", || FETCH).is_ok(), "right after its Parse");
+        b.bind("p", Runs::Fetch, false).unwrap();
+        assert!(b.describe(STATEMENT, "", || FETCH).is_ok(), "a FETCH's Bind runs nothing");
+        assert!(b.describe(PORTAL, "p", unknown).is_ok());
         b.run();
-        assert!(b.describe(PORTAL, "p", not_fetch).is_err(), "an Execute may have closed the cursor");
-        assert!(b.describe(STATEMENT, "f", || true).is_err());
-        assert!(b.describe(STATEMENT, "g", not_fetch).is_ok(), "other statements are not looked at");
-        assert!(b.describe(PORTAL, "q", not_fetch).is_ok(), "nor other portals");
-        b.bind("p", false).unwrap();
-        assert!(b.describe(PORTAL, "p", not_fetch).is_ok(), "bound again: it runs only if that Bind did");
-        b.bind("p", true).unwrap();
+        assert!(b.describe(PORTAL, "p", unknown).is_err(), "an Execute may have closed the cursor");
+        assert!(b.describe(STATEMENT, "", || FETCH).is_err());
+        assert!(b.describe(STATEMENT, "g", unknown).is_ok(), "other statements are not looked at");
+        assert!(b.describe(PORTAL, "q", unknown).is_ok(), "nor other portals");
+        b.bind("p", Runs::Other, false).unwrap();
+        assert!(b.describe(PORTAL, "p", unknown).is_ok(), "bound again: it runs only if that Bind did");
+        b.bind("p", Runs::Fetch, false).unwrap();
         b.run();
-        let changes = b.changes();
-        f.commit(changes, 1);
+        f.commit(b.changes(), 1);
         // A later batch, before the server was idle: the portal may still be there.
         let mut b = f.batch(0);
-        assert!(b.describe(PORTAL, "p", not_fetch).is_err());
+        assert!(b.describe(PORTAL, "p", unknown).is_err());
         assert!(f.holds("p", 0) && !f.holds("q", 0));
-        b.bind("p", false).unwrap();
-        assert!(b.describe(PORTAL, "p", not_fetch).is_ok());
+        b.bind("p", Runs::Other, false).unwrap();
+        assert!(b.describe(PORTAL, "p", unknown).is_ok());
         f.commit(b.changes(), 2);
         let b = f.batch(0);
-        assert!(b.describe(PORTAL, "p", not_fetch).is_err(), "that Bind may have failed, leaving the old portal");
+        assert!(b.describe(PORTAL, "p", unknown).is_err(), "that Bind may have failed, leaving the old portal");
         // Once the server answered point 1 outside a transaction, the portal is gone.
         let b = f.batch(1);
-        assert!(b.describe(PORTAL, "p", not_fetch).is_ok() && !f.holds("p", 1));
+        assert!(b.describe(PORTAL, "p", unknown).is_ok() && !f.holds("p", 1));
+    }
+
+    #[test]
+    fn a_named_fetch_statement_counts_until_a_close_of_it_is_carried_out() {
+        let mut f = Fetches::default();
+        let mut b = f.batch(0);
+        b.parse("f", Runs::Fetch).unwrap();
+        f.commit(b.changes(), 1);
+        f.reset();
+        // Forgotten by the proxy (a DEALLOCATE it forwarded), perhaps not by the server.
+        assert!(f.batch(0).describe(STATEMENT, "f", unknown).is_err());
+        f.closed("f", 1);
+        assert!(f.batch(0).describe(STATEMENT, "f", unknown).is_err(), "closed before it was parsed");
+        f.closed("f", 2);
+        assert!(f.batch(0).describe(STATEMENT, "f", unknown).is_ok());
+    }
+
+    #[test]
+    fn nothing_that_runs_sql_execute_is_described_while_a_named_fetch_may_exist() {
+        let mut f = Fetches::default();
+        let mut b = f.batch(0);
+        b.bind("e", Runs::Execute, true).unwrap();
+        assert!(b.describe(PORTAL, "e", unknown).is_ok(), "no named FETCH yet");
+        assert!(b.describe(STATEMENT, "x", || Some(Runs::Execute)).is_ok());
+        b.parse("f", Runs::Fetch).unwrap();
+        assert!(b.describe(PORTAL, "e", unknown).is_err(), "even right after its Bind");
+        assert!(b.describe(STATEMENT, "x", || Some(Runs::Execute)).is_err());
+        assert!(b.bind("e2", Runs::Execute, true).is_err(), "the proxy would describe it itself");
+        b.bind("e2", Runs::Execute, false).expect("the client may not describe it");
+        f.commit(b.changes(), 1);
+        assert!(f.batch(0).describe(PORTAL, "e2", unknown).is_err());
     }
 
     #[test]
     fn freshness_lasts_across_a_flush_but_not_a_sync() {
         let mut f = Fetches::default();
         let mut b = f.batch(0);
-        b.bind("", true).unwrap();
+        b.bind("", Runs::Fetch, false).unwrap();
         f.commit(b.changes(), 1);
         let b = f.batch(0);
-        assert!(b.describe(PORTAL, "", not_fetch).is_ok(), "Bind, Flush, Describe");
+        assert!(b.describe(PORTAL, "", unknown).is_ok(), "Bind, Flush, Describe");
         f.reset();
         let b = f.batch(0);
-        assert!(b.describe(PORTAL, "", not_fetch).is_err(), "Bind, Sync, Describe");
+        assert!(b.describe(PORTAL, "", unknown).is_err(), "Bind, Sync, Describe");
     }
 
     #[test]
     fn other_binds_end_freshness_and_parses_do_not() {
         let f = Fetches::default();
         let mut b = f.batch(0);
-        b.parse("f", true);
-        b.parse("g", false);
-        assert!(b.describe(STATEMENT, "f", || true).is_ok());
-        b.bind("", false).unwrap();
-        assert!(b.describe(STATEMENT, "f", || true).is_err(), "planning may call functions");
+        b.parse("", Runs::Fetch).unwrap();
+        b.parse("g", Runs::Other).unwrap();
+        assert!(b.describe(STATEMENT, "", || FETCH).is_ok());
+        b.bind("", Runs::Other, false).unwrap();
+        assert!(b.describe(STATEMENT, "", || FETCH).is_err(), "planning may call functions");
     }
 
     #[test]
-    fn a_session_holds_a_bounded_number_of_fetch_portals() {
+    fn a_session_holds_a_bounded_number_of_fetch_portals_and_statements() {
         let mut f = Fetches::default();
         let mut b = f.batch(0);
         for i in 0..MAX_FETCH_PORTALS {
-            b.bind(&format!("p{i}"), true).unwrap();
+            b.bind(&format!("p{i}"), Runs::Fetch, false).unwrap();
         }
-        assert!(b.bind("one-more", true).unwrap_err().contains("at most 4096"));
-        b.bind("p7", true).expect("binding a name again takes no more room");
+        assert!(b.bind("one-more", Runs::Fetch, false).unwrap_err().contains("at most 4096"));
+        b.bind("p7", Runs::Fetch, false).expect("binding a name again takes no more room");
+        for i in 0..MAX_FETCH_STATEMENTS {
+            b.parse(&format!("s{i}"), Runs::Fetch).unwrap();
+        }
+        assert!(b.parse("one-more", Runs::Fetch).unwrap_err().contains("at most 4096"));
+        b.parse("", Runs::Fetch).expect("the unnamed statement is not counted");
         f.commit(b.changes(), 3);
-        assert!(f.batch(2).bind("one-more", true).is_err());
+        assert!(f.batch(2).bind("one-more", Runs::Fetch, false).is_err());
         f.prune(3);
-        assert!(f.batch(3).bind("one-more", true).is_ok(), "the server dropped them when idle");
+        assert!(f.batch(3).bind("one-more", Runs::Fetch, false).is_ok(), "the server dropped them when idle");
     }
 }

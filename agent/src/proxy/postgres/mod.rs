@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::{
-    fetches::Fetches,
+    fetches::{Fetches, Runs},
     statements::Statements,
     track::{Op, Tracker},
     wire::{Frame, Startup},
@@ -71,8 +71,40 @@ fn trim(buf: &mut BytesMut) {
     }
 }
 
-/// Distinct statement shapes whose classification a session keeps.
+/// Distinct statement shapes whose classification a session keeps, and most bytes of their
+/// keys (a key is about as long as its text).
 const CLASSIFICATION_CACHE: usize = 1024;
+const CLASSIFICATION_CACHE_BYTES: usize = 4 << 20;
+/// Texts longer than this are classified on a blocking thread, one at a time for the whole
+/// agent: parsing takes time and memory in proportion to a text's length (up to
+/// `sql::MAX_TOKENS`), which an event loop's other sessions must not wait for, nor sessions
+/// sending such texts together multiply.
+const CLASSIFY_ELSEWHERE: usize = 8 << 10;
+static LARGE_CLASSIFICATIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Classifies `text`: here if it is short, else as `CLASSIFY_ELSEWHERE` says.
+async fn classify(text: &Arc<str>) -> sql::Classification {
+    if text.len() <= CLASSIFY_ELSEWHERE {
+        return sql::classify(text);
+    }
+    // The semaphore is never closed.
+    let _turn = LARGE_CLASSIFICATIONS.acquire().await;
+    let text = text.clone();
+    let classified = tokio::task::spawn_blocking(move || {
+        let c = sql::classify(&text);
+        // The parse tree may have taken hundreds of megabytes, freed by now: given back to the
+        // system rather than kept in the allocator's arenas.
+        // SAFETY: malloc_trim only releases free memory; it takes no pointers.
+        unsafe { libc::malloc_trim(0) };
+        c
+    })
+    .await;
+    classified.unwrap_or_else(|e| sql::Classification {
+        kinds: [sql::Kind::Unparseable].into(),
+        parse_error: Some(format!("the classifier failed: {e}")),
+        ..Default::default()
+    })
+}
 /// Longest statement text kept in an audit record.
 const MAX_AUDITED_SQL: usize = 16 << 10;
 /// Most bytes of bound parameters a statement held for approval may carry: all of them are
@@ -686,6 +718,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         unbinding: Vec::new(),
         defined: VecDeque::new(),
         cache: HashMap::new(),
+        cache_bytes: 0,
         both,
         copy_from: None,
         copy_ins_left: 0,
@@ -1664,6 +1697,8 @@ struct ClientSide<'s, 'a, R> {
     defined: VecDeque<(u64, Vec<Def>, Unbinds)>,
     /// Classifications by statement shape (`sql::shape`).
     cache: HashMap<String, Arc<sql::Classification>>,
+    /// Bytes of `cache`'s keys.
+    cache_bytes: usize,
     both: Arc<Both>,
     /// The sync point whose answer may start a COPY FROM STDIN the client has not ended yet,
     /// and how many such COPYs it may still start.
@@ -1754,15 +1789,21 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             Some(key) => match self.cache.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Arc::new(sql::classify(&text));
-                    if self.cache.len() >= CLASSIFICATION_CACHE {
-                        self.cache.clear();
+                    let c = Arc::new(classify(&text).await);
+                    if key.len() <= CLASSIFICATION_CACHE_BYTES / 16 {
+                        if self.cache.len() >= CLASSIFICATION_CACHE
+                            || self.cache_bytes + key.len() > CLASSIFICATION_CACHE_BYTES
+                        {
+                            self.cache.clear();
+                            self.cache_bytes = 0;
+                        }
+                        self.cache_bytes += key.len();
+                        self.cache.insert(key, c.clone());
                     }
-                    self.cache.insert(key, c.clone());
                     c
                 }
             },
-            None => Arc::new(sql::classify(&text)),
+            None => Arc::new(classify(&text).await),
         };
         let mut d = crate::policy::rules::judge(self.s.grant, &class);
         if self.ascii_names
@@ -2328,10 +2369,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             None => self.prepared.remove(&name),
                         };
                     }
-                    Def::Close { statement: Some((name, seq)) }
-                        if took && self.prepared.get(&name).is_some_and(|p| p.seq == seq) =>
-                    {
-                        self.prepared.remove(&name);
+                    Def::Close { statement: Some((name, seq)) } if took => {
+                        self.fetches.closed(&name, point);
+                        if self.prepared.get(&name).is_some_and(|p| p.seq == seq) {
+                            self.prepared.remove(&name);
+                        }
                     }
                     _ => {}
                 }
@@ -2443,13 +2485,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'P' => {
                     if let Some((n, p)) = parses.next() {
                         view.parse(n, p);
-                        fetches.parse(n, p.class.fetch);
+                        if let Err(why) = fetches.parse(n, Runs::of(&p.class)) {
+                            return Ok(Err(fetch_refusal(why)));
+                        }
                     }
                 }
                 b'D' => {
                     let (target, name) = wire::describe_target(&f.body)?;
-                    let statement_fetch = || view.get(name, &self.prepared).is_some_and(|p| p.class.fetch);
-                    if let Err(why) = fetches.describe(target, name, statement_fetch) {
+                    let statement = || view.get(name, &self.prepared).map(|p| Runs::of(&p.class));
+                    if let Err(why) = fetches.describe(target, name, statement) {
                         return Ok(Err(fetch_refusal(why)));
                     }
                 }
@@ -2470,7 +2514,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     };
                     refs.push(p.seq);
                     bound.push(portal);
-                    if let Err(why) = fetches.bind(portal, p.class.fetch) {
+                    if let Err(why) = fetches.bind(portal, Runs::of(&p.class), self.masker.is_some()) {
                         return Ok(Err(fetch_refusal(why)));
                     }
                     // Its Sync would be taken into the COPY: the proxy could not count answers.
@@ -2771,8 +2815,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 },
                 b'E' => {
                     let portal = wire::execute_portal(&f.body)?.to_string();
-                    // A portal an earlier batch bound to a FETCH may still be there under this
-                    // name (see `fetches`): never described again, lest its cursor be gone.
+                    // A portal an earlier batch bound to a FETCH or an EXECUTE may still be there
+                    // under this name (see `fetches`): never described again, lest its cursor
+                    // be gone.
                     let fetch = !bound.contains(&portal) && self.fetches.holds(&portal, idle);
                     let constant = if fetch || self.indirect_portals.contains(&portal) {
                         fresh.as_deref() != Some(portal.as_str())
