@@ -1865,6 +1865,24 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(out.matches("fetch-describe").count(), 2, "{out}");
     assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
+    // A FETCH from a portal that is bound to a FETCH: the server describes it through that
+    // portal's cursor, gone here, even right after the Parse or Bind (red team C).
+    for describe in [serde_json::json!(["D", "S", ""]), serde_json::json!(["D", "P", "p2"])] {
+        let script = in_transaction(serde_json::json!([
+            declare,
+            ["P", "", "FETCH ALL FROM c"],
+            ["B", "p1", ""],
+            ["S"],
+            ["Q", "CLOSE c"],
+            ["P", "", "FETCH ALL FROM p1"],
+            ["B", "p2", ""],
+            describe,
+            ["S"]
+        ]));
+        let out = raw(&env, &pg, none.clone(), script);
+        assert!(refused(&out), "{out}");
+        assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
+    }
     // Under masking the proxy describes portals itself. A Bind of a portal's name again fails
     // while it is open, and a savepoint brings the old portal back into use: it is still a
     // FETCH, so it is not described again, and its rows are masked whole.

@@ -158,6 +158,8 @@ pub struct Classification {
     /// It is a FETCH (not a MOVE). The server answers a Describe of it, or of a portal bound
     /// from it, from its cursor, and PostgreSQL 15.18 crashes when that cursor is gone.
     pub fetch: bool,
+    /// The cursors (or portals) its FETCHes read, as the server names them.
+    pub fetches_from: BTreeSet<String>,
     /// Cursors it declares or closes (`All`: CLOSE ALL). Cursors are portals too: what the
     /// proxy knew of portals of those names is stale once it ran.
     pub cursors: Deallocates,
@@ -176,7 +178,7 @@ pub struct Classification {
 
 impl Classification {
     /// The prepared statement and cursor names it uses (PREPARE, EXECUTE, DEALLOCATE, DECLARE,
-    /// CLOSE).
+    /// CLOSE, FETCH).
     pub fn names(&self) -> Vec<&str> {
         fn listed(d: &Deallocates) -> Vec<&str> {
             match d {
@@ -186,7 +188,7 @@ impl Classification {
         }
         let mut all = listed(&self.deallocates);
         all.extend(listed(&self.cursors));
-        all.extend(self.prepares.iter().chain(&self.executes).map(String::as_str));
+        all.extend(self.prepares.iter().chain(&self.executes).chain(&self.fetches_from).map(String::as_str));
         all
     }
 }
@@ -557,7 +559,29 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
 }
 
 pub fn classify(sql: &str) -> Classification {
+    if sql.len() > MAX_TEXT_BYTES {
+        return Classification {
+            kinds: [Kind::Unparseable].into(),
+            parse_error: Some(format!(
+                "the text is longer than {} MiB; it is not looked into (send large values as parameters)",
+                MAX_TEXT_BYTES >> 20
+            )),
+            ..Default::default()
+        };
+    }
+    TOKENS_LEFT.set(MAX_TOKENS);
     classify_nested(sql, 0)
+}
+
+/// Most bytes of text classified. Even scanning a text costs memory in proportion to its
+/// tokens, before `MAX_TOKENS` can be checked; large values belong in Bind parameters, which
+/// are not parsed.
+pub const MAX_TEXT_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Tokens one classification may still parse, across the text and every query it runs from
+    /// text or holds in DO blocks: each is bounded by `MAX_TOKENS`, and so are all together.
+    static TOKENS_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(MAX_TOKENS) };
 }
 
 /// How deep DO blocks may run DO blocks before the classifier stops looking (and refuses): the
@@ -641,7 +665,14 @@ fn too_big(sql: &str, what: &str) -> Option<String> {
             Some(format!("{what} nests more than {MAX_NESTING} levels deep; it is not looked into"))
         }
         (_, t) if t > MAX_TOKENS => Some(format!("{what} has more than {MAX_TOKENS} tokens; it is not looked into")),
-        _ => None,
+        (_, t) if t > TOKENS_LEFT.get() => Some(format!(
+            "{what}, with the text around it and the queries it runs, has more than {MAX_TOKENS} tokens; it is \
+             not looked into"
+        )),
+        (_, t) => {
+            TOKENS_LEFT.set(TOKENS_LEFT.get() - t);
+            None
+        }
     }
 }
 
@@ -699,7 +730,10 @@ fn classify_nested(sql: &str, depth: usize) -> Classification {
             }
             let fetches = || stmts.iter().filter_map(|s| s.pointer("/stmt/node/FetchStmt"));
             c.indirect = !c.executes.is_empty() || fetches().next().is_some();
-            c.fetch = fetches().any(|f| f.get("ismove").and_then(Value::as_bool) != Some(true));
+            for f in fetches().filter(|f| f.get("ismove").and_then(Value::as_bool) != Some(true)) {
+                c.fetch = true;
+                c.fetches_from.extend(f.get("portalname").and_then(Value::as_str).map(str::to_string));
+            }
         }
         Err(e) => {
             c.kinds.insert(Kind::Unparseable);
@@ -1472,6 +1506,10 @@ mod tests {
         assert!(classify("FETCH ALL FROM c").indirect && classify("EXPLAIN ANALYZE EXECUTE s").indirect);
         assert!(!classify("SELECT 1").indirect);
         assert!(classify("FETCH 2 FROM c").fetch && classify("fetch all in c").fetch);
+        assert_eq!(
+            classify("FETCH 2 FROM \"P1\"; FETCH ALL IN Cur").fetches_from,
+            ["P1".to_string(), "cur".into()].into()
+        );
         assert!(!classify("MOVE 2 IN c").fetch && classify("MOVE 2 IN c").indirect);
         assert!(!classify("SELECT 1").fetch && !classify("EXECUTE s").fetch);
     }
@@ -2109,6 +2147,20 @@ mod tests {
             assert!(c.parse_error.as_deref().is_some_and(|e| e.contains("50000 tokens")), "{:?}", c.parse_error);
         }
         assert!(!classify(&format!("SELECT {}", vec!["1"; elements - 3].join(","))).kinds.contains(&Kind::Unparseable));
+        // Queries run from text count together with the text around them.
+        let inner = vec!["1"; elements / 2].join(",");
+        let c = classify(&format!(
+            "SELECT query_to_xml('SELECT {inner}', true, false, ''), query_to_xml('SELECT {inner}', true, false, '')"
+        ));
+        assert!(
+            c.parse_error.as_deref().is_some_and(|e| e.contains("together") || e.contains("queries it runs")),
+            "{c:?}"
+        );
+        let c = classify(&format!("SELECT query_to_xml('SELECT {inner}', true, false, '')"));
+        assert!(!c.kinds.contains(&Kind::Unparseable), "{:?}", c.parse_error);
+        // And a text too long even to scan cheaply is not scanned.
+        let c = classify(&format!("SELECT '{}'", "x".repeat(MAX_TEXT_BYTES)));
+        assert!(c.parse_error.as_deref().is_some_and(|e| e.contains("longer than 1 MiB")), "{:?}", c.parse_error);
     }
 
     #[test]

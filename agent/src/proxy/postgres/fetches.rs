@@ -7,6 +7,9 @@
 //! Bind found (if there was none, the server answers NoData, harmlessly). Any other Describe
 //! of them is refused.
 //!
+//! A FETCH from a portal that is itself bound to a FETCH is described through that portal's
+//! cursor too, which may be gone whatever this FETCH's freshness: never described.
+//!
 //! An SQL `EXECUTE f` of a named FETCH statement is worse: its Parse and Bind take the
 //! description `f` had when it was parsed, without looking at the cursor, so describing it
 //! crashes the server as soon as the cursor is gone, however soon. While the session may have
@@ -36,21 +39,11 @@ const PORTAL: u8 = b'P';
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runs {
     Fetch,
+    /// A FETCH from a portal bound to a FETCH or an EXECUTE (`Batch::runs`).
+    Nested,
     /// An SQL EXECUTE (of any statement: the name may be parsed as a FETCH later).
     Execute,
     Other,
-}
-
-impl Runs {
-    pub fn of(c: &Classification) -> Runs {
-        if c.fetch {
-            Runs::Fetch
-        } else if !c.executes.is_empty() {
-            Runs::Execute
-        } else {
-            Runs::Other
-        }
-    }
 }
 
 #[derive(Default)]
@@ -144,6 +137,26 @@ impl Fetches {
 }
 
 impl Batch<'_> {
+    /// What a statement of this classification runs, with the portals as they may be now.
+    pub fn runs(&self, c: &Classification) -> Runs {
+        if c.fetch {
+            if c.fetches_from.iter().any(|n| self.portal(n) != Runs::Other) { Runs::Nested } else { Runs::Fetch }
+        } else if !c.executes.is_empty() {
+            Runs::Execute
+        } else {
+            Runs::Other
+        }
+    }
+
+    /// What the portal of this name may run at this point of the batch.
+    fn portal(&self, name: &str) -> Runs {
+        match self.binds.iter().find(|(n, _)| n == name) {
+            Some((_, runs)) => *runs,
+            None if self.session.holds(name, self.idle) => self.session.portals[name].1,
+            None => Runs::Other,
+        }
+    }
+
     /// Whether the session may have a named FETCH statement at this point of the batch.
     fn named_fetch(&self) -> bool {
         !self.session.statements.is_empty() || !self.parsed.is_empty()
@@ -175,6 +188,11 @@ impl Batch<'_> {
             return Err(format!(
                 "while the session has a named FETCH statement, a portal of an SQL EXECUTE cannot be described \
                  for masking ({CRASH}); Close the FETCH statement or parse it unnamed"
+            ));
+        }
+        if runs == Runs::Nested && describes {
+            return Err(format!(
+                "a FETCH from a portal bound to a FETCH or EXECUTE cannot be described for masking ({CRASH})"
             ));
         }
         let at = self.binds.iter().position(|(n, _)| n == portal);
@@ -216,11 +234,7 @@ impl Batch<'_> {
     /// statement of that name runs, if the session knows it. `Err` says why it is refused.
     pub fn describe(&self, target: u8, name: &str, statement: impl FnOnce() -> Option<Runs>) -> Result<(), String> {
         let runs = match target {
-            PORTAL => match self.binds.iter().find(|(n, _)| n == name) {
-                Some((_, runs)) => *runs,
-                None if self.session.holds(name, self.idle) => self.session.portals[name].1,
-                None => Runs::Other,
-            },
+            PORTAL => self.portal(name),
             _ => match statement() {
                 // Parsed as a FETCH before, and perhaps not gone (a DEALLOCATE may have failed).
                 _ if self.session.statements.contains_key(name) => Runs::Fetch,
@@ -239,6 +253,9 @@ impl Batch<'_> {
                 "{what} an SQL EXECUTE may not be described while the session has a named FETCH statement \
                  ({CRASH}); Close the FETCH statement or parse it unnamed"
             )),
+            Runs::Nested => {
+                Err(format!("{what} a FETCH from a portal bound to a FETCH or EXECUTE may not be described ({CRASH})"))
+            }
             _ => Ok(()),
         }
     }
@@ -323,6 +340,27 @@ mod tests {
         b.bind("e2", Runs::Execute, false).expect("the client may not describe it");
         f.commit(b.changes(), 1);
         assert!(f.batch(0).describe(PORTAL, "e2", unknown).is_err());
+    }
+
+    #[test]
+    fn a_fetch_from_a_fetch_portal_is_never_described() {
+        let fetch_from =
+            |name: &str| Classification { fetch: true, fetches_from: [name.to_string()].into(), ..Default::default() };
+        let mut f = Fetches::default();
+        let mut b = f.batch(0);
+        assert_eq!(b.runs(&fetch_from("p1")), Runs::Fetch, "p1 is a cursor of the client's");
+        b.bind("p1", Runs::Fetch, false).unwrap();
+        let runs = b.runs(&fetch_from("p1"));
+        assert_eq!(runs, Runs::Nested);
+        b.parse("", runs).unwrap();
+        assert!(b.describe(STATEMENT, "", || Some(runs)).is_err(), "even right after its Parse");
+        assert!(b.bind("p2", runs, true).is_err(), "masking would describe it");
+        b.bind("p2", runs, false).unwrap();
+        assert!(b.describe(PORTAL, "p2", unknown).is_err(), "even right after its Bind");
+        assert_eq!(b.runs(&fetch_from("p2")), Runs::Nested, "and so on down the chain");
+        f.commit(b.changes(), 1);
+        assert_eq!(f.batch(0).runs(&fetch_from("p1")), Runs::Nested);
+        assert_eq!(f.batch(1).runs(&fetch_from("p1")), Runs::Fetch, "gone with its transaction");
     }
 
     #[test]

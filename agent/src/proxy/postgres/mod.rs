@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::{
-    fetches::{Fetches, Runs},
+    fetches::Fetches,
     statements::Statements,
     track::{Op, Tracker},
     wire::{Frame, Startup},
@@ -72,23 +72,23 @@ fn trim(buf: &mut BytesMut) {
 }
 
 /// Distinct statement shapes whose classification a session keeps, and most bytes of their
-/// keys (a key is about as long as its text).
+/// keys (a key is about as long as its text, at most `CLASSIFY_ELSEWHERE`).
 const CLASSIFICATION_CACHE: usize = 1024;
 const CLASSIFICATION_CACHE_BYTES: usize = 4 << 20;
-/// Texts longer than this are classified on a blocking thread, one at a time for the whole
-/// agent: parsing takes time and memory in proportion to a text's length (up to
-/// `sql::MAX_TOKENS`), which an event loop's other sessions must not wait for, nor sessions
-/// sending such texts together multiply.
+/// Texts longer than this are scanned and classified on a blocking thread, as many at a time
+/// for the whole agent as it has CPUs, and not cached: scanning and parsing take time and
+/// memory in proportion to a text's length (up to `sql::MAX_TEXT_BYTES` and `MAX_TOKENS`),
+/// which an event loop's other sessions must not wait for, nor sessions sending such texts
+/// together multiply.
 const CLASSIFY_ELSEWHERE: usize = 8 << 10;
-static LARGE_CLASSIFICATIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+static LARGE_CLASSIFICATIONS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
 
-/// Classifies `text`: here if it is short, else as `CLASSIFY_ELSEWHERE` says.
-async fn classify(text: &Arc<str>) -> sql::Classification {
-    if text.len() <= CLASSIFY_ELSEWHERE {
-        return sql::classify(text);
-    }
+/// Classifies a text longer than `CLASSIFY_ELSEWHERE`.
+async fn classify_elsewhere(text: &Arc<str>) -> sql::Classification {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let turns = LARGE_CLASSIFICATIONS.get_or_init(|| tokio::sync::Semaphore::new(cpus));
     // The semaphore is never closed.
-    let _turn = LARGE_CLASSIFICATIONS.acquire().await;
+    let _turn = turns.acquire().await;
     let text = text.clone();
     let classified = tokio::task::spawn_blocking(move || {
         let c = sql::classify(&text);
@@ -1785,25 +1785,28 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// forwarded. Texts of one shape are classified once per session.
     async fn judge(&mut self, text: &str) -> Result<Judgement, Stop> {
         let text: Arc<str> = Arc::from(text);
-        let class = match sql::shape(&text) {
+        let shape = match text.len() > CLASSIFY_ELSEWHERE {
+            true => None,
+            false => sql::shape(&text),
+        };
+        let class = match shape {
             Some(key) => match self.cache.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = Arc::new(classify(&text).await);
-                    if key.len() <= CLASSIFICATION_CACHE_BYTES / 16 {
-                        if self.cache.len() >= CLASSIFICATION_CACHE
-                            || self.cache_bytes + key.len() > CLASSIFICATION_CACHE_BYTES
-                        {
-                            self.cache.clear();
-                            self.cache_bytes = 0;
-                        }
-                        self.cache_bytes += key.len();
-                        self.cache.insert(key, c.clone());
+                    let c = Arc::new(sql::classify(&text));
+                    if self.cache.len() >= CLASSIFICATION_CACHE
+                        || self.cache_bytes + key.len() > CLASSIFICATION_CACHE_BYTES
+                    {
+                        self.cache.clear();
+                        self.cache_bytes = 0;
                     }
+                    self.cache_bytes += key.len();
+                    self.cache.insert(key, c.clone());
                     c
                 }
             },
-            None => Arc::new(classify(&text).await),
+            None if text.len() > CLASSIFY_ELSEWHERE => Arc::new(classify_elsewhere(&text).await),
+            None => Arc::new(sql::classify(&text)),
         };
         let mut d = crate::policy::rules::judge(self.s.grant, &class);
         if self.ascii_names
@@ -2485,14 +2488,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 b'P' => {
                     if let Some((n, p)) = parses.next() {
                         view.parse(n, p);
-                        if let Err(why) = fetches.parse(n, Runs::of(&p.class)) {
+                        if let Err(why) = fetches.parse(n, fetches.runs(&p.class)) {
                             return Ok(Err(fetch_refusal(why)));
                         }
                     }
                 }
                 b'D' => {
                     let (target, name) = wire::describe_target(&f.body)?;
-                    let statement = || view.get(name, &self.prepared).map(|p| Runs::of(&p.class));
+                    let statement = || view.get(name, &self.prepared).map(|p| fetches.runs(&p.class));
                     if let Err(why) = fetches.describe(target, name, statement) {
                         return Ok(Err(fetch_refusal(why)));
                     }
@@ -2514,7 +2517,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     };
                     refs.push(p.seq);
                     bound.push(portal);
-                    if let Err(why) = fetches.bind(portal, Runs::of(&p.class), self.masker.is_some()) {
+                    if let Err(why) = fetches.bind(portal, fetches.runs(&p.class), self.masker.is_some()) {
                         return Ok(Err(fetch_refusal(why)));
                     }
                     // Its Sync would be taken into the COPY: the proxy could not count answers.
