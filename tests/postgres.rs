@@ -1883,6 +1883,20 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         assert!(refused(&out), "{out}");
         assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     }
+    // A simple query needs no Describe: the server describes its result the same way. The
+    // portal's rows are stored by its Execute, so no error comes first (red team D).
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "", "FETCH ALL FROM c"],
+        ["B", "p1", ""],
+        ["E", "p1"],
+        ["S"],
+        ["Q", "CLOSE c"],
+        ["Q", "FETCH ALL FROM p1"]
+    ]));
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(refused(&out), "{out}");
+    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // Under masking the proxy describes portals itself. A Bind of a portal's name again fails
     // while it is open, and a savepoint brings the old portal back into use: it is still a
     // FETCH, so it is not described again, and its rows are masked whole.

@@ -594,10 +594,10 @@ const MAX_DO_DEPTH: usize = 3;
 /// anyway (the decoder stops at 100 levels), so refusing it early loses nothing.
 const MAX_NESTING: usize = 1000;
 
-/// Most tokens a text may have to be parsed. The parse tree takes about 2 KiB of the agent's
+/// Most tokens a text may have to be parsed. The parse tree takes about 3.5 KiB of the agent's
 /// memory and 25 µs per token of a dense text (`SELECT 1,1,1,...`): this bounds one
-/// classification at about 100 MB and a second or so. A bulk INSERT of 5,000 rows of four
-/// values is about this long; larger loads belong in COPY.
+/// classification at about 100-200 MB and a second or so. A bulk INSERT of 4,000 rows of four
+/// values fits (10 tokens a row); larger loads belong in COPY.
 pub const MAX_TOKENS: usize = 50_000;
 
 /// An upper bound of how deep a text's parse tree nests, from its tokens: brackets (`(`, `[`,

@@ -94,6 +94,28 @@ impl Fetches {
         !self.portals.is_empty() && self.portals.get(portal).is_some_and(|(p, _)| *p > idle)
     }
 
+    /// Why a simple query may not run, if it may not: the server sends its RowDescription
+    /// by describing what it fetched from, and a FETCH from a portal bound to a FETCH (read
+    /// from the rows that portal stored, so no error comes first) follows that portal's
+    /// cursor, which may be gone. Also through an SQL EXECUTE of such a FETCH (`executed`:
+    /// the session's statements).
+    pub fn chained<'c>(
+        &self,
+        c: &Classification,
+        idle: u64,
+        executed: impl Fn(&str) -> Option<&'c Classification>,
+    ) -> Option<String> {
+        if self.portals.is_empty() {
+            return None;
+        }
+        let b = self.batch(idle);
+        let nested = b.runs(c) == Runs::Nested
+            || c.executes.iter().any(|n| executed(n).is_some_and(|e| b.runs(e) == Runs::Nested));
+        nested.then(|| {
+            format!("a FETCH from a portal bound to a FETCH or EXECUTE may not run as a simple query ({CRASH})")
+        })
+    }
+
     /// Whether any such portal is remembered.
     pub fn any(&self) -> bool {
         !self.portals.is_empty()
@@ -361,6 +383,24 @@ mod tests {
         f.commit(b.changes(), 1);
         assert_eq!(f.batch(0).runs(&fetch_from("p1")), Runs::Nested);
         assert_eq!(f.batch(1).runs(&fetch_from("p1")), Runs::Fetch, "gone with its transaction");
+    }
+
+    #[test]
+    fn a_simple_query_fetching_from_a_fetch_portal_is_refused() {
+        let fetch_from =
+            |name: &str| Classification { fetch: true, fetches_from: [name.to_string()].into(), ..Default::default() };
+        let execute = |name: &str| Classification { executes: [name.to_string()].into(), ..Default::default() };
+        let mut f = Fetches::default();
+        let none = |_: &str| None;
+        assert!(f.chained(&fetch_from("p1"), 0, none).is_none());
+        let mut b = f.batch(0);
+        b.bind("p1", Runs::Fetch, false).unwrap();
+        f.commit(b.changes(), 1);
+        assert!(f.chained(&fetch_from("p1"), 0, none).is_some());
+        assert!(f.chained(&fetch_from("c"), 0, none).is_none(), "a cursor of the client's");
+        let fetch_p1 = fetch_from("p1");
+        assert!(f.chained(&execute("f"), 0, |_| Some(&fetch_p1)).is_some(), "EXECUTE of such a FETCH");
+        assert!(f.chained(&fetch_from("p1"), 1, none).is_none(), "gone with its transaction");
     }
 
     #[test]

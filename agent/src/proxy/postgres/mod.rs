@@ -1805,7 +1805,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     c
                 }
             },
-            None if text.len() > CLASSIFY_ELSEWHERE => Arc::new(classify_elsewhere(&text).await),
+            // Longer than `sql::MAX_TEXT_BYTES`: refused at once, unscanned.
+            None if (CLASSIFY_ELSEWHERE + 1..=sql::MAX_TEXT_BYTES).contains(&text.len()) => {
+                Arc::new(classify_elsewhere(&text).await)
+            }
             None => Arc::new(sql::classify(&text)),
         };
         let mut d = crate::policy::rules::judge(self.s.grant, &class);
@@ -2087,8 +2090,14 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     || p.class.prepares.contains(n)
                                     || self.forgotten.contains_key(n)
                             };
+                            let idle = self.both.progress.idle.load(Ordering::SeqCst);
+                            let chained =
+                                self.fetches.chained(&p.class, idle, |n| self.prepared.get(n).map(|s| &*s.class));
                             let held = match unknown_executed(&p.class, known) {
                                 Some(r) => Err(r),
+                                None if chained.is_some() => {
+                                    Err(Refusal { rule: FETCH_DESCRIBE.into(), message: chained })
+                                }
                                 None => {
                                     let executed = executed_holds(
                                         &p.class,
