@@ -1757,6 +1757,12 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
     let none = serde_json::json!({});
     let declare = serde_json::json!(["Q", "DECLARE c CURSOR FOR SELECT 1 AS a, 'x' AS b"]);
     let refused = |out: &str| out.contains("42501") && out.contains("fetch-describe");
+    // Runs a script as `bot`; the server must have survived it (a crash restarts every backend).
+    let run = |script: serde_json::Value| {
+        let out = raw(&env, &pg, none.clone(), script);
+        assert_eq!(pg.direct("SELECT 1"), "1", "the server is up after: {out}");
+        out
+    };
     // A statement parsed while the cursor was there, described after it was closed.
     let script = in_transaction(serde_json::json!([
         declare,
@@ -1767,9 +1773,8 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["S"],
         ["Q", "ROLLBACK"]
     ]));
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert!(refused(&out), "{out}");
-    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // A portal bound while the cursor was there, described after it was closed.
     let script = in_transaction(serde_json::json!([
         declare,
@@ -1782,10 +1787,9 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["S"],
         ["Q", "ROLLBACK"]
     ]));
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert!(refused(&out), "{out}");
     assert!(out.contains("C ROLLBACK") && !out.contains("57P"), "the session goes on: {out}");
-    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // Right after the Parse or the Bind (a Flush between, a FETCH's Bind between): answered.
     let script = in_transaction(serde_json::json!([
         declare,
@@ -1798,7 +1802,7 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["E", ""],
         ["S"]
     ]));
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert!(!refused(&out) && out.matches("\nT ").count() == 3 && out.contains("C FETCH 1"), "{out}");
     // A Describe after an Execute, or a portal of another statement: answered as before.
     let script = in_transaction(serde_json::json!([
@@ -1810,7 +1814,7 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["D", "S", "s"],
         ["S"]
     ]));
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert!(!refused(&out) && out.matches("\nT ").count() == 2, "{out}");
     // A portal bound to a FETCH in a transaction that has ended is gone: its name is free.
     let script = serde_json::json!([
@@ -1830,7 +1834,7 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["Q", "COMMIT"],
         ["X"]
     ]);
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert!(!refused(&out) && out.contains("C COMMIT"), "{out}");
     // A named FETCH statement the proxy forgot when it forwarded a DISCARD ALL, which the
     // server refused inside a transaction block: it may still be there (red team B).
@@ -1843,9 +1847,8 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["D", "S", "n"],
         ["S"]
     ]));
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert!(out.contains("25001") && refused(&out), "{out}");
-    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // SQL EXECUTE of a named FETCH statement: described with the description the FETCH had
     // when it was parsed, which crashes the server once the cursor is gone, even right after
     // the Bind. Refused while the session has a named FETCH statement.
@@ -1862,9 +1865,8 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["D", "S", "e"],
         ["S"]
     ]));
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert_eq!(out.matches("fetch-describe").count(), 2, "{out}");
-    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // A FETCH from a portal that is bound to a FETCH: the server describes it through that
     // portal's cursor, gone here, even right after the Parse or Bind (red team C).
     for describe in [serde_json::json!(["D", "S", ""]), serde_json::json!(["D", "P", "p2"])] {
@@ -1879,9 +1881,8 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
             describe,
             ["S"]
         ]));
-        let out = raw(&env, &pg, none.clone(), script);
+        let out = run(script);
         assert!(refused(&out), "{out}");
-        assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     }
     // A simple query needs no Describe: the server describes its result the same way. The
     // portal's rows are stored by its Execute, so no error comes first (red team D).
@@ -1894,9 +1895,8 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         ["Q", "CLOSE c"],
         ["Q", "FETCH ALL FROM p1"]
     ]));
-    let out = raw(&env, &pg, none.clone(), script);
+    let out = run(script);
     assert!(refused(&out), "{out}");
-    assert_eq!(pg.direct("SELECT 1"), "1", "the server is up");
     // Under masking the proxy describes portals itself. A Bind of a portal's name again fails
     // while it is open, and a savepoint brings the old portal back into use: it is still a
     // FETCH, so it is not described again, and its rows are masked whole.

@@ -177,6 +177,11 @@ pub struct Classification {
 }
 
 impl Classification {
+    /// A text that was not looked into, and why.
+    pub fn unparseable(why: String) -> Classification {
+        Classification { kinds: [Kind::Unparseable].into(), parse_error: Some(why), ..Default::default() }
+    }
+
     /// The prepared statement and cursor names it uses (PREPARE, EXECUTE, DEALLOCATE, DECLARE,
     /// CLOSE, FETCH).
     pub fn names(&self) -> Vec<&str> {
@@ -560,14 +565,10 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
 
 pub fn classify(sql: &str) -> Classification {
     if sql.len() > MAX_TEXT_BYTES {
-        return Classification {
-            kinds: [Kind::Unparseable].into(),
-            parse_error: Some(format!(
-                "the text is longer than {} MiB; it is not looked into (send large values as parameters)",
-                MAX_TEXT_BYTES >> 20
-            )),
-            ..Default::default()
-        };
+        return Classification::unparseable(format!(
+            "the text is longer than {} MiB; it is not looked into (send large values as parameters)",
+            MAX_TEXT_BYTES >> 20
+        ));
     }
     TOKENS_LEFT.set(MAX_TOKENS);
     classify_nested(sql, 0)
@@ -678,17 +679,11 @@ fn too_big(sql: &str, what: &str) -> Option<String> {
 
 fn classify_nested(sql: &str, depth: usize) -> Classification {
     if let Some(why) = too_big(sql, "the text") {
-        return Classification { kinds: [Kind::Unparseable].into(), parse_error: Some(why), ..Default::default() };
+        return Classification::unparseable(why);
     }
     let parsed = match pg_query::parse(sql) {
         Ok(p) => p,
-        Err(e) => {
-            return Classification {
-                kinds: [Kind::Unparseable].into(),
-                parse_error: Some(e.to_string()),
-                ..Default::default()
-            };
-        }
+        Err(e) => return Classification::unparseable(e.to_string()),
     };
     let mut c = Classification { statements: parsed.protobuf.stmts.len(), ..Default::default() };
     match serde_json::to_value(&parsed.protobuf) {
@@ -2152,10 +2147,7 @@ mod tests {
         let c = classify(&format!(
             "SELECT query_to_xml('SELECT {inner}', true, false, ''), query_to_xml('SELECT {inner}', true, false, '')"
         ));
-        assert!(
-            c.parse_error.as_deref().is_some_and(|e| e.contains("together") || e.contains("queries it runs")),
-            "{c:?}"
-        );
+        assert!(c.parse_error.as_deref().is_some_and(|e| e.contains("queries it runs")), "{c:?}");
         let c = classify(&format!("SELECT query_to_xml('SELECT {inner}', true, false, '')"));
         assert!(!c.kinds.contains(&Kind::Unparseable), "{:?}", c.parse_error);
         // And a text too long even to scan cheaply is not scanned.

@@ -99,11 +99,7 @@ async fn classify_elsewhere(text: &Arc<str>) -> sql::Classification {
         c
     })
     .await;
-    classified.unwrap_or_else(|e| sql::Classification {
-        kinds: [sql::Kind::Unparseable].into(),
-        parse_error: Some(format!("the classifier failed: {e}")),
-        ..Default::default()
-    })
+    classified.unwrap_or_else(|e| sql::Classification::unparseable(format!("the classifier failed: {e}")))
 }
 /// Longest statement text kept in an audit record.
 const MAX_AUDITED_SQL: usize = 16 << 10;
@@ -1785,10 +1781,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// forwarded. Texts of one shape are classified once per session.
     async fn judge(&mut self, text: &str) -> Result<Judgement, Stop> {
         let text: Arc<str> = Arc::from(text);
-        let shape = match text.len() > CLASSIFY_ELSEWHERE {
-            true => None,
-            false => sql::shape(&text),
-        };
+        let shape = (text.len() <= CLASSIFY_ELSEWHERE).then(|| sql::shape(&text)).flatten();
         let class = match shape {
             Some(key) => match self.cache.get(&key) {
                 Some(c) => c.clone(),
