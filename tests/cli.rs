@@ -68,6 +68,10 @@ fn help_explains_the_commands() {
     let (ok, out, _) = tollgate(&["run", "--help"]);
     assert!(ok);
     assert!(out.contains("--state-dir") && out.contains("/var/lib/tollgate") && out.contains("SIGHUP"), "{out}");
+    assert!(out.contains("--message-memory <MIB>") && out.contains("[default: 512]"), "{out}");
+    // A budget below one message of the protocol's largest size could never pass one.
+    let (ok, _, err) = tollgate(&["run", "--policy", "/nonexistent", "--message-memory", "63"]);
+    assert!(!ok && err.contains("invalid value '63' for '--message-memory <MIB>': 63 is not in 64..=1048576"), "{err}");
 }
 
 #[test]

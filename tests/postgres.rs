@@ -2026,6 +2026,120 @@ fn malformed_messages_are_answered_with_an_error_and_others_go_on() {
     assert!(status.status.success(), "{status:?}");
 }
 
+/// Sends the start of a simple Query of `size` bytes (its first `head` bytes), then, once
+/// the file `gate` exists, the rest and one more query; with `gate` "-" it only reads what
+/// comes back. Prints each error, row and ReadyForQuery.
+const HALF_CLIENT: &str = r#"
+import os, socket, struct, sys, time
+port, size, head, gate = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+s = socket.create_connection(("127.0.0.1", port))
+s.settimeout(20)
+body = struct.pack("!i", 196608) + b"user\0bot\0database\0postgres\0\0"
+s.sendall(struct.pack("!i", len(body) + 4) + body)
+def msg(tag, payload):
+    return tag.encode() + struct.pack("!i", len(payload) + 4) + payload
+buf = b""
+def answers(until_ready):
+    global buf
+    while True:
+        while len(buf) >= 5:
+            tag, n = buf[:1].decode(), struct.unpack("!i", buf[1:5])[0]
+            if len(buf) < 1 + n:
+                break
+            payload, buf = buf[5:1 + n], buf[1 + n:]
+            if tag == "E":
+                fields = dict((f[:1].decode(), f[1:].decode()) for f in payload.split(b"\0") if f)
+                print("E", fields.get("C", ""), fields.get("M", ""), flush=True)
+            elif tag in "DZ":
+                print(tag, payload[:40], flush=True)
+            if tag == "Z" and until_ready:
+                return
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            print("TIMEOUT", flush=True)
+            return
+        if not d:
+            print("CLOSED", flush=True)
+            return
+        buf += d
+answers(True)
+big = msg("Q", b"SELECT 1 -- " + b"x" * (size - 18) + b"\0")
+s.sendall(big[:head])
+print("SENT", flush=True)
+if gate == "-":
+    answers(False)
+    sys.exit(0)
+while not os.path.exists(gate):
+    time.sleep(0.05)
+s.sendall(big[head:])
+answers(True)
+s.sendall(msg("Q", b"SELECT 'after'\0"))
+answers(True)
+s.sendall(msg("X", b""))
+"#;
+
+/// Sessions buffer large messages within one budget (`--message-memory`): a session whose
+/// message (sent, or asked of the server) the budget cannot cover ends with 53200, the others
+/// go on, and what a session held is given back when its message is through.
+#[test]
+fn large_messages_share_one_memory_budget_and_others_go_on() {
+    use std::io::{BufRead, Read};
+    if !privileged("large_messages_share_one_memory_budget_and_others_go_on") {
+        return;
+    }
+    let pg = Postgres::start();
+    let mut env = Env::new("pg-memory");
+    env.write_policy(&policy(&env, &pg, None));
+    env.start_agent_with(&["--message-memory", "64"]);
+    let port = pg.port.to_string();
+    let size = (40 << 20).to_string();
+    let gate = env.dir.path().join("go");
+    let gate_arg = gate.display().to_string();
+    // A sends 256 KiB of a 40 MiB query and waits: it holds 40 MiB of the budget's 64 from its
+    // header on.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut a =
+        Killed(env.spawn_in("bot", &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &size, "262144", &gate_arg]));
+    let mut a_out = std::io::BufReader::new(a.0.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim() != "SENT" {
+        line.clear();
+        assert!(a_out.read_line(&mut line).unwrap() > 0, "the first client ended early");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // B's 40 MiB query does not fit beside it: refused at its header.
+    let b = env.run_in("bot", &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &size, "100", "-"]);
+    let b = String::from_utf8_lossy(&b.stdout).to_string();
+    assert!(b.contains("E 53200 tollgate: the agent's memory for large messages is spent (40 of 64 MiB"), "{b}");
+    assert!(b.trim_end().ends_with("CLOSED"), "{b}");
+    // Nor does a 30 MB row asked of the server; short statements go on meanwhile.
+    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT repeat('x', 30000000)");
+    assert!(
+        !ok && err.contains("FATAL:  tollgate: the agent's memory for large messages is spent"),
+        "{out:.200} {err}"
+    );
+    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT 'still served', length(repeat('x', 30000000))");
+    assert!(ok && out == "still served|30000000", "{out} {err}");
+    // A's query goes through whole (and is refused for its length, as any text over 1 MiB),
+    // and its session goes on.
+    std::fs::write(&gate, "").unwrap();
+    let mut rest = String::new();
+    a_out.read_to_string(&mut rest).unwrap();
+    assert!(a.0.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("E 42501") && !rest.contains("53200"), "{rest}");
+    assert!(rest.contains("D b'\\x00\\x01\\x00\\x00\\x00\\x05after'"), "{rest}");
+    // What A held is free again.
+    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT repeat('x', 30000000)");
+    assert!(ok && out.len() == 30_000_000, "{} {err}", out.len());
+}
+
 #[test]
 fn notices_notifications_and_parameter_changes_reach_the_client() {
     if !privileged("notices_notifications_and_parameter_changes_reach_the_client") {

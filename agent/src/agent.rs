@@ -64,6 +64,8 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// Event loops for sessions (`proxy::loops`): 1 runs them all on the caller's runtime.
     pub threads: usize,
+    /// Bytes of large messages the sessions may buffer together (`proxy::memory`).
+    pub message_memory: usize,
 }
 
 /// Resolves each resource's address (host names via the system resolver). A resource that
@@ -330,7 +332,8 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     let ids = state.read_ids()?;
     let placeholder = Arc::new(View { policy: policy.clone(), ids: ids.clone() });
     let authority = crate::tls::Authority::load_or_create(&state.root.join("tls"))?;
-    let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins, state.mask_key()?, authority));
+    let memory = proxy::memory::MessageMemory::new(options.message_memory);
+    let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins, state.mask_key()?, authority, memory));
     let mut agent = Agent {
         options,
         state,

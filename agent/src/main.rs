@@ -11,6 +11,7 @@ use tollgate::{
     agent, audit, cgroup,
     kernel::{Counters, Pins},
     policy::{self, CgroupPath},
+    proxy,
     state::{DEFAULT_STATE_DIR, StateDir},
 };
 
@@ -49,6 +50,13 @@ enum Command {
         /// writer and the timers always have threads of their own.
         #[arg(long, value_name = "N", env = "TOLLGATE_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: Option<u16>,
+        /// MiB of large protocol messages the sessions may hold together. Each session reads a
+        /// message whole (up to the protocol's 64 MiB) before it judges or masks it; past
+        /// 256 KiB per direction it draws on this budget, and a session whose message the
+        /// budget cannot cover ends with SQLSTATE 53200, while every other session goes on.
+        #[arg(long, value_name = "MIB", env = "TOLLGATE_MESSAGE_MEMORY", default_value_t = (proxy::memory::DEFAULT_BUDGET >> 20) as u32,
+              value_parser = clap::value_parser!(u32).range((proxy::memory::MIN_BUDGET >> 20) as i64..=1 << 20))]
+        message_memory: u32,
     },
     /// Run a command inside a cgroup (created if needed), so it is enforced as that identity.
     ///
@@ -216,7 +224,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { policy, state_dir, log_format, threads } => {
+        Command::Run { policy, state_dir, log_format, threads, message_memory } => {
             init_logging(log_format);
             raise_open_files();
             // Single-threaded runtimes only: a work-stealing scheduler costs CPU per wake-up
@@ -227,7 +235,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)), usize::from);
-            rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir, threads }))?;
+            let message_memory = message_memory as usize * (1 << 20);
+            rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir, threads, message_memory }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Exec { cgroup, command } => exec(&cgroup, &command),

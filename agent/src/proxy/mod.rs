@@ -2,6 +2,7 @@
 //! the grant, records the session and dispatches to the resource's protocol handler.
 pub mod conn;
 pub mod loops;
+pub mod memory;
 pub mod postgres;
 pub mod tcp;
 
@@ -71,6 +72,8 @@ pub struct Shared {
     maskers: Maskers,
     /// The agent's CA for client-side TLS, and cached TLS configurations.
     pub tls: crate::tls::Authority,
+    /// What sessions may buffer of large messages, together.
+    pub memory: Arc<memory::MessageMemory>,
     next_session: AtomicU64,
 }
 
@@ -81,6 +84,7 @@ impl Shared {
         origins: Origins,
         mask_key: [u8; 32],
         tls: crate::tls::Authority,
+        memory: Arc<memory::MessageMemory>,
     ) -> Self {
         Self {
             view: RwLock::new(view),
@@ -91,6 +95,7 @@ impl Shared {
             mask_key,
             maskers: Default::default(),
             tls,
+            memory,
             next_session: AtomicU64::new(1),
         }
     }
@@ -259,6 +264,7 @@ async fn handle(
                 resource: res,
                 authority: &shared.tls,
                 statement_audit: policy.statement_audit,
+                memory: &shared.memory,
             };
             let outcome = postgres::serve(client, pg, &stop).await;
             let login = outcome.upstream_auth.as_deref().map(|a| format!("upstream login {a}; ")).unwrap_or_default();

@@ -36,7 +36,10 @@ use self::{
     track::{Op, Tracker},
     wire::{Frame, Startup},
 };
-use super::conn::{self, Conn};
+use super::{
+    conn::{self, Conn},
+    memory::{Draw, MessageMemory},
+};
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
     audit::{Approved, AuditLog, Cut, Kind, Record, Refs, ResultBase, ResultRecord, StatementBase, StatementRecord},
@@ -112,6 +115,7 @@ const SQLSTATE_PROTOCOL: &str = "08P01";
 const SQLSTATE_CONNECTION: &str = "08006";
 const SQLSTATE_REJECTED: &str = "08004";
 const SQLSTATE_SHUTDOWN: &str = "57P01";
+const SQLSTATE_OUT_OF_MEMORY: &str = "53200";
 
 /// Startup parameters passed on to the server. Others (`options`, `replication`,
 /// `standard_conforming_strings`...) could make the server read or run things differently from
@@ -396,6 +400,7 @@ pub struct Session<'a> {
     pub resource: &'a Resource,
     pub authority: &'a crate::tls::Authority,
     pub statement_audit: StatementAudit,
+    pub memory: &'a Arc<MessageMemory>,
 }
 
 #[derive(Debug, Default)]
@@ -686,7 +691,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let completions = Arc::new(Completions::default());
     let results = Results::new(s.audit.clone(), result_base, expect_rx, completions.clone());
     let both = Arc::new(Both { stand_in: StandIn::new(s.id), progress: Progress::default() });
-    let down = tokio::spawn(downstream(up_r, up.leftover, client_w, inject_rx, results, masking, both.clone()));
+    let server = FromServer { up: up_r, buf: up.leftover, draw: Draw::new(s.memory.clone()) };
+    let down = tokio::spawn(downstream(server, client_w, inject_rx, results, masking, both.clone()));
     let mut side = ClientSide {
         s: &s,
         masker,
@@ -696,6 +702,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         client: client_r,
         client_fd,
         buf: BytesMut::new(),
+        draw: Draw::new(s.memory.clone()),
+        batched: 0,
         to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
         syncs: 0,
         prepared: Statements::default(),
@@ -1129,17 +1137,25 @@ struct ToDownstream {
     ops: Option<mpsc::UnboundedSender<Op>>,
 }
 
+/// The server connection as the server side reads it: what was read past the login, and the
+/// draw on the budget for large messages that what it buffers takes.
+struct FromServer<R> {
+    up: R,
+    buf: BytesMut,
+    draw: Draw,
+}
+
 /// Server -> client: relays frames (masking them when the grant says so), tracks ReadyForQuery,
 /// and puts the proxy's own answers (denials, protocol errors) in their place in the stream.
 async fn downstream(
-    mut up: impl AsyncRead + Unpin,
-    mut buf: BytesMut,
+    server: FromServer<impl AsyncRead + Unpin>,
     mut client: impl AsyncWrite + Unpin,
     mut notes: mpsc::UnboundedReceiver<Note>,
     mut results: Results,
     mut masking: Option<(Tracker, mpsc::UnboundedReceiver<Op>)>,
     both: Arc<Both>,
 ) -> std::io::Result<()> {
+    let FromServer { mut up, mut buf, mut draw } = server;
     let (stand_in, progress) = (&both.stand_in, &both.progress);
     let mut ready_seen = 0u64;
     // The last of those answered outside a transaction.
@@ -1310,6 +1326,14 @@ async fn downstream(
         // between server and client.
         for t in finished.drain(..) {
             results.record(t);
+        }
+        // A large answer is covered by its declared length before it is read on (a client may
+        // ask the server for many).
+        if let Err(e) = draw.cover(wire::declared(&buf)) {
+            let msg = format!("tollgate: {e}");
+            wire::fatal_response(SQLSTATE_OUT_OF_MEMORY, &msg).encode(&mut out);
+            client.write_all(&out).await?;
+            return Err(std::io::Error::other(e));
         }
         trim(&mut buf);
         // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
@@ -1652,6 +1676,10 @@ struct ClientSide<'s, 'a, R> {
     /// `client`'s socket, to notice it closing while `buf` is too full to read on.
     client_fd: RawFd,
     buf: BytesMut,
+    /// What `buf` and the batch hold of the budget for large messages.
+    draw: Draw,
+    /// Bytes of the extended-protocol batch read so far and not yet forwarded or refused.
+    batched: usize,
     to_down: ToDownstream,
     /// Sync points forwarded so far; injections are placed after this many answers.
     syncs: u64,
@@ -1768,6 +1796,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         loop {
             if let Some(f) = wire::decode(&mut self.buf)? {
                 return Ok(Some(f));
+            }
+            // Covered by its declared length before its bytes come: a client that sends the
+            // start of a large message and waits holds its share from then on.
+            if let Err(e) = self.draw.cover(wire::declared(&self.buf) + self.batched) {
+                return Err(self.tell(SQLSTATE_OUT_OF_MEMORY, &format!("tollgate: {e}")));
             }
             trim(&mut self.buf);
             self.buf.reserve(READ_CHUNK);
@@ -1949,7 +1982,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         tokio::pin!(deadline);
         let mut look = crate::timer::interval(PEER_LOOK);
         let verdict = loop {
-            let full = self.buf.len() >= wire::MAX_MESSAGE;
+            let full = self.buf.len() >= wire::MAX_MESSAGE
+                || self.draw.cover(self.buf.len() + READ_CHUNK + self.batched).is_err();
             tokio::select! {
                 v = &mut ticket.rx => break v.unwrap_or(Verdict::Cancelled),
                 _ = &mut deadline => break Verdict::TimedOut,
@@ -2038,7 +2072,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     async fn relay(&mut self, mut up: impl AsyncWrite + Unpin) -> Result<(), Stop> {
         let mut batch: Vec<Frame> = Vec::new();
-        let mut batch_bytes = 0usize;
         let mut skip_until_sync = false;
         let mut wbuf = BytesMut::new();
         // Kept across frames (like `batch`): no allocation per transaction.
@@ -2137,8 +2170,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     if !skip_until_sync {
-                        batch_bytes += frame.body.len();
-                        if batch.len() >= MAX_BATCH || batch_bytes > wire::MAX_MESSAGE {
+                        self.batched += frame.body.len();
+                        if batch.len() >= MAX_BATCH || self.batched > wire::MAX_MESSAGE {
                             let msg = format!(
                                 "tollgate: more than {MAX_BATCH} messages or {} bytes without Sync or Flush",
                                 wire::MAX_MESSAGE
@@ -2158,7 +2191,6 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'H' | b'S' => {
                     let is_sync = frame.tag == b'S';
-                    batch_bytes = 0;
                     match self.judge_batch(&batch, is_sync).await? {
                         Ok(Judged { mut refs, mut approvals, parsed, fetches }) => {
                             // A Flush alone leaves the server where it was.
@@ -2235,6 +2267,10 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 if batch.is_empty() && batch.capacity() > 1024 {
                     batch.shrink_to(64);
                 }
+            }
+            // Forwarded (written whole) or refused.
+            if batch.is_empty() {
+                self.batched = 0;
             }
         }
     }
@@ -3051,7 +3087,9 @@ mod tests {
         let (client_proxy, mut client) = tokio::io::duplex(4096);
         let stand_in = StandIn(STAND_IN.into());
         let both = Arc::new(Both { stand_in, progress: Progress::default() });
-        let down = tokio::spawn(downstream(up_proxy, BytesMut::new(), client_proxy, inject_rx, results, masking, both));
+        let draw = Draw::new(MessageMemory::new(crate::proxy::memory::MIN_BUDGET));
+        let server = FromServer { up: up_proxy, buf: BytesMut::new(), draw };
+        let down = tokio::spawn(downstream(server, client_proxy, inject_rx, results, masking, both));
         let mut got = BytesMut::new();
         let (mut up, mut inject_tx) = (Some(up), Some(inject_tx));
         let last = stages.len() - 1;

@@ -145,6 +145,13 @@ pub fn peek(buf: &[u8]) -> Result<Option<(u8, usize)>, WireError> {
     Ok(Some((buf[0], 1 + len)))
 }
 
+/// The bytes the frame at the front of `buf` takes whole, by its declared length: what a
+/// reader holds once it is in (`buf.len()` while the length itself is not; `peek` judges it).
+pub fn declared(buf: &[u8]) -> usize {
+    let declared = buf.get(1..5).map_or(0, |len| i32::from_be_bytes(len.try_into().unwrap()).max(0) as usize + 1);
+    declared.max(buf.len())
+}
+
 /// Splits one frame off the front of `buf` if a whole one is there.
 pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
     let Some((tag, len)) = peek(buf)? else { return Ok(None) };
@@ -462,6 +469,15 @@ mod tests {
         let f = fatal_response("08P01", "bad");
         assert_eq!(&f.body[..], b"SFATAL\0VFATAL\0C08P01\0Mbad\0\0");
         assert_eq!(&error_response("42501", "no", None, None).body[..2], b"SE");
+    }
+
+    #[test]
+    fn a_frame_in_progress_counts_by_its_declared_length() {
+        assert_eq!(declared(b""), 0);
+        assert_eq!(declared(b"Q\0\0"), 3, "length not in yet: what is there");
+        assert_eq!(declared(b"Q\x00\x28\x00\x04abc"), (40 << 16) + 5);
+        assert_eq!(declared(b"Q\xff\xff\xff\xff"), 5, "an invalid length is peek's to refuse");
+        assert_eq!(declared(b"Q\x00\x00\x00\x04Z\x00"), 7, "never less than what is held");
     }
 
     #[test]

@@ -1,0 +1,178 @@
+//! The agent-wide budget for buffering large protocol messages, shared by every session.
+//!
+//! A proxy that reads each message whole before it judges or masks it holds up to the
+//! protocol's 64 MiB per message, for as long as the sender takes to finish it. Without a
+//! common bound a few sessions that send, or ask the server for, large messages (or send all
+//! but the last byte of one and wait) take the agent's memory, and with it every other
+//! session. Each direction of a session buffers up to `FREE` bytes on its own; past that it
+//! draws on the budget before it reads on, and is refused when the budget is spent.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+/// What one direction of a session may buffer without drawing on the budget: ordinary
+/// statements and rows never touch the shared counter.
+pub const FREE: usize = 256 << 10;
+
+/// The smallest budget the agent accepts: one message of the protocol's largest size.
+pub const MIN_BUDGET: usize = super::postgres::wire::MAX_MESSAGE;
+
+/// The budget when the operator sets none.
+pub const DEFAULT_BUDGET: usize = 512 << 20;
+
+/// Bytes of large messages the agent's sessions may hold at once.
+#[derive(Debug)]
+pub struct MessageMemory {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl MessageMemory {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self { limit, used: AtomicUsize::new(0) })
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes drawn now.
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&after| after <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// The budget could not cover what a session was about to buffer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the agent's memory for large messages is spent ({in_use_mib} of {limit_mib} MiB held by open sessions): \
+     a message of {wanted_mib} MiB cannot be buffered now; retry later, or have the agent's operator raise \
+     `tollgate run --message-memory`"
+)]
+pub struct Exhausted {
+    pub wanted_mib: usize,
+    pub in_use_mib: usize,
+    pub limit_mib: usize,
+}
+
+/// One direction's draw on the budget, given back as the direction buffers less and when it
+/// is dropped (the session ends).
+#[derive(Debug)]
+pub struct Draw {
+    memory: Arc<MessageMemory>,
+    held: usize,
+}
+
+impl Draw {
+    pub fn new(memory: Arc<MessageMemory>) -> Self {
+        Self { memory, held: 0 }
+    }
+
+    /// Makes the draw match a direction that buffers `bytes` now (a message in progress by its
+    /// declared length, and whole messages not yet passed on): `Err` when the budget cannot
+    /// cover the growth, and then the draw is as it was.
+    pub fn cover(&mut self, bytes: usize) -> Result<(), Exhausted> {
+        let want = bytes.saturating_sub(FREE);
+        if want <= self.held {
+            if want < self.held {
+                self.memory.give(self.held - want);
+                self.held = want;
+            }
+            return Ok(());
+        }
+        if !self.memory.take(want - self.held) {
+            const MIB: usize = 1 << 20;
+            return Err(Exhausted {
+                wanted_mib: bytes.div_ceil(MIB),
+                in_use_mib: self.memory.in_use().div_ceil(MIB),
+                limit_mib: self.memory.limit / MIB,
+            });
+        }
+        self.held = want;
+        Ok(())
+    }
+}
+
+impl Drop for Draw {
+    fn drop(&mut self) {
+        if self.held > 0 {
+            self.memory.give(self.held);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn small_buffers_never_draw() {
+        let m = MessageMemory::new(MIN_BUDGET);
+        let mut d = Draw::new(m.clone());
+        d.cover(FREE).unwrap();
+        assert_eq!(m.in_use(), 0);
+        d.cover(FREE + 1).unwrap();
+        assert_eq!(m.in_use(), 1, "only what is past the free share");
+    }
+
+    #[test]
+    fn draws_grow_shrink_and_are_given_back_on_drop() {
+        let m = MessageMemory::new(100 * MIB);
+        let mut a = Draw::new(m.clone());
+        let mut b = Draw::new(m.clone());
+        a.cover(60 * MIB + FREE).unwrap();
+        assert_eq!(m.in_use(), 60 * MIB);
+        let refused = b.cover(50 * MIB).unwrap_err();
+        assert_eq!(refused, Exhausted { wanted_mib: 50, in_use_mib: 60, limit_mib: 100 });
+        assert!(refused.to_string().contains("--message-memory"), "{refused}");
+        assert_eq!(m.in_use(), 60 * MIB, "a refused draw takes nothing");
+        b.cover(40 * MIB + FREE).unwrap();
+        assert_eq!(m.in_use(), 100 * MIB, "the whole budget may be used");
+        a.cover(10).unwrap();
+        assert_eq!(m.in_use(), 40 * MIB, "a direction that buffers less gives back");
+        drop(b);
+        assert_eq!(m.in_use(), 0);
+        a.cover(100 * MIB + FREE).unwrap();
+        drop(a);
+        assert_eq!(m.in_use(), 0);
+    }
+
+    #[test]
+    fn concurrent_draws_never_exceed_the_budget() {
+        let m = MessageMemory::new(64 * MIB);
+        let peak = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (m, peak) = (m.clone(), peak.clone());
+                std::thread::spawn(move || {
+                    let mut d = Draw::new(m.clone());
+                    for n in 0..2_000usize {
+                        let _ = d.cover(FREE + ((n * 7 + i) % 24) * MIB);
+                        peak.fetch_max(m.in_use(), Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(peak.load(Ordering::Relaxed) <= 64 * MIB);
+        assert_eq!(m.in_use(), 0, "every draw given back");
+    }
+}
