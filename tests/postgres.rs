@@ -2027,8 +2027,9 @@ fn malformed_messages_are_answered_with_an_error_and_others_go_on() {
 }
 
 /// Sends the start of a simple Query of `size` bytes (its first `head` bytes), then, once
-/// the file `gate` exists, the rest and one more query; with `gate` "-" it only reads what
-/// comes back. Prints each error, row and ReadyForQuery.
+/// the file `gate` exists, the rest; then the first byte of one more query, and the rest of
+/// that once `gate` + "2" exists. With `gate` "-" it only reads what comes back. Prints each
+/// error, row and ReadyForQuery.
 const HALF_CLIENT: &str = r#"
 import os, socket, struct, sys, time
 port, size, head, gate = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -2074,7 +2075,12 @@ while not os.path.exists(gate):
     time.sleep(0.05)
 s.sendall(big[head:])
 answers(True)
-s.sendall(msg("Q", b"SELECT 'after'\0"))
+after = msg("Q", b"SELECT 'after'\0")
+s.sendall(after[:1])
+print("PARTIAL", flush=True)
+while not os.path.exists(gate + "2"):
+    time.sleep(0.05)
+s.sendall(after[1:])
 answers(True)
 s.sendall(msg("X", b""))
 "#;
@@ -2128,16 +2134,34 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
     let (out, err, ok) = psql(&env, &pg, "bot", "SELECT 'still served', length(repeat('x', 30000000))");
     assert!(ok && out == "still served|30000000", "{out} {err}");
     // A's query goes through whole (and is refused for its length, as any text over 1 MiB),
-    // and its session goes on.
+    // and its session goes on. Once through, the message's memory is let go with its share of
+    // the budget, though the start of A's next message is in the buffer that held it.
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", env.agent_pid())).unwrap();
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+        kib.trim().trim_end_matches(" kB").parse::<u64>().unwrap() << 10
+    };
+    let before = rss();
     std::fs::write(&gate, "").unwrap();
-    let mut rest = String::new();
+    let mut seen = String::new();
+    while line.trim() != "PARTIAL" {
+        line.clear();
+        assert!(a_out.read_line(&mut line).unwrap() > 0, "the first client ended early");
+        seen += &line;
+    }
+    let started = std::time::Instant::now();
+    while rss() > before + (16 << 20) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{} MiB held", (rss() - before) >> 20);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT repeat('x', 30000000)");
+    assert!(ok && out.len() == 30_000_000, "{} {err}", out.len());
+    std::fs::write(format!("{gate_arg}2"), "").unwrap();
+    let mut rest = seen;
     a_out.read_to_string(&mut rest).unwrap();
     assert!(a.0.wait().unwrap().success(), "{rest}");
     assert!(rest.contains("E 42501") && !rest.contains("53200"), "{rest}");
     assert!(rest.contains("D b'\\x00\\x01\\x00\\x00\\x00\\x05after'"), "{rest}");
-    // What A held is free again.
-    let (out, err, ok) = psql(&env, &pg, "bot", "SELECT repeat('x', 30000000)");
-    assert!(ok && out.len() == 30_000_000, "{} {err}", out.len());
 }
 
 #[test]

@@ -235,7 +235,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)), usize::from);
-            let message_memory = message_memory as usize * (1 << 20);
+            let message_memory = usize::try_from(u64::from(message_memory) << 20)
+                .context("--message-memory is more than this platform can address")?;
             rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir, threads, message_memory }))?;
             Ok(ExitCode::SUCCESS)
         }

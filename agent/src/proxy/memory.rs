@@ -82,6 +82,11 @@ impl Draw {
         Self { memory, held: 0 }
     }
 
+    /// Whether the direction holds more than its free share.
+    pub fn holds(&self) -> bool {
+        self.held > 0
+    }
+
     /// Makes the draw match a direction that buffers `bytes` now (a message in progress by its
     /// declared length, and whole messages not yet passed on): `Err` when the budget cannot
     /// cover the growth, and then the draw is as it was.

@@ -38,7 +38,7 @@ use self::{
 };
 use super::{
     conn::{self, Conn},
-    memory::{Draw, MessageMemory},
+    memory::{self, Draw, Exhausted, MessageMemory},
 };
 use crate::{
     approval::{Approvals, Request, Verdict, notify},
@@ -72,6 +72,22 @@ fn trim(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
         *buf = BytesMut::new();
     }
+}
+
+/// Readies `buf` for the next read of a session's direction that holds `batched` bytes of
+/// whole messages besides: covers the message in progress by its declared length, gives a large
+/// one an allocation of its own size at once (no doublings on the way), and lets go of a large
+/// allocation once its message is through (what follows it is copied out), so the memory goes
+/// back with the budget's share.
+fn ready_buffer(buf: &mut BytesMut, draw: &mut Draw, batched: usize) -> Result<(), Exhausted> {
+    let declared = wire::declared(buf);
+    if declared <= memory::FREE && draw.holds() {
+        *buf = BytesMut::from(&buf[..]);
+    }
+    draw.cover(declared + batched)?;
+    trim(buf);
+    buf.reserve(if declared > memory::FREE { declared - buf.len() } else { READ_CHUNK });
+    Ok(())
 }
 
 /// Distinct statement shapes whose classification a session keeps, and most bytes of their
@@ -1268,7 +1284,11 @@ async fn downstream(
                         .await
                         .map_err(std::io::Error::other)?;
                         *tracker = t;
-                        out.extend_from_slice(&masked);
+                        if out.is_empty() {
+                            out = masked;
+                        } else {
+                            out.extend_from_slice(&masked);
+                        }
                         relayed
                     } else if tag == b'D' {
                         // Rows, the bulk of a result: masked straight into the output.
@@ -1328,16 +1348,14 @@ async fn downstream(
             results.record(t);
         }
         // A large answer is covered by its declared length before it is read on (a client may
-        // ask the server for many).
-        if let Err(e) = draw.cover(wire::declared(&buf)) {
+        // ask the server for many). Room is made for the next read too: a full buffer makes
+        // read_buf ask for 64 bytes, one syscall per small row.
+        if let Err(e) = ready_buffer(&mut buf, &mut draw, 0) {
             let msg = format!("tollgate: {e}");
             wire::fatal_response(SQLSTATE_OUT_OF_MEMORY, &msg).encode(&mut out);
             client.write_all(&out).await?;
             return Err(std::io::Error::other(e));
         }
-        trim(&mut buf);
-        // A full buffer makes read_buf ask for 64 bytes: one syscall per small row.
-        buf.reserve(READ_CHUNK);
         // Notes are taken at the top of the loop whichever branch wakes it, so the order of the
         // branches does not matter: no random draw per wake-up.
         tokio::select! {
@@ -1799,11 +1817,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
             // Covered by its declared length before its bytes come: a client that sends the
             // start of a large message and waits holds its share from then on.
-            if let Err(e) = self.draw.cover(wire::declared(&self.buf) + self.batched) {
+            if let Err(e) = ready_buffer(&mut self.buf, &mut self.draw, self.batched) {
                 return Err(self.tell(SQLSTATE_OUT_OF_MEMORY, &format!("tollgate: {e}")));
             }
-            trim(&mut self.buf);
-            self.buf.reserve(READ_CHUNK);
             if self.client.read_buf(&mut self.buf).await.map_err(Stop::Client)? == 0 {
                 return Ok(None);
             }
@@ -2255,7 +2271,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
             if !forward.is_empty() {
                 for f in forward.drain(..) {
-                    f.encode(&mut wbuf);
+                    if f.body.len() <= memory::FREE {
+                        f.encode(&mut wbuf);
+                        continue;
+                    }
+                    // A large message goes out from where it is: a copy would double it.
+                    f.encode_header(&mut wbuf);
+                    up.write_all(&wbuf).await.map_err(Stop::Server)?;
+                    wbuf.clear();
+                    up.write_all(&f.body).await.map_err(Stop::Server)?;
                 }
                 up.write_all(&wbuf).await.map_err(Stop::Server)?;
                 wbuf.clear();

@@ -119,9 +119,14 @@ pub struct Frame {
 
 impl Frame {
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_header(out);
+        out.extend_from_slice(&self.body);
+    }
+
+    /// The tag and length alone, for a body written from where it is.
+    pub fn encode_header(&self, out: &mut BytesMut) {
         out.put_u8(self.tag);
         out.put_i32(self.body.len() as i32 + 4);
-        out.extend_from_slice(&self.body);
     }
 }
 
