@@ -2098,12 +2098,15 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
     let mut env = Env::new("pg-memory");
     env.write_policy(&policy(&env, &pg, None));
     env.start_agent_with(&["--message-memory", "64"]);
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", env.agent_pid())).unwrap();
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+        kib.trim().trim_end_matches(" kB").parse::<u64>().unwrap() << 10
+    };
+    let at_start = rss();
     let port = pg.port.to_string();
-    let size = (40 << 20).to_string();
     let gate = env.dir.path().join("go");
     let gate_arg = gate.display().to_string();
-    // A sends 256 KiB of a 40 MiB query and waits: it holds 40 MiB of the budget's 64 from its
-    // header on.
     struct Killed(std::process::Child);
     impl Drop for Killed {
         fn drop(&mut self) {
@@ -2111,19 +2114,30 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
             let _ = self.0.wait();
         }
     }
-    let mut a =
-        Killed(env.spawn_in("bot", &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &size, "262144", &gate_arg]));
-    let mut a_out = std::io::BufReader::new(a.0.stdout.take().unwrap());
+    // Starts a client that sends `head` bytes of a query of `size` and waits.
+    let half = |size: usize, head: usize, gate: &str| {
+        let (size, head) = (size.to_string(), head.to_string());
+        let mut c = Killed(env.spawn_in("bot", &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &size, &head, gate]));
+        let mut out = std::io::BufReader::new(c.0.stdout.take().unwrap());
+        let mut line = String::new();
+        while line.trim() != "SENT" {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "a client ended early");
+        }
+        // Until the agent has read what was sent.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        (c, out)
+    };
+    // H announces 64 MiB and sends 100 bytes: it holds what came and 1 MiB ahead, less its free
+    // 256 KiB, not what its header announced.
+    let h = half(64 << 20, 100, "-");
+    // A sends 62 MiB of a 64 MiB query and waits: with H, it holds all but 0.5 MiB of the budget.
+    let (mut a, mut a_out) = half(64 << 20, 62 << 20, &gate_arg);
     let mut line = String::new();
-    while line.trim() != "SENT" {
-        line.clear();
-        assert!(a_out.read_line(&mut line).unwrap() > 0, "the first client ended early");
-    }
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    // B's 40 MiB query does not fit beside it: refused at its header.
-    let b = env.run_in("bot", &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &size, "100", "-"]);
+    // B's 40 MiB query does not fit beside it: refused once its first MiB cannot be covered.
+    let b = env.run_in("bot", &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &(40 << 20).to_string(), "100", "-"]);
     let b = String::from_utf8_lossy(&b.stdout).to_string();
-    assert!(b.contains("E 53200 tollgate: the agent's memory for large messages is spent (40 of 64 MiB"), "{b}");
+    assert!(b.contains("E 53200 tollgate: the agent's memory for large messages is spent (64 of 64 MiB"), "{b}");
     assert!(b.trim_end().ends_with("CLOSED"), "{b}");
     // Nor does a 30 MB row asked of the server; short statements go on meanwhile.
     let (out, err, ok) = psql(&env, &pg, "bot", "SELECT repeat('x', 30000000)");
@@ -2133,15 +2147,12 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
     );
     let (out, err, ok) = psql(&env, &pg, "bot", "SELECT 'still served', length(repeat('x', 30000000))");
     assert!(ok && out == "still served|30000000", "{out} {err}");
-    // A's query goes through whole (and is refused for its length, as any text over 1 MiB),
-    // and its session goes on. Once through, the message's memory is let go with its share of
-    // the budget, though the start of A's next message is in the buffer that held it.
-    let rss = || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", env.agent_pid())).unwrap();
-        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
-        kib.trim().trim_end_matches(" kB").parse::<u64>().unwrap() << 10
-    };
-    let before = rss();
+    // With H gone, A's query goes through whole (and is refused for its length, as any text
+    // over 1 MiB), and its session goes on. Once through, the message's memory is let go with
+    // its share of the budget, though the start of A's next message is in the buffer that held
+    // it.
+    drop(h);
+    std::thread::sleep(std::time::Duration::from_secs(1));
     std::fs::write(&gate, "").unwrap();
     let mut seen = String::new();
     while line.trim() != "PARTIAL" {
@@ -2150,8 +2161,8 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
         seen += &line;
     }
     let started = std::time::Instant::now();
-    while rss() > before + (16 << 20) {
-        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{} MiB held", (rss() - before) >> 20);
+    while rss() > at_start + (16 << 20) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{} MiB held", (rss() - at_start) >> 20);
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let (out, err, ok) = psql(&env, &pg, "bot", "SELECT repeat('x', 30000000)");

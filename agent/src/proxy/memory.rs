@@ -60,8 +60,8 @@ impl MessageMemory {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
     "the agent's memory for large messages is spent ({in_use_mib} of {limit_mib} MiB held by open sessions): \
-     a message of {wanted_mib} MiB cannot be buffered now; retry later, or have the agent's operator raise \
-     `tollgate run --message-memory`"
+     this session cannot hold {wanted_mib} MiB of large messages now; retry later, or have the agent's operator \
+     raise `tollgate run --message-memory`"
 )]
 pub struct Exhausted {
     pub wanted_mib: usize,
@@ -87,9 +87,9 @@ impl Draw {
         self.held > 0
     }
 
-    /// Makes the draw match a direction that buffers `bytes` now (a message in progress by its
-    /// declared length, and whole messages not yet passed on): `Err` when the budget cannot
-    /// cover the growth, and then the draw is as it was.
+    /// Makes the draw match a direction that buffers `bytes` now (of a message in progress,
+    /// and whole messages not yet passed on): `Err` when the budget cannot cover the growth,
+    /// and then the draw is as it was.
     pub fn cover(&mut self, bytes: usize) -> Result<(), Exhausted> {
         let want = bytes.saturating_sub(FREE);
         if want <= self.held {

@@ -74,17 +74,23 @@ fn trim(buf: &mut BytesMut) {
     }
 }
 
+/// How far ahead of what has arrived of a large message the budget covers it: a session's
+/// share grows with the bytes its peer sends, so a header alone, announcing 64 MiB, holds
+/// little.
+const COVER_AHEAD: usize = 1 << 20;
+
 /// Readies `buf` for the next read of a session's direction that holds `batched` bytes of
-/// whole messages besides: covers the message in progress by its declared length, gives a large
-/// one an allocation of its own size at once (no doublings on the way), and lets go of a large
-/// allocation once its message is through (what follows it is copied out), so the memory goes
-/// back with the budget's share.
+/// whole messages besides: covers what it holds and COVER_AHEAD more of the message in
+/// progress, gives a large message an allocation of its declared size at once (its pages are
+/// touched only as its bytes come, and there are no doublings on the way), and lets go of a
+/// large allocation once its message is through (what follows it is copied out), so the
+/// memory goes back with the budget's share.
 fn ready_buffer(buf: &mut BytesMut, draw: &mut Draw, batched: usize) -> Result<(), Exhausted> {
     let declared = wire::declared(buf);
     if declared <= memory::FREE && draw.holds() {
         *buf = BytesMut::from(&buf[..]);
     }
-    draw.cover(declared + batched)?;
+    draw.cover(declared.min(buf.len() + COVER_AHEAD) + batched)?;
     trim(buf);
     buf.reserve(if declared > memory::FREE { declared - buf.len() } else { READ_CHUNK });
     Ok(())
@@ -1347,9 +1353,9 @@ async fn downstream(
         for t in finished.drain(..) {
             results.record(t);
         }
-        // A large answer is covered by its declared length before it is read on (a client may
-        // ask the server for many). Room is made for the next read too: a full buffer makes
-        // read_buf ask for 64 bytes, one syscall per small row.
+        // Large answers draw on the budget as they come (a client may ask the server for
+        // many). Room is made for the next read too: a full buffer makes read_buf ask for 64
+        // bytes, one syscall per small row.
         if let Err(e) = ready_buffer(&mut buf, &mut draw, 0) {
             let msg = format!("tollgate: {e}");
             wire::fatal_response(SQLSTATE_OUT_OF_MEMORY, &msg).encode(&mut out);
@@ -1815,8 +1821,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             if let Some(f) = wire::decode(&mut self.buf)? {
                 return Ok(Some(f));
             }
-            // Covered by its declared length before its bytes come: a client that sends the
-            // start of a large message and waits holds its share from then on.
+            // A client that sends most of a large message and waits holds its share meanwhile.
             if let Err(e) = ready_buffer(&mut self.buf, &mut self.draw, self.batched) {
                 return Err(self.tell(SQLSTATE_OUT_OF_MEMORY, &format!("tollgate: {e}")));
             }
