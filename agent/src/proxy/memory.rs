@@ -34,10 +34,6 @@ impl MessageMemory {
         Arc::new(Self { limit, used: AtomicUsize::new(0) })
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Bytes drawn now.
     pub fn in_use(&self) -> usize {
         self.used.load(Ordering::Relaxed)

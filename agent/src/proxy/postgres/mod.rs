@@ -84,10 +84,11 @@ const COVER_AHEAD: usize = 1 << 20;
 /// progress, gives a large message an allocation of its declared size at once (its pages are
 /// touched only as its bytes come, and there are no doublings on the way), and lets go of a
 /// large allocation once its message is through (what follows it is copied out), so the
-/// memory goes back with the budget's share.
+/// memory goes back with the budget's share. While a batch is held, its frames may share that
+/// allocation anyway: it goes when they do.
 fn ready_buffer(buf: &mut BytesMut, draw: &mut Draw, batched: usize) -> Result<(), Exhausted> {
     let declared = wire::declared(buf);
-    if declared <= memory::FREE && draw.holds() {
+    if declared <= memory::FREE && batched == 0 && draw.holds() {
         *buf = BytesMut::from(&buf[..]);
     }
     draw.cover(declared.min(buf.len() + COVER_AHEAD) + batched)?;
