@@ -5,7 +5,8 @@
 //! common bound a few sessions that send, or ask the server for, large messages (or send all
 //! but the last byte of one and wait) take the agent's memory, and with it every other
 //! session. Each direction of a session buffers up to `FREE` bytes on its own; past that it
-//! draws on the budget before it reads on, and is refused when the budget is spent.
+//! draws on the budget before it reads on, for what it holds and what its next read may add
+//! (not for what a message's header announces), and is refused when the budget is spent.
 
 use std::sync::{
     Arc,
@@ -83,9 +84,9 @@ impl Draw {
         self.held > 0
     }
 
-    /// Makes the draw match a direction that buffers `bytes` now (of a message in progress,
-    /// and whole messages not yet passed on): `Err` when the budget cannot cover the growth,
-    /// and then the draw is as it was.
+    /// Makes the draw match a direction that may hold `bytes` after its next read (of a
+    /// message in progress, and whole messages not yet passed on): `Err` when the budget
+    /// cannot cover the growth, and then the draw is as it was.
     pub fn cover(&mut self, bytes: usize) -> Result<(), Exhausted> {
         let want = bytes.saturating_sub(FREE);
         if want <= self.held {

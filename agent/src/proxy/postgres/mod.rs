@@ -1160,8 +1160,8 @@ struct ToDownstream {
     ops: Option<mpsc::UnboundedSender<Op>>,
 }
 
-/// The server connection as the server side reads it: what was read past the login, and the
-/// draw on the budget for large messages that what it buffers takes.
+/// The server connection as the server side reads it: the socket, what was read past the
+/// login, and the share of the budget for large messages that its buffer holds.
 struct FromServer<R> {
     up: R,
     buf: BytesMut,
