@@ -151,6 +151,33 @@ fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
+/// User and kernel CPU time (µs) of a process's children that have ended and been waited for
+/// (a server's backends, once they exit), from /proc: clock ticks, so long runs only.
+fn children_cpu_us(pid: u32) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return (0.0, 0.0) };
+    // Fields after the command name, which may hold spaces: cutime and cstime are 16th and 17th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let field = |n: usize| rest.split_whitespace().nth(n - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let tick_us = 1e6 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    (field(16) * tick_us, field(17) * tick_us)
+}
+
+/// How many child processes `pid` has.
+fn children(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).map_or(0, |c| c.split_whitespace().count())
+}
+
+/// User and kernel CPU time (µs) of this process's children that have ended (pgbench).
+fn own_children_cpu_us() -> (f64, f64) {
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+        Ok(u) => {
+            let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
+            (us(u.user_time()), us(u.system_time()))
+        }
+        Err(_) => (f64::NAN, f64::NAN),
+    }
+}
+
 /// The process `runuser` started, or `pid` itself when it has no child.
 fn exec_child(pid: u32) -> u32 {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -591,6 +618,15 @@ spec:
     );
     let secs = seconds.to_string();
     let mut cpu_rows = Vec::new();
+    let mut others_rows = Vec::new();
+    let postmaster = rig.pg.postmaster_pid()?;
+    let all_row = |mode: &str, clients: u32, value: &dyn Fn(usize) -> String| {
+        let mut row = format!("{mode:<9} {clients:>7}");
+        for t in (0..TARGETS).filter(|&t| run_target[t]) {
+            row += &format!(" {:>9}", value(t));
+        }
+        row
+    };
     let mut direct_rows = Vec::new();
     for mode in &modes {
         for &clients in &clients {
@@ -600,6 +636,9 @@ spec:
             let mut tps_of: [Vec<f64>; TARGETS] = Default::default();
             // The proxy's CPU time per transaction, µs (none for direct).
             let mut cpu_of: [Vec<f64>; TARGETS] = Default::default();
+            // The server's backends' and pgbench's CPU per transaction, µs (user, kernel).
+            let mut server_of: [Vec<(f64, f64)>; TARGETS] = Default::default();
+            let mut client_of: [Vec<(f64, f64)>; TARGETS] = Default::default();
             for round in 0..rounds {
                 for k in 0..TARGETS {
                     let t = (k + round) % TARGETS;
@@ -618,6 +657,8 @@ spec:
                         _ => base_pid,
                     };
                     let cpu_before = proxy.map(cpu_ns);
+                    let (server_before, client_before) = (children_cpu_us(postmaster), own_children_cpu_us());
+                    let server_procs = children(postmaster);
                     let v = match t {
                         0 => pgbench(pg_port, None, &args)?,
                         1 | 2 => pgbench(pg_port, Some(&cgroup), &args)?,
@@ -627,6 +668,15 @@ spec:
                         _ => pgbench(pg_port, Some(&base_cgroup), &args)?,
                     };
                     tps_of[t].push(v);
+                    let tx = v * seconds as f64;
+                    // The backends end after their clients; their time is counted once reaped.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    while children(postmaster) > server_procs && std::time::Instant::now() < deadline {
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    let (server, client) = (children_cpu_us(postmaster), own_children_cpu_us());
+                    server_of[t].push(((server.0 - server_before.0) / tx, (server.1 - server_before.1) / tx));
+                    client_of[t].push(((client.0 - client_before.0) / tx, (client.1 - client_before.1) / tx));
                     if let (Some(pid), Some(before)) = (proxy, cpu_before) {
                         cpu_of[t].push(cpu_ns(pid).saturating_sub(before) as f64 / 1e3 / (v * seconds as f64));
                     }
@@ -653,6 +703,12 @@ spec:
             );
             direct_rows.push(proxy_row(mode, clients, |t| r(t, 0), with_base, 3));
             cpu_rows.push(proxy_row(mode, clients, |t| median(&cpu_of[t]), with_base, 1));
+            let split = |v: &[(f64, f64)]| {
+                let (user, kernel): (Vec<f64>, Vec<f64>) = v.iter().copied().unzip();
+                format!("{:.0}+{:.0}", median(&user), median(&kernel))
+            };
+            others_rows.push(all_row(mode, clients, &|t| split(&server_of[t])));
+            others_rows.push(all_row("  pgbench", clients, &|t| split(&client_of[t])));
         }
     }
     print_proxy_table(
@@ -662,6 +718,18 @@ spec:
         with_base,
     );
     print_proxy_table("ratios to direct (median of per-round ratios)", &direct_rows, with_base);
+    let mut head = format!("{:<9} {:>7}", "mode", "clients");
+    for t in (0..TARGETS).filter(|&t| run_target[t]) {
+        head += &format!(" {:>9}", TARGET_NAMES[t]);
+    }
+    println!(
+        "\nPostgreSQL's backends (each mode's first row) and pgbench (the row below it): CPU time\n\
+         per transaction, µs, user+kernel, from the kernel's accounting of ended processes\n\
+         (clock ticks; median over rounds)\n{head}"
+    );
+    for row in &others_rows {
+        println!("{row}");
+    }
     if written_mode {
         statements("durable")?;
     }

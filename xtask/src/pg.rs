@@ -69,6 +69,12 @@ impl TempPostgres {
         Ok(Self { dir, port, password, data })
     }
 
+    /// The postmaster's process id, from its pid file.
+    pub fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let file = std::fs::read_to_string(self.data.join("postmaster.pid"))?;
+        file.lines().next().and_then(|l| l.trim().parse().ok()).context("postmaster.pid has no pid")
+    }
+
     /// Runs SQL directly as `app` (not through any proxy).
     pub fn sql(&self, sql: &str) -> anyhow::Result<String> {
         util::output(
