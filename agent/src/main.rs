@@ -433,7 +433,7 @@ fn explain(file: &Path, grant: &str, json: bool, mut texts: Vec<String>) -> anyh
                 "where_missing": c.where_missing,
                 "parse_error": c.parse_error,
                 "decision": d.action.as_str(),
-                "rule": d.rule,
+                "rule": &*d.rule,
                 "message": d.message,
             });
             println!("{out}");

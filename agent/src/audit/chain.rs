@@ -47,9 +47,29 @@ impl Head {
 }
 
 fn digest(body: &[u8]) -> Hash {
-    let mut hex = [0u8; HASH_LEN];
-    hex::encode_to_slice(Sha256::digest(body), &mut hex).expect("a sha256 is 32 bytes");
-    Hash(hex)
+    Hash::of(&Sha256::digest(body).into())
+}
+
+/// Each byte's two lowercase hex digits: every record's hash is written in hex.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 15]];
+        i += 1;
+    }
+    t
+};
+
+impl Hash {
+    fn of(digest: &[u8; 32]) -> Hash {
+        let mut hex = [0u8; HASH_LEN];
+        for (pair, &byte) in hex.chunks_exact_mut(2).zip(digest) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
+        }
+        Hash(hex)
+    }
 }
 
 /// Seals `record` as the entry after `head`: appends its line (with '\n') to `out` and returns
@@ -83,9 +103,7 @@ pub fn seal_with(head: &Head, time: &str, out: &mut Vec<u8>, record: impl FnOnce
     record(out);
     // The record's own opening brace becomes the separator after `prev`.
     out[record_at] = b',';
-    let digest = Sha256::new().chain_update(b"{").chain_update(&out[body_at..]).finalize();
-    let mut hash = Hash([0; HASH_LEN]);
-    hex::encode_to_slice(digest, &mut hash.0).expect("a sha256 is 32 bytes");
+    let hash = Hash::of(&Sha256::new().chain_update(b"{").chain_update(&out[body_at..]).finalize().into());
     out[hash_at..hash_at + HASH_LEN].copy_from_slice(&hash.0);
     out.push(b'\n');
     Head { seq, hash }
@@ -268,6 +286,16 @@ mod tests {
         assert_eq!(line, format!("{PREFIX}{}\",{}\n", digest(expected.as_bytes()).as_str(), &expected[1..]));
         assert_eq!(h.seq, 42);
         assert_eq!(h.hash, digest(expected.as_bytes()));
+    }
+
+    #[test]
+    fn a_hash_is_its_digest_in_lowercase_hex() {
+        for body in [&b""[..], b"{}", b"\x00\xff\x10 any bytes"] {
+            let d: [u8; 32] = Sha256::digest(body).into();
+            assert_eq!(Hash::of(&d).as_str(), hex::encode(d));
+        }
+        let all: [u8; 32] = std::array::from_fn(|i| (i * 8 + 7) as u8);
+        assert_eq!(Hash::of(&all).as_str(), hex::encode(all));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 pub mod chain;
 mod files;
 pub mod record;
+mod stamp;
 mod writer;
 
 use std::{

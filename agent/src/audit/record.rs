@@ -381,11 +381,11 @@ pub struct StatementRecord {
     pub statement: std::sync::Arc<str>,
     /// What the record says of a text too long to be audited whole.
     pub cut: Option<Box<Cut>>,
-    pub kinds: Vec<&'static str>,
+    pub kinds: smallvec::SmallVec<[&'static str; 2]>,
     pub verdict: &'static str,
     /// Monitor mode let through what the rules would refuse.
     pub would_deny: bool,
-    pub rule: String,
+    pub rule: crate::policy::rules::RuleName,
     pub detail: Option<String>,
 }
 
@@ -708,7 +708,7 @@ mod tests {
                     base: base.clone(),
                     statement: text.into(),
                     cut: cut.clone().map(Box::new),
-                    kinds: kinds.clone(),
+                    kinds: kinds.iter().copied().collect(),
                     verdict,
                     would_deny,
                     rule: "no-ddl".into(),

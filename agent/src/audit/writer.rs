@@ -12,7 +12,6 @@ use std::{
     collections::VecDeque,
     sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError},
 };
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use tokio::sync::oneshot;
 
@@ -20,6 +19,7 @@ use super::{
     chain::{self, Head},
     files::{self, trail_path},
     record::{Kind, Record, ResultRecord, StatementRecord},
+    stamp::Stamp,
 };
 
 /// When the live trail file is moved aside as a segment, and how many segments stay.
@@ -252,7 +252,8 @@ impl Trail {
         t.buf.clear();
         let start_head = t.head.clone();
         // One write, one time: the records of a round are written together.
-        let time = now_rfc3339();
+        let stamp = Stamp::now();
+        let time = stamp.as_str();
         let mut count = 0u64;
         let (mut synced, mut in_file) = Waiters::default();
         if t.lost > 0 {
@@ -260,13 +261,13 @@ impl Trail {
             r.count = Some(t.lost);
             r.error = Some(t.last_error.clone());
             r.detail = Some(format!("{} records could not be written and are missing from the trail", t.lost));
-            t.head = chain::seal(&t.head, &time, &r, &mut t.buf);
+            t.head = chain::seal(&t.head, time, &r, &mut t.buf);
         }
         for m in items.drain(..) {
             t.head = match &m.payload {
-                Payload::Record(r) => chain::seal(&t.head, &time, r, &mut t.buf),
-                Payload::Statement(o) => chain::seal_with(&t.head, &time, &mut t.buf, |b| o.write_json(b)),
-                Payload::Result(o) => chain::seal_with(&t.head, &time, &mut t.buf, |b| o.write_json(b)),
+                Payload::Record(r) => chain::seal(&t.head, time, r, &mut t.buf),
+                Payload::Statement(o) => chain::seal_with(&t.head, time, &mut t.buf, |b| o.write_json(b)),
+                Payload::Result(o) => chain::seal_with(&t.head, time, &mut t.buf, |b| o.write_json(b)),
             };
             count += 1;
             match m.ack {
@@ -442,7 +443,7 @@ impl WriterThread {
 }
 
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+    Stamp::now().as_str().to_owned()
 }
 
 /// Reads the chain head from the end of the live file, cutting back an incomplete last line

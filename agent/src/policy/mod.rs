@@ -242,7 +242,7 @@ spec:
         assert!(g.read_only);
         let verdict = |sql: &str| {
             let d = judge(g, &crate::sql::classify(sql));
-            (d.action, d.rule)
+            (d.action, d.rule.to_string())
         };
         assert_eq!(verdict("SELECT 1"), (Action::Allow, "reads".to_string()));
         assert_eq!(verdict("SELECT 1; BEGIN READ WRITE"), (Action::Deny, "bot-orders.default".to_string()));

@@ -1016,7 +1016,7 @@ fn validate_rule(at: &str, r: &RuleSpec) -> Result<Rule, ValidationError> {
         (a, None) => a,
     };
     Ok(Rule {
-        name: r.name.clone(),
+        name: r.name.as_str().into(),
         statements,
         tables: r
             .matcher

@@ -1,7 +1,7 @@
 //! Statement rules: which query strings a grant allows. Pure; evaluated on a `Classification`.
 use crate::sql::{Classification, Kind, last_part};
 
-use std::time::Duration;
+use std::{fmt, ops::Deref, sync::Arc, time::Duration};
 
 /// How long an `approve` rule waits for a human when it names no timeout.
 pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
@@ -26,10 +26,65 @@ impl Action {
     }
 }
 
+/// A rule's name, as decisions and records carry it: shared, so that judging a statement does
+/// not copy it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct RuleName(Arc<str>);
+
+/// As its text: error messages quote rule names with `{:?}`.
+impl fmt::Debug for RuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Deref for RuleName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl RuleName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for RuleName {
+    fn from(s: &str) -> Self {
+        RuleName(s.into())
+    }
+}
+
+impl From<String> for RuleName {
+    fn from(s: String) -> Self {
+        RuleName(s.into())
+    }
+}
+
+impl PartialEq<str> for RuleName {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for RuleName {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
 /// One named rule; the first that matches decides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    pub name: String,
+    pub name: RuleName,
     /// Empty: any statement that parsed.
     pub statements: Vec<Kind>,
     /// Empty: any table. Matched against the name as written or its last component, as the
@@ -47,7 +102,7 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub action: Action,
-    pub rule: String,
+    pub rule: RuleName,
     pub message: Option<String>,
 }
 
@@ -173,7 +228,7 @@ pub fn decide(grant: &str, rules: &[Rule], default: Action, c: &Classification) 
     if c.kinds.contains(&Kind::Unparseable) {
         return Decision { action: Action::Deny, rule: "unparseable".into(), message: c.parse_error.clone() };
     }
-    Decision { action: default, rule: format!("{grant}.default"), message: None }
+    Decision { action: default, rule: format!("{grant}.default").into(), message: None }
 }
 
 #[cfg(test)]
@@ -204,7 +259,7 @@ mod tests {
 
     fn verdict(sql: &str) -> (Action, String) {
         let d = decide("bot-orders", &example(), Action::Deny, &classify(sql));
-        (d.action, d.rule)
+        (d.action, d.rule.to_string())
     }
 
     #[test]
@@ -360,7 +415,7 @@ mod tests {
         ];
         let judge = |sql: &str| {
             let d = decide("g", &rules, Action::Deny, &classify(sql));
-            (d.action, d.rule)
+            (d.action, d.rule.to_string())
         };
         let held = (hold, "deletes-need-approval".to_string());
         assert_eq!(judge("DELETE FROM orders WHERE id = 1"), held);

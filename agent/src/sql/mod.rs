@@ -11,7 +11,7 @@ use std::{
 use serde_json::Value;
 
 mod shape;
-pub use shape::{scanned_shape, shape};
+pub use shape::{scanned_shape, shape, shape_into};
 
 /// What a statement does, as policy rules name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

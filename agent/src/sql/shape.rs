@@ -30,50 +30,69 @@ const LITERAL: char = '\u{1}';
 
 /// The shape of `sql`, or `None` when it does not even scan (classify it directly).
 pub fn shape(sql: &str) -> Option<String> {
-    if literals_matter(sql) {
-        return scanned(sql, true);
-    }
-    lexed(sql.as_bytes()).or_else(|| scanned(sql, false))
+    let mut key = Vec::new();
+    shape_into(sql, &mut key).then(|| String::from_utf8(key).expect("keys are cut from the text at char boundaries"))
+}
+
+/// `shape`, written into `key` (cleared first) so a session can reuse one buffer; false when
+/// the text does not even scan.
+pub fn shape_into(sql: &str, key: &mut Vec<u8>) -> bool {
+    key.clear();
+    lexed(sql.as_bytes(), key) || scanned(sql, literals_matter(sql), key)
 }
 
 /// The shape as pg_query's scanner gives it, never the fast lexer's (for tests and fuzzing:
 /// `shape` must always equal it).
 pub fn scanned_shape(sql: &str) -> Option<String> {
-    scanned(sql, literals_matter(sql))
+    let mut key = Vec::new();
+    scanned(sql, literals_matter(sql), &mut key)
+        .then(|| String::from_utf8(key).expect("keys are cut from the text at char boundaries"))
 }
 
+/// Whether `b` holds one of the words whose literals the classifier reads, in any case.
 fn literals_matter(sql: &str) -> bool {
-    let b = sql.as_bytes();
+    has_word(sql.as_bytes())
+}
+
+fn has_word(b: &[u8]) -> bool {
     let at = |i: usize, w: &[u8]| b.get(i..i + w.len()).is_some_and(|x| x.eq_ignore_ascii_case(w));
-    // One pass on the first letters: this runs on every simple-protocol query.
-    (0..b.len()).any(|i| match b[i] | 0x20 {
-        b'c' => at(i, COPY) || at(i, CROSSTAB),
-        b's' => at(i, SET_CONFIG),
-        b'q' => at(i, QUERY_TO),
-        b't' => at(i, TS_STAT) || at(i, TS_REWRITE),
-        _ => false,
+    // A table lookup per byte: this runs on the tokens of every simple-protocol query.
+    (0..b.len()).any(|i| {
+        CLASS[usize::from(b[i])] & WORD_START != 0
+            && match b[i] | 0x20 {
+                b'c' => at(i, COPY) || at(i, CROSSTAB),
+                b's' => at(i, SET_CONFIG),
+                b'q' => at(i, QUERY_TO),
+                _ => at(i, TS_STAT) || at(i, TS_REWRITE),
+            }
     })
 }
 
-fn scanned(sql: &str, keep_literals: bool) -> Option<String> {
-    let scan = pg_query::scan(sql).ok()?;
+fn scanned(sql: &str, keep_literals: bool, key: &mut Vec<u8>) -> bool {
+    key.clear();
+    let Ok(scan) = pg_query::scan(sql) else { return false };
     // Unicode escapes: a UESCAPE literal changes what U&"..." names decode to. No cache.
     let unicode = [Token::Uident, Token::Usconst, Token::Uescape].map(|t| t as i32);
     if scan.tokens.iter().any(|t| unicode.contains(&t.token)) {
-        return None;
+        return false;
     }
     let keep_literals = keep_literals || runs_do(&scan.tokens);
     let literals = [Token::Iconst, Token::Fconst, Token::Sconst].map(|t| t as i32);
-    let mut key = String::with_capacity(sql.len() + scan.tokens.len());
+    key.reserve(sql.len() + scan.tokens.len());
     for t in &scan.tokens {
         if !keep_literals && literals.contains(&t.token) {
-            key.push(LITERAL);
+            key.push(LITERAL as u8);
         } else {
-            key.push_str(sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?);
+            let token = usize::try_from(t.start).ok().zip(usize::try_from(t.end).ok()).and_then(|(a, z)| sql.get(a..z));
+            let Some(token) = token else {
+                key.clear();
+                return false;
+            };
+            key.extend_from_slice(token.as_bytes());
         }
-        key.push('\0');
+        key.push(0);
     }
-    Some(key)
+    true
 }
 
 /// A DO statement's body is a string literal the classifier reads: a text with one keeps all
@@ -90,30 +109,70 @@ fn runs_do(tokens: &[pg_query::protobuf::ScanToken]) -> bool {
     false
 }
 
-fn is_space(b: u8) -> bool {
-    // Form feed and vertical tab are spaces to some server versions only: not handled here.
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-}
-
-/// Continues an identifier in PostgreSQL (and bytes >= 0x80, which this lexer refuses).
-fn is_ident_cont(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
-}
-
-fn is_op_char(b: u8) -> bool {
-    b"~!@#^&|`?+-*/%<>=".contains(&b)
-}
-
+/// Byte classes, one bit each, looked up in `CLASS`.
+const SPACE: u8 = 1;
+/// Continues an identifier in PostgreSQL (bytes >= 0x80 too, which this lexer refuses).
+const IDENT: u8 = 2;
+const DIGIT: u8 = 4;
+const OP: u8 = 8;
 /// Operator characters that let a multi-character operator end in `+` or `-`.
-fn is_unusual_op_char(b: u8) -> bool {
-    b"~!@#^&|`?%".contains(&b)
+const UNUSUAL_OP: u8 = 16;
+/// The first letter of a word `has_word` looks for, in either case.
+const WORD_START: u8 = 32;
+const NON_ASCII: u8 = 64;
+
+/// Every byte's classes: the lexer looks a byte up once instead of comparing it with ranges.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let mut c = 0;
+        // Form feed and vertical tab are spaces to some server versions only: not handled here.
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            c |= SPACE;
+        }
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80 {
+            c |= IDENT;
+        }
+        if b.is_ascii_digit() {
+            c |= DIGIT;
+        }
+        if matches!(b, b'~' | b'!' | b'@' | b'#' | b'^' | b'&' | b'|' | b'`' | b'?' | b'+' | b'-' | b'*' | b'/' | b'%')
+            || matches!(b, b'<' | b'>' | b'=')
+        {
+            c |= OP;
+        }
+        if matches!(b, b'~' | b'!' | b'@' | b'#' | b'^' | b'&' | b'|' | b'`' | b'?' | b'%') {
+            c |= UNUSUAL_OP;
+        }
+        if matches!(b | 0x20, b'c' | b's' | b'q' | b't') && b.is_ascii_alphabetic() {
+            c |= WORD_START;
+        }
+        if b >= 0x80 {
+            c |= NON_ASCII;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+fn class(b: u8) -> u8 {
+    CLASS[usize::from(b)]
 }
 
-/// The key of `sql` by the safe subset of the lexer, or `None` where it gives up.
-fn lexed(b: &[u8]) -> Option<String> {
-    // Bytes, checked as UTF-8 once at the end: every token taken is ASCII, but not by
-    // construction of the types.
-    let mut key = Vec::with_capacity(b.len() + 16);
+fn is_ident_cont(b: u8) -> bool {
+    class(b) & IDENT != 0
+}
+
+/// Writes the key of `b` into `key` by the safe subset of the lexer; false (and `key` left
+/// to be overwritten) where it gives up, which it also does on a text `has_word` would hold
+/// (the caller then scans it keeping its literals).
+fn lexed(b: &[u8], key: &mut Vec<u8>) -> bool {
+    // Every byte taken into the key is ASCII: identifiers, quoted names and operators with a
+    // byte past ASCII are refused, and literals are replaced.
+    key.reserve(b.len() + 16);
     const LITERAL_KEY: [u8; 2] = [LITERAL as u8, 0];
     let at = |i: usize| b.get(i).copied().unwrap_or(0);
     let mut i = 0;
@@ -122,69 +181,82 @@ fn lexed(b: &[u8]) -> Option<String> {
     while i < b.len() {
         let start = i;
         let c = b[i];
-        if is_space(c) {
+        let cls = class(c);
+        if cls & SPACE != 0 {
             i += 1;
             continue;
         }
         let starting = std::mem::replace(&mut starts, c == b';');
-        match c {
-            b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
-                while i < b.len() && is_ident_cont(b[i]) {
-                    i += 1;
-                }
-                // Non-ASCII names; E'', B'', X'', N'' literals; U&"" and U&'' escapes.
-                if b[start..i].iter().any(|&x| x >= 0x80) || matches!(at(i), b'\'' | b'"' | b'&') {
-                    return None;
-                }
-                // A DO block: its body literal matters (`runs_do`).
-                if starting && b[start..i].eq_ignore_ascii_case(b"do") {
-                    return None;
-                }
+        if cls & IDENT != 0 && cls & DIGIT == 0 && c != b'$' {
+            // The classes of the identifier's bytes, together.
+            let mut seen = 0;
+            while i < b.len() && class(b[i]) & IDENT != 0 {
+                seen |= class(b[i]);
+                i += 1;
             }
+            // Non-ASCII names; E'', B'', X'', N'' literals; U&"" and U&'' escapes.
+            if seen & NON_ASCII != 0 || matches!(at(i), b'\'' | b'"' | b'&') {
+                return false;
+            }
+            // A DO block: its body literal matters (`runs_do`).
+            if starting && b[start..i].eq_ignore_ascii_case(b"do") {
+                return false;
+            }
+            if seen & WORD_START != 0 && has_word(&b[start..i]) {
+                return false;
+            }
+            key.extend_from_slice(&b[start..i]);
+            key.push(0);
+            continue;
+        }
+        match c {
             b'0'..=b'9' => {
-                i = number_end(b, i)?;
+                let Some(end) = number_end(b, i) else { return false };
+                i = end;
                 key.extend_from_slice(&LITERAL_KEY);
                 continue;
             }
             b'\'' => {
                 // A backslash's meaning depends on standard_conforming_strings; NUL ends a C string.
-                i = quoted_end(b, i, |x| x == b'\\' || x == 0)?;
+                let Some(end) = quoted_end(b, i, |x| x == b'\\' || x == 0) else { return false };
+                i = end;
                 // Another quote after a newline continues the literal; on one line, an error.
                 let mut j = i;
-                while j < b.len() && is_space(b[j]) {
+                while j < b.len() && class(b[j]) & SPACE != 0 {
                     j += 1;
                 }
-                if at(j) == b'\'' {
-                    return None;
+                if at(j) == b'\'' || has_word(&b[start..i]) {
+                    return false;
                 }
                 key.extend_from_slice(&LITERAL_KEY);
                 continue;
             }
             b'"' => {
-                i = quoted_end(b, i, |x| x >= 0x80 || x == 0)?;
-                if i - start == 2 {
-                    return None;
+                let Some(end) = quoted_end(b, i, |x| x >= 0x80 || x == 0) else { return false };
+                i = end;
+                if i - start == 2 || has_word(&b[start..i]) {
+                    return false;
                 }
             }
             b'$' => {
                 // $1 is a parameter; any other $ starts a dollar quote.
                 i += 1;
                 if !at(i).is_ascii_digit() {
-                    return None;
+                    return false;
                 }
                 while at(i).is_ascii_digit() {
                     i += 1;
                 }
                 // The server refuses parameter numbers beyond 32 bits.
                 if i - start > 10 || is_ident_cont(at(i)) || at(i) == b'.' {
-                    return None;
+                    return false;
                 }
             }
             b'(' | b')' | b',' | b';' | b'[' | b']' => i += 1,
             b'.' => {
                 // `..` and `.5` are tokens of their own.
                 if at(i + 1) == b'.' || at(i + 1).is_ascii_digit() {
-                    return None;
+                    return false;
                 }
                 i += 1;
             }
@@ -194,13 +266,16 @@ fn lexed(b: &[u8]) -> Option<String> {
                     i += 1;
                 }
             }
-            _ if is_op_char(c) => i = operator_end(b, i)?,
-            _ => return None,
+            _ if cls & OP != 0 => {
+                let Some(end) = operator_end(b, i) else { return false };
+                i = end;
+            }
+            _ => return false,
         }
         key.extend_from_slice(&b[start..i]);
         key.push(0);
     }
-    String::from_utf8(key).ok()
+    true
 }
 
 /// The end (past the closing quote) of the quoted text opening at `i`, where a doubled quote
@@ -251,7 +326,7 @@ fn number_end(b: &[u8], mut i: usize) -> Option<usize> {
 /// lack. `None` when the run holds a comment start or is too long.
 fn operator_end(b: &[u8], start: usize) -> Option<usize> {
     let mut end = start;
-    while end < b.len() && is_op_char(b[end]) {
+    while end < b.len() && class(b[end]) & OP != 0 {
         end += 1;
     }
     let run = &b[start..end];
@@ -259,7 +334,7 @@ fn operator_end(b: &[u8], start: usize) -> Option<usize> {
         return None;
     }
     let mut n = run.len();
-    if n > 1 && matches!(run[n - 1], b'+' | b'-') && !run[..n - 1].iter().any(|&x| is_unusual_op_char(x)) {
+    if n > 1 && matches!(run[n - 1], b'+' | b'-') && !run[..n - 1].iter().any(|&x| class(x) & UNUSUAL_OP != 0) {
         while n > 1 && matches!(run[n - 1], b'+' | b'-') {
             n -= 1;
         }
@@ -271,6 +346,16 @@ fn operator_end(b: &[u8], start: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lex(sql: &str) -> Option<String> {
+        let mut key = Vec::new();
+        lexed(sql.as_bytes(), &mut key).then(|| String::from_utf8(key).unwrap())
+    }
+
+    fn scan(sql: &str, keep_literals: bool) -> Option<String> {
+        let mut key = Vec::new();
+        scanned(sql, keep_literals, &mut key).then(|| String::from_utf8(key).unwrap())
+    }
 
     /// Texts the fast lexer handles: its key must be the scanner's, byte for byte.
     const HANDLED: &[&str] = &[
@@ -322,16 +407,16 @@ mod tests {
     #[test]
     fn the_fast_lexer_gives_the_scanners_key() {
         for sql in HANDLED {
-            let fast = lexed(sql.as_bytes());
+            let fast = lex(sql);
             assert!(fast.is_some(), "{sql:?} should be handled");
-            assert_eq!(fast, scanned(sql, false), "{sql:?}");
+            assert_eq!(fast, scan(sql, false), "{sql:?}");
         }
     }
 
     #[test]
     fn the_fast_lexer_gives_up_on_the_rest() {
         for sql in REFUSED {
-            assert_eq!(lexed(sql.as_bytes()), None, "{sql:?}");
+            assert_eq!(lex(sql), None, "{sql:?}");
             assert_eq!(shape(sql), scanned_shape(sql), "{sql:?}");
         }
     }
@@ -356,6 +441,29 @@ mod tests {
             ("", false),
         ] {
             assert_eq!(literals_matter(sql), matters, "{sql:?}");
+        }
+    }
+
+    #[test]
+    fn the_fast_lexer_leaves_texts_with_read_literals_to_the_scanner() {
+        // Wherever the word is (a name, a string, a quoted name), the key keeps the literals.
+        for sql in [
+            "select a from cOpY_log where b = 2",
+            "select 'my ts_stat' , 2",
+            "select \"CrossTab\"(2)",
+            "select x.query_to_y(2)",
+            "SELECT 2 FROM t WHERE a = 'set_config'",
+        ] {
+            assert_eq!(lex(sql), None, "{sql:?}");
+            assert!(literals_matter(sql));
+            let other = sql.replace('2', "3");
+            assert_ne!(shape(sql), shape(&other), "{sql:?}");
+            assert_eq!(shape(sql), scanned_shape(sql), "{sql:?}");
+        }
+        // Parts of the words, or words split by what the server reads as a separator, do not count.
+        for sql in ["select cop, set_confi from s", "select co, py from t where a = 'ts_sta' || 't'"] {
+            assert!(lex(sql).is_some(), "{sql:?}");
+            assert!(!literals_matter(sql));
         }
     }
 }

@@ -746,6 +746,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         defined: VecDeque::new(),
         cache: HashMap::new(),
         cache_bytes: 0,
+        shape: Vec::new(),
         both,
         copy_from: None,
         copy_ins_left: 0,
@@ -1745,9 +1746,11 @@ struct ClientSide<'s, 'a, R> {
     /// batches unbound.
     defined: VecDeque<(u64, Vec<Def>, Unbinds)>,
     /// Classifications by statement shape (`sql::shape`).
-    cache: HashMap<String, Arc<sql::Classification>>,
+    cache: HashMap<Box<[u8]>, Arc<sql::Classification>>,
     /// Bytes of `cache`'s keys.
     cache_bytes: usize,
+    /// The shape of the statement at hand, in a buffer each statement reuses.
+    shape: Vec<u8>,
     both: Arc<Both>,
     /// The sync point whose answer may start a COPY FROM STDIN the client has not ended yet,
     /// and how many such COPYs it may still start.
@@ -1836,12 +1839,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// forwarded. Texts of one shape are classified once per session.
     async fn judge(&mut self, text: &str) -> Result<Judgement, Stop> {
         let text: Arc<str> = Arc::from(text);
-        let shape = (text.len() <= CLASSIFY_ELSEWHERE).then(|| sql::shape(&text)).flatten();
-        let class = match shape {
-            Some(key) => match self.cache.get(&key) {
+        let shaped = text.len() <= CLASSIFY_ELSEWHERE && sql::shape_into(&text, &mut self.shape);
+        let class = match shaped {
+            true => match self.cache.get(self.shape.as_slice()) {
                 Some(c) => c.clone(),
                 None => {
                     let c = Arc::new(sql::classify(&text));
+                    let key = self.shape.as_slice();
                     if self.cache.len() >= CLASSIFICATION_CACHE
                         || self.cache_bytes + key.len() > CLASSIFICATION_CACHE_BYTES
                     {
@@ -1849,16 +1853,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         self.cache_bytes = 0;
                     }
                     self.cache_bytes += key.len();
-                    self.cache.insert(key, c.clone());
+                    self.cache.insert(key.into(), c.clone());
                     c
                 }
             },
             // Longer than `sql::MAX_TEXT_BYTES`: refused at once, unscanned.
-            None if (CLASSIFY_ELSEWHERE + 1..=sql::MAX_TEXT_BYTES).contains(&text.len()) => {
+            false if (CLASSIFY_ELSEWHERE + 1..=sql::MAX_TEXT_BYTES).contains(&text.len()) => {
                 Arc::new(classify_elsewhere(&text).await)
             }
-            None => Arc::new(sql::classify(&text)),
+            false => Arc::new(sql::classify(&text)),
         };
+        // An idle session keeps a buffer the size of common statements, not of its longest.
+        if self.shape.capacity() > 4096 {
+            self.shape = Vec::new();
+        }
         let mut d = crate::policy::rules::judge(self.s.grant, &class);
         if self.ascii_names
             && d.action != Action::Deny
@@ -1904,13 +1912,13 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
         .map_err(Stop::Audit)?;
         let hold = match d.action {
-            Action::Approve { timeout } if !monitored => Some((d.rule.clone(), timeout)),
+            Action::Approve { timeout } if !monitored => Some((d.rule.to_string(), timeout)),
             _ => None,
         };
         match d.action {
             Action::Deny if !monitored => {
                 warn!(session = self.s.id, rule = %d.rule, "statement denied");
-                Ok(Judgement::Deny { rule: d.rule, message: d.message })
+                Ok(Judgement::Deny { rule: d.rule.to_string(), message: d.message })
             }
             _ => {
                 let computed = self.computed(Some(&class));
