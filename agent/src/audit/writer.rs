@@ -414,7 +414,9 @@ fn remove_segments(paths: &[PathBuf]) {
 }
 
 /// Durable and written waiters of one write, with the sequence numbers of their records.
-type Waiters = (Vec<(Reply, u64)>, Vec<(Reply, u64)>);
+/// Inline for the few of a usual round: a write per statement must not allocate for them.
+type Waiters = (WaiterList, WaiterList);
+type WaiterList = smallvec::SmallVec<[(Reply, u64); 4]>;
 
 /// Closes the trail when the last `AuditLog` handle goes.
 struct Closer(Arc<Shared>);

@@ -56,14 +56,17 @@ fn literals_matter(sql: &str) -> bool {
 
 fn has_word(b: &[u8]) -> bool {
     let at = |i: usize, w: &[u8]| b.get(i..i + w.len()).is_some_and(|x| x.eq_ignore_ascii_case(w));
-    // A table lookup per byte: this runs on the tokens of every simple-protocol query.
+    // A table lookup per byte, then the second letter before a whole word: this runs on the
+    // tokens of every simple-protocol query.
     (0..b.len()).any(|i| {
         CLASS[usize::from(b[i])] & WORD_START != 0
-            && match b[i] | 0x20 {
-                b'c' => at(i, COPY) || at(i, CROSSTAB),
-                b's' => at(i, SET_CONFIG),
-                b'q' => at(i, QUERY_TO),
-                _ => at(i, TS_STAT) || at(i, TS_REWRITE),
+            && match (b[i] | 0x20, b.get(i + 1).map_or(0, |x| x | 0x20)) {
+                (b'c', b'o') => at(i, COPY),
+                (b'c', b'r') => at(i, CROSSTAB),
+                (b's', b'e') => at(i, SET_CONFIG),
+                (b'q', b'u') => at(i, QUERY_TO),
+                (b't', b's') => at(i, TS_STAT) || at(i, TS_REWRITE),
+                _ => false,
             }
     })
 }
