@@ -77,11 +77,15 @@ fn psql(env: &Env, pg: &Postgres, userinfo: &str, script: &str) -> (String, Stri
 
 /// psql inside one of the test's cgroups.
 fn psql_as(env: &Env, pg: &Postgres, sub: &str, userinfo: &str, script: &str) -> (String, String, bool) {
+    psql_in(&env.cgroup(sub), pg.port, userinfo, script)
+}
+
+/// psql inside the cgroup `cg` (for threads: `Env` stays on the test's own).
+fn psql_in(cg: &str, port: u16, userinfo: &str, script: &str) -> (String, String, bool) {
     use std::io::Write;
-    let url = format!("postgresql://{userinfo}@127.0.0.1:{}/postgres", pg.port);
-    let cg = env.cgroup(sub);
+    let url = format!("postgresql://{userinfo}@127.0.0.1:{port}/postgres");
     let mut child = std::process::Command::new(common::BIN)
-        .args(["exec", "--cgroup", &cg, "--", "psql", "-X", "-At", &url])
+        .args(["exec", "--cgroup", cg, "--", "psql", "-X", "-At", &url])
         .env_remove("PGPASSWORD")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -2173,6 +2177,65 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
     assert!(a.0.wait().unwrap().success(), "{rest}");
     assert!(rest.contains("E 42501") && !rest.contains("53200"), "{rest}");
     assert!(rest.contains("D b'\\x00\\x01\\x00\\x00\\x00\\x05after'"), "{rest}");
+}
+
+/// Texts too long to classify on an event loop wait for a few classifier threads (one per
+/// CPU), in one line per identity taken in turn: one identity's many sessions sending long
+/// statements do not keep another identity's long statement waiting behind all of theirs.
+#[test]
+fn long_texts_of_one_identity_do_not_queue_another_behind_them() {
+    if !privileged("long_texts_of_one_identity_do_not_queue_another_behind_them") {
+        return;
+    }
+    let (env, pg) = setup("pg-turns");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // About 20 KB: classified off the event loop, a few tenths of a second each.
+    let long = |n: usize| format!("SELECT 1 WHERE 1 IN ({});\n", vec!["1"; n].join(","));
+    let flood = long(10_000).repeat(4);
+    let trail = env.state_dir().join("audit/trail.jsonl");
+    // (seq, identity, whether the text is long) of each statement record so far.
+    let statements = || -> Vec<(u64, String, bool)> {
+        let text = std::fs::read_to_string(&trail).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["kind"] == "statement")
+            .map(|r| {
+                let long = r["statement"].as_str().is_some_and(|s| s.len() > 8192) || r["statement_bytes"].is_u64();
+                (r["seq"].as_u64().unwrap(), r["identity"].as_str().unwrap_or_default().to_string(), long)
+            })
+            .collect()
+    };
+    let (bot, port) = (env.cgroup("bot"), pg.port);
+    std::thread::scope(|scope| {
+        let floods: Vec<_> = (0..4 * cpus).map(|_| scope.spawn(|| psql_in(&bot, port, "x:y", &flood))).collect();
+        // Once the bot's first long texts are through (its others keep every classifier thread
+        // busy and wait), the admin sends a short statement, whose record marks when its long
+        // one is sent, and the long one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while statements().iter().filter(|(_, who, long)| who == "bot" && *long).count() < cpus {
+            assert!(std::time::Instant::now() < deadline, "the bot's long statements were not classified");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (out, err, ok) = psql_as(&env, &pg, "admin", "x:y", &format!("SELECT 'admin starts';\n{}", long(5_000)));
+        assert!(ok && out.ends_with('1'), "{out} {err}");
+        let records = statements();
+        let seq_of = |pred: &dyn Fn(&(u64, String, bool)) -> bool| records.iter().find(|r| pred(r)).unwrap().0;
+        let start = seq_of(&|(_, who, long)| who == "admin" && !long);
+        let done = seq_of(&|(_, who, long)| who == "admin" && *long);
+        let bots_between = records.iter().filter(|(seq, who, _)| who == "bot" && (start..done).contains(seq)).count();
+        let bots_total = records.iter().filter(|(_, who, _)| who == "bot").count();
+        // In turn, the admin's text waits for the texts being classified when it came, and at
+        // most one more of the bot's; first come first served, for every text queued before it.
+        assert!(
+            bots_between <= cpus + 1,
+            "{bots_between} of the bot's long statements were classified while the admin's waited \
+             ({cpus} classifier threads; {bots_total} of the bot's statements so far)"
+        );
+        for f in floods {
+            let (out, err, ok) = f.join().unwrap();
+            assert!(ok && out == "1\n1\n1\n1", "{out} {err}");
+        }
+    });
 }
 
 #[test]

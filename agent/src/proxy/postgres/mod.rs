@@ -4,6 +4,7 @@ mod fetches;
 pub mod rows;
 mod statements;
 pub mod track;
+mod turns;
 mod upstream;
 pub mod wire;
 
@@ -107,14 +108,13 @@ const CLASSIFICATION_CACHE_BYTES: usize = 4 << 20;
 /// which an event loop's other sessions must not wait for, nor sessions sending such texts
 /// together multiply.
 const CLASSIFY_ELSEWHERE: usize = 8 << 10;
-static LARGE_CLASSIFICATIONS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+static LARGE_CLASSIFICATIONS: std::sync::OnceLock<Arc<turns::Turns>> = std::sync::OnceLock::new();
 
-/// Classifies a text longer than `CLASSIFY_ELSEWHERE`.
-async fn classify_elsewhere(text: &Arc<str>) -> sql::Classification {
+/// Classifies a text longer than `CLASSIFY_ELSEWHERE`, waiting for a turn in `identity`'s line.
+async fn classify_elsewhere(text: &Arc<str>, identity: &str) -> sql::Classification {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let turns = LARGE_CLASSIFICATIONS.get_or_init(|| tokio::sync::Semaphore::new(cpus));
-    // The semaphore is never closed.
-    let _turn = turns.acquire().await;
+    let turns = LARGE_CLASSIFICATIONS.get_or_init(|| turns::Turns::new(cpus));
+    let _turn = turns.take(identity).await;
     let text = text.clone();
     let classified = tokio::task::spawn_blocking(move || {
         let c = sql::classify(&text);
@@ -1859,7 +1859,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             },
             // Longer than `sql::MAX_TEXT_BYTES`: refused at once, unscanned.
             false if (CLASSIFY_ELSEWHERE + 1..=sql::MAX_TEXT_BYTES).contains(&text.len()) => {
-                Arc::new(classify_elsewhere(&text).await)
+                Arc::new(classify_elsewhere(&text, self.base.identity.as_deref().unwrap_or_default()).await)
             }
             false => Arc::new(sql::classify(&text)),
         };
