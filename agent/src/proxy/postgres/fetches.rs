@@ -22,7 +22,7 @@
 //! use: a name once bound to a FETCH or an EXECUTE counts as one until the server has ended
 //! the transaction. Likewise a named FETCH statement counts as there until a Close of it is
 //! known to have been carried out (an SQL `DEALLOCATE` or `DISCARD ALL` may fail).
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use crate::sql::Classification;
 
@@ -56,7 +56,37 @@ pub struct Fetches {
     statements: HashMap<String, u64>,
     /// FETCH statements parsed and portals bound to one by the latest messages, with nothing
     /// sent since that could have closed a cursor: a Describe of these is safe.
-    fresh: Vec<(u8, String)>,
+    fresh: Fresh,
+}
+
+/// Names of FETCH statements and portals that are fresh (`Fetches::fresh`), in sets: a batch
+/// may have thousands.
+#[derive(Default, Clone)]
+struct Fresh {
+    statements: HashSet<String>,
+    portals: HashSet<String>,
+}
+
+impl Fresh {
+    fn set(&mut self, target: u8) -> &mut HashSet<String> {
+        if target == PORTAL { &mut self.portals } else { &mut self.statements }
+    }
+
+    fn contains(&self, target: u8, name: &str) -> bool {
+        if target == PORTAL { self.portals.contains(name) } else { self.statements.contains(name) }
+    }
+
+    fn mark(&mut self, target: u8, name: &str) {
+        let set = self.set(target);
+        if !set.contains(name) {
+            set.insert(name.to_string());
+        }
+    }
+
+    fn clear(&mut self) {
+        self.statements.clear();
+        self.portals.clear();
+    }
 }
 
 /// The session's `Fetches` as a batch being judged changes them; `Fetches::commit` once the
@@ -65,27 +95,37 @@ pub struct Batch<'a> {
     session: &'a Fetches,
     /// The last sync point the server answered outside a transaction.
     idle: u64,
-    fresh: Vec<(u8, String)>,
+    fresh: Fresh,
     /// Portals the batch binds, and to what: the last Bind of each. Those of other statements
     /// only if the session may hold a portal of that name (the unnamed portal, which most
     /// clients bind for every statement, takes no allocation).
-    binds: Vec<(String, Runs)>,
+    binds: HashMap<String, Runs>,
+    /// Of `binds`, those to a FETCH or EXECUTE of a portal the session does not hold already:
+    /// counted as they change, so a Bind does not go through all the others.
+    new_portals: usize,
     /// Named FETCH statements the batch parses.
-    parsed: Vec<String>,
+    parsed: HashSet<String>,
 }
 
 /// What a judged batch changes (`Fetches::commit`).
 #[derive(Default)]
 pub struct Changes {
-    fresh: Vec<(u8, String)>,
-    binds: Vec<(String, Runs)>,
-    parsed: Vec<String>,
+    fresh: Fresh,
+    binds: HashMap<String, Runs>,
+    parsed: HashSet<String>,
 }
 
 impl Fetches {
     /// A batch to judge; `idle` is the last sync point answered outside a transaction.
     pub fn batch(&self, idle: u64) -> Batch<'_> {
-        Batch { session: self, idle, fresh: self.fresh.clone(), binds: Vec::new(), parsed: Vec::new() }
+        Batch {
+            session: self,
+            idle,
+            fresh: self.fresh.clone(),
+            binds: HashMap::default(),
+            new_portals: 0,
+            parsed: HashSet::default(),
+        }
     }
 
     /// Whether the server may hold a portal of this name that the client bound to a FETCH or
@@ -172,8 +212,8 @@ impl Batch<'_> {
 
     /// What the portal of this name may run at this point of the batch.
     fn portal(&self, name: &str) -> Runs {
-        match self.binds.iter().find(|(n, _)| n == name) {
-            Some((_, runs)) => *runs,
+        match self.binds.get(name) {
+            Some(runs) => *runs,
             None if self.session.holds(name, self.idle) => self.session.portals[name].1,
             None => Runs::Other,
         }
@@ -190,16 +230,15 @@ impl Batch<'_> {
         if runs != Runs::Fetch {
             return Ok(());
         }
-        if !name.is_empty() && !self.parsed.iter().any(|n| n == name) {
+        if !name.is_empty() && !self.parsed.contains(name) {
             if self.session.statements.len() + self.parsed.len() >= MAX_FETCH_STATEMENTS {
                 return Err(format!(
                     "a session may have at most {MAX_FETCH_STATEMENTS} named FETCH statements; Close some first"
                 ));
             }
-            self.parsed.push(name.to_string());
+            self.parsed.insert(name.to_string());
         }
-        self.fresh.retain(|(t, n)| !(*t == STATEMENT && n == name));
-        self.fresh.push((STATEMENT, name.to_string()));
+        self.fresh.mark(STATEMENT, name);
         Ok(())
     }
 
@@ -217,32 +256,37 @@ impl Batch<'_> {
                 "a FETCH from a portal bound to a FETCH or EXECUTE cannot be described for masking ({CRASH})"
             ));
         }
-        let at = self.binds.iter().position(|(n, _)| n == portal);
+        let at = self.binds.get(portal).copied();
         if runs != Runs::Fetch {
             // Planning the statement may call functions, which may close cursors.
             self.fresh.clear();
         }
+        let held = self.session.portals.contains_key(portal);
         if runs != Runs::Other && at.is_none() {
             // `Fetches::prune` ran before the batch: at most the live portals, or fewer than half.
-            let held = self.session.portals.len() - usize::from(self.session.portals.contains_key(portal));
-            let new = self.binds.iter().filter(|(n, r)| *r != Runs::Other && !self.session.portals.contains_key(n));
-            if held + new.count() >= MAX_FETCH_PORTALS {
+            if self.session.portals.len() - usize::from(held) + self.new_portals >= MAX_FETCH_PORTALS {
                 return Err(format!(
                     "a session may hold at most {MAX_FETCH_PORTALS} portals bound to FETCH or EXECUTE statements; \
                      end the transaction first"
                 ));
             }
         }
+        let new = |r: Runs| usize::from(r != Runs::Other && !held);
         match at {
-            Some(i) => self.binds[i].1 = runs,
-            None if runs != Runs::Other || self.session.portals.contains_key(portal) => {
-                self.binds.push((portal.to_string(), runs))
+            Some(old) => {
+                self.new_portals = self.new_portals - new(old) + new(runs);
+                if let Some(r) = self.binds.get_mut(portal) {
+                    *r = runs;
+                }
+            }
+            None if runs != Runs::Other || held => {
+                self.new_portals += new(runs);
+                self.binds.insert(portal.to_string(), runs);
             }
             None => {}
         }
         if runs == Runs::Fetch {
-            self.fresh.retain(|(t, n)| !(*t == PORTAL && n == portal));
-            self.fresh.push((PORTAL, portal.to_string()));
+            self.fresh.mark(PORTAL, portal);
         }
         Ok(())
     }
@@ -264,7 +308,7 @@ impl Batch<'_> {
                 None => Runs::Other,
             },
         };
-        let fresh = || self.fresh.iter().any(|(t, n)| *t == target && n == name);
+        let fresh = || self.fresh.contains(target, name);
         let what = if target == PORTAL { "a portal bound to" } else { "a statement that is" };
         match runs {
             Runs::Fetch if !fresh() => Err(format!(
