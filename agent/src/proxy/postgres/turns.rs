@@ -28,12 +28,15 @@ struct State {
 
 /// A turn on a classifier thread; dropping it hands it to the next waiter.
 pub struct Turn {
-    turns: Arc<Turns>,
+    /// None once handed back unused (`release`), which must not release it again.
+    turns: Option<Arc<Turns>>,
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.turns.release();
+        if let Some(turns) = self.turns.take() {
+            turns.release();
+        }
     }
 }
 
@@ -65,7 +68,7 @@ impl Turns {
             }
         };
         match waiting {
-            None => Turn { turns: self.clone() },
+            None => Turn { turns: Some(self.clone()) },
             // Senders stay in their line until served: one is never dropped unsent.
             Some(rx) => rx.await.expect("a waiter's sender is kept until it is sent a turn"),
         }
@@ -97,10 +100,10 @@ impl Turns {
                 }
             };
             // A waiter that has gone (its session ended) gives the turn back unused: on to the
-            // next, without dropping the turn (which would come back here).
-            match tx.send(Turn { turns: self.clone() }) {
+            // next, the turn emptied first so that dropping it does not come back here.
+            match tx.send(Turn { turns: Some(self.clone()) }) {
                 Ok(()) => return,
-                Err(turn) => std::mem::forget(turn),
+                Err(mut turn) => turn.turns = None,
             }
         }
     }
