@@ -2225,9 +2225,10 @@ fn long_texts_of_one_identity_do_not_queue_another_behind_them() {
         let bots_between = records.iter().filter(|(seq, who, _)| who == "bot" && (start..done).contains(seq)).count();
         let bots_total = records.iter().filter(|(_, who, _)| who == "bot").count();
         // In turn, the admin's text waits for the texts being classified when it came, and at
-        // most one more of the bot's; first come first served, for every text queued before it.
+        // most one more of the bot's (one more still may end between the admin's two records);
+        // first come first served, for every text queued before it (8 with 2 threads).
         assert!(
-            bots_between <= cpus + 1,
+            bots_between <= cpus + 2,
             "{bots_between} of the bot's long statements were classified while the admin's waited \
              ({cpus} classifier threads; {bots_total} of the bot's statements so far)"
         );
