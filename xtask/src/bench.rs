@@ -28,8 +28,8 @@ pub enum Which {
         rounds: usize,
     },
     /// pgbench -S (simple and prepared, 1 and 8 clients) direct, through tollgate (guardrails
-    /// on), through pgbouncer (session mode) and through haproxy (tcp), with ratios and the
-    /// proxies' CPU time per transaction.
+    /// on), through pgbouncer (session mode) and through haproxy (tcp), with ratios and the CPU
+    /// time per transaction of the proxies, the server's backends and pgbench.
     Postgres(crate::bench_pg::Options),
 }
 
