@@ -2179,6 +2179,59 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
     assert!(rest.contains("D b'\\x00\\x01\\x00\\x00\\x00\\x05after'"), "{rest}");
 }
 
+/// What a session holds of the budget for large messages, it may hold only so long while it
+/// waits on its client (`--message-timeout`): a client that sends most of a large message and
+/// waits, or asks for a large answer and stops reading, loses its session, and the others get
+/// the memory back.
+#[test]
+fn a_session_holding_the_message_budget_waits_on_its_client_only_so_long() {
+    use std::time::{Duration, Instant};
+    if !privileged("a_session_holding_the_message_budget_waits_on_its_client_only_so_long") {
+        return;
+    }
+    let pg = Postgres::start();
+    let mut env = Env::new("pg-overstay");
+    env.write_policy(&policy(&env, &pg, None));
+    env.start_agent_with(&["--message-memory", "64", "--message-timeout", "2"]);
+    let port = pg.port.to_string();
+    // 62 MiB of a 64 MiB query, then a wait (holding what came and 1 MiB ahead, less the free
+    // 256 KiB): told why once 2 s have passed, then closed.
+    let started = Instant::now();
+    let a = env.run_in(
+        "bot",
+        &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &(64 << 20).to_string(), &(62 << 20).to_string(), "-"],
+    );
+    let a = String::from_utf8_lossy(&a.stdout).to_string();
+    assert!(a.contains("E 53200 tollgate: this session held 63 MiB") && a.contains("waited 2 s"), "{a}");
+    assert!(a.trim_end().ends_with("CLOSED") && started.elapsed() < Duration::from_secs(15), "{a}");
+    // A 50 MB answer needs most of the budget: it is all free again.
+    let row = "SELECT length(x) FROM (SELECT repeat('x', 50000000) AS x) s;\nSELECT repeat('x', 50000000);";
+    let (out, err, ok) = psql(&env, &pg, "bot", row);
+    assert!(ok && out.len() == 50_000_000 + "50000000\n".len(), "{} {err}", out.len());
+
+    // A client stopped (SIGSTOP) while its 50 MB answer comes: the agent's write to it stalls
+    // with the answer held, until the timeout ends that session.
+    let url = format!("postgresql://bot@127.0.0.1:{port}/postgres");
+    let query = "SELECT pg_sleep(2), repeat('x', 50000000)";
+    let mut stalled = env.spawn_in("bot", &["psql", "-X", "-At", &url, "-c", query]);
+    // Whatever it prints once it goes on is not wanted.
+    drop(stalled.stdout.take());
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = nix::unistd::Pid::from_raw(stalled.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.log().matches("waited 2 s").count() < 2 {
+        assert!(Instant::now() < deadline, "the stalled session was never ended:\n{}", env.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ... while it is still stopped, the memory is back for the others.
+    let (out, err, ok) = psql(&env, &pg, "bot", row);
+    assert!(ok && out.len() == 50_000_000 + "50000000\n".len(), "{} {err}", out.len());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let status = stalled.wait().unwrap();
+    assert!(!status.success(), "the stalled client's session was cut short");
+}
+
 /// Texts too long to classify on an event loop wait for a few classifier threads (one per
 /// CPU), in one line per identity taken in turn: one identity's many sessions sending long
 /// statements do not keep another identity's long statement waiting behind all of theirs.

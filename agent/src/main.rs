@@ -57,6 +57,15 @@ enum Command {
         #[arg(long, value_name = "MIB", env = "TOLLGATE_MESSAGE_MEMORY", default_value_t = (proxy::memory::DEFAULT_BUDGET >> 20) as u32,
               value_parser = clap::value_parser!(u32).range((proxy::memory::MIN_BUDGET >> 20) as i64..=1 << 20))]
         message_memory: u32,
+        /// Seconds a message holding memory of that budget (or an extended-protocol batch
+        /// waiting for its Sync) may spend in all waiting on its peers: for the client to send
+        /// the rest of it or to read it, for the server to take it. Past that the session ends
+        /// with SQLSTATE 53200, and what it held goes back to the other sessions. Clients are
+        /// processes on this host, whose largest messages take well under a second to pass;
+        /// a client that sends part of one and waits would otherwise hold its share for good.
+        #[arg(long, value_name = "SECS", env = "TOLLGATE_MESSAGE_TIMEOUT", default_value_t = proxy::memory::DEFAULT_WAIT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        message_timeout: u64,
     },
     /// Run a command inside a cgroup (created if needed), so it is enforced as that identity.
     ///
@@ -224,7 +233,7 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { policy, state_dir, log_format, threads, message_memory } => {
+        Command::Run { policy, state_dir, log_format, threads, message_memory, message_timeout } => {
             init_logging(log_format);
             raise_open_files();
             // Single-threaded runtimes only: a work-stealing scheduler costs CPU per wake-up
@@ -237,7 +246,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)), usize::from);
             let message_memory = usize::try_from(u64::from(message_memory) << 20)
                 .context("--message-memory is more than this platform can address")?;
-            rt.block_on(agent::run(agent::RunOptions { policy_file: policy, state_dir, threads, message_memory }))?;
+            let message_timeout = std::time::Duration::from_secs(message_timeout);
+            let options =
+                agent::RunOptions { policy_file: policy, state_dir, threads, message_memory, message_timeout };
+            rt.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Exec { cgroup, command } => exec(&cgroup, &command),

@@ -43,14 +43,15 @@ impl Drop for Rig {
     }
 }
 
+/// Waits up to 30 s: under valgrind on a busy machine a proxy takes seconds to start.
 fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
-    for _ in 0..100 {
+    for _ in 0..300 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return Ok(());
         }
         thread::sleep(Duration::from_millis(100));
     }
-    bail!("{what} did not start listening on port {port}")
+    bail!("{what} did not start listening on port {port} within 30 s")
 }
 
 /// Opens N logged-in PostgreSQL sessions (startup, then wait for ReadyForQuery) and idles.

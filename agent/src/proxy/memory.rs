@@ -7,10 +7,15 @@
 //! session. Each direction of a session buffers up to `FREE` bytes on its own; past that it
 //! draws on the budget before it reads on, for what it holds and what its next read may add
 //! (not for what a message's header announces), and is refused when the budget is spent.
+//! What a direction holds of it, it may hold only so long while it waits on a peer.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 /// What one direction of a session may buffer without drawing on the budget: ordinary
@@ -23,16 +28,24 @@ pub const MIN_BUDGET: usize = super::postgres::wire::MAX_MESSAGE;
 /// The budget when the operator sets none.
 pub const DEFAULT_BUDGET: usize = 512 << 20;
 
-/// Bytes of large messages the agent's sessions may hold at once.
+/// How long a message holding budget may wait on its peers when the operator sets nothing:
+/// the agent's clients are processes on its own host, whose largest messages take well under
+/// a second to pass.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+/// Bytes of large messages the agent's sessions may hold at once, and for how long.
 #[derive(Debug)]
 pub struct MessageMemory {
     limit: usize,
     used: AtomicUsize,
+    wait: Duration,
 }
 
 impl MessageMemory {
-    pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { limit, used: AtomicUsize::new(0) })
+    /// A budget of `limit` bytes, which a message (or a batch waiting for its `Sync`) may hold
+    /// while it waits `wait` in all on the peers it passes between.
+    pub fn new(limit: usize, wait: Duration) -> Arc<Self> {
+        Arc::new(Self { limit, used: AtomicUsize::new(0), wait })
     }
 
     /// Bytes drawn now.
@@ -66,17 +79,54 @@ pub struct Exhausted {
     pub limit_mib: usize,
 }
 
+/// A direction held budget and waited on a peer longer than the agent allows.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "this session held {held_mib} MiB of the agent's memory for large messages while it waited {secs} s for a \
+     message to pass, which other sessions may need: a message over 256 KiB must be sent whole, and read, \
+     without pauses (`tollgate run --message-timeout`)"
+)]
+pub struct Overstayed {
+    pub held_mib: usize,
+    pub secs: u64,
+}
+
 /// One direction's draw on the budget, given back as the direction buffers less and when it
 /// is dropped (the session ends).
 #[derive(Debug)]
 pub struct Draw {
     memory: Arc<MessageMemory>,
     held: usize,
+    /// Time spent waiting on peers while holding, since `restart_clock`.
+    waited: Duration,
 }
 
 impl Draw {
     pub fn new(memory: Arc<MessageMemory>) -> Self {
-        Self { memory, held: 0 }
+        Self { memory, held: 0, waited: Duration::ZERO }
+    }
+
+    /// Starts counting the wait of a new message (or batch) afresh.
+    pub fn restart_clock(&mut self) {
+        self.waited = Duration::ZERO;
+    }
+
+    /// Awaits `io`, a wait on a peer (for bytes of a message, or for it to take them). While
+    /// the direction holds budget the wait counts, and `Err` comes once the count since
+    /// `restart_clock` reaches the budget's allowance: whoever holds memory others may need
+    /// must not hold it idle. Without a hold no timer is set, so ordinary messages cost nothing.
+    pub async fn wait<F: Future>(&mut self, io: F) -> Result<F::Output, Overstayed> {
+        if self.held == 0 {
+            return Ok(io.await);
+        }
+        let overstayed = Overstayed { held_mib: self.held.div_ceil(1 << 20), secs: self.memory.wait.as_secs() };
+        let Some(left) = self.memory.wait.checked_sub(self.waited).filter(|l| !l.is_zero()) else {
+            return Err(overstayed);
+        };
+        let started = Instant::now();
+        let done = crate::timer::timeout(left, io).await;
+        self.waited += started.elapsed();
+        done.map_err(|_| overstayed)
     }
 
     /// Whether the direction holds more than its free share.
@@ -123,9 +173,13 @@ mod tests {
 
     const MIB: usize = 1 << 20;
 
+    fn budget(limit: usize) -> Arc<MessageMemory> {
+        MessageMemory::new(limit, DEFAULT_WAIT)
+    }
+
     #[test]
     fn small_buffers_never_draw() {
-        let m = MessageMemory::new(MIN_BUDGET);
+        let m = budget(MIN_BUDGET);
         let mut d = Draw::new(m.clone());
         d.cover(FREE).unwrap();
         assert_eq!(m.in_use(), 0);
@@ -135,7 +189,7 @@ mod tests {
 
     #[test]
     fn draws_grow_shrink_and_are_given_back_on_drop() {
-        let m = MessageMemory::new(100 * MIB);
+        let m = budget(100 * MIB);
         let mut a = Draw::new(m.clone());
         let mut b = Draw::new(m.clone());
         a.cover(60 * MIB + FREE).unwrap();
@@ -157,7 +211,7 @@ mod tests {
 
     #[test]
     fn concurrent_draws_never_exceed_the_budget() {
-        let m = MessageMemory::new(64 * MIB);
+        let m = budget(64 * MIB);
         let peak = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..8)
             .map(|i| {
@@ -176,5 +230,29 @@ mod tests {
         }
         assert!(peak.load(Ordering::Relaxed) <= 64 * MIB);
         assert_eq!(m.in_use(), 0, "every draw given back");
+    }
+
+    #[tokio::test]
+    async fn waits_while_holding_are_limited_in_all_until_the_clock_restarts() {
+        let m = MessageMemory::new(64 * MIB, Duration::from_millis(300));
+        let mut d = Draw::new(m.clone());
+        let nap = || crate::timer::sleep(Duration::from_millis(200));
+        // Without a hold, waits are not timed.
+        d.wait(crate::timer::sleep(Duration::from_millis(400))).await.unwrap();
+        d.cover(FREE + 3 * MIB).unwrap();
+        d.wait(nap()).await.unwrap();
+        // The second wait of the same message exceeds what is left, and is cut short.
+        let started = Instant::now();
+        let e = d.wait(nap()).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(190), "{:?}", started.elapsed());
+        assert_eq!(e, Overstayed { held_mib: 3, secs: 0 });
+        assert!(e.to_string().contains("--message-timeout"), "{e}");
+        // Nothing is left until the clock restarts, for the next message.
+        assert!(d.wait(std::future::ready(())).await.is_err());
+        d.restart_clock();
+        d.wait(nap()).await.unwrap();
+        // A direction that holds nothing more is not timed, whatever it waited before.
+        d.cover(FREE).unwrap();
+        d.wait(crate::timer::sleep(Duration::from_millis(400))).await.unwrap();
     }
 }

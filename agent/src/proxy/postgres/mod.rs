@@ -1192,6 +1192,8 @@ async fn downstream(
     let mut finished: Vec<Tally> = Vec::new();
     let mut copy = CopyIn::default();
     loop {
+        // A large answer's share of the budget may wait only so long for the client to read it.
+        draw.restart_clock();
         // A note the client side queued concerns answers the buffer may already hold (a
         // pipelining client): it must be in `pending` before the buffer's frames are looked at.
         while let Ok(n) = notes.try_recv() {
@@ -1252,7 +1254,7 @@ async fn downstream(
                 }
                 progress.publish(ready_seen, idle, copy.started_at);
                 if out.is_empty() {
-                    client.write_all(&buf[..pos]).await?;
+                    draw.wait(client.write_all(&buf[..pos])).await.map_err(std::io::Error::other)??;
                 } else {
                     out.extend_from_slice(&buf[relayed..pos]);
                 }
@@ -1346,7 +1348,7 @@ async fn downstream(
             }
         }
         if !out.is_empty() {
-            client.write_all(&out).await?;
+            draw.wait(client.write_all(&out)).await.map_err(std::io::Error::other)??;
             out.clear();
             trim(&mut out);
         }
@@ -1821,17 +1823,36 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     /// Reads the next whole frame; `Ok(None)` when the client closed.
     async fn next_frame(&mut self) -> Result<Option<Frame>, Stop> {
+        // All that came before has gone on: the waits counted from here are the next message's
+        // (or, while a batch is held, the batch's until its Sync).
+        if self.batched == 0 {
+            self.draw.restart_clock();
+        }
         loop {
             if let Some(f) = wire::decode(&mut self.buf)? {
                 return Ok(Some(f));
             }
-            // A client that sends most of a large message and waits holds its share meanwhile.
+            // A client that sends most of a large message and waits holds its share meanwhile,
+            // for as long as the budget allows.
             if let Err(e) = ready_buffer(&mut self.buf, &mut self.draw, self.batched) {
                 return Err(self.tell(SQLSTATE_OUT_OF_MEMORY, &format!("tollgate: {e}")));
             }
-            if self.client.read_buf(&mut self.buf).await.map_err(Stop::Client)? == 0 {
+            let read = match self.draw.wait(self.client.read_buf(&mut self.buf)).await {
+                Ok(read) => read.map_err(Stop::Client)?,
+                Err(e) => return Err(self.tell(SQLSTATE_OUT_OF_MEMORY, &format!("tollgate: {e}"))),
+            };
+            if read == 0 {
                 return Ok(None);
             }
+        }
+    }
+
+    /// Sends `bytes` to the server, within what the budget allows a large message to wait for
+    /// a server busy with what came before it.
+    async fn send_up(&mut self, up: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), Stop> {
+        match self.draw.wait(up.write_all(bytes)).await {
+            Ok(sent) => sent.map_err(Stop::Server),
+            Err(e) => Err(self.tell(SQLSTATE_OUT_OF_MEMORY, &format!("tollgate: {e}"))),
         }
     }
 
@@ -2291,11 +2312,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     }
                     // A large message goes out from where it is: a copy would double it.
                     f.encode_header(&mut wbuf);
-                    up.write_all(&wbuf).await.map_err(Stop::Server)?;
+                    self.send_up(&mut up, &wbuf).await?;
                     wbuf.clear();
-                    up.write_all(&f.body).await.map_err(Stop::Server)?;
+                    self.send_up(&mut up, &f.body).await?;
                 }
-                up.write_all(&wbuf).await.map_err(Stop::Server)?;
+                self.send_up(&mut up, &wbuf).await?;
                 wbuf.clear();
                 trim(&mut wbuf);
                 // Frame lists that held a batch of thousands shrink back too.
@@ -3125,7 +3146,7 @@ mod tests {
         let (client_proxy, mut client) = tokio::io::duplex(4096);
         let stand_in = StandIn(STAND_IN.into());
         let both = Arc::new(Both { stand_in, progress: Progress::default() });
-        let draw = Draw::new(MessageMemory::new(crate::proxy::memory::MIN_BUDGET));
+        let draw = Draw::new(MessageMemory::new(crate::proxy::memory::MIN_BUDGET, crate::proxy::memory::DEFAULT_WAIT));
         let server = FromServer { up: up_proxy, buf: BytesMut::new(), draw };
         let down = tokio::spawn(downstream(server, client_proxy, inject_rx, results, masking, both));
         let mut got = BytesMut::new();
