@@ -1680,6 +1680,7 @@ for m in script:
     out = b""
     if t == "wait": parts.append(b"")
     elif t == "P": out += msg("P", cstr(m[1]) + cstr(m[2]) + b"\0\0")
+    elif t == "Plong": out += msg("P", cstr(m[1]) + cstr(m[2] + "x" * m[3]) + b"\0\0")
     elif t == "Ptypes": out += msg("P", cstr(m[1]) + cstr(m[2]) + struct.pack("!H", m[3]) + struct.pack("!I", m[4]) * m[3])
     elif t == "Bnulls": out += msg("B", cstr(m[1]) + cstr(m[2]) + b"\0\0" + struct.pack("!H", m[3]) + b"\xff\xff\xff\xff" * m[3] + struct.pack("!H", len(m[4])) + b"".join(struct.pack("!h", c) for c in m[4]))
     elif t == "Pmany": out += b"".join(msg("P", cstr(m[1] + str(i)) + cstr(m[3]) + b"\0\0") + msg("S", b"") for i in range(m[2]))
@@ -2823,6 +2824,18 @@ fn protocol_tricks_fail_closed() {
     assert!(raw(&env, &pg, none.clone(), parse(&"é".repeat(22))).contains("name-too-long"));
     let out = raw(&env, &pg, none.clone(), parse(&"é".repeat(10)));
     assert_eq!(after_first_line(&out), "1ZC", "{out}");
+    // A Parse whose text is past what is looked into (1 MiB) is refused as unparseable, and
+    // recorded by its length and digest (its text read, copied and hashed off the event loop);
+    // the session goes on.
+    let huge = format!("SELECT 1 -- {}", "x".repeat(2 << 20));
+    let script = serde_json::json!([["Plong", "huge", "SELECT 1 -- ", 2 << 20], ["S"], ["Q", "SELECT 7"], ["X"]]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert!(out.contains("42501") && out.contains("unparseable"), "{out:.500}");
+    assert_eq!(after_first_line(&out), "EZTDCZC", "{out:.500}");
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(huge.as_bytes()));
+    let records = env.audit();
+    let cut = records.iter().find(|r| r["statement_sha256"] == digest.as_str()).expect("the huge Parse's record");
+    assert_eq!(cut["statement_bytes"].as_u64(), Some(huge.len() as u64), "{cut}");
     let prepare = |n: usize| serde_json::json!([["Q", format!("PREPARE \"{}\" AS SELECT 1", "é".repeat(n))], ["X"]]);
     assert!(raw(&env, &pg, none.clone(), prepare(11)).contains("\"unparseable\""));
     assert!(raw(&env, &pg, none.clone(), prepare(10)).contains("C PREPARE"));

@@ -129,6 +129,24 @@ async fn classify_elsewhere(text: &Arc<str>, identity: &str) -> sql::Classificat
 }
 /// Longest statement text kept in an audit record.
 const MAX_AUDITED_SQL: usize = 16 << 10;
+/// Texts longer than this are found, checked, copied and hashed on a blocking thread: for
+/// 64 MiB that takes tens of milliseconds, which the loop's other sessions would wait.
+const TEXT_ELSEWHERE: usize = 1 << 20;
+
+/// The SQL text `pick` reads in a message's `body`, owned (`TEXT_ELSEWHERE`).
+async fn owned_text(
+    body: &bytes::Bytes,
+    pick: fn(&[u8]) -> Result<&str, wire::WireError>,
+) -> Result<Arc<str>, wire::WireError> {
+    if body.len() <= TEXT_ELSEWHERE {
+        return pick(body).map(Arc::from);
+    }
+    let b = body.clone();
+    match tokio::task::spawn_blocking(move || pick(&b).map(Arc::from)).await {
+        Ok(text) => text,
+        Err(_) => pick(body).map(Arc::from),
+    }
+}
 /// Most bytes of bound parameters a statement held for approval may carry: all of them are
 /// shown to the approver.
 const MAX_SHOWN_PARAMETERS: usize = 64 << 10;
@@ -1858,8 +1876,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
 
     /// Classifies and decides one statement text, recording it durably before it may be
     /// forwarded. Texts of one shape are classified once per session.
-    async fn judge(&mut self, text: &str) -> Result<Judgement, Stop> {
-        let text: Arc<str> = Arc::from(text);
+    async fn judge(&mut self, text: Arc<str>) -> Result<Judgement, Stop> {
         let shaped = text.len() <= CLASSIFY_ELSEWHERE && sql::shape_into(&text, &mut self.shape);
         let class = match shaped {
             true => match self.cache.get(self.shape.as_slice()) {
@@ -1912,7 +1929,15 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             base: self.statement_base.clone(),
             // What lies past the cut is still accounted for: the digest ties the record to the
             // client's text, and the names say what it touched.
-            cut: (text.len() > MAX_AUDITED_SQL).then(|| Box::new(Cut::of(&text, &class.tables, &class.functions))),
+            cut: match text.len() {
+                ..=MAX_AUDITED_SQL => None,
+                n if n <= TEXT_ELSEWHERE => Some(Box::new(Cut::of(&text, &class.tables, &class.functions))),
+                _ => {
+                    let (t, c) = (text.clone(), class.clone());
+                    let cut = tokio::task::spawn_blocking(move || Cut::of(&t, &c.tables, &c.functions)).await;
+                    Some(Box::new(cut.unwrap_or_else(|_| Cut::of(&text, &class.tables, &class.functions))))
+                }
+            },
             statement: if text.len() <= MAX_AUDITED_SQL {
                 text.clone()
             } else {
@@ -2153,7 +2178,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     return Err(self.fail(msg));
                 }
                 b'Q' => {
-                    let text = wire::query_text(&frame.body)?;
+                    let text = owned_text(&frame.body, wire::query_text).await?;
                     self.outcome.statements += 1;
                     // A simple query runs in the unnamed portal, and may end the transaction
                     // (which drops every portal) or declare cursors (which are portals).
@@ -2519,8 +2544,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 continue;
             }
-            let (name, text) = wire::parse_message(&f.body)?;
-            let name = name.to_string();
+            let name = wire::parse_name(&f.body)?.to_string();
+            let text = owned_text(&f.body, wire::parse_text).await?;
             // The server refuses to redefine a named statement; the proxy must not believe it
             // did, or a later Bind would be judged by the wrong text.
             if !name.is_empty() && (self.still_prepared(&name).await || parsed.iter().any(|(n, _)| *n == name)) {
@@ -2828,7 +2853,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             let later = batch[i + 1..]
                 .iter()
                 .filter(|f| f.tag == b'P')
-                .filter_map(|f| Some(wire::parse_message(&f.body).ok()?.0.to_string()))
+                .filter_map(|f| Some(wire::parse_name(&f.body).ok()?.to_string()))
                 .collect();
             deallocs.push((d, later));
         }
@@ -3046,7 +3071,7 @@ fn overlong_name(batch: &[Frame]) -> Result<Option<&str>, wire::WireError> {
 fn first_name(batch: &[Frame], pick: impl Fn(&str) -> bool) -> Result<Option<&str>, wire::WireError> {
     for f in batch {
         let names = match f.tag {
-            b'P' => [Some(wire::parse_message(&f.body)?.0), None],
+            b'P' => [Some(wire::parse_name(&f.body)?), None],
             b'B' => {
                 let (portal, stmt) = wire::bind_names(&f.body)?;
                 [Some(portal), Some(stmt)]
