@@ -147,6 +147,7 @@ async fn owned_text(
         Err(_) => pick(body).map(Arc::from),
     }
 }
+
 /// Most bytes of bound parameters a statement held for approval may carry: all of them are
 /// shown to the approver.
 const MAX_SHOWN_PARAMETERS: usize = 64 << 10;
