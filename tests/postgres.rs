@@ -1688,6 +1688,7 @@ for m in script:
     elif t == "E": out += msg("E", cstr(m[1]) + struct.pack("!i", m[2] if len(m) > 2 else 0))
     elif t == "Q": out += msg("Q", cstr(m[1]))
     elif t == "C": out += msg("C", b"S" + cstr(m[1]))
+    elif t == "Cportal": out += msg("C", b"P" + cstr(m[1]))
     elif t == "D": out += msg("D", m[1].encode() + cstr(m[2]))
     elif t == "bytes": out += bytes.fromhex(m[1])
     elif t == "dmany": out += msg("d", b"x" * m[1]) * m[2]
@@ -1895,6 +1896,38 @@ fn a_fetch_is_described_only_while_its_cursor_is_sure_to_be_there() {
         declare,
         ["P", "", "FETCH ALL FROM c"],
         ["B", "p1", ""],
+        ["E", "p1"],
+        ["S"],
+        ["Q", "CLOSE c"],
+        ["Q", "FETCH ALL FROM p1"]
+    ]));
+    let out = run(script);
+    assert!(refused(&out), "{out}");
+    // A portal whose Close the server carried out is no FETCH any more: its name may be a
+    // cursor's, fetched from as any other, also by a client that sends on before the Close's
+    // answer has come.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["B", "p1", "f"],
+        ["E", "p1"],
+        ["S"],
+        ["Cportal", "p1"],
+        ["S"],
+        ["Q", "DECLARE p1 CURSOR FOR SELECT 7 AS n"],
+        ["Q", "FETCH ALL FROM p1"]
+    ]));
+    let out = run(script);
+    assert!(!refused(&out) && out.contains("D b'\\x00\\x01\\x00\\x00\\x00\\x017'"), "{out}");
+    // ... but bound again after its Close, in the same batch, it is a FETCH again.
+    let script = in_transaction(serde_json::json!([
+        declare,
+        ["P", "f", "FETCH 1 FROM c"],
+        ["B", "p1", "f"],
+        ["E", "p1"],
+        ["S"],
+        ["Cportal", "p1"],
+        ["B", "p1", "f"],
         ["E", "p1"],
         ["S"],
         ["Q", "CLOSE c"],

@@ -20,8 +20,9 @@
 //! an earlier batch may have failed (a named portal cannot be bound again before it is
 //! closed) and left the old portal in place, which `ROLLBACK TO SAVEPOINT` brings back into
 //! use: a name once bound to a FETCH or an EXECUTE counts as one until the server has ended
-//! the transaction. Likewise a named FETCH statement counts as there until a Close of it is
-//! known to have been carried out (an SQL `DEALLOCATE` or `DISCARD ALL` may fail).
+//! the transaction, or has carried out a Close of it in a batch without an error (`unbound`).
+//! Likewise a named FETCH statement counts as there until a Close of it is known to have been
+//! carried out (an SQL `DEALLOCATE` or `DISCARD ALL` may fail).
 use foldhash::{HashMap, HashSet};
 
 use crate::sql::Classification;
@@ -159,6 +160,21 @@ impl Fetches {
     /// Whether any such portal is remembered.
     pub fn any(&self) -> bool {
         !self.portals.is_empty()
+    }
+
+    /// Whether a portal of this name is remembered as bound to a FETCH or an EXECUTE.
+    pub fn bound(&self, portal: &str) -> bool {
+        !self.portals.is_empty() && self.portals.contains_key(portal)
+    }
+
+    /// The server carried out a Close of `portal` in a batch with sync point `point` and no
+    /// error: a portal of that name bound at or before it is gone. (A dropped portal does not
+    /// come back with a savepoint; a Bind after the Close in its batch keeps the name bound,
+    /// and the client side does not report the Close then.)
+    pub fn unbound(&mut self, portal: &str, point: u64) {
+        if self.portals.get(portal).is_some_and(|(p, _)| *p <= point) {
+            self.portals.remove(portal);
+        }
     }
 
     /// The batch went to the server; `point` is its sync point (that of the next Sync, for a
@@ -390,6 +406,19 @@ mod tests {
         assert!(f.batch(0).describe(STATEMENT, "f", unknown).is_err(), "closed before it was parsed");
         f.closed("f", 2);
         assert!(f.batch(0).describe(STATEMENT, "f", unknown).is_ok());
+    }
+
+    #[test]
+    fn a_fetch_portal_counts_until_a_close_of_it_is_carried_out() {
+        let mut f = Fetches::default();
+        let mut b = f.batch(0);
+        b.bind("p", Runs::Fetch, false).unwrap();
+        f.commit(b.changes(), 3);
+        assert!(f.bound("p") && f.holds("p", 0) && !f.bound("q"));
+        f.unbound("p", 2);
+        assert!(f.bound("p"), "a Close answered before the Bind leaves it");
+        f.unbound("p", 3);
+        assert!(!f.bound("p") && !f.any(), "a Close in the Bind's batch, after it, ends it");
     }
 
     #[test]

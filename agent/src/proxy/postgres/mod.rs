@@ -1593,6 +1593,8 @@ enum Registry {
     Dealloc,
     /// `copy_portals`
     Copy,
+    /// `fetches`' portals bound to a FETCH or an EXECUTE
+    Fetch,
 }
 
 /// What a Bind made a portal from, as its statement stood at that Bind (masking).
@@ -2187,15 +2189,23 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                     let refusal = match self.judge(text).await? {
                         Judgement::Deny { rule, message } => Some(Refusal { rule, message }),
                         Judgement::Forward(p) => {
+                            let mut idle = self.both.progress.idle.load(Ordering::SeqCst);
+                            let mut chained =
+                                self.fetches.chained(&p.class, idle, |n| self.prepared.get(n).map(|s| &*s.class));
+                            // A Close of the portal sent before may have ended what it was bound
+                            // to: once the server has answered it, judged again.
+                            if chained.is_some() {
+                                self.settle_portal_closes().await;
+                                idle = self.both.progress.idle.load(Ordering::SeqCst);
+                                chained =
+                                    self.fetches.chained(&p.class, idle, |n| self.prepared.get(n).map(|s| &*s.class));
+                            }
                             let known = |n: &str| {
                                 self.prepared.contains_key(n)
                                     || self.sql_prepared.contains_key(n)
                                     || p.class.prepares.contains(n)
                                     || self.forgotten.contains_key(n)
                             };
-                            let idle = self.both.progress.idle.load(Ordering::SeqCst);
-                            let chained =
-                                self.fetches.chained(&p.class, idle, |n| self.prepared.get(n).map(|s| &*s.class));
                             let held = match unknown_executed(&p.class, known) {
                                 Some(r) => Err(r),
                                 None if chained.is_some() => {
@@ -2461,6 +2471,20 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         }
     }
 
+    /// Waits for the answers to batches that close portals the FETCH guard remembers, and
+    /// applies them.
+    async fn settle_portal_closes(&mut self) {
+        loop {
+            self.settle();
+            let pending =
+                self.defined.iter().find(|(_, _, unbinds)| unbinds.iter().any(|(_, r)| *r == Registry::Fetch));
+            match pending {
+                Some(&(point, _, _)) => self.completions.wait(point).await,
+                None => return,
+            }
+        }
+    }
+
     /// Applies the answers that are in: a Parse that did not take effect is undone, a Close
     /// that did forgets its statement, one that did not keeps it; portals re-bound or closed in
     /// a batch with no error no longer deallocate.
@@ -2477,6 +2501,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                         Registry::Copy if self.copy_portals.get(&portal).is_some_and(|at| *at <= point) => {
                             self.copy_portals.remove(&portal);
                         }
+                        Registry::Fetch => self.fetches.unbound(&portal, point),
                         _ => {}
                     }
                 }
@@ -2775,6 +2800,9 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                 self.unbinding.push((portal.to_string(), Registry::Copy));
                                 copy_here.insert(portal, false);
                             }
+                            if self.fetches.bound(portal) {
+                                self.unbinding.push((portal.to_string(), Registry::Fetch));
+                            }
                             self.defining.push(Def::Close { statement: None });
                         }
                         Err(_) => self.defining.push(Def::Close { statement: None }),
@@ -2783,6 +2811,11 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                 }
                 b'B' => {
                     let (portal, stmt) = wire::bind_names(&f.body)?;
+                    // Bound again after its Close: whatever it is bound to now, the guard
+                    // learns from this batch.
+                    if !self.unbinding.is_empty() {
+                        self.unbinding.retain(|(u, r)| !(u == portal && *r == Registry::Fetch));
+                    }
                     let statement = self.prepared.get(stmt);
                     if let Some(p) = statement {
                         self.portals.bind(portal, p);
