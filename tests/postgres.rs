@@ -2247,11 +2247,22 @@ fn a_session_holding_the_message_budget_waits_on_its_client_only_so_long() {
     // with the answer held, until the timeout ends that session.
     let url = format!("postgresql://bot@127.0.0.1:{port}/postgres");
     let query = "SELECT pg_sleep(2), repeat('x', 50000000)";
-    let mut stalled = env.spawn_in("bot", &["psql", "-X", "-At", &url, "-c", query]);
+    // Resumed and ended however the test ends, before `env` is dropped: a stopped process
+    // would keep the test's cgroup from being removed.
+    struct Stopped(std::process::Child);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stalled = Stopped(env.spawn_in("bot", &["psql", "-X", "-At", &url, "-c", query]));
     // Whatever it prints once it goes on is not wanted.
-    drop(stalled.stdout.take());
+    drop(stalled.0.stdout.take());
     std::thread::sleep(Duration::from_secs(1));
-    let pid = nix::unistd::Pid::from_raw(stalled.id() as i32);
+    let pid = nix::unistd::Pid::from_raw(stalled.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while env.log().matches("waited 2 s").count() < 2 {
@@ -2262,7 +2273,7 @@ fn a_session_holding_the_message_budget_waits_on_its_client_only_so_long() {
     let (out, err, ok) = psql(&env, &pg, "bot", row);
     assert!(ok && out.len() == 50_000_000 + "50000000\n".len(), "{} {err}", out.len());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let status = stalled.wait().unwrap();
+    let status = stalled.0.wait().unwrap();
     assert!(!status.success(), "the stalled client's session was cut short");
 }
 
