@@ -72,6 +72,23 @@ fn help_explains_the_commands() {
     // A budget below one message of the protocol's largest size could never pass one.
     let (ok, _, err) = tollgate(&["run", "--policy", "/nonexistent", "--message-memory", "63"]);
     assert!(!ok && err.contains("invalid value '63' for '--message-memory <MIB>': 63 is not in 64..=1048576"), "{err}");
+    assert!(
+        out.contains("--message-memory-per-identity <MIB>") && out.contains("a quarter of --message-memory"),
+        "{out}"
+    );
+    let (ok, _, err) = tollgate(&[
+        "run",
+        "--policy",
+        "/nonexistent",
+        "--message-memory",
+        "100",
+        "--message-memory-per-identity",
+        "101",
+    ]);
+    assert!(
+        !ok && err.contains("--message-memory-per-identity (101 MiB) is more than --message-memory (100 MiB)"),
+        "{err}"
+    );
     assert!(out.contains("--message-timeout <SECS>") && out.contains("[default: 30]"), "{out}");
     let (ok, _, err) = tollgate(&["run", "--policy", "/nonexistent", "--message-timeout", "0"]);
     assert!(!ok && err.contains("invalid value '0' for '--message-timeout <SECS>'"), "{err}");

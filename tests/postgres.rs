@@ -2123,6 +2123,40 @@ answers(True)
 s.sendall(msg("X", b""))
 "#;
 
+/// A client (HALF_CLIENT) in the cgroup `sub` that has sent `head` bytes of a query of `size`
+/// and waits (for `gate`, or with "-" for the agent), and the agent has had a second to read
+/// them; killed when dropped. Its output is read on from the reader returned.
+fn half_client(
+    env: &Env,
+    sub: &str,
+    port: u16,
+    size: usize,
+    head: usize,
+    gate: &str,
+) -> (Killed, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
+    let (port, size, head) = (port.to_string(), size.to_string(), head.to_string());
+    let mut c = Killed(env.spawn_in(sub, &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &size, &head, gate]));
+    let mut out = std::io::BufReader::new(c.0.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim() != "SENT" {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "a client ended early");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    (c, out)
+}
+
+/// A child process killed and reaped however the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sessions buffer large messages within one budget (`--message-memory`): a session whose
 /// message (sent, or asked of the server) the budget cannot cover ends with 53200, the others
 /// go on, and what a session held is given back when its message is through.
@@ -2145,27 +2179,7 @@ fn large_messages_share_one_memory_budget_and_others_go_on() {
     let port = pg.port.to_string();
     let gate = env.dir.path().join("go");
     let gate_arg = gate.display().to_string();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    // Starts a client that sends `head` bytes of a query of `size` and waits.
-    let half = |size: usize, head: usize, gate: &str| {
-        let (size, head) = (size.to_string(), head.to_string());
-        let mut c = Killed(env.spawn_in("bot", &["/usr/bin/python3", "-c", HALF_CLIENT, &port, &size, &head, gate]));
-        let mut out = std::io::BufReader::new(c.0.stdout.take().unwrap());
-        let mut line = String::new();
-        while line.trim() != "SENT" {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "a client ended early");
-        }
-        // Until the agent has read what was sent.
-        std::thread::sleep(std::time::Duration::from_secs(1));
-        (c, out)
-    };
+    let half = |size: usize, head: usize, gate: &str| half_client(&env, "bot", pg.port, size, head, gate);
     // H announces 64 MiB and sends 100 bytes: it holds what came and 1 MiB ahead, less its free
     // 256 KiB, not what its header announced.
     let h = half(64 << 20, 100, "-");
@@ -2275,6 +2289,40 @@ fn a_session_holding_the_message_budget_waits_on_its_client_only_so_long() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     let status = stalled.0.wait().unwrap();
     assert!(!status.success(), "the stalled client's session was cut short");
+}
+
+/// The sessions of one identity hold at most their share of the budget for large messages
+/// (`--message-memory-per-identity`): one agent holding large messages in one session cannot
+/// take the rest from another identity by opening more.
+#[test]
+fn one_identity_holds_only_its_share_of_the_message_budget() {
+    if !privileged("one_identity_holds_only_its_share_of_the_message_budget") {
+        return;
+    }
+    let pg = Postgres::start();
+    let mut env = Env::new("pg-share");
+    env.write_policy(&policy(&env, &pg, None));
+    env.start_agent_with(&["--message-memory", "128", "--message-memory-per-identity", "64"]);
+    // The bot sends 62 MiB of a 64 MiB query and waits: its session holds 63 MiB.
+    let held = half_client(&env, "bot", pg.port, 64 << 20, 62 << 20, "-");
+    // Another session of the bot may not add a 30 MB answer, though the budget has room for it.
+    let answer = |n: usize| format!("SELECT repeat('x', {n})");
+    let (out, err, ok) = psql(&env, &pg, "bot", &answer(30_000_000));
+    assert!(
+        !ok && err.contains("FATAL:  tollgate: identity bot's sessions hold ")
+            && err.contains("of the 64 MiB of the agent's memory for large messages that one identity may hold")
+            && err.contains("--message-memory-per-identity"),
+        "{:.200} {err}",
+        out
+    );
+    // Another identity's 50 MB answer fits beside the bot's share.
+    let (out, err, ok) = psql_as(&env, &pg, "admin", "x:y", &answer(50_000_000));
+    assert!(ok && out.len() == 50_000_000, "{} {err}", out.len());
+    // Once the bot's waiting session is gone, its share is free for its other sessions.
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (out, err, ok) = psql(&env, &pg, "bot", &answer(50_000_000));
+    assert!(ok && out.len() == 50_000_000, "{} {err}", out.len());
 }
 
 /// Texts too long to classify on an event loop wait for a few classifier threads (one per

@@ -66,6 +66,8 @@ pub struct RunOptions {
     pub threads: usize,
     /// Bytes of large messages the sessions may buffer together (`proxy::memory`).
     pub message_memory: usize,
+    /// What one identity's sessions may buffer of that together.
+    pub message_memory_per_identity: usize,
     /// How long a message holding some of that memory may wait on its peers in all.
     pub message_timeout: std::time::Duration,
 }
@@ -334,7 +336,11 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     let ids = state.read_ids()?;
     let placeholder = Arc::new(View { policy: policy.clone(), ids: ids.clone() });
     let authority = crate::tls::Authority::load_or_create(&state.root.join("tls"))?;
-    let memory = proxy::memory::MessageMemory::new(options.message_memory, options.message_timeout);
+    let memory = proxy::memory::MessageMemory::new(
+        options.message_memory,
+        options.message_memory_per_identity,
+        options.message_timeout,
+    );
     let shared = Arc::new(Shared::new(placeholder, audit_log.clone(), origins, state.mask_key()?, authority, memory));
     let mut agent = Agent {
         options,

@@ -57,6 +57,13 @@ enum Command {
         #[arg(long, value_name = "MIB", env = "TOLLGATE_MESSAGE_MEMORY", default_value_t = (proxy::memory::DEFAULT_BUDGET >> 20) as u32,
               value_parser = clap::value_parser!(u32).range((proxy::memory::MIN_BUDGET >> 20) as i64..=1 << 20))]
         message_memory: u32,
+        /// MiB of that budget that the sessions of one identity may hold together (default: a
+        /// quarter of --message-memory, at least 64), so that one agent sending or asking for
+        /// large messages from many sessions leaves the rest to the others. At most
+        /// --message-memory.
+        #[arg(long, value_name = "MIB", env = "TOLLGATE_MESSAGE_MEMORY_PER_IDENTITY",
+              value_parser = clap::value_parser!(u32).range((proxy::memory::MIN_BUDGET >> 20) as i64..=1 << 20))]
+        message_memory_per_identity: Option<u32>,
         /// Seconds a message holding memory of that budget (or an extended-protocol batch
         /// waiting for its Sync) may spend in all waiting on its peers: for the client to send
         /// the rest of it or to read it, for the server to take it. Past that the session ends
@@ -233,7 +240,15 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { policy, state_dir, log_format, threads, message_memory, message_timeout } => {
+        Command::Run {
+            policy,
+            state_dir,
+            log_format,
+            threads,
+            message_memory,
+            message_memory_per_identity,
+            message_timeout,
+        } => {
             init_logging(log_format);
             raise_open_files();
             // Single-threaded runtimes only: a work-stealing scheduler costs CPU per wake-up
@@ -244,11 +259,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
             let threads =
                 threads.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)), usize::from);
-            let message_memory = usize::try_from(u64::from(message_memory) << 20)
-                .context("--message-memory is more than this platform can address")?;
+            let mib = |m: u32, option: &str| {
+                usize::try_from(u64::from(m) << 20)
+                    .with_context(|| format!("{option} is more than this platform can address"))
+            };
+            let message_memory_per_identity = match message_memory_per_identity {
+                Some(share) if share > message_memory => anyhow::bail!(
+                    "--message-memory-per-identity ({share} MiB) is more than --message-memory ({message_memory} MiB), \
+                     which all sessions share"
+                ),
+                Some(share) => mib(share, "--message-memory-per-identity")?,
+                None => proxy::memory::default_share(mib(message_memory, "--message-memory")?),
+            };
+            let message_memory = mib(message_memory, "--message-memory")?;
             let message_timeout = std::time::Duration::from_secs(message_timeout);
-            let options =
-                agent::RunOptions { policy_file: policy, state_dir, threads, message_memory, message_timeout };
+            let options = agent::RunOptions {
+                policy_file: policy,
+                state_dir,
+                threads,
+                message_memory,
+                message_memory_per_identity,
+                message_timeout,
+            };
             rt.block_on(agent::run(options))?;
             Ok(ExitCode::SUCCESS)
         }

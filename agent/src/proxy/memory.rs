@@ -7,16 +7,20 @@
 //! session. Each direction of a session buffers up to `FREE` bytes on its own; past that it
 //! draws on the budget before it reads on, for what it holds and what its next read may add
 //! (not for what a message's header announces), and is refused when the budget is spent.
-//! What a direction holds of it, it may hold only so long while it waits on a peer.
+//! What a direction holds of it, it may hold only so long while it waits on a peer, and the
+//! sessions of one identity together only a share of it, so one agent sending or asking for
+//! large messages from many sessions cannot keep every other identity's out.
 
 use std::{
     future::Future,
     sync::{
-        Arc,
+        Arc, Mutex, Weak,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt};
 
 /// What one direction of a session may buffer without drawing on the budget: ordinary
 /// statements and rows never touch the shared counter.
@@ -33,19 +37,54 @@ pub const DEFAULT_BUDGET: usize = 512 << 20;
 /// a second to pass.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
-/// Bytes of large messages the agent's sessions may hold at once, and for how long.
+/// What one identity's sessions may hold of a budget of `limit` bytes when the operator sets
+/// nothing: a quarter, so it takes four identities to spend it all, but never less than one
+/// message of the largest size.
+pub fn default_share(limit: usize) -> usize {
+    (limit / 4).max(MIN_BUDGET).min(limit)
+}
+
+/// Bytes of large messages the agent's sessions may hold at once, each identity's together,
+/// and for how long.
 #[derive(Debug)]
 pub struct MessageMemory {
     limit: usize,
     used: AtomicUsize,
+    share: usize,
+    /// What each identity with a session open holds. An entry lives while that identity's
+    /// sessions do, so identities dropped by a reload leave nothing behind.
+    shares: Mutex<HashMap<Arc<str>, Weak<Share>>>,
     wait: Duration,
 }
 
+/// What one identity's sessions hold of the budget.
+#[derive(Debug)]
+struct Share {
+    identity: Arc<str>,
+    used: AtomicUsize,
+}
+
+/// Bytes may be added to `counter` while it stays at most `limit`.
+fn add_within(counter: &AtomicUsize, bytes: usize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(bytes).filter(|&after| after <= limit)
+        })
+        .is_ok()
+}
+
 impl MessageMemory {
-    /// A budget of `limit` bytes, which a message (or a batch waiting for its `Sync`) may hold
-    /// while it waits `wait` in all on the peers it passes between.
-    pub fn new(limit: usize, wait: Duration) -> Arc<Self> {
-        Arc::new(Self { limit, used: AtomicUsize::new(0), wait })
+    /// A budget of `limit` bytes, of which one identity's sessions may hold `share`, and which
+    /// a message (or a batch waiting for its `Sync`) may hold while it waits `wait` in all on
+    /// the peers it passes between.
+    pub fn new(limit: usize, share: usize, wait: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+            share: share.min(limit),
+            shares: Mutex::new(HashMap::new()),
+            wait,
+        })
     }
 
     /// Bytes drawn now.
@@ -53,30 +92,62 @@ impl MessageMemory {
         self.used.load(Ordering::Relaxed)
     }
 
-    fn take(&self, bytes: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&after| after <= self.limit)
-            })
-            .is_ok()
+    /// `identity`'s share, shared by its sessions' directions.
+    fn share_of(&self, identity: &str) -> Arc<Share> {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(share) = shares.get(identity).and_then(Weak::upgrade) {
+            return share;
+        }
+        // Entries whose sessions have all ended go as a new identity comes: the map stays as
+        // large as the identities with sessions open.
+        shares.retain(|_, s| s.strong_count() > 0);
+        let identity: Arc<str> = identity.into();
+        let share = Arc::new(Share { identity: identity.clone(), used: AtomicUsize::new(0) });
+        shares.insert(identity, Arc::downgrade(&share));
+        share
     }
 
-    fn give(&self, bytes: usize) {
+    /// Takes `bytes` for `share`'s identity. Where both bounds refuse, the budget's is named:
+    /// raising the share would not help.
+    fn take(&self, share: &Share, bytes: usize) -> Result<(), Scope> {
+        if !add_within(&self.used, bytes, self.limit) {
+            return Err(Scope::Agent);
+        }
+        if !add_within(&share.used, bytes, self.share) {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(Scope::Identity);
+        }
+        Ok(())
+    }
+
+    fn give(&self, share: &Share, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
+        share.used.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
 
-/// The budget could not cover what a session was about to buffer.
+/// Which bound refused a draw.
+enum Scope {
+    Agent,
+    Identity,
+}
+
+/// The budget, or the identity's share of it, could not cover what a session was about to
+/// buffer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "the agent's memory for large messages is spent ({in_use_mib} of {limit_mib} MiB held by open sessions): \
-     this session cannot hold {wanted_mib} MiB of large messages now; retry later, or have the agent's operator \
-     raise `tollgate run --message-memory`"
-)]
-pub struct Exhausted {
-    pub wanted_mib: usize,
-    pub in_use_mib: usize,
-    pub limit_mib: usize,
+pub enum Exhausted {
+    #[error(
+        "the agent's memory for large messages is spent ({in_use_mib} of {limit_mib} MiB held by open sessions): \
+         this session cannot hold {wanted_mib} MiB of large messages now; retry later, or have the agent's operator \
+         raise `tollgate run --message-memory`"
+    )]
+    Agent { wanted_mib: usize, in_use_mib: usize, limit_mib: usize },
+    #[error(
+        "identity {identity}'s sessions hold {in_use_mib} of the {limit_mib} MiB of the agent's memory for large \
+         messages that one identity may hold: this session cannot hold {wanted_mib} MiB of large messages now; retry \
+         later, or have the agent's operator raise `tollgate run --message-memory-per-identity`"
+    )]
+    Identity { identity: Arc<str>, wanted_mib: usize, in_use_mib: usize, limit_mib: usize },
 }
 
 /// A direction held budget and waited on a peer longer than the agent allows.
@@ -96,14 +167,17 @@ pub struct Overstayed {
 #[derive(Debug)]
 pub struct Draw {
     memory: Arc<MessageMemory>,
+    share: Arc<Share>,
     held: usize,
     /// Time spent waiting on peers while holding, since `restart_clock`.
     waited: Duration,
 }
 
 impl Draw {
-    pub fn new(memory: Arc<MessageMemory>) -> Self {
-        Self { memory, held: 0, waited: Duration::ZERO }
+    /// A direction of a session of `identity` (sessions without one share the share of "").
+    pub fn new(memory: Arc<MessageMemory>, identity: &str) -> Self {
+        let share = memory.share_of(identity);
+        Self { memory, share, held: 0, waited: Duration::ZERO }
     }
 
     /// Starts counting the wait of a new message (or batch) afresh.
@@ -141,17 +215,26 @@ impl Draw {
         let want = bytes.saturating_sub(FREE);
         if want <= self.held {
             if want < self.held {
-                self.memory.give(self.held - want);
+                self.memory.give(&self.share, self.held - want);
                 self.held = want;
             }
             return Ok(());
         }
-        if !self.memory.take(want - self.held) {
+        if let Err(scope) = self.memory.take(&self.share, want - self.held) {
             const MIB: usize = 1 << 20;
-            return Err(Exhausted {
-                wanted_mib: bytes.div_ceil(MIB),
-                in_use_mib: self.memory.in_use().div_ceil(MIB),
-                limit_mib: self.memory.limit / MIB,
+            let wanted_mib = bytes.div_ceil(MIB);
+            return Err(match scope {
+                Scope::Agent => Exhausted::Agent {
+                    wanted_mib,
+                    in_use_mib: self.memory.in_use().div_ceil(MIB),
+                    limit_mib: self.memory.limit / MIB,
+                },
+                Scope::Identity => Exhausted::Identity {
+                    identity: self.share.identity.clone(),
+                    wanted_mib,
+                    in_use_mib: self.share.used.load(Ordering::Relaxed).div_ceil(MIB),
+                    limit_mib: self.memory.share / MIB,
+                },
             });
         }
         self.held = want;
@@ -162,7 +245,7 @@ impl Draw {
 impl Drop for Draw {
     fn drop(&mut self) {
         if self.held > 0 {
-            self.memory.give(self.held);
+            self.memory.give(&self.share, self.held);
         }
     }
 }
@@ -174,13 +257,13 @@ mod tests {
     const MIB: usize = 1 << 20;
 
     fn budget(limit: usize) -> Arc<MessageMemory> {
-        MessageMemory::new(limit, DEFAULT_WAIT)
+        MessageMemory::new(limit, limit, DEFAULT_WAIT)
     }
 
     #[test]
     fn small_buffers_never_draw() {
         let m = budget(MIN_BUDGET);
-        let mut d = Draw::new(m.clone());
+        let mut d = Draw::new(m.clone(), "bot");
         d.cover(FREE).unwrap();
         assert_eq!(m.in_use(), 0);
         d.cover(FREE + 1).unwrap();
@@ -190,12 +273,12 @@ mod tests {
     #[test]
     fn draws_grow_shrink_and_are_given_back_on_drop() {
         let m = budget(100 * MIB);
-        let mut a = Draw::new(m.clone());
-        let mut b = Draw::new(m.clone());
+        let mut a = Draw::new(m.clone(), "bot");
+        let mut b = Draw::new(m.clone(), "bot");
         a.cover(60 * MIB + FREE).unwrap();
         assert_eq!(m.in_use(), 60 * MIB);
         let refused = b.cover(50 * MIB).unwrap_err();
-        assert_eq!(refused, Exhausted { wanted_mib: 50, in_use_mib: 60, limit_mib: 100 });
+        assert_eq!(refused, Exhausted::Agent { wanted_mib: 50, in_use_mib: 60, limit_mib: 100 });
         assert!(refused.to_string().contains("--message-memory"), "{refused}");
         assert_eq!(m.in_use(), 60 * MIB, "a refused draw takes nothing");
         b.cover(40 * MIB + FREE).unwrap();
@@ -210,17 +293,61 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_draws_never_exceed_the_budget() {
-        let m = budget(64 * MIB);
-        let peak = Arc::new(AtomicUsize::new(0));
+    fn one_identity_holds_only_its_share_whatever_its_sessions() {
+        let m = MessageMemory::new(200 * MIB, 80 * MIB, DEFAULT_WAIT);
+        let (mut a1, mut a2) = (Draw::new(m.clone(), "bot"), Draw::new(m.clone(), "bot"));
+        a1.cover(50 * MIB + FREE).unwrap();
+        let refused = a2.cover(40 * MIB + FREE).unwrap_err();
+        assert_eq!(
+            refused,
+            Exhausted::Identity { identity: "bot".into(), wanted_mib: 41, in_use_mib: 50, limit_mib: 80 }
+        );
+        assert!(
+            refused.to_string().contains("identity bot's")
+                && refused.to_string().contains("--message-memory-per-identity")
+        );
+        assert_eq!(m.in_use(), 50 * MIB, "a refused draw takes nothing of either");
+        a2.cover(30 * MIB + FREE).unwrap();
+        // Other identities have the rest, each up to its own share.
+        let (mut b, mut c, mut d) =
+            (Draw::new(m.clone(), "admin"), Draw::new(m.clone(), "other"), Draw::new(m.clone(), "third"));
+        b.cover(80 * MIB + FREE).unwrap();
+        c.cover(40 * MIB + FREE).unwrap();
+        // All four shares are within bounds, but the budget is spent.
+        assert!(matches!(d.cover(1 + FREE), Err(Exhausted::Agent { in_use_mib: 200, limit_mib: 200, .. })));
+        // What one session of an identity gives back, another of the same identity may take.
+        drop(a1);
+        a2.cover(80 * MIB + FREE).unwrap();
+        drop(c);
+        assert!(matches!(a2.cover(80 * MIB + FREE + 1), Err(Exhausted::Identity { .. })));
+        drop((a2, b, d));
+        assert_eq!(m.in_use(), 0);
+        assert!(m.shares.lock().unwrap().values().all(|s| s.strong_count() == 0), "nothing holds a share");
+        Draw::new(m.clone(), "new");
+        assert_eq!(m.shares.lock().unwrap().len(), 1, "shares of identities without sessions are let go");
+    }
+
+    #[test]
+    fn the_default_share_is_a_quarter_but_at_least_one_largest_message() {
+        assert_eq!(default_share(DEFAULT_BUDGET), DEFAULT_BUDGET / 4);
+        assert_eq!(default_share(MIN_BUDGET), MIN_BUDGET);
+        assert_eq!(default_share(2 * MIN_BUDGET), MIN_BUDGET);
+        assert_eq!(default_share(8 * MIN_BUDGET), 2 * MIN_BUDGET);
+    }
+
+    #[test]
+    fn concurrent_draws_never_exceed_the_budget_or_a_share() {
+        let m = MessageMemory::new(64 * MIB, 40 * MIB, DEFAULT_WAIT);
+        let (peak, peak_share) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let threads: Vec<_> = (0..8)
             .map(|i| {
-                let (m, peak) = (m.clone(), peak.clone());
+                let (m, peak, peak_share) = (m.clone(), peak.clone(), peak_share.clone());
                 std::thread::spawn(move || {
-                    let mut d = Draw::new(m.clone());
+                    let mut d = Draw::new(m.clone(), ["a", "b", "c"][i % 3]);
                     for n in 0..2_000usize {
                         let _ = d.cover(FREE + ((n * 7 + i) % 24) * MIB);
                         peak.fetch_max(m.in_use(), Ordering::Relaxed);
+                        peak_share.fetch_max(d.share.used.load(Ordering::Relaxed), Ordering::Relaxed);
                     }
                 })
             })
@@ -229,13 +356,14 @@ mod tests {
             t.join().unwrap();
         }
         assert!(peak.load(Ordering::Relaxed) <= 64 * MIB);
+        assert!(peak_share.load(Ordering::Relaxed) <= 40 * MIB);
         assert_eq!(m.in_use(), 0, "every draw given back");
     }
 
     #[tokio::test]
     async fn waits_while_holding_are_limited_in_all_until_the_clock_restarts() {
-        let m = MessageMemory::new(64 * MIB, Duration::from_millis(300));
-        let mut d = Draw::new(m.clone());
+        let m = MessageMemory::new(64 * MIB, 64 * MIB, Duration::from_millis(300));
+        let mut d = Draw::new(m.clone(), "bot");
         let nap = || crate::timer::sleep(Duration::from_millis(200));
         // Without a hold, waits are not timed.
         d.wait(crate::timer::sleep(Duration::from_millis(400))).await.unwrap();

@@ -733,7 +733,8 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
     let completions = Arc::new(Completions::default());
     let results = Results::new(s.audit.clone(), result_base, expect_rx, completions.clone());
     let both = Arc::new(Both { stand_in: StandIn::new(s.id), progress: Progress::default() });
-    let server = FromServer { up: up_r, buf: up.leftover, draw: Draw::new(s.memory.clone()) };
+    let identity = base.identity.as_deref().unwrap_or_default();
+    let server = FromServer { up: up_r, buf: up.leftover, draw: Draw::new(s.memory.clone(), identity) };
     let down = tokio::spawn(downstream(server, client_w, inject_rx, results, masking, both.clone()));
     let mut side = ClientSide {
         s: &s,
@@ -744,7 +745,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         client: client_r,
         client_fd,
         buf: BytesMut::new(),
-        draw: Draw::new(s.memory.clone()),
+        draw: Draw::new(s.memory.clone(), identity),
         batched: 0,
         to_down: ToDownstream { inject: inject_tx, expect: expect_tx, ops: ops_tx },
         syncs: 0,
@@ -3205,7 +3206,8 @@ mod tests {
         let (client_proxy, mut client) = tokio::io::duplex(4096);
         let stand_in = StandIn(STAND_IN.into());
         let both = Arc::new(Both { stand_in, progress: Progress::default() });
-        let draw = Draw::new(MessageMemory::new(crate::proxy::memory::MIN_BUDGET, crate::proxy::memory::DEFAULT_WAIT));
+        let budget = crate::proxy::memory::MIN_BUDGET;
+        let draw = Draw::new(MessageMemory::new(budget, budget, crate::proxy::memory::DEFAULT_WAIT), "bot");
         let server = FromServer { up: up_proxy, buf: BytesMut::new(), draw };
         let down = tokio::spawn(downstream(server, client_proxy, inject_rx, results, masking, both));
         let mut got = BytesMut::new();
