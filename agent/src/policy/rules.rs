@@ -144,7 +144,7 @@ impl Rule {
         let any_table = c.reads.runs_sql;
         let tables_ok = self.tables.is_empty()
             || if all {
-                !any_table && c.tables.iter().all(|t| table_listed(&self.tables, t))
+                !any_table && !c.beyond_tables && c.tables.iter().all(|t| table_listed(&self.tables, t))
             } else {
                 any_table || c.tables.iter().any(|t| may_be_listed(&self.tables, t))
             };
@@ -296,6 +296,37 @@ mod tests {
         assert_eq!(decide("g", &tables, Action::Deny, &c).rule, "g.default");
         let c = classify("SELECT * FROM public.orders");
         assert_eq!(decide("g", &tables, Action::Deny, &c).action, Action::Allow);
+    }
+
+    #[test]
+    fn table_lists_do_not_speak_for_what_names_no_table() {
+        let rules = [
+            rule("protect-orders", &[Kind::Ddl], &["orders"], false, Action::Deny),
+            rule("scratch-ddl", &[Kind::Ddl, Kind::Other], &["scratch"], false, Action::Allow),
+        ];
+        let judge = |sql: &str| decide("g", &rules, Action::Deny, &classify(sql)).rule.to_string();
+        for sql in [
+            "DROP TABLE orders",
+            "DROP TABLE public.orders CASCADE",
+            "DROP POLICY p ON orders",
+            "DROP TRIGGER a ON orders",
+        ] {
+            assert_eq!(judge(sql), "protect-orders", "{sql}");
+        }
+        for sql in [
+            "DROP TABLE scratch",
+            "CREATE INDEX ON scratch (a)",
+            "VACUUM scratch",
+            "COMMENT ON COLUMN scratch.a IS 'x'",
+        ] {
+            assert_eq!(judge(sql), "scratch-ddl", "{sql}");
+        }
+        // Objects that are not tables, or every table, are not scratch's.
+        for sql in
+            ["DROP FUNCTION f()", "CREATE EXTENSION dblink", "VACUUM", "DROP TABLE scratch; DROP SCHEMA s CASCADE"]
+        {
+            assert_eq!(judge(sql), "g.default", "{sql}");
+        }
     }
 
     #[test]

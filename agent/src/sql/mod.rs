@@ -136,6 +136,11 @@ pub struct Classification {
     /// in FROM (`SELECT x.pg_read_file FROM unnest(...) x`). Deny and approve rules that list
     /// functions match these too; allow rules do not need them listed.
     pub maybe_functions: BTreeSet<String>,
+    /// Some statement in it acts on objects that `tables` does not name: DDL on anything but a
+    /// relation (functions, types, roles, extensions...), grants on them or on all tables of a
+    /// schema, VACUUM or CLUSTER of every table. An allow rule that lists tables does not
+    /// cover it.
+    pub beyond_tables: bool,
     /// Some UPDATE or DELETE in it (also a MERGE's) has no WHERE clause, or one that names no
     /// column (`WHERE true`, `WHERE 1 = 1`): it changes every row.
     pub where_missing: bool,
@@ -535,6 +540,8 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
         "VariableShowStmt" => Kind::Show,
         "LockStmt" => Kind::Lock,
         "GrantStmt" | "GrantRoleStmt" | "AlterDefaultPrivilegesStmt" => Kind::Grant,
+        // They make tables (foreign ones) and hand every object of a role to another.
+        "ImportForeignSchemaStmt" | "ReassignOwnedStmt" => Kind::Ddl,
         "ExplainStmt" | "DeclareCursorStmt" | "FetchStmt" | "ClosePortalStmt" => return None,
         t if t.ends_with("Stmt") => {
             let ddl = [
@@ -769,6 +776,7 @@ fn merge(c: &mut Classification, inner: Classification, place: &str) {
     c.functions.extend(inner.functions);
     c.maybe_functions.extend(inner.maybe_functions);
     c.where_missing |= inner.where_missing;
+    c.beyond_tables |= inner.beyond_tables;
     c.ends_transaction |= inner.ends_transaction;
     c.reads.runs_sql |= inner.reads.runs_sql;
     c.read_write |= inner.read_write;
@@ -1167,7 +1175,7 @@ fn walk(v: &Value, c: &mut Classification) {
                 let name = name.join(".").to_lowercase();
                 // `SELECT set_config('role', 'admin', false)` is `SET ROLE admin`: a rule about
                 // SET must see it.
-                if matches!(name.as_str(), "set_config" | "pg_catalog.set_config") {
+                if is_set_config(&name) {
                     c.kinds.insert(Kind::Set);
                 }
                 note_function(c, name);
@@ -1259,7 +1267,22 @@ fn walk(v: &Value, c: &mut Classification) {
             if matches!(kind, Kind::Update | Kind::Delete) && !restricts(child.get("where_clause")) {
                 c.where_missing = true;
             }
+            // `DROP FUNCTION f`, `CREATE EXTENSION`, `VACUUM` (every table), `GRANT ... ON ALL
+            // TABLES IN SCHEMA`: what these act on is not in `tables`, so a rule's table list
+            // cannot speak for them.
+            if matches!(kind, Kind::Ddl | Kind::Grant | Kind::Other | Kind::Lock | Kind::Truncate)
+                && !names_relation(key, child)
+            {
+                c.beyond_tables = true;
+            }
         }
+        // `ALTER GROUP g ADD USER u` and `CREATE ROLE r IN ROLE g` grant membership, as
+        // `GRANT g TO u` does (and `ALTER GROUP g DROP USER u` revokes it).
+        if matches!(key, "AlterRoleStmt" | "CreateRoleStmt") && grants_membership(child) {
+            c.kinds.insert(Kind::Grant);
+        }
+        // DROP, COMMENT and SECURITY LABEL name relations as lists of names, not as RangeVars.
+        c.tables.extend(listed_relations(key, child));
         // COPY ... FROM (STDIN, a file, a program) inserts rows: a rule for `copy` alone, meant
         // for exports, does not let it load a table.
         if key == "CopyStmt" && child.get("is_from").and_then(Value::as_bool) == Some(true) {
@@ -1282,6 +1305,83 @@ fn walk(v: &Value, c: &mut Classification) {
             c.tables.insert(table);
         }
     });
+}
+
+/// Whether a called function's name (parts joined with dots, lower-cased) is the built-in
+/// `set_config`: plain, in `pg_catalog`, or with the database's name before that, which the
+/// server accepts too.
+fn is_set_config(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    parts.next() == Some("set_config") && parts.next().is_none_or(|schema| schema == "pg_catalog")
+}
+
+/// Whether a CREATE ROLE or ALTER ROLE (`ALTER GROUP`) statement changes who is a member of
+/// whom, as GRANT and REVOKE of a role do.
+fn grants_membership(role: &Value) -> bool {
+    let options = role.get("options").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    options.iter().any(|o| {
+        matches!(
+            o.pointer("/node/DefElem/defname").and_then(Value::as_str),
+            Some("rolemembers" | "addroleto" | "adminmembers")
+        )
+    })
+}
+
+/// Relations that a DROP, COMMENT or SECURITY LABEL statement names (`key`, `node`), as
+/// `Classification::tables` holds them: the relations themselves, and the tables of the
+/// policies, triggers, rules, columns and constraints it names.
+fn listed_relations(key: &str, node: &Value) -> Vec<String> {
+    use pg_query::protobuf::ObjectType as O;
+    let (objtype, objects) = match key {
+        "DropStmt" => (
+            node.get("remove_type"),
+            node.get("objects").and_then(Value::as_array).map(|o| o.iter().collect::<Vec<_>>()),
+        ),
+        "CommentStmt" | "SecLabelStmt" => (node.get("objtype"), node.get("object").map(|o| vec![o])),
+        _ => return Vec::new(),
+    };
+    let (Some(objtype), Some(objects)) = (objtype.and_then(Value::as_i64), objects) else { return Vec::new() };
+    let is = |types: &[O]| types.iter().any(|t| *t as i64 == objtype);
+    let within = if is(&[
+        O::ObjectTable,
+        O::ObjectView,
+        O::ObjectMatview,
+        O::ObjectForeignTable,
+        O::ObjectSequence,
+        O::ObjectIndex,
+    ]) {
+        false
+    } else if is(&[O::ObjectPolicy, O::ObjectTrigger, O::ObjectRule, O::ObjectColumn, O::ObjectTabconstraint]) {
+        true
+    } else {
+        return Vec::new();
+    };
+    objects
+        .into_iter()
+        .filter_map(|o| o.pointer("/node/List/items").and_then(Value::as_array))
+        .filter_map(|items| {
+            let mut names: Vec<&str> = items.iter().filter_map(|i| i.pointer("/node/String/sval")?.as_str()).collect();
+            if within {
+                names.pop();
+            }
+            // A catalog (database) name before the schema is not part of a table's name here,
+            // as with RangeVars.
+            let start = names.len().saturating_sub(2);
+            let parts: Vec<_> = names[start..].iter().map(|n| relation_part(n)).collect();
+            (!parts.is_empty()).then(|| parts.join("."))
+        })
+        .collect()
+}
+
+/// Whether a statement names a relation it acts on: a RangeVar anywhere in it, or a name list
+/// of a DROP, COMMENT or SECURITY LABEL.
+fn names_relation(key: &str, node: &Value) -> bool {
+    if !listed_relations(key, node).is_empty() {
+        return true;
+    }
+    let mut found = false;
+    visit(node, |_, k, _| found |= k == "relname");
+    found
 }
 
 /// Whether a qualified name `x.f` (or `s.x.f`) may be a call of a function `f` that changes
@@ -1819,11 +1919,87 @@ mod tests {
         let f: Vec<&str> = c.functions.iter().map(String::as_str).collect();
         assert_eq!(f, ["lower", "ops.purge"]);
         // set_config is SET, wherever it is called.
-        for sql in
-            ["SELECT set_config('role', 'admin', false)", "SELECT 1 WHERE pg_catalog.set_config('a.b', 'c', true) > ''"]
-        {
+        for sql in [
+            "SELECT set_config('role', 'admin', false)",
+            "SELECT 1 WHERE pg_catalog.set_config('a.b', 'c', true) > ''",
+            // The server takes the database's name before the schema too.
+            "SELECT orders.pg_catalog.set_config('role', 'postgres', false)",
+            "SELECT \"PG_CATALOG\".set_config('role', 'postgres', false)",
+        ] {
             assert!(classify(sql).kinds.contains(&Kind::Set), "{sql}");
         }
+        // A function of another schema by that name is not the built-in.
+        assert!(!classify("SELECT app.set_config('a', 'b', false)").kinds.contains(&Kind::Set));
+    }
+
+    #[test]
+    fn drop_and_comment_name_their_relations() {
+        let tables = |sql: &str| classify(sql).tables.into_iter().collect::<Vec<_>>();
+        assert_eq!(tables("DROP TABLE orders"), ["orders"]);
+        assert_eq!(tables("DROP TABLE IF EXISTS db.public.orders, \"A.b\" CASCADE"), ["\"A.b\"", "public.orders"]);
+        assert_eq!(tables("DROP VIEW v; DROP MATERIALIZED VIEW m; DROP SEQUENCE s"), ["m", "s", "v"]);
+        assert_eq!(tables("DROP INDEX CONCURRENTLY orders_pkey"), ["orders_pkey"]);
+        assert_eq!(tables("DROP FOREIGN TABLE f"), ["f"]);
+        // Policies, triggers and rules: the table they are on.
+        assert_eq!(tables("DROP POLICY p ON public.orders"), ["public.orders"]);
+        assert_eq!(tables("DROP TRIGGER audit ON orders"), ["orders"]);
+        assert_eq!(tables("DROP RULE r ON orders"), ["orders"]);
+        assert_eq!(tables("COMMENT ON TABLE orders IS 'x'"), ["orders"]);
+        assert_eq!(tables("COMMENT ON COLUMN public.orders.note IS 'x'"), ["public.orders"]);
+        assert_eq!(tables("COMMENT ON CONSTRAINT c ON orders IS 'x'"), ["orders"]);
+        assert_eq!(tables("SECURITY LABEL ON TABLE orders IS 'x'"), ["orders"]);
+        // Objects that are not relations name none.
+        assert!(tables("DROP FUNCTION f(int); DROP TYPE t; COMMENT ON SCHEMA s IS 'x'").is_empty());
+    }
+
+    #[test]
+    fn statements_on_objects_beyond_tables_are_marked() {
+        for sql in [
+            "DROP FUNCTION f(int)",
+            "CREATE EXTENSION dblink",
+            "ALTER ROLE app SUPERUSER",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO x",
+            "GRANT EXECUTE ON FUNCTION f() TO x",
+            "VACUUM",
+            "CLUSTER",
+            "LOAD 'auto_explain'",
+            "SELECT 1; DROP SCHEMA s CASCADE",
+            "DO $$ BEGIN DROP FUNCTION f(); END $$",
+        ] {
+            assert!(classify(sql).beyond_tables, "{sql}");
+        }
+        for sql in [
+            "SELECT * FROM orders",
+            "SELECT now()",
+            "DELETE FROM orders WHERE id = 1",
+            "DROP TABLE orders",
+            "DROP TRIGGER t ON orders",
+            "CREATE TABLE scratch (a int)",
+            "ALTER TABLE scratch ADD COLUMN b int",
+            "CREATE INDEX ON scratch (a)",
+            "GRANT SELECT ON scratch TO x",
+            "VACUUM scratch",
+            "TRUNCATE scratch",
+            "LOCK TABLE scratch",
+            "SET search_path = public",
+        ] {
+            assert!(!classify(sql).beyond_tables, "{sql}");
+        }
+    }
+
+    #[test]
+    fn role_membership_and_foreign_imports_are_not_other() {
+        assert_eq!(kinds("IMPORT FOREIGN SCHEMA remote FROM SERVER s INTO public"), ["ddl"]);
+        assert_eq!(kinds("REASSIGN OWNED BY app TO evil"), ["ddl"]);
+        for sql in [
+            "ALTER GROUP g ADD USER u",
+            "ALTER GROUP g DROP USER u",
+            "CREATE ROLE r IN ROLE g",
+            "CREATE ROLE r ADMIN a",
+        ] {
+            assert_eq!(kinds(sql), ["ddl", "grant"], "{sql}");
+        }
+        assert_eq!(kinds("CREATE ROLE r LOGIN"), ["ddl"]);
     }
 
     #[test]
