@@ -183,12 +183,23 @@ impl Tracker {
     fn make_room(&mut self, portal: &str) {
         while self.portal_computed.len() >= MAX_TRACKED && !self.portal_computed.contains_key(portal) {
             let Some(old) = self.portal_computed.keys().next().cloned() else { break };
-            self.forget_portal(&old);
+            self.evict(&old);
         }
         while self.portals.len() >= MAX_TRACKED && !self.portals.contains_key(portal) {
             let Some(old) = self.portals.keys().next().cloned() else { break };
-            self.forget_portal(&old);
+            self.evict(&old);
         }
+    }
+
+    /// Forgets `portal` to make room. The cursors its Execute would declare or close are
+    /// forgotten now, as that Execute could no longer tell: what the tracker knew of portals of
+    /// those names (a portal the server dropped at `ROLLBACK TO SAVEPOINT`, not computed) must
+    /// not describe the cursor.
+    fn evict(&mut self, portal: &str) {
+        if let Some(names) = self.cursor_portals.remove(portal) {
+            self.forget_cursors(&names);
+        }
+        self.forget_portal(portal);
     }
 
     fn forget_portal(&mut self, name: &str) {
@@ -515,6 +526,29 @@ mod tests {
         }
         assert!(t.portals.len() <= MAX_TRACKED && t.portal_computed.len() <= MAX_TRACKED);
         assert!(t.portals.contains_key(&format!("p{}", MAX_TRACKED + 9)), "the newest is kept");
+    }
+
+    #[test]
+    fn a_portal_forgotten_for_room_forgets_the_cursors_it_would_declare() {
+        let bind = |portal: &str, computed: bool, cursors: Deallocates| Op::Bind {
+            portal: portal.into(),
+            copy: None,
+            computed,
+            cursors,
+            hold: false,
+        };
+        let mut t = tracker();
+        // `c`, not computed (the server dropped it at a ROLLBACK TO, which the tracker does not
+        // follow), and `d`, a DECLARE of a cursor `c` not yet executed.
+        for op in [bind("c", false, Deallocates::None), bind("d", true, Deallocates::Names(["c".into()].into()))] {
+            t.push(op);
+            relay(&mut t, frame(b'2', b""));
+        }
+        // Which portal goes when the session has too many is the map's choice; here `d`.
+        t.evict("d");
+        // The cursor is then described as an unknown statement's: its computed columns masked.
+        assert_eq!(t.portal_computed.get("c"), None, "the cursor `c` would be described as the portal `c` was");
+        assert!(t.unknown);
     }
 
     #[test]
