@@ -2879,6 +2879,18 @@ fn protocol_tricks_fail_closed() {
     let out = raw(&env, &pg, none.clone(), script);
     assert_eq!(after_first_line(&out), "1Z12ZT", "{out}");
     assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
+    // ... and one an SQL PREPARE of its name made the proxy let go of: the server refuses
+    // that PREPARE (the name is taken) and keeps the DELETE.
+    let script = serde_json::json!([
+        ["P", "s", "DELETE FROM orders WHERE id = 1"],
+        ["S"],
+        ["Q", "PREPARE s AS SELECT 1"],
+        ["Q", "EXECUTE s"]
+    ]);
+    let out = raw(&env, &pg, none.clone(), script);
+    assert_eq!(after_first_line(&out), "1ZEZT", "{out}");
+    assert!(out.contains("already exists"), "{out}");
+    assert_eq!(pg.direct("SELECT count(*) FROM orders"), "2", "{out}");
     // An EXECUTE of a statement the proxy did not see made is refused: its judgement is unknown.
     let out = raw(&env, &pg, none.clone(), serde_json::json!([["Q", "EXECUTE nosuch"], ["X"]]));
     assert!(out.contains("42501") && out.contains("unknown-prepared-statement"), "{out}");

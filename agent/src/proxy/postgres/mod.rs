@@ -752,6 +752,7 @@ pub async fn serve(client: TcpStream, s: Session<'_>, stop: &CancellationToken) 
         prepared: Statements::default(),
         dealloc_portals: HashMap::new(),
         forgotten: HashMap::new(),
+        holds_lost: false,
         portals: Portals::default(),
         indirect_portals: HashSet::new(),
         fetches: Fetches::default(),
@@ -1625,6 +1626,21 @@ struct Prepared {
     /// Whether its computed result columns are redacted (`Masker::computed`), worked out once here
     /// rather than at every Bind of it.
     computed: bool,
+    /// `text` is only the start of the text, kept so (`Prepared::keep`): never shown to an
+    /// approver as what runs.
+    cut: bool,
+}
+
+impl Prepared {
+    /// Shortens the text of a statement kept past its own judgement (for SQL EXECUTE's holds) to
+    /// what a record holds.
+    fn keep(mut self) -> Prepared {
+        if self.text.len() > MAX_AUDITED_SQL {
+            self.text = truncate(&self.text, MAX_AUDITED_SQL).into();
+            self.cut = true;
+        }
+        self
+    }
 }
 
 /// The `statement` record of what each portal was last bound to, so that a result of a portal
@@ -1752,6 +1768,9 @@ struct ClientSide<'s, 'a, R> {
     /// may still have them (the DEALLOCATE may fail, or not have run yet), so an SQL EXECUTE
     /// of one is held by its rule all the same.
     forgotten: HashMap<String, Prepared>,
+    /// A held statement did not fit in `forgotten`: which name the server may still run it
+    /// under is unknown, so no SQL EXECUTE is let through any more.
+    holds_lost: bool,
     /// The statement record of what each portal was last bound to.
     portals: Portals,
     /// Masking: portals bound to a FETCH or an SQL EXECUTE (or a statement the proxy does not
@@ -1972,7 +1991,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             }
             _ => {
                 let computed = self.computed(Some(&class));
-                Ok(Judgement::Forward(Prepared { seq, class, text, hold, computed }))
+                Ok(Judgement::Forward(Prepared { seq, class, text, hold, computed, cut: false }))
             }
         }
     }
@@ -2010,7 +2029,8 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
         // An approver decides on what is shown; what runs must be all of it.
         let shown: usize = parameters.iter().flatten().map(String::len).sum();
         if p.text.len() > MAX_AUDITED_SQL
-            || runs.is_some_and(|r| r.text.len() > MAX_AUDITED_SQL)
+            || p.cut
+            || runs.is_some_and(|r| r.text.len() > MAX_AUDITED_SQL || r.cut)
             || shown > MAX_SHOWN_PARAMETERS
         {
             let message = format!(
@@ -2207,7 +2227,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                                     || p.class.prepares.contains(n)
                                     || self.forgotten.contains_key(n)
                             };
-                            let held = match unknown_executed(&p.class, known) {
+                            let held = match unknown_executed(&p.class, self.holds_lost, known) {
                                 Some(r) => Err(r),
                                 None if chained.is_some() => {
                                     Err(Refusal { rule: FETCH_DESCRIBE.into(), message: chained })
@@ -2409,14 +2429,23 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
             self.prepared.keys().chain(self.sql_prepared.keys()).filter(|n| gone(n)).cloned().collect();
         for name in names {
             let dropped = [self.prepared.remove(&name), self.sql_prepared.remove(&name)];
-            // One without a hold leaves what was forgotten before: that may still be live.
-            if let Some(mut p) = dropped.into_iter().flatten().find(|p| p.hold.is_some()) {
-                // Bounded: a name that does not fit is unknown to SQL EXECUTE, which is refused.
-                self.forgotten.remove(&name);
-                if self.forgotten.len() < MAX_FORGOTTEN {
-                    p.text = truncate(&p.text, MAX_AUDITED_SQL).into();
-                    self.forgotten.insert(name, p);
-                }
+            self.forget_held(name, dropped.into_iter().flatten());
+        }
+    }
+
+    /// Keeps the held one of `dropped`, what statement `name` stood for until the proxy let
+    /// it go, in `forgotten`: the server may still have it, and an SQL EXECUTE of the name is
+    /// then held by its rule all the same. One without a hold leaves what was forgotten before:
+    /// that may still be live.
+    fn forget_held(&mut self, name: String, dropped: impl IntoIterator<Item = Prepared>) {
+        if let Some(p) = dropped.into_iter().find(|p| p.hold.is_some()) {
+            // Bounded: past that, SQL EXECUTE is refused (an SQL PREPARE of the name, refused
+            // by the server, would otherwise make it known without its hold).
+            self.forgotten.remove(&name);
+            if self.forgotten.len() < MAX_FORGOTTEN {
+                self.forgotten.insert(name, p.keep());
+            } else {
+                self.holds_lost = true;
             }
         }
     }
@@ -2452,9 +2481,12 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
     /// text.
     fn prepared_in_sql(&mut self, p: &Prepared) {
         for name in &p.class.prepares {
-            self.prepared.remove(name);
+            // The server may as well have kept it, and refuse this PREPARE (the name is taken):
+            // an EXECUTE of the name may run it.
+            let dropped = self.prepared.remove(name);
+            self.forget_held(name.clone(), dropped);
         }
-        remember_prepared(&mut self.sql_prepared, p);
+        self.holds_lost |= !remember_prepared(&mut self.sql_prepared, p);
     }
 
     /// Waits until the server has answered every Close of a statement sent with a Sync.
@@ -2692,7 +2724,7 @@ impl<R: AsyncRead + Unpin> ClientSide<'_, '_, R> {
                             || p.class.prepares.contains(n)
                             || self.forgotten.contains_key(n)
                     };
-                    if let Some(r) = unknown_executed(&p.class, known) {
+                    if let Some(r) = unknown_executed(&p.class, self.holds_lost, known) {
                         return Ok(Err(r));
                     }
                     if p.hold.is_some() || !p.class.executes.is_empty() {
@@ -3024,26 +3056,36 @@ const MAX_SQL_PREPARED: usize = 1024;
 
 /// Notes the statements an SQL PREPARE in `p` makes, with `p`'s judgement. A PREPARE the
 /// server rejects (the name is taken) must not replace the judgement of the statement it kept:
-/// a held one stays held.
-fn remember_prepared(sql_prepared: &mut HashMap<String, Prepared>, p: &Prepared) {
+/// a held one stays held. `false` when a held one did not fit: the server may then have it
+/// under a name the proxy does not know it by (`ClientSide::holds_lost`).
+fn remember_prepared(sql_prepared: &mut HashMap<String, Prepared>, p: &Prepared) -> bool {
+    let mut kept = true;
     for name in &p.class.prepares {
         if sql_prepared.get(name).is_some_and(|old| old.hold.is_some() && p.hold.is_none()) {
             continue;
         }
         if sql_prepared.len() >= MAX_SQL_PREPARED && !sql_prepared.contains_key(name) {
+            kept &= p.hold.is_none();
             continue;
         }
-        let mut kept = p.clone();
-        if kept.text.len() > MAX_AUDITED_SQL {
-            kept.text = truncate(&kept.text, MAX_AUDITED_SQL).into();
-        }
-        sql_prepared.insert(name.clone(), kept);
+        sql_prepared.insert(name.clone(), p.clone().keep());
     }
+    kept
 }
 
 /// A statement `class` runs with SQL EXECUTE that the proxy does not know (`known` says which
 /// it does): after a miscount, or made where the proxy does not see (a function). Refused.
-fn unknown_executed(class: &sql::Classification, known: impl Fn(&str) -> bool) -> Option<Refusal> {
+fn unknown_executed(class: &sql::Classification, holds_lost: bool, known: impl Fn(&str) -> bool) -> Option<Refusal> {
+    if holds_lost && let Some(name) = class.executes.iter().next() {
+        return Some(Refusal {
+            rule: "unknown-prepared-statement".into(),
+            message: Some(format!(
+                "this session let go of more statements waiting for approval than the proxy keeps ({MAX_FORGOTTEN}), \
+                 and the server may still run one under any name: EXECUTE \"{name}\" is refused, as every SQL \
+                 EXECUTE in this session now"
+            )),
+        });
+    }
     let name = class.executes.iter().find(|n| !known(n))?;
     Some(Refusal {
         rule: "unknown-prepared-statement".into(),
@@ -3136,6 +3178,35 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_statements_that_do_not_fit_refuse_every_sql_execute() {
+        let prepared = |sql: &str, held: bool| Prepared {
+            seq: 1,
+            class: Arc::new(sql::classify(sql)),
+            text: sql.into(),
+            hold: held.then(|| ("approve".to_string(), Duration::from_secs(1))),
+            computed: false,
+            cut: false,
+        };
+        let mut kept = HashMap::new();
+        for i in 0..MAX_SQL_PREPARED {
+            assert!(remember_prepared(&mut kept, &prepared(&format!("PREPARE s{i} AS SELECT 1"), false)));
+        }
+        // An unheld one that does not fit is unknown to EXECUTE, which refuses it; a held one
+        // that does not fit leaves the session unsure what any name runs.
+        assert!(remember_prepared(&mut kept, &prepared("PREPARE x AS SELECT 1", false)));
+        assert!(!remember_prepared(&mut kept, &prepared("PREPARE d AS DELETE FROM orders", true)));
+        let execute = sql::classify("EXECUTE s1");
+        assert!(unknown_executed(&execute, false, |n| kept.contains_key(n)).is_none());
+        let refused = unknown_executed(&execute, true, |n| kept.contains_key(n)).unwrap();
+        assert!(refused.message.unwrap().contains("every SQL EXECUTE"));
+        // A text kept cut is marked so: never shown to an approver as what runs.
+        let long = format!("PREPARE d AS DELETE FROM orders WHERE id = 1 /* {} */", "🦀".repeat(5000));
+        let kept = prepared(&long, true).keep();
+        assert!(kept.cut && kept.text.len() <= MAX_AUDITED_SQL + "…".len());
+        assert!(!prepared("PREPARE d AS SELECT 1", true).keep().cut);
+    }
 
     #[test]
     fn a_drained_buffer_lets_go_of_a_big_messages_memory() {

@@ -88,7 +88,7 @@ mod tests {
     use super::*;
 
     fn p(text: &str) -> Prepared {
-        Prepared { seq: 1, class: Default::default(), text: text.into(), hold: None, computed: false }
+        Prepared { seq: 1, class: Default::default(), text: text.into(), hold: None, computed: false, cut: false }
     }
 
     #[test]
