@@ -26,6 +26,8 @@ pub enum Kind {
     Copy,
     /// COPY ... TO/FROM PROGRAM: runs a shell command on the database server.
     CopyProgram,
+    /// COPY ... TO/FROM 'file': writes or reads a file on the database server.
+    CopyFile,
     Call,
     Do,
     Prepare,
@@ -50,7 +52,7 @@ pub enum Kind {
     Unparseable,
 }
 
-pub const ALL_KINDS: [Kind; 22] = [
+pub const ALL_KINDS: [Kind; 23] = [
     Kind::Select,
     Kind::Insert,
     Kind::Update,
@@ -60,6 +62,7 @@ pub const ALL_KINDS: [Kind; 22] = [
     Kind::Ddl,
     Kind::Copy,
     Kind::CopyProgram,
+    Kind::CopyFile,
     Kind::Call,
     Kind::Do,
     Kind::Prepare,
@@ -87,6 +90,7 @@ impl Kind {
             Kind::Ddl => "ddl",
             Kind::Copy => "copy",
             Kind::CopyProgram => "copy_program",
+            Kind::CopyFile => "copy_file",
             Kind::Call => "call",
             Kind::Do => "do",
             Kind::Prepare => "prepare",
@@ -249,7 +253,7 @@ const RUNS_QUERY_TEXT: [(&str, &[usize]); 9] = [
 /// must not let them through as `select`. Matched on the last component of the name, in lower
 /// case, so a schema or quotes do not hide them. `nextval` is left out: applications call it
 /// to number rows, and it changes nothing a read-only user could not undo by ignoring it.
-pub const SIDE_EFFECTS: [&str; 89] = [
+pub const SIDE_EFFECTS: [&str; 95] = [
     // Sequences.
     "setval",
     // Large objects (the `lo_import`/`lo_export` pair also touches the server's files).
@@ -294,6 +298,13 @@ pub const SIDE_EFFECTS: [&str; 89] = [
     "pg_stat_reset_subscription_stats",
     "pg_stat_statements_reset",
     "pg_buffercache_evict",
+    "pg_buffercache_evict_relation",
+    "pg_buffercache_evict_all",
+    "pg_stat_reset_backend_stats",
+    "pg_log_standby_snapshot",
+    // pg_prewarm's background worker and its dump of what is cached.
+    "autoprewarm_start_worker",
+    "autoprewarm_dump_now",
     // Planner statistics (PostgreSQL 18).
     "pg_restore_relation_stats",
     "pg_restore_attribute_stats",
@@ -525,6 +536,8 @@ fn stmt_kind(node_type: &str, body: &Value) -> Option<Kind> {
         "CopyStmt" => {
             if body.get("is_program").and_then(Value::as_bool) == Some(true) {
                 Kind::CopyProgram
+            } else if body.get("filename").and_then(Value::as_str).is_some_and(|f| !f.is_empty()) {
+                Kind::CopyFile
             } else {
                 Kind::Copy
             }
@@ -1520,9 +1533,13 @@ fn note_function(c: &mut Classification, name: String) {
 
 /// Built-in functions that do what another does under its name, and that name: a rule listing
 /// `pg_read_file` means its old twin too, and `pg_ls_dir` the functions that list one directory.
-const FUNCTION_TWINS: [(&str, &str); 10] = [
+const FUNCTION_TWINS: [(&str, &str); 14] = [
     ("pg_read_file_old", "pg_read_file"),
     ("pg_file_read", "pg_read_file"),
+    ("pg_read_binary_file", "pg_read_file"),
+    ("pg_sleep_for", "pg_sleep"),
+    ("pg_sleep_until", "pg_sleep"),
+    ("pg_ls_summariesdir", "pg_ls_dir"),
     ("pg_logdir_ls", "pg_ls_dir"),
     ("pg_ls_logdir", "pg_ls_dir"),
     ("pg_ls_waldir", "pg_ls_dir"),
@@ -1544,11 +1561,22 @@ fn insert_function(set: &mut BTreeSet<String>, name: String) {
 }
 
 /// Whether a WHERE clause (or a join condition) can pick rows: it names a column somewhere, or
-/// is `CURRENT OF` a cursor. `WHERE true`, `WHERE 1 = 1` and `WHERE $1` do not.
+/// is `CURRENT OF` a cursor. `WHERE true`, `WHERE 1 = 1` and `WHERE $1` do not, nor a `*`
+/// (`WHERE EXISTS (SELECT * FROM t)`, `WHERE t.* IS NOT NULL`), which names no column.
 fn restricts(clause: Option<&Value>) -> bool {
     let Some(clause) = clause.filter(|c| !c.is_null()) else { return false };
     let mut found = false;
-    visit(clause, |_, key, _| found |= matches!(key, "ColumnRef" | "CurrentOfExpr"));
+    visit(clause, |_, key, child| {
+        found |= match key {
+            "ColumnRef" => child
+                .get("fields")
+                .and_then(Value::as_array)
+                .and_then(|f| f.last())
+                .is_some_and(|last| last.pointer("/node/String").is_some()),
+            "CurrentOfExpr" => true,
+            _ => false,
+        }
+    });
     found
 }
 
@@ -1762,6 +1790,10 @@ mod tests {
             "UPDATE t SET a = 1 WHERE 1 = 1",
             "DELETE FROM t WHERE $1",
             "DELETE FROM t WHERE now() > '2000-01-01'",
+            // A `*` names no column.
+            "DELETE FROM orders WHERE EXISTS (SELECT * FROM orders)",
+            "DELETE FROM orders WHERE orders.* IS NOT NULL",
+            "UPDATE t SET a = 1 WHERE (SELECT count(*) FROM t) > 0",
         ] {
             assert!(classify(sql).where_missing, "{sql}");
         }
@@ -1984,6 +2016,25 @@ mod tests {
             "SET search_path = public",
         ] {
             assert!(!classify(sql).beyond_tables, "{sql}");
+        }
+    }
+
+    #[test]
+    fn copies_to_server_files_and_function_twins() {
+        assert_eq!(
+            kinds("COPY (SELECT 'x') TO '/var/lib/postgresql/15/main/postgresql.auto.conf'"),
+            ["select", "copy_file"]
+        );
+        assert_eq!(kinds("COPY orders FROM '/etc/passwd'"), ["insert", "copy_file"]);
+        assert_eq!(kinds("COPY orders TO PROGRAM 'sh'"), ["copy_program"]);
+        assert_eq!(kinds("COPY orders TO STDOUT"), ["copy"]);
+        assert_eq!(kinds("COPY orders FROM STDIN"), ["insert", "copy"]);
+        for (sql, canonical) in [
+            ("SELECT convert_from(pg_read_binary_file('/etc/passwd'), 'UTF8')", "pg_read_file"),
+            ("SELECT pg_catalog.pg_sleep_for('1 hour')", "pg_catalog.pg_sleep"),
+            ("SELECT pg_sleep_until(now() + '1 hour')", "pg_sleep"),
+        ] {
+            assert!(classify(sql).functions.contains(canonical), "{sql}");
         }
     }
 
