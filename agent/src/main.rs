@@ -357,7 +357,6 @@ fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<Exit
     use tollgate::approval::{
         ApprovalId,
         control::{Command as Ctl, call},
-        printable,
     };
     let (cmd, json) = match command {
         ApprovalsCommand::List { json } => (Ctl::List, json),
@@ -378,33 +377,7 @@ fn approvals(command: ApprovalsCommand, state_dir: &Path) -> anyhow::Result<Exit
             println!("no pending approval requests");
         } else {
             for r in pending {
-                println!(
-                    "{:>4}  {}  pid {}  uid {}  {}  resource {}  db {}  rule {}  expires {}",
-                    r.id,
-                    printable(r.identity.as_deref().unwrap_or("-")),
-                    r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    r.uid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    printable(r.exe.as_deref().unwrap_or("-")),
-                    printable(r.resource.as_deref().unwrap_or("-")),
-                    printable(r.database.as_deref().unwrap_or("-")),
-                    r.rule,
-                    r.expires_at
-                );
-                println!("      {}", printable(&r.statement));
-                if let Some(runs) = &r.runs {
-                    println!("      runs: {}", printable(runs));
-                }
-                if !r.parameters.is_empty() {
-                    let p: Vec<String> = r
-                        .parameters
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| {
-                            format!("${}={}", i + 1, v.as_deref().map(printable).unwrap_or_else(|| "NULL".into()))
-                        })
-                        .collect();
-                    println!("      {}", p.join(" "));
-                }
+                print!("{}", r.display());
             }
         }
     }

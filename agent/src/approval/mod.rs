@@ -284,6 +284,43 @@ pub fn authorize(peer: &Peer, approvers: &Approvers) -> Result<(), Refusal> {
 
 pub use crate::audit::printable;
 
+impl Request {
+    /// The request as `tollgate approvals list` shows it to an approver. Every value comes from
+    /// the client and is escaped (`printable`); a statement's lines are shown as lines, each
+    /// behind its label column, so no text of it can pass for the label of another value;
+    /// parameters are quoted as SQL literals, NULL is not.
+    pub fn display(&self) -> String {
+        let or_dash = |v: &Option<String>| printable(v.as_deref().unwrap_or("-"));
+        let number = |v: Option<u32>| v.map_or_else(|| "-".into(), |v| v.to_string());
+        let mut out = format!(
+            "{:>4}  {}  pid {}  uid {}  {}  resource {}  db {}  rule {}  expires {}\n",
+            self.id,
+            or_dash(&self.identity),
+            number(self.pid),
+            number(self.uid),
+            or_dash(&self.exe),
+            or_dash(&self.resource),
+            or_dash(&self.database),
+            printable(&self.rule),
+            printable(&self.expires_at)
+        );
+        let mut block = |label: &str, text: &str| {
+            for (i, line) in text.split('\n').enumerate() {
+                out.push_str(&format!("      {:<9} | {}\n", if i == 0 { label } else { "" }, printable(line)));
+            }
+        };
+        block("statement", &self.statement);
+        if let Some(runs) = &self.runs {
+            block("runs", runs);
+        }
+        for (i, v) in self.parameters.iter().enumerate() {
+            let v = v.as_deref().map_or_else(|| "NULL".into(), |v| format!("'{}'", v.replace('\'', "''")));
+            block(&format!("${}", i + 1), &v);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +341,33 @@ mod tests {
             requested_at: "2026-01-01T00:00:00Z".into(),
             expires_at: "2026-01-01T00:05:00Z".into(),
         }
+    }
+
+    #[test]
+    fn an_approver_can_tell_every_part_of_a_request_apart() {
+        let mut r = request(ApprovalId(7));
+        // A real line break, a literal backslash-n that psql users read as one, and a line that
+        // tries to pass for the statement's `runs`.
+        r.statement = "DELETE FROM orders -- \\nWHERE id = 42\nruns      | SELECT 1\u{202e}".into();
+        r.runs = Some("PREPARE d AS DELETE FROM orders".into());
+        r.parameters = vec![Some("5 $2=NULL".into()), None, Some("NULL".into()), Some("it's\n".into())];
+        let shown = r.display();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert!(lines[0].starts_with("   7  bot  pid 1  uid 1000  -  resource db"), "{shown}");
+        assert_eq!(
+            lines[1..],
+            [
+                r"      statement | DELETE FROM orders -- \\nWHERE id = 42",
+                r"                | runs      | SELECT 1\u{202e}",
+                r"      runs      | PREPARE d AS DELETE FROM orders",
+                r"      $1        | '5 $2=NULL'",
+                r"      $2        | NULL",
+                r"      $3        | 'NULL'",
+                r"      $4        | 'it''s",
+                r"                | '",
+            ],
+            "{shown}"
+        );
     }
 
     #[test]

@@ -477,7 +477,7 @@ impl Entry {
         let mut field = |name: &str, v: Option<String>| {
             if let Some(v) = v {
                 let quote = v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '=' || c == '"');
-                let v = if quote { printable(&format!("{v:?}")) } else { printable(&v) };
+                let v = if quote { format!("\"{}\"", printable(&v).replace('"', "\\\"")) } else { printable(&v) };
                 s.push_str(&format!(" {name}={v}"));
             }
         };
@@ -529,7 +529,8 @@ impl Entry {
 }
 
 /// Text someone reads in a terminal (an approver, `audit tail`): control characters, and the invisible ones that
-/// reorder or hide what follows them (bidirectional overrides, zero-width characters), escaped.
+/// reorder or hide what follows them (bidirectional overrides, zero-width characters), escaped, and so the
+/// backslash itself (a newline and the two characters `\n` must not look alike).
 pub fn printable(s: &str) -> String {
     let invisible = |c: char| {
         matches!(c, '\u{AD}' | '\u{61C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
@@ -539,7 +540,11 @@ pub fn printable(s: &str) -> String {
             || matches!(c, '\u{E0100}'..='\u{E01EF}')
     };
     s.chars()
-        .map(|c| if c.is_control() || invisible(c) { c.escape_default().to_string() } else { c.to_string() })
+        .map(
+            |c| {
+                if c.is_control() || invisible(c) || c == '\\' { c.escape_default().to_string() } else { c.to_string() }
+            },
+        )
         .collect()
 }
 
