@@ -197,6 +197,19 @@ impl Verifier {
         self.lines = 0;
     }
 
+    /// `line`, for a line read as bytes. The agent writes UTF-8 only, and a record's hash is
+    /// of its bytes: a line that is not UTF-8 was changed, even where replacing what is not
+    /// (with U+FFFD) gives back the text that was hashed.
+    pub fn line_bytes(&mut self, raw: &[u8], complete: bool) -> Result<Entry, ChainError> {
+        match std::str::from_utf8(raw) {
+            Ok(text) => self.line(text, complete),
+            Err(_) => {
+                let entry = self.line(&String::from_utf8_lossy(raw), complete)?;
+                Err(ChainError::Altered { line: self.lines, seq: entry.seq })
+            }
+        }
+    }
+
     /// Checks the next line (without its newline); `complete`: it ended with one. After a
     /// break the lines that follow are checked against the broken one where it can be read,
     /// so every break is found and each is reported once.
@@ -319,6 +332,28 @@ mod tests {
         let (mut lines, _) = trail(5);
         lines[2] = lines[2].replace("\"pid\":102", "\"pid\":999");
         assert_eq!(verify(&lines.concat()), Err(ChainError::Altered { line: 3, seq: 3 }));
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_an_alteration() {
+        let mut head = Head::genesis();
+        let mut raw = Vec::new();
+        for statement in ["SELECT 1", "SELECT '\u{FFFD}'", "SELECT 2"] {
+            let mut r = Record::new(Kind::Statement);
+            r.statement = Some(statement.into());
+            head = seal(&head, "2026-11-25T00:00:00Z", &r, &mut raw);
+        }
+        let check = |raw: &[u8]| {
+            let mut v = Verifier::default();
+            raw.split_inclusive(|&b| b == b'\n').map(|l| v.line_bytes(&l[..l.len() - 1], true)).collect::<Vec<_>>()
+        };
+        assert!(check(&raw).iter().all(Result::is_ok));
+        // The replacement character's bytes, changed to one that is not UTF-8.
+        let at = raw.windows(3).position(|w| w == "\u{FFFD}".as_bytes()).unwrap();
+        raw.splice(at..at + 3, [0xff]);
+        let results = check(&raw);
+        assert_eq!(results[1].as_ref().unwrap_err(), &ChainError::Altered { line: 2, seq: 2 });
+        assert!(results[0].is_ok() && results[2].is_ok(), "the chain goes on past it");
     }
 
     #[test]

@@ -146,13 +146,13 @@ pub fn verify(state_dir: &Path) -> Result<Report, VerifyError> {
         }
         while read_line(&mut reader, &mut line).map_err(io_err)? > 0 {
             let complete = line.ends_with(b"\n");
-            let text = String::from_utf8_lossy(if complete { &line[..line.len() - 1] } else { &line });
+            let raw = if complete { &line[..line.len() - 1] } else { &line[..] };
             let v = verifier.get_or_insert_with(|| {
-                let v = chain::Verifier::starting_at(&text);
+                let v = chain::Verifier::starting_at(&String::from_utf8_lossy(raw));
                 report.first_seq = v.head().seq + 1;
                 v
             });
-            match v.line(&text, complete) {
+            match v.line_bytes(raw, complete) {
                 Ok(entry) => {
                     if entry.record.kind == Kind::AuditRotated {
                         removed_through = removed_through.max(entry.record.removed_through.unwrap_or(0));
