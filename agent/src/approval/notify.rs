@@ -1,5 +1,11 @@
 //! Webhook notification: POSTs each pending approval request as JSON, over http or https.
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -106,19 +112,88 @@ fn host_header(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
 }
 
+/// Notifications one identity's requests may send in a `WINDOW`, and how many may be on
+/// their way at once in all. A client may hold a statement, cancel it and hold it again
+/// without end: unbounded, that floods the approvers' channel (burying, or rate-limiting away,
+/// other identities' requests) and spends the agent's sockets and CPU on POSTs. A request not
+/// notified is still pending and listed (`tollgate approvals list`).
+const PER_WINDOW: u32 = 30;
+const WINDOW: Duration = Duration::from_secs(60);
+const IN_FLIGHT: usize = 8;
+
+/// Notifications sent for one identity in its current window.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    since: Instant,
+    count: u32,
+}
+
+impl Sent {
+    /// Whether one more may go at `now`, counting it if so.
+    fn admit(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.since) >= WINDOW {
+            *self = Sent { since: now, count: 0 };
+        }
+        self.count += 1;
+        self.count <= PER_WINDOW
+    }
+}
+
+static SENT: LazyLock<Mutex<std::collections::HashMap<String, Sent>>> = LazyLock::new(Default::default);
+static POSTING: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether `identity` may send a notification now; `false` also when `IN_FLIGHT` are on their way.
+fn admit(identity: &str, now: Instant) -> bool {
+    let mut sent = SENT.lock().unwrap_or_else(|e| e.into_inner());
+    // Windows that have ended tell nothing: the map holds the identities notifying lately.
+    sent.retain(|_, s| now.duration_since(s.since) < WINDOW);
+    let mine = sent.entry(identity.to_string()).or_insert(Sent { since: now, count: 0 });
+    if !mine.admit(now) {
+        return false;
+    }
+    POSTING.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < IN_FLIGHT).then_some(n + 1)).is_ok()
+}
+
 /// Fire and forget: a webhook that is down must not hold up, or fail, the statement's hold.
 pub fn spawn(hook: Webhook, request: Request, mark: u32) {
+    let identity = request.identity.clone().unwrap_or_default();
+    if !admit(&identity, Instant::now()) {
+        warn!(
+            id = %request.id,
+            identity,
+            "approval webhook not called: more than {PER_WINDOW} requests of this identity in {WINDOW:?}, or \
+             {IN_FLIGHT} notifications on their way; the request is pending (tollgate approvals list)"
+        );
+        return;
+    }
     tokio::spawn(async move {
         match post(&hook, &request, mark).await {
             Ok(()) => info!(id = %request.id, webhook = %shown(&hook), "approval request sent to the webhook"),
             Err(e) => warn!(id = %request.id, error = %e, "approval webhook failed"),
         }
+        POSTING.fetch_sub(1, Ordering::AcqRel);
     });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notifications_are_limited_per_identity_and_window() {
+        let start = Instant::now();
+        let mut sent = Sent { since: start, count: 0 };
+        assert!((0..PER_WINDOW).all(|_| sent.admit(start)));
+        assert!(!sent.admit(start + WINDOW / 2), "one too many in the window");
+        assert!(sent.admit(start + WINDOW), "a new window");
+        // In all: at most IN_FLIGHT at once (another identity each time, to pass its window).
+        let now = Instant::now();
+        assert!((0..IN_FLIGHT).all(|i| admit(&format!("flight-{i}"), now)));
+        assert!(!admit("flight-last", now));
+        POSTING.fetch_sub(IN_FLIGHT, Ordering::AcqRel);
+        assert!(admit("flight-last", now));
+        POSTING.fetch_sub(1, Ordering::AcqRel);
+    }
 
     #[test]
     fn host_headers_bracket_ipv6_addresses() {

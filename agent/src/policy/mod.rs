@@ -302,6 +302,12 @@ spec:
         assert_eq!(w.ca_file, Some(model::SYSTEM_CA_FILE.into()));
         let w = https("notify: { webhook: \"https://127.0.0.1:8443/\", ca_file: /etc/tollgate/hooks-ca.pem }");
         assert_eq!(w.unwrap().webhook.unwrap().ca_file, Some("/etc/tollgate/hooks-ca.pem".into()));
+        // Credentials before the host are refused, and not repeated in the error.
+        for url in ["https://bot:s3cret@hooks.example/x", "https://bot:s3cret@hooks.example"] {
+            let e = https(&format!("notify: {{ webhook: \"{url}\" }}")).unwrap_err().to_string();
+            assert!(e.contains("credentials in the URL") && e.contains("https://...@hooks.example"), "{e}");
+            assert!(!e.contains("s3cret") && !e.contains("bot:"), "{e}");
+        }
         let r = &pol.resources[0];
         assert!(r.tls.accept_client);
         assert_eq!(r.databases, None, "any database unless the resource names them");

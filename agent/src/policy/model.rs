@@ -334,7 +334,16 @@ impl Webhook {
             Some(i) => url[i + 3..].find('/').map_or(url, |j| &url[..i + 3 + j]),
             None => url.split('/').next().unwrap_or_default(),
         };
-        let url_shown = if shown.len() < url.len() { format!("{shown}/...") } else { shown.to_string() };
+        let mut url_shown = if shown.len() < url.len() { format!("{shown}/...") } else { shown.to_string() };
+        // Nor a password before the host (`https://user:secret@host`).
+        if let Some(at) = shown.rfind('@') {
+            let start = shown.find("://").map_or(0, |i| i + 3);
+            url_shown = format!("{}...{}", &shown[..start], &url_shown[at..]);
+            return Err(format!(
+                "webhook {url_shown:?}: credentials in the URL (user:password@) are not sent; a webhook's secret \
+                 belongs in its path"
+            ));
+        }
         let (rest, default_port, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
             (Some(rest), _) => (rest, 80, false),
             (_, Some(rest)) => (rest, 443, true),
