@@ -203,6 +203,16 @@ impl Agent {
                 "the server also accepts connections on this Unix socket, which enrolled processes can reach around the proxy; keep it out of their reach (README, Known limits)"
             );
         }
+        for (_, cg) in cgroups.values() {
+            if let Some((above, who)) = cg.left_by() {
+                warn!(
+                    cgroup = %cg.path,
+                    above = %above.display(),
+                    who,
+                    "processes of this user may write cgroup.procs above an enrolled cgroup, so they can move themselves out of it and are then not enforced; enroll identities outside cgroup trees delegated to the users they run as"
+                );
+            }
+        }
         self.kernel.sync(&plan)?;
         for (id, cg) in cgroups.values() {
             if !self.kernel.is_attached(*id) {

@@ -100,6 +100,28 @@ impl Cgroup {
         f.write_all(format!("{pid}\n").as_bytes()).map_err(|e| self.err(e))
     }
 
+    /// A cgroup above this one (below the mount) whose `cgroup.procs` someone other than root
+    /// may write, and who: the kernel lets a process move itself to any cgroup under a common
+    /// ancestor whose `cgroup.procs` it may write, so processes of that user can leave this
+    /// cgroup for one not enrolled (a subtree delegated to a user, as systemd does). The
+    /// cgroup's own children are enrolled with it, so only those above count.
+    pub fn left_by(&self) -> Option<(PathBuf, String)> {
+        let above = self.path.relative().split('/').count().saturating_sub(1);
+        self.dir.ancestors().skip(1).take(above).find_map(|dir| {
+            let meta = fs::metadata(dir.join("cgroup.procs")).ok()?;
+            let who = if meta.mode() & 0o002 != 0 {
+                "any user".to_string()
+            } else if meta.uid() != 0 {
+                format!("uid {}", meta.uid())
+            } else if meta.mode() & 0o020 != 0 {
+                format!("gid {}", meta.gid())
+            } else {
+                return None;
+            };
+            Some((dir.to_path_buf(), who))
+        })
+    }
+
     /// Removes the cgroup if it is empty (no processes, no children).
     pub fn remove(&self) -> Result<(), CgroupError> {
         match fs::remove_dir(&self.dir) {
@@ -119,6 +141,45 @@ pub fn path_of_pid(pid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroups_above_that_others_may_write_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let mount = tempfile::tempdir().unwrap();
+        let path = CgroupPath::parse("/agents/team/bot").unwrap();
+        let cg = Cgroup::new(mount.path(), &path);
+        for dir in ["", "agents", "agents/team", "agents/team/bot"] {
+            let d = mount.path().join(dir);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("cgroup.procs"), "").unwrap();
+            fs::set_permissions(d.join("cgroup.procs"), fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let owned_by_us = nix::unistd::geteuid().is_root();
+        let set = |dir: &str, mode: u32| {
+            fs::set_permissions(mount.path().join(dir).join("cgroup.procs"), fs::Permissions::from_mode(mode)).unwrap()
+        };
+        if owned_by_us {
+            assert_eq!(cg.left_by(), None);
+        }
+        // The cgroup itself, and the mount's root, do not count: only the cgroups between.
+        set("agents/team/bot", 0o666);
+        set("", 0o666);
+        if owned_by_us {
+            assert_eq!(cg.left_by(), None);
+        }
+        set("agents", 0o664);
+        if owned_by_us {
+            let gid = fs::metadata(mount.path().join("agents/cgroup.procs")).unwrap().gid();
+            assert_eq!(cg.left_by(), Some((mount.path().join("agents"), format!("gid {gid}"))));
+        }
+        set("agents/team", 0o666);
+        assert_eq!(cg.left_by(), Some((mount.path().join("agents/team"), "any user".into())));
+        if owned_by_us {
+            set("agents/team", 0o644);
+            nix::unistd::chown(&mount.path().join("agents/team/cgroup.procs"), Some(1000.into()), None).unwrap();
+            assert_eq!(cg.left_by(), Some((mount.path().join("agents/team"), "uid 1000".into())));
+        }
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_mountinfo() {

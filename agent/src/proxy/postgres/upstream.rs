@@ -165,6 +165,8 @@ pub async fn login(
     let mut buf = BytesMut::new();
     let mut sasl = Sasl::NotStarted;
     let mut method = None;
+    // AuthenticationOk came: the server says the login is done.
+    let mut authenticated = false;
     let mut channel_binding = false;
     let mut parameters = Vec::new();
     let (mut backend_pid, mut backend_key) = (0, 0);
@@ -191,6 +193,7 @@ pub async fn login(
                             allow(AuthMethod::None, "no authentication (the server did not check the password)")?;
                             method = Some(AuthMethod::None);
                         }
+                        authenticated = true;
                         continue;
                     }
                     // Nor may it fall back to a weaker method once SCRAM started.
@@ -223,6 +226,16 @@ pub async fn login(
                         allow(AuthMethod::ScramSha256, "SCRAM-SHA-256")?;
                         // Without a hash to bind with, a relay presenting such a certificate
                         // could not be told from the server.
+                        // Nor a server that offers no binding: over TLS every PostgreSQL since 11
+                        // does, and a relay that reaches the server in clear takes the offer away.
+                        if tls && unverified && !plus {
+                            return Err(UpstreamError::Scram(
+                                "the server offers SCRAM without channel binding (SCRAM-SHA-256-PLUS) over TLS, \
+                                 and with tls: require nothing else shows that no one relays the login; use tls: \
+                                 verify-full"
+                                    .into(),
+                            ));
+                        }
                         if tls && unverified && binding.is_none() {
                             return Err(UpstreamError::Scram(
                                 "the server's certificate names no hash to bind SCRAM to its TLS channel (an \
@@ -289,7 +302,14 @@ pub async fn login(
             b'S' => parameters.push(f),
             b'K' => (backend_pid, backend_key) = wire::backend_key(&f.body)?,
             b'Z' => {
-                let Some(auth) = method else {
+                // Ready without AuthenticationOk (or with SCRAM begun and never proven) would let
+                // anyone between the proxy and the server skip the login it started.
+                if matches!(sasl, Sasl::Running(_)) {
+                    return Err(UpstreamError::Scram(
+                        "the server declared the login done without proving it knows the password".into(),
+                    ));
+                }
+                let Some(auth) = method.filter(|_| authenticated) else {
                     return Err(
                         wire::WireError::Malformed { what: "login", detail: "ready before authentication" }.into()
                     );
@@ -519,6 +539,13 @@ mod tests {
         let sasl = auth(10, b"SCRAM-SHA-256\0\0");
         let (result, _) = against(sasl.clone(), [auth(0, b""), READY.to_vec()].concat()).await;
         assert!(result.as_ref().is_err_and(|e| e.contains("without proving")), "{result:?}");
+        // Nor skip it: ReadyForQuery (after a BackendKeyData) with no AuthenticationOk at all.
+        let key = [b'K'.to_be_bytes().to_vec(), 12i32.to_be_bytes().to_vec(), vec![0; 8]].concat();
+        let plus = auth(10, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        for offer in [sasl.clone(), plus] {
+            let (result, _) = against(offer, [key.clone(), READY.to_vec()].concat()).await;
+            assert!(result.as_ref().is_err_and(|e| e.contains("declared the login done")), "{result:?}");
+        }
         // Nor may it switch to a method that gives it the password or a replayable hash.
         for code in [3, 5] {
             let (result, sent) = against(sasl.clone(), auth(code, b"salt")).await;
@@ -567,17 +594,19 @@ mod tests {
     }
 
     /// Over TLS, SCRAM is bound to the server's certificate (`p=tls-server-end-point`) when
-    /// the server offers SCRAM-SHA-256-PLUS, and says it could have been (`y`) when not.
+    /// the server offers SCRAM-SHA-256-PLUS, and says it could have been (`y`) when not: under
+    /// `verify-full`, where the certificate shows who the server is; under `require`, a server
+    /// that offers no binding is refused.
     #[tokio::test]
     async fn scram_over_tls_binds_itself_to_the_servers_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let authority = crate::tls::Authority::load_or_create(dir.path()).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(authority.server_config(&resource()).unwrap());
-        for (offer, want) in [
-            (&b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"[..], &b"SCRAM-SHA-256-PLUS\0"[..]),
-            (b"SCRAM-SHA-256\0\0", b"SCRAM-SHA-256\0"),
+        for (offer, want, unverified) in [
+            (&b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"[..], &b"SCRAM-SHA-256-PLUS\0"[..], true),
+            (b"SCRAM-SHA-256\0\0", b"SCRAM-SHA-256\0", false),
         ] {
-            let (result, initial) = scram_over_tls(acceptor.clone(), offer).await;
+            let (result, initial) = scram_over_tls(acceptor.clone(), offer, unverified).await;
             assert!(result.is_err(), "the test server stops after the first message");
             assert!(initial.starts_with(want), "{:?}", String::from_utf8_lossy(&initial));
             // After the mechanism: the length of the client-first message, then its GS2 header.
@@ -601,8 +630,14 @@ mod tests {
                 rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
             )
             .unwrap();
-        let (result, initial) = scram_over_tls(std::sync::Arc::new(config).into(), b"SCRAM-SHA-256-PLUS\0\0").await;
+        let (result, initial) =
+            scram_over_tls(std::sync::Arc::new(config).into(), b"SCRAM-SHA-256-PLUS\0\0", true).await;
         assert!(result.is_err_and(|e| e.contains("names no hash to bind")), "refused");
+        assert!(initial.is_empty(), "nothing of the password was sent");
+        // Under `require`, a server that offers no binding may be a relay that reaches the
+        // server in clear, where it is not offered.
+        let (result, initial) = scram_over_tls(acceptor, b"SCRAM-SHA-256\0\0", true).await;
+        assert!(result.is_err_and(|e| e.contains("without channel binding")), "refused");
         assert!(initial.is_empty(), "nothing of the password was sent");
     }
 
@@ -617,11 +652,13 @@ mod tests {
         }
     }
 
-    /// A TLS server (`tls: require` on the proxy's side) that offers `mechanisms` for SASL: the
+    /// A TLS server that offers `mechanisms` for SASL (`unverified`: as under `tls: require`,
+    /// else as under `verify-full`): the
     /// login's result and the proxy's SASLInitialResponse body (empty if it sent none).
     async fn scram_over_tls(
         acceptor: tokio_rustls::TlsAcceptor,
         mechanisms: &'static [u8],
+        unverified: bool,
     ) -> (Result<(), String>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let authority = crate::tls::Authority::load_or_create(dir.path()).unwrap();
@@ -643,7 +680,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = crate::tls::server_name(&resource().address).unwrap();
         let stream = start_tls(tcp, addr, config, name).await.unwrap();
-        let login = login(stream, addr, "app", "s3cret-pw", &[], every_method(), true);
+        let login = login(stream, addr, "app", "s3cret-pw", &[], every_method(), unverified);
         let result = match crate::timer::timeout(std::time::Duration::from_secs(1), login).await {
             Ok(r) => r.map(drop).map_err(|e| e.to_string()),
             Err(_) => Err("no verdict within a second".to_string()),
