@@ -305,27 +305,40 @@ mod tests {
             rule("scratch-ddl", &[Kind::Ddl, Kind::Other], &["scratch"], false, Action::Allow),
         ];
         let judge = |sql: &str| decide("g", &rules, Action::Deny, &classify(sql)).rule.to_string();
-        for sql in [
-            "DROP TABLE orders",
-            "DROP TABLE public.orders CASCADE",
-            "DROP POLICY p ON orders",
-            "DROP TRIGGER a ON orders",
-        ] {
-            assert_eq!(judge(sql), "protect-orders", "{sql}");
-        }
-        for sql in [
-            "DROP TABLE scratch",
-            "CREATE INDEX ON scratch (a)",
-            "VACUUM scratch",
-            "COMMENT ON COLUMN scratch.a IS 'x'",
-        ] {
-            assert_eq!(judge(sql), "scratch-ddl", "{sql}");
-        }
-        // Objects that are not tables, or every table, are not scratch's.
-        for sql in
-            ["DROP FUNCTION f()", "CREATE EXTENSION dblink", "VACUUM", "DROP TABLE scratch; DROP SCHEMA s CASCADE"]
-        {
-            assert_eq!(judge(sql), "g.default", "{sql}");
+        let cases: [(&str, &[&str]); 3] = [
+            (
+                "protect-orders",
+                &[
+                    "DROP TABLE orders",
+                    "DROP TABLE public.orders CASCADE",
+                    "DROP POLICY p ON orders",
+                    "DROP TRIGGER a ON orders",
+                ],
+            ),
+            (
+                "scratch-ddl",
+                &[
+                    "DROP TABLE scratch",
+                    "CREATE INDEX ON scratch (a)",
+                    "VACUUM scratch",
+                    "COMMENT ON COLUMN scratch.a IS 'x'",
+                ],
+            ),
+            // Objects that are not tables, or every table, are not scratch's.
+            (
+                "g.default",
+                &[
+                    "DROP FUNCTION f()",
+                    "CREATE EXTENSION dblink",
+                    "VACUUM",
+                    "DROP TABLE scratch; DROP SCHEMA s CASCADE",
+                ],
+            ),
+        ];
+        for (rule, texts) in cases {
+            for sql in texts {
+                assert_eq!(judge(sql), rule, "{sql}");
+            }
         }
     }
 
