@@ -274,11 +274,18 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
         }
         _ => {
             let mut found = Counts::default();
-            match col.binary.then(|| binary_number_text(col.type_oid, v)).flatten() {
-                // A card number in a bigint or numeric column is as much one in binary format.
-                Some(Ok(text)) => _ = masker.detect(text.as_bytes(), &mut found)?,
+            let readable = match col.binary {
+                true => binary_number_text(col.type_oid, v).map(|t| t.map(String::into_bytes)),
+                false => text_readable(col.type_oid, v),
+            };
+            match readable {
+                // A card number in a bigint or numeric column is as much one in binary format,
+                // or in a float's exponent form.
+                Some(Ok(bytes)) if col.type_oid == BYTEA => _ = detect_binary(&bytes, masker, &mut found)?,
+                Some(Ok(text)) => _ = masker.detect(&text, &mut found)?,
                 // Not what the server sends for its type: never relay what was not looked at.
                 Some(Err(())) => found.add(crate::mask::Kind::Column),
+                None if col.binary => _ = detect_binary(v, masker, &mut found)?,
                 None => _ = masker.detect(v, &mut found)?,
             }
             counts.merge(&found);
@@ -352,9 +359,53 @@ fn detect_json(text: &[u8], masker: &Masker, strict: bool, counts: &mut Counts) 
     changed.then_some(out)
 }
 
+/// Detection over a binary value the proxy does not take apart (arrays, records, hstore,
+/// tsvector...), or bytes decoded from text. Such formats put a length word before each string,
+/// and its last byte may be a letter or digit glued to the string (`00 00 00 33` before
+/// `sk-...`), so a detector's word boundary would miss it: each run of bytes between control
+/// bytes is also read without its first one or two. `None`: nothing found.
+fn detect_binary(v: &[u8], masker: &Masker, found: &mut Counts) -> Option<()> {
+    if masker.detect(v, found).is_some() {
+        return Some(());
+    }
+    for run in v.split(u8::is_ascii_control).filter(|r| r.len() > 2) {
+        for skip in 1..=2 {
+            if masker.detect(&run[skip..], found).is_some() {
+                return Some(());
+            }
+        }
+    }
+    None
+}
+
+/// Text-format values the detectors read better otherwise: floats, which the server writes in
+/// exponent form from 16 digits on (`4.532015112830366e+15`, a card number in a float8), as plain
+/// decimals; bytea, which it writes in hex, as its bytes. `None`: read the value as it is.
+fn text_readable(oid: u32, v: &[u8]) -> Option<Result<Vec<u8>, ()>> {
+    let plain = |s: &str| -> Result<String, ()> {
+        match s.trim() {
+            "NULL" | "NaN" | "Infinity" | "-Infinity" => Ok(String::new()),
+            s => s.parse::<f64>().map(|f| format!("{f}")).map_err(|_| ()),
+        }
+    };
+    let text = std::str::from_utf8(v).ok();
+    match oid {
+        700 | 701 => Some(text.ok_or(()).and_then(plain).map(String::into_bytes)),
+        1021 | 1022 => Some(text.ok_or(()).and_then(|t| {
+            let inner = t.trim_start_matches('{').trim_end_matches('}');
+            let parts: Result<Vec<String>, ()> =
+                inner.split(',').map(|e| plain(e.trim_matches(|c| c == '{' || c == '}'))).collect();
+            parts.map(|p| p.join(",").into_bytes())
+        })),
+        // In hex, as bytea_output has it by default; the escape format is read as it is.
+        BYTEA => v.strip_prefix(b"\\x").map(|hex| hex::decode(hex).map_err(|_| ())),
+        _ => None,
+    }
+}
+
 /// The text the server would send in text format for a number sent in binary (`None`: not a
-/// number type), for the detectors to read; floats as plain decimals, which they read at least as
-/// well as the server's exponent form. `Err` for bytes that are not a value of the type.
+/// number type), for the detectors to read; floats as plain decimals, which they read better than
+/// the server's exponent form. `Err` for bytes that are not a value of the type.
 fn binary_number_text(oid: u32, v: &[u8]) -> Option<Result<String, ()>> {
     let text = match oid {
         21 => v.try_into().map(|b| i16::from_be_bytes(b).to_string()),
@@ -423,6 +474,7 @@ fn number_array_text(element: u32, v: &[u8]) -> Result<String, ()> {
 }
 
 const NUMERIC: u32 = 1700;
+const BYTEA: u32 = 17;
 
 /// Most decimal digits a binary numeric may have before or after its point for `numeric_text`.
 const MAX_NUMERIC_DIGITS: i32 = 1000;
@@ -1041,6 +1093,40 @@ mod tests {
         assert_eq!(out, data_row(&[Some(b"\x01[\"x\\n[REDACTED]\"]")]));
         // A string cut short (not the server's output) is searched as it is.
         assert_eq!(run(br#"["a@b.com"#).0.as_deref(), Some(r#"["[REDACTED]"#));
+    }
+
+    #[test]
+    fn detectors_read_binary_arrays_float_exponents_and_hex_bytea() {
+        let m = Masker::new(
+            &[Rule {
+                name: "d".into(),
+                target: Target::Detect(vec![crate::mask::Kind::CreditCard, crate::mask::Kind::Secret]),
+                style: Style::Redact,
+            }],
+            [1; 32],
+        );
+        let masked = |oid: u32, format: i16, v: &[u8]| {
+            let plan = Plan::from_row_description(&row_description(&[("x", oid, format)]), &m, false).unwrap();
+            mask_data_row(&data_row(&[Some(v)]), &plan, &m, &mut Counts::default()).unwrap()
+        };
+        // A text[] in binary: header, then each element behind its length. The length of a
+        // 51-byte key ends in 0x33 ('3'), glued to it.
+        let key = format!("sk-{}", "A".repeat(48));
+        let mut array = BytesMut::new();
+        for word in [1, 0, 25, 1, 1] {
+            array.put_i32(word);
+        }
+        array.put_i32(key.len() as i32);
+        array.extend_from_slice(key.as_bytes());
+        assert_eq!(masked(1009, 1, &array), Some(data_row(&[None])), "the key's array goes as NULL");
+        // A card number in a float8 column: the server's text is in exponent form.
+        assert_eq!(masked(701, 0, b"4.532015112830366e+15"), Some(data_row(&[None])));
+        assert_eq!(masked(1022, 0, b"{1.5,4.532015112830366e+15}"), Some(data_row(&[None])));
+        assert_eq!(masked(701, 0, b"1.5e+15"), None, "not a card");
+        // bytea in hex (the server's default output) holding a card number's text.
+        let hex = format!("\\x{}", hex::encode("card 4532015112830366"));
+        assert_eq!(masked(BYTEA, 0, hex.as_bytes()), Some(data_row(&[None])));
+        assert_eq!(masked(BYTEA, 0, b"\\x00ff"), None);
     }
 
     /// Columns stored in a user table (OID 16400, attributes 1, 2...), whose values keep their
