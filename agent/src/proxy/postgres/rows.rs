@@ -281,11 +281,11 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
             match readable {
                 // A card number in a bigint or numeric column is as much one in binary format,
                 // or in a float's exponent form.
-                Some(Ok(bytes)) if col.type_oid == BYTEA => _ = detect_binary(&bytes, masker, &mut found)?,
+                Some(Ok(bytes)) if col.type_oid == BYTEA => detect_binary(&bytes, masker, &mut found)?,
                 Some(Ok(text)) => _ = masker.detect(&text, &mut found)?,
                 // Not what the server sends for its type: never relay what was not looked at.
                 Some(Err(())) => found.add(crate::mask::Kind::Column),
-                None if col.binary => _ = detect_binary(v, masker, &mut found)?,
+                None if col.binary => detect_binary(v, masker, &mut found)?,
                 None => _ = masker.detect(v, &mut found)?,
             }
             counts.merge(&found);
