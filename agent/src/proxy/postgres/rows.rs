@@ -390,6 +390,9 @@ fn text_readable(oid: u32, v: &[u8]) -> Option<Result<Vec<u8>, ()>> {
     };
     let text = std::str::from_utf8(v).ok();
     match oid {
+        // Only the exponent form is read otherwise: a float written plainly is read as it is,
+        // without a parse and a copy per value.
+        700 | 701 | 1021 | 1022 if !v.contains(&b'e') => None,
         700 | 701 => Some(text.ok_or(()).and_then(plain).map(String::into_bytes)),
         1021 | 1022 => Some(text.ok_or(()).and_then(|t| {
             let inner = t.trim_start_matches('{').trim_end_matches('}');
