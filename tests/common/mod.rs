@@ -233,11 +233,13 @@ impl Env {
         )
     }
 
-    /// Every audit record so far, as JSON values.
+    /// Every audit record so far, as JSON values. A last line without its newline is one the
+    /// agent is still writing: left for the next read.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let path = self.state_dir().join("audit/trail.jsonl");
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     /// Waits for an audit record matching `pred` (kernel events are written asynchronously).
