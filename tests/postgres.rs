@@ -820,6 +820,38 @@ fn masking_follows_a_column_under_another_name() {
             "{sql}: {out}"
         );
     }
+    // A composite type's field holds a value as a column does: a column of a type that holds
+    // a masked field (a composite's, a table's row type, an array of or a domain over one, at
+    // any depth) is masked whole, and so is what is computed from it.
+    pg.direct(
+        "CREATE TYPE person AS (name text, secret_num text); CREATE DOMAIN checked AS person; \
+         CREATE TYPE household AS (head person, size int); CREATE TYPE spot AS (x int, y int); \
+         CREATE TABLE folks (id int, who person, many person[], kept checked, home household, snap vault, at spot); \
+         INSERT INTO folks SELECT 1, '(ann,topsecret-43)', '{\"(bo,topsecret-44)\"}', '(cy,topsecret-45)', \
+           '(\"(di,topsecret-46)\",2)', v, '(3,4)' FROM vault v",
+    );
+    for sql in [
+        "SELECT who FROM folks;",
+        "SELECT who AS x FROM folks;",
+        "SELECT (who).secret_num AS x FROM folks;",
+        "SELECT (f.who).secret_num AS x FROM folks f;",
+        "SELECT many FROM folks;",
+        "SELECT many[1] AS x FROM folks;",
+        "SELECT (many[1]).secret_num AS x FROM folks;",
+        "SELECT kept FROM folks;",
+        "SELECT ((home).head).secret_num AS x FROM folks;",
+        "SELECT home FROM folks;",
+        "SELECT snap FROM folks;",
+        "SELECT (snap).secret_num AS x FROM folks;",
+        "SELECT row_to_json(f) AS j FROM folks f;",
+        "SELECT x FROM (SELECT who AS x FROM folks) s;",
+    ] {
+        let (out, err, ok) = q(sql);
+        assert!(ok, "{sql}: {err}");
+        assert!(out.lines().all(|l| l.trim_matches('"') == "[REDACTED]") && !out.is_empty(), "{sql}: {out}");
+    }
+    let (out, err, _) = q("SELECT id, at FROM folks;");
+    assert_eq!(out, "1|(3,4)", "a type that holds nothing masked stays: {err}");
     // Computed values that read nothing masked stay as they are.
     let (out, err, _) = q("SELECT count(*), max(id) + 1 AS next FROM vault;");
     assert_eq!(out, "1|2", "{err}");

@@ -246,6 +246,10 @@ pub struct MaskedTable {
     pub style: Style,
     /// All its column names, lower-cased: `v.f` with no column `f` is a function of the row.
     pub columns: std::collections::HashSet<String>,
+    /// Its columns masked for a field their type holds (`who person`, where `person` has a
+    /// masked field), lower-cased: their names match no rule, so `many[1]` or
+    /// `(who).ssn` is computed from a masked value only by what `who` is.
+    pub holding: std::collections::HashSet<String>,
 }
 
 /// Masks values for one grant: its rules plus the agent's hashing key.
@@ -370,7 +374,7 @@ impl Masker {
     /// exists.
     pub fn computed<'a>(
         &self,
-        tables: impl IntoIterator<Item = &'a String>,
+        tables: impl IntoIterator<Item = &'a String> + Clone,
         reads: &crate::sql::Reads,
         indirect: bool,
     ) -> bool {
@@ -382,6 +386,10 @@ impl Masker {
         }
         // Names as `Classification::tables` holds them (`s."x.y"`), tables by the server's.
         let by_name = |t: &str| self.tables.get(crate::sql::unquoted(crate::sql::last_part(t)).to_lowercase().as_str());
+        let holding = |t: &MaskedTable| reads.columns.iter().any(|c| t.holding.contains(&c.to_lowercase()));
+        if tables.clone().into_iter().filter_map(|t| by_name(t)).any(|t| !t.holding.is_empty() && holding(t)) {
+            return true;
+        }
         let attribute_notation = reads.qualified.iter().any(|(q, f)| {
             let aliased = reads.aliases.get(q).into_iter().flatten();
             std::iter::once(q).chain(aliased).any(|t| by_name(t).is_some_and(|t| !t.columns.contains(f)))
@@ -766,7 +774,8 @@ mod tests {
         }]);
         let catalog = |attnum: i16| {
             let columns = ["id", "ssn"].iter().map(|c| c.to_string()).collect();
-            let tables = MaskedTables::from([("vault".into(), MaskedTable { style: Style::Redact, columns })]);
+            let table = MaskedTable { style: Style::Redact, columns, holding: Default::default() };
+            let tables = MaskedTables::from([("vault".into(), table)]);
             (Origins::from([((16384, attnum), Style::Redact)]), tables)
         };
         let session = |db: &str, attnum| {
@@ -799,8 +808,11 @@ mod tests {
             Rule { name: "a".into(), target: Target::Columns(vec![Glob::new("ssn")]), style: Style::Redact },
             Rule { name: "d".into(), target: Target::Detect(vec![Kind::Email]), style: Style::Hash },
         ]);
-        let table =
-            |style, columns: &[&str]| MaskedTable { style, columns: columns.iter().map(|c| c.to_string()).collect() };
+        let table = |style, columns: &[&str]| MaskedTable {
+            style,
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            holding: Default::default(),
+        };
         let tables = MaskedTables::from([
             ("vault".into(), table(Style::Partial, &["id", "ssn"])),
             ("people".into(), table(Style::Hash, &["email"])),
@@ -840,6 +852,13 @@ mod tests {
         let whole = reads(&["t"], true, &[]);
         assert!(q.computed(&["s.\"x\"\"y\"".to_string()], &whole, false));
         assert!(m.computed(&[], &reads(&[], false, &[]), true), "a FETCH: may read any masked column");
+        // A column whose type holds a masked field is masked by what it holds, not its name.
+        let mut folks = table(Style::Redact, &["id", "who"]);
+        folks.holding.insert("who".into());
+        let h = m.with_origins("db", Origins::new(), MaskedTables::from([("folks".into(), folks)]));
+        assert!(h.computed(&["folks".to_string()], &reads(&["WHO"], false, &[]), false), "who[1], (who).ssn");
+        assert!(!h.computed(&["folks".to_string()], &reads(&["id"], false, &[]), false));
+        assert!(!h.computed(&["t".to_string()], &reads(&["who"], false, &[]), false), "another table's who");
         // Computed and whole-row values are redacted, not shown in part or hashed: `substr(ssn,
         // 5, 4)` under `partial` would show any four characters the client picks.
         assert_eq!(m.column_from("x", (0, 0), computed), ColumnMask::Whole(Style::Redact));

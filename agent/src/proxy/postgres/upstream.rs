@@ -335,58 +335,88 @@ pub async fn login(
 const MAX_ORIGINS: usize = 100_000;
 
 /// The catalog query behind `column_origins`: every live column of the user tables, views,
-/// materialized views and foreign tables that have a column whose name is not ASCII (`$1`, a
-/// regex) or, lowered in the "C" collation, is `LIKE` a pattern (`$2`...); `Masker::column`
-/// decides which are masked. Everything is schema-qualified so the login role's search_path
+/// materialized views and foreign tables that have a column the rules may name, or a column of
+/// a type that holds a field they may name; with that field's name, once per such field.
+///
+/// A name the rules may name is one that is not ASCII (`$1`, a regex) or, lowered in the "C"
+/// collation, is `LIKE` a pattern (`$2`...); `Masker::column` decides which are masked. A type
+/// holds a field when it is the row type of a relation with a column of that name (a table's,
+/// or a composite type's made with `CREATE TYPE ... AS`), or an array of, a domain over, or a
+/// composite with a field of such a type, at any depth: `SELECT (c).ssn AS x` reads a masked
+/// value through column `c`. Everything is schema-qualified so the login role's search_path
 /// cannot redirect it.
 fn origins_query(patterns: usize) -> String {
-    let mut sql = String::from(
-        "SELECT a.attrelid::pg_catalog.int8, a.attnum, a.attname, c.relname \
+    let mut named = String::from("m.attname OPERATOR(pg_catalog.~) $1");
+    if patterns > 0 {
+        let params: Vec<String> = (0..patterns).map(|i| format!("${}", i + 2)).collect();
+        named.push_str(&format!(
+            " OR pg_catalog.lower(m.attname::pg_catalog.text COLLATE pg_catalog.\"C\") OPERATOR(pg_catalog.~~) \
+             ANY (ARRAY[{}]::pg_catalog.text[])",
+            params.join(", ")
+        ));
+    }
+    let user = "n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast'])";
+    let live = |a: &str| format!("{a}.attnum OPERATOR(pg_catalog.>) 0 AND NOT {a}.attisdropped");
+    format!(
+        "WITH RECURSIVE hits AS (\
+           SELECT m.attrelid, m.attname::pg_catalog.text AS field, c.reltype \
+           FROM pg_catalog.pg_attribute m \
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) m.attrelid \
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+           WHERE {live_m} AND {user} AND ({named})), \
+         holders(holder, held) AS MATERIALIZED (\
+           SELECT t.oid, t.typelem FROM pg_catalog.pg_type t \
+           WHERE t.typelem OPERATOR(pg_catalog.<>) 0 AND t.typcategory OPERATOR(pg_catalog.=) 'A' \
+           UNION ALL SELECT t.oid, t.typbasetype FROM pg_catalog.pg_type t WHERE t.typtype OPERATOR(pg_catalog.=) 'd' \
+           UNION ALL SELECT c.reltype, m.atttypid FROM pg_catalog.pg_attribute m \
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) m.attrelid \
+           WHERE {live_m} AND c.reltype OPERATOR(pg_catalog.<>) 0 \
+             AND m.atttypid OPERATOR(pg_catalog.>=) 16384), \
+         fields(typ, field) AS (\
+           SELECT h.reltype, h.field FROM hits h WHERE h.reltype OPERATOR(pg_catalog.<>) 0 \
+           UNION SELECT k.holder, f.field FROM fields f JOIN holders k ON k.held OPERATOR(pg_catalog.=) f.typ) \
+         SELECT a.attrelid::pg_catalog.int8, a.attnum, a.attname, c.relname, f.field \
          FROM pg_catalog.pg_attribute a \
          JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-         WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+         LEFT JOIN fields f ON f.typ OPERATOR(pg_catalog.=) a.atttypid \
+         WHERE {live_a} AND {user} \
          AND c.relkind::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'v', 'm', 'f', 'p']) \
-         AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast']) \
-         AND a.attrelid OPERATOR(pg_catalog.=) ANY (SELECT m.attrelid FROM pg_catalog.pg_attribute m \
-         WHERE m.attnum OPERATOR(pg_catalog.>) 0 AND NOT m.attisdropped \
-         AND (m.attname OPERATOR(pg_catalog.~) $1",
-    );
-    if patterns > 0 {
-        let params: Vec<String> = (0..patterns).map(|i| format!("${}", i + 2)).collect();
-        sql.push_str(
-            " OR pg_catalog.lower(m.attname::pg_catalog.text COLLATE pg_catalog.\"C\") OPERATOR(pg_catalog.~~) ANY (ARRAY[",
-        );
-        sql.push_str(&params.join(", "));
-        sql.push_str("]::pg_catalog.text[])");
-    }
-    sql.push_str("))");
-    sql
+         AND a.attrelid OPERATOR(pg_catalog.=) ANY (SELECT h.attrelid FROM hits h \
+           UNION ALL SELECT m.attrelid FROM pg_catalog.pg_attribute m \
+           JOIN fields f ON f.typ OPERATOR(pg_catalog.=) m.atttypid WHERE {live_m})",
+        live_m = live("m"),
+        live_a = live("a"),
+    )
 }
 
-/// One catalog row: (table OID, attribute number, column name, table name).
-fn origin_row(body: &[u8]) -> Result<(u32, i16, String, String), UpstreamError> {
+/// One catalog row: (table OID, attribute number, column name, table name, a field its type
+/// holds that the rules may name).
+type OriginRow = (u32, i16, String, String, Option<String>);
+
+fn origin_row(body: &[u8]) -> Result<OriginRow, UpstreamError> {
     let bad = |detail| UpstreamError::Wire(wire::WireError::Malformed { what: "DataRow", detail });
     let mut b = body;
-    if b.len() < 2 || b.get_i16() != 4 {
-        return Err(bad("expected 4 columns"));
+    if b.len() < 2 || b.get_i16() != 5 {
+        return Err(bad("expected 5 columns"));
     }
-    let mut field = || -> Result<String, UpstreamError> {
+    let mut field = || -> Result<Option<String>, UpstreamError> {
         if b.len() < 4 {
             return Err(bad("short"));
         }
-        let len = b.get_i32();
-        let len = usize::try_from(len).map_err(|_| bad("NULL"))?;
+        let Ok(len) = usize::try_from(b.get_i32()) else { return Ok(None) };
         if b.len() < len {
             return Err(bad("short"));
         }
         let v = String::from_utf8_lossy(&b[..len]).into_owned();
         b.advance(len);
-        Ok(v)
+        Ok(Some(v))
     };
-    let oid = field()?.parse::<u32>().map_err(|_| bad("table oid"))?;
-    let attnum = field()?.parse::<i16>().map_err(|_| bad("attribute number"))?;
-    Ok((oid, attnum, field()?, field()?))
+    let mut text = || field()?.ok_or_else(|| bad("NULL"));
+    let oid = text()?.parse::<u32>().map_err(|_| bad("table oid"))?;
+    let attnum = text()?.parse::<i16>().map_err(|_| bad("attribute number"))?;
+    let (name, table) = (text()?, text()?);
+    Ok((oid, attnum, name, table, field()?))
 }
 
 impl Upstream {
@@ -428,7 +458,7 @@ impl Upstream {
 
         let mut origins = Origins::new();
         // Every table read, masked or not (the pre-filter is wider than the rules).
-        let mut read: HashMap<String, (Option<Style>, HashSet<String>)> = HashMap::new();
+        let mut read: HashMap<String, (Option<Style>, MaskedTable)> = HashMap::new();
         let mut rows = 0usize;
         let mut failed = None;
         loop {
@@ -440,15 +470,28 @@ impl Upstream {
                         failed = Some(format!("the tables with masked columns have more than {MAX_ORIGINS} columns"));
                         continue;
                     }
-                    let (oid, attnum, name, table) = origin_row(&f.body)?;
-                    let (strictest, columns) = read.entry(table.to_lowercase()).or_default();
-                    if let ColumnMask::Whole(style) = masker.column(&name) {
+                    let (oid, attnum, name, table, held) = origin_row(&f.body)?;
+                    let (strictest, table) = read.entry(table.to_lowercase()).or_insert_with(|| {
+                        (None, MaskedTable { style: Style::Redact, columns: HashSet::new(), holding: HashSet::new() })
+                    });
+                    // A value holding a masked field is masked whole, as `[REDACTED]`: the
+                    // other styles would show part of the field (`partial` the last four
+                    // characters of the literal) or hash text that is not the field's.
+                    let mask = match (masker.column(&name), held) {
+                        (ColumnMask::Whole(style), _) => Some(style),
+                        (_, Some(field)) if matches!(masker.column(&field), ColumnMask::Whole(_)) => {
+                            table.holding.insert(name.to_lowercase());
+                            Some(Style::Redact)
+                        }
+                        _ => None,
+                    };
+                    if let Some(style) = mask {
                         if strictest.is_none_or(|s| style.strictness() > s.strictness()) {
                             *strictest = Some(style);
                         }
                         origins.insert((oid, attnum), style);
                     }
-                    columns.insert(name.to_lowercase());
+                    table.columns.insert(name.to_lowercase());
                 }
                 b'E' => failed = Some(wire::error_message(&f.body).unwrap_or_else(|| "unknown error".into())),
                 b'S' => self.parameters.push(f),
@@ -459,7 +502,7 @@ impl Upstream {
         }
         let tables: MaskedTables = read
             .into_iter()
-            .filter_map(|(name, (style, columns))| Some((name, MaskedTable { style: style?, columns })))
+            .filter_map(|(name, (style, table))| Some((name, MaskedTable { style: style?, ..table })))
             .collect();
         match failed {
             Some(e) => Err(UpstreamError::Lookup(e)),
