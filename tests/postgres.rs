@@ -826,9 +826,13 @@ fn masking_follows_a_column_under_another_name() {
     pg.direct(
         "CREATE TYPE person AS (name text, secret_num text); CREATE DOMAIN checked AS person; \
          CREATE TYPE household AS (head person, size int); CREATE TYPE spot AS (x int, y int); \
-         CREATE TABLE folks (id int, who person, many person[], kept checked, home household, snap vault, at spot); \
+         CREATE TYPE span AS RANGE (subtype = person, multirange_type_name = spans); \
+         CREATE TABLE folks (id int, who person, many person[], kept checked, home household, snap vault, \
+           at spot, email person, during span, periods spans); \
          INSERT INTO folks SELECT 1, '(ann,topsecret-43)', '{\"(bo,topsecret-44)\"}', '(cy,topsecret-45)', \
-           '(\"(di,topsecret-46)\",2)', v, '(3,4)' FROM vault v",
+           '(\"(di,topsecret-46)\",2)', v, '(3,4)', '(ed,topsecret-47)', \
+           '[\"(fa,topsecret-48)\",\"(fb,topsecret-48)\"]', '{[\"(ga,topsecret-49)\",\"(gb,topsecret-49)\"]}' \
+           FROM vault v",
     );
     for sql in [
         "SELECT who FROM folks;",
@@ -845,6 +849,11 @@ fn masking_follows_a_column_under_another_name() {
         "SELECT (snap).secret_num AS x FROM folks;",
         "SELECT row_to_json(f) AS j FROM folks f;",
         "SELECT x FROM (SELECT who AS x FROM folks) s;",
+        // Named like a `partial` column, it holds a field that is `redact`.
+        "SELECT email FROM folks;",
+        "SELECT during FROM folks;",
+        "SELECT periods FROM folks;",
+        "SELECT (lower(during)).secret_num AS x FROM folks;",
     ] {
         let (out, err, ok) = q(sql);
         assert!(ok, "{sql}: {err}");
@@ -852,6 +861,10 @@ fn masking_follows_a_column_under_another_name() {
     }
     let (out, err, _) = q("SELECT id, at FROM folks;");
     assert_eq!(out, "1|(3,4)", "a type that holds nothing masked stays: {err}");
+    let (out, err, _) = q("SELECT customer_ssn AS email FROM people WHERE id = 1;");
+    assert_eq!(out, "[REDACTED]", "the source's style is stricter than the name's: {err}");
+    let (out, err, _) = q("COPY folks (id, who, at) TO STDOUT;");
+    assert_eq!(out, "1\t[REDACTED]\t(3,4)", "{err}");
     // Computed values that read nothing masked stay as they are.
     let (out, err, _) = q("SELECT count(*), max(id) + 1 AS next FROM vault;");
     assert_eq!(out, "1|2", "{err}");

@@ -384,17 +384,36 @@ impl Masker {
         if reads.columns.iter().any(|c| matches!(self.column(c), ColumnMask::Whole(_))) {
             return true;
         }
-        // Names as `Classification::tables` holds them (`s."x.y"`), tables by the server's.
-        let by_name = |t: &str| self.tables.get(crate::sql::unquoted(crate::sql::last_part(t)).to_lowercase().as_str());
-        let holding = |t: &MaskedTable| reads.columns.iter().any(|c| t.holding.contains(&c.to_lowercase()));
-        if tables.clone().into_iter().filter_map(|t| by_name(t)).any(|t| !t.holding.is_empty() && holding(t)) {
+        if reads.columns.iter().any(|c| self.holds(tables.clone(), c)) {
             return true;
         }
+        let by_name = |t: &str| self.table(t);
         let attribute_notation = reads.qualified.iter().any(|(q, f)| {
             let aliased = reads.aliases.get(q).into_iter().flatten();
             std::iter::once(q).chain(aliased).any(|t| by_name(t).is_some_and(|t| !t.columns.contains(f)))
         });
         (reads.whole_rows || attribute_notation) && tables.into_iter().any(|t| by_name(t).is_some())
+    }
+
+    /// A table with masked columns, by a name as `Classification::tables` holds it (`s."x.y"`).
+    fn table(&self, name: &str) -> Option<&MaskedTable> {
+        self.tables.get(crate::sql::unquoted(crate::sql::last_part(name)).to_lowercase().as_str())
+    }
+
+    /// Whether `column` of one of `tables` is masked for a masked field its type holds: its
+    /// name matches no rule, so what is computed from it (`many[1]`, `(who).ssn`) and a COPY
+    /// of it are masked by what it is.
+    pub fn holds<'a>(&self, tables: impl IntoIterator<Item = &'a String>, column: &str) -> bool {
+        let mut holding = tables.into_iter().filter_map(|t| self.table(t)).filter(|t| !t.holding.is_empty()).peekable();
+        holding.peek().is_some() && {
+            let column = column.to_lowercase();
+            holding.any(|t| t.holding.contains(&column))
+        }
+    }
+
+    /// `holds` for a text that names a column and no table (an error's DETAIL): any table's.
+    pub fn holds_anywhere(&self, column: &str) -> bool {
+        self.tables.values().any(|t| !t.holding.is_empty() && t.holding.contains(&column.to_lowercase()))
     }
 
     /// The `LIKE` patterns (see `Glob::like`) of every column rule's ASCII globs.
@@ -434,17 +453,17 @@ impl Masker {
 
     /// `column` for a result column the server says comes from table `origin.0`'s attribute
     /// `origin.1` (0, 0 for a computed value; attribute 0 for a whole row): masked if its name
-    /// or its source's is, or, computed, if `computed` (see `Masker::computed`). Only values
+    /// or its source's is, in the stricter of the two styles (`SELECT ssn AS email` is not
+    /// shown in part), or, computed, if `computed` (see `Masker::computed`). Only values
     /// stored in a user table's column keep their rule's style; any other is redacted
     /// (`ColumnMask::strict`).
     pub fn column_from(&self, name: &str, origin: (u32, i16), computed: bool) -> ColumnMask {
-        let mask = match self.column(name) {
-            ColumnMask::Whole(style) => ColumnMask::Whole(style),
-            other => match self.origins.get(&origin) {
-                Some(&style) => ColumnMask::Whole(style),
-                None if computed && origin.1 <= 0 => ColumnMask::Whole(Style::Redact),
-                None => other,
-            },
+        let mask = match (self.column(name), self.origins.get(&origin)) {
+            (ColumnMask::Whole(a), Some(&b)) if b.strictness() > a.strictness() => ColumnMask::Whole(b),
+            (ColumnMask::Whole(a), _) => ColumnMask::Whole(a),
+            (_, Some(&b)) => ColumnMask::Whole(b),
+            (_, None) if computed && origin.1 <= 0 => ColumnMask::Whole(Style::Redact),
+            (other, None) => other,
         };
         if stored(origin) { mask } else { mask.strict() }
     }
@@ -819,7 +838,20 @@ mod tests {
         ]);
         let m = m.with_origins("db", Origins::from([((16384, 3), Style::Partial)]), tables);
         assert_eq!(m.column_from("x", (16384, 3), false), ColumnMask::Whole(Style::Partial), "an alias of ssn");
-        assert_eq!(m.column_from("ssn", (16384, 3), false), ColumnMask::Whole(Style::Redact), "the name's rule first");
+        assert_eq!(
+            m.column_from("ssn", (16384, 3), false),
+            ColumnMask::Whole(Style::Redact),
+            "the stricter: the name's"
+        );
+        let partial_names = masker(vec![Rule {
+            name: "p".into(),
+            target: Target::Columns(vec![Glob::new("email")]),
+            style: Style::Partial,
+        }]);
+        let renamed =
+            partial_names.with_origins("db", Origins::from([((16384, 3), Style::Redact)]), Default::default());
+        let mask = renamed.column_from("email", (16384, 3), false);
+        assert_eq!(mask, ColumnMask::Whole(Style::Redact), "the stricter: the source's (`SELECT ssn AS email`)");
         assert_eq!(m.column_from("x", (16384, 2), false), ColumnMask::Detect);
         // Values not stored in a user table's column may be text the client chose: redacted.
         assert_eq!(m.column_from("x", (0, 0), false), ColumnMask::DetectStrict, "an expression of unmasked tables");

@@ -273,7 +273,7 @@ fn charset(encoding: &str) -> Charset {
 }
 
 /// A ParameterStatus body's name and value.
-fn parameter(body: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(super) fn parameter(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut parts = body.split(|&b| b == 0);
     Some((parts.next()?, parts.next()?))
 }

@@ -126,7 +126,13 @@ impl Plan {
         let cols: Vec<Col> = match &copy.columns {
             Some(names) => names
                 .iter()
-                .map(|n| Col { mask: by_query(masker.column(n)), binary: false, type_oid: 25, constant: false })
+                .map(|n| {
+                    let mask = match masker.holds(&copy.tables, n) {
+                        true => ColumnMask::Whole(crate::mask::Style::Redact),
+                        false => masker.column(n),
+                    };
+                    Col { mask: by_query(mask), binary: false, type_oid: 25, constant: false }
+                })
                 .collect(),
             None => Vec::new(),
         };
@@ -951,7 +957,9 @@ fn mask_detail_values(text: &[u8], masker: &Masker, counts: &mut Counts) -> Opti
         .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$' || c == '"'))
         .map(|name| name.trim_matches('"'))
         .filter(|name| !name.is_empty())
-        .any(|name| !matches!(masker.column(name), ColumnMask::Detect | ColumnMask::Keep));
+        .any(|name| {
+            !matches!(masker.column(name), ColumnMask::Detect | ColumnMask::Keep) || masker.holds_anywhere(name)
+        });
     if !masked {
         return None;
     }
@@ -1334,6 +1342,29 @@ mod tests {
         let out = mask_copy_row(&row, &csv, &plan, &m, &mut counts).unwrap().unwrap();
         assert_eq!(&out[..], b"3,\"***.com, \"\"q\"\"\",,\"\"\n");
         assert!(mask_copy_row(&Bytes::from_static(b"\"open\n"), &csv, &plan, &m, &mut counts).is_err());
+        // A column whose type holds a masked field is masked whole, though its name says nothing.
+        let h = holding(&m, "folks", "who");
+        let folks = CopyOut {
+            tables: ["public.folks".to_string()].into(),
+            ..copy(CopyFormat::Text, b'\t', Some(vec!["id", "who"]))
+        };
+        let plan = Plan::for_copy(&folks, &h);
+        let row = Bytes::from_static(b"1\t(ann,topsecret)\n");
+        let out = mask_copy_row(&row, &folks, &plan, &h, &mut counts).unwrap().unwrap();
+        assert_eq!(&out[..], b"1\t[REDACTED]\n");
+        let other = CopyOut { tables: ["t".to_string()].into(), ..folks.clone() };
+        let plan = Plan::for_copy(&other, &h);
+        assert_eq!(mask_copy_row(&row, &other, &plan, &h, &mut counts), Ok(None), "another table's who");
+    }
+
+    /// `m` after a login lookup that found `table.column` holding a masked field.
+    fn holding(m: &Masker, table: &str, column: &str) -> Masker {
+        let t = crate::mask::MaskedTable {
+            style: Style::Redact,
+            columns: [column.to_string()].into(),
+            holding: [column.to_string()].into(),
+        };
+        m.with_origins("db", Default::default(), [(table.to_string(), t)].into())
     }
 
     #[test]
@@ -1402,6 +1433,11 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(detail(text).as_deref(), want, "{}", String::from_utf8_lossy(text));
         }
+        // A column whose type holds a masked field: a DETAIL names no table, so any table's.
+        let h = holding(&m, "folks", "who");
+        let out = mask_detail_values(b"Key (id, who)=(1, (a,topsecret)) already exists.", &h, &mut counts);
+        assert_eq!(out.as_deref(), Some(&b"Key (id, who)=([REDACTED]) already exists."[..]));
+        assert_eq!(mask_detail_values(b"Key (id)=(1) already exists.", &h, &mut counts), None);
     }
 
     #[test]

@@ -333,6 +333,9 @@ pub async fn login(
 /// At most this many columns may the tables with masked columns have: sessions keep them (one
 /// copy for those that find the same, `Masker::with_origins`).
 const MAX_ORIGINS: usize = 100_000;
+/// At most this many rows may the lookup return: a column comes once for each masked field its
+/// type holds.
+const MAX_ORIGIN_ROWS: usize = 4 * MAX_ORIGINS;
 
 /// The catalog query behind `column_origins`: every live column of the user tables, views,
 /// materialized views and foreign tables that have a column the rules may name, or a column of
@@ -341,11 +344,13 @@ const MAX_ORIGINS: usize = 100_000;
 /// A name the rules may name is one that is not ASCII (`$1`, a regex) or, lowered in the "C"
 /// collation, is `LIKE` a pattern (`$2`...); `Masker::column` decides which are masked. A type
 /// holds a field when it is the row type of a relation with a column of that name (a table's,
-/// or a composite type's made with `CREATE TYPE ... AS`), or an array of, a domain over, or a
-/// composite with a field of such a type, at any depth: `SELECT (c).ssn AS x` reads a masked
-/// value through column `c`. Everything is schema-qualified so the login role's search_path
+/// a system catalog's, or a composite type's made with `CREATE TYPE ... AS`), or an array of,
+/// a domain over, a range or multirange of (`multiranges`: PostgreSQL 14 and later have them),
+/// or a composite with a field of such a type, at any depth: `SELECT (c).ssn AS x` reads a
+/// masked value through column `c` (a column of a scalar base type holds nothing, so only
+/// the others are followed). Everything is schema-qualified so the login role's search_path
 /// cannot redirect it.
-fn origins_query(patterns: usize) -> String {
+fn origins_query(patterns: usize, multiranges: bool) -> String {
     let mut named = String::from("m.attname OPERATOR(pg_catalog.~) $1");
     if patterns > 0 {
         let params: Vec<String> = (0..patterns).map(|i| format!("${}", i + 2)).collect();
@@ -355,23 +360,28 @@ fn origins_query(patterns: usize) -> String {
             params.join(", ")
         ));
     }
-    let user = "n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast'])";
     let live = |a: &str| format!("{a}.attnum OPERATOR(pg_catalog.>) 0 AND NOT {a}.attisdropped");
+    let multiranges = match multiranges {
+        true => "UNION ALL SELECT r.rngmultitypid, r.rngtypid FROM pg_catalog.pg_range r ",
+        false => "",
+    };
     format!(
         "WITH RECURSIVE hits AS (\
            SELECT m.attrelid, m.attname::pg_catalog.text AS field, c.reltype \
            FROM pg_catalog.pg_attribute m \
            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) m.attrelid \
-           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-           WHERE {live_m} AND {user} AND ({named})), \
+           WHERE {live_m} AND ({named})), \
          holders(holder, held) AS MATERIALIZED (\
            SELECT t.oid, t.typelem FROM pg_catalog.pg_type t \
            WHERE t.typelem OPERATOR(pg_catalog.<>) 0 AND t.typcategory OPERATOR(pg_catalog.=) 'A' \
            UNION ALL SELECT t.oid, t.typbasetype FROM pg_catalog.pg_type t WHERE t.typtype OPERATOR(pg_catalog.=) 'd' \
+           UNION ALL SELECT r.rngtypid, r.rngsubtype FROM pg_catalog.pg_range r \
+           {multiranges}\
            UNION ALL SELECT c.reltype, m.atttypid FROM pg_catalog.pg_attribute m \
            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) m.attrelid \
+           JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) m.atttypid \
            WHERE {live_m} AND c.reltype OPERATOR(pg_catalog.<>) 0 \
-             AND m.atttypid OPERATOR(pg_catalog.>=) 16384), \
+             AND (t.typtype OPERATOR(pg_catalog.<>) 'b' OR t.typelem OPERATOR(pg_catalog.<>) 0)), \
          fields(typ, field) AS (\
            SELECT h.reltype, h.field FROM hits h WHERE h.reltype OPERATOR(pg_catalog.<>) 0 \
            UNION SELECT k.holder, f.field FROM fields f JOIN holders k ON k.held OPERATOR(pg_catalog.=) f.typ) \
@@ -380,7 +390,8 @@ fn origins_query(patterns: usize) -> String {
          JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid \
          JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
          LEFT JOIN fields f ON f.typ OPERATOR(pg_catalog.=) a.atttypid \
-         WHERE {live_a} AND {user} \
+         WHERE {live_a} \
+         AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'pg_toast']) \
          AND c.relkind::pg_catalog.text OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'v', 'm', 'f', 'p']) \
          AND a.attrelid OPERATOR(pg_catalog.=) ANY (SELECT h.attrelid FROM hits h \
            UNION ALL SELECT m.attrelid FROM pg_catalog.pg_attribute m \
@@ -419,6 +430,15 @@ fn origin_row(body: &[u8]) -> Result<OriginRow, UpstreamError> {
     Ok((oid, attnum, name, table, field()?))
 }
 
+/// The server's major version, as its `server_version` at login says (`15.18 (Debian ...)`).
+fn server_major(parameters: &[Frame]) -> Option<u32> {
+    parameters.iter().find_map(|f| {
+        let (name, value) = super::parameter(&f.body)?;
+        let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+        (name == b"server_version").then(|| std::str::from_utf8(&value[..digits]).ok()?.parse().ok()).flatten()
+    })
+}
+
 impl Upstream {
     /// Asks the server which table columns the grant's column rules name, so a result column
     /// taken from one is masked whatever it is called in the query, and which tables have
@@ -433,7 +453,27 @@ impl Upstream {
         let mut params: Vec<&str> = vec![r"[^\x01-\x7f]"];
         params.extend(likes.iter().map(String::as_str));
         let mut out = BytesMut::new();
-        frontend::parse("", &origins_query(likes.len()), std::iter::empty(), &mut out).map_err(io)?;
+        let major = server_major(&self.parameters);
+        // The recursive part makes the planner guess millions of rows, and past its cost
+        // threshold it compiles the plan (JIT): about a second per login instead of tens of
+        // milliseconds. Off until the Sync ends the lookup's transaction, so the client's
+        // session keeps its own setting (PostgreSQL 11 and later have it).
+        let jit_off = major.is_none_or(|v| v >= 11);
+        if jit_off {
+            frontend::parse("", "SELECT pg_catalog.set_config('jit', 'off', true)", std::iter::empty(), &mut out)
+                .map_err(io)?;
+            let no_value = |_: &str, _: &mut BytesMut| Ok(postgres_protocol::IsNull::Yes);
+            let none = std::iter::empty::<i16>;
+            frontend::bind("", "", none(), std::iter::empty::<&str>(), no_value, none(), &mut out).map_err(
+                |e| match e {
+                    frontend::BindError::Conversion(e) => UpstreamError::Refused(e.to_string()),
+                    frontend::BindError::Serialization(e) => io(e),
+                },
+            )?;
+            frontend::execute("", 0, &mut out).map_err(io)?;
+        }
+        frontend::parse("", &origins_query(likes.len(), major.is_none_or(|v| v >= 14)), std::iter::empty(), &mut out)
+            .map_err(io)?;
         frontend::bind(
             "",
             "",
@@ -459,39 +499,54 @@ impl Upstream {
         let mut origins = Origins::new();
         // Every table read, masked or not (the pre-filter is wider than the rules).
         let mut read: HashMap<String, (Option<Style>, MaskedTable)> = HashMap::new();
-        let mut rows = 0usize;
+        let (mut rows, mut columns) = (0usize, 0usize);
+        // The row `set_config` answers, before its CommandComplete.
+        let mut preamble = jit_off;
         let mut failed = None;
         loop {
             let f = next_frame(&mut self.stream, &mut self.leftover, addr).await?;
             match f.tag {
+                b'D' if preamble => {}
+                b'C' if preamble => preamble = false,
                 b'D' if failed.is_none() => {
+                    // A column comes once per field its type holds.
                     rows += 1;
-                    if rows > MAX_ORIGINS {
-                        failed = Some(format!("the tables with masked columns have more than {MAX_ORIGINS} columns"));
+                    if rows > MAX_ORIGIN_ROWS {
+                        failed = Some(format!("the masked columns lookup returned more than {MAX_ORIGIN_ROWS} rows"));
                         continue;
                     }
                     let (oid, attnum, name, table, held) = origin_row(&f.body)?;
                     let (strictest, table) = read.entry(table.to_lowercase()).or_insert_with(|| {
                         (None, MaskedTable { style: Style::Redact, columns: HashSet::new(), holding: HashSet::new() })
                     });
-                    // A value holding a masked field is masked whole, as `[REDACTED]`: the
-                    // other styles would show part of the field (`partial` the last four
-                    // characters of the literal) or hash text that is not the field's.
-                    let mask = match (masker.column(&name), held) {
-                        (ColumnMask::Whole(style), _) => Some(style),
-                        (_, Some(field)) if matches!(masker.column(&field), ColumnMask::Whole(_)) => {
+                    // A value holding a masked field is masked whole, as `[REDACTED]`, whatever
+                    // its own name's rule says: the other styles would show part of the field
+                    // (`partial` the last four characters of the literal) or hash text that is
+                    // not the field's. The strictest style wins, whatever order rows come in.
+                    let mask = match (held, masker.column(&name)) {
+                        (Some(field), _) if matches!(masker.column(&field), ColumnMask::Whole(_)) => {
                             table.holding.insert(name.to_lowercase());
                             Some(Style::Redact)
                         }
+                        (_, ColumnMask::Whole(style)) => Some(style),
                         _ => None,
                     };
                     if let Some(style) = mask {
                         if strictest.is_none_or(|s| style.strictness() > s.strictness()) {
                             *strictest = Some(style);
                         }
-                        origins.insert((oid, attnum), style);
+                        let kept = origins.entry((oid, attnum)).or_insert(style);
+                        if style.strictness() > kept.strictness() {
+                            *kept = style;
+                        }
                     }
-                    table.columns.insert(name.to_lowercase());
+                    if table.columns.insert(name.to_lowercase()) {
+                        columns += 1;
+                        if columns > MAX_ORIGINS {
+                            failed =
+                                Some(format!("the tables with masked columns have more than {MAX_ORIGINS} columns"));
+                        }
+                    }
                 }
                 b'E' => failed = Some(wire::error_message(&f.body).unwrap_or_else(|| "unknown error".into())),
                 b'S' => self.parameters.push(f),
@@ -514,6 +569,21 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_version_decides_whether_the_lookup_follows_multiranges() {
+        let status = |name: &str, value: &str| Frame { tag: b'S', body: format!("{name}\0{value}\0").into() };
+        let major = |ps: &[Frame]| server_major(ps);
+        assert_eq!(
+            major(&[status("TimeZone", "UTC"), status("server_version", "15.18 (Debian 15.18-0+deb12u1)")]),
+            Some(15)
+        );
+        assert_eq!(major(&[status("server_version", "9.6.24")]), Some(9));
+        assert_eq!(major(&[status("server_version", "devel")]), None);
+        assert_eq!(major(&[]), None);
+        assert!(origins_query(1, true).contains("rngmultitypid") && !origins_query(1, false).contains("rngmultitypid"));
+        assert!(origins_query(2, false).contains("ARRAY[$2, $3]"));
+    }
     use tokio::net::{TcpListener, TcpStream};
 
     /// An `R` (authentication) message with `code` and `rest`.
