@@ -861,6 +861,11 @@ fn masking_follows_a_column_under_another_name() {
     }
     let (out, err, _) = q("SELECT id, at FROM folks;");
     assert_eq!(out, "1|(3,4)", "a type that holds nothing masked stays: {err}");
+    // `f.to_json` is `to_json(f)` when `f` has no column `to_json`, though a table of that name
+    // in another schema has one.
+    pg.direct("CREATE SCHEMA tenant; CREATE TABLE tenant.folks (id int, secret_num text, to_json text)");
+    let (out, err, _) = q("SELECT f.to_json AS j FROM public.folks f;");
+    assert_eq!(out, "\"[REDACTED]\"", "{err}");
     let (out, err, _) = q("SELECT customer_ssn AS email FROM people WHERE id = 1;");
     assert_eq!(out, "[REDACTED]", "the source's style is stricter than the name's: {err}");
     let (out, err, _) = q("COPY folks (id, who, at) TO STDOUT;");

@@ -936,6 +936,38 @@ pub fn mask_notice(
     Ok(changed.then(|| out.freeze()))
 }
 
+/// The names in a DETAIL's column list (`id, "who x", lower(email::text)`): quoted ones whole
+/// (a space or comma inside them does not split them), with `""` read as `"`, and the runs of
+/// identifier characters outside quotes.
+fn detail_names(list: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            let mut name = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        name.push('"');
+                    }
+                    '"' => break,
+                    c => name.push(c),
+                }
+            }
+            names.push(name);
+        } else if c.is_alphanumeric() || c == '_' || c == '$' {
+            let mut name = String::from(c);
+            while let Some(&c) = chars.peek().filter(|c| c.is_alphanumeric() || **c == '_' || **c == '$') {
+                name.push(c);
+                chars.next();
+            }
+            names.push(name);
+        }
+    }
+    names
+}
+
 /// The values a DETAIL quotes, redacted where they may be a masked column's. Read as bytes: in
 /// a client encoding other than UTF-8 they need not be UTF-8.
 fn mask_detail_values(text: &[u8], masker: &Masker, counts: &mut Counts) -> Option<Vec<u8>> {
@@ -953,13 +985,9 @@ fn mask_detail_values(text: &[u8], masker: &Masker, counts: &mut Counts) -> Opti
     let close = text.iter().rposition(|&b| b == b')').filter(|&c| c >= sep + width)?;
     let cols = String::from_utf8_lossy(&text[open + 1..sep]);
     // Every name in the list, also inside an expression (`lower(email::text)`).
-    let masked = cols
-        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$' || c == '"'))
-        .map(|name| name.trim_matches('"'))
-        .filter(|name| !name.is_empty())
-        .any(|name| {
-            !matches!(masker.column(name), ColumnMask::Detect | ColumnMask::Keep) || masker.holds_anywhere(name)
-        });
+    let masked = detail_names(&cols).iter().any(|name| {
+        !matches!(masker.column(name), ColumnMask::Detect | ColumnMask::Keep) || masker.holds_anywhere(name)
+    });
     if !masked {
         return None;
     }
@@ -1433,11 +1461,20 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(detail(text).as_deref(), want, "{}", String::from_utf8_lossy(text));
         }
+        assert_eq!(
+            detail_names(r#"id, "who x", lower("a""b"::text), z9$"#),
+            ["id", "who x", "lower", "a\"b", "text", "z9$"]
+        );
+        let spaced = detail(b"Key (\"customer ssn\")=(123-45-6789) already exists.");
+        assert_eq!(spaced.as_deref(), Some("Key (\"customer ssn\")=([REDACTED]) already exists."), "a quoted name");
         // A column whose type holds a masked field: a DETAIL names no table, so any table's.
         let h = holding(&m, "folks", "who");
         let out = mask_detail_values(b"Key (id, who)=(1, (a,topsecret)) already exists.", &h, &mut counts);
         assert_eq!(out.as_deref(), Some(&b"Key (id, who)=([REDACTED]) already exists."[..]));
         assert_eq!(mask_detail_values(b"Key (id)=(1) already exists.", &h, &mut counts), None);
+        let h = holding(&m, "folks", "who x");
+        let out = mask_detail_values(b"Key (id, \"who x\")=(1, (a,topsecret)) already exists.", &h, &mut counts);
+        assert_eq!(out.as_deref(), Some(&b"Key (id, \"who x\")=([REDACTED]) already exists."[..]));
     }
 
     #[test]

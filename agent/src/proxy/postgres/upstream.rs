@@ -430,6 +430,32 @@ fn origin_row(body: &[u8]) -> Result<OriginRow, UpstreamError> {
     Ok((oid, attnum, name, table, field()?))
 }
 
+/// What the lookup found of the tables of one name: statements name tables without their
+/// schema as often as with it, so `Masker::computed` knows them by name.
+#[derive(Debug, Default)]
+struct Read {
+    /// The strictest style of their masked columns, if they have any.
+    strictest: Option<Style>,
+    /// Their columns masked for a field their type holds.
+    holding: HashSet<String>,
+    /// Each table's column names, lower-cased, by table OID.
+    columns: HashMap<u32, HashSet<String>>,
+}
+
+impl Read {
+    /// The tables of this name as `Masker` knows them, if one has a masked column. Their
+    /// columns are the names every one of them has: `v.f` is a function of the row `v` unless
+    /// every table `v` may be has a column `f` (tables of one name in two schemas).
+    fn into_table(self) -> Option<MaskedTable> {
+        let mut sets = self.columns.into_values();
+        let mut columns = sets.next().unwrap_or_default();
+        for set in sets {
+            columns.retain(|c| set.contains(c));
+        }
+        Some(MaskedTable { style: self.strictest?, columns, holding: self.holding })
+    }
+}
+
 /// The server's major version, as its `server_version` at login says (`15.18 (Debian ...)`).
 fn server_major(parameters: &[Frame]) -> Option<u32> {
     parameters.iter().find_map(|f| {
@@ -498,7 +524,7 @@ impl Upstream {
 
         let mut origins = Origins::new();
         // Every table read, masked or not (the pre-filter is wider than the rules).
-        let mut read: HashMap<String, (Option<Style>, MaskedTable)> = HashMap::new();
+        let mut read: HashMap<String, Read> = HashMap::new();
         let (mut rows, mut columns) = (0usize, 0usize);
         // The row `set_config` answers, before its CommandComplete.
         let mut preamble = jit_off;
@@ -516,9 +542,7 @@ impl Upstream {
                         continue;
                     }
                     let (oid, attnum, name, table, held) = origin_row(&f.body)?;
-                    let (strictest, table) = read.entry(table.to_lowercase()).or_insert_with(|| {
-                        (None, MaskedTable { style: Style::Redact, columns: HashSet::new(), holding: HashSet::new() })
-                    });
+                    let table = read.entry(table.to_lowercase()).or_default();
                     // A value holding a masked field is masked whole, as `[REDACTED]`, whatever
                     // its own name's rule says: the other styles would show part of the field
                     // (`partial` the last four characters of the literal) or hash text that is
@@ -532,15 +556,15 @@ impl Upstream {
                         _ => None,
                     };
                     if let Some(style) = mask {
-                        if strictest.is_none_or(|s| style.strictness() > s.strictness()) {
-                            *strictest = Some(style);
+                        if table.strictest.is_none_or(|s| style.strictness() > s.strictness()) {
+                            table.strictest = Some(style);
                         }
                         let kept = origins.entry((oid, attnum)).or_insert(style);
                         if style.strictness() > kept.strictness() {
                             *kept = style;
                         }
                     }
-                    if table.columns.insert(name.to_lowercase()) {
+                    if table.columns.entry(oid).or_default().insert(name.to_lowercase()) {
                         columns += 1;
                         if columns > MAX_ORIGINS {
                             failed =
@@ -555,10 +579,8 @@ impl Upstream {
                 _ => {}
             }
         }
-        let tables: MaskedTables = read
-            .into_iter()
-            .filter_map(|(name, (style, table))| Some((name, MaskedTable { style: style?, ..table })))
-            .collect();
+        let tables: MaskedTables =
+            read.into_iter().filter_map(|(name, read)| Some((name, read.into_table()?))).collect();
         match failed {
             Some(e) => Err(UpstreamError::Lookup(e)),
             None => Ok((origins, tables)),
@@ -569,6 +591,20 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_of_one_name_in_two_schemas_have_the_columns_both_have() {
+        let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<HashSet<String>>();
+        let read = Read {
+            strictest: Some(Style::Partial),
+            holding: set(&["who"]),
+            columns: [(16384, set(&["id", "who", "to_json"])), (16390, set(&["id", "email"]))].into(),
+        };
+        let table = read.into_table().expect("a masked column");
+        // `f.to_json` may be `to_json(f)` of the table that has no such column.
+        assert_eq!((table.style, table.columns, table.holding), (Style::Partial, set(&["id"]), set(&["who"])));
+        assert!(Read { columns: [(16384, set(&["id"]))].into(), ..Default::default() }.into_table().is_none());
+    }
 
     #[test]
     fn the_server_version_decides_whether_the_lookup_follows_multiranges() {
