@@ -244,7 +244,8 @@ pub type MaskedTables = HashMap<String, MaskedTable>;
 pub struct MaskedTable {
     /// The strictest style of its masked columns' rules.
     pub style: Style,
-    /// All its column names, lower-cased: `v.f` with no column `f` is a function of the row.
+    /// Its column names, lower-cased: `v.f` with no column `f` is a function of the row. For
+    /// tables of one name in several schemas, the names every one of them has.
     pub columns: std::collections::HashSet<String>,
     /// Its columns masked for a field their type holds (`who person`, where `person` has a
     /// masked field), lower-cased: their names match no rule, so `many[1]` or
