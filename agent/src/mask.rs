@@ -405,16 +405,12 @@ impl Masker {
     /// name matches no rule, so what is computed from it (`many[1]`, `(who).ssn`) and a COPY
     /// of it are masked by what it is.
     pub fn holds<'a>(&self, tables: impl IntoIterator<Item = &'a String>, column: &str) -> bool {
-        let mut holding = tables.into_iter().filter_map(|t| self.table(t)).filter(|t| !t.holding.is_empty()).peekable();
-        holding.peek().is_some() && {
-            let column = column.to_lowercase();
-            holding.any(|t| t.holding.contains(&column))
-        }
+        holding_among(tables.into_iter().filter_map(|t| self.table(t)), column)
     }
 
     /// `holds` for a text that names a column and no table (an error's DETAIL): any table's.
     pub fn holds_anywhere(&self, column: &str) -> bool {
-        self.tables.values().any(|t| !t.holding.is_empty() && t.holding.contains(&column.to_lowercase()))
+        holding_among(self.tables.values(), column)
     }
 
     /// The `LIKE` patterns (see `Glob::like`) of every column rule's ASCII globs.
@@ -583,6 +579,16 @@ fn merge_findings(a: Vec<Finding>, b: Vec<Finding>) -> Vec<Finding> {
         }
     }
     out
+}
+
+/// Whether one of `tables` has `column` among its holding columns; the name is lower-cased
+/// only when one has any (most grants' tables have none).
+fn holding_among<'t>(tables: impl Iterator<Item = &'t MaskedTable>, column: &str) -> bool {
+    let mut holding = tables.filter(|t| !t.holding.is_empty()).peekable();
+    holding.peek().is_some() && {
+        let column = column.to_lowercase();
+        holding.any(|t| t.holding.contains(&column))
+    }
 }
 
 /// Keeps the last four characters, as the client's encoding makes them; everything before

@@ -127,9 +127,10 @@ impl Plan {
             Some(names) => names
                 .iter()
                 .map(|n| {
-                    let mask = match masker.holds(&copy.tables, n) {
-                        true => ColumnMask::Whole(crate::mask::Style::Redact),
-                        false => masker.column(n),
+                    let mask = if masker.holds(&copy.tables, n) {
+                        ColumnMask::Whole(crate::mask::Style::Redact)
+                    } else {
+                        masker.column(n)
                     };
                     Col { mask: by_query(mask), binary: false, type_oid: 25, constant: false }
                 })
