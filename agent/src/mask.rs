@@ -659,48 +659,77 @@ fn regex(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
     cell.get_or_init(|| RegexBuilder::new(pattern).unicode(false).build().expect("detector patterns are valid"))
 }
 
+// Detector patterns say where a value may start and end with the bytes around it, not `\b`:
+// the regex crate counts `_` as a word character, so `\b` would hide `acct_4111111111111111`
+// and `key_AKIA...`. Numbers must not touch other digits, tokens other letters or digits.
+// The guard before a value is matched (and not kept) inside the pattern; the search resumes at
+// the value's end, so one guard byte can close a value and open the next.
 fn find(kind: Kind, text: &[u8]) -> Vec<(usize, usize)> {
     static EMAIL: OnceLock<Regex> = OnceLock::new();
     static CARD: OnceLock<Regex> = OnceLock::new();
     static SSN: OnceLock<Regex> = OnceLock::new();
     static PHONE: OnceLock<Regex> = OnceLock::new();
     static SECRET: OnceLock<Regex> = OnceLock::new();
-    let spans = |re: &Regex| re.find_iter(text).map(|m| (m.start(), m.end())).collect::<Vec<_>>();
     match kind {
         Kind::Column => Vec::new(),
         Kind::Email => {
             if !text.contains(&b'@') {
                 return Vec::new();
             }
-            spans(regex(
+            regex(
                 &EMAIL,
                 r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}",
-            ))
+            )
+            .find_iter(text)
+            .map(|m| (m.start(), m.end()))
+            .collect()
         }
-        Kind::CreditCard => regex(&CARD, r"\b\d+(?:[ -]\d+)*\b")
+        // A greedy run starts at a digit no digit precedes and ends at one no digit follows.
+        Kind::CreditCard => regex(&CARD, r"\d+(?:[ -]\d+)*")
             .find_iter(text)
             .flat_map(|m| cards(m.as_bytes()).into_iter().map(move |(s, e)| (m.start() + s, m.start() + e)))
             .collect(),
-        Kind::Ssn => regex(&SSN, r"\b(\d{3})-(\d{2})-(\d{4})\b")
-            .captures_iter(text)
-            .filter(|c| {
-                let (area, group, serial) = (&c[1], &c[2], &c[3]);
-                area != b"000" && area != b"666" && area[0] != b'9' && group != b"00" && serial != b"0000"
-            })
-            .map(|c| {
-                let m = c.get(0).expect("group 0 always matches");
-                (m.start(), m.end())
-            })
-            .collect(),
-        Kind::Phone => spans(regex(
-            &PHONE,
-            r"(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}\b)|(?:\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}\b)|(?:\b\d{3}[.-]\d{3}[.-]\d{4}\b)",
-        )),
-        Kind::Secret => spans(regex(
-            &SECRET,
-            r"(?s)(?:\b(?:AKIA|ASIA)[0-9A-Z]{16}\b)|(?:\bgh[pousr]_[A-Za-z0-9]{30,}\b)|(?:\bgithub_pat_[A-Za-z0-9_]{30,})|(?:\bsk_(?:live|test)_[0-9A-Za-z]{16,})|(?:\bsk-[A-Za-z0-9_-]{20,})|(?:\bxox[abposr]-[A-Za-z0-9-]{10,})|(?:\bglpat-[A-Za-z0-9_-]{20,})|(?:\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})|(?:-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----)",
-        )),
+        Kind::Ssn => values(regex(&SSN, r"(?:^|[^0-9])(\d{3}-\d{2}-\d{4})(?:[^0-9]|$)"), text, |v| {
+            let (area, group, serial) = (&v[..3], &v[4..6], &v[7..]);
+            area != b"000" && area != b"666" && area[0] != b'9' && group != b"00" && serial != b"0000"
+        }),
+        Kind::Phone => values(
+            regex(
+                &PHONE,
+                r"(?:^|[^0-9])(\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?:[^0-9]|$)",
+            ),
+            text,
+            |_| true,
+        ),
+        Kind::Secret => values(
+            regex(
+                &SECRET,
+                r"(?s)(?:^|[^A-Za-z0-9])((?:AKIA|ASIA)[0-9A-Z]{16})(?:[^A-Za-z0-9]|$)|(?:^|[^A-Za-z0-9])(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|sk_(?:live|test)_[0-9A-Za-z]{16,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})|(-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----)",
+            ),
+            text,
+            |_| true,
+        ),
     }
+}
+
+/// The values a guarded pattern finds (its first capture group that took part in a match)
+/// that `keep` accepts. Each search starts where the last value ended, so a value's trailing
+/// guard byte can be the next one's leading guard; after a refused value it starts one byte
+/// into it, as the values of a fixed-length pattern may overlap.
+fn values(re: &Regex, text: &[u8], keep: impl Fn(&[u8]) -> bool) -> Vec<(usize, usize)> {
+    let mut found = Vec::new();
+    let mut locations = re.capture_locations();
+    let mut at = 0;
+    while at < text.len() && re.captures_read_at(&mut locations, text, at).is_some() {
+        let Some((start, end)) = (1..locations.len()).find_map(|i| locations.get(i)) else { break };
+        if keep(&text[start..end]) {
+            found.push((start, end));
+            at = end;
+        } else {
+            at = start + 1;
+        }
+    }
+    found
 }
 
 /// Card numbers in a run of digit groups (`4111 1111 1111 1111 123`): the whole run, or else
@@ -971,6 +1000,39 @@ mod tests {
         assert_eq!(c.to_map(), [("secret".to_string(), 2)].into());
         let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
         assert_eq!(masked(&m, jwt).0, "[REDACTED]");
+        // `_` and letters next to a value do not hide it; digits next to a number do.
+        let (out, c) = masked(
+            &m,
+            "acct_4111111111111111 ssn_123-45-6789x id9-123-45-6789,987-65-4321 tel_415-555-0123 \
+             key_AKIAIOSFODNN7EXAMPLE my_ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+        );
+        assert_eq!(
+            out,
+            "acct_[REDACTED] ssn_[REDACTED]x id9-[REDACTED],987-65-4321 tel_[REDACTED] \
+             key_[REDACTED] my_[REDACTED]"
+        );
+        assert_eq!(
+            c.to_map(),
+            [
+                ("credit_card".to_string(), 1),
+                ("ssn".to_string(), 2),
+                ("phone".to_string(), 1),
+                ("secret".to_string(), 2)
+            ]
+            .into()
+        );
+        assert_eq!(masked(&m, "ssn 123-45-6789 123-45-6788").0, "ssn [REDACTED] [REDACTED]", "one space between");
+        assert_eq!(masked(&m, "call +1 415 555 0100_home").0, "call [REDACTED]_home");
+        for plain in [
+            "1123-45-6789",
+            "123-45-67890",
+            "AKIAIOSFODNN7EXAMPLEX",
+            "xAKIAIOSFODNN7EXAMPLE",
+            "task-force-assignment-list-is-long",
+            "0415-555-01234",
+        ] {
+            assert_eq!(masked(&m, plain), (plain.to_string(), Counts::default()), "{plain}");
+        }
         // Ordinary values are left alone.
         for plain in ["order 42 shipped", "2026-11-25", "12345", "a-b_c", "3.14159"] {
             assert_eq!(masked(&m, plain), (plain.to_string(), Counts::default()), "{plain}");
@@ -1034,6 +1096,10 @@ mod tests {
         let (out, c) = masked(&m, &"a@b.co 4111111111111111 ".repeat(100_000));
         assert_eq!(c.to_map(), [("email".to_string(), 100_000), ("credit_card".to_string(), 100_000)].into());
         assert!(!out.contains("a@b.co") && !out.contains("4111"));
+        // Refused candidates and guarded patterns: still one pass.
+        let (out, c) = masked(&m, &"000-12-3456 123-45-6789 key_AKIAIOSFODNN7EXAMPLE xsk-".repeat(50_000));
+        assert_eq!(c.to_map(), [("ssn".to_string(), 50_000), ("secret".to_string(), 50_000)].into());
+        assert!(out.contains("000-12-3456") && !out.contains("6789") && !out.contains("AKIA"));
     }
 
     /// The card search as first written: every stretch of whole groups, each checked anew.
