@@ -667,6 +667,10 @@ fn masking_in_simple_queries_copy_and_error_texts() {
     // hash of a guess, compared with the hashes of stored values, would tell them apart.
     let (out, _, _) = q("SELECT lower('ALICE@example.com') AS x, 'ssn 123-45-6789' AS y;");
     assert_eq!(out, "[REDACTED]|ssn [REDACTED]");
+    // A number or token glued to `_` or a letter is found; so is a string of a json[]
+    // element whose escape (`\u0040`) hides the `@` in the array's text.
+    let (out, _, _) = q(r#"SELECT 'acct_4111111111111111' AS x, ARRAY['{"m": "a\u0040b.com"}'::json] AS docs;"#);
+    assert_eq!(out, "acct_[REDACTED]|");
     // Stored values keep their rule's style: deterministic hashes, so equal values still join.
     let (out, _, _) = q("SELECT note FROM people WHERE id = 1;");
     assert_eq!(out, rows[0][3], "the same hash in every statement");

@@ -35,6 +35,8 @@ fn type_class(oid: u32) -> TypeClass {
 }
 
 const JSONB: u32 = 3802;
+const JSON_ARRAY: u32 = 199;
+const JSONB_ARRAY: u32 = 3807;
 
 /// What to do with each column of a result.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,7 +389,8 @@ fn detect_binary(v: &[u8], masker: &Masker, found: &mut Counts) -> Option<()> {
 
 /// Text-format values the detectors read better otherwise: floats, which the server writes in
 /// exponent form from 16 digits on (`4.532015112830366e+15`, a card number in a float8), as plain
-/// decimals; bytea, which it writes in hex, as its bytes. `None`: read the value as it is.
+/// decimals; bytea, which it writes in hex, as its bytes; json[] and jsonb[] with their strings
+/// decoded. `None`: read the value as it is.
 fn text_readable(oid: u32, v: &[u8]) -> Option<Result<Vec<u8>, ()>> {
     let plain = |s: &str| -> Result<String, ()> {
         match s.trim() {
@@ -409,8 +412,41 @@ fn text_readable(oid: u32, v: &[u8]) -> Option<Result<Vec<u8>, ()>> {
         })),
         // In hex, as bytea_output has it by default; the escape format is read as it is.
         BYTEA => v.strip_prefix(b"\\x").map(|hex| hex::decode(hex).map_err(|_| ())),
+        JSON_ARRAY | JSONB_ARRAY => Some(json_array_text(v)),
         _ => None,
     }
+}
+
+/// A json[] or jsonb[] value in text format as the detectors read it: its literal as it is
+/// (numbers are read there), then every string and key of its elements decoded, one a line.
+/// Inside the array's quoting a JSON escape (`\\u0040` for `@`) would otherwise hide what
+/// follows it, as `detect_json` prevents for a json value of its own.
+fn json_array_text(v: &[u8]) -> Result<Vec<u8>, ()> {
+    fn line(s: &str, out: &mut Vec<u8>) {
+        out.push(b'\n');
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn strings(value: &serde_json::Value, out: &mut Vec<u8>) {
+        match value {
+            serde_json::Value::String(s) => line(s, out),
+            serde_json::Value::Array(items) => items.iter().for_each(|item| strings(item, out)),
+            serde_json::Value::Object(fields) => fields.iter().for_each(|(key, item)| {
+                line(key, out);
+                strings(item, out);
+            }),
+            _ => {}
+        }
+    }
+    let mut text = v.to_vec();
+    let mut valid = true;
+    mask_text_array(v, |element| {
+        match serde_json::from_slice::<serde_json::Value>(element) {
+            Ok(value) => strings(&value, &mut text),
+            Err(_) => valid = false,
+        }
+        None
+    })?;
+    valid.then_some(text).ok_or(())
 }
 
 /// The text the server would send in text format for a number sent in binary (`None`: not a
@@ -1133,6 +1169,23 @@ mod tests {
         assert_eq!(out, data_row(&[Some(b"\x01[\"x\\n[REDACTED]\"]")]));
         // A string cut short (not the server's output) is searched as it is.
         assert_eq!(run(br#"["a@b.com"#).0.as_deref(), Some(r#"["[REDACTED]"#));
+        // In a json[] or jsonb[] the array's quoting wraps each element's escapes: the strings
+        // are read decoded too, and a finding makes the whole array NULL.
+        for oid in [JSON_ARRAY, JSONB_ARRAY] {
+            let plan = Plan::from_row_description(&row_description(&[("docs", oid, 0)]), &m, false).unwrap();
+            let hidden = data_row(&[Some(br#"{"{\"m\": \"a\\u0040b.com\"}","{\"k\\u0040x\": 1}"}"#)]);
+            let mut counts = Counts::default();
+            let out = mask_data_row(&hidden, &plan, &m, &mut counts).unwrap();
+            assert_eq!(out, Some(data_row(&[None])), "{oid}");
+            assert_eq!(counts.total(), 1, "{oid}: found once, in the string");
+            let clean = data_row(&[Some(br#"{"{\"a\": \"x\"}",NULL,"[1, 2]"}"#)]);
+            assert_eq!(mask_data_row(&clean, &plan, &m, &mut Counts::default()).unwrap(), None, "{oid}");
+            // Not an array literal, or elements that are not JSON: not the server's output.
+            for bad in [br#"{"{\"a\": "}"#.as_slice(), b"not an array"] {
+                let out = mask_data_row(&data_row(&[Some(bad)]), &plan, &m, &mut Counts::default()).unwrap();
+                assert_eq!(out, Some(data_row(&[None])), "{oid}: {}", String::from_utf8_lossy(bad));
+            }
+        }
     }
 
     #[test]
