@@ -634,9 +634,10 @@ fn partial(value: &[u8], charset: Charset) -> Vec<u8> {
     out
 }
 
-/// Cheap pre-check: every detector needs an `@`, a separator, seven digits, or a secret's prefix.
+/// Cheap pre-check: every detector needs an `@`, a separator, seven digits, or a secret's prefix
+/// (those of the secrets that need no `_` or `-`).
 fn maybe_sensitive(text: &[u8]) -> bool {
-    if text.windows(3).any(|w| w == b"eyJ" || w == b"AKI" || w == b"ASI") {
+    if text.windows(3).any(|w| matches!(w, b"eyJ" | b"AKI" | b"ASI" | b"AIz" | b"SG.")) {
         return true;
     }
     let mut digits = 0;
@@ -704,7 +705,7 @@ fn find(kind: Kind, text: &[u8]) -> Vec<(usize, usize)> {
         Kind::Secret => values(
             regex(
                 &SECRET,
-                r"(?s)(?:^|[^A-Za-z0-9])((?:AKIA|ASIA)[0-9A-Z]{16})(?:[^A-Za-z0-9]|$)|(?:^|[^A-Za-z0-9])(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|sk_(?:live|test)_[0-9A-Za-z]{16,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})|(-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----)",
+                r"(?s)(?:^|[^A-Za-z0-9])((?:AKIA|ASIA)[0-9A-Z]{16})(?:[^A-Za-z0-9]|$)|(?:^|[^A-Za-z0-9])(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|sk_(?:live|test)_[0-9A-Za-z]{16,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|npm_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}|SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}|shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}|dop_v1_[a-f0-9]{64}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})|(-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----)",
             ),
             text,
             |_| true,
@@ -998,6 +999,19 @@ mod tests {
         let (out, c) = masked(&m, "key AKIAIOSFODNN7EXAMPLE token ghp_abcdefghijklmnopqrstuvwxyz0123456789");
         assert_eq!(out, "key [REDACTED] token [REDACTED]");
         assert_eq!(c.to_map(), [("secret".to_string(), 2)].into());
+        // Well-known token formats, some with neither `_` nor `-` nor seven digits.
+        for token in [
+            "AIzaSyDaGmWKa4JsXZHjGw7ISLnAbCdEfGhIjKl",
+            "npm_abcdefghijklmnopqrstuvwxyzABCDEFGHIJ",
+            "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH",
+            "SG.abcdefghijklmnopqrstuv.abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ",
+            "pypi-AgEIcHlwaS5vcmcCJDAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMAACKlsz",
+            "shpat_0123456789abcdef0123456789abcdef",
+            "dop_v1_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            let (out, c) = masked(&m, &format!("key={token};"));
+            assert_eq!((out.as_str(), c.total()), ("key=[REDACTED];", 1), "{token}");
+        }
         let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
         assert_eq!(masked(&m, jwt).0, "[REDACTED]");
         // `_` and letters next to a value do not hide it; digits next to a number do.
