@@ -662,9 +662,9 @@ fn regex(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
 
 // Detector patterns say where a value may start and end with the bytes around it, not `\b`:
 // the regex crate counts `_` as a word character, so `\b` would hide `acct_4111111111111111`
-// and `key_AKIA...`. Numbers must not touch other digits, tokens other letters or digits.
-// The guard before a value is matched (and not kept) inside the pattern; the search resumes at
-// the value's end, so one guard byte can close a value and open the next.
+// and `key_AKIA...`. Numbers must not touch other digits; tokens must not follow a letter or
+// digit (AWS key ids, of fixed length, must not be followed by one either). The guard before a
+// value is matched (and not kept) inside the pattern.
 fn find(kind: Kind, text: &[u8]) -> Vec<(usize, usize)> {
     static EMAIL: OnceLock<Regex> = OnceLock::new();
     static CARD: OnceLock<Regex> = OnceLock::new();
@@ -697,26 +697,56 @@ fn find(kind: Kind, text: &[u8]) -> Vec<(usize, usize)> {
         Kind::Phone => values(
             regex(
                 &PHONE,
-                r"(?:^|[^0-9])(\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})(?:[^0-9]|$)",
+                r"(\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4})(?:[^0-9]|$)|(?:^|[^0-9])(\d{3}[.-]\d{3}[.-]\d{4})(?:[^0-9]|$)",
             ),
             text,
             |_| true,
         ),
-        Kind::Secret => values(
-            regex(
-                &SECRET,
-                r"(?s)(?:^|[^A-Za-z0-9])((?:AKIA|ASIA)[0-9A-Z]{16})(?:[^A-Za-z0-9]|$)|(?:^|[^A-Za-z0-9])(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|sk_(?:live|test)_[0-9A-Za-z]{16,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35}|npm_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{30,}|SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}|shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}|dop_v1_[a-f0-9]{64}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})|(-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----)",
-            ),
-            text,
-            |_| true,
-        ),
+        Kind::Secret => {
+            let mut found = values(
+                regex(
+                    &SECRET,
+                    r"(?:^|[^A-Za-z0-9])((?:AKIA|ASIA)[0-9A-Z]{16})(?:[^A-Za-z0-9]|$)|(?:^|[^A-Za-z0-9])(gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|sk_(?:live|test)_[0-9A-Za-z]{16,}|sk-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,}|AIza[0-9A-Za-z_-]{35,}|npm_[A-Za-z0-9]{36,}|hf_[A-Za-z0-9]{30,}|SG\.[A-Za-z0-9_-]{22,}\.[A-Za-z0-9_-]{43,}|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}|shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32,}|dop_v1_[a-f0-9]{64,}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})",
+                ),
+                text,
+                |_| true,
+            );
+            found.extend(private_keys(text));
+            found
+        }
     }
 }
 
+/// PEM private keys, from `BEGIN` to `END` or, with no `END` after it, to the end of the text.
+/// Searched apart from the tokens: in one pattern, a `BEGIN` with no `END` made every later
+/// search read to the end of the text, in case that key still ended.
+fn private_keys(text: &[u8]) -> Vec<(usize, usize)> {
+    static BEGIN: OnceLock<Regex> = OnceLock::new();
+    static END: OnceLock<Regex> = OnceLock::new();
+    let (begin, end) =
+        (regex(&BEGIN, r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), regex(&END, r"-----END [A-Z ]*PRIVATE KEY-----"));
+    let mut found = Vec::new();
+    let mut at = 0;
+    while let Some(b) = begin.find_at(text, at) {
+        match end.find_at(text, b.end()) {
+            Some(e) => {
+                found.push((b.start(), e.end()));
+                at = e.end();
+            }
+            None => {
+                found.push((b.start(), text.len()));
+                break;
+            }
+        }
+    }
+    found
+}
+
 /// The values a guarded pattern finds (its first capture group that took part in a match)
-/// that `keep` accepts. Each search starts where the last value ended, so a value's trailing
-/// guard byte can be the next one's leading guard; after a refused value it starts one byte
-/// into it, as the values of a fixed-length pattern may overlap.
+/// that `keep` accepts. Each search starts at the last byte of the value before, so that byte
+/// or the one after it (a trailing guard) can be the next value's leading guard; after a
+/// refused value it starts one byte into it, as the values of a fixed-length pattern may
+/// overlap.
 fn values(re: &Regex, text: &[u8], keep: impl Fn(&[u8]) -> bool) -> Vec<(usize, usize)> {
     let mut found = Vec::new();
     let mut locations = re.capture_locations();
@@ -725,7 +755,7 @@ fn values(re: &Regex, text: &[u8], keep: impl Fn(&[u8]) -> bool) -> Vec<(usize, 
         let Some((start, end)) = (1..locations.len()).find_map(|i| locations.get(i)) else { break };
         if keep(&text[start..end]) {
             found.push((start, end));
-            at = end;
+            at = (end - 1).max(start + 1);
         } else {
             at = start + 1;
         }
@@ -1037,6 +1067,22 @@ mod tests {
         );
         assert_eq!(masked(&m, "ssn 123-45-6789 123-45-6788").0, "ssn [REDACTED] [REDACTED]", "one space between");
         assert_eq!(masked(&m, "call +1 415 555 0100_home").0, "call [REDACTED]_home");
+        // A value's last byte, or the guard after it, can stand before the next value.
+        for (text, want) in [
+            ("1(800)555-0199", "1[REDACTED]"),
+            ("+14155550100+14155550101", "[REDACTED][REDACTED]"),
+            ("(415) 555-0123(415) 555-0124", "[REDACTED][REDACTED]"),
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nMII\n-----END RSA PRIVATE KEY-----AKIAIOSFODNN7EXAMPLE",
+                "[REDACTED][REDACTED]",
+            ),
+            // A key with no END is masked to the end of the text.
+            ("x -----BEGIN PRIVATE KEY-----\nMIIE", "x [REDACTED]"),
+            // A token longer than its format is masked whole.
+            ("npm_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN;", "[REDACTED];"),
+        ] {
+            assert_eq!(masked(&m, text).0, want, "{text}");
+        }
         for plain in [
             "1123-45-6789",
             "123-45-67890",
@@ -1114,6 +1160,11 @@ mod tests {
         let (out, c) = masked(&m, &"000-12-3456 123-45-6789 key_AKIAIOSFODNN7EXAMPLE xsk-".repeat(50_000));
         assert_eq!(c.to_map(), [("ssn".to_string(), 50_000), ("secret".to_string(), 50_000)].into());
         assert!(out.contains("000-12-3456") && !out.contains("6789") && !out.contains("AKIA"));
+        // Keys that never end: each is masked to the end, and each search goes on from there.
+        let (out, c) = masked(&m, &"-----BEGIN RSA PRIVATE KEY----- AKIAIOSFODNN7EXAMPLE ".repeat(50_000));
+        assert_eq!((out.len(), c.total()), ("hash:".len() + 16, 1), "one finding: {}", &out[..40.min(out.len())]);
+        let (_, c) = masked(&m, &"-----END PRIVATE KEY----- AKIAIOSFODNN7EXAMPLE ".repeat(50_000));
+        assert_eq!(c.total(), 50_000);
     }
 
     /// The card search as first written: every stretch of whole groups, each checked anew.

@@ -344,11 +344,7 @@ fn detect_json(text: &[u8], masker: &Masker, strict: bool, counts: &mut Counts) 
         }
         changed |= between(&text[at..i], &mut out, counts);
         let start = i;
-        i += 1;
-        while i < text.len() && text[i] != b'"' {
-            i += if text[i] == b'\\' { 2 } else { 1 };
-        }
-        i = (i + 1).min(text.len());
+        i = json_string_end(text, start);
         let token = &text[start..i];
         match serde_json::from_slice::<String>(token) {
             Ok(decoded) => match detect(decoded.as_bytes(), counts) {
@@ -417,36 +413,39 @@ fn text_readable(oid: u32, v: &[u8]) -> Option<Result<Vec<u8>, ()>> {
     }
 }
 
-/// A json[] or jsonb[] value in text format as the detectors read it: its literal as it is
-/// (numbers are read there), then every string and key of its elements decoded, one a line.
-/// Inside the array's quoting a JSON escape (`\\u0040` for `@`) would otherwise hide what
-/// follows it, as `detect_json` prevents for a json value of its own.
+/// A json[] or jsonb[] value in text format as the detectors read it: its literal as it is,
+/// then, one a line, each string of its elements that holds an escape, decoded. Inside the
+/// array's quoting a JSON escape (`\\u0040` for `@`) would otherwise hide what follows it, as
+/// `detect_json` prevents for a json value of its own. Read token by token, not parsed: a json
+/// value may repeat a key, and bytes that are not UTF-8 (a LATIN1 client) are no reason to skip it.
 fn json_array_text(v: &[u8]) -> Result<Vec<u8>, ()> {
-    fn line(s: &str, out: &mut Vec<u8>) {
-        out.push(b'\n');
-        out.extend_from_slice(s.as_bytes());
-    }
-    fn strings(value: &serde_json::Value, out: &mut Vec<u8>) {
-        match value {
-            serde_json::Value::String(s) => line(s, out),
-            serde_json::Value::Array(items) => items.iter().for_each(|item| strings(item, out)),
-            serde_json::Value::Object(fields) => fields.iter().for_each(|(key, item)| {
-                line(key, out);
-                strings(item, out);
-            }),
-            _ => {}
-        }
-    }
     let mut text = v.to_vec();
-    let mut valid = true;
     mask_text_array(v, |element| {
-        match serde_json::from_slice::<serde_json::Value>(element) {
-            Ok(value) => strings(&value, &mut text),
-            Err(_) => valid = false,
+        let mut at = 0;
+        while let Some(quote) = element[at..].iter().position(|&b| b == b'"') {
+            let start = at + quote;
+            at = json_string_end(element, start);
+            let token = &element[start..at];
+            if token.contains(&b'\\')
+                && let Ok(decoded) = serde_json::from_str::<String>(&String::from_utf8_lossy(token))
+            {
+                text.push(b'\n');
+                text.extend_from_slice(decoded.as_bytes());
+            }
         }
         None
     })?;
-    valid.then_some(text).ok_or(())
+    Ok(text)
+}
+
+/// Where the JSON string that starts with the quote at `start` ends (past its closing quote,
+/// or the end of the text if it has none).
+fn json_string_end(text: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < text.len() && text[i] != b'"' {
+        i += if text[i] == b'\\' { 2 } else { 1 };
+    }
+    (i + 1).min(text.len())
 }
 
 /// The text the server would send in text format for a number sent in binary (`None`: not a
@@ -1173,18 +1172,32 @@ mod tests {
         // are read decoded too, and a finding makes the whole array NULL.
         for oid in [JSON_ARRAY, JSONB_ARRAY] {
             let plan = Plan::from_row_description(&row_description(&[("docs", oid, 0)]), &m, false).unwrap();
-            let hidden = data_row(&[Some(br#"{"{\"m\": \"a\\u0040b.com\"}","{\"k\\u0040x\": 1}"}"#)]);
-            let mut counts = Counts::default();
-            let out = mask_data_row(&hidden, &plan, &m, &mut counts).unwrap();
-            assert_eq!(out, Some(data_row(&[None])), "{oid}");
-            assert_eq!(counts.total(), 1, "{oid}: found once, in the string");
-            let clean = data_row(&[Some(br#"{"{\"a\": \"x\"}",NULL,"[1, 2]"}"#)]);
-            assert_eq!(mask_data_row(&clean, &plan, &m, &mut Counts::default()).unwrap(), None, "{oid}");
-            // Not an array literal, or elements that are not JSON: not the server's output.
-            for bad in [br#"{"{\"a\": "}"#.as_slice(), b"not an array"] {
-                let out = mask_data_row(&data_row(&[Some(bad)]), &plan, &m, &mut Counts::default()).unwrap();
-                assert_eq!(out, Some(data_row(&[None])), "{oid}: {}", String::from_utf8_lossy(bad));
+            for hidden in [
+                br#"{"{\"m\": \"a\\u0040b.com\"}","{\"k\\u0040x\": 1}"}"#.as_slice(),
+                // json keeps a repeated key, which a parsed object would have dropped.
+                br#"{"{\"m\": \"a\\u0040b.com\", \"m\": 0}"}"#,
+                // Not UTF-8 (LATIN1 `\xe9`), nested, deeper than a parser goes.
+                &[
+                    b"{\"".as_slice(),
+                    &b"[".repeat(200),
+                    b"{\\\"m\\\": \\\"\xe9 a\\\\u0040b.com\\\"}",
+                    &b"]".repeat(200),
+                    b"\"}",
+                ]
+                .concat(),
+                // Found as it stands, counted once.
+                br#"{"{\"m\": \"a@b.com\"}"}"#,
+            ] {
+                let mut counts = Counts::default();
+                let out = mask_data_row(&data_row(&[Some(hidden)]), &plan, &m, &mut counts).unwrap();
+                assert_eq!(out, Some(data_row(&[None])), "{oid}: {}", String::from_utf8_lossy(hidden));
+                assert_eq!(counts.total(), 1, "{oid}: {}", String::from_utf8_lossy(hidden));
             }
+            let clean = data_row(&[Some(br#"{"{\"a\": \"x\\n\"}",NULL,"[1e400, 2]"}"#)]);
+            assert_eq!(mask_data_row(&clean, &plan, &m, &mut Counts::default()).unwrap(), None, "{oid}");
+            // Not an array literal: not the server's output.
+            let out = mask_data_row(&data_row(&[Some(b"not an array")]), &plan, &m, &mut Counts::default()).unwrap();
+            assert_eq!(out, Some(data_row(&[None])), "{oid}");
         }
     }
 
