@@ -1165,6 +1165,13 @@ fn tokio_postgres_masked_client() {
         assert_eq!(row.get::<_, Option<Vec<i64>>>(0), None, "{row:?}");
         assert_eq!(row.get::<_, RawValue>(1).0, None);
         assert_eq!(row.get::<_, Option<Vec<Option<i64>>>>(2), Some(vec![Some(7), None, Some(41111111)]));
+        // ... and in the strings of a json[] element, decoded (json keeps the escape as written).
+        let row = client
+            .query_one(r#"SELECT ARRAY['{"m": "a\u0040b.com"}'::json] AS a, ARRAY['{"m": "x"}'::json] AS b"#, &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, RawValue>(0).0, None, "{row:?}");
+        assert!(row.get::<_, RawValue>(1).0.is_some(), "nothing to find");
         // Row-limited portal executions (PortalSuspended) inside a transaction.
         let mut tx_client = client;
         let tx = tx_client.transaction().await.unwrap();

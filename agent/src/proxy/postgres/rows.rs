@@ -27,13 +27,14 @@ enum TypeClass {
 fn type_class(oid: u32) -> TypeClass {
     match oid {
         25 | 1043 | 1042 | 19 | 705 => TypeClass::Str,
-        114 | 3802 => TypeClass::Json,
+        JSON | JSONB => TypeClass::Json,
         1009 | 1015 | 1014 | 1003 => TypeClass::StrArray,
         o if o >= 16384 => TypeClass::UserDefined,
         _ => TypeClass::Other,
     }
 }
 
+const JSON: u32 = 114;
 const JSONB: u32 = 3802;
 const JSON_ARRAY: u32 = 199;
 const JSONB_ARRAY: u32 = 3807;
@@ -283,14 +284,18 @@ fn mask_value(col: Col, v: &[u8], masker: &Masker, counts: &mut Counts) -> Optio
         }
         _ => {
             let mut found = Counts::default();
+            let json_array = matches!(col.type_oid, JSON_ARRAY | JSONB_ARRAY);
             let readable = match col.binary {
+                true if json_array => Some(json_array_text(col.type_oid, true, v)),
                 true => binary_number_text(col.type_oid, v).map(|t| t.map(String::into_bytes)),
                 false => text_readable(col.type_oid, v),
             };
             match readable {
                 // A card number in a bigint or numeric column is as much one in binary format,
                 // or in a float's exponent form.
-                Some(Ok(bytes)) if col.type_oid == BYTEA => detect_binary(&bytes, masker, &mut found)?,
+                Some(Ok(bytes)) if col.type_oid == BYTEA || (col.binary && json_array) => {
+                    detect_binary(&bytes, masker, &mut found)?
+                }
                 Some(Ok(text)) => _ = masker.detect(&text, &mut found)?,
                 // Not what the server sends for its type: never relay what was not looked at.
                 Some(Err(())) => found.add(crate::mask::Kind::Column),
@@ -408,34 +413,54 @@ fn text_readable(oid: u32, v: &[u8]) -> Option<Result<Vec<u8>, ()>> {
         })),
         // In hex, as bytea_output has it by default; the escape format is read as it is.
         BYTEA => v.strip_prefix(b"\\x").map(|hex| hex::decode(hex).map_err(|_| ())),
-        JSON_ARRAY | JSONB_ARRAY => Some(json_array_text(v)),
+        JSON_ARRAY | JSONB_ARRAY => Some(json_array_text(oid, false, v)),
         _ => None,
     }
 }
 
-/// A json[] or jsonb[] value in text format as the detectors read it: its literal as it is,
-/// then, one a line, each string of its elements that holds an escape, decoded. Inside the
-/// array's quoting a JSON escape (`\\u0040` for `@`) would otherwise hide what follows it, as
-/// `detect_json` prevents for a json value of its own. Read token by token, not parsed: a json
-/// value may repeat a key, and bytes that are not UTF-8 (a LATIN1 client) are no reason to skip it.
-fn json_array_text(v: &[u8]) -> Result<Vec<u8>, ()> {
+/// A json[] or jsonb[] value as the detectors read it: its bytes as they are (numbers are read
+/// there), then, one a line, each string of its elements that holds an escape, decoded. Inside
+/// an array a JSON escape (`\\u0040` for `@`) would otherwise hide what follows it, as
+/// `detect_json` prevents for a json value of its own. `Err`: not such an array as the server
+/// writes it.
+fn json_array_text(oid: u32, binary: bool, v: &[u8]) -> Result<Vec<u8>, ()> {
     let mut text = v.to_vec();
-    mask_text_array(v, |element| {
-        let mut at = 0;
-        while let Some(quote) = element[at..].iter().position(|&b| b == b'"') {
-            let start = at + quote;
-            at = json_string_end(element, start);
-            let token = &element[start..at];
-            if token.contains(&b'\\')
-                && let Ok(decoded) = serde_json::from_str::<String>(&String::from_utf8_lossy(token))
-            {
-                text.push(b'\n');
-                text.extend_from_slice(decoded.as_bytes());
-            }
-        }
-        None
-    })?;
+    if !binary {
+        mask_text_array(v, |element| {
+            escaped_strings(element, &mut text);
+            None
+        })?;
+        return Ok(text);
+    }
+    let element = if oid == JSONB_ARRAY { JSONB } else { JSON };
+    for e in binary_array_elements(element, v)?.into_iter().flatten() {
+        // jsonb's binary format is a version byte, then the JSON text.
+        let json = match (element, e.split_first()) {
+            (JSONB, Some((1, json))) => json,
+            (JSONB, _) => return Err(()),
+            _ => e,
+        };
+        escaped_strings(json, &mut text);
+    }
     Ok(text)
+}
+
+/// Appends each JSON string of `json` that holds an escape, decoded, on a line of its own. Read
+/// token by token, not parsed: a json value may repeat a key, and bytes that are not UTF-8 (a
+/// LATIN1 client) are no reason to skip it.
+fn escaped_strings(json: &[u8], out: &mut Vec<u8>) {
+    let mut at = 0;
+    while let Some(quote) = json[at..].iter().position(|&b| b == b'"') {
+        let start = at + quote;
+        at = json_string_end(json, start);
+        let token = &json[start..at];
+        if token.contains(&b'\\')
+            && let Ok(decoded) = serde_json::from_str::<String>(&String::from_utf8_lossy(token))
+        {
+            out.push(b'\n');
+            out.extend_from_slice(decoded.as_bytes());
+        }
+    }
 }
 
 /// Where the JSON string that starts with the quote at `start` ends (past its closing quote,
@@ -479,10 +504,27 @@ fn number_array_element(array: u32) -> Option<u32> {
     })
 }
 
-/// An array of numbers in binary format (dimensions, flags, element type, each dimension's size
-/// and lower bound, then each element with its length or -1 for NULL) as `{1,2,NULL}`, flat
-/// whatever its dimensions: the detectors need only the numbers, each on its own.
+/// An array of numbers in binary format as `{1,2,NULL}`, flat whatever its dimensions: the
+/// detectors need only the numbers, each on its own.
 fn number_array_text(element: u32, v: &[u8]) -> Result<String, ()> {
+    let mut out = String::from("{");
+    for (i, e) in binary_array_elements(element, v)?.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match e {
+            None => out.push_str("NULL"),
+            Some(bytes) => out.push_str(&binary_number_text(element, bytes).ok_or(())??),
+        }
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// The elements of an array of `element` in binary format (dimensions, flags, element type,
+/// each dimension's size and lower bound, then each element with its length or -1 for NULL),
+/// flat whatever its dimensions. `Err`: not such an array as the server writes it.
+fn binary_array_elements(element: u32, v: &[u8]) -> Result<Vec<Option<&[u8]>>, ()> {
     let mut r = Reader { b: v, what: "array" };
     let (ndim, _flags, oid) = (r.i32().map_err(drop)?, r.i32().map_err(drop)?, r.i32().map_err(drop)?);
     // MAXDIM is 6; an empty array has no dimensions.
@@ -498,24 +540,17 @@ fn number_array_text(element: u32, v: &[u8]) -> Result<String, ()> {
     if count > r.b.len() / 4 {
         return Err(());
     }
-    let mut out = String::from("{");
-    for i in 0..count {
-        if i > 0 {
-            out.push(',');
-        }
-        match r.i32().map_err(drop)? {
-            -1 => out.push_str("NULL"),
-            len => {
-                let bytes = r.take(usize::try_from(len).map_err(drop)?).map_err(drop)?;
-                out.push_str(&binary_number_text(element, bytes).ok_or(())??);
-            }
-        }
+    let mut elements = Vec::with_capacity(count);
+    for _ in 0..count {
+        elements.push(match r.i32().map_err(drop)? {
+            -1 => None,
+            len => Some(r.take(usize::try_from(len).map_err(drop)?).map_err(drop)?),
+        });
     }
     if !r.b.is_empty() {
         return Err(());
     }
-    out.push('}');
-    Ok(out)
+    Ok(elements)
 }
 
 const NUMERIC: u32 = 1700;
@@ -1198,6 +1233,39 @@ mod tests {
             // Not an array literal: not the server's output.
             let out = mask_data_row(&data_row(&[Some(b"not an array")]), &plan, &m, &mut Counts::default()).unwrap();
             assert_eq!(out, Some(data_row(&[None])), "{oid}");
+        }
+        // In binary format too: each element's escaped strings are read decoded.
+        let binary = |element: u32, items: &[Option<&[u8]>]| {
+            let mut v = Vec::new();
+            for word in [1, 1, element as i32, items.len() as i32, 1] {
+                v.extend_from_slice(&word.to_be_bytes());
+            }
+            for item in items {
+                match item {
+                    None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+                    Some(json) => {
+                        let version: &[u8] = if element == JSONB { &[1] } else { &[] };
+                        v.extend_from_slice(&((version.len() + json.len()) as i32).to_be_bytes());
+                        v.extend_from_slice(version);
+                        v.extend_from_slice(json);
+                    }
+                }
+            }
+            v
+        };
+        for (oid, element) in [(JSON_ARRAY, JSON), (JSONB_ARRAY, JSONB)] {
+            let plan = Plan::from_row_description(&row_description(&[("docs", oid, 1)]), &m, false).unwrap();
+            let run = |v: &[u8]| {
+                let mut counts = Counts::default();
+                let out = mask_data_row(&data_row(&[Some(v)]), &plan, &m, &mut counts).unwrap();
+                (out, counts.to_map())
+            };
+            let hidden = binary(element, &[Some(br#"{"m": "a\u0040b.com"}"#), None]);
+            assert_eq!(run(&hidden), (Some(data_row(&[None])), [("email".to_string(), 1)].into()), "{oid}");
+            assert_eq!(run(&binary(element, &[Some(br#"{"a": "x\n"}"#), None])), (None, [].into()), "{oid}");
+            // Another element type than the column's: not the server's output.
+            let other = binary(25, &[Some(b"x")]);
+            assert_eq!(run(&other), (Some(data_row(&[None])), [("column".to_string(), 1)].into()), "{oid}");
         }
     }
 
