@@ -341,16 +341,11 @@ fn detect_json(text: &[u8], masker: &Masker, strict: bool, counts: &mut Counts) 
             false
         }
     };
-    let (mut at, mut i) = (0, 0);
-    while i < text.len() {
-        if text[i] != b'"' {
-            i += 1;
-            continue;
-        }
-        changed |= between(&text[at..i], &mut out, counts);
-        let start = i;
-        i = json_string_end(text, start);
-        let token = &text[start..i];
+    let mut at = 0;
+    for string in json_strings(text) {
+        changed |= between(&text[at..string.start], &mut out, counts);
+        at = string.end;
+        let token = &text[string];
         match serde_json::from_slice::<String>(token) {
             Ok(decoded) => match detect(decoded.as_bytes(), counts) {
                 Some(masked) => {
@@ -363,7 +358,6 @@ fn detect_json(text: &[u8], masker: &Masker, strict: bool, counts: &mut Counts) 
             // Not a whole string (the server's own text, so not expected): looked at as it is.
             Err(_) => changed |= between(token, &mut out, counts),
         }
-        at = i;
     }
     changed |= between(&text[at..], &mut out, counts);
     changed.then_some(out)
@@ -449,11 +443,8 @@ fn json_array_text(oid: u32, binary: bool, v: &[u8]) -> Result<Vec<u8>, ()> {
 /// token by token, not parsed: a json value may repeat a key, and bytes that are not UTF-8 (a
 /// LATIN1 client) are no reason to skip it.
 fn escaped_strings(json: &[u8], out: &mut Vec<u8>) {
-    let mut at = 0;
-    while let Some(quote) = json[at..].iter().position(|&b| b == b'"') {
-        let start = at + quote;
-        at = json_string_end(json, start);
-        let token = &json[start..at];
+    for string in json_strings(json) {
+        let token = &json[string];
         if token.contains(&b'\\')
             && let Ok(decoded) = serde_json::from_str::<String>(&String::from_utf8_lossy(token))
         {
@@ -463,14 +454,19 @@ fn escaped_strings(json: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Where the JSON string that starts with the quote at `start` ends (past its closing quote,
-/// or the end of the text if it has none).
-fn json_string_end(text: &[u8], start: usize) -> usize {
-    let mut i = start + 1;
-    while i < text.len() && text[i] != b'"' {
-        i += if text[i] == b'\\' { 2 } else { 1 };
-    }
-    (i + 1).min(text.len())
+/// The spans of the JSON strings in `text`, quotes included; one with no closing quote runs to
+/// the end of the text.
+fn json_strings(text: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let start = at + text[at..].iter().position(|&b| b == b'"')?;
+        let mut i = start + 1;
+        while i < text.len() && text[i] != b'"' {
+            i += if text[i] == b'\\' { 2 } else { 1 };
+        }
+        at = (i + 1).min(text.len());
+        Some(start..at)
+    })
 }
 
 /// The text the server would send in text format for a number sent in binary (`None`: not a
